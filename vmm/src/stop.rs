@@ -1,0 +1,222 @@
+//! Why a VM stopped, and the one place every stop path reports to.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use devices::legacy::{GuestSignal, VmNotifier};
+use serde::Serialize;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the VM ended. Each has a one-line description and a process exit code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StopReason {
+    /// The guest reset the machine through the i8042 controller.
+    GuestReset,
+    /// The guest asked KVM for a power-off (system event).
+    GuestPowerOff,
+    /// Every vCPU halted with interrupts disabled: nothing can wake the guest again.
+    HaltedInterruptsOff,
+    /// A vCPU triple-faulted (KVM shutdown exit).
+    TripleFault {
+        /// The vCPU.
+        vcpu: u8,
+    },
+    /// KVM could not emulate something the guest did.
+    InternalError {
+        /// The vCPU.
+        vcpu: u8,
+        /// KVM's sub-error code.
+        suberror: u32,
+    },
+    /// KVM could not enter the guest.
+    FailEntry {
+        /// The vCPU.
+        vcpu: u8,
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// A KVM exit the VMM does not handle.
+    UnexpectedExit {
+        /// The vCPU.
+        vcpu: u8,
+        /// The exit, as text.
+        exit: String,
+    },
+    /// A vCPU ioctl failed.
+    VcpuError {
+        /// The vCPU.
+        vcpu: u8,
+        /// The error.
+        error: String,
+    },
+    /// A `stop` request on the control socket.
+    ControlStop,
+    /// The VMM received a termination signal.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+    /// The event loop failed.
+    LoopError {
+        /// The error.
+        error: String,
+    },
+}
+
+impl StopReason {
+    /// The `kata-snap boot` exit status for this stop: 0 when the guest ended itself normally,
+    /// 3 for a guest crash, 4 for a control stop, 128+N for signal N, 1 for a VMM failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StopReason::GuestReset | StopReason::GuestPowerOff | StopReason::HaltedInterruptsOff => 0,
+            StopReason::TripleFault { .. }
+            | StopReason::InternalError { .. }
+            | StopReason::FailEntry { .. }
+            | StopReason::UnexpectedExit { .. } => 3,
+            StopReason::ControlStop => 4,
+            StopReason::Signal { signal } => 128 + signal,
+            StopReason::VcpuError { .. } | StopReason::LoopError { .. } => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::GuestReset => write!(f, "guest reset (i8042 reset line)"),
+            StopReason::GuestPowerOff => write!(f, "guest powered off"),
+            StopReason::HaltedInterruptsOff => {
+                write!(f, "guest halted with interrupts disabled on every vCPU")
+            }
+            StopReason::TripleFault { vcpu } => {
+                write!(f, "guest crashed: triple fault on vCPU {vcpu}")
+            }
+            StopReason::InternalError { vcpu, suberror } => {
+                write!(f, "guest crashed: KVM internal error {suberror} on vCPU {vcpu}")
+            }
+            StopReason::FailEntry { vcpu, reason } => {
+                write!(f, "guest crashed: KVM failed to enter vCPU {vcpu} (reason {reason:#x})")
+            }
+            StopReason::UnexpectedExit { vcpu, exit } => {
+                write!(f, "guest stopped: unhandled KVM exit {exit} on vCPU {vcpu}")
+            }
+            StopReason::VcpuError { vcpu, error } => write!(f, "vCPU {vcpu} failed: {error}"),
+            StopReason::ControlStop => write!(f, "stopped by a control request"),
+            StopReason::Signal { signal } => write!(f, "stopped by signal {signal}"),
+            StopReason::LoopError { error } => write!(f, "event loop failed: {error}"),
+        }
+    }
+}
+
+/// Collects the first stop reason and wakes the event loop; also records guest milestones.
+#[derive(Debug)]
+pub struct StopNotifier {
+    reason: Mutex<Option<StopReason>>,
+    evt: EventFd,
+    process_start: Instant,
+    ready_after: Mutex<Option<Duration>>,
+}
+
+impl StopNotifier {
+    /// A notifier whose eventfd the loop polls; times are measured from `process_start`.
+    pub fn new(process_start: Instant) -> std::io::Result<Self> {
+        Ok(Self {
+            reason: Mutex::new(None),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            process_start,
+            ready_after: Mutex::new(None),
+        })
+    }
+
+    /// Records `reason` unless another one came first, and wakes the loop.
+    pub fn stop(&self, reason: StopReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::debug!("stop requested: {reason}");
+            *slot = Some(reason);
+        }
+        drop(slot);
+        // A full eventfd counter still wakes the loop; nothing to do on error.
+        let _ = self.evt.write(1);
+    }
+
+    /// The stop reason, once there is one.
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The eventfd written on every stop.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// When the guest first said READY, measured from process start.
+    pub fn ready_after(&self) -> Option<Duration> {
+        *self.ready_after.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Process start, the zero of every time this VMM reports.
+    pub fn process_start(&self) -> Instant {
+        self.process_start
+    }
+}
+
+impl VmNotifier for StopNotifier {
+    fn reset_requested(&self) {
+        self.stop(StopReason::GuestReset);
+    }
+
+    fn guest_signal(&self, signal: GuestSignal) {
+        match signal {
+            GuestSignal::Ready => {
+                let mut ready = self.ready_after.lock().unwrap_or_else(|p| p.into_inner());
+                if ready.is_none() {
+                    let t = self.process_start.elapsed();
+                    *ready = Some(t);
+                    tracing::info!(
+                        "guest READY {:.3} ms after process start",
+                        t.as_secs_f64() * 1e3
+                    );
+                }
+            }
+            GuestSignal::Reserved(v) => tracing::debug!("guest signal {v} ignored (reserved)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_stop_notifier_first_reason_wins() {
+        let n = StopNotifier::new(Instant::now()).unwrap();
+        assert_eq!(n.reason(), None);
+        n.stop(StopReason::TripleFault { vcpu: 1 });
+        n.reset_requested();
+        assert_eq!(n.reason(), Some(StopReason::TripleFault { vcpu: 1 }));
+        assert!(n.eventfd().read().unwrap() >= 2);
+    }
+
+    #[test]
+    fn test_ready_recorded_once() {
+        let n = StopNotifier::new(Instant::now()).unwrap();
+        n.guest_signal(GuestSignal::Reserved(9));
+        assert_eq!(n.ready_after(), None);
+        n.guest_signal(GuestSignal::Ready);
+        let first = n.ready_after().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        n.guest_signal(GuestSignal::Ready);
+        assert_eq!(n.ready_after(), Some(first));
+    }
+
+    #[test]
+    fn test_exit_codes() {
+        assert_eq!(StopReason::GuestReset.exit_code(), 0);
+        assert_eq!(StopReason::HaltedInterruptsOff.exit_code(), 0);
+        assert_eq!(StopReason::TripleFault { vcpu: 0 }.exit_code(), 3);
+        assert_eq!(StopReason::ControlStop.exit_code(), 4);
+        assert_eq!(StopReason::Signal { signal: 15 }.exit_code(), 143);
+    }
+}
