@@ -365,7 +365,11 @@ impl Vcpu {
 }
 
 fn sample_halt_status(fd: &VcpuFd, shared: &VcpuShared) {
-    let status = match (fd.get_mp_state(), fd.get_regs()) {
+    let (mp, regs) = (fd.get_mp_state(), fd.get_regs());
+    if let (Ok(mp), Ok(r)) = (&mp, &regs) {
+        tracing::trace!(vcpu = shared.id, rip = format_args!("{:#x}", r.rip), mp_state = mp.mp_state, "kicked");
+    }
+    let status = match (mp, regs) {
         (Ok(mp), Ok(r)) => match mp.mp_state {
             KVM_MP_STATE_HALTED if r.rflags & RFLAGS_IF == 0 => HaltStatus::HaltedInterruptsOff,
             KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED | KVM_MP_STATE_SIPI_RECEIVED => {
