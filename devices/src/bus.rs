@@ -64,7 +64,9 @@ impl std::fmt::Debug for Bus {
 /// Locks a device, recovering from a poisoned lock: a device's state stays usable even if a thread
 /// panicked while holding it (the VMM reports that panic separately).
 pub fn lock_device<T: ?Sized>(device: &Mutex<T>) -> MutexGuard<'_, T> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Bus {
@@ -80,15 +82,15 @@ impl Bus {
             .filter(|_| len > 0)
             .ok_or(BusError::InvalidRange { base, len })?;
         // The closest range starting at or below `base`, and the first one starting after it.
-        if let Some((&other, e)) = self.entries.range(..=base).next_back() {
-            if other + e.len > base {
-                return Err(BusError::Overlap { base, len, other });
-            }
+        if let Some((&other, e)) = self.entries.range(..=base).next_back()
+            && other + e.len > base
+        {
+            return Err(BusError::Overlap { base, len, other });
         }
-        if let Some((&other, _)) = self.entries.range(base..).next() {
-            if other < end {
-                return Err(BusError::Overlap { base, len, other });
-            }
+        if let Some((&other, _)) = self.entries.range(base..).next()
+            && other < end
+        {
+            return Err(BusError::Overlap { base, len, other });
         }
         self.entries.insert(base, Entry { len, device });
         Ok(())
@@ -188,11 +190,19 @@ mod tests {
         bus.insert(recorder(), 0x64, 1).unwrap();
         assert_eq!(
             bus.insert(recorder(), 0x5f, 2),
-            Err(BusError::Overlap { base: 0x5f, len: 2, other: 0x60 })
+            Err(BusError::Overlap {
+                base: 0x5f,
+                len: 2,
+                other: 0x60
+            })
         );
         assert_eq!(
             bus.insert(recorder(), 0x64, 1),
-            Err(BusError::Overlap { base: 0x64, len: 1, other: 0x64 })
+            Err(BusError::Overlap {
+                base: 0x64,
+                len: 1,
+                other: 0x64
+            })
         );
         assert_eq!(
             bus.insert(recorder(), 0x0, 0),
@@ -200,7 +210,10 @@ mod tests {
         );
         assert_eq!(
             bus.insert(recorder(), u64::MAX, 2),
-            Err(BusError::InvalidRange { base: u64::MAX, len: 2 })
+            Err(BusError::InvalidRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
         bus.insert(recorder(), 0x61, 3).unwrap();
     }

@@ -50,9 +50,15 @@ pub fn kernel_image(spec: &str) -> Result<KernelImage> {
     if let Some(name) = spec.strip_prefix("builtin:") {
         let guest = test_guests::by_name(name).with_context(|| {
             let names: Vec<&str> = test_guests::ALL.iter().map(|g| g.name).collect();
-            format!("no built-in guest named {name:?} (there are: {})", names.join(", "))
+            format!(
+                "no built-in guest named {name:?} (there are: {})",
+                names.join(", ")
+            )
         })?;
-        return Ok(KernelImage::Builtin { name: guest.name, bytes: guest.elf });
+        return Ok(KernelImage::Builtin {
+            name: guest.name,
+            bytes: guest.elf,
+        });
     }
     let path = PathBuf::from(spec);
     vmm::vm::check_kernel_file(&path)?;
@@ -67,8 +73,14 @@ pub fn ms(d: Duration) -> String {
 pub fn timing_lines(report: &VmReport) -> Vec<String> {
     let opt = |d: Option<Duration>| d.map(ms).unwrap_or_else(|| "-".into());
     vec![
-        format!("process start -> vCPUs running: {}", ms(report.vcpus_started_after)),
-        format!("process start -> first serial byte: {}", opt(report.first_serial_byte_after)),
+        format!(
+            "process start -> vCPUs running: {}",
+            ms(report.vcpus_started_after)
+        ),
+        format!(
+            "process start -> first serial byte: {}",
+            opt(report.first_serial_byte_after)
+        ),
         format!("process start -> READY: {}", opt(report.ready_after)),
         format!("guest run time: {}", ms(report.run_time)),
         format!(

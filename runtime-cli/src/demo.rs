@@ -17,10 +17,16 @@ pub struct DemoArgs {
 
 pub fn run(args: DemoArgs) -> Result<i32> {
     let guest = &test_guests::READY;
-    println!("kata-snap demo: booting the built-in test guest '{}' (serial output follows)", guest.name);
+    println!(
+        "kata-snap demo: booting the built-in test guest '{}' (serial output follows)",
+        guest.name
+    );
     println!("host: {}", vmm::vm::host_check().summary);
     let config = |serial| VmConfig {
-        kernel: KernelImage::Builtin { name: guest.name, bytes: guest.elf },
+        kernel: KernelImage::Builtin {
+            name: guest.name,
+            bytes: guest.elf,
+        },
         initrd: None,
         cmdline: String::new(),
         mem_mib: 128,
@@ -50,7 +56,10 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     }
     let median = |v: &mut Vec<std::time::Duration>| {
         v.sort();
-        v.get(v.len() / 2).copied().map(ms).unwrap_or_else(|| "-".into())
+        v.get(v.len() / 2)
+            .copied()
+            .map(ms)
+            .unwrap_or_else(|| "-".into())
     };
     println!("-- {runs} more boots, in-process (VM set-up to milestone), median:");
     println!("   vCPUs running:     {}", median(&mut started));

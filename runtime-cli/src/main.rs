@@ -12,7 +12,12 @@ use clap::{Parser, Subcommand};
 /// kata-snap: a micro-VMM that gives containers the isolation of a VM at close to the start-up
 /// speed of a plain container.
 #[derive(Debug, Parser)]
-#[command(name = "kata-snap", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "kata-snap",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
@@ -42,12 +47,12 @@ enum Command {
 /// Makes sure fds 0-2 are open, so no file the VMM opens lands on them by accident.
 fn ensure_std_fds() {
     for fd in 0..3 {
-        // SAFETY: F_GETFD only queries; opening /dev/null has no memory-safety preconditions.
-        unsafe {
-            if libc::fcntl(fd, libc::F_GETFD) == -1 {
-                let flags = if fd == 0 { libc::O_RDONLY } else { libc::O_WRONLY };
-                libc::open(c"/dev/null".as_ptr(), flags);
-            }
+        // SAFETY: F_GETFD only queries the descriptor's flags.
+        let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
+        if !open {
+            let flags = if fd == 0 { libc::O_RDONLY } else { libc::O_WRONLY };
+            // SAFETY: a valid NUL-terminated path; the lowest free fd (this one) is taken.
+            unsafe { libc::open(c"/dev/null".as_ptr(), flags) };
         }
     }
 }

@@ -7,8 +7,10 @@ use clap::{Args, ValueEnum};
 use vmm::control::{ControlRequest, send_request};
 
 #[derive(Debug, Args)]
-#[command(after_help = "The control socket speaks JSON lines: send {\"action\":\"pause\"} (or resume, \
-status, stop) and read one JSON reply, e.g. {\"ok\":true,\"state\":\"paused\"}. See the README.")]
+#[command(
+    after_help = "The control socket speaks JSON lines: send {\"action\":\"pause\"} (or resume, \
+status, stop) and read one JSON reply, e.g. {\"ok\":true,\"state\":\"paused\"}. See the README."
+)]
 pub struct VmArgs {
     /// What to do.
     #[arg(value_enum)]

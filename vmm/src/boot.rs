@@ -69,7 +69,9 @@ pub enum BootError {
     #[error("the ELF kernel is not a 64-bit x86 executable")]
     NotX86_64Elf,
     /// The initrd does not fit between the kernel and the top of low RAM.
-    #[error("the initrd of {size} bytes does not fit in guest memory below {limit:#x} (kernel ends at {kernel_end:#x})")]
+    #[error(
+        "the initrd of {size} bytes does not fit in guest memory below {limit:#x} (kernel ends at {kernel_end:#x})"
+    )]
     InitrdTooLarge {
         /// Initrd size.
         size: u64,
@@ -266,7 +268,12 @@ pub fn build_boot_params(
     Ok(params)
 }
 
-fn write(mem: &GuestMemoryMmap, what: &'static str, addr: u64, bytes: &[u8]) -> Result<(), BootError> {
+fn write(
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    addr: u64,
+    bytes: &[u8],
+) -> Result<(), BootError> {
     mem.write_slice(bytes, GuestAddress(addr))
         .map_err(|e| BootError::GuestWrite {
             what,
@@ -319,12 +326,20 @@ mod tests {
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         assert_eq!(detect_format(&bz).unwrap(), KernelFormat::BzImage);
-        assert!(matches!(detect_format(b"#!/bin/sh\n"), Err(BootError::UnknownFormat)));
+        assert!(matches!(
+            detect_format(b"#!/bin/sh\n"),
+            Err(BootError::UnknownFormat)
+        ));
         assert!(matches!(detect_format(&[]), Err(BootError::UnknownFormat)));
     }
 
     fn elf_kernel() -> LoadedKernel {
-        LoadedKernel { format: KernelFormat::Elf, entry: 0x100_0000, kernel_end: 0x200_0000, setup_header: None }
+        LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: 0x100_0000,
+            kernel_end: 0x200_0000,
+            setup_header: None,
+        }
     }
 
     #[test]
@@ -336,12 +351,18 @@ mod tests {
         assert_eq!({ p.hdr.type_of_loader }, LOADER_TYPE_UNDEFINED);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ p.hdr.cmdline_size }, 42);
-        assert_eq!(({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }), (0x3000_0000, 0x1234));
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (0x3000_0000, 0x1234)
+        );
         let e820 = layout.e820();
         assert_eq!(usize::from(p.e820_entries), e820.len());
         for (i, e) in e820.iter().enumerate() {
             let b = p.e820_table[i];
-            assert_eq!(({ b.addr }, { b.size }, { b.r#type }), (e.addr, e.size, e.kind));
+            assert_eq!(
+                ({ b.addr }, { b.size }, { b.r#type }),
+                (e.addr, e.size, e.kind)
+            );
         }
     }
 
@@ -367,9 +388,16 @@ mod tests {
     fn test_cmdline_over_kernel_limit_is_refused() {
         let mut k = elf_kernel();
         assert!(build_cmdline("console=ttyS0", &k).is_ok());
-        let mut hdr = setup_header { version: 0x20f, cmdline_size: 16, ..Default::default() };
+        let mut hdr = setup_header {
+            version: 0x20f,
+            cmdline_size: 16,
+            ..Default::default()
+        };
         k.setup_header = Some(hdr);
-        assert!(matches!(build_cmdline("console=ttyS0 panic=1", &k), Err(BootError::Cmdline(_))));
+        assert!(matches!(
+            build_cmdline("console=ttyS0 panic=1", &k),
+            Err(BootError::Cmdline(_))
+        ));
         hdr.cmdline_size = 2047;
         k.setup_header = Some(hdr);
         assert!(build_cmdline("console=ttyS0 panic=1", &k).is_ok());
@@ -393,7 +421,8 @@ mod tests {
         let params = build_boot_params(&layout, &k, 21, None).unwrap();
         write_boot_structures(&mem, &cmd, &params, 2).unwrap();
         let mut buf = [0u8; 22];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&buf, b"console=ttyS0 foo=bar\0");
         let mut sig = [0u8; 4];
         mem.read_slice(&mut sig, GuestAddress(EBDA_START)).unwrap();

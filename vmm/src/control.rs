@@ -96,17 +96,32 @@ pub struct ControlResponse {
 impl ControlResponse {
     /// Success with the resulting state.
     pub fn state(state: VmState) -> Self {
-        Self { ok: true, state: Some(state), status: None, error: None }
+        Self {
+            ok: true,
+            state: Some(state),
+            status: None,
+            error: None,
+        }
     }
 
     /// Success with a status.
     pub fn status(status: VmStatus) -> Self {
-        Self { ok: true, state: None, status: Some(Box::new(status)), error: None }
+        Self {
+            ok: true,
+            state: None,
+            status: Some(Box::new(status)),
+            error: None,
+        }
     }
 
     /// Failure.
     pub fn error(msg: impl Into<String>) -> Self {
-        Self { ok: false, state: None, status: None, error: Some(msg.into()) }
+        Self {
+            ok: false,
+            state: None,
+            status: None,
+            error: Some(msg.into()),
+        }
     }
 }
 
@@ -135,7 +150,10 @@ pub enum ControlSocketError {
 
 /// Binds the control socket, replacing a stale socket file left by a dead VMM.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlSocketError> {
-    let bind_err = |source| ControlSocketError::Bind { path: path.to_path_buf(), source };
+    let bind_err = |source| ControlSocketError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(ControlSocketError::InUse(path.to_path_buf()));
@@ -199,7 +217,10 @@ struct ControlConnection {
 
 impl ControlConnection {
     fn new(stream: UnixStream) -> Self {
-        Self { stream, buf: Vec::new() }
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     fn reply(&mut self, resp: &ControlResponse) -> bool {
@@ -277,7 +298,10 @@ pub enum ControlClientError {
 }
 
 /// Sends one request and reads the reply (5 s timeout each way).
-pub fn send_request(path: &Path, req: ControlRequest) -> Result<ControlResponse, ControlClientError> {
+pub fn send_request(
+    path: &Path,
+    req: ControlRequest,
+) -> Result<ControlResponse, ControlClientError> {
     let stream = UnixStream::connect(path).map_err(|source| ControlClientError::Connect {
         path: path.to_path_buf(),
         source,
@@ -285,13 +309,18 @@ pub fn send_request(path: &Path, req: ControlRequest) -> Result<ControlResponse,
     let timeout = Some(Duration::from_secs(5));
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(timeout)?;
-    let mut line = serde_json::to_vec(&req).map_err(|e| ControlClientError::BadReply(e.to_string()))?;
+    let mut line =
+        serde_json::to_vec(&req).map_err(|e| ControlClientError::BadReply(e.to_string()))?;
     line.push(b'\n');
     (&stream).write_all(&line)?;
     let mut reply = String::new();
-    BufReader::new(&stream).take(1 << 20).read_line(&mut reply)?;
+    BufReader::new(&stream)
+        .take(1 << 20)
+        .read_line(&mut reply)?;
     if reply.is_empty() {
-        return Err(ControlClientError::BadReply("connection closed without a reply".into()));
+        return Err(ControlClientError::BadReply(
+            "connection closed without a reply".into(),
+        ));
     }
     serde_json::from_str(&reply).map_err(|e| ControlClientError::BadReply(e.to_string()))
 }
@@ -302,7 +331,10 @@ mod tests {
 
     #[test]
     fn test_control_request_wire_format() {
-        assert_eq!(serde_json::to_string(&ControlRequest::Pause).unwrap(), r#"{"action":"pause"}"#);
+        assert_eq!(
+            serde_json::to_string(&ControlRequest::Pause).unwrap(),
+            r#"{"action":"pause"}"#
+        );
         assert_eq!(
             serde_json::from_str::<ControlRequest>(r#"{"action":"status"}"#).unwrap(),
             ControlRequest::Status

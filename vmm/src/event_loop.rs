@@ -88,13 +88,19 @@ pub struct Ops<'a, C> {
 
 impl<C> std::fmt::Debug for Ops<'_, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ops").field("slot", &self.slot).finish_non_exhaustive()
+        f.debug_struct("Ops")
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
     }
 }
 
 impl<C> Ops<'_, C> {
     fn token(&self, tag: u32) -> u64 {
-        Token { slot: self.slot, tag }.encode()
+        Token {
+            slot: self.slot,
+            tag,
+        }
+        .encode()
     }
 
     /// Waits for `fd` to become readable (multishot when `multishot`).
@@ -152,7 +158,15 @@ pub struct EventLoop<C> {
 impl<C> std::fmt::Debug for EventLoop<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventLoop")
-            .field("sources", &self.sources.iter().flatten().map(|s| s.name()).collect::<Vec<_>>())
+            .field(
+                "sources",
+                &self
+                    .sources
+                    .iter()
+                    .flatten()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -298,7 +312,11 @@ impl<C> std::fmt::Debug for Ticker<C> {
 
 impl<C> Ticker<C> {
     /// A ticker named `name`.
-    pub fn new(name: &'static str, period: Duration, tick: impl FnMut(&mut C) -> Flow + 'static) -> Self {
+    pub fn new(
+        name: &'static str,
+        period: Duration,
+        tick: impl FnMut(&mut C) -> Flow + 'static,
+    ) -> Self {
         Self {
             name,
             timespec: Box::new(types::Timespec::from(period)),
@@ -333,7 +351,17 @@ mod tests {
 
     #[test]
     fn test_token_roundtrip() {
-        for t in [Token { slot: 0, tag: 0 }, Token { slot: 7, tag: u32::MAX }, Token { slot: u32::MAX, tag: 3 }] {
+        for t in [
+            Token { slot: 0, tag: 0 },
+            Token {
+                slot: 7,
+                tag: u32::MAX,
+            },
+            Token {
+                slot: u32::MAX,
+                tag: 3,
+            },
+        ] {
             assert_eq!(Token::decode(t.encode()), t);
         }
     }
@@ -349,7 +377,12 @@ mod tests {
         fn start(&mut self, _ctx: &mut Vec<u64>, ops: &mut Ops<'_, Vec<u64>>) {
             ops.poll_readable(self.evt.as_raw_fd(), 9, true);
         }
-        fn complete(&mut self, c: Completion, ctx: &mut Vec<u64>, ops: &mut Ops<'_, Vec<u64>>) -> Flow {
+        fn complete(
+            &mut self,
+            c: Completion,
+            ctx: &mut Vec<u64>,
+            ops: &mut Ops<'_, Vec<u64>>,
+        ) -> Flow {
             assert_eq!(c.tag, 9);
             assert!(c.result > 0);
             ctx.push(self.evt.read().unwrap());
@@ -380,7 +413,11 @@ mod tests {
         lp.add(
             Box::new(Ticker::new("t", Duration::from_millis(1), |n: &mut u32| {
                 *n += 1;
-                if *n == 5 { Flow::Remove } else { Flow::Continue }
+                if *n == 5 {
+                    Flow::Remove
+                } else {
+                    Flow::Continue
+                }
             })),
             &mut ticks,
         );
@@ -397,7 +434,10 @@ mod tests {
                 Flow::Remove
             }
         }
-        lp.add(Box::new(Stopper(Box::new(Duration::from_millis(50).into()))), &mut ticks);
+        lp.add(
+            Box::new(Stopper(Box::new(Duration::from_millis(50).into()))),
+            &mut ticks,
+        );
         lp.run(&mut ticks).unwrap();
         assert_eq!(ticks, 5);
     }

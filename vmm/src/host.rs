@@ -42,7 +42,10 @@ pub fn classify(cpu_flags: &str, pvm_module_loaded: bool, kvm_accessible: bool) 
     } else {
         Virtualization::None
     };
-    let hardware = matches!(virtualization, Virtualization::HardwareVmx | Virtualization::HardwareSvm);
+    let hardware = matches!(
+        virtualization,
+        Virtualization::HardwareVmx | Virtualization::HardwareSvm
+    );
     let can_boot_linux = hardware && kvm_accessible;
     let summary = match (virtualization, kvm_accessible) {
         (_, false) => "KVM is not usable: /dev/kvm is missing or not accessible".to_string(),
@@ -93,9 +96,15 @@ mod tests {
         assert!(!c.can_boot_linux);
         assert!(c.summary.contains("kvm_pvm"));
         // The PVM module wins even if a flag leaks through.
-        assert_eq!(classify("vmx", true, true).virtualization, Virtualization::NestedParavirt);
+        assert_eq!(
+            classify("vmx", true, true).virtualization,
+            Virtualization::NestedParavirt
+        );
         // "vmx" must be a whole flag, not a substring.
-        assert_eq!(classify("fpu vmxfoo", false, true).virtualization, Virtualization::None);
+        assert_eq!(
+            classify("fpu vmxfoo", false, true).virtualization,
+            Virtualization::None
+        );
         assert!(!classify("vmx", false, false).can_boot_linux);
     }
 }

@@ -123,7 +123,10 @@ impl MemoryLayout {
         }
         let total = mem_mib << 20;
         let low = total.min(MMIO_GAP_START);
-        let mut ram = vec![RamRange { start: 0, size: low }];
+        let mut ram = vec![RamRange {
+            start: 0,
+            size: low,
+        }];
         if total > low {
             ram.push(RamRange {
                 start: MMIO_GAP_END,
@@ -180,13 +183,27 @@ mod tests {
     #[test]
     fn test_layout_small_guest_is_one_low_range() {
         let l = MemoryLayout::new(256).unwrap();
-        assert_eq!(l.ram, vec![RamRange { start: 0, size: 256 * MIB }]);
+        assert_eq!(
+            l.ram,
+            vec![RamRange {
+                start: 0,
+                size: 256 * MIB
+            }]
+        );
         assert_eq!(l.total_bytes(), 256 * MIB);
         assert_eq!(
             l.e820(),
             vec![
-                E820Entry { addr: 0, size: EBDA_START, kind: E820_RAM },
-                E820Entry { addr: HIMEM_START, size: 256 * MIB - HIMEM_START, kind: E820_RAM },
+                E820Entry {
+                    addr: 0,
+                    size: EBDA_START,
+                    kind: E820_RAM
+                },
+                E820Entry {
+                    addr: HIMEM_START,
+                    size: 256 * MIB - HIMEM_START,
+                    kind: E820_RAM
+                },
             ]
         );
     }
@@ -205,16 +222,36 @@ mod tests {
             assert_eq!(
                 l.ram,
                 vec![
-                    RamRange { start: 0, size: 3 * GIB },
-                    RamRange { start: 4 * GIB, size: (gib - 3) * GIB },
+                    RamRange {
+                        start: 0,
+                        size: 3 * GIB
+                    },
+                    RamRange {
+                        start: 4 * GIB,
+                        size: (gib - 3) * GIB
+                    },
                 ],
                 "{gib} GiB"
             );
             assert_eq!(l.total_bytes(), gib * GIB);
             let e820 = l.e820();
             assert_eq!(e820.len(), 3);
-            assert_eq!(e820[1], E820Entry { addr: HIMEM_START, size: 3 * GIB - HIMEM_START, kind: E820_RAM });
-            assert_eq!(e820[2], E820Entry { addr: 4 * GIB, size: (gib - 3) * GIB, kind: E820_RAM });
+            assert_eq!(
+                e820[1],
+                E820Entry {
+                    addr: HIMEM_START,
+                    size: 3 * GIB - HIMEM_START,
+                    kind: E820_RAM
+                }
+            );
+            assert_eq!(
+                e820[2],
+                E820Entry {
+                    addr: 4 * GIB,
+                    size: (gib - 3) * GIB,
+                    kind: E820_RAM
+                }
+            );
             // Nothing of the gap is RAM.
             for e in &e820 {
                 assert!(e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END);
@@ -225,7 +262,10 @@ mod tests {
     #[test]
     fn test_layout_bounds_are_refused() {
         assert_eq!(MemoryLayout::new(8), Err(LayoutError::TooSmall(8)));
-        assert_eq!(MemoryLayout::new(MAX_MEM_MIB + 1), Err(LayoutError::TooLarge(MAX_MEM_MIB + 1)));
+        assert_eq!(
+            MemoryLayout::new(MAX_MEM_MIB + 1),
+            Err(LayoutError::TooLarge(MAX_MEM_MIB + 1))
+        );
         assert!(MemoryLayout::new(MIN_MEM_MIB).is_ok());
     }
 
@@ -245,6 +285,6 @@ mod tests {
                 assert!(a.1 <= b.0 || b.1 <= a.0, "{a:x?} overlaps {b:x?}");
             }
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+        const { assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000) };
     }
 }

@@ -69,7 +69,9 @@ impl StopReason {
     /// 3 for a guest crash, 4 for a control stop, 128+N for signal N, 1 for a VMM failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::GuestReset | StopReason::GuestPowerOff | StopReason::HaltedInterruptsOff => 0,
+            StopReason::GuestReset
+            | StopReason::GuestPowerOff
+            | StopReason::HaltedInterruptsOff => 0,
             StopReason::TripleFault { .. }
             | StopReason::InternalError { .. }
             | StopReason::FailEntry { .. }
@@ -93,10 +95,16 @@ impl std::fmt::Display for StopReason {
                 write!(f, "guest crashed: triple fault on vCPU {vcpu}")
             }
             StopReason::InternalError { vcpu, suberror } => {
-                write!(f, "guest crashed: KVM internal error {suberror} on vCPU {vcpu}")
+                write!(
+                    f,
+                    "guest crashed: KVM internal error {suberror} on vCPU {vcpu}"
+                )
             }
             StopReason::FailEntry { vcpu, reason } => {
-                write!(f, "guest crashed: KVM failed to enter vCPU {vcpu} (reason {reason:#x})")
+                write!(
+                    f,
+                    "guest crashed: KVM failed to enter vCPU {vcpu} (reason {reason:#x})"
+                )
             }
             StopReason::UnexpectedExit { vcpu, exit } => {
                 write!(f, "guest stopped: unhandled KVM exit {exit} on vCPU {vcpu}")
@@ -143,7 +151,10 @@ impl StopNotifier {
 
     /// The stop reason, once there is one.
     pub fn reason(&self) -> Option<StopReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The eventfd written on every stop.

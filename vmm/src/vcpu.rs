@@ -104,9 +104,11 @@ pub fn configure_vcpu(
             first_refused: msrs.as_slice()[set].index,
         });
     }
-    fd.set_regs(&regs::boot_regs(entry)).map_err(io("KVM_SET_REGS"))?;
+    fd.set_regs(&regs::boot_regs(entry))
+        .map_err(io("KVM_SET_REGS"))?;
     let sregs = fd.get_sregs().map_err(io("KVM_GET_SREGS"))?;
-    fd.set_sregs(&regs::boot_sregs(sregs)).map_err(io("KVM_SET_SREGS"))?;
+    fd.set_sregs(&regs::boot_sregs(sregs))
+        .map_err(io("KVM_SET_SREGS"))?;
     fd.set_fpu(&regs::boot_fpu()).map_err(io("KVM_SET_FPU"))?;
     let mut lapic_state = fd.get_lapic().map_err(io("KVM_GET_LAPIC"))?;
     lapic::set_lint(&mut lapic_state);
@@ -274,7 +276,9 @@ pub struct Vcpu {
 
 impl std::fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vcpu").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Vcpu")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -367,14 +371,19 @@ impl Vcpu {
 fn sample_halt_status(fd: &VcpuFd, shared: &VcpuShared) {
     let (mp, regs) = (fd.get_mp_state(), fd.get_regs());
     if let (Ok(mp), Ok(r)) = (&mp, &regs) {
-        tracing::trace!(vcpu = shared.id, rip = format_args!("{:#x}", r.rip), mp_state = mp.mp_state, "kicked");
+        tracing::trace!(
+            vcpu = shared.id,
+            rip = format_args!("{:#x}", r.rip),
+            mp_state = mp.mp_state,
+            "kicked"
+        );
     }
     let status = match (mp, regs) {
         (Ok(mp), Ok(r)) => match mp.mp_state {
             KVM_MP_STATE_HALTED if r.rflags & RFLAGS_IF == 0 => HaltStatus::HaltedInterruptsOff,
-            KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED | KVM_MP_STATE_SIPI_RECEIVED => {
-                HaltStatus::WaitingForStartup
-            }
+            KVM_MP_STATE_UNINITIALIZED
+            | KVM_MP_STATE_INIT_RECEIVED
+            | KVM_MP_STATE_SIPI_RECEIVED => HaltStatus::WaitingForStartup,
             _ => HaltStatus::Active,
         },
         _ => HaltStatus::Active,
@@ -428,7 +437,10 @@ fn handle_exit(exit: VcpuExit<'_>, id: u8, pio: &Bus, mmio: &Bus, counters: &Exi
             return Flow::Stop(StopReason::FailEntry { vcpu: id, reason });
         }
         VcpuExit::InternalError => {
-            return Flow::Stop(StopReason::InternalError { vcpu: id, suberror: 0 });
+            return Flow::Stop(StopReason::InternalError {
+                vcpu: id,
+                suberror: 0,
+            });
         }
         other => {
             return Flow::Stop(StopReason::UnexpectedExit {
@@ -463,7 +475,9 @@ impl VcpuHandle {
 
     /// Forgets the sampled halt status, before a new round of kicks.
     pub fn clear_halt_status(&self) {
-        self.shared.halt.store(HaltStatus::Unknown as u8, Ordering::Release);
+        self.shared
+            .halt
+            .store(HaltStatus::Unknown as u8, Ordering::Release);
     }
 
     /// Interrupts KVM_RUN on the vCPU's thread.

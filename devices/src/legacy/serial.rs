@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use vm_superio::serial::SerialEvents;
 use vm_superio::Trigger;
+use vm_superio::serial::SerialEvents;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -164,10 +164,7 @@ impl Serial {
 
     fn refill_fifo(&mut self) {
         while !self.pending_input.is_empty() {
-            let room = self
-                .uart
-                .fifo_capacity()
-                .min(self.pending_input.len());
+            let room = self.uart.fifo_capacity().min(self.pending_input.len());
             if room == 0 {
                 break;
             }
@@ -261,7 +258,10 @@ mod tests {
         s.write(1, &[0x01]); // IER: received-data interrupt on
         let input: Vec<u8> = (0..200u32).map(|i| (i % 251) as u8).collect();
         s.queue_input(&input);
-        assert!(s.pending_input() > 0, "FIFO must not swallow more than it holds");
+        assert!(
+            s.pending_input() > 0,
+            "FIFO must not swallow more than it holds"
+        );
         assert!(evt.read().unwrap() >= 1, "input raises the interrupt");
         let mut got = Vec::new();
         for _ in 0..1000 {
@@ -281,7 +281,7 @@ mod tests {
     #[test]
     fn test_serial_wide_access_is_ignored() {
         let (mut s, cap, _evt) = serial();
-        s.write(0, &[b'a', b'b']);
+        s.write(0, b"ab");
         let mut d = [0u8; 2];
         s.read(0, &mut d);
         assert_eq!(d, [0xff, 0xff]);

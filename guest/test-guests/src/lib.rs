@@ -365,7 +365,12 @@ mod tests {
             for p in loads(&elf) {
                 // Page-aligned segments, so the file stays small and loads at p_paddr.
                 assert_eq!(p.p_align % 0x1000, 0, "{}: p_align", guest.name);
-                assert!(guest.elf.len() < 64 * 1024, "{}: ELF is {} bytes", guest.name, guest.elf.len());
+                assert!(
+                    guest.elf.len() < 64 * 1024,
+                    "{}: ELF is {} bytes",
+                    guest.name,
+                    guest.elf.len()
+                );
                 assert!(p.p_filesz <= p.p_memsz, "{}: filesz > memsz", guest.name);
                 let end = p.p_offset + p.p_filesz;
                 assert!(end <= guest.elf.len() as u64, "{}: truncated", guest.name);

@@ -112,7 +112,7 @@ mod tests {
         kvm_cpuid_entry2 {
             function,
             index,
-            eax: 0xdead_0000 | (3 << 5) * u32::from(function == 4 && index == 3),
+            eax: 0xdead_0000 | ((3 << 5) * u32::from(function == 4 && index == 3)),
             ebx: 0xffff_ffff,
             ecx: 0xffff_ffff,
             edx: 0xffff_ffff,
@@ -143,7 +143,14 @@ mod tests {
     fn test_cpuid_topology_per_vcpu_is_consistent() {
         for (id, count) in [(0u8, 1u8), (0, 4), (3, 4), (5, 6), (31, 32)] {
             let mut e = sample();
-            filter_cpuid(&mut e, VcpuTopology { id, count, tsc_deadline: true });
+            filter_cpuid(
+                &mut e,
+                VcpuTopology {
+                    id,
+                    count,
+                    tsc_deadline: true,
+                },
+            );
             let l1 = find(&e, 1, 0);
             assert_eq!(l1.ebx >> 24, u32::from(id));
             assert_eq!((l1.ebx >> 16) & 0xff, u32::from(count));
@@ -153,8 +160,14 @@ mod tests {
             let smt = find(&e, 0xb, 0);
             let core = find(&e, 0xb, 1);
             let end = find(&e, 0xb, 2);
-            assert_eq!((smt.ebx, smt.ecx, smt.edx), (1, LEVEL_SMT << 8, u32::from(id)));
-            assert_eq!((core.ebx, core.ecx, core.edx), (u32::from(count), (LEVEL_CORE << 8) | 1, u32::from(id)));
+            assert_eq!(
+                (smt.ebx, smt.ecx, smt.edx),
+                (1, LEVEL_SMT << 8, u32::from(id))
+            );
+            assert_eq!(
+                (core.ebx, core.ecx, core.edx),
+                (u32::from(count), (LEVEL_CORE << 8) | 1, u32::from(id))
+            );
             // The core-level shift must leave room for every APIC ID.
             assert!(u32::from(count - 1) < (1 << core.eax) || count == 1);
             assert_eq!((end.eax, end.ebx, end.ecx >> 8), (0, 0, 0));
@@ -172,16 +185,33 @@ mod tests {
     #[test]
     fn test_cpuid_tsc_deadline_follows_capability() {
         let mut e = sample();
-        filter_cpuid(&mut e, VcpuTopology { id: 0, count: 1, tsc_deadline: false });
+        filter_cpuid(
+            &mut e,
+            VcpuTopology {
+                id: 0,
+                count: 1,
+                tsc_deadline: false,
+            },
+        );
         assert_eq!(find(&e, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
         let mut e = sample();
         e[0].ecx = 0;
-        filter_cpuid(&mut e, VcpuTopology { id: 0, count: 1, tsc_deadline: true });
+        filter_cpuid(
+            &mut e,
+            VcpuTopology {
+                id: 0,
+                count: 1,
+                tsc_deadline: true,
+            },
+        );
         assert_ne!(find(&e, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
     fn test_cpuid_id_bits() {
-        assert_eq!([1u8, 2, 3, 4, 5, 8, 9, 32].map(id_bits), [0, 1, 2, 2, 3, 3, 4, 5]);
+        assert_eq!(
+            [1u8, 2, 3, 4, 5, 8, 9, 32].map(id_bits),
+            [0, 1, 2, 2, 3, 3, 4, 5]
+        );
     }
 }

@@ -37,7 +37,11 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let raw_limit = (entry & 0xffff) | ((entry >> 32) & 0x000f_0000);
     let g = field(entry, 55, 1);
     // With the granularity bit, the limit counts 4 KiB pages.
-    let limit = if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };
+    let limit = if g == 1 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
     let present = field(entry, 47, 1);
     kvm_segment {
         base,
@@ -77,7 +81,10 @@ mod tests {
     #[test]
     fn test_gdt_data_and_tss_segments_decode() {
         let ds = segment_from_gdt(BOOT_GDT[DATA_INDEX as usize], DATA_INDEX);
-        assert_eq!((ds.selector, ds.type_, ds.db, ds.l, ds.s), (0x10, 0x3, 1, 0, 1));
+        assert_eq!(
+            (ds.selector, ds.type_, ds.db, ds.l, ds.s),
+            (0x10, 0x3, 1, 0, 1)
+        );
         let tr = segment_from_gdt(BOOT_GDT[TSS_INDEX as usize], TSS_INDEX);
         assert_eq!((tr.selector, tr.type_, tr.s, tr.present), (0x18, 0xb, 0, 1));
         let null = segment_from_gdt(BOOT_GDT[0], 0);

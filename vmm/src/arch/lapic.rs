@@ -19,7 +19,10 @@ pub fn get_reg(state: &kvm_lapic_state, offset: usize) -> u32 {
 
 /// Writes the 32-bit APIC register at `offset`.
 pub fn set_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
-    for (dst, src) in state.regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
+    for (dst, src) in state.regs[offset..offset + 4]
+        .iter_mut()
+        .zip(value.to_le_bytes())
+    {
         *dst = src as _;
     }
 }

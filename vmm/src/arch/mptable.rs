@@ -43,7 +43,10 @@ pub enum MptableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |acc, b| acc.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Total size of the table for `vcpus` CPUs.
@@ -149,7 +152,10 @@ mod tests {
         let n = 4;
         let t = build(n).unwrap();
         assert_eq!(&t[0..4], b"_MP_");
-        assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()), EBDA_START as u32 + 16);
+        assert_eq!(
+            u32::from_le_bytes(t[4..8].try_into().unwrap()),
+            EBDA_START as u32 + 16
+        );
         assert_eq!(&t[16..20], b"PCMP");
         let count = u16::from_le_bytes([t[16 + 34], t[16 + 35]]);
         assert_eq!(usize::from(count), usize::from(n) + 2 + 23 + 2);
@@ -174,7 +180,10 @@ mod tests {
     #[test]
     fn test_mptable_vcpu_count_bounds() {
         assert_eq!(build(0), Err(MptableError::VcpuCount(0)));
-        assert_eq!(build(MAX_VCPUS + 1), Err(MptableError::VcpuCount(MAX_VCPUS + 1)));
+        assert_eq!(
+            build(MAX_VCPUS + 1),
+            Err(MptableError::VcpuCount(MAX_VCPUS + 1))
+        );
         assert!(fits_in_ebda(MAX_VCPUS));
     }
 }

@@ -67,7 +67,12 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 /// one PML4 entry, four PDPT entries, four full page directories.
 pub fn page_tables() -> Vec<(u64, Vec<u8>)> {
     let mut out = Vec::new();
-    out.push((PML4_START, (PDPTE_START | PTE_PRESENT | PTE_WRITABLE).to_le_bytes().to_vec()));
+    out.push((
+        PML4_START,
+        (PDPTE_START | PTE_PRESENT | PTE_WRITABLE)
+            .to_le_bytes()
+            .to_vec(),
+    ));
     let pdpt: Vec<u8> = (0..PDE_COUNT)
         .flat_map(|i| ((PDE_START + i * 0x1000) | PTE_PRESENT | PTE_WRITABLE).to_le_bytes())
         .collect();
@@ -113,7 +118,15 @@ mod tests {
     #[test]
     fn test_page_tables_identity_map_first_4gib() {
         let t = page_tables();
-        for va in [0u64, 0x7000, 0x10_0000, 0x1234_5678, 0xbfff_ffff, 0xfee0_0000, 0xffff_ffff] {
+        for va in [
+            0u64,
+            0x7000,
+            0x10_0000,
+            0x1234_5678,
+            0xbfff_ffff,
+            0xfee0_0000,
+            0xffff_ffff,
+        ] {
             assert_eq!(translate(&t, va), Some(va), "{va:#x}");
         }
         assert_eq!(translate(&t, 0x1_0000_0000), None);

@@ -13,7 +13,9 @@ use devices::Bus;
 use devices::legacy::serial::{COM1_IRQ, COM1_LEN, COM1_PORT};
 use devices::legacy::signal_port::SIGNAL_PORT;
 use devices::legacy::{EventFdTrigger, I8042, Serial, SerialOutput, SignalPort};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -155,8 +157,12 @@ pub enum BuildVmError {
 
 fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
     match e.errno() {
-        libc::ENOENT => " (KVM is not available: enable virtualization and load kvm_intel or kvm_amd)",
-        libc::EACCES | libc::EPERM => " (no permission: run as root or add your user to the kvm group)",
+        libc::ENOENT => {
+            " (KVM is not available: enable virtualization and load kvm_intel or kvm_amd)"
+        }
+        libc::EACCES | libc::EPERM => {
+            " (no permission: run as root or add your user to the kvm group)"
+        }
         _ => "",
     }
 }
@@ -197,10 +203,13 @@ pub fn validate(config: &VmConfig) -> Result<MemoryLayout, BuildVmError> {
         return Err(BuildVmError::VcpuCount(config.vcpus));
     }
     let layout = MemoryLayout::new(config.mem_mib)?;
-    if let Some(have) = host_ram_mib() {
-        if config.mem_mib > have {
-            return Err(BuildVmError::MemoryExceedsHost { want: config.mem_mib, have });
-        }
+    if let Some(have) = host_ram_mib()
+        && config.mem_mib > have
+    {
+        return Err(BuildVmError::MemoryExceedsHost {
+            want: config.mem_mib,
+            have,
+        });
     }
     Ok(layout)
 }
@@ -223,18 +232,27 @@ fn open_kvm() -> Result<Kvm, BuildVmError> {
     Ok(kvm)
 }
 
-fn create_memory(vm: &VmFd, layout: &MemoryLayout, mib: u64) -> Result<GuestMemoryMmap, BuildVmError> {
+fn create_memory(
+    vm: &VmFd,
+    layout: &MemoryLayout,
+    mib: u64,
+) -> Result<GuestMemoryMmap, BuildVmError> {
     let ranges: Vec<(GuestAddress, usize)> = layout
         .ram
         .iter()
         .map(|r| (GuestAddress(r.start), r.size as usize))
         .collect();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
-        .map_err(|e| BuildVmError::Memory { mib, detail: e.to_string() })?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| BuildVmError::Memory {
+        mib,
+        detail: e.to_string(),
+    })?;
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
-            .map_err(|e| BuildVmError::Memory { mib, detail: e.to_string() })?;
+            .map_err(|e| BuildVmError::Memory {
+                mib,
+                detail: e.to_string(),
+            })?;
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -244,22 +262,33 @@ fn create_memory(vm: &VmFd, layout: &MemoryLayout, mib: u64) -> Result<GuestMemo
         };
         // SAFETY: the mapping described is owned by `mem`, which the caller keeps alive for as long
         // as the VM exists (it is dropped after every vCPU thread has been joined).
-        unsafe { vm.set_user_memory_region(region_desc) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(mem)
 }
 
-fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<LoadedKernel, BuildVmError> {
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+) -> Result<LoadedKernel, BuildVmError> {
     let kernel = match &config.kernel {
         KernelImage::Path(path) => {
-            let mut f = File::open(path).map_err(|source| BuildVmError::KernelOpen { path: path.clone(), source })?;
+            let mut f = File::open(path).map_err(|source| BuildVmError::KernelOpen {
+                path: path.clone(),
+                source,
+            })?;
             boot::load_kernel(mem, &mut f)?
         }
         KernelImage::Builtin { bytes, .. } => boot::load_kernel(mem, &mut Cursor::new(*bytes))?,
     };
     let initrd = match &config.initrd {
         Some(path) => {
-            let open_err = |source| BuildVmError::InitrdOpen { path: path.clone(), source };
+            let open_err = |source| BuildVmError::InitrdOpen {
+                path: path.clone(),
+                source,
+            };
             let mut f = File::open(path).map_err(open_err)?;
             let size = f.metadata().map_err(open_err)?.len();
             Some(boot::load_initrd(mem, layout, &kernel, &mut f, size)?)
@@ -279,7 +308,8 @@ fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGHUP);
-    set.thread_block().map_err(|e| BuildVmError::Signals(e.to_string()))?;
+    set.thread_block()
+        .map_err(|e| BuildVmError::Signals(e.to_string()))?;
     SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| BuildVmError::Signals(e.to_string()))
 }
@@ -297,31 +327,52 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
     // The loop, signals and the control socket first: set-up failures end here, before a guest runs.
     let signals = termination_signalfd()?;
     let mut event_loop = EventLoop::<VmRuntime>::new()?;
-    let listener: Option<UnixListener> = config.api_sock.as_deref().map(control::bind).transpose()?;
+    let listener: Option<UnixListener> =
+        config.api_sock.as_deref().map(control::bind).transpose()?;
     let api_sock_guard = config.api_sock.clone().map(RemoveOnDrop);
 
     let kvm = open_kvm()?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
     let mem = create_memory(&vm, &layout, config.mem_mib)?;
     let kernel = load_guest(&config, &mem, &layout)?;
     tracing::debug!(?kernel.format, entry = kernel.entry, "kernel loaded");
 
-    let stop = Arc::new(StopNotifier::new(config.process_start).map_err(|e| BuildVmError::Device(e.to_string()))?);
-    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildVmError::Device(e.to_string()))?;
-    vm.register_irqfd(&serial_evt, COM1_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
-    let serial_trigger = serial_evt.try_clone().map_err(|e| BuildVmError::Device(e.to_string()))?;
+    let stop = Arc::new(
+        StopNotifier::new(config.process_start).map_err(|e| BuildVmError::Device(e.to_string()))?,
+    );
+    let serial_evt =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildVmError::Device(e.to_string()))?;
+    vm.register_irqfd(&serial_evt, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let serial_trigger = serial_evt
+        .try_clone()
+        .map_err(|e| BuildVmError::Device(e.to_string()))?;
     let forward_stdin = config.forward_stdin && stdin_is_open();
-    let serial = Arc::new(Mutex::new(Serial::new(EventFdTrigger::new(serial_trigger), config.serial)));
+    let serial = Arc::new(Mutex::new(Serial::new(
+        EventFdTrigger::new(serial_trigger),
+        config.serial,
+    )));
     let mut pio = Bus::new();
     let dev_err = |e: devices::BusError| BuildVmError::Device(e.to_string());
-    pio.insert(serial.clone(), u64::from(COM1_PORT), COM1_LEN).map_err(dev_err)?;
-    pio.insert(Arc::new(Mutex::new(I8042::new(stop.clone()))), 0x60, 5).map_err(dev_err)?;
-    pio.insert(Arc::new(Mutex::new(SignalPort::new(stop.clone()))), u64::from(SIGNAL_PORT), 1)
+    pio.insert(serial.clone(), u64::from(COM1_PORT), COM1_LEN)
         .map_err(dev_err)?;
+    pio.insert(Arc::new(Mutex::new(I8042::new(stop.clone()))), 0x60, 5)
+        .map_err(dev_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(SignalPort::new(stop.clone()))),
+        u64::from(SIGNAL_PORT),
+        1,
+    )
+    .map_err(dev_err)?;
     let pio = Arc::new(pio);
     let mmio = Arc::new(Bus::new());
 
@@ -331,9 +382,26 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
-        let fd = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        vcpu::configure_vcpu(&fd, &supported, VcpuTopology { id, count: config.vcpus, tsc_deadline }, kernel.entry)?;
-        vcpus.push(Vcpu { fd, id, pio: pio.clone(), mmio: mmio.clone(), stop: stop.clone() });
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu::configure_vcpu(
+            &fd,
+            &supported,
+            VcpuTopology {
+                id,
+                count: config.vcpus,
+                tsc_deadline,
+            },
+            kernel.entry,
+        )?;
+        vcpus.push(Vcpu {
+            fd,
+            id,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            stop: stop.clone(),
+        });
     }
     vcpu::install_kick_handler().map_err(|e| BuildVmError::Signals(e.to_string()))?;
 
@@ -354,14 +422,20 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         event_loop.add(Box::new(StdinSource::new(0)), &mut rt);
     }
     event_loop.add(
-        Box::new(Ticker::new("halt-watchdog", HALT_CHECK_PERIOD, |rt: &mut VmRuntime| {
-            rt.check_halted();
-            crate::event_loop::Flow::Continue
-        })),
+        Box::new(Ticker::new(
+            "halt-watchdog",
+            HALT_CHECK_PERIOD,
+            |rt: &mut VmRuntime| {
+                rt.check_halted();
+                crate::event_loop::Flow::Continue
+            },
+        )),
         &mut rt,
     );
     if let Err(e) = event_loop.run(&mut rt) {
-        stop.stop(StopReason::LoopError { error: e.to_string() });
+        stop.stop(StopReason::LoopError {
+            error: e.to_string(),
+        });
     }
 
     // Every vCPU thread is joined before guest memory and the VM go away.
@@ -371,7 +445,9 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
     }
     let run_time = run_start.elapsed();
     let report = VmReport {
-        reason: stop.reason().unwrap_or(StopReason::LoopError { error: "loop ended without a reason".into() }),
+        reason: stop.reason().unwrap_or(StopReason::LoopError {
+            error: "loop ended without a reason".into(),
+        }),
         ready_after: stop.ready_after(),
         first_serial_byte_after: rt
             .serial_metrics
@@ -379,7 +455,10 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
             .get()
             .map(|t| t.saturating_duration_since(config.process_start)),
         vcpus_started_after,
-        serial_bytes: rt.serial_metrics.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
+        serial_bytes: rt
+            .serial_metrics
+            .bytes_out
+            .load(std::sync::atomic::Ordering::Relaxed),
         exits: rt.exit_counts(),
         run_time,
     };
@@ -402,14 +481,22 @@ impl Drop for RemoveOnDrop {
 /// Whether `path` names a kernel this VMM can boot (for early CLI checks).
 pub fn check_kernel_file(path: &Path) -> Result<boot::KernelFormat, BuildVmError> {
     use std::io::Read;
-    let mut f = File::open(path).map_err(|source| BuildVmError::KernelOpen { path: path.to_path_buf(), source })?;
+    let mut f = File::open(path).map_err(|source| BuildVmError::KernelOpen {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut head = vec![0u8; 0x206];
     let mut n = 0;
     while n < head.len() {
         match f.read(&mut head[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
-            Err(source) => return Err(BuildVmError::KernelOpen { path: path.to_path_buf(), source }),
+            Err(source) => {
+                return Err(BuildVmError::KernelOpen {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
         }
     }
     Ok(boot::detect_format(&head[..n])?)

@@ -134,9 +134,12 @@ impl VmRuntime {
             return;
         }
         let statuses: Vec<HaltStatus> = self.vcpus.iter().map(VcpuHandle::halt_status).collect();
-        let dead = statuses.iter().any(|s| *s == HaltStatus::HaltedInterruptsOff)
+        let dead = statuses.contains(&HaltStatus::HaltedInterruptsOff)
             && statuses.iter().all(|s| {
-                matches!(s, HaltStatus::HaltedInterruptsOff | HaltStatus::WaitingForStartup)
+                matches!(
+                    s,
+                    HaltStatus::HaltedInterruptsOff | HaltStatus::WaitingForStartup
+                )
             })
             && statuses.first() == Some(&HaltStatus::HaltedInterruptsOff);
         self.halted_rounds = if dead { self.halted_rounds + 1 } else { 0 };
@@ -156,12 +159,16 @@ impl ControlHandler for VmRuntime {
         match req {
             ControlRequest::Status => ControlResponse::status(self.status()),
             _ if self.stop.reason().is_some() => ControlResponse::error("the VM is stopping"),
-            ControlRequest::Pause if self.paused => ControlResponse::error("the VM is already paused"),
+            ControlRequest::Pause if self.paused => {
+                ControlResponse::error("the VM is already paused")
+            }
             ControlRequest::Pause => match self.pause() {
                 Ok(()) => ControlResponse::state(VmState::Paused),
                 Err(e) => ControlResponse::error(format!("pause failed: {e}")),
             },
-            ControlRequest::Resume if !self.paused => ControlResponse::error("the VM is not paused"),
+            ControlRequest::Resume if !self.paused => {
+                ControlResponse::error("the VM is not paused")
+            }
             ControlRequest::Resume => {
                 self.resume();
                 ControlResponse::state(VmState::Running)
@@ -183,7 +190,9 @@ pub struct StopSource {
 impl StopSource {
     /// Watches the notifier's eventfd.
     pub fn new(stop: &StopNotifier) -> Self {
-        Self { fd: stop.eventfd().as_raw_fd() }
+        Self {
+            fd: stop.eventfd().as_raw_fd(),
+        }
     }
 }
 
@@ -196,7 +205,12 @@ impl EventSource<VmRuntime> for StopSource {
         ops.poll_readable(self.fd, 0, false);
     }
 
-    fn complete(&mut self, _c: Completion, ctx: &mut VmRuntime, ops: &mut Ops<'_, VmRuntime>) -> Flow {
+    fn complete(
+        &mut self,
+        _c: Completion,
+        ctx: &mut VmRuntime,
+        ops: &mut Ops<'_, VmRuntime>,
+    ) -> Flow {
         let _ = ctx.stop.eventfd().read();
         if ctx.stop.reason().is_some() {
             ops.exit();
@@ -229,9 +243,16 @@ impl EventSource<VmRuntime> for SignalSource {
         ops.poll_readable(self.sfd.as_raw_fd(), 0, false);
     }
 
-    fn complete(&mut self, _c: Completion, ctx: &mut VmRuntime, ops: &mut Ops<'_, VmRuntime>) -> Flow {
+    fn complete(
+        &mut self,
+        _c: Completion,
+        ctx: &mut VmRuntime,
+        ops: &mut Ops<'_, VmRuntime>,
+    ) -> Flow {
         if let Ok(Some(info)) = self.sfd.read_signal() {
-            ctx.stop.stop(StopReason::Signal { signal: info.ssi_signo as i32 });
+            ctx.stop.stop(StopReason::Signal {
+                signal: info.ssi_signo as i32,
+            });
         }
         ops.poll_readable(self.sfd.as_raw_fd(), 0, false);
         Flow::Continue
@@ -260,7 +281,12 @@ impl EventSource<VmRuntime> for StdinSource {
         ops.poll_readable(self.fd, 0, false);
     }
 
-    fn complete(&mut self, c: Completion, ctx: &mut VmRuntime, ops: &mut Ops<'_, VmRuntime>) -> Flow {
+    fn complete(
+        &mut self,
+        c: Completion,
+        ctx: &mut VmRuntime,
+        ops: &mut Ops<'_, VmRuntime>,
+    ) -> Flow {
         if c.result < 0 {
             return Flow::Remove;
         }

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what kata-snap needs to build and test on Debian bookworm: gcc (test guests), libclang
+# (userfaultfd bindings), busybox-static (agent tests), the tools that unpack the Debian kernel, and
+# cargo-nextest is not needed (plain cargo test). Idempotent; skips apt when everything is there.
+set -euo pipefail
+
+pkgs=(gcc libc6-dev binutils make libclang-dev busybox-static cpio lz4 zstd xz-utils python3 util-linux)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}" >&2
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    echo "install-deps: cargo is missing: install Rust (rustup) first" >&2
+    exit 1
+fi
