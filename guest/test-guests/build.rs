@@ -15,6 +15,7 @@ const GUESTS: &[&str] = &[
     "spin",
     "triplefault",
     "halt",
+    "pio",
 ];
 
 /// Sources linked into every guest.

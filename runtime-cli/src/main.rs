@@ -50,7 +50,11 @@ fn ensure_std_fds() {
         // SAFETY: F_GETFD only queries the descriptor's flags.
         let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
         if !open {
-            let flags = if fd == 0 { libc::O_RDONLY } else { libc::O_WRONLY };
+            let flags = if fd == 0 {
+                libc::O_RDONLY
+            } else {
+                libc::O_WRONLY
+            };
             // SAFETY: a valid NUL-terminated path; the lowest free fd (this one) is taken.
             unsafe { libc::open(c"/dev/null".as_ptr(), flags) };
         }

@@ -285,6 +285,10 @@ mod tests {
                 assert!(a.1 <= b.0 || b.1 <= a.0, "{a:x?} overlaps {b:x?}");
             }
         }
-        const { assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000) };
+        const {
+            assert!(
+                BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000
+            )
+        };
     }
 }

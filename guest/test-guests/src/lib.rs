@@ -167,6 +167,13 @@ pub const TRIPLEFAULT: TestGuest = test_guest!("triplefault");
 /// `KVM_EXIT_HLT` with IF=0). Parameters: none.
 pub const HALT: TestGuest = test_guest!("halt");
 
+/// `pio`: a tight loop of port writes, for measuring PIO exits per second.
+///
+/// Parameter: `iters=N` (default [`PIO_DEFAULT_ITERS`]). Output: `pio: start\n`, READY, then
+/// `iters` one-byte writes to port `0x80` (no device: one unhandled PIO exit each), then
+/// `pio: done <iters>\n`, exit via i8042.
+pub const PIO: TestGuest = test_guest!("pio");
+
 /// Every test guest.
 pub const ALL: &[TestGuest] = &[
     HELLO,
@@ -177,6 +184,7 @@ pub const ALL: &[TestGuest] = &[
     SPIN,
     TRIPLEFAULT,
     HALT,
+    PIO,
 ];
 
 /// Finds a test guest by its [`TestGuest::name`].
@@ -192,6 +200,8 @@ pub const MEMTOUCH_DEFAULT_TOUCH_BASE_MIB: u64 = 16;
 pub const COMPUTE_DEFAULT_ITERS: u64 = 130_000;
 /// Default `tick_iters` of [`SPIN`].
 pub const SPIN_DEFAULT_TICK_ITERS: u64 = 28_000;
+/// Default `iters` of [`PIO`].
+pub const PIO_DEFAULT_ITERS: u64 = 10_000;
 
 const GOLDEN64: u64 = 0x9E37_79B9_7F4A_7C15;
 const COMPUTE_SEED: u64 = 0x0123_4567_89AB_CDEF;
@@ -480,6 +490,7 @@ mod tests {
             (&SPIN, &["tick_iters", "tick "]),
             (&TRIPLEFAULT, &["triplefault: now\n"]),
             (&HALT, &["halt: interrupts off\n"]),
+            (&PIO, &["iters", "pio: start\n", "pio: done "]),
         ];
         assert_eq!(expected.len(), ALL.len());
         for (guest, strings) in expected {
