@@ -23,11 +23,11 @@ impl BusDevice for Sink {
 
 fn bus_dispatch(c: &mut Criterion) {
     let mut bus = Bus::new();
-    for base in [0x60u64, 0x64, 0x80, 0xf4, 0x2f8, 0x3e8, 0x3f8] {
+    for base in [0x60u64, 0x68, 0x80, 0xf0, 0x2f8, 0x3e8, 0x3f8] {
         bus.insert(Arc::new(Mutex::new(Sink(0))), base, 8).unwrap();
     }
     c.bench_function("bus write dispatch (7 devices)", |b| {
-        b.iter(|| black_box(bus.write(black_box(0x3f8), &[b'x'])))
+        b.iter(|| black_box(bus.write(black_box(0x3f8), b"x")))
     });
     c.bench_function("bus miss (no device)", |b| {
         b.iter(|| black_box(bus.write(black_box(0x70), &[1])))
