@@ -61,11 +61,25 @@ fn test_linux_vmlinux_prints_banner_and_e820_map() {
         return;
     };
     let mem = 512u64;
+    // An initrd of an odd size: Linux reports where it found it, which must be where the VMM put it
+    // (page-aligned at the top of low RAM).
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd.img");
+    let initrd_len = 300_000u64;
+    std::fs::write(&initrd, vec![0x5au8; initrd_len as usize]).unwrap();
+    let initrd_start = ((mem << 20) - initrd_len) & !0xfff;
+    let ramdisk_line = format!(
+        "RAMDISK: [mem {:#010x}-{:#010x}]",
+        initrd_start,
+        (mem << 20) - 1
+    );
     let mut vm = BackgroundVm::start(
         vmlinux.to_str().unwrap(),
         &[
             "--mem-mib",
             &mem.to_string(),
+            "--initrd",
+            initrd.to_str().unwrap(),
             "--cmdline",
             "console=ttyS0 earlyprintk=serial reboot=k panic=1 pci=off",
         ],
@@ -80,10 +94,12 @@ fn test_linux_vmlinux_prints_banner_and_e820_map() {
     vm.wait_for(
         || {
             let s = vm.serial_text();
-            s.contains("Linux version ") && want.iter().all(|w| s.contains(w.as_str()))
+            s.contains("Linux version ")
+                && want.iter().all(|w| s.contains(w.as_str()))
+                && s.contains(&ramdisk_line)
         },
         Duration::from_secs(300),
-        "the Linux banner and e820 map",
+        "the Linux banner, e820 map and initrd",
     );
     let serial = vm.serial_text();
     let banner = serial
