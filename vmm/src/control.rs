@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event_loop::{Completion, EventSource, Flow, Ops};
+use event_loop::{Completion, EventSource, Flow, Ops};
 use crate::host::HostCheck;
 use crate::vcpu::ExitCounts;
 

@@ -10,12 +10,13 @@
 pub mod arch;
 pub mod boot;
 pub mod control;
-pub mod event_loop;
 pub mod host;
 pub mod layout;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;
+
+pub use event_loop;
 
 pub use devices::legacy::SerialOutput;
 pub use stop::StopReason;

@@ -28,7 +28,7 @@ use runtime::{SignalSource, StdinSource, StopSource};
 use crate::arch::{cpuid::VcpuTopology, mptable};
 use crate::boot::{self, BootError, LoadedKernel};
 use crate::control::{self, ControlListener, ControlSocketError};
-use crate::event_loop::{EventLoop, EventLoopError, Ticker};
+use event_loop::{EventLoop, EventLoopError, Ticker};
 use crate::host::{self, HostCheck};
 use crate::layout::{KVM_TSS_ADDRESS, LayoutError, MemoryLayout};
 use crate::stop::{StopNotifier, StopReason};
@@ -427,7 +427,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
             HALT_CHECK_PERIOD,
             |rt: &mut VmRuntime| {
                 rt.check_halted();
-                crate::event_loop::Flow::Continue
+                event_loop::Flow::Continue
             },
         )),
         &mut rt,

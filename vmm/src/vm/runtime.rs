@@ -11,7 +11,7 @@ use devices::legacy::serial::SerialMetrics;
 use nix::sys::signalfd::SignalFd;
 
 use crate::control::{ControlHandler, ControlRequest, ControlResponse, VmState, VmStatus};
-use crate::event_loop::{Completion, EventSource, Flow, Ops};
+use event_loop::{Completion, EventSource, Flow, Ops};
 use crate::host::HostCheck;
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu::{ExitCounts, HaltStatus, VcpuHandle};

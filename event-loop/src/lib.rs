@@ -1,5 +1,8 @@
 //! The VMM's event loop: one thread, one io_uring.
 //!
+//! A crate of its own so that both the VMM and the devices (whose queue handlers and block I/O run
+//! on it) can use it without the devices depending on the VMM.
+//!
 //! Every source of events (the control socket, signals, serial input, timers, later device queues
 //! and the page server) is an [`EventSource`] registered in a slot. It submits operations through
 //! [`Ops`], which tags each with a [`Token`] (slot + the source's own tag) in the SQE's `user_data`;
@@ -8,6 +11,8 @@
 //!
 //! Adding an event source: implement [`EventSource`] (start: submit the first operations;
 //! complete: handle one completion and resubmit) and call [`EventLoop::add`].
+
+#![deny(missing_docs)]
 
 use std::os::fd::RawFd;
 use std::time::Duration;
