@@ -1,0 +1,214 @@
+//! The snapshot directory: written to a temporary name, fsynced, renamed into place.
+//!
+//! A crash or a full disk while writing leaves only `<name>.tmp-<pid>` behind, never something
+//! that looks like a snapshot. An existing snapshot is never overwritten.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+/// Name of the state file.
+pub const STATE_FILE: &str = "state";
+/// Name of the memory file.
+pub const MEMORY_FILE: &str = "memory";
+/// Name of the working-set file.
+pub const WORKINGSET_FILE: &str = "workingset";
+
+/// Errors creating or opening a snapshot directory.
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    /// The destination exists.
+    #[error("{0} already exists: choose another path or remove it first")]
+    Exists(PathBuf),
+    /// The snapshot directory or one of its files is missing.
+    #[error("{path} is not a snapshot: {what} is missing")]
+    Missing {
+        /// The directory.
+        path: PathBuf,
+        /// What is missing.
+        what: &'static str,
+    },
+    /// I/O failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DirError {
+    let path = path.to_path_buf();
+    move |source| DirError::Io { what, path, source }
+}
+
+/// A snapshot being written.
+#[derive(Debug)]
+pub struct SnapshotWriter {
+    tmp: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+impl SnapshotWriter {
+    /// Starts a snapshot that will become `dest`.
+    pub fn create(dest: &Path) -> Result<Self, DirError> {
+        if dest.exists() {
+            return Err(DirError::Exists(dest.to_path_buf()));
+        }
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "snapshot".into());
+        let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io("cannot remove stale", &tmp))?;
+        }
+        fs::create_dir_all(&tmp).map_err(io("cannot create", &tmp))?;
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            done: false,
+        })
+    }
+
+    /// Path of a file inside the snapshot being written.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.tmp.join(file)
+    }
+
+    /// fsyncs every file and the directory, then renames it into place and fsyncs the parent.
+    pub fn commit(mut self) -> Result<PathBuf, DirError> {
+        for entry in fs::read_dir(&self.tmp).map_err(io("cannot list", &self.tmp))? {
+            let p = entry.map_err(io("cannot list", &self.tmp))?.path();
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(io("cannot fsync", &p))?;
+        }
+        File::open(&self.tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io("cannot fsync", &self.tmp))?;
+        if self.dest.exists() {
+            return Err(DirError::Exists(self.dest.clone()));
+        }
+        fs::rename(&self.tmp, &self.dest).map_err(io("cannot rename into", &self.dest))?;
+        let parent = self
+            .dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(io("cannot fsync", parent))?;
+        self.done = true;
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// The files of an existing snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotDir {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+impl SnapshotDir {
+    /// Opens a snapshot directory, checking its required files exist.
+    pub fn open(path: &Path) -> Result<Self, DirError> {
+        if !path.is_dir() {
+            return Err(DirError::Missing {
+                path: path.to_path_buf(),
+                what: "the directory",
+            });
+        }
+        for (file, what) in [
+            (STATE_FILE, "the state file"),
+            (MEMORY_FILE, "the memory file"),
+        ] {
+            if !path.join(file).is_file() {
+                return Err(DirError::Missing {
+                    path: path.to_path_buf(),
+                    what,
+                });
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The state file.
+    pub fn state(&self) -> PathBuf {
+        self.path.join(STATE_FILE)
+    }
+
+    /// The memory file.
+    pub fn memory(&self) -> PathBuf {
+        self.path.join(MEMORY_FILE)
+    }
+
+    /// The working-set file (may not exist).
+    pub fn workingset(&self) -> PathBuf {
+        self.path.join(WORKINGSET_FILE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_writer_commit_renames_and_refuses_existing() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("snap");
+        let w = SnapshotWriter::create(&dest).unwrap();
+        fs::write(w.path(STATE_FILE), b"s").unwrap();
+        fs::write(w.path(MEMORY_FILE), b"m").unwrap();
+        assert!(!dest.exists(), "nothing appears before commit");
+        w.commit().unwrap();
+        let d = SnapshotDir::open(&dest).unwrap();
+        assert_eq!(fs::read(d.state()).unwrap(), b"s");
+        assert!(matches!(
+            SnapshotWriter::create(&dest),
+            Err(DirError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn test_writer_dropped_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("snap");
+        {
+            let w = SnapshotWriter::create(&dest).unwrap();
+            fs::write(w.path(STATE_FILE), b"partial").unwrap();
+        }
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn test_open_missing_files_are_named() {
+        let root = tempfile::tempdir().unwrap();
+        let err = SnapshotDir::open(&root.path().join("nope")).unwrap_err();
+        assert!(
+            err.to_string().contains("the directory is missing"),
+            "{err}"
+        );
+        fs::write(root.path().join(STATE_FILE), b"").unwrap();
+        let err = SnapshotDir::open(root.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("the memory file is missing"),
+            "{err}"
+        );
+    }
+}

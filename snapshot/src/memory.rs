@@ -1,0 +1,460 @@
+//! Guest RAM as a sparse file: each RAM region at its file offset, zero pages left as holes.
+//!
+//! Writing reads only pages the guest could have made non-zero: for anonymous memory, pages never
+//! faulted in are zero by definition, so `mincore` tells which pages to look at. Runs of non-zero
+//! pages are written with one `pwrite` each; the file is created at its full size first, so every
+//! page not written is a hole. Reading back, [`HoleMap`] (from `SEEK_DATA`/`SEEK_HOLE`) tells data
+//! from zero without reading zeros from disk.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::PAGE_SIZE;
+
+/// One guest RAM region and where it lives in the memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegion {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Size in bytes (page multiple).
+    pub size: u64,
+    /// Offset in the memory file.
+    pub file_offset: u64,
+}
+
+/// Lays regions out back to back in the file, in the order given.
+pub fn file_layout(ranges: &[(u64, u64)]) -> Vec<MemoryRegion> {
+    let mut offset = 0;
+    ranges
+        .iter()
+        .map(|&(guest_addr, size)| {
+            let r = MemoryRegion {
+                guest_addr,
+                size,
+                file_offset: offset,
+            };
+            offset += size;
+            r
+        })
+        .collect()
+}
+
+/// Total size of the memory file for these regions.
+pub fn file_size(regions: &[MemoryRegion]) -> u64 {
+    regions
+        .iter()
+        .map(|r| r.file_offset + r.size)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Errors of memory files.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    /// I/O failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file's size does not match the layout.
+    #[error(
+        "memory file is {actual} bytes but the snapshot's memory layout needs {expected}: truncated or resized"
+    )]
+    SizeMismatch {
+        /// From the layout.
+        expected: u64,
+        /// On disk.
+        actual: u64,
+    },
+    /// The layout itself is inconsistent.
+    #[error("invalid memory layout in snapshot: {0}")]
+    BadLayout(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MemoryFileError {
+    let what = what.into();
+    move |source| MemoryFileError::Io { what, source }
+}
+
+/// What writing a memory file did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteStats {
+    /// Size of the file (guest RAM).
+    pub total_bytes: u64,
+    /// Pages written (non-zero).
+    pub data_pages: u64,
+    /// Pages examined for zeros.
+    pub scanned_pages: u64,
+}
+
+/// Host memory holding one region's contents while writing.
+#[derive(Debug, Clone, Copy)]
+pub struct HostRegion {
+    /// Start of the mapping.
+    pub ptr: *const u8,
+    /// Its length.
+    pub len: usize,
+    /// Whether it is anonymous memory (non-resident pages are zero); `false` for file-backed
+    /// mappings, whose non-resident pages may hold data and are read.
+    pub anonymous: bool,
+}
+
+/// Which pages of `[ptr, ptr+len)` are resident, one bool per page.
+fn resident_pages(ptr: *const u8, len: usize) -> std::io::Result<Vec<bool>> {
+    let pages = len.div_ceil(PAGE_SIZE);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: ptr/len describe a live mapping (the caller's guest memory) and vec has one byte per page.
+    let ret = unsafe { libc::mincore(ptr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(vec.into_iter().map(|b| b & 1 == 1).collect())
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Compare in u64 words: the page is 8-byte aligned (it comes from a page-aligned mapping).
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to handles unaligned ends.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Writes `regions` (with their host memory) into a new sparse file at `path`.
+///
+/// # Safety
+/// Every `HostRegion` must describe readable memory that nothing writes while this runs (the VM is
+/// paused).
+pub unsafe fn write_memory_file(
+    path: &Path,
+    regions: &[(MemoryRegion, HostRegion)],
+) -> Result<WriteStats, MemoryFileError> {
+    let layout: Vec<MemoryRegion> = regions.iter().map(|(r, _)| *r).collect();
+    let total = file_size(&layout);
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err(format!("cannot create {}", path.display())))?;
+    file.set_len(total)
+        .map_err(io_err("cannot size the memory file"))?;
+    let mut stats = WriteStats {
+        total_bytes: total,
+        ..Default::default()
+    };
+    for (region, host) in regions {
+        let resident = if host.anonymous {
+            Some(resident_pages(host.ptr, host.len).map_err(io_err("mincore"))?)
+        } else {
+            None
+        };
+        let pages = host.len / PAGE_SIZE;
+        // SAFETY: the caller guarantees the region is live and quiescent.
+        let mem = unsafe { std::slice::from_raw_parts(host.ptr, host.len) };
+        let mut run_start: Option<usize> = None;
+        let flush =
+            |start: usize, end: usize, stats: &mut WriteStats| -> Result<(), MemoryFileError> {
+                let bytes = &mem[start * PAGE_SIZE..end * PAGE_SIZE];
+                file.write_all_at(bytes, region.file_offset + (start * PAGE_SIZE) as u64)
+                    .map_err(io_err("cannot write the memory file"))?;
+                stats.data_pages += (end - start) as u64;
+                Ok(())
+            };
+        for p in 0..pages {
+            let candidate = resident.as_ref().is_none_or(|r| r[p]);
+            let data = candidate && {
+                stats.scanned_pages += 1;
+                !is_zero(&mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE])
+            };
+            match (data, run_start) {
+                (true, None) => run_start = Some(p),
+                (false, Some(s)) => {
+                    flush(s, p, &mut stats)?;
+                    run_start = None;
+                }
+                _ => {}
+            }
+            // Keep single writes bounded (8 MiB).
+            if let Some(s) = run_start
+                && p + 1 - s >= 2048
+            {
+                flush(s, p + 1, &mut stats)?;
+                run_start = None;
+            }
+        }
+        if let Some(s) = run_start {
+            flush(s, pages, &mut stats)?;
+        }
+    }
+    file.sync_all()
+        .map_err(io_err("cannot fsync the memory file"))?;
+    Ok(stats)
+}
+
+/// The data extents of a sparse file: everything else reads as zero.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoleMap {
+    /// Sorted, non-overlapping `[start, end)` byte ranges holding data.
+    extents: Vec<(u64, u64)>,
+    len: u64,
+}
+
+impl HoleMap {
+    /// Builds the map of `file` with `SEEK_DATA`/`SEEK_HOLE`.
+    pub fn from_file(file: &File) -> Result<Self, MemoryFileError> {
+        let len = file
+            .metadata()
+            .map_err(io_err("cannot stat the memory file"))?
+            .len();
+        let fd = file.as_raw_fd();
+        let mut extents = Vec::new();
+        let mut pos: i64 = 0;
+        while (pos as u64) < len {
+            // SAFETY: lseek on a valid fd; no memory is touched.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no more data
+                }
+                return Err(MemoryFileError::Io {
+                    what: "SEEK_DATA".into(),
+                    source: e,
+                });
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(MemoryFileError::Io {
+                    what: "SEEK_HOLE".into(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            extents.push((data as u64, hole as u64));
+            pos = hole;
+        }
+        Ok(Self { extents, len })
+    }
+
+    /// A map from explicit extents (tests, synthetic sources).
+    pub fn from_extents(mut extents: Vec<(u64, u64)>, len: u64) -> Self {
+        extents.sort_unstable();
+        Self { extents, len }
+    }
+
+    /// File length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of data.
+    pub fn data_bytes(&self) -> u64 {
+        self.extents.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// The data extents.
+    pub fn extents(&self) -> &[(u64, u64)] {
+        &self.extents
+    }
+
+    /// Whether the page at `offset` may hold data (false: it is a hole, all zeros).
+    pub fn is_data(&self, offset: u64) -> bool {
+        let page_end = offset + PAGE_SIZE as u64;
+        let i = self.extents.partition_point(|&(_, end)| end <= offset);
+        self.extents
+            .get(i)
+            .is_some_and(|&(start, _)| start < page_end)
+    }
+
+    /// Length of the run starting at `offset` (at most `max`) whose pages are all data, or all hole,
+    /// matching the kind of the first page.
+    pub fn run_len(&self, offset: u64, max: u64) -> u64 {
+        let kind = self.is_data(offset);
+        let mut len = PAGE_SIZE as u64;
+        while len < max && offset + len < self.len && self.is_data(offset + len) == kind {
+            len += PAGE_SIZE as u64;
+        }
+        len
+    }
+}
+
+/// Opens a memory file and checks it matches `regions`.
+pub fn open_memory_file(
+    path: &Path,
+    regions: &[MemoryRegion],
+) -> Result<(File, HoleMap), MemoryFileError> {
+    validate_layout(regions)?;
+    let file = File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
+    let map = HoleMap::from_file(&file)?;
+    let expected = file_size(regions);
+    if map.len() != expected {
+        return Err(MemoryFileError::SizeMismatch {
+            expected,
+            actual: map.len(),
+        });
+    }
+    Ok((file, map))
+}
+
+/// Checks regions are page-aligned, non-empty, non-overlapping in guest and file space.
+pub fn validate_layout(regions: &[MemoryRegion]) -> Result<(), MemoryFileError> {
+    let page = PAGE_SIZE as u64;
+    if regions.is_empty() {
+        return Err(MemoryFileError::BadLayout("no memory regions".into()));
+    }
+    for (i, r) in regions.iter().enumerate() {
+        if r.size == 0
+            || r.size % page != 0
+            || r.guest_addr % page != 0
+            || r.file_offset % page != 0
+        {
+            return Err(MemoryFileError::BadLayout(format!(
+                "region {i} is empty or not page-aligned"
+            )));
+        }
+        if r.guest_addr.checked_add(r.size).is_none() || r.file_offset.checked_add(r.size).is_none()
+        {
+            return Err(MemoryFileError::BadLayout(format!("region {i} overflows")));
+        }
+        for o in &regions[i + 1..] {
+            let overlap = |a: u64, al: u64, b: u64, bl: u64| a < b + bl && b < a + al;
+            if overlap(r.guest_addr, r.size, o.guest_addr, o.size)
+                || overlap(r.file_offset, r.size, o.file_offset, o.size)
+            {
+                return Err(MemoryFileError::BadLayout(format!(
+                    "region {i} overlaps another"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn anon(len: usize) -> *mut u8 {
+        // SAFETY: a fresh private anonymous mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p.cast()
+    }
+
+    #[test]
+    fn test_memory_file_sparse_roundtrip() {
+        let len = 64 * PAGE_SIZE;
+        let mem = anon(len);
+        // Touch pages 3 (data), 4 (zero written but resident), 10..12 (data).
+        for (page, byte) in [(3usize, 7u8), (4, 0), (10, 1), (11, 2)] {
+            // SAFETY: inside the mapping.
+            unsafe { *mem.add(page * PAGE_SIZE + 17) = byte };
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let region = MemoryRegion {
+            guest_addr: 0,
+            size: len as u64,
+            file_offset: 0,
+        };
+        let host = HostRegion {
+            ptr: mem,
+            len,
+            anonymous: true,
+        };
+        // SAFETY: the mapping is live and nothing writes it.
+        let stats = unsafe { write_memory_file(&path, &[(region, host)]) }.unwrap();
+        assert_eq!(stats.data_pages, 3);
+        assert_eq!(stats.scanned_pages, 4, "only resident pages are scanned");
+        let (file, holes) = open_memory_file(&path, &[region]).unwrap();
+        let data: Vec<u64> = (0..64)
+            .filter(|p| holes.is_data(p * PAGE_SIZE as u64))
+            .collect();
+        assert_eq!(data, vec![3, 10, 11]);
+        assert_eq!(
+            holes.run_len(10 * PAGE_SIZE as u64, 16 * PAGE_SIZE as u64),
+            2 * PAGE_SIZE as u64
+        );
+        assert_eq!(
+            holes.run_len(12 * PAGE_SIZE as u64, 8 * PAGE_SIZE as u64),
+            8 * PAGE_SIZE as u64
+        );
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, (3 * PAGE_SIZE + 17) as u64)
+            .unwrap();
+        assert_eq!(b, [7]);
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(mem.cast(), len) };
+    }
+
+    #[test]
+    fn test_memory_file_size_mismatch_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let f = File::create(&path).unwrap();
+        f.set_len(8 * PAGE_SIZE as u64).unwrap();
+        let regions = [MemoryRegion {
+            guest_addr: 0,
+            size: 16 * PAGE_SIZE as u64,
+            file_offset: 0,
+        }];
+        assert!(matches!(
+            open_memory_file(&path, &regions),
+            Err(MemoryFileError::SizeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn test_layout_validation() {
+        let p = PAGE_SIZE as u64;
+        assert!(validate_layout(&[]).is_err());
+        assert!(
+            validate_layout(&[MemoryRegion {
+                guest_addr: 1,
+                size: p,
+                file_offset: 0
+            }])
+            .is_err()
+        );
+        let a = MemoryRegion {
+            guest_addr: 0,
+            size: 4 * p,
+            file_offset: 0,
+        };
+        let b = MemoryRegion {
+            guest_addr: 2 * p,
+            size: 4 * p,
+            file_offset: 4 * p,
+        };
+        assert!(validate_layout(&[a, b]).is_err());
+        let c = MemoryRegion {
+            guest_addr: 1 << 32,
+            size: 4 * p,
+            file_offset: 4 * p,
+        };
+        validate_layout(&[a, c]).unwrap();
+        assert_eq!(file_layout(&[(0, 4 * p), (1 << 32, 4 * p)]), vec![a, c]);
+    }
+}
