@@ -271,16 +271,13 @@ impl PageServer {
         data: Option<&[u8]>,
     ) -> Result<Install, PageServerError> {
         loop {
-            // SAFETY: host..host+len lies inside a registered guest RAM mapping that outlives the
-            // server; `data` (when given) is a buffer of at least `len` bytes.
-            let res = unsafe {
-                match data {
-                    Some(buf) => {
-                        self.uffd
-                            .copy(buf.as_ptr().cast(), host as *mut libc::c_void, len, true)
-                    }
-                    None => self.uffd.zeropage(host as *mut libc::c_void, len, true),
-                }
+            let dst = host as *mut libc::c_void;
+            let res = match data {
+                // SAFETY: host..host+len lies inside a registered guest RAM mapping that outlives
+                // the server, and `buf` holds at least `len` bytes.
+                Some(buf) => unsafe { self.uffd.copy(buf.as_ptr().cast(), dst, len, true) },
+                // SAFETY: as above, without a source buffer.
+                None => unsafe { self.uffd.zeropage(dst, len, true) },
             };
             match res {
                 Ok(_) => return Ok(Install::Done),
@@ -495,6 +492,9 @@ fn pipe() -> std::io::Result<(File, File)> {
         return Err(std::io::Error::last_os_error());
     }
     use std::os::fd::FromRawFd;
-    // SAFETY: both fds were just created and are owned by nobody else.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+    // SAFETY: the read end was just created and is owned by nobody else.
+    let r = unsafe { File::from_raw_fd(fds[0]) };
+    // SAFETY: likewise the write end.
+    let w = unsafe { File::from_raw_fd(fds[1]) };
+    Ok((r, w))
 }
