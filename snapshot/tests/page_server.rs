@@ -21,7 +21,7 @@ fn memory_file(dir: &std::path::Path) -> (File, HoleMap) {
     let path = dir.join("memory");
     let f = File::create(&path).unwrap();
     f.set_len((PAGES * PAGE_SIZE) as u64).unwrap();
-    for p in (0..PAGES).filter(|p| p % 3 != 0) {
+    for p in (0..PAGES).filter(|p| !p.is_multiple_of(3)) {
         f.write_all_at(
             &vec![(p % 251) as u8 + 1; PAGE_SIZE],
             (p * PAGE_SIZE) as u64,
@@ -35,7 +35,7 @@ fn memory_file(dir: &std::path::Path) -> (File, HoleMap) {
 }
 
 fn expected(p: usize) -> u8 {
-    if p % 3 == 0 { 0 } else { (p % 251) as u8 + 1 }
+    if p.is_multiple_of(3) { 0 } else { (p % 251) as u8 + 1 }
 }
 
 struct Mapping(*mut u8, usize);
@@ -130,7 +130,7 @@ fn test_page_server_serves_file_content_and_zero_holes() {
         );
         assert_eq!(
             zeroed,
-            (0..PAGES).filter(|p| p % 3 == 0).count() as u64,
+            (0..PAGES).filter(|p| p.is_multiple_of(3)).count() as u64,
             "holes become zero pages"
         );
         if fault_around == 1 {
@@ -159,8 +159,8 @@ fn test_prefetch_installs_working_set_without_faults() {
         return;
     };
     // A working set in a scattered first-touch order, covering every page.
-    let mut ws: Vec<u64> = (0..PAGES as u64).filter(|p| p % 2 == 0).collect();
-    ws.extend((0..PAGES as u64).filter(|p| p % 2 == 1).rev());
+    let mut ws: Vec<u64> = (0..PAGES as u64).filter(|p| p.is_multiple_of(2)).collect();
+    ws.extend((0..PAGES as u64).filter(|p| !p.is_multiple_of(2)).rev());
     let stats = prefetch::prefetch(&server, &ws).unwrap();
     assert_eq!(stats.data_pages + stats.zero_pages, PAGES as u64);
     let mut handle = PageServerHandle::spawn(server.clone()).unwrap();
