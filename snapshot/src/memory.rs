@@ -370,7 +370,7 @@ mod tests {
         // Touch pages 3 (data), 4 (zero written but resident), 10..12 (data).
         for (page, byte) in [(3usize, 7u8), (4, 0), (10, 1), (11, 2)] {
             // SAFETY: inside the mapping.
-            unsafe { mem.add(page * PAGE_SIZE + 17).write(byte) };
+            unsafe { mem.wrapping_add(page * PAGE_SIZE + 17).write(byte) };
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
