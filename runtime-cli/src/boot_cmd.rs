@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use vmm::vm::{AfterSnapshot, SnapshotOnReady};
 use vmm::{KernelImage, SerialOutput, VmConfig, VmReport};
 
 /// Command line for a Linux guest when none is given: serial console, reboot through the i8042
@@ -40,9 +41,29 @@ pub struct BootArgs {
     /// Append the guest's serial console to this file instead of writing it to stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_log: Option<PathBuf>,
+    /// Take a snapshot into this directory (which must not exist) at the exact exit where the
+    /// guest writes READY (1) to port 0xf4: how templates are made.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_on_ready: Option<PathBuf>,
+    /// After --snapshot-on-ready: stop the VM (exit status 0) or let the guest continue.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "exit",
+        requires = "snapshot_on_ready"
+    )]
+    pub after_snapshot: AfterSnapshotArg,
     /// Print timing (process start to first serial byte and to READY) when the VM stops.
     #[arg(long)]
     pub timing: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AfterSnapshotArg {
+    /// Stop the VM once the snapshot is written.
+    Exit,
+    /// Let the guest run on.
+    Continue,
 }
 
 /// Resolves `--kernel` into an image, checking a file is there and looks like a kernel.
@@ -93,6 +114,55 @@ pub fn timing_lines(report: &VmReport) -> Vec<String> {
     ]
 }
 
+/// `--serial-log PATH` (appended to) or stdout.
+pub fn serial_output(path: Option<&PathBuf>) -> Result<SerialOutput> {
+    Ok(match path {
+        Some(path) => SerialOutput::File(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open serial log {}", path.display()))?,
+        ),
+        None => SerialOutput::Stdout,
+    })
+}
+
+/// Prints the stop reason, the timing and the page server's figures; returns the exit status.
+pub fn finish(report: &VmReport, timing: bool) -> i32 {
+    eprintln!("kata-snap: {}", report.reason);
+    if timing {
+        for line in timing_lines(report) {
+            eprintln!("kata-snap: {line}");
+        }
+        if let Some(ps) = &report.page_server {
+            eprintln!(
+                "kata-snap: page server: {} faults, {} pages copied, {} zero pages, fault service median {} us, p99 {} us, {} pages prefetched",
+                ps.faults,
+                ps.pages_copied,
+                ps.pages_zeroed,
+                ps.median_us
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+                ps.p99_us
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+                ps.prefetched_pages
+            );
+        }
+        if let Some(snap) = &report.snapshot {
+            eprintln!(
+                "kata-snap: snapshot: {:.2} ms, {} data pages of {} MiB, {} bytes on disk",
+                snap.elapsed_ms,
+                snap.memory.data_pages,
+                snap.memory.total_bytes >> 20,
+                snap.disk_bytes
+            );
+        }
+    }
+    report.reason.exit_code()
+}
+
 pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
     let kernel = kernel_image(&args.kernel)?;
     if args.vcpus == 0 {
@@ -102,16 +172,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
         KernelImage::Path(_) => DEFAULT_LINUX_CMDLINE.to_string(),
         KernelImage::Builtin { .. } => String::new(),
     });
-    let serial = match &args.serial_log {
-        Some(path) => SerialOutput::File(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open serial log {}", path.display()))?,
-        ),
-        None => SerialOutput::Stdout,
-    };
+    let serial = serial_output(args.serial_log.as_ref())?;
     let config = VmConfig {
         kernel,
         initrd: args.initrd,
@@ -121,14 +182,15 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
         api_sock: args.api_sock,
         serial,
         forward_stdin: true,
+        snapshot_on_ready: args.snapshot_on_ready.map(|dir| SnapshotOnReady {
+            dir,
+            after: match args.after_snapshot {
+                AfterSnapshotArg::Exit => AfterSnapshot::Exit,
+                AfterSnapshotArg::Continue => AfterSnapshot::Continue,
+            },
+        }),
         process_start,
     };
     let report = vmm::vm::run(config)?;
-    eprintln!("kata-snap: {}", report.reason);
-    if args.timing {
-        for line in timing_lines(&report) {
-            eprintln!("kata-snap: {line}");
-        }
-    }
-    Ok(report.reason.exit_code())
+    Ok(finish(&report, args.timing))
 }

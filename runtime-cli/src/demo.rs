@@ -34,6 +34,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         api_sock: None,
         serial,
         forward_stdin: false,
+        snapshot_on_ready: None,
         process_start: Instant::now(),
     };
     let report = vmm::vm::run(config(SerialOutput::Stdout))?;

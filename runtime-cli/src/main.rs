@@ -2,6 +2,7 @@
 
 mod boot_cmd;
 mod demo;
+mod restore_cmd;
 mod vm_cmd;
 
 use std::process::ExitCode;
@@ -35,6 +36,11 @@ enum Command {
     /// Exit status: 0 when the guest resets or halts, 3 when it crashes (triple fault, KVM
     /// error), 4 when stopped through the control socket, 128+N on signal N, 1 on a VMM error.
     Boot(boot_cmd::BootArgs),
+    /// Restore a VM from a snapshot and run it until it stops.
+    ///
+    /// The guest continues exactly where it was snapshotted, serial output included. Exit status
+    /// as for `boot`.
+    Restore(restore_cmd::RestoreArgs),
     /// Control a running VM through its control socket (--api-sock of `boot`).
     Vm(vm_cmd::VmArgs),
     /// Boot the built-in test guest and print its output and timing: the quickest way to see
@@ -81,6 +87,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log_level);
     let result = match cli.command {
         Command::Boot(args) => boot_cmd::run(args, process_start),
+        Command::Restore(args) => restore_cmd::run(args, process_start),
         Command::Vm(args) => vm_cmd::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Check => {

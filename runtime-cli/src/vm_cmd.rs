@@ -18,6 +18,9 @@ pub struct VmArgs {
     /// The VM's control socket (the --api-sock it was booted with).
     #[arg(long, value_name = "PATH")]
     pub api_sock: PathBuf,
+    /// For `snapshot`: the snapshot directory to create (must not exist).
+    #[arg(long, value_name = "DIR", required_if_eq("action", "snapshot"))]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -30,6 +33,8 @@ pub enum Action {
     Status,
     /// Stop the VM (its `boot` exits with status 4).
     Stop,
+    /// Pause the VM, write a snapshot to --out, and resume it if it was running.
+    Snapshot,
 }
 
 pub fn run(args: VmArgs) -> Result<i32> {
@@ -38,10 +43,21 @@ pub fn run(args: VmArgs) -> Result<i32> {
         Action::Resume => ControlRequest::Resume,
         Action::Status => ControlRequest::Status,
         Action::Stop => ControlRequest::Stop,
+        Action::Snapshot => {
+            let out = args.out.as_ref().expect("clap requires --out");
+            let out = std::path::absolute(out).unwrap_or_else(|_| out.clone());
+            ControlRequest::Snapshot {
+                path: out.display().to_string(),
+            }
+        }
     };
     let resp = send_request(&args.api_sock, req)?;
     if !resp.ok {
         bail!("{}", resp.error.unwrap_or_else(|| "request failed".into()));
+    }
+    if let Some(path) = resp.snapshot {
+        println!("{path} ({:.1} ms)", resp.elapsed_ms.unwrap_or_default());
+        return Ok(0);
     }
     match (resp.status, resp.state) {
         (Some(status), _) => println!("{}", serde_json::to_string_pretty(&status)?),

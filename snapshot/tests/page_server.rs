@@ -35,7 +35,11 @@ fn memory_file(dir: &std::path::Path) -> (File, HoleMap) {
 }
 
 fn expected(p: usize) -> u8 {
-    if p.is_multiple_of(3) { 0 } else { (p % 251) as u8 + 1 }
+    if p.is_multiple_of(3) {
+        0
+    } else {
+        (p % 251) as u8 + 1
+    }
 }
 
 struct Mapping(*mut u8, usize);

@@ -27,7 +27,7 @@ use event_loop::{Completion, EventSource, Flow, Ops};
 pub const MAX_REQUEST_LEN: usize = 4096;
 
 /// A control request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum ControlRequest {
     /// Pause every vCPU.
@@ -38,6 +38,11 @@ pub enum ControlRequest {
     Status,
     /// Stop the VM.
     Stop,
+    /// Pause, write a snapshot to `path` (which must not exist), and resume if it was running.
+    Snapshot {
+        /// The snapshot directory to create.
+        path: String,
+    },
 }
 
 /// The VM's state as the control socket reports it.
@@ -91,36 +96,56 @@ pub struct ControlResponse {
     /// Why the request failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where a snapshot was written (snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// How long it took in milliseconds (snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<f64>,
 }
 
 impl ControlResponse {
+    fn empty(ok: bool) -> Self {
+        Self {
+            ok,
+            state: None,
+            status: None,
+            error: None,
+            snapshot: None,
+            elapsed_ms: None,
+        }
+    }
+
     /// Success with the resulting state.
     pub fn state(state: VmState) -> Self {
         Self {
-            ok: true,
             state: Some(state),
-            status: None,
-            error: None,
+            ..Self::empty(true)
         }
     }
 
     /// Success with a status.
     pub fn status(status: VmStatus) -> Self {
         Self {
-            ok: true,
-            state: None,
             status: Some(Box::new(status)),
-            error: None,
+            ..Self::empty(true)
+        }
+    }
+
+    /// Success of a snapshot.
+    pub fn snapshot(path: String, elapsed_ms: f64) -> Self {
+        Self {
+            snapshot: Some(path),
+            elapsed_ms: Some(elapsed_ms),
+            ..Self::empty(true)
         }
     }
 
     /// Failure.
     pub fn error(msg: impl Into<String>) -> Self {
         Self {
-            ok: false,
-            state: None,
-            status: None,
             error: Some(msg.into()),
+            ..Self::empty(false)
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod boot;
 pub mod control;
 pub mod host;
 pub mod layout;
+pub mod persist;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

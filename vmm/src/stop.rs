@@ -62,6 +62,21 @@ pub enum StopReason {
         /// The error.
         error: String,
     },
+    /// A snapshot was taken at READY and the VM was told to exit afterwards.
+    SnapshotTaken {
+        /// Where it was written.
+        path: String,
+    },
+    /// Taking a snapshot failed.
+    SnapshotFailed {
+        /// Why.
+        error: String,
+    },
+    /// The page server serving guest memory stopped.
+    PageServerFailed {
+        /// Why.
+        error: String,
+    },
 }
 
 impl StopReason {
@@ -71,14 +86,18 @@ impl StopReason {
         match self {
             StopReason::GuestReset
             | StopReason::GuestPowerOff
-            | StopReason::HaltedInterruptsOff => 0,
+            | StopReason::HaltedInterruptsOff
+            | StopReason::SnapshotTaken { .. } => 0,
             StopReason::TripleFault { .. }
             | StopReason::InternalError { .. }
             | StopReason::FailEntry { .. }
             | StopReason::UnexpectedExit { .. } => 3,
             StopReason::ControlStop => 4,
             StopReason::Signal { signal } => 128 + signal,
-            StopReason::VcpuError { .. } | StopReason::LoopError { .. } => 1,
+            StopReason::VcpuError { .. }
+            | StopReason::LoopError { .. }
+            | StopReason::SnapshotFailed { .. }
+            | StopReason::PageServerFailed { .. } => 1,
         }
     }
 }
@@ -113,6 +132,11 @@ impl std::fmt::Display for StopReason {
             StopReason::ControlStop => write!(f, "stopped by a control request"),
             StopReason::Signal { signal } => write!(f, "stopped by signal {signal}"),
             StopReason::LoopError { error } => write!(f, "event loop failed: {error}"),
+            StopReason::SnapshotTaken { path } => write!(f, "snapshot taken at READY: {path}"),
+            StopReason::SnapshotFailed { error } => write!(f, "snapshot failed: {error}"),
+            StopReason::PageServerFailed { error } => {
+                write!(f, "guest memory page server failed: {error}")
+            }
         }
     }
 }
@@ -124,6 +148,8 @@ pub struct StopNotifier {
     evt: EventFd,
     process_start: Instant,
     ready_after: Mutex<Option<Duration>>,
+    snapshot_on_ready: std::sync::atomic::AtomicBool,
+    snapshot_evt: EventFd,
 }
 
 impl StopNotifier {
@@ -134,7 +160,25 @@ impl StopNotifier {
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             process_start,
             ready_after: Mutex::new(None),
+            snapshot_on_ready: std::sync::atomic::AtomicBool::new(false),
+            snapshot_evt: EventFd::new(libc::EFD_NONBLOCK)?,
         })
+    }
+
+    /// Makes the next READY park the vCPU that wrote it and signal [`Self::snapshot_eventfd`].
+    pub fn arm_snapshot_on_ready(&self) {
+        self.snapshot_on_ready
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Written when a vCPU parked at the snapshot point.
+    pub fn snapshot_eventfd(&self) -> &EventFd {
+        &self.snapshot_evt
+    }
+
+    /// Called by the vCPU thread once it has requested its own pause at the snapshot point.
+    pub fn snapshot_point_reached(&self) {
+        let _ = self.snapshot_evt.write(1);
     }
 
     /// Records `reason` unless another one came first, and wakes the loop.
@@ -185,6 +229,12 @@ impl VmNotifier for StopNotifier {
                 if ready.is_none() {
                     let t = self.process_start.elapsed();
                     *ready = Some(t);
+                    if self
+                        .snapshot_on_ready
+                        .swap(false, std::sync::atomic::Ordering::AcqRel)
+                    {
+                        crate::vcpu::pause_after_this_exit();
+                    }
                     tracing::info!(
                         "guest READY {:.3} ms after process start",
                         t.as_secs_f64() * 1e3

@@ -12,6 +12,13 @@
 //! A kick is a real-time signal sent to the vCPU thread. Its handler sets `kvm_run.immediate_exit`
 //! through a thread-local pointer, so a kick that lands just before KVM_RUN is entered is not lost:
 //! KVM_RUN returns EINTR at once.
+//!
+//! Before parking, a vCPU re-enters KVM_RUN once with `immediate_exit` set: KVM then completes the
+//! I/O of the last exit (advancing RIP past the OUT, storing an IN's data) and returns at once, so
+//! the state read while parked is consistent. A parked vCPU saves its state on its own thread when
+//! asked ([`VcpuHandle::save_state`]). A device may ask the vCPU whose access it is handling to
+//! park right after that exit ([`pause_after_this_exit`]): that is how a snapshot is taken at the
+//! exact exit where the guest wrote READY.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -29,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::arch::{cpuid, lapic, msr, regs};
+use crate::persist::{self, VcpuState};
 use crate::stop::{StopNotifier, StopReason};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN.
@@ -79,6 +87,12 @@ pub enum VcpuControlError {
     /// The kick signal could not be sent.
     #[error("cannot signal vCPU {0}: {1}")]
     Kick(u8, vmm_sys_util::errno::Error),
+    /// The vCPU is not paused.
+    #[error("vCPU {0} is not paused")]
+    NotPaused(u8),
+    /// Reading the vCPU's state failed.
+    #[error("saving vCPU {0}: {1}")]
+    Save(u8, String),
 }
 
 /// Sets up one vCPU for the 64-bit boot protocol entering at `entry`.
@@ -213,6 +227,8 @@ pub enum RunState {
 struct Control {
     request: Request,
     state: RunState,
+    save_requested: bool,
+    saved: Option<Result<VcpuState, String>>,
 }
 
 /// The part of a vCPU other threads see.
@@ -235,6 +251,14 @@ impl VcpuShared {
 thread_local! {
     /// This thread's `kvm_run.immediate_exit`, or null when the thread runs no vCPU.
     static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+    /// Set by a device, during an exit, to park this vCPU right after it.
+    static PAUSE_AFTER_EXIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by a device while handling an access: the vCPU that made it parks right after this exit
+/// (its I/O completed), before running another guest instruction.
+pub fn pause_after_this_exit() {
+    PAUSE_AFTER_EXIT.with(|p| p.set(true));
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -272,6 +296,8 @@ pub struct Vcpu {
     pub mmio: Arc<Bus>,
     /// Where stop reasons go.
     pub stop: Arc<StopNotifier>,
+    /// The MSRs to save in a snapshot.
+    pub msr_indices: Arc<Vec<u32>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -302,6 +328,8 @@ impl Vcpu {
             control: Mutex::new(Control {
                 request: Request::Run,
                 state: RunState::Starting,
+                save_requested: false,
+                saved: None,
             }),
             cv: Condvar::new(),
             halt: AtomicU8::new(HaltStatus::Unknown as u8),
@@ -320,7 +348,7 @@ impl Vcpu {
     fn run(mut self, shared: &VcpuShared) {
         let exit_ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(exit_ptr));
-        while Self::wait_for_run(shared) {
+        while self.park_while_paused(shared) {
             let flow = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, self.id, &self.pio, &self.mmio, &shared.counters),
                 Err(e) if e.errno() == libc::EINTR => {
@@ -339,6 +367,14 @@ impl Vcpu {
                 self.stop.stop(reason);
                 break;
             }
+            if PAUSE_AFTER_EXIT.with(|p| p.replace(false)) {
+                let mut c = shared.control();
+                if c.request == Request::Run {
+                    c.request = Request::Pause;
+                }
+                drop(c);
+                self.stop.snapshot_point_reached();
+            }
         }
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
         let mut c = shared.control();
@@ -346,8 +382,15 @@ impl Vcpu {
         shared.cv.notify_all();
     }
 
-    /// Blocks while paused; returns `false` when the thread should exit.
-    fn wait_for_run(shared: &VcpuShared) -> bool {
+    /// Completes the last exit's I/O without running guest code (see the module docs).
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// Parks while a pause is requested, saving state when asked; returns `false` on exit.
+    fn park_while_paused(&mut self, shared: &VcpuShared) -> bool {
         let mut c = shared.control();
         loop {
             match c.request {
@@ -356,13 +399,25 @@ impl Vcpu {
                     return true;
                 }
                 Request::Exit => return false,
-                Request::Pause => {
-                    if c.state != RunState::Paused {
+                Request::Pause if c.state != RunState::Paused => {
+                    drop(c);
+                    self.complete_pending_io();
+                    c = shared.control();
+                    if c.request == Request::Pause {
                         c.state = RunState::Paused;
                         shared.cv.notify_all();
                     }
-                    c = shared.cv.wait(c).unwrap_or_else(|p| p.into_inner());
                 }
+                Request::Pause if c.save_requested => {
+                    drop(c);
+                    let saved = persist::save_vcpu(&self.fd, self.id, &self.msr_indices)
+                        .map_err(|e| e.to_string());
+                    c = shared.control();
+                    c.save_requested = false;
+                    c.saved = Some(saved);
+                    shared.cv.notify_all();
+                }
+                Request::Pause => c = shared.cv.wait(c).unwrap_or_else(|p| p.into_inner()),
             }
         }
     }
@@ -529,6 +584,34 @@ impl VcpuHandle {
                 let _ = self.kick();
                 c = self.shared.control();
             }
+        }
+    }
+
+    /// Reads the state of a paused vCPU (on its own thread).
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, VcpuControlError> {
+        let id = self.shared.id;
+        let deadline = Instant::now() + timeout;
+        let mut c = self.shared.control();
+        if c.state != RunState::Paused {
+            return Err(VcpuControlError::NotPaused(id));
+        }
+        c.save_requested = true;
+        c.saved = None;
+        self.shared.cv.notify_all();
+        loop {
+            if let Some(saved) = c.saved.take() {
+                return saved.map_err(|e| VcpuControlError::Save(id, e));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VcpuControlError::Save(id, "timed out".into()));
+            }
+            c = self
+                .shared
+                .cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -135,7 +136,87 @@ impl std::fmt::Debug for Serial {
     }
 }
 
+/// The UART's registers and receive FIFO, as saved in a snapshot.
+///
+/// Host input queued beyond the FIFO is not part of it: it never reached the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes in the receive FIFO.
+    pub in_buffer: Vec<u8>,
+}
+
+/// Errors restoring the serial device.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialRestoreError {
+    /// The saved FIFO holds more than the UART can.
+    #[error("serial state is invalid: {0}")]
+    Invalid(String),
+}
+
 impl Serial {
+    /// The device's state for a snapshot.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in the saved state, raising its interrupt through `trigger`, writing to `out`.
+    pub fn restore(
+        trigger: EventFdTrigger,
+        out: SerialOutput,
+        state: &SerialSnapshot,
+    ) -> Result<Self, SerialRestoreError> {
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let metrics = Arc::new(SerialMetrics::default());
+        let uart = vm_superio::Serial::from_state(&s, trigger, Events(metrics.clone()), out)
+            .map_err(|e| SerialRestoreError::Invalid(e.to_string()))?;
+        Ok(Self {
+            uart,
+            pending_input: VecDeque::new(),
+            metrics,
+        })
+    }
+
     /// A UART raising its interrupt through `trigger` and writing output to `out`.
     pub fn new(trigger: EventFdTrigger, out: SerialOutput) -> Self {
         let metrics = Arc::new(SerialMetrics::default());
@@ -276,6 +357,29 @@ mod tests {
         }
         assert_eq!(got, input);
         assert_eq!(s.pending_input(), 0);
+    }
+
+    #[test]
+    fn test_serial_save_restore_keeps_registers_and_fifo() {
+        let (mut s, _cap, _evt) = serial();
+        s.write(3, &[0x80]); // DLAB
+        s.write(0, &[0x0c]); // divisor low
+        s.write(3, &[0x03]); // 8N1
+        s.write(7, &[0x5a]); // scratch
+        s.queue_input(b"abc");
+        let saved = s.save();
+        let evt = EventFd::new(libc_nonblock()).unwrap();
+        let mut r = Serial::restore(EventFdTrigger::new(evt), SerialOutput::Sink, &saved).unwrap();
+        assert_eq!(r.save(), saved);
+        let mut b = [0u8];
+        r.read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        r.read(0, &mut b);
+        assert_eq!(b, [b'a'], "the FIFO survives");
+        let mut bad = saved.clone();
+        bad.in_buffer = vec![0; 65];
+        let evt = EventFd::new(libc_nonblock()).unwrap();
+        assert!(Serial::restore(EventFdTrigger::new(evt), SerialOutput::Sink, &bad).is_err());
     }
 
     #[test]

@@ -1,9 +1,17 @@
-//! Building and running one VM: KVM set-up, guest memory, boot, devices, vCPUs, the event loop.
+//! Building and running one VM. A cold boot ([`boot::run`]) and a restore ([`restore::restore`])
+//! share every step but where guest state comes from:
+//!
+//! 1. [`prepare`]: the event loop, termination signals, the control socket, KVM and the VM with
+//!    its in-kernel irqchip and PIT (set-up failures end here, before a guest exists);
+//! 2. guest memory: fresh (boot) or from a snapshot in one of the restore modes;
+//! 3. guest state: the kernel and boot structures (boot) or saved vCPU/VM/device state (restore);
+//! 4. [`launch`]: vCPU threads, the runtime on the loop until a stop, teardown, the report.
 
+mod boot;
+mod restore;
 mod runtime;
+mod snapshot;
 
-use std::fs::File;
-use std::io::Cursor;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -13,26 +21,29 @@ use devices::Bus;
 use devices::legacy::serial::{COM1_IRQ, COM1_LEN, COM1_PORT};
 use devices::legacy::signal_port::SIGNAL_PORT;
 use devices::legacy::{EventFdTrigger, I8042, Serial, SerialOutput, SignalPort};
-use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
-};
+use event_loop::{EventLoop, EventLoopError, Ticker};
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use serde::Serialize;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use boot::{check_kernel_file, run};
+pub use restore::{RestoreConfig, RestoreError, RestoreMode, restore};
 pub use runtime::VmRuntime;
-use runtime::{SignalSource, StdinSource, StopSource};
+pub use snapshot::{SnapshotError, SnapshotInfo};
 
-use crate::arch::{cpuid::VcpuTopology, mptable};
-use crate::boot::{self, BootError, LoadedKernel};
+use crate::arch::mptable;
+use crate::boot::BootError;
 use crate::control::{self, ControlListener, ControlSocketError};
 use crate::host::{self, HostCheck};
 use crate::layout::{KVM_TSS_ADDRESS, LayoutError, MemoryLayout};
+use crate::persist::PersistError;
 use crate::stop::{StopNotifier, StopReason};
-use crate::vcpu::{self, ConfigureVcpuError, ExitCounts, Vcpu};
-use event_loop::{EventLoop, EventLoopError, Ticker};
+use crate::vcpu::{ConfigureVcpuError, ExitCounts, Vcpu};
+use runtime::{SignalSource, SnapshotSource, StdinSource, StopSource};
 
 /// Period of the halt watchdog.
 const HALT_CHECK_PERIOD: Duration = Duration::from_millis(250);
@@ -49,6 +60,24 @@ pub enum KernelImage {
         /// Its bytes.
         bytes: &'static [u8],
     },
+}
+
+/// What to do once a snapshot was taken at READY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSnapshot {
+    /// Stop the VM (exit status 0).
+    Exit,
+    /// Let the guest continue.
+    Continue,
+}
+
+/// Take a snapshot at the exit where the guest writes READY.
+#[derive(Debug, Clone)]
+pub struct SnapshotOnReady {
+    /// The snapshot directory to create.
+    pub dir: PathBuf,
+    /// What then.
+    pub after: AfterSnapshot,
 }
 
 /// Everything needed to boot a VM.
@@ -70,6 +99,8 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// Whether to feed the VMM's stdin to the guest's serial port.
     pub forward_stdin: bool,
+    /// Snapshot at READY.
+    pub snapshot_on_ready: Option<SnapshotOnReady>,
     /// When the process started: the zero of every reported time.
     pub process_start: Instant,
 }
@@ -138,6 +169,9 @@ pub enum BuildVmError {
     /// A vCPU could not be configured.
     #[error(transparent)]
     Vcpu(#[from] ConfigureVcpuError),
+    /// Saved state could not be applied.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
     /// A device could not be set up.
     #[error("device set-up: {0}")]
     Device(String),
@@ -153,6 +187,9 @@ pub enum BuildVmError {
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The snapshot cannot be restored.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
 }
 
 fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
@@ -165,6 +202,29 @@ fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
         }
         _ => "",
     }
+}
+
+/// The page server's figures for a lazily restored VM.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PageServerReport {
+    /// Faults answered.
+    pub faults: u64,
+    /// Pages installed with UFFDIO_COPY (faults and prefetch).
+    pub pages_copied: u64,
+    /// Pages installed as zero pages.
+    pub pages_zeroed: u64,
+    /// Faults answered with a wake only.
+    pub wakes: u64,
+    /// Median fault service time in microseconds.
+    pub median_us: Option<f64>,
+    /// 99th percentile fault service time in microseconds.
+    pub p99_us: Option<f64>,
+    /// Pages prefetched from the working set before the vCPUs started.
+    pub prefetched_pages: u64,
+    /// Time the prefetch took.
+    pub prefetch_ms: Option<f64>,
+    /// Pages recorded as this run's working set (written to the snapshot when it had none).
+    pub recorded_pages: Option<u64>,
 }
 
 /// How a VM run ended and what it measured.
@@ -184,6 +244,10 @@ pub struct VmReport {
     pub exits: ExitCounts,
     /// How long the guest ran.
     pub run_time: Duration,
+    /// The snapshot taken at READY, if one was.
+    pub snapshot: Option<SnapshotInfo>,
+    /// Page server figures (uffd restores).
+    pub page_server: Option<PageServerReport>,
 }
 
 fn host_ram_mib() -> Option<u64> {
@@ -197,17 +261,17 @@ fn kvm_err(step: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildVmError {
     move |source| BuildVmError::Kvm { step, source }
 }
 
-/// Checks the configuration before anything is created.
-pub fn validate(config: &VmConfig) -> Result<MemoryLayout, BuildVmError> {
-    if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS {
-        return Err(BuildVmError::VcpuCount(config.vcpus));
+/// Checks a VM shape before anything is created.
+pub fn validate_shape(vcpus: u8, mem_mib: u64) -> Result<MemoryLayout, BuildVmError> {
+    if vcpus == 0 || vcpus > mptable::MAX_VCPUS {
+        return Err(BuildVmError::VcpuCount(vcpus));
     }
-    let layout = MemoryLayout::new(config.mem_mib)?;
+    let layout = MemoryLayout::new(mem_mib)?;
     if let Some(have) = host_ram_mib()
-        && config.mem_mib > have
+        && mem_mib > have
     {
         return Err(BuildVmError::MemoryExceedsHost {
-            want: config.mem_mib,
+            want: mem_mib,
             have,
         });
     }
@@ -232,20 +296,18 @@ fn open_kvm() -> Result<Kvm, BuildVmError> {
     Ok(kvm)
 }
 
-fn create_memory(
-    vm: &VmFd,
-    layout: &MemoryLayout,
-    mib: u64,
-) -> Result<GuestMemoryMmap, BuildVmError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout
-        .ram
-        .iter()
-        .map(|r| (GuestAddress(r.start), r.size as usize))
-        .collect();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| BuildVmError::Memory {
-        mib,
-        detail: e.to_string(),
-    })?;
+/// How guest RAM is backed, which decides how a snapshot finds its zero pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// Anonymous memory filled by the VMM: pages never faulted in are zero.
+    Anonymous,
+    /// Memory whose absent pages may still hold data (a MAP_PRIVATE file, or a uffd restore):
+    /// every page is read.
+    Lazy,
+}
+
+/// Registers every region of `mem` as a KVM memory slot.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, mib: u64) -> Result<(), BuildVmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -260,45 +322,12 @@ fn create_memory(
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the mapping described is owned by `mem`, which the caller keeps alive for as long
-        // as the VM exists (it is dropped after every vCPU thread has been joined).
+        // SAFETY: the mapping described is owned by `mem`, which outlives the VM: it is dropped
+        // after every vCPU thread has been joined.
         unsafe { vm.set_user_memory_region(region_desc) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    Ok(mem)
-}
-
-fn load_guest(
-    config: &VmConfig,
-    mem: &GuestMemoryMmap,
-    layout: &MemoryLayout,
-) -> Result<LoadedKernel, BuildVmError> {
-    let kernel = match &config.kernel {
-        KernelImage::Path(path) => {
-            let mut f = File::open(path).map_err(|source| BuildVmError::KernelOpen {
-                path: path.clone(),
-                source,
-            })?;
-            boot::load_kernel(mem, &mut f)?
-        }
-        KernelImage::Builtin { bytes, .. } => boot::load_kernel(mem, &mut Cursor::new(*bytes))?,
-    };
-    let initrd = match &config.initrd {
-        Some(path) => {
-            let open_err = |source| BuildVmError::InitrdOpen {
-                path: path.clone(),
-                source,
-            };
-            let mut f = File::open(path).map_err(open_err)?;
-            let size = f.metadata().map_err(open_err)?.len();
-            Some(boot::load_initrd(mem, layout, &kernel, &mut f, size)?)
-        }
-        None => None,
-    };
-    let cmdline = boot::build_cmdline(&config.cmdline, &kernel)?;
-    let params = boot::build_boot_params(layout, &kernel, config.cmdline.len(), initrd)?;
-    boot::write_boot_structures(mem, &cmdline, &params, config.vcpus)?;
-    Ok(kernel)
+    Ok(())
 }
 
 /// Blocks the termination signals in this thread (and so in every thread spawned after) and
@@ -319,18 +348,35 @@ fn stdin_is_open() -> bool {
     unsafe { libc::fcntl(0, libc::F_GETFD) != -1 }
 }
 
-/// Boots and runs a VM until it stops; returns why and what was measured.
-pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
-    let layout = validate(&config)?;
+/// Removes the control socket file when the VM ends.
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Step 1: what every VM needs before it has memory or state.
+struct Prepared {
+    event_loop: EventLoop<VmRuntime>,
+    signals: SignalFd,
+    listener: Option<UnixListener>,
+    sock_guard: Option<RemoveOnDrop>,
+    kvm: Kvm,
+    vm: VmFd,
+    stop: Arc<StopNotifier>,
+    host: HostCheck,
+    supported_cpuid: kvm_bindings::CpuId,
+}
+
+fn prepare(api_sock: Option<&Path>, process_start: Instant) -> Result<Prepared, BuildVmError> {
     let host = host::check_host();
-
-    // The loop, signals and the control socket first: set-up failures end here, before a guest runs.
     let signals = termination_signalfd()?;
-    let mut event_loop = EventLoop::<VmRuntime>::new()?;
-    let listener: Option<UnixListener> =
-        config.api_sock.as_deref().map(control::bind).transpose()?;
-    let api_sock_guard = config.api_sock.clone().map(RemoveOnDrop);
-
+    let event_loop = EventLoop::<VmRuntime>::new()?;
+    let listener = api_sock.map(control::bind).transpose()?;
+    let sock_guard = api_sock.map(|p| RemoveOnDrop(p.to_path_buf()));
     let kvm = open_kvm()?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
@@ -342,25 +388,41 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         ..Default::default()
     })
     .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    let mem = create_memory(&vm, &layout, config.mem_mib)?;
-    let kernel = load_guest(&config, &mem, &layout)?;
-    tracing::debug!(?kernel.format, entry = kernel.entry, "kernel loaded");
-
     let stop = Arc::new(
-        StopNotifier::new(config.process_start).map_err(|e| BuildVmError::Device(e.to_string()))?,
+        StopNotifier::new(process_start).map_err(|e| BuildVmError::Device(e.to_string()))?,
     );
-    let serial_evt =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildVmError::Device(e.to_string()))?;
-    vm.register_irqfd(&serial_evt, COM1_IRQ)
+    let supported_cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(Prepared {
+        event_loop,
+        signals,
+        listener,
+        sock_guard,
+        kvm,
+        vm,
+        stop,
+        host,
+        supported_cpuid,
+    })
+}
+
+/// The serial interrupt: an eventfd registered as COM1's irqfd.
+fn serial_trigger(vm: &VmFd) -> Result<EventFdTrigger, BuildVmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildVmError::Device(e.to_string()))?;
+    vm.register_irqfd(&evt, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-    let serial_trigger = serial_evt
-        .try_clone()
-        .map_err(|e| BuildVmError::Device(e.to_string()))?;
-    let forward_stdin = config.forward_stdin && stdin_is_open();
-    let serial = Arc::new(Mutex::new(Serial::new(
-        EventFdTrigger::new(serial_trigger),
-        config.serial,
-    )));
+    Ok(EventFdTrigger::new(
+        evt.try_clone()
+            .map_err(|e| BuildVmError::Device(e.to_string()))?,
+    ))
+}
+
+/// The port-I/O bus: COM1, the i8042 and the guest signal port.
+fn pio_bus(
+    serial: &Arc<Mutex<Serial>>,
+    stop: &Arc<StopNotifier>,
+) -> Result<Arc<Bus>, BuildVmError> {
     let mut pio = Bus::new();
     let dev_err = |e: devices::BusError| BuildVmError::Device(e.to_string());
     pio.insert(serial.clone(), u64::from(COM1_PORT), COM1_LEN)
@@ -373,60 +435,77 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         1,
     )
     .map_err(dev_err)?;
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::new());
+    Ok(Arc::new(pio))
+}
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for id in 0..config.vcpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        vcpu::configure_vcpu(
-            &fd,
-            &supported,
-            VcpuTopology {
-                id,
-                count: config.vcpus,
-                tsc_deadline,
-            },
-            kernel.entry,
-        )?;
-        vcpus.push(Vcpu {
-            fd,
-            id,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            stop: stop.clone(),
-        });
+/// Step 4 inputs: a VM with memory and state, ready to run.
+struct Launch {
+    vcpus: Vec<Vcpu>,
+    mem: GuestMemoryMmap,
+    layout: MemoryLayout,
+    backing: MemoryBacking,
+    mem_mib: u64,
+    serial: Arc<Mutex<Serial>>,
+    forward_stdin: bool,
+    snapshot_on_ready: Option<SnapshotOnReady>,
+    page_server: Option<restore::LazyMemory>,
+    process_start: Instant,
+}
+
+/// Step 4: start the vCPUs, run the loop until a stop, tear down, report.
+fn launch(p: Prepared, l: Launch) -> Result<VmReport, BuildVmError> {
+    let Prepared {
+        mut event_loop,
+        signals,
+        listener,
+        sock_guard,
+        vm,
+        stop,
+        host,
+        kvm: _kvm,
+        supported_cpuid,
+    } = p;
+    if l.snapshot_on_ready.is_some() {
+        stop.arm_snapshot_on_ready();
     }
-    vcpu::install_kick_handler().map_err(|e| BuildVmError::Signals(e.to_string()))?;
-
-    let vcpus_started_after = config.process_start.elapsed();
+    crate::vcpu::install_kick_handler().map_err(|e| BuildVmError::Signals(e.to_string()))?;
+    let vcpus_started_after = l.process_start.elapsed();
     let run_start = Instant::now();
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
+    let mut handles = Vec::with_capacity(l.vcpus.len());
+    for v in l.vcpus {
         handles.push(v.spawn().map_err(BuildVmError::Thread)?);
     }
-    let mut rt = VmRuntime::new(handles, serial, stop.clone(), config.mem_mib, host);
+    let mut rt = VmRuntime::new(runtime::RuntimeParts {
+        vcpus: handles,
+        serial: l.serial,
+        stop: stop.clone(),
+        memory_mib: l.mem_mib,
+        host,
+        vm,
+        mem: l.mem,
+        layout: l.layout,
+        backing: l.backing,
+        snapshot_on_ready: l.snapshot_on_ready,
+        lazy: l.page_server,
+        host_cpuid: supported_cpuid.as_slice().to_vec(),
+    });
 
     event_loop.add(Box::new(StopSource::new(&stop)), &mut rt);
     event_loop.add(Box::new(SignalSource::new(signals)), &mut rt);
+    event_loop.add(Box::new(SnapshotSource::new(&stop)), &mut rt);
     if let Some(l) = listener {
         event_loop.add(Box::new(ControlListener::new(l)), &mut rt);
     }
-    if forward_stdin {
+    if l.forward_stdin && stdin_is_open() {
         event_loop.add(Box::new(StdinSource::new(0)), &mut rt);
     }
     event_loop.add(
         Box::new(Ticker::new(
-            "halt-watchdog",
+            "watchdog",
             HALT_CHECK_PERIOD,
             |rt: &mut VmRuntime| {
                 rt.check_halted();
+                rt.check_page_server();
                 event_loop::Flow::Continue
             },
         )),
@@ -444,6 +523,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         v.stop_and_join();
     }
     let run_time = run_start.elapsed();
+    let page_server = rt.finish_lazy_memory();
     let report = VmReport {
         reason: stop.reason().unwrap_or(StopReason::LoopError {
             error: "loop ended without a reason".into(),
@@ -453,7 +533,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
             .serial_metrics
             .first_byte_at
             .get()
-            .map(|t| t.saturating_duration_since(config.process_start)),
+            .map(|t| t.saturating_duration_since(l.process_start)),
         vcpus_started_after,
         serial_bytes: rt
             .serial_metrics
@@ -461,45 +541,12 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
             .load(std::sync::atomic::Ordering::Relaxed),
         exits: rt.exit_counts(),
         run_time,
+        snapshot: rt.snapshot_taken.clone(),
+        page_server,
     };
     drop(rt);
-    drop(api_sock_guard);
-    drop(mem);
+    drop(sock_guard);
     Ok(report)
-}
-
-/// Removes the control socket file when the VM ends.
-#[derive(Debug)]
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Whether `path` names a kernel this VMM can boot (for early CLI checks).
-pub fn check_kernel_file(path: &Path) -> Result<boot::KernelFormat, BuildVmError> {
-    use std::io::Read;
-    let mut f = File::open(path).map_err(|source| BuildVmError::KernelOpen {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut head = vec![0u8; 0x206];
-    let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(source) => {
-                return Err(BuildVmError::KernelOpen {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-        }
-    }
-    Ok(boot::detect_format(&head[..n])?)
 }
 
 /// The host check, re-exported for callers that only need it.

@@ -10,8 +10,15 @@ use devices::legacy::Serial;
 use devices::legacy::serial::SerialMetrics;
 use nix::sys::signalfd::SignalFd;
 
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+
+use super::restore::LazyMemory;
+use super::snapshot::{SnapshotInfo, take_snapshot};
+use super::{AfterSnapshot, MemoryBacking, PageServerReport, SnapshotOnReady};
 use crate::control::{ControlHandler, ControlRequest, ControlResponse, VmState, VmStatus};
 use crate::host::HostCheck;
+use crate::layout::MemoryLayout;
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu::{ExitCounts, HaltStatus, VcpuHandle};
 use event_loop::{Completion, EventSource, Flow, Ops};
@@ -34,29 +41,105 @@ pub struct VmRuntime {
     pub memory_mib: u64,
     /// The host check, for status.
     pub host: HostCheck,
+    /// The KVM VM.
+    pub vm: VmFd,
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// Its layout.
+    pub layout: MemoryLayout,
+    /// How it is backed.
+    pub backing: MemoryBacking,
+    /// The snapshot taken at READY, once taken.
+    pub snapshot_taken: Option<SnapshotInfo>,
+    snapshot_on_ready: Option<SnapshotOnReady>,
+    lazy: Option<LazyMemory>,
+    /// This host's KVM_GET_SUPPORTED_CPUID, recorded in snapshots.
+    pub host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     paused: bool,
     halted_rounds: u32,
 }
 
+/// What [`VmRuntime::new`] is built from.
+#[derive(Debug)]
+pub struct RuntimeParts {
+    pub(super) vcpus: Vec<VcpuHandle>,
+    pub(super) serial: Arc<Mutex<Serial>>,
+    pub(super) stop: Arc<StopNotifier>,
+    pub(super) memory_mib: u64,
+    pub(super) host: HostCheck,
+    pub(super) vm: VmFd,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) layout: MemoryLayout,
+    pub(super) backing: MemoryBacking,
+    pub(super) snapshot_on_ready: Option<SnapshotOnReady>,
+    pub(super) lazy: Option<LazyMemory>,
+    pub(super) host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+}
+
 impl VmRuntime {
     /// A runtime for started vCPUs.
-    pub fn new(
-        vcpus: Vec<VcpuHandle>,
-        serial: Arc<Mutex<Serial>>,
-        stop: Arc<StopNotifier>,
-        memory_mib: u64,
-        host: HostCheck,
-    ) -> Self {
-        let serial_metrics = lock_device(&serial).metrics();
+    pub(super) fn new(p: RuntimeParts) -> Self {
+        let serial_metrics = lock_device(&p.serial).metrics();
         Self {
-            vcpus,
-            serial,
+            vcpus: p.vcpus,
+            serial: p.serial,
             serial_metrics,
-            stop,
-            memory_mib,
-            host,
+            stop: p.stop,
+            memory_mib: p.memory_mib,
+            host: p.host,
+            vm: p.vm,
+            mem: p.mem,
+            layout: p.layout,
+            backing: p.backing,
+            snapshot_taken: None,
+            snapshot_on_ready: p.snapshot_on_ready,
+            lazy: p.lazy,
+            host_cpuid: p.host_cpuid,
             paused: false,
             halted_rounds: 0,
+        }
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops the VM if the page server serving its memory has died: its vCPUs would wait forever.
+    pub fn check_page_server(&mut self) {
+        if let Some(lazy) = &self.lazy
+            && lazy.handle.is_finished()
+            && self.stop.reason().is_none()
+        {
+            self.stop.stop(StopReason::PageServerFailed {
+                error: "the page server thread ended".into(),
+            });
+        }
+    }
+
+    /// Stops the page server (after the vCPUs) and reports what it did.
+    pub(super) fn finish_lazy_memory(&mut self) -> Option<PageServerReport> {
+        self.lazy.take().map(LazyMemory::finish)
+    }
+
+    /// The guest reached READY with snapshot-on-ready armed: its vCPU has parked; take the
+    /// snapshot, then exit or continue.
+    pub fn snapshot_at_ready(&mut self) {
+        let Some(on_ready) = self.snapshot_on_ready.take() else {
+            return;
+        };
+        match take_snapshot(self, &on_ready.dir) {
+            Ok(info) => {
+                let path = info.path.display().to_string();
+                self.snapshot_taken = Some(info);
+                match on_ready.after {
+                    AfterSnapshot::Exit => self.stop.stop(StopReason::SnapshotTaken { path }),
+                    AfterSnapshot::Continue => self.resume(),
+                }
+            }
+            Err(e) => self.stop.stop(StopReason::SnapshotFailed {
+                error: e.to_string(),
+            }),
         }
     }
 
@@ -177,7 +260,57 @@ impl ControlHandler for VmRuntime {
                 self.stop.stop(StopReason::ControlStop);
                 ControlResponse::state(VmState::Stopping)
             }
+            ControlRequest::Snapshot { path } => {
+                let was_paused = self.paused;
+                let result = take_snapshot(self, std::path::Path::new(&path));
+                if !was_paused {
+                    self.resume();
+                }
+                match result {
+                    Ok(info) => {
+                        ControlResponse::snapshot(info.path.display().to_string(), info.elapsed_ms)
+                    }
+                    Err(e) => ControlResponse::error(format!("snapshot failed: {e}")),
+                }
+            }
         }
+    }
+}
+
+/// Takes the snapshot when a vCPU parked at READY (snapshot-on-ready).
+#[derive(Debug)]
+pub struct SnapshotSource {
+    fd: RawFd,
+}
+
+impl SnapshotSource {
+    /// Watches the notifier's snapshot eventfd.
+    pub fn new(stop: &StopNotifier) -> Self {
+        Self {
+            fd: stop.snapshot_eventfd().as_raw_fd(),
+        }
+    }
+}
+
+impl EventSource<VmRuntime> for SnapshotSource {
+    fn name(&self) -> &'static str {
+        "snapshot-on-ready"
+    }
+
+    fn start(&mut self, _ctx: &mut VmRuntime, ops: &mut Ops<'_, VmRuntime>) {
+        ops.poll_readable(self.fd, 0, false);
+    }
+
+    fn complete(
+        &mut self,
+        _c: Completion,
+        ctx: &mut VmRuntime,
+        ops: &mut Ops<'_, VmRuntime>,
+    ) -> Flow {
+        let _ = ctx.stop.snapshot_eventfd().read();
+        ctx.snapshot_at_ready();
+        ops.poll_readable(self.fd, 0, false);
+        Flow::Continue
     }
 }
 

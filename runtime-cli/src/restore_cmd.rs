@@ -1,0 +1,67 @@
+//! `kata-snap restore`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use vmm::vm::{RestoreConfig, RestoreMode};
+
+use crate::boot_cmd::{finish, serial_output};
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory (from `boot --snapshot-on-ready` or `vm snapshot`).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot: PathBuf,
+    /// How guest memory comes back.
+    #[arg(long, value_enum, default_value = "uffd")]
+    pub mode: ModeArg,
+    /// Listen for control requests on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Append the guest's serial console to this file instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub serial_log: Option<PathBuf>,
+    /// Pages installed per fault in the uffd modes (1 = only the faulting page).
+    #[arg(long, value_name = "PAGES", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=512))]
+    pub fault_around: u64,
+    /// In uffd mode, record the working set again even if the snapshot already has one.
+    #[arg(long)]
+    pub record_workingset: bool,
+    /// Print timing and page-server figures when the VM stops.
+    #[arg(long)]
+    pub timing: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// Read the whole memory file before resuming (the baseline).
+    Eager,
+    /// Map the memory file privately: clones share the page cache, writes are copy-on-write.
+    Mmap,
+    /// Serve pages on demand through userfaultfd; records the working set on first use.
+    Uffd,
+    /// Install the recorded working set in batched reads first, then serve the rest on demand.
+    UffdPrefetch,
+}
+
+pub fn run(args: RestoreArgs, process_start: Instant) -> Result<i32> {
+    let config = RestoreConfig {
+        snapshot: args.snapshot,
+        mode: match args.mode {
+            ModeArg::Eager => RestoreMode::Eager,
+            ModeArg::Mmap => RestoreMode::Mmap,
+            ModeArg::Uffd => RestoreMode::Uffd,
+            ModeArg::UffdPrefetch => RestoreMode::UffdPrefetch,
+        },
+        api_sock: args.api_sock,
+        serial: serial_output(args.serial_log.as_ref())?,
+        forward_stdin: true,
+        fault_around: args.fault_around as usize,
+        record_workingset: args.record_workingset,
+        process_start,
+    };
+    let report = vmm::vm::restore(config)?;
+    Ok(finish(&report, args.timing))
+}
