@@ -168,6 +168,14 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
     if args.vcpus == 0 {
         bail!("--vcpus must be at least 1");
     }
+    if let Some(dir) = &args.snapshot_on_ready
+        && dir.exists()
+    {
+        bail!(
+            "snapshot directory {} already exists: choose another path or remove it first",
+            dir.display()
+        );
+    }
     let cmdline = args.cmdline.unwrap_or_else(|| match kernel {
         KernelImage::Path(_) => DEFAULT_LINUX_CMDLINE.to_string(),
         KernelImage::Builtin { .. } => String::new(),

@@ -157,6 +157,39 @@ impl BackgroundVm {
         vm
     }
 
+    /// `kata-snap restore --snapshot DIR --mode MODE` in the background.
+    pub fn start_restore(snapshot: &Path, mode: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let serial = dir.path().join("serial.log");
+        let sock = dir.path().join("api.sock");
+        let stderr = dir.path().join("stderr.log");
+        let child = Command::new(BIN)
+            .args(["restore", "--mode", mode, "--snapshot"])
+            .arg(snapshot)
+            .arg("--serial-log")
+            .arg(&serial)
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn kata-snap restore");
+        let vm = Self {
+            child,
+            dir,
+            serial,
+            sock,
+            stderr,
+        };
+        vm.wait_for(
+            || vm.sock.exists(),
+            Duration::from_secs(20),
+            "control socket",
+        );
+        vm
+    }
+
     pub fn serial_text(&self) -> String {
         fs::read_to_string(&self.serial).unwrap_or_default()
     }

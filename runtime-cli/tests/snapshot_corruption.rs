@@ -1,0 +1,253 @@
+//! Damaged snapshots are refused with one clear line before any VM is created: one test per kind
+//! of damage, and random bit flips in `state`.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{kvm_usable, run};
+use vmm::persist::VmState;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A fresh, valid snapshot of the `ready` guest.
+fn good_snapshot(root: &Path) -> PathBuf {
+    let dir = root.join("snap");
+    let out = run(
+        &[
+            "boot",
+            "--kernel",
+            "builtin:ready",
+            "--mem-mib",
+            "64",
+            "--snapshot-on-ready",
+            dir.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    dir
+}
+
+fn restore_err(dir: &Path, mode: &str, needle: &str) {
+    let out = run(
+        &[
+            "restore",
+            "--snapshot",
+            dir.to_str().unwrap(),
+            "--mode",
+            mode,
+        ],
+        T,
+    );
+    out.assert_one_line_error(needle);
+    assert!(out.stdout.is_empty(), "no guest may run: {}", out.stdout);
+}
+
+fn patch(path: &Path, offset: usize, bytes: &[u8]) {
+    let mut data = fs::read(path).unwrap();
+    data[offset..offset + bytes.len()].copy_from_slice(bytes);
+    fs::write(path, data).unwrap();
+}
+
+#[test]
+fn test_restore_missing_snapshot_parts_are_named() {
+    let root = tempfile::tempdir().unwrap();
+    restore_err(
+        &root.path().join("nope"),
+        "uffd",
+        "is not a snapshot: the directory is missing",
+    );
+    if !kvm_usable() {
+        return;
+    }
+    let dir = good_snapshot(root.path());
+    fs::remove_file(dir.join("memory")).unwrap();
+    restore_err(&dir, "eager", "the memory file is missing");
+}
+
+#[test]
+fn test_restore_wrong_magic_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = good_snapshot(root.path());
+    patch(&dir.join("state"), 0, b"NOTSNAP!");
+    restore_err(&dir, "uffd", "not a kata-snap x86-64 snapshot state");
+}
+
+#[test]
+fn test_restore_other_format_version_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = good_snapshot(root.path());
+    patch(&dir.join("state"), 8, &99u32.to_le_bytes());
+    restore_err(&dir, "uffd", "snapshot format version 99 is not supported");
+}
+
+#[test]
+fn test_restore_checksum_mismatch_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = good_snapshot(root.path());
+    let len = fs::metadata(dir.join("state")).unwrap().len() as usize;
+    let mut data = fs::read(dir.join("state")).unwrap();
+    data[len / 2] ^= 0xff;
+    fs::write(dir.join("state"), data).unwrap();
+    restore_err(&dir, "mmap", "checksum mismatch");
+}
+
+#[test]
+fn test_restore_truncated_state_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = good_snapshot(root.path());
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir.join("state"))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 100).unwrap();
+    restore_err(&dir, "uffd", "truncated");
+}
+
+#[test]
+fn test_restore_truncated_or_resized_memory_file_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = good_snapshot(root.path());
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir.join("memory"))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len / 2).unwrap();
+    restore_err(&dir, "eager", "truncated or resized");
+    f.set_len(len + 4096).unwrap();
+    restore_err(&dir, "uffd", "truncated or resized");
+}
+
+#[test]
+fn test_restore_layout_that_does_not_match_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = good_snapshot(root.path());
+    // A state that passes its checksum but claims a memory size its layout does not have.
+    let mut state: VmState = snapshot::format::read_file(&dir.join("state")).unwrap();
+    state.mem_mib = 128;
+    fs::write(dir.join("state"), snapshot::format::encode(&state).unwrap()).unwrap();
+    restore_err(&dir, "uffd", "does not match 128 MiB of guest memory");
+}
+
+#[test]
+fn test_restore_workingset_out_of_range_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = good_snapshot(root.path());
+    let pages = 64 * 256;
+    snapshot::workingset::write(&dir.join("workingset"), &[1, 2, pages + 7]).unwrap();
+    restore_err(&dir, "uffd-prefetch", &format!("names page {}", pages + 7));
+    fs::write(dir.join("workingset"), b"KSNAPWS1 garbage").unwrap();
+    restore_err(&dir, "uffd-prefetch", "working set is corrupt");
+    fs::remove_file(dir.join("workingset")).unwrap();
+    restore_err(
+        &dir,
+        "uffd-prefetch",
+        "has no working set: restore it once with --mode uffd",
+    );
+}
+
+#[test]
+fn test_restore_snapshot_from_other_cpu_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = good_snapshot(root.path());
+    let mut state: VmState = snapshot::format::read_file(&dir.join("state")).unwrap();
+    // Claim the snapshotting host offered every leaf-7 feature.
+    for e in state
+        .host_cpuid
+        .iter_mut()
+        .filter(|e| e.function == 7 && e.index == 0)
+    {
+        e.ebx = u32::MAX;
+    }
+    fs::write(dir.join("state"), snapshot::format::encode(&state).unwrap()).unwrap();
+    restore_err(&dir, "uffd", "taken on a host with different CPU features");
+    let mut state: VmState = snapshot::format::read_file(&dir.join("state")).unwrap();
+    for e in state.host_cpuid.iter_mut().filter(|e| e.function == 0) {
+        e.ebx = 0x756e_6547; // "Genu"
+        e.edx = 0x4965_6e69;
+        e.ecx = 0x6c65_746e;
+    }
+    fs::write(dir.join("state"), snapshot::format::encode(&state).unwrap()).unwrap();
+    restore_err(&dir, "uffd", "vendor differs");
+}
+
+#[test]
+fn test_restore_random_bit_flips_in_state_all_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = good_snapshot(root.path());
+    let pristine = fs::read(dir.join("state")).unwrap();
+    // A fixed-seed xorshift picks 40 bits anywhere in the file (header and body).
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..40 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bit = (x % (pristine.len() as u64 * 8)) as usize;
+        let mut data = pristine.clone();
+        data[bit / 8] ^= 1 << (bit % 8);
+        fs::write(dir.join("state"), &data).unwrap();
+        let out = run(
+            &[
+                "restore",
+                "--snapshot",
+                dir.to_str().unwrap(),
+                "--mode",
+                "uffd",
+            ],
+            T,
+        );
+        assert_eq!(out.code(), 1, "bit {bit}: {}", out.stderr);
+        assert_eq!(out.stderr.lines().count(), 1, "bit {bit}: {}", out.stderr);
+        assert!(!out.stderr.contains("panicked"));
+        assert!(out.stdout.is_empty());
+    }
+    fs::write(dir.join("state"), &pristine).unwrap();
+    let out = run(
+        &[
+            "restore",
+            "--snapshot",
+            dir.to_str().unwrap(),
+            "--mode",
+            "uffd",
+        ],
+        T,
+    );
+    assert_eq!(
+        out.code(),
+        0,
+        "the pristine state still restores: {}",
+        out.stderr
+    );
+}
