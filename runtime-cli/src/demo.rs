@@ -156,7 +156,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     println!(
         "snapshot at READY: {:.1} ms, {} MiB of data in a {} MiB memory file ({:.1} MiB on disk)",
         snap.elapsed_ms,
-        snap.memory.data_pages * 4096 >> 20,
+        (snap.memory.data_pages * 4096) >> 20,
         snap.memory.total_bytes >> 20,
         snap.disk_bytes as f64 / 1048576.0
     );
