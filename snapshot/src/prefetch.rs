@@ -14,10 +14,11 @@ use io_uring::{IoUring, opcode, types};
 use crate::PAGE_SIZE;
 use crate::page_server::{PageServer, PageServerError};
 
-/// Longest run read at once (1 MiB).
-pub const MAX_RUN_PAGES: u64 = 256;
-/// Reads in flight.
-pub const QUEUE_DEPTH: usize = 32;
+/// Longest run read at once (256 KiB).
+pub const MAX_RUN_PAGES: u64 = 64;
+/// Reads in flight. With [`MAX_RUN_PAGES`] this keeps the staging buffers at 2 MiB: every buffer
+/// page costs a first-touch fault once, so a larger pool slows a small working set down.
+pub const QUEUE_DEPTH: usize = 8;
 
 /// What a prefetch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
