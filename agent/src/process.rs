@@ -15,7 +15,6 @@ use std::path::Path;
 
 use agent_protocol::{ErrorKind, RlimitKind, RunRequest};
 use nix::fcntl::OFlag;
-use nix::pty::{Winsize, openpty};
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 use thiserror::Error;
@@ -162,6 +161,54 @@ fn errno_reason(e: nix::Error) -> String {
     e.desc().to_lowercase()
 }
 
+/// Opens a pseudo-terminal pair. The container's own devpts instance
+/// (`<root>/dev/pts/ptmx`, from an OCI `devpts` mount) is preferred so the
+/// slave has a name inside the container, as with runc; otherwise the
+/// agent's `/dev/ptmx`. The slave is opened through the master
+/// (`TIOCGPTPEER`), never by path.
+fn open_pty(root: &Path) -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    use std::os::unix::fs::FileTypeExt;
+    let own = root.join("dev/pts/ptmx");
+    let ptmx = match std::fs::symlink_metadata(&own) {
+        Ok(m) if m.file_type().is_char_device() => own,
+        _ => std::path::PathBuf::from("/dev/ptmx"),
+    };
+    let master = nix::fcntl::open(
+        &ptmx,
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| SpawnError::Setup(format!("open {}: {e}", ptmx.display())))?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int that lives across the call.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } != 0 {
+        return Err(SpawnError::Setup(format!(
+            "unlockpt: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes open flags and returns a new descriptor.
+    let slave = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    if slave < 0 {
+        return Err(SpawnError::Setup(format!(
+            "open pty slave: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: the ioctl returned a new descriptor that nothing else owns.
+    let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
+    let ws = libc::winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize that lives across the call.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    Ok((master, slave))
+}
+
 /// Everything the child needs, prepared before fork.
 struct ChildPlan<'a> {
     req: &'a RunRequest,
@@ -301,28 +348,11 @@ pub fn spawn(root: &Path, req: &RunRequest) -> Result<Spawned, SpawnError> {
     // (parent's fds, child's fds [stdin, stdout, stderr])
     let (stdin, stdout, stderr, child_fds): (OwnedFd, OwnedFd, Option<OwnedFd>, Vec<OwnedFd>) =
         if req.terminal {
-            let ws = Winsize {
-                ws_row: 24,
-                ws_col: 80,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            let pty = openpty(Some(&ws), None).map_err(setup_err("openpty"))?;
-            nix::fcntl::fcntl(
-                &pty.master,
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .map_err(setup_err("cloexec"))?;
-            nix::fcntl::fcntl(
-                &pty.slave,
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .map_err(setup_err("cloexec"))?;
-            let master2 = pty
-                .master
+            let (master, slave) = open_pty(root)?;
+            let master2 = master
                 .try_clone()
                 .map_err(|e| SpawnError::Setup(format!("dup: {e}")))?;
-            (pty.master, master2, None, vec![pty.slave])
+            (master, master2, None, vec![slave])
         } else {
             let (in_r, in_w) = pipe2(OFlag::O_CLOEXEC).map_err(setup_err("pipe"))?;
             let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(setup_err("pipe"))?;

@@ -26,7 +26,7 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "kill", "id", "hostname", "env", "pwd", "true", "false", "dd",
     "head", "yes", "printf", "ps", "ls", "wc", "tr", "od", "seq", "trap", "test", "mkdir", "tty",
-    "stty", "ulimit", "touch",
+    "stty", "ulimit", "touch", "grep", "ln",
 ];
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
