@@ -179,6 +179,30 @@ pub fn apply_mount(rootfs: &Path, m: &Mount) -> Result<(), MountError> {
     Ok(())
 }
 
+/// A read-only rootfs cannot take the default device nodes: unless the OCI
+/// mounts provide a `/dev`, a tmpfs is mounted there first (as the default
+/// OCI spec does). Call before applying the OCI mounts.
+pub fn prepare_dev(rootfs: &Path, mounts: &[Mount], readonly: bool) -> Result<(), MountError> {
+    if !readonly
+        || mounts
+            .iter()
+            .any(|m| m.destination.trim_end_matches('/') == "/dev")
+    {
+        return Ok(());
+    }
+    apply_mount(
+        rootfs,
+        &Mount {
+            destination: "/dev".into(),
+            fs_type: "tmpfs".into(),
+            source: "tmpfs".into(),
+            options: ["nosuid", "strictatime", "mode=755", "size=65536k"]
+                .map(String::from)
+                .to_vec(),
+        },
+    )
+}
+
 /// Device nodes every container gets (bind-mounted from the agent's /dev),
 /// as runc creates them.
 pub const DEFAULT_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];

@@ -27,7 +27,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::exit_status::{EXIT_CANNOT_INVOKE, exit_code};
-use crate::mounts::{apply_mount, populate_dev};
+use crate::mounts::{apply_mount, populate_dev, prepare_dev};
 use crate::process::{SpawnError, Spawned, spawn};
 use crate::restore::RestoreOps;
 use crate::rootfs::{PreparedRootfs, prepare};
@@ -548,10 +548,12 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
             Ok(r) => r,
             Err(e) => return self.fail_run(ErrorKind::Rootfs, e.to_string(), EXIT_CANNOT_INVOKE),
         };
-        let mounted = req
-            .mounts
-            .iter()
-            .try_for_each(|m| apply_mount(&rootfs.root, m))
+        let mounted = prepare_dev(&rootfs.root, &req.mounts, req.rootfs.readonly)
+            .and_then(|()| {
+                req.mounts
+                    .iter()
+                    .try_for_each(|m| apply_mount(&rootfs.root, m))
+            })
             .and_then(|()| populate_dev(&rootfs.root));
         if let Err(e) = mounted {
             rootfs.teardown();
