@@ -86,11 +86,14 @@ pub fn decode_message<M: DeserializeOwned + Validate>(payload: &[u8]) -> Result<
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(n)` with `n < buf.len()` means EOF.
+/// A reset connection counts as EOF: a peer that closes with our bytes still
+/// unread resets the connection instead of closing it cleanly.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
             Ok(0) => break,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -209,5 +212,154 @@ impl FrameDecoder {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{AgentMessage, ErrorKind, HostMessage};
+    use crate::{MAX_STDIO_CHUNK, PROTOCOL_VERSION};
+
+    #[test]
+    fn test_hello_wire_layout_is_frozen() {
+        let f = encode_message(&HostMessage::Hello {
+            version: PROTOCOL_VERSION,
+        })
+        .unwrap();
+        assert_eq!(f, [2, 0, 0, 0, 0, PROTOCOL_VERSION as u8]);
+        let f = encode_message(&AgentMessage::Hello {
+            version: PROTOCOL_VERSION,
+        })
+        .unwrap();
+        assert_eq!(f, [2, 0, 0, 0, 0, PROTOCOL_VERSION as u8]);
+    }
+
+    #[test]
+    fn test_roundtrip_agent_messages_equal() {
+        let msgs = vec![
+            AgentMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            AgentMessage::Ack,
+            AgentMessage::Started { pid: 77 },
+            AgentMessage::Stdout(vec![0, 255, 10]),
+            AgentMessage::Stderr(vec![1; MAX_STDIO_CHUNK]),
+            AgentMessage::Exited { code: 143 },
+            AgentMessage::Error {
+                kind: ErrorKind::ExecNotFound,
+                message: "nope".into(),
+            },
+        ];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            write_message(&mut wire, m).unwrap();
+        }
+        let mut r = wire.as_slice();
+        for m in &msgs {
+            assert_eq!(&read_message::<AgentMessage>(&mut r).unwrap(), m);
+        }
+        assert!(
+            read_message::<AgentMessage>(&mut r)
+                .unwrap_err()
+                .is_closed()
+        );
+    }
+
+    #[test]
+    fn test_read_frame_oversized_prefix_rejected_without_payload() {
+        let mut wire: &[u8] = &((MAX_MESSAGE_SIZE as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut wire),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn test_read_frame_truncated_payload_reported() {
+        let mut wire: &[u8] = &[10, 0, 0, 0, 1, 2, 3];
+        match read_frame(&mut wire) {
+            Err(FrameError::Truncated { got, expected }) => assert_eq!((got, expected), (7, 14)),
+            other => panic!("{other:?}"),
+        }
+        let mut wire: &[u8] = &[10, 0];
+        assert!(matches!(
+            read_frame(&mut wire),
+            Err(FrameError::Truncated {
+                got: 2,
+                expected: 4
+            })
+        ));
+    }
+
+    #[test]
+    fn test_decode_trailing_bytes_rejected() {
+        let mut payload = postcard::to_stdvec(&AgentMessage::Ack).unwrap();
+        payload.push(0);
+        assert!(matches!(
+            decode_message::<AgentMessage>(&payload),
+            Err(ProtocolError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn test_decode_garbage_is_error_not_panic() {
+        // Every short byte string either decodes to a valid message or errors.
+        for a in 0..=255u8 {
+            for b in [0u8, 1, 127, 128, 255] {
+                let _ = decode_message::<HostMessage>(&[a, b]);
+                let _ = decode_message::<AgentMessage>(&[a, b, b, b]);
+            }
+        }
+        // A huge declared vector length must not allocate it.
+        let r = decode_message::<AgentMessage>(&[3, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn test_encode_invalid_message_refused() {
+        let r = encode_message(&AgentMessage::Exited { code: 256 });
+        assert!(matches!(r, Err(ProtocolError::Invalid(_))));
+    }
+
+    #[test]
+    fn test_frame_decoder_reassembles_byte_by_byte() {
+        let a = encode_message(&HostMessage::Signal(15)).unwrap();
+        let b = encode_message(&HostMessage::CloseStdin).unwrap();
+        let mut d = FrameDecoder::new();
+        let mut frames = Vec::new();
+        for byte in a.iter().chain(&b) {
+            d.feed(std::slice::from_ref(byte));
+            while let Some(p) = d.next_frame().unwrap() {
+                frames.push(decode_message::<HostMessage>(&p).unwrap());
+            }
+        }
+        assert_eq!(
+            frames,
+            vec![HostMessage::Signal(15), HostMessage::CloseStdin]
+        );
+        assert_eq!(d.pending(), 0);
+        d.finish().unwrap();
+    }
+
+    #[test]
+    fn test_frame_decoder_oversized_prefix_fails_immediately() {
+        let mut d = FrameDecoder::new();
+        d.feed(&u32::MAX.to_le_bytes());
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn test_frame_decoder_finish_mid_frame_is_truncated() {
+        let mut d = FrameDecoder::new();
+        d.feed(&[5, 0, 0, 0, 1]);
+        assert_eq!(d.next_frame().unwrap(), None);
+        assert!(matches!(
+            d.finish(),
+            Err(FrameError::Truncated {
+                got: 5,
+                expected: 9
+            })
+        ));
     }
 }

@@ -360,3 +360,145 @@ impl Validate for AgentMessage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{RootfsSpec, User};
+
+    fn run() -> RunRequest {
+        RunRequest {
+            args: vec!["sh".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: User {
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![],
+            },
+            hostname: Some("h".into()),
+            rlimits: vec![],
+            mounts: vec![],
+            terminal: false,
+            no_new_privileges: true,
+            rootfs: RootfsSpec {
+                source: RootfsSource::Block {
+                    device: "/dev/vdb".into(),
+                    fs: None,
+                },
+                readonly: false,
+            },
+        }
+    }
+
+    #[test]
+    fn test_validate_good_run_accepted() {
+        run().validate().unwrap();
+    }
+
+    #[test]
+    fn test_validate_limits_enforced() {
+        let mut r = run();
+        r.args = vec!["x".into(); MAX_ARGS + 1];
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::TooMany { field: "args", .. })
+        ));
+        let mut r = run();
+        r.cwd = format!("/{}", "a".repeat(MAX_TEXT));
+        assert!(matches!(r.validate(), Err(ValidationError::TooLong { .. })));
+        let mut r = run();
+        r.user.additional_gids = vec![1; MAX_GROUPS + 1];
+        assert!(r.validate().is_err());
+        let mut r = run();
+        r.hostname = Some("a".repeat(65));
+        assert!(matches!(r.validate(), Err(ValidationError::BadHostname(_))));
+    }
+
+    #[test]
+    fn test_validate_duplicate_rlimit_rejected() {
+        let mut r = run();
+        let l = crate::Rlimit {
+            kind: crate::RlimitKind::Nofile,
+            soft: 1,
+            hard: 1,
+        };
+        r.rlimits = vec![l, l];
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::DuplicateRlimit(_))
+        ));
+    }
+
+    #[test]
+    fn test_validate_relative_rootfs_device_rejected() {
+        let mut r = run();
+        r.rootfs.source = RootfsSource::Block {
+            device: "vdb".into(),
+            fs: None,
+        };
+        assert!(matches!(r.validate(), Err(ValidationError::BadPath { .. })));
+    }
+
+    #[test]
+    fn test_validate_hello_other_version_is_mismatch() {
+        let e = HostMessage::Hello {
+            version: PROTOCOL_VERSION + 1,
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            e,
+            ValidationError::VersionMismatch {
+                peer: PROTOCOL_VERSION + 1,
+                ours: PROTOCOL_VERSION
+            }
+        );
+    }
+
+    #[test]
+    fn test_validate_sync_time_range() {
+        assert!(
+            HostMessage::SyncTime {
+                realtime_ns: MIN_REALTIME_NS
+            }
+            .validate()
+            .is_ok()
+        );
+        assert!(
+            HostMessage::SyncTime {
+                realtime_ns: MIN_REALTIME_NS - 1
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            HostMessage::SyncTime {
+                realtime_ns: u64::MAX
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn test_validate_agent_messages() {
+        assert!(AgentMessage::Started { pid: 0 }.validate().is_err());
+        assert!(AgentMessage::Exited { code: -1 }.validate().is_err());
+        assert!(AgentMessage::Exited { code: 255 }.validate().is_ok());
+        let long = AgentMessage::Error {
+            kind: crate::ErrorKind::Internal,
+            message: "x".repeat(MAX_TEXT + 1),
+        };
+        assert!(long.validate().is_err());
+    }
+
+    #[test]
+    fn test_rlimit_oci_names_parsed() {
+        assert_eq!(
+            crate::RlimitKind::from_oci_name("RLIMIT_NOFILE"),
+            Some(crate::RlimitKind::Nofile)
+        );
+        assert_eq!(crate::RlimitKind::from_oci_name("RLIMIT_BOGUS"), None);
+    }
+}
