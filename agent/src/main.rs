@@ -62,7 +62,15 @@ fn run(config: &AgentConfig) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
             }
         }
-        Mode::Vm => agent::init::mount_pseudo_filesystems()?,
+        Mode::Vm => {
+            // VM mode mounts over /dev, /run...: never do that to a host.
+            anyhow::ensure!(
+                std::process::id() == 1,
+                "VM mode (listening on vsock) only runs as PID 1 of the guest; \
+                 use --listen unix:PATH for the test harness"
+            );
+            agent::init::mount_pseudo_filesystems()?
+        }
     }
     agent::server::run(config)?;
     Ok(ExitCode::SUCCESS)

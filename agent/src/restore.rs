@@ -114,3 +114,31 @@ impl RestoreOps for DryRunRestoreOps {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_rndaddentropy_request_code_matches_kernel() {
+        // RNDADDENTROPY from linux/random.h on x86-64.
+        let code = nix::request_code_write!(b'R', 0x03, std::mem::size_of::<[libc::c_int; 2]>());
+        assert_eq!(code as u64, 0x4008_5203);
+    }
+
+    #[test]
+    fn test_rand_pool_info_layout_matches_kernel() {
+        assert_eq!(std::mem::offset_of!(RandPoolInfo, entropy_count), 0);
+        assert_eq!(std::mem::offset_of!(RandPoolInfo, buf_size), 4);
+        assert_eq!(std::mem::offset_of!(RandPoolInfo, buf), 8);
+    }
+
+    #[test]
+    fn test_dry_run_records_values() {
+        let mut ops = DryRunRestoreOps::default();
+        ops.step_clock(1_700_000_000_000_000_000).unwrap();
+        ops.reseed(&[1, 2, 3]).unwrap();
+        assert_eq!(ops.clock_steps, vec![1_700_000_000_000_000_000]);
+        assert_eq!(ops.reseeds, vec![vec![1, 2, 3]]);
+    }
+}

@@ -40,6 +40,32 @@ fn reap_orphans() {
     }
 }
 
+/// Blocks until the listener is readable, reaping children on SIGCHLD.
+fn wait_for_connection(listener: &Listener, sigchld: &SignalFd) -> Result<(), ServerError> {
+    use std::os::fd::AsFd;
+
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(sigchld.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(ServerError::Accept(e.into())),
+        }
+        let ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
+        let (conn, child) = (ready(0), ready(1));
+        if child {
+            while let Ok(Some(_)) = sigchld.read_signal() {}
+            reap_orphans();
+        }
+        if conn {
+            return Ok(());
+        }
+    }
+}
+
 /// Runs the agent until a fatal error.
 pub fn run(config: &AgentConfig) -> Result<(), ServerError> {
     let mut mask = SigSet::empty();
@@ -79,6 +105,9 @@ fn serve_forever<R: RestoreOps>(
 ) -> Result<(), ServerError> {
     let mut next_id = 0;
     loop {
+        // Between sessions, keep reaping orphans (PID 1 adopts the
+        // container's leftovers) while waiting for the next host.
+        wait_for_connection(listener, sigchld)?;
         let conn = listener.accept().map_err(ServerError::Accept)?;
         reap_orphans();
         tracing::info!("host connected");

@@ -91,6 +91,12 @@ impl Listener {
     }
 }
 
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 /// One accepted connection (vsock or Unix), read and written with plain
 /// `read(2)`/`write(2)`.
 #[derive(Debug)]

@@ -109,3 +109,48 @@ fn test_signal_orphans_reaped_by_agent() {
     assert!(zombies.is_empty(), "zombies: {zombies:?}");
     assert!(listing.lines().count() >= 2, "no processes listed");
 }
+
+/// States of the children of host pid `pid` (from /proc).
+fn child_states(pid: u32) -> Vec<(u32, char)> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| {
+            let stat = std::fs::read_to_string(format!("/proc/{c}/stat")).ok()?;
+            let state = stat.rsplit(')').next()?.trim_start().chars().next()?;
+            Some((c.parse().ok()?, state))
+        })
+        .collect()
+}
+
+#[test]
+fn test_signal_orphans_reaped_between_sessions() {
+    require_harness!();
+    let agent = Agent::start();
+    let o = agent.run(&["sh", "-c", "(sleep 0.3 >/dev/null 2>&1 &); exit 0"]);
+    assert_eq!(o.code, 0);
+    let inner = agent.inner_pid();
+    // No host is connected when the orphan exits: the agent must still reap it.
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut saw_child = false;
+    loop {
+        let states = child_states(inner);
+        if states.is_empty() && saw_child {
+            break;
+        }
+        saw_child |= !states.is_empty();
+        for (pid, state) in states {
+            if state == 'Z' {
+                std::thread::sleep(Duration::from_millis(200));
+                let again = child_states(inner);
+                assert!(
+                    !again.contains(&(pid, 'Z')),
+                    "zombie {pid} not reaped while idle"
+                );
+            }
+        }
+        assert!(Instant::now() < end, "orphan never seen or never gone");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -154,3 +154,32 @@ fn test_stdio_no_terminal_means_pipes() {
     let o = agent.run(&["sh", "-c", "test -t 1; echo $?"]);
     assert_eq!(out(&o), "1\n");
 }
+
+#[test]
+fn test_stdio_terminal_resize_applied() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["sh", "-c", "read x; stty size"]);
+    req.terminal = true;
+    let mut c = agent.client();
+    c.start(req).unwrap();
+    c.send(&agent_protocol::HostMessage::Resize {
+        rows: 40,
+        cols: 100,
+    })
+    .unwrap();
+    c.send(&agent_protocol::HostMessage::Stdin(b"go\n".to_vec()))
+        .unwrap();
+    let mut text = String::new();
+    loop {
+        match c.recv().unwrap() {
+            AgentMessage::Stdout(b) => text.push_str(&String::from_utf8_lossy(&b)),
+            AgentMessage::Exited { code } => {
+                assert_eq!(code, 0);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(text.contains("40 100"), "{text:?}");
+}

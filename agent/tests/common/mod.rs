@@ -223,6 +223,20 @@ impl Agent {
         }
     }
 
+    /// Host pid of the agent process inside the namespaces (the harness's
+    /// PID 1), the only child of the spawned process.
+    pub fn inner_pid(&self) -> u32 {
+        let outer = self.child.id();
+        let children =
+            fs::read_to_string(format!("/proc/{outer}/task/{outer}/children")).unwrap_or_default();
+        children
+            .split_whitespace()
+            .next()
+            .expect("inner agent")
+            .parse()
+            .unwrap()
+    }
+
     /// Whether the agent process is still alive.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
