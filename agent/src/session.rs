@@ -544,10 +544,12 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
     fn start(&mut self, req: &RunRequest) -> Flow {
         let id = *self.ctx.next_id;
         *self.ctx.next_id += 1;
+        let t0 = Instant::now();
         let rootfs = match prepare(self.ctx.state_dir, id, &req.rootfs) {
             Ok(r) => r,
             Err(e) => return self.fail_run(ErrorKind::Rootfs, e.to_string(), EXIT_CANNOT_INVOKE),
         };
+        let t_rootfs = t0.elapsed();
         let mounted = prepare_dev(&rootfs.root, &req.mounts, req.rootfs.readonly)
             .and_then(|()| {
                 req.mounts
@@ -559,7 +561,15 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
             rootfs.teardown();
             return self.fail_run(ErrorKind::Rootfs, e.to_string(), EXIT_CANNOT_INVOKE);
         }
-        match spawn(&rootfs.root, req) {
+        let t_mounts = t0.elapsed();
+        let spawned = spawn(&rootfs.root, req);
+        tracing::debug!(
+            rootfs_us = t_rootfs.as_micros() as u64,
+            mounts_us = (t_mounts - t_rootfs).as_micros() as u64,
+            spawn_us = (t0.elapsed() - t_mounts).as_micros() as u64,
+            "run timing"
+        );
+        match spawned {
             Ok(Spawned {
                 pid,
                 stdin,

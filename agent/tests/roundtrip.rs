@@ -35,6 +35,14 @@ fn test_measure_trivial_exec_round_trip_prints_median() {
         }
     }
     samples.sort();
+    let log = agent.log();
+    let timings: Vec<&str> = log.lines().filter(|l| l.contains("run timing")).collect();
+    println!(
+        "last agent-side timing: {}",
+        timings.last().copied().unwrap_or("none")
+    );
+    let tail: Vec<&str> = log.lines().rev().take(8).collect();
+    println!("{}", tail.join("\n"));
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
         "trivial exec round trip over {} runs: median {:.0} us, min {:.0} us, p90 {:.0} us, max {:.0} us",
