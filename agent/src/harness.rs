@@ -25,6 +25,9 @@ pub enum HarnessError {
     /// Making mounts private or mounting the state tmpfs failed.
     #[error("cannot prepare mounts: {0}")]
     Mount(nix::Error),
+    /// Creating the state directory failed.
+    #[error("cannot create state directory: {0}")]
+    StateDir(std::io::Error),
     /// Waiting for the namespaced agent failed.
     #[error("waitpid failed: {0}")]
     Wait(nix::Error),
@@ -63,9 +66,7 @@ pub fn enter_namespaces(state_dir: &Path) -> Result<Side, HarnessError> {
                 None::<&str>,
             )
             .map_err(HarnessError::Mount)?;
-            std::fs::create_dir_all(state_dir).map_err(|e| {
-                HarnessError::Mount(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
-            })?;
+            std::fs::create_dir_all(state_dir).map_err(HarnessError::StateDir)?;
             mount(
                 Some("tmpfs"),
                 state_dir,

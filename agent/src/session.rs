@@ -492,45 +492,48 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
                     "a process was already started on this connection",
                 )),
             },
-            other => {
-                let Phase::Running(run) = &mut self.phase else {
-                    return self.reply(error(ErrorKind::Protocol, "no process is running"));
-                };
-                match other {
-                    HostMessage::Stdin(bytes) => {
-                        if run.stdin.is_some() && !run.stdin_close {
-                            run.stdin_queue.extend_from_slice(&bytes);
-                        }
-                    }
-                    HostMessage::CloseStdin => {
-                        if run.terminal && !run.stdin_close {
-                            run.stdin_queue.push(0x04);
-                        } else if run.stdin_queue.is_empty() {
-                            run.stdin = None;
-                        }
-                        run.stdin_close = true;
-                    }
-                    HostMessage::Signal(n) => {
-                        if run.exit.is_none() {
-                            // Raw numbers so real-time signals (34..=64) work too;
-                            // validation bounded n to 1..=64.
-                            // SAFETY: kill(2) takes plain integers.
-                            if unsafe { libc::kill(run.pid.as_raw(), n) } != 0 {
-                                tracing::debug!(error = %std::io::Error::last_os_error(), "kill failed");
-                            }
-                        }
-                    }
-                    HostMessage::Resize { rows, cols } => {
-                        if run.terminal
-                            && let Some(fd) = &run.stdout
-                        {
-                            resize(fd.as_raw_fd(), rows, cols);
-                        }
-                    }
-                    _ => unreachable!("handled above"),
+            HostMessage::Stdin(bytes) => self.with_process(|run| {
+                if run.stdin.is_some() && !run.stdin_close {
+                    run.stdin_queue.extend_from_slice(&bytes);
                 }
+            }),
+            HostMessage::CloseStdin => self.with_process(|run| {
+                if run.terminal && !run.stdin_close {
+                    // A terminal has no half-close: send EOF (^D) instead.
+                    run.stdin_queue.push(0x04);
+                } else if run.stdin_queue.is_empty() {
+                    run.stdin = None;
+                }
+                run.stdin_close = true;
+            }),
+            HostMessage::Signal(n) => self.with_process(|run| {
+                if run.exit.is_none() {
+                    // Raw numbers so real-time signals (34..=64) work too;
+                    // validation bounded n to 1..=64.
+                    // SAFETY: kill(2) takes plain integers.
+                    if unsafe { libc::kill(run.pid.as_raw(), n) } != 0 {
+                        tracing::debug!(error = %std::io::Error::last_os_error(), "kill failed");
+                    }
+                }
+            }),
+            HostMessage::Resize { rows, cols } => self.with_process(|run| {
+                if run.terminal
+                    && let Some(fd) = &run.stdout
+                {
+                    resize(fd.as_raw_fd(), rows, cols);
+                }
+            }),
+        }
+    }
+
+    /// Applies `f` to the running process, or answers that there is none.
+    fn with_process(&mut self, f: impl FnOnce(&mut Running)) -> Flow {
+        match &mut self.phase {
+            Phase::Running(run) => {
+                f(run);
                 Flow::Continue
             }
+            _ => self.reply(error(ErrorKind::Protocol, "no process is running")),
         }
     }
 
