@@ -128,7 +128,7 @@ fn child_states(pid: u32) -> Vec<(u32, char)> {
 fn test_signal_orphans_reaped_between_sessions() {
     require_harness!();
     let agent = Agent::start();
-    let o = agent.run(&["sh", "-c", "(sleep 0.3 >/dev/null 2>&1 &); exit 0"]);
+    let o = agent.run(&["sh", "-c", "(sleep 1 >/dev/null 2>&1 &); exit 0"]);
     assert_eq!(o.code, 0);
     let inner = agent.inner_pid();
     // No host is connected when the orphan exits: the agent must still reap it.

@@ -29,7 +29,7 @@ fn test_stdio_stdout_and_stderr_separated_and_ordered() {
     let o = agent.run(&[
         "sh",
         "-c",
-        "echo out1; sleep 0.1; echo err1 >&2; sleep 0.1; echo out2; sleep 0.1; echo err2 >&2",
+        "echo out1; sleep 0.2; echo err1 >&2; sleep 0.2; echo out2; sleep 0.2; echo err2 >&2",
     ]);
     assert_eq!(o.code, 0);
     assert_eq!(out(&o), "out1\nout2\n");
