@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what kata-snap needs to build and test on Debian bookworm: gcc (test guests), libclang
-# (userfaultfd bindings), busybox-static (agent tests), the tools that unpack the Debian kernel, and
-# cargo-nextest is not needed (plain cargo test). Idempotent; skips apt when everything is there.
+# (userfaultfd bindings), busybox-static, erofs-utils and e2fsprogs (agent tests: a busybox rootfs,
+# erofs/ext4 images), cpio, and the tools that unpack the Debian kernel (lz4, zstd, xz, python3).
+# Idempotent; skips apt when everything is there.
 set -euo pipefail
 
-pkgs=(gcc libc6-dev binutils make libclang-dev busybox-static cpio lz4 zstd xz-utils python3 util-linux)
+pkgs=(gcc libc6-dev binutils make libclang-dev busybox-static cpio erofs-utils e2fsprogs lz4 zstd xz-utils python3 util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,77 @@
+//! The kata-snap guest agent protocol: messages, framing, validation and the
+//! host-side client.
+//!
+//! # Wire format
+//!
+//! Every message travels as one frame: a `u32` little-endian payload length
+//! followed by the payload, a [postcard] encoding of [`HostMessage`] (host to
+//! agent) or [`AgentMessage`] (agent to host). No payload may exceed
+//! [`MAX_MESSAGE_SIZE`]; a larger length prefix is rejected before anything is
+//! allocated.
+//!
+//! postcard is chosen over JSON and bincode: it is compact (varint integers,
+//! raw byte strings, which matters for stdio chunks), has a documented and
+//! stable wire format (1.0 specification), is actively maintained, and works
+//! with plain serde derives. bincode 1 is unmaintained; JSON would inflate
+//! binary stdio by a third (base64) or more.
+//!
+//! # Conversation
+//!
+//! ```text
+//!  host                                agent
+//!   | -- Hello{version} -------------->  |   both sides send Hello first and
+//!   | <------------- Hello{version} ---  |   check the peer's version
+//!   | -- SyncTime / Reseed ----------->  |   (after a restore; each answered
+//!   | <---------------------- Ack -----  |    by Ack or Error)
+//!   | -- Run{..} --------------------->  |
+//!   | <--------------- Started{pid} ---  |   or Error{..} then Exited{126|127}
+//!   | -- Stdin / CloseStdin / Signal / Resize -->
+//!   | <------- Stdout / Stderr ---------  |
+//!   | <-------------- Exited{code} ----  |   then the agent closes the connection
+//! ```
+//!
+//! [`HostMessage::Hello`] and [`AgentMessage::Hello`] are variant 0 of their
+//! enums and hold a single `u32`; that layout is frozen across versions so
+//! that any two versions can at least tell each other apart.
+//!
+//! Both sides validate every message: [`write_message`] refuses to send an
+//! invalid one and [`read_message`] refuses to accept one (see [`Validate`]).
+#![deny(missing_docs)]
+
+mod client;
+mod frame;
+mod messages;
+pub mod validate;
+
+pub use client::{AgentClient, ClientError, RunOutcome};
+pub use frame::{
+    FrameDecoder, FrameError, ProtocolError, decode_message, encode_message, read_frame,
+    read_message, write_frame, write_message,
+};
+pub use messages::{
+    AgentMessage, ErrorKind, FsType, HostMessage, Mount, Rlimit, RlimitKind, RootfsSource,
+    RootfsSpec, RunRequest, User,
+};
+pub use validate::{
+    MAX_ARGS, MAX_ENV, MAX_GROUPS, MAX_MOUNTS, MAX_TEXT, MIN_REALTIME_NS, SUPPORTED_MOUNT_TYPES,
+    Validate, ValidationError,
+};
+
+/// Version of this protocol. Peers with different versions refuse to talk.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest payload of one frame, in bytes (the 4-byte length prefix excluded).
+pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
+/// Largest stdio chunk carried by one `Stdin`, `Stdout` or `Stderr` message.
+pub const MAX_STDIO_CHUNK: usize = 64 * 1024;
+
+/// Vsock port the agent listens on inside the VM.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Value the agent writes to [`READY_IO_PORT`] once it listens: the point at
+/// which templates are snapshotted.
+pub const READY_VALUE: u8 = 1;
+
+/// I/O port the agent writes [`READY_VALUE`] to once it listens.
+pub const READY_IO_PORT: u16 = 0xf4;

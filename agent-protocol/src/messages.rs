@@ -1,0 +1,249 @@
+//! Message types. Field limits are enforced by [`crate::Validate`].
+
+use serde::{Deserialize, Serialize};
+
+/// A message from the host (the runtime) to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    /// First message of a connection. Frozen layout: variant 0, one `u32`.
+    Hello {
+        /// The host's [`crate::PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// Start the container process. At most once per connection.
+    Run(Box<RunRequest>),
+    /// Bytes for the process's stdin (at most [`crate::MAX_STDIO_CHUNK`]).
+    Stdin(Vec<u8>),
+    /// Close the process's stdin once the bytes sent before are written.
+    CloseStdin,
+    /// Send this signal (1..=64) to the process.
+    Signal(i32),
+    /// Resize the process's terminal (ignored without a terminal).
+    Resize {
+        /// Rows, at least 1.
+        rows: u16,
+        /// Columns, at least 1.
+        cols: u16,
+    },
+    /// Step the guest's realtime clock (after a restore). Answered by `Ack`.
+    SyncTime {
+        /// Nanoseconds since the Unix epoch.
+        realtime_ns: u64,
+    },
+    /// Mix these bytes into the guest's entropy pool and credit them (after a
+    /// restore, so clones do not share random state). Answered by `Ack`.
+    Reseed {
+        /// Random bytes from the host, 16..=512 of them.
+        bytes: Vec<u8>,
+    },
+}
+
+/// A message from the agent to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First message of a connection. Frozen layout: variant 0, one `u32`.
+    Hello {
+        /// The agent's [`crate::PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// A `SyncTime` or `Reseed` request was applied.
+    Ack,
+    /// The process was started.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// Bytes the process wrote to stdout (or to its terminal).
+    Stdout(Vec<u8>),
+    /// Bytes the process wrote to stderr.
+    Stderr(Vec<u8>),
+    /// The process ended; last message of a connection that ran a process.
+    Exited {
+        /// Exit status as runc reports it: the exit code, or 128 + signal
+        /// number for a process killed by a signal. 0..=255.
+        code: i32,
+    },
+    /// A request failed.
+    Error {
+        /// What failed.
+        kind: ErrorKind,
+        /// Human-readable explanation, at most [`crate::MAX_TEXT`] bytes.
+        message: String,
+    },
+}
+
+/// The class of an [`AgentMessage::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The peers speak different protocol versions; the agent closes.
+    VersionMismatch,
+    /// A frame could not be decoded, was too large, or came out of order.
+    Protocol,
+    /// A message decoded but a field was invalid.
+    InvalidRequest,
+    /// Mounting the rootfs or an OCI mount failed.
+    Rootfs,
+    /// The executable was not found (the process exits with 127).
+    ExecNotFound,
+    /// The executable could not be run: permission denied (exit 126).
+    ExecPermissionDenied,
+    /// Setting up or executing the process failed for another reason.
+    ExecFailed,
+    /// Applying `SyncTime` or `Reseed` failed.
+    Restore,
+    /// An internal agent failure.
+    Internal,
+}
+
+/// Everything the agent needs to start the container process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRequest {
+    /// argv; `args[0]` is looked up in `PATH` (from `env`) unless it has a `/`.
+    pub args: Vec<String>,
+    /// Environment, `KEY=VALUE` entries.
+    pub env: Vec<String>,
+    /// Absolute working directory inside the container.
+    pub cwd: String,
+    /// Credentials the process runs with.
+    pub user: User,
+    /// Hostname to set, if any.
+    pub hostname: Option<String>,
+    /// Resource limits to set.
+    pub rlimits: Vec<Rlimit>,
+    /// OCI mounts, applied in order after the rootfs.
+    pub mounts: Vec<Mount>,
+    /// Give the process a pseudo-terminal as stdin/stdout/stderr.
+    pub terminal: bool,
+    /// Set `PR_SET_NO_NEW_PRIVS` before exec.
+    pub no_new_privileges: bool,
+    /// Where the root filesystem comes from.
+    pub rootfs: RootfsSpec,
+}
+
+/// Process credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub additional_gids: Vec<u32>,
+}
+
+/// One resource limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// Which limit.
+    pub kind: RlimitKind,
+    /// Soft limit (`u64::MAX` is infinity); at most `hard`.
+    pub soft: u64,
+    /// Hard limit (`u64::MAX` is infinity).
+    pub hard: u64,
+}
+
+/// The resource limits of `setrlimit(2)`, named as in OCI (`RLIMIT_*`).
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RlimitKind {
+    As,
+    Core,
+    Cpu,
+    Data,
+    Fsize,
+    Locks,
+    Memlock,
+    Msgqueue,
+    Nice,
+    Nofile,
+    Nproc,
+    Rss,
+    Rtprio,
+    Rttime,
+    Sigpending,
+    Stack,
+}
+
+impl RlimitKind {
+    /// Parses an OCI name such as `RLIMIT_NOFILE`.
+    pub fn from_oci_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "RLIMIT_AS" => Self::As,
+            "RLIMIT_CORE" => Self::Core,
+            "RLIMIT_CPU" => Self::Cpu,
+            "RLIMIT_DATA" => Self::Data,
+            "RLIMIT_FSIZE" => Self::Fsize,
+            "RLIMIT_LOCKS" => Self::Locks,
+            "RLIMIT_MEMLOCK" => Self::Memlock,
+            "RLIMIT_MSGQUEUE" => Self::Msgqueue,
+            "RLIMIT_NICE" => Self::Nice,
+            "RLIMIT_NOFILE" => Self::Nofile,
+            "RLIMIT_NPROC" => Self::Nproc,
+            "RLIMIT_RSS" => Self::Rss,
+            "RLIMIT_RTPRIO" => Self::Rtprio,
+            "RLIMIT_RTTIME" => Self::Rttime,
+            "RLIMIT_SIGPENDING" => Self::Sigpending,
+            "RLIMIT_STACK" => Self::Stack,
+            _ => return None,
+        })
+    }
+}
+
+/// An OCI mount the agent supports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Absolute path inside the container.
+    pub destination: String,
+    /// Filesystem type: one of `proc`, `sysfs`, `tmpfs`, `devpts`, `mqueue`,
+    /// `bind` (a bind mount of a guest path).
+    pub fs_type: String,
+    /// Source (device name for pseudo filesystems, guest path for `bind`).
+    pub source: String,
+    /// OCI mount options (`ro`, `nosuid`, `mode=755`, ...).
+    pub options: Vec<String>,
+}
+
+/// Where the container's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsSpec {
+    /// The read-only lower layer.
+    pub source: RootfsSource,
+    /// OCI `root.readonly`: no writable overlay, the rootfs stays read-only.
+    pub readonly: bool,
+}
+
+/// The read-only lower layer of the rootfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RootfsSource {
+    /// A block device in the guest (the VM case), e.g. `/dev/vdb`.
+    Block {
+        /// Absolute device path.
+        device: String,
+        /// Filesystem; `None` tries erofs then ext4.
+        fs: Option<FsType>,
+    },
+    /// A directory visible to the agent (the test harness case).
+    Directory {
+        /// Absolute path.
+        path: String,
+    },
+}
+
+/// Filesystems a rootfs image may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsType {
+    /// EROFS image.
+    Erofs,
+    /// ext4 image.
+    Ext4,
+}
+
+impl FsType {
+    /// The name `mount(2)` knows the filesystem by.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Erofs => "erofs",
+            Self::Ext4 => "ext4",
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! Field validation shared by both sides of the protocol.
+//!
+//! Every decoded message is validated before it is acted upon, and every
+//! message is validated before it is sent, so a buggy peer is caught at the
+//! sender and a hostile one at the receiver.
+
+use std::collections::HashSet;
+
+use thiserror::Error;
+
+use crate::messages::{AgentMessage, HostMessage, Mount, RootfsSource, RunRequest};
+use crate::{MAX_STDIO_CHUNK, PROTOCOL_VERSION};
+
+/// Most argv entries in a `Run`.
+pub const MAX_ARGS: usize = 4096;
+/// Most environment entries in a `Run`.
+pub const MAX_ENV: usize = 4096;
+/// Most supplementary groups.
+pub const MAX_GROUPS: usize = 1024;
+/// Most OCI mounts.
+pub const MAX_MOUNTS: usize = 128;
+/// Longest single string (a path, an error message...), in bytes.
+pub const MAX_TEXT: usize = 4096;
+/// Longest hostname (`HOST_NAME_MAX`).
+pub const MAX_HOSTNAME: usize = 64;
+/// Fewest and most bytes in a `Reseed`.
+pub const RESEED_BYTES: std::ops::RangeInclusive<usize> = 16..=512;
+/// Earliest time `SyncTime` accepts (2020-01-01T00:00:00Z): anything earlier
+/// is a host bug, not a clock.
+pub const MIN_REALTIME_NS: u64 = 1_577_836_800 * 1_000_000_000;
+/// Latest time `SyncTime` accepts (2200-01-01T00:00:00Z).
+pub const MAX_REALTIME_NS: u64 = 7_258_118_400 * 1_000_000_000;
+/// Mount types the agent supports.
+pub const SUPPORTED_MOUNT_TYPES: &[&str] = &["proc", "sysfs", "tmpfs", "devpts", "mqueue", "bind"];
+/// Highest signal number (`SIGRTMAX` on Linux).
+pub const MAX_SIGNAL: i32 = 64;
+
+/// Why a message is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ValidationError {
+    /// A `Run` has no argv.
+    #[error("args must not be empty")]
+    EmptyArgs,
+    /// A list is longer than allowed.
+    #[error("{field} has {len} entries, more than the limit of {max}")]
+    TooMany {
+        /// Field name.
+        field: &'static str,
+        /// Entries present.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A byte string is longer than allowed.
+    #[error("{field} is {len} bytes, more than the limit of {max}")]
+    TooLong {
+        /// Field name.
+        field: &'static str,
+        /// Bytes present.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A byte string is shorter than allowed.
+    #[error("{field} is {len} bytes, fewer than the minimum of {min}")]
+    TooShort {
+        /// Field name.
+        field: &'static str,
+        /// Bytes present.
+        len: usize,
+        /// Minimum.
+        min: usize,
+    },
+    /// A string contains a NUL byte.
+    #[error("{field} contains a NUL byte")]
+    Nul {
+        /// Field name.
+        field: &'static str,
+    },
+    /// A path is not absolute or has a `..` component.
+    #[error("{field} {path:?} must be an absolute path without '..'")]
+    BadPath {
+        /// Field name.
+        field: &'static str,
+        /// The path.
+        path: String,
+    },
+    /// An environment entry is not `KEY=VALUE` with a non-empty key.
+    #[error("env entry {0:?} is not KEY=VALUE")]
+    BadEnv(String),
+    /// A hostname has characters other than letters, digits, '-', '.', '_'.
+    #[error("hostname {0:?} is not a valid hostname")]
+    BadHostname(String),
+    /// An rlimit's soft value exceeds its hard value.
+    #[error("rlimit {kind:?}: soft limit {soft} exceeds hard limit {hard}")]
+    RlimitSoftAboveHard {
+        /// Which limit.
+        kind: crate::RlimitKind,
+        /// Soft.
+        soft: u64,
+        /// Hard.
+        hard: u64,
+    },
+    /// The same rlimit appears twice.
+    #[error("rlimit {0:?} appears more than once")]
+    DuplicateRlimit(crate::RlimitKind),
+    /// A mount type the agent does not support.
+    #[error("mount type {0:?} is not supported (supported: {SUPPORTED_MOUNT_TYPES:?})")]
+    UnsupportedMount(String),
+    /// A signal number outside 1..=64.
+    #[error("signal {0} is not in 1..={MAX_SIGNAL}")]
+    BadSignal(i32),
+    /// A terminal size with zero rows or columns.
+    #[error("terminal size {rows}x{cols} must be at least 1x1")]
+    BadWindowSize {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+    /// A `SyncTime` outside 2020..2200.
+    #[error("realtime {0} ns is outside the accepted range (2020-01-01 .. 2200-01-01)")]
+    BadTime(u64),
+    /// An exit code outside 0..=255.
+    #[error("exit code {0} is not in 0..=255")]
+    BadExitCode(i32),
+    /// A pid of 0.
+    #[error("pid must not be 0")]
+    BadPid,
+    /// A `Hello` with a version other than ours. Reported separately so that
+    /// callers can tell a version mismatch from other errors.
+    #[error("protocol version mismatch: peer speaks version {peer}, this side speaks {ours}")]
+    VersionMismatch {
+        /// The peer's version.
+        peer: u32,
+        /// [`PROTOCOL_VERSION`].
+        ours: u32,
+    },
+}
+
+/// Checks that a message's fields are within the protocol's limits.
+pub trait Validate {
+    /// Returns the first problem found, if any.
+    fn validate(&self) -> Result<(), ValidationError>;
+}
+
+fn text(field: &'static str, s: &str) -> Result<(), ValidationError> {
+    if s.len() > MAX_TEXT {
+        return Err(ValidationError::TooLong {
+            field,
+            len: s.len(),
+            max: MAX_TEXT,
+        });
+    }
+    if s.contains('\0') {
+        return Err(ValidationError::Nul { field });
+    }
+    Ok(())
+}
+
+fn abs_path(field: &'static str, p: &str) -> Result<(), ValidationError> {
+    text(field, p)?;
+    if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+        return Err(ValidationError::BadPath {
+            field,
+            path: p.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn count(field: &'static str, len: usize, max: usize) -> Result<(), ValidationError> {
+    if len > max {
+        return Err(ValidationError::TooMany { field, len, max });
+    }
+    Ok(())
+}
+
+fn chunk(field: &'static str, bytes: &[u8]) -> Result<(), ValidationError> {
+    if bytes.len() > MAX_STDIO_CHUNK {
+        return Err(ValidationError::TooLong {
+            field,
+            len: bytes.len(),
+            max: MAX_STDIO_CHUNK,
+        });
+    }
+    Ok(())
+}
+
+fn version(v: u32) -> Result<(), ValidationError> {
+    if v != PROTOCOL_VERSION {
+        return Err(ValidationError::VersionMismatch {
+            peer: v,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Validates a hostname: 1..=64 bytes of letters, digits, '-', '.', '_'.
+pub fn validate_hostname(h: &str) -> Result<(), ValidationError> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_');
+    if h.is_empty() || h.len() > MAX_HOSTNAME || !h.chars().all(ok_char) {
+        return Err(ValidationError::BadHostname(
+            h.chars().take(MAX_HOSTNAME * 2).collect(),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_mount(m: &Mount) -> Result<(), ValidationError> {
+    abs_path("mount destination", &m.destination)?;
+    if !SUPPORTED_MOUNT_TYPES.contains(&m.fs_type.as_str()) {
+        return Err(ValidationError::UnsupportedMount(
+            m.fs_type.chars().take(64).collect(),
+        ));
+    }
+    if m.fs_type == "bind" {
+        abs_path("bind mount source", &m.source)?;
+    } else {
+        text("mount source", &m.source)?;
+    }
+    count("mount options", m.options.len(), 64)?;
+    for o in &m.options {
+        text("mount option", o)?;
+    }
+    Ok(())
+}
+
+impl Validate for RunRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.args.is_empty() {
+            return Err(ValidationError::EmptyArgs);
+        }
+        count("args", self.args.len(), MAX_ARGS)?;
+        for a in &self.args {
+            text("arg", a)?;
+        }
+        if self.args[0].is_empty() {
+            return Err(ValidationError::TooShort {
+                field: "args[0]",
+                len: 0,
+                min: 1,
+            });
+        }
+        count("env", self.env.len(), MAX_ENV)?;
+        for e in &self.env {
+            text("env entry", e)?;
+            match e.split_once('=') {
+                Some((k, _)) if !k.is_empty() => {}
+                _ => return Err(ValidationError::BadEnv(e.chars().take(128).collect())),
+            }
+        }
+        abs_path("cwd", &self.cwd)?;
+        count(
+            "additional_gids",
+            self.user.additional_gids.len(),
+            MAX_GROUPS,
+        )?;
+        if let Some(h) = &self.hostname {
+            validate_hostname(h)?;
+        }
+        count("rlimits", self.rlimits.len(), 16)?;
+        let mut seen = HashSet::new();
+        for r in &self.rlimits {
+            if !seen.insert(r.kind) {
+                return Err(ValidationError::DuplicateRlimit(r.kind));
+            }
+            if r.soft > r.hard {
+                return Err(ValidationError::RlimitSoftAboveHard {
+                    kind: r.kind,
+                    soft: r.soft,
+                    hard: r.hard,
+                });
+            }
+        }
+        count("mounts", self.mounts.len(), MAX_MOUNTS)?;
+        for m in &self.mounts {
+            validate_mount(m)?;
+        }
+        match &self.rootfs.source {
+            RootfsSource::Block { device, .. } => abs_path("rootfs device", device),
+            RootfsSource::Directory { path } => abs_path("rootfs directory", path),
+        }
+    }
+}
+
+impl Validate for HostMessage {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            HostMessage::Hello { version: v } => version(*v),
+            HostMessage::Run(run) => run.validate(),
+            HostMessage::Stdin(b) => chunk("stdin chunk", b),
+            HostMessage::CloseStdin => Ok(()),
+            HostMessage::Signal(s) => {
+                if (1..=MAX_SIGNAL).contains(s) {
+                    Ok(())
+                } else {
+                    Err(ValidationError::BadSignal(*s))
+                }
+            }
+            &HostMessage::Resize { rows, cols } => {
+                if rows == 0 || cols == 0 {
+                    Err(ValidationError::BadWindowSize { rows, cols })
+                } else {
+                    Ok(())
+                }
+            }
+            &HostMessage::SyncTime { realtime_ns } => {
+                if (MIN_REALTIME_NS..MAX_REALTIME_NS).contains(&realtime_ns) {
+                    Ok(())
+                } else {
+                    Err(ValidationError::BadTime(realtime_ns))
+                }
+            }
+            HostMessage::Reseed { bytes } => {
+                let len = bytes.len();
+                if len < *RESEED_BYTES.start() {
+                    Err(ValidationError::TooShort {
+                        field: "reseed bytes",
+                        len,
+                        min: *RESEED_BYTES.start(),
+                    })
+                } else if len > *RESEED_BYTES.end() {
+                    Err(ValidationError::TooLong {
+                        field: "reseed bytes",
+                        len,
+                        max: *RESEED_BYTES.end(),
+                    })
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+impl Validate for AgentMessage {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            AgentMessage::Hello { version: v } => version(*v),
+            AgentMessage::Ack => Ok(()),
+            AgentMessage::Started { pid } => {
+                if *pid == 0 {
+                    Err(ValidationError::BadPid)
+                } else {
+                    Ok(())
+                }
+            }
+            AgentMessage::Stdout(b) => chunk("stdout chunk", b),
+            AgentMessage::Stderr(b) => chunk("stderr chunk", b),
+            AgentMessage::Exited { code } => {
+                if (0..=255).contains(code) {
+                    Ok(())
+                } else {
+                    Err(ValidationError::BadExitCode(*code))
+                }
+            }
+            AgentMessage::Error { message, .. } => text("error message", message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{RootfsSpec, User};
+
+    fn run() -> RunRequest {
+        RunRequest {
+            args: vec!["sh".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: User {
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![],
+            },
+            hostname: Some("h".into()),
+            rlimits: vec![],
+            mounts: vec![],
+            terminal: false,
+            no_new_privileges: true,
+            rootfs: RootfsSpec {
+                source: RootfsSource::Block {
+                    device: "/dev/vdb".into(),
+                    fs: None,
+                },
+                readonly: false,
+            },
+        }
+    }
+
+    #[test]
+    fn test_validate_good_run_accepted() {
+        run().validate().unwrap();
+    }
+
+    #[test]
+    fn test_validate_limits_enforced() {
+        let mut r = run();
+        r.args = vec!["x".into(); MAX_ARGS + 1];
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::TooMany { field: "args", .. })
+        ));
+        let mut r = run();
+        r.cwd = format!("/{}", "a".repeat(MAX_TEXT));
+        assert!(matches!(r.validate(), Err(ValidationError::TooLong { .. })));
+        let mut r = run();
+        r.user.additional_gids = vec![1; MAX_GROUPS + 1];
+        assert!(r.validate().is_err());
+        let mut r = run();
+        r.hostname = Some("a".repeat(65));
+        assert!(matches!(r.validate(), Err(ValidationError::BadHostname(_))));
+    }
+
+    #[test]
+    fn test_validate_duplicate_rlimit_rejected() {
+        let mut r = run();
+        let l = crate::Rlimit {
+            kind: crate::RlimitKind::Nofile,
+            soft: 1,
+            hard: 1,
+        };
+        r.rlimits = vec![l, l];
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::DuplicateRlimit(_))
+        ));
+    }
+
+    #[test]
+    fn test_validate_relative_rootfs_device_rejected() {
+        let mut r = run();
+        r.rootfs.source = RootfsSource::Block {
+            device: "vdb".into(),
+            fs: None,
+        };
+        assert!(matches!(r.validate(), Err(ValidationError::BadPath { .. })));
+    }
+
+    #[test]
+    fn test_validate_hello_other_version_is_mismatch() {
+        let e = HostMessage::Hello {
+            version: PROTOCOL_VERSION + 1,
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            e,
+            ValidationError::VersionMismatch {
+                peer: PROTOCOL_VERSION + 1,
+                ours: PROTOCOL_VERSION
+            }
+        );
+    }
+
+    #[test]
+    fn test_validate_sync_time_range() {
+        assert!(
+            HostMessage::SyncTime {
+                realtime_ns: MIN_REALTIME_NS
+            }
+            .validate()
+            .is_ok()
+        );
+        assert!(
+            HostMessage::SyncTime {
+                realtime_ns: MIN_REALTIME_NS - 1
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            HostMessage::SyncTime {
+                realtime_ns: u64::MAX
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn test_validate_agent_messages() {
+        assert!(AgentMessage::Started { pid: 0 }.validate().is_err());
+        assert!(AgentMessage::Exited { code: -1 }.validate().is_err());
+        assert!(AgentMessage::Exited { code: 255 }.validate().is_ok());
+        let long = AgentMessage::Error {
+            kind: crate::ErrorKind::Internal,
+            message: "x".repeat(MAX_TEXT + 1),
+        };
+        assert!(long.validate().is_err());
+    }
+
+    #[test]
+    fn test_rlimit_oci_names_parsed() {
+        assert_eq!(
+            crate::RlimitKind::from_oci_name("RLIMIT_NOFILE"),
+            Some(crate::RlimitKind::Nofile)
+        );
+        assert_eq!(crate::RlimitKind::from_oci_name("RLIMIT_BOGUS"), None);
+    }
+}

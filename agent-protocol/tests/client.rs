@@ -1,0 +1,218 @@
+//! The host client against a fake agent (the other end of a socket pair):
+//! broken, hostile or mismatched agent messages give clear errors.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::thread;
+use std::time::Duration;
+
+use agent_protocol::{
+    AgentClient, AgentMessage, ClientError, FrameError, HostMessage, MAX_MESSAGE_SIZE,
+    PROTOCOL_VERSION, ProtocolError, RootfsSource, RootfsSpec, RunRequest, User, read_message,
+    write_message,
+};
+
+const T: Duration = Duration::from_secs(5);
+
+fn raw(msg: &AgentMessage) -> Vec<u8> {
+    let payload = postcard::to_stdvec(msg).unwrap();
+    let mut f = (payload.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&payload);
+    f
+}
+
+/// Runs `agent` on one end of a socket pair; returns the client's handshake.
+fn with_fake_agent(
+    agent: impl FnOnce(UnixStream) + Send + 'static,
+    timeout: Duration,
+) -> Result<AgentClient<UnixStream>, ClientError> {
+    let (host, fake) = UnixStream::pair().unwrap();
+    thread::spawn(move || agent(fake));
+    AgentClient::handshake(host, timeout)
+}
+
+fn request() -> RunRequest {
+    RunRequest {
+        args: vec!["true".into()],
+        env: vec![],
+        cwd: "/".into(),
+        user: User {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+        },
+        hostname: None,
+        rlimits: vec![],
+        mounts: vec![],
+        terminal: false,
+        no_new_privileges: false,
+        rootfs: RootfsSpec {
+            source: RootfsSource::Directory { path: "/".into() },
+            readonly: true,
+        },
+    }
+}
+
+#[test]
+fn test_client_agent_wrong_version_is_version_mismatch() {
+    let r = with_fake_agent(
+        |mut s| {
+            s.write_all(&raw(&AgentMessage::Hello { version: 7 }))
+                .unwrap()
+        },
+        T,
+    );
+    match r {
+        Err(ClientError::VersionMismatch { agent: 7, ours }) => assert_eq!(ours, PROTOCOL_VERSION),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn test_client_agent_oversized_frame_rejected() {
+    let r = with_fake_agent(
+        |mut s| {
+            s.write_all(&(MAX_MESSAGE_SIZE as u32 + 1).to_le_bytes())
+                .unwrap()
+        },
+        T,
+    );
+    assert!(
+        matches!(
+            r,
+            Err(ClientError::Protocol(ProtocolError::Frame(
+                FrameError::TooLarge { .. }
+            )))
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn test_client_agent_truncated_frame_rejected() {
+    let r = with_fake_agent(|mut s| s.write_all(&[9, 0, 0, 0, 0]).unwrap(), T);
+    assert!(
+        matches!(
+            r,
+            Err(ClientError::Protocol(ProtocolError::Frame(
+                FrameError::Truncated { .. }
+            )))
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn test_client_agent_malformed_payload_rejected() {
+    let r = with_fake_agent(|mut s| s.write_all(&[2, 0, 0, 0, 99, 99]).unwrap(), T);
+    assert!(
+        matches!(r, Err(ClientError::Protocol(ProtocolError::Decode(_)))),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn test_client_agent_closes_immediately_is_closed() {
+    let r = with_fake_agent(drop, T);
+    match r {
+        Err(ClientError::Protocol(e)) => assert!(e.is_closed()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn test_client_silent_agent_times_out() {
+    let r = with_fake_agent(
+        |s| {
+            // Keep the socket open, say nothing.
+            thread::sleep(Duration::from_secs(2));
+            drop(s);
+        },
+        Duration::from_millis(200),
+    );
+    assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+}
+
+#[test]
+fn test_client_agent_invalid_field_rejected() {
+    let r = with_fake_agent(
+        |mut s| {
+            write_message(
+                &mut s,
+                &AgentMessage::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+            )
+            .unwrap();
+            let _ = read_message::<HostMessage>(&mut s);
+            let _ = read_message::<HostMessage>(&mut s);
+            s.write_all(&raw(&AgentMessage::Exited { code: 300 }))
+                .unwrap();
+            thread::sleep(Duration::from_millis(500));
+        },
+        T,
+    );
+    let mut c = r.unwrap();
+    let e = c.run(request(), None, T).unwrap_err();
+    match e {
+        ClientError::Protocol(ProtocolError::Invalid(v)) => assert!(v.to_string().contains("300")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn test_client_unexpected_message_reported() {
+    let r = with_fake_agent(
+        |mut s| {
+            write_message(
+                &mut s,
+                &AgentMessage::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+            )
+            .unwrap();
+            let _ = read_message::<HostMessage>(&mut s);
+            let _ = read_message::<HostMessage>(&mut s);
+            write_message(&mut s, &AgentMessage::Ack).unwrap();
+            thread::sleep(Duration::from_millis(500));
+        },
+        T,
+    );
+    let e = r.unwrap().start(request()).unwrap_err();
+    assert!(matches!(e, ClientError::Unexpected(_)), "{e:?}");
+}
+
+#[test]
+fn test_client_run_collects_output_in_order() {
+    let r = with_fake_agent(
+        |mut s| {
+            write_message(
+                &mut s,
+                &AgentMessage::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+            )
+            .unwrap();
+            let _hello = read_message::<HostMessage>(&mut s).unwrap();
+            let run = read_message::<HostMessage>(&mut s).unwrap();
+            assert!(matches!(run, HostMessage::Run(_)));
+            for m in [
+                AgentMessage::Started { pid: 5 },
+                AgentMessage::Stdout(b"a".to_vec()),
+                AgentMessage::Stderr(b"b".to_vec()),
+                AgentMessage::Stdout(b"c".to_vec()),
+                AgentMessage::Exited { code: 42 },
+            ] {
+                write_message(&mut s, &m).unwrap();
+            }
+        },
+        T,
+    );
+    let o = r.unwrap().run(request(), None, T).unwrap();
+    assert_eq!((o.pid, o.code), (Some(5), 42));
+    assert_eq!(
+        (o.stdout.as_slice(), o.stderr.as_slice()),
+        (&b"ac"[..], &b"b"[..])
+    );
+    assert_eq!(o.events.len(), 5);
+}

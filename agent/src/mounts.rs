@@ -1,0 +1,305 @@
+//! OCI mounts inside the container rootfs, and the default device nodes.
+
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+
+use agent_protocol::Mount;
+use nix::mount::{MsFlags, mount};
+use thiserror::Error;
+
+/// Errors of applying OCI mounts.
+#[derive(Debug, Error)]
+pub enum MountError {
+    /// The destination escapes the rootfs through a symlink.
+    #[error("mount destination {0:?} goes through a symlink inside the rootfs")]
+    Symlink(String),
+    /// Creating the mount point failed.
+    #[error("cannot create mount point {path}: {source}")]
+    MountPoint {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// `mount(2)` failed.
+    #[error("cannot mount {fs_type} on {destination}: {source}")]
+    Mount {
+        /// Type.
+        fs_type: String,
+        /// Destination in the container.
+        destination: String,
+        /// Cause.
+        source: nix::Error,
+    },
+}
+
+/// Flags and data string of an OCI option list, as runc splits them:
+/// known flags become mount flags, anything else goes to the data string.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ParsedOptions {
+    /// Flags for `mount(2)`.
+    pub flags: MsFlags,
+    /// Comma-separated filesystem-specific options.
+    pub data: String,
+    /// `rbind` was asked for (recursive bind).
+    pub recursive: bool,
+}
+
+/// Splits OCI mount options into flags and data.
+pub fn parse_options(options: &[String]) -> ParsedOptions {
+    let mut p = ParsedOptions {
+        flags: MsFlags::empty(),
+        data: String::new(),
+        recursive: false,
+    };
+    let mut data = Vec::new();
+    for o in options {
+        let (set, clear) = match o.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
+            "rbind" => {
+                p.recursive = true;
+                (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty())
+            }
+            // Propagation is left private: one container per VM.
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
+            | "runbindable" => (MsFlags::empty(), MsFlags::empty()),
+            other => {
+                data.push(other);
+                (MsFlags::empty(), MsFlags::empty())
+            }
+        };
+        p.flags.insert(set);
+        p.flags.remove(clear);
+    }
+    p.data = data.join(",");
+    p
+}
+
+/// `rootfs` joined with the absolute container path `dest`, refusing any
+/// existing symlink on the way (a hostile image could point it outside).
+pub fn resolve_in_rootfs(rootfs: &Path, dest: &str) -> Result<PathBuf, MountError> {
+    let mut path = rootfs.to_path_buf();
+    for c in Path::new(dest).components() {
+        match c {
+            Component::Normal(name) => {
+                path.push(name);
+                if let Ok(meta) = fs::symlink_metadata(&path)
+                    && meta.file_type().is_symlink()
+                {
+                    return Err(MountError::Symlink(dest.to_owned()));
+                }
+            }
+            Component::RootDir | Component::CurDir => {}
+            // Validation rejects `..`; refuse anyway.
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(MountError::Symlink(dest.to_owned()));
+            }
+        }
+    }
+    Ok(path)
+}
+
+fn mount_err(m: &Mount) -> impl Fn(nix::Error) -> MountError + '_ {
+    move |source| MountError::Mount {
+        fs_type: m.fs_type.clone(),
+        destination: m.destination.clone(),
+        source,
+    }
+}
+
+/// Applies one OCI mount under `rootfs`.
+pub fn apply_mount(rootfs: &Path, m: &Mount) -> Result<(), MountError> {
+    let target = resolve_in_rootfs(rootfs, &m.destination)?;
+    let opts = parse_options(&m.options);
+    let is_bind = m.fs_type == "bind" || opts.flags.contains(MsFlags::MS_BIND);
+    let source_is_file = is_bind && Path::new(&m.source).is_file();
+    let made = if source_is_file {
+        if let Some(parent) = target.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&target)
+            .map(|_| ())
+    } else {
+        fs::create_dir_all(&target)
+    };
+    made.map_err(|source| MountError::MountPoint {
+        path: target.clone(),
+        source,
+    })?;
+    let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
+    if is_bind {
+        let flags = MsFlags::MS_BIND | (opts.flags & MsFlags::MS_REC);
+        mount(
+            Some(m.source.as_str()),
+            &target,
+            None::<&str>,
+            flags,
+            None::<&str>,
+        )
+        .map_err(mount_err(m))?;
+        let remount = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
+        if !remount.is_empty() {
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | remount,
+                None::<&str>,
+            )
+            .map_err(mount_err(m))?;
+        }
+    } else {
+        mount(
+            Some(m.source.as_str()),
+            &target,
+            Some(m.fs_type.as_str()),
+            opts.flags,
+            data,
+        )
+        .map_err(mount_err(m))?;
+    }
+    tracing::debug!(fs_type = %m.fs_type, destination = %m.destination, "mounted");
+    Ok(())
+}
+
+/// A read-only rootfs cannot take the default device nodes: unless the OCI
+/// mounts provide a `/dev`, a tmpfs is mounted there first (as the default
+/// OCI spec does). Call before applying the OCI mounts.
+pub fn prepare_dev(rootfs: &Path, mounts: &[Mount], readonly: bool) -> Result<(), MountError> {
+    if !readonly
+        || mounts
+            .iter()
+            .any(|m| m.destination.trim_end_matches('/') == "/dev")
+    {
+        return Ok(());
+    }
+    apply_mount(
+        rootfs,
+        &Mount {
+            destination: "/dev".into(),
+            fs_type: "tmpfs".into(),
+            source: "tmpfs".into(),
+            options: ["nosuid", "strictatime", "mode=755", "size=65536k"]
+                .map(String::from)
+                .to_vec(),
+        },
+    )
+}
+
+/// Device nodes every container gets (bind-mounted from the agent's /dev),
+/// as runc creates them.
+pub const DEFAULT_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Makes the default devices and /dev symlinks exist in the container's /dev
+/// when the rootfs or its mounts do not provide them.
+pub fn populate_dev(rootfs: &Path) -> Result<(), MountError> {
+    let dev = resolve_in_rootfs(rootfs, "/dev")?;
+    fs::create_dir_all(&dev).map_err(|source| MountError::MountPoint {
+        path: dev.clone(),
+        source,
+    })?;
+    for name in DEFAULT_DEVICES {
+        let target = dev.join(name);
+        if fs::symlink_metadata(&target).is_ok() {
+            continue;
+        }
+        fs::File::create(&target).map_err(|source| MountError::MountPoint {
+            path: target.clone(),
+            source,
+        })?;
+        let host = Path::new("/dev").join(name);
+        mount(
+            Some(&host),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|source| MountError::Mount {
+            fs_type: "bind".into(),
+            destination: format!("/dev/{name}"),
+            source,
+        })?;
+    }
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        let path = dev.join(link);
+        if fs::symlink_metadata(&path).is_err() {
+            let _ = std::os::unix::fs::symlink(to, &path);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> ParsedOptions {
+        parse_options(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn test_parse_options_flags_and_data_split() {
+        let p = opts(&["nosuid", "noexec", "mode=755", "size=65536k", "ro"]);
+        assert_eq!(
+            p.flags,
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY
+        );
+        assert_eq!(p.data, "mode=755,size=65536k");
+        assert!(!p.recursive);
+    }
+
+    #[test]
+    fn test_parse_options_later_option_overrides_earlier() {
+        let p = opts(&["ro", "rw", "nosuid", "suid"]);
+        assert_eq!(p.flags, MsFlags::empty());
+    }
+
+    #[test]
+    fn test_parse_options_rbind_is_recursive_bind() {
+        let p = opts(&["rbind", "rprivate"]);
+        assert_eq!(p.flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert!(p.recursive);
+        assert_eq!(p.data, "");
+    }
+
+    #[test]
+    fn test_resolve_in_rootfs_symlink_rejected() {
+        let dir = std::env::temp_dir().join(format!("agent-mounts-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("real")).unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("evil")).unwrap();
+        assert_eq!(
+            resolve_in_rootfs(&dir, "/real/x").unwrap(),
+            dir.join("real/x")
+        );
+        assert!(matches!(
+            resolve_in_rootfs(&dir, "/evil/x"),
+            Err(MountError::Symlink(_))
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,104 @@
+//! Exit statuses and exec failures, as runc reports them.
+
+mod common;
+
+use agent_protocol::ErrorKind;
+use common::{Agent, out};
+
+#[test]
+fn test_exec_true_exits_zero() {
+    require_harness!();
+    let agent = Agent::start();
+    let o = agent.run(&["true"]);
+    assert_eq!(o.code, 0);
+    assert!(o.pid.is_some(), "no Started: {:?}", o.events);
+    assert!(o.error.is_none());
+}
+
+#[test]
+fn test_exec_false_exits_one() {
+    require_harness!();
+    let agent = Agent::start();
+    assert_eq!(agent.run(&["false"]).code, 1);
+}
+
+#[test]
+fn test_exec_exit_42_reported() {
+    require_harness!();
+    let agent = Agent::start();
+    assert_eq!(agent.run(&["sh", "-c", "exit 42"]).code, 42);
+}
+
+#[test]
+fn test_exec_self_sigkill_reports_137() {
+    require_harness!();
+    let agent = Agent::start();
+    assert_eq!(agent.run(&["sh", "-c", "kill -KILL $$"]).code, 137);
+}
+
+#[test]
+fn test_exec_self_sigterm_reports_143() {
+    require_harness!();
+    let agent = Agent::start();
+    assert_eq!(agent.run(&["sh", "-c", "kill -TERM $$"]).code, 143);
+}
+
+#[test]
+fn test_exec_missing_command_127_with_runc_message() {
+    require_harness!();
+    let agent = Agent::start();
+    let o = agent.run(&["no-such-command", "arg"]);
+    assert_eq!(o.code, 127);
+    let (kind, msg) = o.error.expect("an Error before Exited");
+    assert_eq!(kind, ErrorKind::ExecNotFound);
+    assert_eq!(
+        msg,
+        "exec: \"no-such-command\": executable file not found in $PATH"
+    );
+    assert!(o.pid.is_none());
+}
+
+#[test]
+fn test_exec_missing_absolute_path_127() {
+    require_harness!();
+    let agent = Agent::start();
+    let o = agent.run(&["/bin/nope"]);
+    assert_eq!(o.code, 127);
+    assert_eq!(
+        o.error.unwrap().1,
+        "exec: \"/bin/nope\": stat /bin/nope: no such file or directory"
+    );
+}
+
+#[test]
+fn test_exec_not_executable_126_permission_denied() {
+    require_harness!();
+    let agent = Agent::start();
+    let o = agent.run(&["/etc/passwd"]);
+    assert_eq!(o.code, 126);
+    let (kind, msg) = o.error.unwrap();
+    assert_eq!(kind, ErrorKind::ExecPermissionDenied);
+    assert_eq!(msg, "exec: \"/etc/passwd\": permission denied");
+}
+
+#[test]
+fn test_exec_bad_cwd_126_with_message() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["true"]);
+    req.cwd = "/does/not/exist".into();
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(o.code, 126);
+    let (kind, msg) = o.error.unwrap();
+    assert_eq!(kind, ErrorKind::ExecFailed);
+    assert!(msg.contains("chdir to cwd (\"/does/not/exist\")"), "{msg}");
+}
+
+#[test]
+fn test_exec_agent_serves_next_connection_after_exit() {
+    require_harness!();
+    let agent = Agent::start();
+    assert_eq!(agent.run(&["sh", "-c", "exit 3"]).code, 3);
+    let o = agent.run(&["echo", "again"]);
+    assert_eq!((o.code, out(&o).as_str()), (0, "again\n"));
+}

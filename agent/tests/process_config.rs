@@ -1,0 +1,232 @@
+//! OCI process configuration: env, cwd, user, hostname, rlimits,
+//! no_new_privileges, rootfs overlay and mounts.
+
+mod common;
+
+use agent_protocol::{ErrorKind, Mount, Rlimit, RlimitKind, User};
+use common::{Agent, err, out};
+
+#[test]
+fn test_config_env_exactly_as_requested() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["env"]);
+    req.env = vec!["PATH=/bin".into(), "FOO=bar baz".into(), "EMPTY=".into()];
+    let o = agent.run_req(req, None).unwrap();
+    let text = out(&o);
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
+    assert_eq!(lines, vec!["EMPTY=", "FOO=bar baz", "PATH=/bin"]);
+}
+
+#[test]
+fn test_config_path_from_env_used_for_lookup() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["echo", "x"]);
+    req.env = vec!["PATH=/nonexistent".into()];
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(o.code, 127);
+    assert_eq!(o.error.unwrap().0, ErrorKind::ExecNotFound);
+}
+
+#[test]
+fn test_config_cwd_applied() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["pwd"]);
+    req.cwd = "/tmp".into();
+    assert_eq!(out(&agent.run_req(req, None).unwrap()), "/tmp\n");
+}
+
+#[test]
+fn test_config_uid_gid_groups_applied() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["sh", "-c", "id -u; id -g; id -G"]);
+    req.user = User {
+        uid: 1000,
+        gid: 1000,
+        additional_gids: vec![2000, 3000],
+    };
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(o.code, 0, "{}", err(&o));
+    let text = out(&o);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "1000");
+    assert_eq!(lines[1], "1000");
+    let mut groups: Vec<&str> = lines[2].split_whitespace().collect();
+    groups.sort();
+    assert_eq!(groups, vec!["1000", "2000", "3000"]);
+}
+
+#[test]
+fn test_config_non_root_cannot_write_root_owned_dir() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["sh", "-c", "touch /etc/x"]);
+    req.user = User {
+        uid: 1000,
+        gid: 1000,
+        additional_gids: vec![],
+    };
+    let o = agent.run_req(req, None).unwrap();
+    assert_ne!(o.code, 0);
+    assert!(err(&o).contains("Permission denied"), "{}", err(&o));
+}
+
+#[test]
+fn test_config_hostname_set() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["hostname"]);
+    req.hostname = Some("kata-guest-1".into());
+    assert_eq!(out(&agent.run_req(req, None).unwrap()), "kata-guest-1\n");
+    // The harness runs in its own UTS namespace: the host keeps its name.
+    assert_ne!(nix::unistd::gethostname().unwrap(), "kata-guest-1");
+}
+
+#[test]
+fn test_config_rlimits_soft_and_hard_applied() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -Sc"]);
+    req.rlimits = vec![
+        Rlimit {
+            kind: RlimitKind::Nofile,
+            soft: 123,
+            hard: 456,
+        },
+        Rlimit {
+            kind: RlimitKind::Core,
+            soft: 0,
+            hard: 0,
+        },
+    ];
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(out(&o), "123\n456\n0\n");
+}
+
+#[test]
+fn test_config_no_new_privileges_set_only_when_asked() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["grep", "NoNewPrivs", "/proc/self/status"]);
+    req.no_new_privileges = true;
+    assert_eq!(
+        out(&agent.run_req(req.clone(), None).unwrap()),
+        "NoNewPrivs:\t1\n"
+    );
+    req.no_new_privileges = false;
+    assert_eq!(out(&agent.run_req(req, None).unwrap()), "NoNewPrivs:\t0\n");
+}
+
+#[test]
+fn test_rootfs_overlay_writable_and_lower_untouched() {
+    require_harness!();
+    let agent = Agent::start();
+    let o = agent.run(&[
+        "sh",
+        "-c",
+        "echo hi > /newfile && cat /newfile && rm /etc/hostname && echo rm-ok",
+    ]);
+    assert_eq!(
+        (o.code, out(&o).as_str()),
+        (0, "hi\nrm-ok\n"),
+        "{}",
+        err(&o)
+    );
+    assert!(
+        !agent.rootfs.join("newfile").exists(),
+        "write leaked into the lower layer"
+    );
+    assert!(
+        agent.rootfs.join("etc/hostname").exists(),
+        "delete leaked into the lower layer"
+    );
+    // Each run gets a fresh upper layer.
+    let o = agent.run(&["cat", "/newfile"]);
+    assert_ne!(o.code, 0);
+}
+
+#[test]
+fn test_rootfs_readonly_refuses_writes() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["sh", "-c", "echo x > /dev/null; echo x > /newfile"]);
+    req.rootfs.readonly = true;
+    let o = agent.run_req(req, None).unwrap();
+    assert_ne!(o.code, 0);
+    assert!(err(&o).contains("Read-only file system"), "{}", err(&o));
+}
+
+#[test]
+fn test_mounts_tmpfs_with_options_applied() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["grep", " /scratch ", "/proc/mounts"]);
+    req.mounts.push(Mount {
+        destination: "/scratch".into(),
+        fs_type: "tmpfs".into(),
+        source: "tmpfs".into(),
+        options: ["nosuid", "nodev", "size=1m", "mode=750"]
+            .map(String::from)
+            .to_vec(),
+    });
+    let o = agent.run_req(req, None).unwrap();
+    let line = out(&o);
+    assert!(
+        line.starts_with("tmpfs /scratch tmpfs rw,nosuid,nodev"),
+        "{line:?}"
+    );
+    assert!(
+        line.contains("size=1024k") && line.contains("mode=750"),
+        "{line:?}"
+    );
+}
+
+#[test]
+fn test_mounts_default_devices_present() {
+    require_harness!();
+    let agent = Agent::start();
+    let o = agent.run(&[
+        "sh",
+        "-c",
+        "echo gone > /dev/null && head -c 4 /dev/zero | od -An -tx1",
+    ]);
+    assert_eq!(o.code, 0, "{}", err(&o));
+    assert_eq!(out(&o).trim(), "00 00 00 00");
+}
+
+#[test]
+fn test_mounts_destination_through_symlink_rejected() {
+    require_harness!();
+    let agent = Agent::start();
+    std::os::unix::fs::symlink("/etc", agent.rootfs.join("evil")).unwrap();
+    let mut req = agent.request(&["true"]);
+    req.mounts.push(Mount {
+        destination: "/evil/x".into(),
+        fs_type: "tmpfs".into(),
+        source: "tmpfs".into(),
+        options: vec![],
+    });
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(o.code, 126);
+    let (kind, msg) = o.error.unwrap();
+    assert_eq!(kind, ErrorKind::Rootfs);
+    assert!(msg.contains("symlink"), "{msg}");
+    assert!(o.pid.is_none());
+}
+
+#[test]
+fn test_rootfs_missing_directory_reported() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["true"]);
+    req.rootfs.source = agent_protocol::RootfsSource::Directory {
+        path: "/nonexistent/rootfs".into(),
+    };
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(o.code, 126);
+    assert_eq!(o.error.unwrap().0, ErrorKind::Rootfs);
+}
