@@ -9,8 +9,10 @@
 //! completions come back to the same source. Sources get the loop's context `C` (the VM's state)
 //! by `&mut`, so nothing here needs a lock.
 //!
-//! Adding an event source: implement [`EventSource`] (start: submit the first operations;
-//! complete: handle one completion and resubmit) and call [`EventLoop::add`].
+//! Adding an event source: for "do this when that fd is readable", one [`FdWatch`] with a closure;
+//! for anything else (reads into buffers, several operations in flight), implement [`EventSource`]
+//! (start: submit the first operations; complete: handle one completion and resubmit). Then call
+//! [`EventLoop::add`].
 
 #![deny(missing_docs)]
 
@@ -302,6 +304,76 @@ impl<C> EventLoop<C> {
     }
 }
 
+/// What an [`FdWatch`] callback wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// Keep watching.
+    Again,
+    /// Stop watching this fd (end of input, error).
+    Done,
+    /// End the whole loop.
+    ExitLoop,
+}
+
+/// Calls `on_readable` each time `fd` becomes readable; the callback reads what it needs.
+pub struct FdWatch<C> {
+    name: &'static str,
+    fd: RawFd,
+    on_readable: Box<dyn FnMut(&mut C) -> Watch>,
+}
+
+impl<C> std::fmt::Debug for FdWatch<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FdWatch")
+            .field("name", &self.name)
+            .field("fd", &self.fd)
+            .finish()
+    }
+}
+
+impl<C> FdWatch<C> {
+    /// Watches `fd`, which must stay open as long as the source is registered (the callback
+    /// usually owns it).
+    pub fn new(
+        name: &'static str,
+        fd: RawFd,
+        on_readable: impl FnMut(&mut C) -> Watch + 'static,
+    ) -> Self {
+        Self {
+            name,
+            fd,
+            on_readable: Box::new(on_readable),
+        }
+    }
+}
+
+impl<C> EventSource<C> for FdWatch<C> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn start(&mut self, _ctx: &mut C, ops: &mut Ops<'_, C>) {
+        ops.poll_readable(self.fd, 0, false);
+    }
+
+    fn complete(&mut self, c: Completion, ctx: &mut C, ops: &mut Ops<'_, C>) -> Flow {
+        if c.result < 0 && c.result != -libc::EINTR {
+            return Flow::Remove;
+        }
+        match (self.on_readable)(ctx) {
+            Watch::Again => {
+                ops.poll_readable(self.fd, 0, false);
+                Flow::Continue
+            }
+            Watch::Done => Flow::Remove,
+            Watch::ExitLoop => {
+                ops.exit();
+                Flow::Remove
+            }
+        }
+    }
+}
+
 /// A periodic timer source calling `tick` every `period`.
 pub struct Ticker<C> {
     name: &'static str,
@@ -409,6 +481,28 @@ mod tests {
         lp.add(Box::new(Counter { evt }), &mut seen);
         lp.run(&mut seen).unwrap();
         assert_eq!(seen, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn test_fd_watch_calls_back_until_exit() {
+        let mut lp = EventLoop::<Vec<u64>>::new().unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        evt.write(5).unwrap();
+        let fd = evt.as_raw_fd();
+        let mut seen = Vec::new();
+        lp.add(
+            Box::new(FdWatch::new("evt", fd, move |seen: &mut Vec<u64>| {
+                seen.push(evt.read().unwrap());
+                if seen.len() == 3 {
+                    return Watch::ExitLoop;
+                }
+                evt.write(1).unwrap();
+                Watch::Again
+            })),
+            &mut seen,
+        );
+        lp.run(&mut seen).unwrap();
+        assert_eq!(seen, vec![5, 1, 1]);
     }
 
     #[test]

@@ -46,6 +46,13 @@ fn restore_err(dir: &Path, mode: &str, needle: &str) {
     assert!(out.stdout.is_empty(), "no guest may run: {}", out.stdout);
 }
 
+/// Rewrites the state with a valid checksum after `edit`: damage the checksum cannot catch.
+fn edit_state(dir: &Path, edit: impl FnOnce(&mut VmState)) {
+    let mut state: VmState = snapshot::format::read_file(&dir.join("state")).unwrap();
+    edit(&mut state);
+    fs::write(dir.join("state"), snapshot::format::encode(&state).unwrap()).unwrap();
+}
+
 fn patch(path: &Path, offset: usize, bytes: &[u8]) {
     let mut data = fs::read(path).unwrap();
     data[offset..offset + bytes.len()].copy_from_slice(bytes);
@@ -146,9 +153,7 @@ fn test_restore_layout_that_does_not_match_refused() {
     let root = tempfile::tempdir().unwrap();
     let dir = good_snapshot(root.path());
     // A state that passes its checksum but claims a memory size its layout does not have.
-    let mut state: VmState = snapshot::format::read_file(&dir.join("state")).unwrap();
-    state.mem_mib = 128;
-    fs::write(dir.join("state"), snapshot::format::encode(&state).unwrap()).unwrap();
+    edit_state(&dir, |state| state.mem_mib = 128);
     restore_err(&dir, "uffd", "does not match 128 MiB of guest memory");
 }
 
@@ -179,24 +184,22 @@ fn test_restore_snapshot_from_other_cpu_refused() {
     }
     let root = tempfile::tempdir().unwrap();
     let dir = good_snapshot(root.path());
-    let mut state: VmState = snapshot::format::read_file(&dir.join("state")).unwrap();
     // Claim the snapshotting host offered every leaf-7 feature.
-    for e in state
-        .host_cpuid
-        .iter_mut()
-        .filter(|e| e.function == 7 && e.index == 0)
-    {
-        e.ebx = u32::MAX;
-    }
-    fs::write(dir.join("state"), snapshot::format::encode(&state).unwrap()).unwrap();
+    edit_state(&dir, |state| {
+        for e in state
+            .host_cpuid
+            .iter_mut()
+            .filter(|e| e.function == 7 && e.index == 0)
+        {
+            e.ebx = u32::MAX;
+        }
+    });
     restore_err(&dir, "uffd", "taken on a host with different CPU features");
-    let mut state: VmState = snapshot::format::read_file(&dir.join("state")).unwrap();
-    for e in state.host_cpuid.iter_mut().filter(|e| e.function == 0) {
-        e.ebx = 0x756e_6547; // "Genu"
-        e.edx = 0x4965_6e69;
-        e.ecx = 0x6c65_746e;
-    }
-    fs::write(dir.join("state"), snapshot::format::encode(&state).unwrap()).unwrap();
+    edit_state(&dir, |state| {
+        for e in state.host_cpuid.iter_mut().filter(|e| e.function == 0) {
+            (e.ebx, e.edx, e.ecx) = (0x756e_6547, 0x4965_6e69, 0x6c65_746e); // "GenuineIntel"
+        }
+    });
     restore_err(&dir, "uffd", "vendor differs");
 }
 

@@ -126,46 +126,32 @@ pub struct BackgroundVm {
 }
 
 impl BackgroundVm {
+    /// `kata-snap boot --kernel KERNEL EXTRA...` in the background.
     pub fn start(kernel: &str, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let serial = dir.path().join("serial.log");
-        let sock = dir.path().join("api.sock");
-        let stderr = dir.path().join("stderr.log");
-        let child = Command::new(BIN)
-            .args(["boot", "--kernel", kernel, "--serial-log"])
-            .arg(&serial)
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn kata-snap");
-        let vm = Self {
-            child,
-            dir,
-            serial,
-            sock,
-            stderr,
-        };
-        vm.wait_for(
-            || vm.sock.exists(),
-            Duration::from_secs(20),
-            "control socket",
-        );
-        vm
+        let mut args = vec!["boot", "--kernel", kernel];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
     }
 
     /// `kata-snap restore --snapshot DIR --mode MODE` in the background.
     pub fn start_restore(snapshot: &Path, mode: &str) -> Self {
+        Self::spawn(&[
+            "restore",
+            "--mode",
+            mode,
+            "--snapshot",
+            snapshot.to_str().unwrap(),
+        ])
+    }
+
+    /// Runs `kata-snap ARGS --serial-log <tmp> --api-sock <tmp>` and waits for its socket.
+    fn spawn(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let serial = dir.path().join("serial.log");
         let sock = dir.path().join("api.sock");
         let stderr = dir.path().join("stderr.log");
         let child = Command::new(BIN)
-            .args(["restore", "--mode", mode, "--snapshot"])
-            .arg(snapshot)
+            .args(args)
             .arg("--serial-log")
             .arg(&serial)
             .arg("--api-sock")
@@ -174,7 +160,7 @@ impl BackgroundVm {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr).unwrap())
             .spawn()
-            .expect("spawn kata-snap restore");
+            .expect("spawn kata-snap");
         let vm = Self {
             child,
             dir,

@@ -43,7 +43,6 @@ use crate::layout::{KVM_TSS_ADDRESS, LayoutError, MemoryLayout};
 use crate::persist::PersistError;
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu::{ConfigureVcpuError, ExitCounts, Vcpu};
-use runtime::{SignalSource, SnapshotSource, StdinSource, StopSource};
 
 /// Period of the halt watchdog.
 const HALT_CHECK_PERIOD: Duration = Duration::from_millis(250);
@@ -490,14 +489,12 @@ fn launch(p: Prepared, l: Launch) -> Result<VmReport, BuildVmError> {
         host_cpuid: supported_cpuid.as_slice().to_vec(),
     });
 
-    event_loop.add(Box::new(StopSource::new(&stop)), &mut rt);
-    event_loop.add(Box::new(SignalSource::new(signals)), &mut rt);
-    event_loop.add(Box::new(SnapshotSource::new(&stop)), &mut rt);
+    let stdin = (l.forward_stdin && stdin_is_open()).then_some(0);
+    for source in runtime::loop_sources(&stop, signals, stdin) {
+        event_loop.add(Box::new(source), &mut rt);
+    }
     if let Some(l) = listener {
         event_loop.add(Box::new(ControlListener::new(l)), &mut rt);
-    }
-    if l.forward_stdin && stdin_is_open() {
-        event_loop.add(Box::new(StdinSource::new(0)), &mut rt);
     }
     event_loop.add(
         Box::new(Ticker::new(

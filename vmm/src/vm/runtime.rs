@@ -8,9 +8,9 @@ use std::time::Duration;
 use devices::bus::lock_device;
 use devices::legacy::Serial;
 use devices::legacy::serial::SerialMetrics;
-use nix::sys::signalfd::SignalFd;
-
+use event_loop::{FdWatch, Watch};
 use kvm_ioctls::VmFd;
+use nix::sys::signalfd::SignalFd;
 use vm_memory::GuestMemoryMmap;
 
 use super::restore::LazyMemory;
@@ -21,7 +21,6 @@ use crate::host::HostCheck;
 use crate::layout::MemoryLayout;
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu::{ExitCounts, HaltStatus, VcpuHandle};
-use event_loop::{Completion, EventSource, Flow, Ops};
 
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -277,169 +276,66 @@ impl ControlHandler for VmRuntime {
     }
 }
 
-/// Takes the snapshot when a vCPU parked at READY (snapshot-on-ready).
-#[derive(Debug)]
-pub struct SnapshotSource {
-    fd: RawFd,
-}
-
-impl SnapshotSource {
-    /// Watches the notifier's snapshot eventfd.
-    pub fn new(stop: &StopNotifier) -> Self {
-        Self {
-            fd: stop.snapshot_eventfd().as_raw_fd(),
-        }
-    }
-}
-
-impl EventSource<VmRuntime> for SnapshotSource {
-    fn name(&self) -> &'static str {
-        "snapshot-on-ready"
-    }
-
-    fn start(&mut self, _ctx: &mut VmRuntime, ops: &mut Ops<'_, VmRuntime>) {
-        ops.poll_readable(self.fd, 0, false);
-    }
-
-    fn complete(
-        &mut self,
-        _c: Completion,
-        ctx: &mut VmRuntime,
-        ops: &mut Ops<'_, VmRuntime>,
-    ) -> Flow {
-        let _ = ctx.stop.snapshot_eventfd().read();
-        ctx.snapshot_at_ready();
-        ops.poll_readable(self.fd, 0, false);
-        Flow::Continue
-    }
-}
-
-/// Ends the loop when a stop is reported.
-#[derive(Debug)]
-pub struct StopSource {
-    fd: RawFd,
-}
-
-impl StopSource {
-    /// Watches the notifier's eventfd.
-    pub fn new(stop: &StopNotifier) -> Self {
-        Self {
-            fd: stop.eventfd().as_raw_fd(),
-        }
-    }
-}
-
-impl EventSource<VmRuntime> for StopSource {
-    fn name(&self) -> &'static str {
-        "stop"
-    }
-
-    fn start(&mut self, _ctx: &mut VmRuntime, ops: &mut Ops<'_, VmRuntime>) {
-        ops.poll_readable(self.fd, 0, false);
-    }
-
-    fn complete(
-        &mut self,
-        _c: Completion,
-        ctx: &mut VmRuntime,
-        ops: &mut Ops<'_, VmRuntime>,
-    ) -> Flow {
-        let _ = ctx.stop.eventfd().read();
-        if ctx.stop.reason().is_some() {
-            ops.exit();
-        } else {
-            ops.poll_readable(self.fd, 0, false);
-        }
-        Flow::Continue
-    }
-}
-
-/// SIGINT, SIGTERM and SIGHUP, read from a signalfd: each stops the VM cleanly.
-#[derive(Debug)]
-pub struct SignalSource {
-    sfd: SignalFd,
-}
-
-impl SignalSource {
-    /// Wraps a signalfd for the (already blocked) termination signals.
-    pub fn new(sfd: SignalFd) -> Self {
-        Self { sfd }
-    }
-}
-
-impl EventSource<VmRuntime> for SignalSource {
-    fn name(&self) -> &'static str {
-        "signals"
-    }
-
-    fn start(&mut self, _ctx: &mut VmRuntime, ops: &mut Ops<'_, VmRuntime>) {
-        ops.poll_readable(self.sfd.as_raw_fd(), 0, false);
-    }
-
-    fn complete(
-        &mut self,
-        _c: Completion,
-        ctx: &mut VmRuntime,
-        ops: &mut Ops<'_, VmRuntime>,
-    ) -> Flow {
-        if let Ok(Some(info)) = self.sfd.read_signal() {
-            ctx.stop.stop(StopReason::Signal {
-                signal: info.ssi_signo as i32,
-            });
-        }
-        ops.poll_readable(self.sfd.as_raw_fd(), 0, false);
-        Flow::Continue
-    }
-}
-
-/// The VMM's standard input, fed to the guest's serial port. Removed at end of input.
-#[derive(Debug)]
-pub struct StdinSource {
-    fd: RawFd,
-}
-
-impl StdinSource {
-    /// Reads from `fd` (normally 0).
-    pub fn new(fd: RawFd) -> Self {
-        Self { fd }
-    }
-}
-
-impl EventSource<VmRuntime> for StdinSource {
-    fn name(&self) -> &'static str {
-        "stdin"
-    }
-
-    fn start(&mut self, _ctx: &mut VmRuntime, ops: &mut Ops<'_, VmRuntime>) {
-        ops.poll_readable(self.fd, 0, false);
-    }
-
-    fn complete(
-        &mut self,
-        c: Completion,
-        ctx: &mut VmRuntime,
-        ops: &mut Ops<'_, VmRuntime>,
-    ) -> Flow {
-        if c.result < 0 {
-            return Flow::Remove;
-        }
-        let mut buf = [0u8; 1024];
-        // SAFETY: reading into a local buffer of the given length from an fd we were given.
-        let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
-        match n {
-            n if n > 0 => {
-                lock_device(&ctx.serial).queue_input(&buf[..n as usize]);
-                ops.poll_readable(self.fd, 0, false);
-                Flow::Continue
+/// The loop's own sources: stop reports, snapshot-on-ready, termination signals, stdin.
+pub fn loop_sources(
+    stop: &StopNotifier,
+    signals: SignalFd,
+    stdin: Option<RawFd>,
+) -> Vec<FdWatch<VmRuntime>> {
+    let mut sources = vec![
+        // A stop was reported: end the loop.
+        FdWatch::new("stop", stop.eventfd().as_raw_fd(), |rt: &mut VmRuntime| {
+            let _ = rt.stop.eventfd().read();
+            if rt.stop.reason().is_some() {
+                Watch::ExitLoop
+            } else {
+                Watch::Again
             }
-            0 => Flow::Remove,
-            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-                || std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock =>
+        }),
+        // A vCPU parked at READY with snapshot-on-ready armed.
+        FdWatch::new(
+            "snapshot-on-ready",
+            stop.snapshot_eventfd().as_raw_fd(),
+            |rt: &mut VmRuntime| {
+                let _ = rt.stop.snapshot_eventfd().read();
+                rt.snapshot_at_ready();
+                Watch::Again
+            },
+        ),
+    ];
+    // SIGINT, SIGTERM, SIGHUP: each stops the VM cleanly.
+    let sfd_raw = signals.as_raw_fd();
+    sources.push(FdWatch::new(
+        "signals",
+        sfd_raw,
+        move |rt: &mut VmRuntime| {
+            if let Ok(Some(info)) = signals.read_signal() {
+                rt.stop.stop(StopReason::Signal {
+                    signal: info.ssi_signo as i32,
+                });
+            }
+            Watch::Again
+        },
+    ));
+    // The VMM's stdin, fed to the guest's serial port until end of input.
+    if let Some(fd) = stdin {
+        sources.push(FdWatch::new("stdin", fd, move |rt: &mut VmRuntime| {
+            let mut buf = [0u8; 1024];
+            // SAFETY: reading into a local buffer of the given length from an fd we were given.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                lock_device(&rt.serial).queue_input(&buf[..n as usize]);
+                return Watch::Again;
+            }
+            let e = std::io::Error::last_os_error().kind();
+            if n < 0
+                && (e == std::io::ErrorKind::Interrupted || e == std::io::ErrorKind::WouldBlock)
             {
-                ops.poll_readable(self.fd, 0, false);
-                Flow::Continue
+                Watch::Again
+            } else {
+                Watch::Done
             }
-            _ => Flow::Remove,
-        }
+        }));
     }
+    sources
 }
