@@ -63,6 +63,7 @@ fn restore_once(snapshot: &Path, mode: RestoreMode, out: &Path) -> Result<(VmRep
         forward_stdin: false,
         fault_around: 16,
         record_workingset: false,
+        prefetch_before: false,
         process_start: start,
     })?;
     Ok((report, start.elapsed()))

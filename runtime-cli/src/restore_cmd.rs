@@ -29,6 +29,10 @@ pub struct RestoreArgs {
     /// In uffd mode, record the working set again even if the snapshot already has one.
     #[arg(long)]
     pub record_workingset: bool,
+    /// In uffd-prefetch mode, install the working set before the vCPUs start [default: while
+    /// they run, the page server answering what is not there yet].
+    #[arg(long)]
+    pub prefetch_before: bool,
     /// Print timing and page-server figures when the VM stops.
     #[arg(long)]
     pub timing: bool,
@@ -60,6 +64,7 @@ pub fn run(args: RestoreArgs, process_start: Instant) -> Result<i32> {
         forward_stdin: true,
         fault_around: args.fault_around as usize,
         record_workingset: args.record_workingset,
+        prefetch_before: args.prefetch_before,
         process_start,
     };
     let report = vmm::vm::restore(config)?;

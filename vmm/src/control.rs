@@ -178,14 +178,20 @@ pub enum ControlSocketError {
 /// The socket is bound and listening under a temporary name, then renamed to `path`: a client that
 /// waits for the path to exist can connect at once.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlSocketError> {
-    let bind_err = |source| ControlSocketError::Bind { path: path.to_path_buf(), source };
+    let bind_err = |source| ControlSocketError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(ControlSocketError::InUse(path.to_path_buf()));
         }
         std::fs::remove_file(path).map_err(bind_err)?;
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(bind_err)?;

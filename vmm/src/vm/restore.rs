@@ -68,6 +68,9 @@ pub struct RestoreConfig {
     pub fault_around: usize,
     /// Record the working set even if the snapshot has one (uffd mode).
     pub record_workingset: bool,
+    /// In `uffd-prefetch`, install the working set before the vCPUs start instead of while they
+    /// run.
+    pub prefetch_before: bool,
     /// When the process started.
     pub process_start: Instant,
 }
@@ -103,12 +106,35 @@ pub enum RestoreError {
 pub(super) struct LazyMemory {
     pub handle: PageServerHandle,
     pub record_to: Option<PathBuf>,
-    pub prefetch: Option<PrefetchStats>,
+    pub prefetch: Prefetch,
+}
+
+/// The working-set prefetch of a `uffd-prefetch` restore.
+#[derive(Debug)]
+pub(super) enum Prefetch {
+    /// None (`uffd` mode).
+    None,
+    /// Done before the vCPUs started.
+    Done(PrefetchStats),
+    /// Running beside the vCPUs on its own thread.
+    Running(std::thread::JoinHandle<Result<PrefetchStats, PageServerError>>),
 }
 
 impl LazyMemory {
     /// Stops the server, writes the recorded working set if asked, and reports.
     pub fn finish(mut self) -> PageServerReport {
+        let prefetch = match std::mem::replace(&mut self.prefetch, Prefetch::None) {
+            Prefetch::None => None,
+            Prefetch::Done(stats) => Some(stats),
+            Prefetch::Running(thread) => match thread.join() {
+                Ok(Ok(stats)) => Some(stats),
+                Ok(Err(e)) => {
+                    tracing::error!("prefetch: {e}");
+                    None
+                }
+                Err(_) => None,
+            },
+        };
         let stopped = self.handle.stop();
         let server = self.handle.server().clone();
         let s = &server.stats;
@@ -131,11 +157,8 @@ impl LazyMemory {
             wakes: load(&s.wakes),
             median_us: pick(0.5),
             p99_us: pick(0.99),
-            prefetched_pages: self
-                .prefetch
-                .map(|p| p.data_pages + p.zero_pages)
-                .unwrap_or(0),
-            prefetch_ms: self.prefetch.map(|p| p.elapsed.as_secs_f64() * 1e3),
+            prefetched_pages: prefetch.map(|p| p.data_pages + p.zero_pages).unwrap_or(0),
+            prefetch_ms: prefetch.map(|p| p.elapsed.as_secs_f64() * 1e3),
             recorded_pages: None,
         };
         if let Err(e) = stopped {
@@ -331,11 +354,22 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
                 server_config,
             )?;
             let handle = PageServerHandle::spawn(server.clone()).map_err(RestoreError::from)?;
-            let prefetched = match (&workingset, config.mode) {
-                (Some(ws), RestoreMode::UffdPrefetch) => {
-                    Some(prefetch::prefetch(&server, ws).map_err(RestoreError::from)?)
+            let prefetch = match (workingset, config.mode) {
+                (Some(ws), RestoreMode::UffdPrefetch) if config.prefetch_before => {
+                    Prefetch::Done(prefetch::prefetch(&server, &ws).map_err(RestoreError::from)?)
                 }
-                _ => None,
+                (Some(ws), RestoreMode::UffdPrefetch) => {
+                    // Beside the vCPUs: a page they touch first is served by a fault; the
+                    // prefetcher then finds it installed (or gets EEXIST) and moves on.
+                    let server = server.clone();
+                    Prefetch::Running(
+                        std::thread::Builder::new()
+                            .name("prefetch".into())
+                            .spawn(move || prefetch::prefetch(&server, &ws))
+                            .map_err(|e| RestoreError::from(PageServerError::Thread(e)))?,
+                    )
+                }
+                _ => Prefetch::None,
             };
             let record_to = record.then(|| dir.workingset());
             (
@@ -344,7 +378,7 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
                 Some(LazyMemory {
                     handle,
                     record_to,
-                    prefetch: prefetched,
+                    prefetch,
                 }),
             )
         }
