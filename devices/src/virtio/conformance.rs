@@ -50,3 +50,26 @@ fn test_conformance_rng_save_restore_continues() {
         super::rng::tests::rng_io,
     );
 }
+
+#[test]
+fn test_conformance_block_save_restore_continues() {
+    use super::block::{BackendKind, Block, BlockArgs, BlockConfig};
+    use std::fs::File;
+    let f = super::block::tests::disk_file(super::block::tests::SECTORS);
+    let open = || {
+        File::options()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap()
+    };
+    check_device(
+        |mem| Block::new_block(BlockConfig::default(), Some(open()), mem).unwrap(),
+        |mem| BlockArgs {
+            mem,
+            file: Some(open()),
+            backend: BackendKind::IoUring,
+        },
+        super::block::tests::persist::blk_io,
+    );
+}

@@ -234,9 +234,9 @@ pub fn restore_device<H: QueueHandler + 'static>(
     use crate::persist::Persist;
     let parts = Parts::new(transport.queue_max_sizes.len())
         .map_err(|_| super::mmio::RestoreTransportError::Activate(ActivateError::WorkerGone))?;
-    if positions.len() != transport.queues.len()
-        && transport.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK != 0
-    {
+    // No positions: the activation had not reached the worker when the state was saved, so the
+    // queues start at 0 like any fresh activation.
+    if !positions.is_empty() && positions.len() != transport.queues.len() {
         return Err(super::mmio::RestoreTransportError::Queues {
             saved: transport.queue_max_sizes.clone(),
             device: Vec::new(),
@@ -248,7 +248,9 @@ pub fn restore_device<H: QueueHandler + 'static>(
         parts.worker_evts,
         parts.interrupt.clone(),
     );
-    worker.set_restored_positions(positions.to_vec());
+    if !positions.is_empty() {
+        worker.set_restored_positions(positions.to_vec());
+    }
     let transport = MmioTransport::restore(
         super::mmio::MmioTransportArgs {
             device: Box::new(front(parts.tx)),

@@ -129,6 +129,14 @@ pub enum DeviceFailure {
         /// What was wrong.
         reason: super::chain::ChainError,
     },
+    /// A request the device cannot even answer (no usable status byte).
+    #[error("queue {queue}: request at head {head} has no usable status buffer")]
+    BadRequest {
+        /// The queue.
+        queue: usize,
+        /// The chain's head index.
+        head: u16,
+    },
     /// Writing the used ring failed.
     #[error("queue {0}: cannot write the used ring")]
     UsedRing(usize),
