@@ -73,3 +73,27 @@ fn test_conformance_block_save_restore_continues() {
         super::block::tests::persist::blk_io,
     );
 }
+
+#[test]
+fn test_conformance_vsock_save_restore_continues() {
+    use super::vsock::{Vsock, VsockArgs, VsockConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let restored_path = dir.path().join("restored.sock");
+    check_device(
+        |mem| {
+            Vsock::new_vsock(
+                VsockConfig {
+                    guest_cid: 3,
+                    uds_path: dir.path().join("v.sock"),
+                },
+                mem,
+            )
+            .unwrap()
+        },
+        |mem| VsockArgs {
+            mem,
+            uds_path: restored_path.clone(),
+        },
+        super::vsock::tests::vsock_io,
+    );
+}

@@ -33,6 +33,7 @@ pub mod mmio;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
+pub mod vsock;
 
 pub mod front;
 pub mod worker;
