@@ -41,6 +41,8 @@ pub mod worker;
 #[cfg(test)]
 mod conformance;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod transport_tests;
 
 pub use mmio::{MmioTransport, MmioTransportState, kernel_cmdline_fragment};
