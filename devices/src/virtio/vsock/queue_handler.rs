@@ -289,9 +289,13 @@ impl VsockHandler {
                 conn.guest_shut_send |= h.flags & SHUTDOWN_SEND != 0;
                 conn.guest_shut_rcv |= h.flags & SHUTDOWN_RCV != 0;
                 if conn.guest_shut_send && conn.guest_shut_rcv {
-                    let _ = conn.flush();
-                    self.remove(key);
-                    self.ctrl(key.0, key.1, OP_RST, 0);
+                    // Closed by the guest: deliver what it sent before, then reset.
+                    if conn.flush().is_err() || conn.tx_buf.is_empty() {
+                        self.remove(key);
+                        self.ctrl(key.0, key.1, OP_RST, 0);
+                    } else {
+                        Self::arm_write(conn, ops);
+                    }
                 } else if conn.guest_shut_send && conn.tx_buf.is_empty() {
                     let _ = conn.stream.shutdown(std::net::Shutdown::Write);
                 }
@@ -535,7 +539,9 @@ impl QueueHandler for VsockHandler {
             let conn = self.conns.get_mut(&key).expect("by_id is in sync");
             if write {
                 conn.write_armed = false;
-                if conn.flush().is_err() {
+                let failed = conn.flush().is_err();
+                let closed = conn.guest_shut_send && conn.guest_shut_rcv && conn.tx_buf.is_empty();
+                if failed || closed {
                     self.remove(key);
                     self.ctrl(key.0, key.1, OP_RST, 0);
                 } else {
