@@ -284,3 +284,62 @@ impl QueueHandler for BlockHandler {
         self.in_flight
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::test_memory;
+
+    fn handler_with_in_flight(positions: &[u16]) -> BlockHandler {
+        let geo = DiskGeometry {
+            sectors: 0,
+            read_only: false,
+            discard: false,
+        };
+        let mut h = BlockHandler::new(Disk::empty().unwrap(), geo, [0; 20], BackendKind::IoUring);
+        let mem = test_memory();
+        for &pos in positions {
+            h.slots.push(Some(InFlight {
+                queue: 0,
+                head: pos,
+                pos,
+                status: GuestAddress(0),
+                expect: 0,
+                used_len: 1,
+                _iov: Vec::new(),
+                mem: mem.clone(),
+                epoch: 1,
+            }));
+        }
+        h
+    }
+
+    #[test]
+    fn test_replay_positions_out_of_order_completions_are_skipped() {
+        // Positions 5..10 were popped; 5 and 8 are still in flight, 6, 7 and 9 completed.
+        let h = handler_with_in_flight(&[8, 5]);
+        let (pos, skip) = h.replay_positions(&[QueuePosition {
+            next_avail: 10,
+            next_used: 3,
+        }]);
+        assert_eq!(
+            pos,
+            vec![QueuePosition {
+                next_avail: 5,
+                next_used: 3
+            }]
+        );
+        assert_eq!(skip, vec![vec![6, 7, 9]]);
+    }
+
+    #[test]
+    fn test_replay_positions_across_u16_wrap() {
+        let h = handler_with_in_flight(&[65534, 1]);
+        let (pos, skip) = h.replay_positions(&[QueuePosition {
+            next_avail: 2,
+            next_used: 0,
+        }]);
+        assert_eq!(pos[0].next_avail, 65534);
+        assert_eq!(skip, vec![vec![65535, 0]]);
+    }
+}
