@@ -5,10 +5,10 @@
 //! 4 KiB random reads at queue depth 1 and 32, sequential 256 KiB reads and writes.
 //! virtio-vsock: bulk throughput host→guest and guest→host over the Unix-socket host side.
 //!
-//! Run: `cargo bench -p benches --bench virtio` (set `VIRTIO_BENCH_QUICK=1` for a short run).
-//! Prints medians over several runs and the io_uring/sync ratios. The backing file is a temp
-//! file, so reads are served from the page cache: this measures the device and backend overhead,
-//! not a disk.
+//! Run: `cargo bench -p benches --bench virtio` (`VIRTIO_BENCH_QUICK=1`: a short run;
+//! `VIRTIO_BENCH_ONLY=blk|vsock`: one part; `VIRTIO_BENCH_DIR`: where the disk image goes).
+//! Prints medians over several runs and the io_uring/sync ratios, twice: on a page-cached file
+//! (device and backend overhead) and with O_DIRECT (requests reach the host's disk).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -72,9 +72,15 @@ struct Blk {
     data: u64,
 }
 
-fn blk(path: &std::path::Path, backend: BackendKind) -> Blk {
+fn blk(path: &std::path::Path, backend: BackendKind, direct: bool) -> Blk {
+    use std::os::unix::fs::OpenOptionsExt;
     let mem = test_memory();
-    let file = File::options().read(true).write(true).open(path).unwrap();
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .unwrap();
     let dev = Block::new_block(
         BlockConfig {
             backend,
@@ -88,7 +94,8 @@ fn blk(path: &std::path::Path, backend: BackendKind) -> Blk {
     h.driver.init(256);
     let hdrs = h.driver.alloc(16 * 64);
     let status = h.driver.alloc(64);
-    let data = h.driver.alloc(32 << 20);
+    // 4 KiB-aligned data buffers (O_DIRECT needs them).
+    let data = (h.driver.alloc((32 << 20) + 4096) + 4095) & !4095;
     Blk {
         h,
         hdrs,
@@ -174,17 +181,21 @@ fn row(name: &str, unit: &str, uring: &[f64], sync: &[f64]) {
     );
 }
 
-fn bench_blk(c: &Cfg) {
-    let dir = tempfile::tempdir().unwrap();
+fn make_disk(dir: &tempfile::TempDir) -> std::path::PathBuf {
     let path = dir.path().join("disk.img");
-    {
-        let mut f = File::create(&path).unwrap();
-        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
-        for _ in 0..DISK_BYTES >> 20 {
-            f.write_all(&chunk).unwrap();
-        }
-        f.sync_all().unwrap();
+    let mut f = File::create(&path).unwrap();
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+    for _ in 0..DISK_BYTES >> 20 {
+        f.write_all(&chunk).unwrap();
     }
+    f.sync_all().unwrap();
+    path
+}
+
+/// One table: io_uring against sync on `path`; `direct` opens the file with O_DIRECT so the
+/// requests reach the host disk instead of the page cache.
+fn bench_blk(c: &Cfg, path: &std::path::Path, direct: bool) {
+    let scale = if direct { 4 } else { 1 };
     let sectors = DISK_BYTES / 512;
     let mut results: Vec<(&str, &str, Vec<f64>, Vec<f64>)> = vec![
         ("4 KiB random read, QD 1", "IOPS", vec![], vec![]),
@@ -197,12 +208,12 @@ fn bench_blk(c: &Cfg) {
             .into_iter()
             .enumerate()
         {
-            let mut b = blk(&path, backend);
+            let mut b = blk(path, backend, direct);
             let mut rng = Rand(0x9e37_79b9_7f4a_7c15);
             let mut rand4k = || (T_IN, (rng.next() % (sectors / 8)) * 8, 4096);
-            let qd1 = b.run(c.qd1_ops, 1, &mut rand4k);
-            let qd32 = b.run(c.qd32_ops, 32, &mut rand4k);
-            let seq_ops = (c.seq_bytes / (256 << 10)) as usize;
+            let qd1 = b.run(c.qd1_ops / scale, 1, &mut rand4k);
+            let qd32 = b.run(c.qd32_ops / scale, 32, &mut rand4k);
+            let seq_ops = (c.seq_bytes / (256 << 10)) as usize / scale;
             let seq = |ty: u32| {
                 let mut pos = 0u64;
                 move || {
@@ -218,8 +229,13 @@ fn bench_blk(c: &Cfg) {
             }
         }
     }
+    let what = if direct {
+        "O_DIRECT on the host disk"
+    } else {
+        "page-cached file"
+    };
     println!(
-        "\nvirtio-blk through the harness ({} runs, medians; page-cached 256 MiB file)",
+        "\nvirtio-blk through the harness ({} runs, medians; 256 MiB {what})",
         c.runs
     );
     println!("{:<34} {:>12} {:>12}", "", "io_uring", "sync");
@@ -426,7 +442,11 @@ fn main() {
     let c = cfg();
     let only = std::env::var("VIRTIO_BENCH_ONLY").unwrap_or_default();
     if only != "vsock" {
-        bench_blk(&c);
+        let dir =
+            tempfile::tempdir_in(std::env::var("VIRTIO_BENCH_DIR").unwrap_or(".".into())).unwrap();
+        let path = make_disk(&dir);
+        bench_blk(&c, &path, false);
+        bench_blk(&c, &path, true);
     }
     if only == "blk" {
         return;
