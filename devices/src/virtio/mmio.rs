@@ -211,6 +211,7 @@ impl MmioTransport {
             mem: self.mem.clone(),
             queues,
             acked_features: self.acked_features,
+            reset_gen: self.interrupt.resets(),
         })
     }
 

@@ -22,7 +22,7 @@
 //! per queue; interrupts go from the worker to KVM through the irqfd in [`Interrupt`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -85,6 +85,10 @@ pub struct Activation {
     pub queues: Vec<Queue>,
     /// The features the driver acknowledged.
     pub acked_features: u64,
+    /// [`Interrupt::resets`] when the transport built this activation: once the driver resets
+    /// the device the count moves on and the worker stops touching these queues, even before it
+    /// has received the reset through the hand-over.
+    pub reset_gen: u64,
 }
 
 /// The front half of a virtio device, as the transport sees it.
@@ -138,6 +142,7 @@ pub struct Interrupt {
     status: AtomicU32,
     config_generation: AtomicU32,
     needs_reset: AtomicBool,
+    resets: AtomicU64,
     evt: EventFd,
 }
 
@@ -148,6 +153,7 @@ impl Interrupt {
             status: AtomicU32::new(0),
             config_generation: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            resets: AtomicU64::new(0),
             evt: EventFd::new(EFD_NONBLOCK)?,
         }))
     }
@@ -202,8 +208,15 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// How many times the driver has reset the device (written by the vCPU at once, read by the
+    /// worker before it touches the rings).
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::SeqCst)
+    }
+
     /// Back to the power-on state (device reset).
     fn reset(&self) {
+        self.resets.fetch_add(1, Ordering::SeqCst);
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
     }

@@ -170,3 +170,18 @@ fn test_mmio_restore_wrong_device_type_is_refused() {
         Err(RestoreTransportError::QueueSize(0))
     ));
 }
+
+#[test]
+fn test_mmio_reset_before_worker_runs_leaves_rings_untouched() {
+    let mut h = harness();
+    h.driver.init(16);
+    let a = h.driver.alloc(32);
+    h.driver.add_chain(0, &[Buf::inp(a, 32)]).unwrap();
+    h.driver.kick(0);
+    // The driver resets before the loop has seen the kick: the worker must not complete the
+    // request into rings the driver has taken back.
+    h.driver.write_reg(reg::VIRTIO_MMIO_STATUS, 0);
+    assert!(!h.run_until_irq(Duration::from_millis(50)));
+    assert!(h.driver.take_used(0).is_empty());
+    assert_eq!(lock_device(&h.driver.transport).status(), 0);
+}

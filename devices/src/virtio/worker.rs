@@ -98,6 +98,15 @@ pub struct Active {
     /// Counts activations, so a completion of I/O submitted before a reset is not written into
     /// the rings of the next activation.
     pub epoch: u64,
+    /// The transport's reset count at activation (see [`Activation::reset_gen`]).
+    pub reset_gen: u64,
+}
+
+impl Active {
+    /// False once the driver has reset the device: the rings are no longer the device's.
+    pub fn is_current(&self, irq: &Interrupt) -> bool {
+        irq.resets() == self.reset_gen
+    }
 }
 
 /// Runtime state of a worker.
@@ -272,6 +281,9 @@ impl<H: QueueHandler> Worker<H> {
         let DeviceState::Activated(active) = &mut self.state else {
             return;
         };
+        if !active.is_current(&self.interrupt) {
+            return;
+        }
         for q in 0..active.queues.len() {
             if let Err(e) = self.handler.process_queue(q, active, &self.interrupt, ops) {
                 self.fail(e);
@@ -299,7 +311,12 @@ impl<H: QueueHandler> Worker<H> {
                         queues,
                         acked_features: a.acked_features,
                         epoch: self.epoch,
+                        reset_gen: a.reset_gen,
                     };
+                    if !active.is_current(&self.interrupt) {
+                        // Reset again before this activation arrived: its reset follows.
+                        continue;
+                    }
                     tracing::debug!("virtio-{}: activated", self.handler.name());
                     match self.handler.activated(
                         &mut active,
@@ -351,13 +368,14 @@ impl<H: QueueHandler> Worker<H> {
             }
             if let DeviceState::Activated(active) = &mut self.state
                 && q < active.queues.len()
+                && active.is_current(&self.interrupt)
                 && let Err(e) = self.handler.process_queue(q, active, &self.interrupt, ops)
             {
                 self.fail(e);
             }
         } else {
             let active = match &mut self.state {
-                DeviceState::Activated(a) => Some(a),
+                DeviceState::Activated(a) if a.is_current(&self.interrupt) => Some(a),
                 _ => None,
             };
             if let Err(e) = self.handler.complete(c, active, &self.interrupt, ops) {
