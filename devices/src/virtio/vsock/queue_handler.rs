@@ -25,6 +25,10 @@ use crate::virtio::worker::{Active, DeviceFailure, QueueHandler, TAG_HANDLER_BAS
 pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 /// Host-initiated connections get local ports from here up.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Control packets waiting for rx buffers beyond this are dropped when they are replies to
+/// packets for unknown connections (a guest that floods bad packets and posts no rx buffers must
+/// not grow host memory without bound).
+const MAX_PENDING_CONTROL: usize = 1024;
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
 
@@ -95,12 +99,23 @@ impl VsockHandler {
         self.conns.len()
     }
 
+    /// Control packets waiting for rx buffers.
+    pub fn pending_control(&self) -> usize {
+        self.control.len()
+    }
+
     fn new_id(&mut self) -> u32 {
         self.next_id = self.next_id.wrapping_add(1) & 0x3fff_ffff;
         self.next_id
     }
 
     fn ctrl(&mut self, local_port: u32, peer_port: u32, op: u16, flags: u32) {
+        if self.control.len() >= MAX_PENDING_CONTROL
+            && !self.conns.contains_key(&(local_port, peer_port))
+        {
+            tracing::debug!("virtio-vsock: control queue full, dropping op {op}");
+            return;
+        }
         self.control.push_back(Ctrl {
             local_port,
             peer_port,

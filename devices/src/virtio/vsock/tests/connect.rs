@@ -157,3 +157,44 @@ fn test_vsock_restore_sends_transport_reset_event() {
     assert_eq!(h.op, OP_RESPONSE);
     listener.accept().unwrap();
 }
+
+#[test]
+fn test_vsock_flood_without_rx_buffers_keeps_control_queue_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = test_memory();
+    let dev = Vsock::new_vsock(
+        VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: socket_path(&dir),
+        },
+        mem.clone(),
+    )
+    .unwrap();
+    let mut h = Harness::new(dev, mem);
+    h.driver.init(256);
+    // No rx buffers posted; 2000 packets for unknown connections, each asking for an RST.
+    let a = h.driver.alloc(HDR_SIZE as u64);
+    for i in 0..2000u32 {
+        let mut hdr = Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port: i,
+            dst_port: 1,
+            ty: TYPE_STREAM,
+            op: OP_RW,
+            ..Default::default()
+        };
+        hdr.len = 0;
+        h.driver
+            .mem
+            .write_slice(&hdr.encode(), GuestAddress(a))
+            .unwrap();
+        h.driver
+            .add_chain(1, &[Buf::out(a, HDR_SIZE as u32)])
+            .unwrap();
+        h.driver.kick(1);
+        h.wait_used(1, 1);
+    }
+    let pending = h.device.worker().borrow().handler.pending_control();
+    assert!(pending <= 1024, "{pending} control packets queued");
+}
