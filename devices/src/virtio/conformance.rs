@@ -1,0 +1,99 @@
+//! The test every virtio device passes: activate, do I/O, save, restore into a fresh device
+//! (state through serde, memory copied as a snapshot would), save again and compare, then go on
+//! doing I/O on the restored device.
+
+use std::fmt::Debug;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use vm_memory::GuestMemoryMmap;
+
+use super::front::MmioDevice;
+use super::test_utils::{Harness, copy_memory, test_memory};
+use super::worker::QueueHandler;
+use crate::persist::Persist;
+
+/// Runs the conformance sequence for one device kind.
+pub fn check_device<H, A>(
+    build: impl Fn(GuestMemoryMmap) -> MmioDevice<H>,
+    args: impl Fn(GuestMemoryMmap) -> A,
+    io: impl Fn(&mut Harness<H>, u32),
+) where
+    H: QueueHandler + 'static,
+    MmioDevice<H>: Persist<ConstructorArgs = A>,
+    <MmioDevice<H> as Persist>::State: Serialize + DeserializeOwned + PartialEq + Debug,
+    <MmioDevice<H> as Persist>::Error: Debug,
+{
+    let mem = test_memory();
+    let mut h = Harness::new(build(mem.clone()), mem.clone());
+    h.driver.init(16);
+    io(&mut h, 0);
+    assert!(h.device.is_quiescent(), "device busy at save");
+    let saved = h.device.save();
+    let json = serde_json::to_string(&saved).unwrap();
+    let loaded: <MmioDevice<H> as Persist>::State = serde_json::from_str(&json).unwrap();
+    assert_eq!(loaded, saved);
+
+    let mem2 = copy_memory(&mem);
+    let restored = MmioDevice::<H>::restore(args(mem2.clone()), &loaded).unwrap();
+    assert_eq!(restored.save(), saved, "save after restore differs");
+    let mut h2 = h.restored(restored, mem2);
+    io(&mut h2, 1);
+}
+
+#[test]
+fn test_conformance_rng_save_restore_continues() {
+    use super::rng::{Rng, RngArgs, RngConfig};
+    check_device(
+        |mem| Rng::new_rng(RngConfig::default(), mem).unwrap(),
+        |mem| RngArgs { mem },
+        super::rng::tests::rng_io,
+    );
+}
+
+#[test]
+fn test_conformance_block_save_restore_continues() {
+    use super::block::{BackendKind, Block, BlockArgs, BlockConfig};
+    use std::fs::File;
+    let f = super::block::tests::disk_file(super::block::tests::SECTORS);
+    let open = || {
+        File::options()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap()
+    };
+    check_device(
+        |mem| Block::new_block(BlockConfig::default(), Some(open()), mem).unwrap(),
+        |mem| BlockArgs {
+            mem,
+            file: Some(open()),
+            backend: BackendKind::IoUring,
+        },
+        super::block::tests::persist::blk_io,
+    );
+}
+
+#[test]
+fn test_conformance_vsock_save_restore_continues() {
+    use super::vsock::{Vsock, VsockArgs, VsockConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let restored_path = dir.path().join("restored.sock");
+    check_device(
+        |mem| {
+            Vsock::new_vsock(
+                VsockConfig {
+                    guest_cid: 3,
+                    uds_path: dir.path().join("v.sock"),
+                },
+                mem,
+            )
+            .unwrap()
+        },
+        |mem| VsockArgs {
+            mem,
+            uds_path: restored_path.clone(),
+        },
+        super::vsock::tests::vsock_io,
+    );
+}

@@ -1,0 +1,74 @@
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+
+use super::VsockHandler;
+use super::device::{Vsock, VsockError, bind, front};
+use crate::persist::Persist;
+use crate::virtio::front::restore_device;
+use crate::virtio::mmio::{MmioTransportState, RestoreTransportError};
+use crate::virtio::worker::QueuePosition;
+
+/// A vsock device in a snapshot. Connections are not saved: the restored guest is sent
+/// TRANSPORT_RESET and reconnects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// Transport registers.
+    pub transport: MmioTransportState,
+    /// Queue positions.
+    pub queues: Vec<QueuePosition>,
+    /// The guest's CID.
+    pub guest_cid: u64,
+}
+
+/// What restoring a vsock device needs.
+#[derive(Debug)]
+pub struct VsockArgs {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// Where the restored VM listens (may differ from the template's).
+    pub uds_path: PathBuf,
+}
+
+/// Why a vsock state was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockRestoreError {
+    /// The transport state was refused.
+    #[error(transparent)]
+    Transport(#[from] RestoreTransportError),
+    /// The socket could not be set up.
+    #[error(transparent)]
+    Device(#[from] VsockError),
+}
+
+impl Persist for Vsock {
+    type State = VsockState;
+    type ConstructorArgs = VsockArgs;
+    type Error = VsockRestoreError;
+
+    fn save(&self) -> VsockState {
+        let worker = self.worker().borrow();
+        VsockState {
+            transport: crate::bus::lock_device(&self.transport()).save(),
+            queues: worker.queue_positions(),
+            guest_cid: worker.handler.cid,
+        }
+    }
+
+    fn restore(args: VsockArgs, state: &VsockState) -> Result<Self, Self::Error> {
+        if state.guest_cid < 3 || state.guest_cid > u64::from(u32::MAX) {
+            return Err(VsockError::InvalidCid(state.guest_cid).into());
+        }
+        let listener = bind(&args.uds_path)?;
+        let handler =
+            VsockHandler::new(state.guest_cid, args.uds_path, listener).map_err(VsockError::Io)?;
+        Ok(restore_device(
+            front(state.guest_cid),
+            handler,
+            args.mem,
+            &state.transport,
+            &state.queues,
+        )?)
+    }
+}

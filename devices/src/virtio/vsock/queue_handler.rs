@@ -1,0 +1,583 @@
+//! virtio-vsock on the event loop: the queues on one side, Unix sockets on the other.
+//!
+//! Queue 0 (rx) takes packets to the guest, queue 1 (tx) brings the guest's packets, queue 2
+//! (event) carries TRANSPORT_RESET after a restore. Sockets are polled with one-shot io_uring
+//! polls, re-armed only when the device wants more: a connection whose guest has no credit or no
+//! rx buffers left is not read, which is the back-pressure towards the host.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use event_loop::{Completion, Ops};
+use io_uring::{opcode, types};
+use virtio_queue::QueueOwnedT;
+
+use super::connection::{CONN_BUF, ConnState, Connection};
+use super::packet::*;
+use crate::virtio::Interrupt;
+use crate::virtio::chain::{add_used, pop_chain, read_readable, write_writable};
+use crate::virtio::worker::{Active, DeviceFailure, QueueHandler, TAG_HANDLER_BASE};
+
+/// Largest payload accepted from, or sent to, the guest in one packet.
+pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+/// Host-initiated connections get local ports from here up.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Control packets waiting for rx buffers beyond this are dropped when they are replies to
+/// packets for unknown connections (a guest that floods bad packets and posts no rx buffers must
+/// not grow host memory without bound).
+const MAX_PENDING_CONTROL: usize = 1024;
+/// Longest `CONNECT <port>\n` line accepted.
+const MAX_CONNECT_LINE: usize = 32;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const EVT: usize = 2;
+
+const TAG_LISTENER: u32 = TAG_HANDLER_BASE;
+
+fn read_tag(id: u32) -> u32 {
+    TAG_HANDLER_BASE + 1 + (id << 1)
+}
+
+/// A host connection that has not sent its `CONNECT` line yet.
+#[derive(Debug)]
+struct PendingHost {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// A control packet waiting for an rx buffer (built when sent, so it carries fresh credit).
+#[derive(Debug, Clone, Copy)]
+struct Ctrl {
+    local_port: u32,
+    peer_port: u32,
+    op: u16,
+    flags: u32,
+}
+
+/// The vsock device's muxer between the guest and host Unix sockets.
+#[derive(Debug)]
+pub struct VsockHandler {
+    pub(super) cid: u64,
+    pub(super) uds_path: PathBuf,
+    listener: UnixListener,
+    /// Connections by (host port, guest port).
+    conns: HashMap<(u32, u32), Connection>,
+    by_id: HashMap<u32, (u32, u32)>,
+    pending_host: HashMap<u32, PendingHost>,
+    next_id: u32,
+    next_local_port: u32,
+    control: VecDeque<Ctrl>,
+    reset_event_pending: bool,
+    buf: Vec<u8>,
+}
+
+impl VsockHandler {
+    /// A muxer for guest `cid`, listening on `uds_path`.
+    pub fn new(cid: u64, uds_path: PathBuf, listener: UnixListener) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            cid,
+            uds_path,
+            listener,
+            conns: HashMap::new(),
+            by_id: HashMap::new(),
+            pending_host: HashMap::new(),
+            next_id: 0,
+            next_local_port: FIRST_LOCAL_PORT,
+            control: VecDeque::new(),
+            reset_event_pending: false,
+            buf: vec![0u8; HDR_SIZE + MAX_PKT_PAYLOAD],
+        })
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Control packets waiting for rx buffers.
+    pub fn pending_control(&self) -> usize {
+        self.control.len()
+    }
+
+    fn new_id(&mut self) -> u32 {
+        self.next_id = self.next_id.wrapping_add(1) & 0x3fff_ffff;
+        self.next_id
+    }
+
+    fn ctrl(&mut self, local_port: u32, peer_port: u32, op: u16, flags: u32) {
+        if self.control.len() >= MAX_PENDING_CONTROL
+            && !self.conns.contains_key(&(local_port, peer_port))
+        {
+            tracing::debug!("virtio-vsock: control queue full, dropping op {op}");
+            return;
+        }
+        self.control.push_back(Ctrl {
+            local_port,
+            peer_port,
+            op,
+            flags,
+        });
+    }
+
+    fn arm_read<C>(conn: &mut Connection, ops: &mut Ops<'_, C>) {
+        if !conn.read_armed {
+            conn.read_armed = true;
+            ops.poll_readable(conn.stream.as_raw_fd(), read_tag(conn.id), false);
+        }
+    }
+
+    fn arm_write<C>(conn: &mut Connection, ops: &mut Ops<'_, C>) {
+        if !conn.write_armed && !conn.tx_buf.is_empty() {
+            conn.write_armed = true;
+            let e = opcode::PollAdd::new(types::Fd(conn.stream.as_raw_fd()), libc::POLLOUT as u32)
+                .build();
+            ops.push(e, read_tag(conn.id) + 1);
+        }
+    }
+
+    fn remove(&mut self, key: (u32, u32)) {
+        if let Some(c) = self.conns.remove(&key) {
+            // Wakes any poll still armed on it, so its operation completes (and is ignored).
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            self.by_id.remove(&c.id);
+        }
+    }
+
+    fn drop_all(&mut self) {
+        let keys: Vec<_> = self.conns.keys().copied().collect();
+        for k in keys {
+            self.remove(k);
+        }
+        for (_, p) in self.pending_host.drain() {
+            let _ = p.stream.shutdown(std::net::Shutdown::Both);
+        }
+        self.control.clear();
+    }
+
+    fn accept<C>(&mut self, ops: &mut Ops<'_, C>) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let id = self.new_id();
+                    ops.poll_readable(stream.as_raw_fd(), read_tag(id), false);
+                    self.pending_host.insert(
+                        id,
+                        PendingHost {
+                            stream,
+                            line: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("virtio-vsock: accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads a pending host connection's `CONNECT <port>\n`; on success asks the guest.
+    fn read_connect<C>(&mut self, id: u32, ops: &mut Ops<'_, C>) {
+        let Some(mut p) = self.pending_host.remove(&id) else {
+            return;
+        };
+        let mut chunk = [0u8; MAX_CONNECT_LINE];
+        loop {
+            match p.stream.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => p.line.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
+            if p.line.contains(&b'\n') || p.line.len() > MAX_CONNECT_LINE {
+                break;
+            }
+        }
+        let Some(nl) = p.line.iter().position(|&b| b == b'\n') else {
+            if p.line.len() <= MAX_CONNECT_LINE {
+                ops.poll_readable(p.stream.as_raw_fd(), read_tag(id), false);
+                self.pending_host.insert(id, p);
+            }
+            return;
+        };
+        let port = std::str::from_utf8(&p.line[..nl])
+            .ok()
+            .and_then(|l| l.trim_end_matches('\r').strip_prefix("CONNECT "))
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        let Some(port) = port else {
+            tracing::debug!("virtio-vsock: bad CONNECT line from host");
+            return;
+        };
+        let mut local_port = self.next_local_port;
+        while self.conns.keys().any(|&(l, _)| l == local_port) {
+            local_port = local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        }
+        self.next_local_port = local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        let Ok(mut conn) = Connection::new(p.stream, id, ConnState::HostInit) else {
+            return;
+        };
+        conn.rx_pending = p.line[nl + 1..].to_vec();
+        self.conns.insert((local_port, port), conn);
+        self.by_id.insert(id, (local_port, port));
+        self.ctrl(local_port, port, OP_REQUEST, 0);
+    }
+
+    /// Handles one packet from the guest.
+    fn guest_packet<C>(&mut self, h: Header, payload: &[u8], ops: &mut Ops<'_, C>) {
+        if h.ty != TYPE_STREAM || h.src_cid != self.cid || h.dst_cid != HOST_CID {
+            if h.op != OP_RST {
+                self.ctrl(h.dst_port, h.src_port, OP_RST, 0);
+            }
+            return;
+        }
+        let key = (h.dst_port, h.src_port);
+        if h.op == OP_REQUEST {
+            if self.conns.contains_key(&key) {
+                self.ctrl(key.0, key.1, OP_RST, 0);
+                return;
+            }
+            let path = format!("{}_{}", self.uds_path.display(), h.dst_port);
+            let id = self.new_id();
+            match UnixStream::connect(&path)
+                .and_then(|s| Connection::new(s, id, ConnState::Established))
+            {
+                Ok(mut conn) => {
+                    conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
+                    Self::arm_read(&mut conn, ops);
+                    self.conns.insert(key, conn);
+                    self.by_id.insert(id, key);
+                    self.ctrl(key.0, key.1, OP_RESPONSE, 0);
+                }
+                Err(e) => {
+                    tracing::debug!("virtio-vsock: guest connect to {path}: {e}");
+                    self.ctrl(key.0, key.1, OP_RST, 0);
+                }
+            }
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            if h.op != OP_RST {
+                self.ctrl(key.0, key.1, OP_RST, 0);
+            }
+            return;
+        };
+        conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
+        match h.op {
+            OP_RESPONSE if conn.state == ConnState::HostInit => {
+                conn.state = ConnState::Established;
+                let ok = format!("OK {}\n", key.0);
+                let failed = conn.push_guest_data(ok.as_bytes()).is_err();
+                // The OK line is ours, not the guest's: it does not count as forwarded data.
+                conn.fwd_cnt = conn.fwd_cnt.wrapping_sub(ok.len() as u32);
+                conn.last_fwd_sent = conn.fwd_cnt;
+                if failed {
+                    self.remove(key);
+                    self.ctrl(key.0, key.1, OP_RST, 0);
+                    return;
+                }
+                Self::arm_write(conn, ops);
+                conn.readable = true;
+            }
+            OP_RW if conn.state == ConnState::Established && !conn.guest_shut_send => {
+                if conn.push_guest_data(payload).is_err() {
+                    self.remove(key);
+                    self.ctrl(key.0, key.1, OP_RST, 0);
+                    return;
+                }
+                Self::arm_write(conn, ops);
+                if conn.credit_update_due() {
+                    self.ctrl(key.0, key.1, OP_CREDIT_UPDATE, 0);
+                }
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => self.ctrl(key.0, key.1, OP_CREDIT_UPDATE, 0),
+            OP_SHUTDOWN => {
+                conn.guest_shut_send |= h.flags & SHUTDOWN_SEND != 0;
+                conn.guest_shut_rcv |= h.flags & SHUTDOWN_RCV != 0;
+                if conn.guest_shut_send && conn.guest_shut_rcv {
+                    // Closed by the guest: deliver what it sent before, then reset.
+                    if conn.flush().is_err() || conn.tx_buf.is_empty() {
+                        self.remove(key);
+                        self.ctrl(key.0, key.1, OP_RST, 0);
+                    } else {
+                        Self::arm_write(conn, ops);
+                    }
+                } else if conn.guest_shut_send && conn.tx_buf.is_empty() {
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            OP_RST => self.remove(key),
+            _ => {
+                self.remove(key);
+                self.ctrl(key.0, key.1, OP_RST, 0);
+            }
+        }
+    }
+
+    fn process_tx<C>(
+        &mut self,
+        active: &mut Active,
+        ops: &mut Ops<'_, C>,
+    ) -> Result<bool, DeviceFailure> {
+        let mut used = false;
+        while let Some(chain) = pop_chain(&mut active.queues[TX], TX, &active.mem)? {
+            let mut hdr = [0u8; HDR_SIZE];
+            let parsed =
+                read_readable(&active.mem, &chain.descs, &mut hdr).map(|_| Header::decode(&hdr));
+            let packet = parsed.and_then(|h| {
+                let len = h.len as usize;
+                if len > MAX_PKT_PAYLOAD || (HDR_SIZE + len) as u64 > chain.readable_len() {
+                    return None;
+                }
+                read_readable(&active.mem, &chain.descs, &mut self.buf[..HDR_SIZE + len])?;
+                Some((h, len))
+            });
+            add_used(&mut active.queues[TX], TX, &active.mem, chain.head, 0)?;
+            used = true;
+            match packet {
+                Some((h, len)) => {
+                    let payload = self.buf[HDR_SIZE..HDR_SIZE + len].to_vec();
+                    self.guest_packet(h, &payload, ops);
+                }
+                None => tracing::debug!("virtio-vsock: dropped a malformed tx packet"),
+            }
+        }
+        Ok(used)
+    }
+
+    fn header(&self, local_port: u32, peer_port: u32, op: u16, flags: u32, len: u32) -> Header {
+        let (buf_alloc, fwd_cnt) = self
+            .conns
+            .get(&(local_port, peer_port))
+            .map_or((0, 0), |c| (CONN_BUF, c.fwd_cnt));
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: local_port,
+            dst_port: peer_port,
+            len,
+            ty: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc,
+            fwd_cnt,
+        }
+    }
+
+    /// Fills the guest's rx buffers with control packets and connection data.
+    fn pump_rx<C>(
+        &mut self,
+        active: &mut Active,
+        irq: &Interrupt,
+        ops: &mut Ops<'_, C>,
+    ) -> Result<(), DeviceFailure> {
+        let mut used = false;
+        loop {
+            let data_key = self
+                .conns
+                .iter()
+                .find(|(_, c)| c.wants_rx())
+                .map(|(k, _)| *k);
+            if self.control.is_empty() && data_key.is_none() {
+                break;
+            }
+            let Some(chain) = pop_chain(&mut active.queues[RX], RX, &active.mem)? else {
+                break;
+            };
+            let room = chain.writable_len() as usize;
+            if chain.descs.iter().any(|d| !d.write) || room < HDR_SIZE {
+                add_used(&mut active.queues[RX], RX, &active.mem, chain.head, 0)?;
+                used = true;
+                continue;
+            }
+            if let Some(c) = self.control.pop_front() {
+                let h = self.header(c.local_port, c.peer_port, c.op, c.flags, 0);
+                if let Some(conn) = self.conns.get_mut(&(c.local_port, c.peer_port)) {
+                    conn.last_fwd_sent = conn.fwd_cnt;
+                }
+                let n = write_writable(&active.mem, &chain.descs, &h.encode());
+                add_used(
+                    &mut active.queues[RX],
+                    RX,
+                    &active.mem,
+                    chain.head,
+                    n as u32,
+                )?;
+                used = true;
+                continue;
+            }
+            let key = data_key.expect("checked above");
+            let conn = self.conns.get_mut(&key).expect("found above");
+            let max = (room - HDR_SIZE)
+                .min(MAX_PKT_PAYLOAD)
+                .min(conn.peer_credit() as usize);
+            match conn.read_for_guest(&mut self.buf[HDR_SIZE..HDR_SIZE + max]) {
+                Ok(0) => {
+                    conn.host_eof = true;
+                    active.queues[RX].go_to_previous_position();
+                    self.ctrl(key.0, key.1, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                }
+                Ok(n) => {
+                    conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
+                    conn.last_fwd_sent = conn.fwd_cnt;
+                    let h = self.header(key.0, key.1, OP_RW, 0, n as u32);
+                    self.buf[..HDR_SIZE].copy_from_slice(&h.encode());
+                    let w = write_writable(&active.mem, &chain.descs, &self.buf[..HDR_SIZE + n]);
+                    add_used(
+                        &mut active.queues[RX],
+                        RX,
+                        &active.mem,
+                        chain.head,
+                        w as u32,
+                    )?;
+                    used = true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    conn.readable = false;
+                    Self::arm_read(conn, ops);
+                    active.queues[RX].go_to_previous_position();
+                }
+                Err(_) => {
+                    active.queues[RX].go_to_previous_position();
+                    self.remove(key);
+                    self.ctrl(key.0, key.1, OP_RST, 0);
+                }
+            }
+        }
+        if used {
+            irq.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    fn send_reset_event(
+        &mut self,
+        active: &mut Active,
+        irq: &Interrupt,
+    ) -> Result<(), DeviceFailure> {
+        if !self.reset_event_pending {
+            return Ok(());
+        }
+        let Some(chain) = pop_chain(&mut active.queues[EVT], EVT, &active.mem)? else {
+            return Ok(());
+        };
+        let n = write_writable(
+            &active.mem,
+            &chain.descs,
+            &EVENT_TRANSPORT_RESET.to_le_bytes(),
+        );
+        add_used(
+            &mut active.queues[EVT],
+            EVT,
+            &active.mem,
+            chain.head,
+            n as u32,
+        )?;
+        self.reset_event_pending = false;
+        irq.signal_used_queue();
+        Ok(())
+    }
+}
+
+impl QueueHandler for VsockHandler {
+    fn name(&self) -> &'static str {
+        "vsock"
+    }
+
+    fn start<C>(&mut self, ops: &mut Ops<'_, C>) {
+        ops.poll_readable(self.listener.as_raw_fd(), TAG_LISTENER, true);
+    }
+
+    fn activated<C>(
+        &mut self,
+        active: &mut Active,
+        restored: bool,
+        irq: &Interrupt,
+        _ops: &mut Ops<'_, C>,
+    ) -> Result<(), DeviceFailure> {
+        if restored {
+            // Connections do not survive a snapshot: tell the guest to drop its own.
+            self.drop_all();
+            self.reset_event_pending = true;
+            self.send_reset_event(active, irq)?;
+        }
+        Ok(())
+    }
+
+    fn process_queue<C>(
+        &mut self,
+        queue: usize,
+        active: &mut Active,
+        irq: &Interrupt,
+        ops: &mut Ops<'_, C>,
+    ) -> Result<(), DeviceFailure> {
+        match queue {
+            TX => {
+                if self.process_tx(active, ops)? {
+                    irq.signal_used_queue();
+                }
+                self.pump_rx(active, irq, ops)
+            }
+            RX => self.pump_rx(active, irq, ops),
+            _ => self.send_reset_event(active, irq),
+        }
+    }
+
+    fn complete<C>(
+        &mut self,
+        c: Completion,
+        active: Option<&mut Active>,
+        irq: &Interrupt,
+        ops: &mut Ops<'_, C>,
+    ) -> Result<(), DeviceFailure> {
+        if c.tag == TAG_LISTENER {
+            if !c.more {
+                ops.poll_readable(self.listener.as_raw_fd(), TAG_LISTENER, true);
+            }
+            self.accept(ops);
+            return Ok(());
+        }
+        let rel = c.tag - TAG_HANDLER_BASE - 1;
+        let (id, write) = (rel >> 1, rel & 1 == 1);
+        if self.pending_host.contains_key(&id) {
+            self.read_connect(id, ops);
+        } else if let Some(&key) = self.by_id.get(&id) {
+            let conn = self.conns.get_mut(&key).expect("by_id is in sync");
+            if write {
+                conn.write_armed = false;
+                let failed = conn.flush().is_err();
+                let closed = conn.guest_shut_send && conn.guest_shut_rcv && conn.tx_buf.is_empty();
+                if failed || closed {
+                    self.remove(key);
+                    self.ctrl(key.0, key.1, OP_RST, 0);
+                } else {
+                    Self::arm_write(conn, ops);
+                    if conn.credit_update_due() {
+                        self.ctrl(key.0, key.1, OP_CREDIT_UPDATE, 0);
+                    }
+                }
+            } else {
+                conn.read_armed = false;
+                conn.readable = true;
+            }
+        }
+        match active {
+            Some(active) => self.pump_rx(active, irq, ops),
+            None => Ok(()),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.drop_all();
+        self.reset_event_pending = false;
+    }
+}
