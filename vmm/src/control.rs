@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use event_loop::{Completion, EventSource, Flow, Ops};
 use crate::host::HostCheck;
 use crate::vcpu::ExitCounts;
-use event_loop::{Completion, EventSource, Flow, Ops};
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_LEN: usize = 4096;

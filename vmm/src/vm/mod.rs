@@ -28,11 +28,11 @@ use runtime::{SignalSource, StdinSource, StopSource};
 use crate::arch::{cpuid::VcpuTopology, mptable};
 use crate::boot::{self, BootError, LoadedKernel};
 use crate::control::{self, ControlListener, ControlSocketError};
+use event_loop::{EventLoop, EventLoopError, Ticker};
 use crate::host::{self, HostCheck};
 use crate::layout::{KVM_TSS_ADDRESS, LayoutError, MemoryLayout};
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu::{self, ConfigureVcpuError, ExitCounts, Vcpu};
-use event_loop::{EventLoop, EventLoopError, Ticker};
 
 /// Period of the halt watchdog.
 const HALT_CHECK_PERIOD: Duration = Duration::from_millis(250);

@@ -11,10 +11,10 @@ use devices::legacy::serial::SerialMetrics;
 use nix::sys::signalfd::SignalFd;
 
 use crate::control::{ControlHandler, ControlRequest, ControlResponse, VmState, VmStatus};
+use event_loop::{Completion, EventSource, Flow, Ops};
 use crate::host::HostCheck;
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu::{ExitCounts, HaltStatus, VcpuHandle};
-use event_loop::{Completion, EventSource, Flow, Ops};
 
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
