@@ -16,6 +16,7 @@ const GUESTS: &[&str] = &[
     "triplefault",
     "halt",
     "pio",
+    "virtioblk",
 ];
 
 /// Sources linked into every guest.

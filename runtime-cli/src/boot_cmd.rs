@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use vmm::vm::virtio::{DiskSpec, VirtioSpecs, VsockSpec};
 use vmm::vm::{AfterSnapshot, SnapshotOnReady};
 use vmm::{KernelImage, SerialOutput, VmConfig, VmReport};
 
@@ -41,6 +42,20 @@ pub struct BootArgs {
     /// Append the guest's serial console to this file instead of writing it to stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_log: Option<PathBuf>,
+    /// Attach a virtio-blk disk backed by PATH; `ro` makes it read-only, `id=NAME` sets the id the
+    /// guest reads (default: the file name). Repeat for several disks. Disks, then vsock, then rng
+    /// take the virtio-mmio slots in order; each is announced as `virtio_mmio.device=` on the
+    /// kernel command line.
+    #[arg(long, value_name = "PATH[,ro][,id=NAME]", value_parser = parse_disk)]
+    pub disk: Vec<DiskSpec>,
+    /// Attach virtio-vsock with guest CID `CID`; the host side is the Unix socket PATH: connect to
+    /// it and send `CONNECT <port>\n` to reach a guest port; guest connections to port P arrive on
+    /// `PATH_P`.
+    #[arg(long, value_name = "CID,PATH", value_parser = parse_vsock)]
+    pub vsock: Option<VsockSpec>,
+    /// Attach virtio-rng (entropy from the host's getrandom).
+    #[arg(long)]
+    pub rng: bool,
     /// Take a snapshot into this directory (which must not exist) at the exact exit where the
     /// guest writes READY (1) to port 0xf4: how templates are made.
     #[arg(long, value_name = "DIR")]
@@ -64,6 +79,52 @@ pub enum AfterSnapshotArg {
     Exit,
     /// Let the guest run on.
     Continue,
+}
+
+/// Parses `--disk PATH[,ro][,id=NAME]`.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    let mut parts = s.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("--disk needs a path")?;
+    let mut spec = DiskSpec {
+        path: PathBuf::from(path),
+        read_only: false,
+        id: None,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => spec.read_only = true,
+            Some(("id", id)) if !id.is_empty() && id.len() <= 20 && id.is_ascii() => {
+                spec.id = Some(id.to_string())
+            }
+            Some(("id", _)) => return Err("id=NAME must be 1 to 20 ASCII characters".into()),
+            _ => return Err(format!("unknown disk option {opt:?} (known: ro, id=NAME)")),
+        }
+    }
+    if !spec.path.is_file() {
+        return Err(format!("{} is not a file", spec.path.display()));
+    }
+    Ok(spec)
+}
+
+/// Parses `--vsock CID,PATH`.
+pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
+    let (cid, path) = s.split_once(',').ok_or("expected CID,PATH")?;
+    let cid: u64 = cid
+        .parse()
+        .map_err(|_| format!("CID {cid:?} is not a number"))?;
+    if !(3..=u64::from(u32::MAX)).contains(&cid) {
+        return Err(format!("CID {cid} must be 3 or more (0-2 are reserved)"));
+    }
+    if path.is_empty() {
+        return Err("--vsock needs a socket path".into());
+    }
+    Ok(VsockSpec {
+        cid,
+        path: PathBuf::from(path),
+    })
 }
 
 /// Resolves `--kernel` into an image, checking a file is there and looks like a kernel.
@@ -190,6 +251,11 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
         api_sock: args.api_sock,
         serial,
         forward_stdin: true,
+        virtio: VirtioSpecs {
+            disks: args.disk,
+            vsock: args.vsock,
+            rng: args.rng,
+        },
         snapshot_on_ready: args.snapshot_on_ready.map(|dir| SnapshotOnReady {
             dir,
             after: match args.after_snapshot {

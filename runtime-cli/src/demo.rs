@@ -98,6 +98,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         api_sock: None,
         serial: SerialOutput::File(std::fs::File::create(&cold_serial)?),
         forward_stdin: false,
+        virtio: Default::default(),
         snapshot_on_ready: Some(SnapshotOnReady {
             dir: snapshot.clone(),
             after: AfterSnapshot::Exit,

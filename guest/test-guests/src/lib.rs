@@ -174,6 +174,19 @@ pub const HALT: TestGuest = test_guest!("halt");
 /// `pio: done <iters>\n`, exit via i8042.
 pub const PIO: TestGuest = test_guest!("pio");
 
+/// `virtioblk`: a polled virtio-blk driver over virtio-mmio, for the device path through KVM.
+///
+/// Finds the device from `virtio_mmio.device=4K@0x<base>:<irq>` on the command line, negotiates
+/// VIRTIO_F_VERSION_1 (and RO when offered), sets up queue 0, and prints one line per step:
+/// `virtioblk: base=0x..`, `virtioblk: capacity=<sectors> ro|rw`,
+/// `virtioblk: read sector 0 status=<s> data=<first printable bytes, up to 16>`,
+/// `virtioblk: write sector <n> status=<s>` (parameter `write_sector=N`, default 1; the sector is
+/// filled with `KATA-SNAP-WROTE!` then bytes `(i * 7 + n) as u8`), `virtioblk: read back status=<s>
+/// match|differs`, `virtioblk: flush status=<s>`, `virtioblk: id status=<s> id=<id>`,
+/// `virtioblk: read past end status=<s>`, `virtioblk: done`; or `virtioblk: FAIL <why>`. Exits via
+/// i8042.
+pub const VIRTIOBLK: TestGuest = test_guest!("virtioblk");
+
 /// Every test guest.
 pub const ALL: &[TestGuest] = &[
     HELLO,
@@ -185,6 +198,7 @@ pub const ALL: &[TestGuest] = &[
     TRIPLEFAULT,
     HALT,
     PIO,
+    VIRTIOBLK,
 ];
 
 /// Finds a test guest by its [`TestGuest::name`].
@@ -491,6 +505,10 @@ mod tests {
             (&TRIPLEFAULT, &["triplefault: now\n"]),
             (&HALT, &["halt: interrupts off\n"]),
             (&PIO, &["iters", "pio: start\n", "pio: done "]),
+            (
+                &VIRTIOBLK,
+                &["virtio_mmio.device=", "virtioblk: done\n", "write_sector"],
+            ),
         ];
         assert_eq!(expected.len(), ALL.len());
         for (guest, strings) in expected {

@@ -12,7 +12,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{
     BuildVmError, KernelImage, Launch, MemoryBacking, VmConfig, VmReport, kvm_err, launch, pio_bus,
-    prepare, register_memory, serial_trigger, validate_shape,
+    prepare, register_memory, serial_trigger, validate_shape, virtio,
 };
 use crate::arch::cpuid::VcpuTopology;
 use crate::boot::{self, LoadedKernel};
@@ -22,6 +22,7 @@ use crate::vcpu::{self, Vcpu};
 
 fn load_guest(
     config: &VmConfig,
+    cmdline: &str,
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
 ) -> Result<LoadedKernel, BuildVmError> {
@@ -47,8 +48,9 @@ fn load_guest(
         }
         None => None,
     };
-    let cmdline = boot::build_cmdline(&config.cmdline, &kernel)?;
-    let params = boot::build_boot_params(layout, &kernel, config.cmdline.len(), initrd)?;
+    let cmdline_len = cmdline.len();
+    let cmdline = boot::build_cmdline(cmdline, &kernel)?;
+    let params = boot::build_boot_params(layout, &kernel, cmdline_len, initrd)?;
     boot::write_boot_structures(mem, &cmdline, &params, config.vcpus)?;
     Ok(kernel)
 }
@@ -67,7 +69,15 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         detail: e.to_string(),
     })?;
     register_memory(&p.vm, &mem, config.mem_mib)?;
-    let kernel = load_guest(&config, &mem, &layout)?;
+    // virtio devices first: the command line announces them.
+    let mut mmio = devices::Bus::new();
+    let (virtio, fragments) = virtio::attach_devices(&p.vm, &mem, &mut mmio, &config.virtio)?;
+    let cmdline = std::iter::once(config.cmdline.as_str())
+        .chain(fragments.iter().map(String::as_str))
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let kernel = load_guest(&config, &cmdline, &mem, &layout)?;
     tracing::debug!(?kernel.format, entry = kernel.entry, "kernel loaded");
 
     let trigger = serial_trigger(&p.vm)?;
@@ -82,7 +92,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
     } = config;
     let serial = Arc::new(Mutex::new(Serial::new(trigger, out)));
     let pio = pio_bus(&serial, &p.stop)?;
-    let mmio = Arc::new(devices::Bus::new());
+    let mmio = Arc::new(mmio);
 
     if snapshot_on_ready.is_some() {
         persist::check_xsave_size(&p.kvm)?;
@@ -129,6 +139,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
             forward_stdin,
             snapshot_on_ready,
             page_server: None,
+            virtio,
             process_start,
         },
     )

@@ -11,6 +11,7 @@ mod boot;
 mod restore;
 mod runtime;
 mod snapshot;
+pub mod virtio;
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -100,6 +101,8 @@ pub struct VmConfig {
     pub forward_stdin: bool,
     /// Snapshot at READY.
     pub snapshot_on_ready: Option<SnapshotOnReady>,
+    /// virtio-mmio devices.
+    pub virtio: virtio::VirtioSpecs,
     /// When the process started: the zero of every reported time.
     pub process_start: Instant,
 }
@@ -448,6 +451,7 @@ struct Launch {
     forward_stdin: bool,
     snapshot_on_ready: Option<SnapshotOnReady>,
     page_server: Option<restore::LazyMemory>,
+    virtio: Vec<virtio::Attached>,
     process_start: Instant,
 }
 
@@ -487,7 +491,13 @@ fn launch(p: Prepared, l: Launch) -> Result<VmReport, BuildVmError> {
         snapshot_on_ready: l.snapshot_on_ready,
         lazy: l.page_server,
         host_cpuid: supported_cpuid.as_slice().to_vec(),
+        virtio_devices: l.virtio.len(),
     });
+    // Each device's worker runs on this loop; the handles stay in `virtio` on this thread.
+    for device in &l.virtio {
+        event_loop.add(device.event_source(), &mut rt);
+    }
+    let virtio_devices = l.virtio;
 
     let stdin = (l.forward_stdin && stdin_is_open()).then_some(0);
     for source in runtime::loop_sources(&stop, signals, stdin) {
@@ -542,6 +552,7 @@ fn launch(p: Prepared, l: Launch) -> Result<VmReport, BuildVmError> {
         page_server,
     };
     drop(rt);
+    drop(virtio_devices);
     drop(sock_guard);
     Ok(report)
 }

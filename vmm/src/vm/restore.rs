@@ -420,6 +420,7 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
             forward_stdin: config.forward_stdin,
             snapshot_on_ready: None,
             page_server: lazy,
+            virtio: Vec::new(),
             process_start: config.process_start,
         },
     )

@@ -38,6 +38,11 @@ pub enum SnapshotError {
     /// The memory file could not be written.
     #[error(transparent)]
     Memory(#[from] MemoryFileError),
+    /// The VM has devices whose state snapshots do not carry yet.
+    #[error(
+        "the VM has {0} virtio device(s): snapshots of VMs with virtio devices are not supported yet"
+    )]
+    VirtioDevices(usize),
 }
 
 /// What a snapshot cost and holds.
@@ -56,6 +61,9 @@ pub struct SnapshotInfo {
 /// Snapshots the VM into `dest`, which must not exist. The VM is left paused; the caller resumes.
 pub fn take_snapshot(rt: &mut VmRuntime, dest: &Path) -> Result<SnapshotInfo, SnapshotError> {
     let start = Instant::now();
+    if rt.virtio_devices > 0 {
+        return Err(SnapshotError::VirtioDevices(rt.virtio_devices));
+    }
     if !rt.is_paused() {
         rt.pause().map_err(SnapshotError::Pause)?;
     }

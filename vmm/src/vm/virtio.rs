@@ -1,0 +1,198 @@
+//! The virtio-mmio devices of a VM: building them, placing each in a slot of the MMIO window with
+//! its ioeventfds and irqfd, and announcing it on the kernel command line.
+//!
+//! Slot `i` sits at `VIRTIO_MMIO_START + i * 4 KiB` with GSI `5 + i` (GSIs 0-4 are the PIT, the
+//! keyboard, the cascade and COM1-2). Devices are built on the thread that runs the event loop:
+//! their workers are `!Send` and live there.
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+
+use devices::Bus;
+use devices::virtio::block::{BackendKind, Block, BlockConfig};
+use devices::virtio::kernel_cmdline_fragment;
+use devices::virtio::mmio::{MMIO_WINDOW_SIZE, NOTIFY_OFFSET};
+use devices::virtio::rng::{Rng, RngConfig};
+use devices::virtio::vsock::{Vsock, VsockConfig};
+use event_loop::EventSource;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use super::BuildVmError;
+use crate::layout::{MMIO_GAP_END, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
+
+/// First GSI of virtio-mmio devices.
+const FIRST_GSI: u32 = 5;
+/// Last GSI the IOAPIC has.
+const LAST_GSI: u32 = 23;
+
+/// A disk given with `--disk PATH[,ro][,id=NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The backing file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    pub read_only: bool,
+    /// The id the guest reads with GET_ID (default: the file name).
+    pub id: Option<String>,
+}
+
+/// The vsock device of `--vsock CID,PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// The host's listening Unix socket.
+    pub path: PathBuf,
+}
+
+/// The virtio devices a VM gets.
+#[derive(Debug, Clone, Default)]
+pub struct VirtioSpecs {
+    /// Disks, in slot order.
+    pub disks: Vec<DiskSpec>,
+    /// The vsock device.
+    pub vsock: Option<VsockSpec>,
+    /// A virtio-rng device.
+    pub rng: bool,
+}
+
+/// A device in its slot.
+pub enum VirtioDevice {
+    /// virtio-blk.
+    Block(Block),
+    /// virtio-vsock.
+    Vsock(Vsock),
+    /// virtio-rng.
+    Rng(Rng),
+}
+
+impl std::fmt::Debug for VirtioDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VirtioDevice::Block(_) => "virtio-blk",
+            VirtioDevice::Vsock(_) => "virtio-vsock",
+            VirtioDevice::Rng(_) => "virtio-rng",
+        })
+    }
+}
+
+/// A device, where it sits, and its interrupt.
+#[derive(Debug)]
+pub struct Attached {
+    /// The device.
+    pub device: VirtioDevice,
+    /// Its MMIO base.
+    pub base: u64,
+    /// Its GSI.
+    pub gsi: u32,
+}
+
+impl Attached {
+    /// The device's worker as an event-loop source.
+    pub fn event_source<C>(&self) -> Box<dyn EventSource<C>> {
+        match &self.device {
+            VirtioDevice::Block(d) => d.event_source(),
+            VirtioDevice::Vsock(d) => d.event_source(),
+            VirtioDevice::Rng(d) => d.event_source(),
+        }
+    }
+}
+
+fn dev_err(what: impl std::fmt::Display) -> BuildVmError {
+    BuildVmError::Device(what.to_string())
+}
+
+/// Builds the devices of `specs`, puts them on `mmio`, wires their notifications and interrupts
+/// into KVM; returns them with the kernel command-line fragments that announce them.
+pub fn attach_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    specs: &VirtioSpecs,
+) -> Result<(Vec<Attached>, Vec<String>), BuildVmError> {
+    let mut devices = Vec::new();
+    for d in &specs.disks {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!d.read_only)
+            .open(&d.path)
+            .map_err(|e| dev_err(format!("cannot open disk {}: {e}", d.path.display())))?;
+        let id = d.id.clone().unwrap_or_else(|| {
+            d.path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let config = BlockConfig {
+            id,
+            read_only: d.read_only,
+            spare_slot: None,
+            backend: BackendKind::IoUring,
+        };
+        let block = Block::new_block(config, Some(file), mem.clone()).map_err(dev_err)?;
+        devices.push(VirtioDevice::Block(block));
+    }
+    if let Some(v) = &specs.vsock {
+        let config = VsockConfig {
+            guest_cid: v.cid,
+            uds_path: v.path.clone(),
+        };
+        devices.push(VirtioDevice::Vsock(
+            Vsock::new_vsock(config, mem.clone()).map_err(dev_err)?,
+        ));
+    }
+    if specs.rng {
+        devices.push(VirtioDevice::Rng(
+            Rng::new_rng(RngConfig::default(), mem.clone()).map_err(dev_err)?,
+        ));
+    }
+
+    let mut attached = Vec::with_capacity(devices.len());
+    let mut cmdline = Vec::with_capacity(devices.len());
+    for (slot, device) in devices.into_iter().enumerate() {
+        let gsi = FIRST_GSI + slot as u32;
+        let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SLOT_SIZE;
+        if gsi > LAST_GSI || base + MMIO_WINDOW_SIZE > MMIO_GAP_END {
+            return Err(dev_err(format!(
+                "too many virtio devices (at most {})",
+                LAST_GSI - FIRST_GSI + 1
+            )));
+        }
+        let (transport, queue_evts, irqfd) = match &device {
+            VirtioDevice::Block(d) => (d.transport(), d.queue_evts(), d.irqfd()),
+            VirtioDevice::Vsock(d) => (d.transport(), d.queue_evts(), d.irqfd()),
+            VirtioDevice::Rng(d) => (d.transport(), d.queue_evts(), d.irqfd()),
+        };
+        mmio.insert(transport, base, MMIO_WINDOW_SIZE)
+            .map_err(dev_err)?;
+        for (queue, evt) in queue_evts.map_err(dev_err)?.iter().enumerate() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(|e| dev_err(format!("KVM_IOEVENTFD: {e}")))?;
+        }
+        vm.register_irqfd(&irqfd.map_err(dev_err)?, gsi)
+            .map_err(|e| dev_err(format!("KVM_IRQFD: {e}")))?;
+        cmdline.push(kernel_cmdline_fragment(base, MMIO_WINDOW_SIZE, gsi));
+        attached.push(Attached { device, base, gsi });
+    }
+    Ok((attached, cmdline))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_slots_fit_the_window_and_gsis() {
+        let last = VIRTIO_MMIO_START + u64::from(LAST_GSI - FIRST_GSI) * VIRTIO_MMIO_SLOT_SIZE;
+        assert!(last + MMIO_WINDOW_SIZE <= MMIO_GAP_END);
+        assert_eq!(
+            kernel_cmdline_fragment(VIRTIO_MMIO_START, MMIO_WINDOW_SIZE, FIRST_GSI),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
+    }
+}
