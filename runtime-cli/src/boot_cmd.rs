@@ -48,6 +48,11 @@ pub struct BootArgs {
     /// kernel command line.
     #[arg(long, value_name = "PATH[,ro][,id=NAME]", value_parser = parse_disk)]
     pub disk: Vec<DiskSpec>,
+    /// Add an empty spare disk slot named NAME (repeatable): a disk whose backing file is chosen
+    /// when a snapshot of this VM is restored (`restore --disk-slot NAME=PATH`). Until then it
+    /// has no sectors. This is how a container's rootfs reaches a VM restored from a template.
+    #[arg(long = "disk-slot", value_name = "NAME")]
+    pub disk_slot: Vec<String>,
     /// Attach virtio-vsock with guest CID `CID`; the host side is the Unix socket PATH: connect to
     /// it and send `CONNECT <port>\n` to reach a guest port; guest connections to port P arrive on
     /// `PATH_P`.
@@ -253,6 +258,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
         forward_stdin: true,
         virtio: VirtioSpecs {
             disks: args.disk,
+            spare_slots: args.disk_slot,
             vsock: args.vsock,
             rng: args.rng,
         },

@@ -64,6 +64,7 @@ fn restore_once(snapshot: &Path, mode: RestoreMode, out: &Path) -> Result<(VmRep
         fault_around: 16,
         record_workingset: false,
         prefetch_before: false,
+        disk_slots: Default::default(),
         process_start: start,
     })?;
     Ok((report, start.elapsed()))

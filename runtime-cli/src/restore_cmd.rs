@@ -33,6 +33,10 @@ pub struct RestoreArgs {
     /// they run, the page server answering what is not there yet].
     #[arg(long)]
     pub prefetch_before: bool,
+    /// Back the snapshot's spare disk slot NAME with the file PATH (repeatable); the guest sees
+    /// the new capacity through a config-change interrupt.
+    #[arg(long = "disk-slot", value_name = "NAME=PATH", value_parser = parse_slot)]
+    pub disk_slot: Vec<(String, PathBuf)>,
     /// Print timing and page-server figures when the VM stops.
     #[arg(long)]
     pub timing: bool,
@@ -50,6 +54,18 @@ pub enum ModeArg {
     UffdPrefetch,
 }
 
+fn parse_slot(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s.split_once('=').ok_or("expected NAME=PATH")?;
+    if name.is_empty() {
+        return Err("the slot name is empty".into());
+    }
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        return Err(format!("{} is not a file", path.display()));
+    }
+    Ok((name.to_string(), path))
+}
+
 pub fn run(args: RestoreArgs, process_start: Instant) -> Result<i32> {
     let config = RestoreConfig {
         snapshot: args.snapshot,
@@ -65,6 +81,7 @@ pub fn run(args: RestoreArgs, process_start: Instant) -> Result<i32> {
         fault_around: args.fault_around as usize,
         record_workingset: args.record_workingset,
         prefetch_before: args.prefetch_before,
+        disk_slots: args.disk_slot.into_iter().collect(),
         process_start,
     };
     let report = vmm::vm::restore(config)?;

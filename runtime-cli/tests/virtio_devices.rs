@@ -205,31 +205,144 @@ fn test_bad_device_options_are_one_line_errors() {
 }
 
 #[test]
-fn test_snapshot_of_vm_with_virtio_devices_is_refused_clearly() {
+fn test_snapshot_mid_io_restore_keeps_writes_before_and_after() {
     if !kvm_usable() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = disk(dir.path());
     let snap = dir.path().join("snap");
+    // The guest writes sector 3, says READY (snapshot), then writes sector 4 and reads 3 back.
     let out = run(
         &[
             "boot",
             "--kernel",
-            "builtin:ready",
+            "builtin:virtioblk",
             "--disk",
             img.to_str().unwrap(),
+            "--cmdline",
+            "ready_after_write=1 write_sector=3",
             "--snapshot-on-ready",
             snap.to_str().unwrap(),
         ],
         T,
     );
-    assert_eq!(out.code(), 1, "{}", out.stderr);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
     assert!(
-        out.stderr
-            .contains("snapshots of VMs with virtio devices are not supported yet"),
+        out.stdout.ends_with("virtioblk: write sector 3 status=0\n"),
         "{}",
-        out.stderr
+        out.stdout
     );
-    assert!(!snap.exists(), "no partial snapshot is left behind");
+    let after_snapshot = std::fs::read(&img).unwrap();
+    for mode in ["uffd", "eager", "mmap"] {
+        std::fs::write(&img, &after_snapshot).unwrap();
+        let out = run(
+            &[
+                "restore",
+                "--snapshot",
+                snap.to_str().unwrap(),
+                "--mode",
+                mode,
+            ],
+            T,
+        );
+        assert_eq!(out.code(), 0, "{mode}: {}", out.stderr);
+        assert_eq!(
+            out.stdout,
+            "virtioblk: write sector 4 status=0\n\
+             virtioblk: read back status=0 match\n\
+             virtioblk: flush status=0\n\
+             virtioblk: id status=0 id=disk.img\n\
+             virtioblk: read past end status=1\n\
+             virtioblk: done\n",
+            "{mode}"
+        );
+        let data = std::fs::read(&img).unwrap();
+        assert_eq!(
+            &data[3 * 512..4 * 512],
+            &expected_sector(3)[..],
+            "{mode}: the write before the snapshot"
+        );
+        assert_eq!(
+            &data[4 * 512..5 * 512],
+            &expected_sector(4)[..],
+            "{mode}: the write after the restore"
+        );
+    }
+}
+
+#[test]
+fn test_spare_slot_backed_at_restore_is_announced_by_config_change() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tmpl = dir.path().join("template");
+    // The template's disk slot is empty when the guest probes it and says READY.
+    let out = run(
+        &[
+            "boot",
+            "--kernel",
+            "builtin:virtioblk",
+            "--disk-slot",
+            "rootfs",
+            "--cmdline",
+            "ready_after_probe=1",
+            "--snapshot-on-ready",
+            tmpl.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("virtioblk: capacity=0 rw\n"),
+        "{}",
+        out.stdout
+    );
+    // Two restores of one template, each with its own rootfs.
+    for n in [1u8, 2] {
+        let sub = dir.path().join(format!("c{n}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let img = disk(&sub);
+        let slot = format!("rootfs={}", img.display());
+        let out = run(
+            &[
+                "restore",
+                "--snapshot",
+                tmpl.to_str().unwrap(),
+                "--disk-slot",
+                &slot,
+            ],
+            T,
+        );
+        assert_eq!(out.code(), 0, "{}", out.stderr);
+        assert!(
+            out.stdout
+                .starts_with("virtioblk: after ready: capacity=2048 config-changed\n"),
+            "{}",
+            out.stdout
+        );
+        assert!(
+            out.stdout
+                .contains("read sector 0 status=0 data=HELLO-FROM-HOST!"),
+            "{}",
+            out.stdout
+        );
+        assert!(out.stdout.contains("id=rootfs"), "{}", out.stdout);
+        assert_eq!(
+            &std::fs::read(&img).unwrap()[512..1024],
+            &expected_sector(1)[..]
+        );
+    }
+    let out = run(
+        &[
+            "restore",
+            "--snapshot",
+            tmpl.to_str().unwrap(),
+            "--disk-slot",
+            &format!("nope={}", tmpl.join("memory").display()),
+        ],
+        T,
+    );
+    out.assert_one_line_error("the snapshot has no spare disk slot named \"nope\"");
 }

@@ -86,6 +86,8 @@ pub struct VmState {
     /// What the snapshotting host's KVM offered (KVM_GET_SUPPORTED_CPUID): a restoring host must
     /// offer at least the same features.
     pub host_cpuid: Vec<kvm_cpuid_entry2>,
+    /// The virtio devices, in slot order.
+    pub virtio: Vec<crate::vm::virtio::VirtioSnapshot>,
 }
 
 /// Errors saving or restoring KVM state.

@@ -226,6 +226,17 @@ void guest_main(const u8 *bp)
 	put_str("virtioblk: capacity=");
 	put_dec(capacity);
 	put_str(ro ? " ro\n" : " rw\n");
+	if (cmdline_has(bp, "ready_after_probe")) {
+		/* A template: snapshot here; a restore may back the (spare) disk with a file, which
+		 * the device announces with a config-change interrupt. */
+		signal_ready();
+		u32 isr = rd(REG_INTERRUPT_STATUS);
+		wr(REG_INTERRUPT_ACK, isr);
+		capacity = (u64)rd(REG_CONFIG) | ((u64)rd(REG_CONFIG + 4) << 32);
+		put_str("virtioblk: after ready: capacity=");
+		put_dec(capacity);
+		put_str((isr & 2) ? " config-changed\n" : "\n");
+	}
 
 	u8 s = submit(BLK_T_IN, 0, 1, 1, 512);
 	put_str("virtioblk: read sector 0 status=");
@@ -245,6 +256,22 @@ void guest_main(const u8 *bp)
 	put_str(" status=");
 	put_dec(s);
 	put_char('\n');
+	if (cmdline_has(bp, "ready_after_write")) {
+		/* Snapshot between two writes: a restore must keep the first and take the second. */
+		signal_ready();
+		for (int i = 0; i < 512; i++)
+			data[i] = (u8)(i * 7 + sector + 1);
+		memcpy(data, "KATA-SNAP-WROTE!", 16);
+		s = submit(BLK_T_OUT, sector + 1, 1, 0, 512);
+		put_str("virtioblk: write sector ");
+		put_dec(sector + 1);
+		put_str(" status=");
+		put_dec(s);
+		put_char('\n');
+		for (int i = 0; i < 512; i++)
+			data[i] = (u8)(i * 7 + sector);
+		memcpy(data, "KATA-SNAP-WROTE!", 16);
+	}
 
 	memset(data, 0, sizeof(data));
 	s = submit(BLK_T_IN, sector, 1, 1, 512);

@@ -491,13 +491,13 @@ fn launch(p: Prepared, l: Launch) -> Result<VmReport, BuildVmError> {
         snapshot_on_ready: l.snapshot_on_ready,
         lazy: l.page_server,
         host_cpuid: supported_cpuid.as_slice().to_vec(),
-        virtio_devices: l.virtio.len(),
+        virtio: l.virtio,
     });
-    // Each device's worker runs on this loop; the handles stay in `virtio` on this thread.
-    for device in &l.virtio {
-        event_loop.add(device.event_source(), &mut rt);
+    // Each device's worker runs on this loop; the handles stay in the runtime, on this thread.
+    let sources: Vec<_> = rt.virtio.iter().map(|d| d.event_source()).collect();
+    for source in sources {
+        event_loop.add(source, &mut rt);
     }
-    let virtio_devices = l.virtio;
 
     let stdin = (l.forward_stdin && stdin_is_open()).then_some(0);
     for source in runtime::loop_sources(&stop, signals, stdin) {
@@ -552,7 +552,6 @@ fn launch(p: Prepared, l: Launch) -> Result<VmReport, BuildVmError> {
         page_server,
     };
     drop(rt);
-    drop(virtio_devices);
     drop(sock_guard);
     Ok(report)
 }

@@ -71,6 +71,8 @@ pub struct RestoreConfig {
     /// In `uffd-prefetch`, install the working set before the vCPUs start instead of while they
     /// run.
     pub prefetch_before: bool,
+    /// Backing files for the snapshot's spare disk slots, by slot name.
+    pub disk_slots: std::collections::HashMap<String, PathBuf>,
     /// When the process started.
     pub process_start: Instant,
 }
@@ -391,7 +393,10 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
         .map_err(|e| RestoreError::Invalid(e.to_string()))?;
     let serial = Arc::new(Mutex::new(serial));
     let pio = pio_bus(&serial, &p.stop)?;
-    let mmio = Arc::new(devices::Bus::new());
+    let mut mmio = devices::Bus::new();
+    let virtio =
+        super::virtio::restore_devices(&p.vm, &mem, &mut mmio, &state.virtio, &config.disk_slots)?;
+    let mmio = Arc::new(mmio);
     let msr_indices = Arc::new(persist::msr_index_list(&p.kvm)?);
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for vs in &state.vcpus {
@@ -420,7 +425,7 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
             forward_stdin: config.forward_stdin,
             snapshot_on_ready: None,
             page_server: lazy,
-            virtio: Vec::new(),
+            virtio,
             process_start: config.process_start,
         },
     )

@@ -54,8 +54,8 @@ pub struct VmRuntime {
     lazy: Option<LazyMemory>,
     /// This host's KVM_GET_SUPPORTED_CPUID, recorded in snapshots.
     pub host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
-    /// How many virtio devices the VM has (their state is not in snapshots yet).
-    pub virtio_devices: usize,
+    /// The virtio devices (their workers run on this loop).
+    pub virtio: Vec<super::virtio::Attached>,
     paused: bool,
     halted_rounds: u32,
 }
@@ -75,7 +75,7 @@ pub struct RuntimeParts {
     pub(super) snapshot_on_ready: Option<SnapshotOnReady>,
     pub(super) lazy: Option<LazyMemory>,
     pub(super) host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
-    pub(super) virtio_devices: usize,
+    pub(super) virtio: Vec<super::virtio::Attached>,
 }
 
 impl VmRuntime {
@@ -97,7 +97,7 @@ impl VmRuntime {
             snapshot_on_ready: p.snapshot_on_ready,
             lazy: p.lazy,
             host_cpuid: p.host_cpuid,
-            virtio_devices: p.virtio_devices,
+            virtio: p.virtio,
             paused: false,
             halted_rounds: 0,
         }

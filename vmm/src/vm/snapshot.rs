@@ -61,9 +61,6 @@ pub struct SnapshotInfo {
 /// Snapshots the VM into `dest`, which must not exist. The VM is left paused; the caller resumes.
 pub fn take_snapshot(rt: &mut VmRuntime, dest: &Path) -> Result<SnapshotInfo, SnapshotError> {
     let start = Instant::now();
-    if rt.virtio_devices > 0 {
-        return Err(SnapshotError::VirtioDevices(rt.virtio_devices));
-    }
     if !rt.is_paused() {
         rt.pause().map_err(SnapshotError::Pause)?;
     }
@@ -103,6 +100,7 @@ pub fn take_snapshot(rt: &mut VmRuntime, dest: &Path) -> Result<SnapshotInfo, Sn
         devices: DeviceStates { serial },
         ready_ms: rt.stop.ready_after().map(|d| d.as_secs_f64() * 1e3),
         host_cpuid: rt.host_cpuid.clone(),
+        virtio: rt.virtio.iter().map(|d| d.save()).collect(),
     };
     format::write_file(&writer.path(STATE_FILE), &state)?;
     let path = writer.commit()?;

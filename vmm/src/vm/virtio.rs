@@ -5,8 +5,15 @@
 //! keyboard, the cascade and COM1-2). Devices are built on the thread that runs the event loop:
 //! their workers are `!Send` and live there.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::PathBuf;
+
+use devices::persist::Persist;
+use devices::virtio::block::{BlockArgs, BlockState};
+use devices::virtio::rng::{RngArgs, RngState};
+use devices::virtio::vsock::{VsockArgs, VsockState};
+use serde::{Deserialize, Serialize};
 
 use devices::Bus;
 use devices::virtio::block::{BackendKind, Block, BlockConfig};
@@ -51,6 +58,9 @@ pub struct VsockSpec {
 pub struct VirtioSpecs {
     /// Disks, in slot order.
     pub disks: Vec<DiskSpec>,
+    /// Empty spare disk slots (`--disk-slot NAME`), after the disks: their backing file is chosen
+    /// when a snapshot of this VM is restored.
+    pub spare_slots: Vec<String>,
     /// The vsock device.
     pub vsock: Option<VsockSpec>,
     /// A virtio-rng device.
@@ -86,6 +96,50 @@ pub struct Attached {
     pub base: u64,
     /// Its GSI.
     pub gsi: u32,
+    /// The disk's backing file or the vsock's Unix socket, recorded in snapshots.
+    pub path: Option<PathBuf>,
+}
+
+/// A virtio device in a snapshot: where it sat and its state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VirtioSnapshot {
+    /// MMIO base.
+    pub base: u64,
+    /// GSI.
+    pub gsi: u32,
+    /// Backing file (disks) or Unix socket (vsock).
+    pub path: Option<PathBuf>,
+    /// The device's own state.
+    pub state: VirtioState,
+}
+
+/// The state of one device kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum VirtioState {
+    /// virtio-blk.
+    Block(BlockState),
+    /// virtio-vsock.
+    Vsock(VsockState),
+    /// virtio-rng.
+    Rng(RngState),
+}
+
+impl Attached {
+    /// The device's state for a snapshot (in-flight block requests are rewound and replayed on
+    /// restore, so this is correct at any point).
+    pub fn save(&self) -> VirtioSnapshot {
+        let state = match &self.device {
+            VirtioDevice::Block(d) => VirtioState::Block(d.save()),
+            VirtioDevice::Vsock(d) => VirtioState::Vsock(d.save()),
+            VirtioDevice::Rng(d) => VirtioState::Rng(d.save()),
+        };
+        VirtioSnapshot {
+            base: self.base,
+            gsi: self.gsi,
+            path: self.path.clone(),
+            state,
+        }
+    }
 }
 
 impl Attached {
@@ -113,11 +167,7 @@ pub fn attach_devices(
 ) -> Result<(Vec<Attached>, Vec<String>), BuildVmError> {
     let mut devices = Vec::new();
     for d in &specs.disks {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!d.read_only)
-            .open(&d.path)
-            .map_err(|e| dev_err(format!("cannot open disk {}: {e}", d.path.display())))?;
+        let file = open_disk(&d.path, d.read_only)?;
         let id = d.id.clone().unwrap_or_else(|| {
             d.path
                 .file_name()
@@ -131,55 +181,169 @@ pub fn attach_devices(
             backend: BackendKind::IoUring,
         };
         let block = Block::new_block(config, Some(file), mem.clone()).map_err(dev_err)?;
-        devices.push(VirtioDevice::Block(block));
+        devices.push((VirtioDevice::Block(block), Some(d.path.clone())));
+    }
+    for name in &specs.spare_slots {
+        let config = BlockConfig {
+            id: name.clone(),
+            read_only: false,
+            spare_slot: Some(name.clone()),
+            backend: BackendKind::IoUring,
+        };
+        devices.push((
+            VirtioDevice::Block(Block::new_block(config, None, mem.clone()).map_err(dev_err)?),
+            None,
+        ));
     }
     if let Some(v) = &specs.vsock {
         let config = VsockConfig {
             guest_cid: v.cid,
             uds_path: v.path.clone(),
         };
-        devices.push(VirtioDevice::Vsock(
-            Vsock::new_vsock(config, mem.clone()).map_err(dev_err)?,
+        devices.push((
+            VirtioDevice::Vsock(Vsock::new_vsock(config, mem.clone()).map_err(dev_err)?),
+            Some(v.path.clone()),
         ));
     }
     if specs.rng {
-        devices.push(VirtioDevice::Rng(
-            Rng::new_rng(RngConfig::default(), mem.clone()).map_err(dev_err)?,
+        devices.push((
+            VirtioDevice::Rng(Rng::new_rng(RngConfig::default(), mem.clone()).map_err(dev_err)?),
+            None,
         ));
     }
 
     let mut attached = Vec::with_capacity(devices.len());
     let mut cmdline = Vec::with_capacity(devices.len());
-    for (slot, device) in devices.into_iter().enumerate() {
+    for (slot, (device, path)) in devices.into_iter().enumerate() {
         let gsi = FIRST_GSI + slot as u32;
         let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SLOT_SIZE;
-        if gsi > LAST_GSI || base + MMIO_WINDOW_SIZE > MMIO_GAP_END {
+        if gsi > LAST_GSI {
             return Err(dev_err(format!(
                 "too many virtio devices (at most {})",
                 LAST_GSI - FIRST_GSI + 1
             )));
         }
-        let (transport, queue_evts, irqfd) = match &device {
-            VirtioDevice::Block(d) => (d.transport(), d.queue_evts(), d.irqfd()),
-            VirtioDevice::Vsock(d) => (d.transport(), d.queue_evts(), d.irqfd()),
-            VirtioDevice::Rng(d) => (d.transport(), d.queue_evts(), d.irqfd()),
-        };
-        mmio.insert(transport, base, MMIO_WINDOW_SIZE)
-            .map_err(dev_err)?;
-        for (queue, evt) in queue_evts.map_err(dev_err)?.iter().enumerate() {
-            vm.register_ioevent(
-                evt,
-                &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
-                queue as u32,
-            )
-            .map_err(|e| dev_err(format!("KVM_IOEVENTFD: {e}")))?;
-        }
-        vm.register_irqfd(&irqfd.map_err(dev_err)?, gsi)
-            .map_err(|e| dev_err(format!("KVM_IRQFD: {e}")))?;
         cmdline.push(kernel_cmdline_fragment(base, MMIO_WINDOW_SIZE, gsi));
-        attached.push(Attached { device, base, gsi });
+        attached.push(place(vm, mmio, device, base, gsi, path)?);
     }
     Ok((attached, cmdline))
+}
+
+fn open_disk(path: &std::path::Path, read_only: bool) -> Result<std::fs::File, BuildVmError> {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| dev_err(format!("cannot open disk {}: {e}", path.display())))
+}
+
+/// Puts a device in its slot: on the MMIO bus, its queue notifications as ioeventfds, its
+/// interrupt as an irqfd.
+fn place(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    device: VirtioDevice,
+    base: u64,
+    gsi: u32,
+    path: Option<PathBuf>,
+) -> Result<Attached, BuildVmError> {
+    if base < VIRTIO_MMIO_START
+        || base + MMIO_WINDOW_SIZE > MMIO_GAP_END
+        || !(FIRST_GSI..=LAST_GSI).contains(&gsi)
+    {
+        return Err(dev_err(format!(
+            "virtio slot {base:#x} with GSI {gsi} is outside the virtio window"
+        )));
+    }
+    let (transport, queue_evts, irqfd) = match &device {
+        VirtioDevice::Block(d) => (d.transport(), d.queue_evts(), d.irqfd()),
+        VirtioDevice::Vsock(d) => (d.transport(), d.queue_evts(), d.irqfd()),
+        VirtioDevice::Rng(d) => (d.transport(), d.queue_evts(), d.irqfd()),
+    };
+    mmio.insert(transport, base, MMIO_WINDOW_SIZE)
+        .map_err(dev_err)?;
+    for (queue, evt) in queue_evts.map_err(dev_err)?.iter().enumerate() {
+        vm.register_ioevent(
+            evt,
+            &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+            queue as u32,
+        )
+        .map_err(|e| dev_err(format!("KVM_IOEVENTFD: {e}")))?;
+    }
+    vm.register_irqfd(&irqfd.map_err(dev_err)?, gsi)
+        .map_err(|e| dev_err(format!("KVM_IRQFD: {e}")))?;
+    Ok(Attached {
+        device,
+        base,
+        gsi,
+        path,
+    })
+}
+
+/// Rebuilds the devices of a snapshot in their slots. `slots` gives the backing file of each
+/// spare disk slot by name (`--disk-slot NAME=PATH`); a slot left out stays empty.
+pub fn restore_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    saved: &[VirtioSnapshot],
+    slots: &HashMap<String, PathBuf>,
+) -> Result<Vec<Attached>, BuildVmError> {
+    let mut attached = Vec::with_capacity(saved.len());
+    let mut used = Vec::new();
+    for s in saved {
+        let (device, path) = match &s.state {
+            VirtioState::Block(state) => {
+                let path = match &state.disk.spare_slot {
+                    Some(name) => {
+                        used.push(name.clone());
+                        slots.get(name).cloned()
+                    }
+                    None => s.path.clone(),
+                };
+                let file = path
+                    .as_deref()
+                    .map(|p| open_disk(p, state.disk.read_only))
+                    .transpose()?;
+                let args = BlockArgs {
+                    mem: mem.clone(),
+                    file,
+                    backend: BackendKind::IoUring,
+                };
+                (
+                    VirtioDevice::Block(Block::restore(args, state).map_err(dev_err)?),
+                    path,
+                )
+            }
+            VirtioState::Vsock(state) => {
+                let path = s
+                    .path
+                    .clone()
+                    .ok_or_else(|| dev_err("vsock without a socket path"))?;
+                let args = VsockArgs {
+                    mem: mem.clone(),
+                    uds_path: path.clone(),
+                };
+                (
+                    VirtioDevice::Vsock(Vsock::restore(args, state).map_err(dev_err)?),
+                    Some(path),
+                )
+            }
+            VirtioState::Rng(state) => (
+                VirtioDevice::Rng(
+                    Rng::restore(RngArgs { mem: mem.clone() }, state).map_err(dev_err)?,
+                ),
+                None,
+            ),
+        };
+        attached.push(place(vm, mmio, device, s.base, s.gsi, path)?);
+    }
+    if let Some(unknown) = slots.keys().find(|k| !used.contains(k)) {
+        return Err(dev_err(format!(
+            "the snapshot has no spare disk slot named {unknown:?}"
+        )));
+    }
+    Ok(attached)
 }
 
 #[cfg(test)]
