@@ -72,6 +72,57 @@ fn test_virtio_blk_guest_reads_writes_flushes_through_kvm() {
 }
 
 #[test]
+fn test_virtio_blk_second_of_two_disks_gets_its_own_io() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let first = disk(dir.path());
+    let second = dir.path().join("second.img");
+    let mut d = vec![0u8; 2 << 20];
+    d[..16].copy_from_slice(b"SECOND-DISK-HERE");
+    std::fs::write(&second, d).unwrap();
+    let before_first = std::fs::read(&first).unwrap();
+    let spec2 = format!("{},id=data", second.display());
+    let out = run(
+        &[
+            "boot",
+            "--kernel",
+            "builtin:virtioblk",
+            "--disk",
+            first.to_str().unwrap(),
+            "--disk",
+            &spec2,
+            "--cmdline",
+            "disk_index=1 write_sector=5",
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("virtioblk: base=0xd0001000\nvirtioblk: capacity=4096 rw\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("data=SECOND-DISK-HERE"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("id=data"), "{}", out.stdout);
+    assert_eq!(
+        &std::fs::read(&second).unwrap()[5 * 512..6 * 512],
+        &expected_sector(5)[..]
+    );
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        before_first,
+        "the other disk is untouched"
+    );
+}
+
+#[test]
 fn test_virtio_blk_read_only_disk_refuses_writes() {
     if !kvm_usable() {
         return;

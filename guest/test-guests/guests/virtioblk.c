@@ -1,7 +1,7 @@
 /* virtioblk: a small polled virtio-blk driver over virtio-mmio (version 2).
  *
  * Finds the device at the address the VMM announced (`virtio_mmio.device=4K@0x<base>:<irq>` on the
- * command line), negotiates VIRTIO_F_VERSION_1 only, sets up queue 0 with 8 descriptors, then:
+ * command line; the `disk_index=N`-th one, default 0), negotiates VIRTIO_F_VERSION_1 only, sets up queue 0 with 8 descriptors, then:
  * reads the capacity, reads sector 0 and prints its first 16 bytes, writes sector 1 with a
  * pattern (sector number `write_sector=N`, default 1), reads it back, flushes, asks for the disk
  * id, and exits via i8042. Every step prints one line; the host checks the backing file.
@@ -101,8 +101,9 @@ static inline void barrier(void)
 	__asm__ volatile("mfence" ::: "memory");
 }
 
-/* Parses the hex number after "virtio_mmio.device=...@" in the cmdline; 0 if absent. */
-static u64 announced_base(const u8 *bp)
+/* Parses the hex base of the `index`-th "virtio_mmio.device=...@0x<base>" in the cmdline; 0 if
+ * absent. */
+static u64 announced_base(const u8 *bp, u64 index)
 {
 	usize len;
 	const char *c = cmdline_get(bp, &len);
@@ -110,6 +111,10 @@ static u64 announced_base(const u8 *bp)
 	for (usize i = 0; c && i + 19 < len; i++) {
 		if (memcmp(c + i, key, 19) != 0)
 			continue;
+		if (index > 0) {
+			index--;
+			continue;
+		}
 		usize j = i + 19;
 		while (j < len && c[j] != '@' && c[j] != ' ')
 			j++;
@@ -182,7 +187,7 @@ static u8 submit(u32 type, u64 sector, int with_data, int data_writable, u32 dat
 
 void guest_main(const u8 *bp)
 {
-	base = announced_base(bp);
+	base = announced_base(bp, cmdline_u64(bp, "disk_index", 0));
 	if (base == 0)
 		fail("no virtio_mmio.device= on the command line");
 	put_str("virtioblk: base=");

@@ -176,7 +176,8 @@ pub const PIO: TestGuest = test_guest!("pio");
 
 /// `virtioblk`: a polled virtio-blk driver over virtio-mmio, for the device path through KVM.
 ///
-/// Finds the device from `virtio_mmio.device=4K@0x<base>:<irq>` on the command line, negotiates
+/// Finds the device from the `disk_index=N`-th (default 0) `virtio_mmio.device=4K@0x<base>:<irq>`
+/// on the command line, negotiates
 /// VIRTIO_F_VERSION_1 (and RO when offered), sets up queue 0, and prints one line per step:
 /// `virtioblk: base=0x..`, `virtioblk: capacity=<sectors> ro|rw`,
 /// `virtioblk: read sector 0 status=<s> data=<first printable bytes, up to 16>`,

@@ -24,6 +24,8 @@ pub struct Connection {
     pub stream: UnixStream,
     /// Poll id (tags of its operations).
     pub id: u32,
+    /// When the connection was created (connect timeout of host-initiated connections).
+    pub opened: std::time::Instant,
     /// The state.
     pub state: ConnState,
     /// Guest data not yet written to the stream.
@@ -61,6 +63,7 @@ impl Connection {
         Ok(Self {
             stream,
             id,
+            opened: std::time::Instant::now(),
             state,
             tx_buf: Vec::new(),
             fwd_cnt: 0,

@@ -37,6 +37,13 @@ const TX: usize = 1;
 const EVT: usize = 2;
 
 const TAG_LISTENER: u32 = TAG_HANDLER_BASE;
+/// The connect-timeout sweep; above every connection tag (`read_tag` of the largest id).
+const TAG_SWEEP: u32 = u32::MAX;
+/// How long a host connection may wait for its `CONNECT` line, then for the guest's answer, before
+/// it is closed (like Firecracker's connect timeout).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often pending host connections are checked against [`CONNECT_TIMEOUT`].
+const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn read_tag(id: u32) -> u32 {
     TAG_HANDLER_BASE + 1 + (id << 1)
@@ -47,6 +54,7 @@ fn read_tag(id: u32) -> u32 {
 struct PendingHost {
     stream: UnixStream,
     line: Vec<u8>,
+    since: std::time::Instant,
 }
 
 /// A control packet waiting for an rx buffer (built when sent, so it carries fresh credit).
@@ -73,6 +81,9 @@ pub struct VsockHandler {
     control: VecDeque<Ctrl>,
     reset_event_pending: bool,
     buf: Vec<u8>,
+    /// Period of the connect-timeout sweep; boxed so its address is stable while the kernel
+    /// holds the timeout operation.
+    sweep: Box<io_uring::types::Timespec>,
 }
 
 impl VsockHandler {
@@ -91,6 +102,7 @@ impl VsockHandler {
             control: VecDeque::new(),
             reset_event_pending: false,
             buf: vec![0u8; HDR_SIZE + MAX_PKT_PAYLOAD],
+            sweep: Box::new(SWEEP_PERIOD.into()),
         })
     }
 
@@ -173,6 +185,7 @@ impl VsockHandler {
                         PendingHost {
                             stream,
                             line: Vec::new(),
+                            since: std::time::Instant::now(),
                         },
                     );
                 }
@@ -182,6 +195,37 @@ impl VsockHandler {
                     return;
                 }
             }
+        }
+    }
+
+    /// Closes host connections that sent no `CONNECT` line, or that the guest did not answer,
+    /// within [`CONNECT_TIMEOUT`]: a host client never waits forever on a silent guest. The
+    /// guest is told RST, so an answer that comes later is refused.
+    fn expire_connects(&mut self) {
+        let now = std::time::Instant::now();
+        self.pending_host.retain(|_, p| {
+            let keep = now.duration_since(p.since) < CONNECT_TIMEOUT;
+            if !keep {
+                // Shut down rather than only drop: the armed read poll holds the socket open.
+                let _ = p.stream.shutdown(std::net::Shutdown::Both);
+            }
+            keep
+        });
+        let expired: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state == ConnState::HostInit && now.duration_since(c.opened) >= CONNECT_TIMEOUT
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            tracing::debug!(
+                "virtio-vsock: guest did not answer CONNECT to port {} in time",
+                key.1
+            );
+            self.remove(key);
+            self.ctrl(key.0, key.1, OP_RST, 0);
         }
     }
 
@@ -495,6 +539,7 @@ impl QueueHandler for VsockHandler {
 
     fn start<C>(&mut self, ops: &mut Ops<'_, C>) {
         ops.poll_readable(self.listener.as_raw_fd(), TAG_LISTENER, true);
+        ops.timeout(&self.sweep, TAG_SWEEP);
     }
 
     fn activated<C>(
@@ -545,6 +590,14 @@ impl QueueHandler for VsockHandler {
             }
             self.accept(ops);
             return Ok(());
+        }
+        if c.tag == TAG_SWEEP {
+            self.expire_connects();
+            ops.timeout(&self.sweep, TAG_SWEEP);
+            return match active {
+                Some(active) => self.pump_rx(active, irq, ops),
+                None => Ok(()),
+            };
         }
         let rel = c.tag - TAG_HANDLER_BASE - 1;
         let (id, write) = (rel >> 1, rel & 1 == 1);

@@ -198,3 +198,56 @@ fn test_vsock_flood_without_rx_buffers_keeps_control_queue_bounded() {
     let pending = h.device.worker().borrow().handler.pending_control();
     assert!(pending <= 1024, "{pending} control packets queued");
 }
+
+#[test]
+fn test_vsock_host_connect_guest_never_answers_is_closed_after_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new(&dir);
+    let mut host = UnixStream::connect(socket_path(&dir)).unwrap();
+    host.write_all(b"CONNECT 77\n").unwrap();
+    let (req, _) = g.wait_for(|h| h.op == OP_REQUEST);
+    assert_eq!(req.dst_port, 77);
+    // The guest stays silent: after CONNECT_TIMEOUT the host sees EOF, the guest an RST.
+    let start = std::time::Instant::now();
+    let (rst, _) = g.wait_for(|h| h.op == OP_RST);
+    assert_eq!((rst.src_port, rst.dst_port), (req.src_port, 77));
+    assert!(
+        start.elapsed() + std::time::Duration::from_millis(600)
+            >= crate::virtio::vsock::queue_handler::CONNECT_TIMEOUT
+    );
+    host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        host.read(&mut buf).unwrap(),
+        0,
+        "the host side is closed, not left hanging"
+    );
+    assert_eq!(g.h.device.worker().borrow().handler.connections(), 0);
+}
+
+#[test]
+fn test_vsock_host_that_never_sends_connect_is_closed_after_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new(&dir);
+    let mut host = UnixStream::connect(socket_path(&dir)).unwrap();
+    host.set_read_timeout(Some(std::time::Duration::from_secs(6)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    while start.elapsed() < std::time::Duration::from_secs(5) {
+        g.h.run_until_irq(std::time::Duration::from_millis(200));
+        host.set_nonblocking(true).unwrap();
+        match host.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => panic!("unexpected data"),
+            Err(_) => {}
+        }
+    }
+    host.set_nonblocking(true).unwrap();
+    assert_eq!(
+        host.read(&mut buf).ok(),
+        Some(0),
+        "a host that never sends CONNECT is dropped"
+    );
+}
