@@ -35,6 +35,8 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 const PROTOCOL_CMDLINE_SIZE: u16 = 0x206;
 /// `initrd_addr_max` assumed when the kernel does not say (boot protocol < 2.03).
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// Bytes of an image needed to tell its format: up to and including the bzImage `HdrS` magic.
+pub const FORMAT_PROBE_LEN: usize = 0x206;
 /// Largest e820 table the zero page holds.
 const E820_MAX_ENTRIES: usize = 128;
 
@@ -115,7 +117,8 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
 }
 
-/// Detects the kernel format from the start of the image (at least 0x206 bytes for a bzImage).
+/// Detects the kernel format from the start of the image (at least [`FORMAT_PROBE_LEN`] bytes for
+/// a bzImage).
 pub fn detect_format(head: &[u8]) -> Result<KernelFormat, BootError> {
     if head.starts_with(b"\x7fELF") {
         // ELFCLASS64 and EM_X86_64: the only ELF the 64-bit entry can run.
@@ -135,7 +138,7 @@ pub fn load_kernel<F>(mem: &GuestMemoryMmap, image: &mut F) -> Result<LoadedKern
 where
     F: Read + ReadVolatile + Seek,
 {
-    let mut head = [0u8; 0x206];
+    let mut head = [0u8; FORMAT_PROBE_LEN];
     image.seek(SeekFrom::Start(0)).map_err(BootError::Read)?;
     let n = read_up_to(image, &mut head).map_err(BootError::Read)?;
     let format = detect_format(&head[..n])?;
@@ -164,7 +167,8 @@ where
     }
 }
 
-fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads until `buf` is full or the input ends (retrying EINTR); returns the bytes read.
+pub(crate) fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {

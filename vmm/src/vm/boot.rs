@@ -147,24 +147,12 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
 
 /// Whether `path` names a kernel this VMM can boot (for early CLI checks).
 pub fn check_kernel_file(path: &Path) -> Result<boot::KernelFormat, BuildVmError> {
-    use std::io::Read;
-    let mut f = File::open(path).map_err(|source| BuildVmError::KernelOpen {
+    let open_err = |source| BuildVmError::KernelOpen {
         path: path.to_path_buf(),
         source,
-    })?;
-    let mut head = vec![0u8; 0x206];
-    let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(source) => {
-                return Err(BuildVmError::KernelOpen {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-        }
-    }
+    };
+    let mut f = File::open(path).map_err(open_err)?;
+    let mut head = [0u8; boot::FORMAT_PROBE_LEN];
+    let n = boot::read_up_to(&mut f, &mut head).map_err(open_err)?;
     Ok(boot::detect_format(&head[..n])?)
 }
