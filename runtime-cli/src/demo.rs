@@ -72,7 +72,7 @@ fn restore_once(snapshot: &Path, mode: RestoreMode, out: &Path) -> Result<(VmRep
 
 pub fn run(args: DemoArgs) -> Result<i32> {
     let guest = &test_guests::MEMTOUCH;
-    println!("kata-snap demo: {}", vmm::vm::host_check().summary);
+    println!("kata-snap demo: {}", vmm::host::check_host().summary);
     let tmp = tempfile::tempdir()?;
     let snapshot = match &args.keep {
         Some(dir) => dir.clone(),

@@ -96,7 +96,7 @@ fn main() -> ExitCode {
         Command::Vm(args) => vm_cmd::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Check => {
-            let check = vmm::vm::host_check();
+            let check = vmm::host::check_host();
             println!("{}", check.summary);
             Ok(if check.kvm_accessible { 0 } else { 1 })
         }

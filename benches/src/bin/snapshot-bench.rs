@@ -255,7 +255,7 @@ fn main() -> Result<()> {
         args.runs,
         bin.display()
     );
-    println!("host: {}", vmm::vm::host_check().summary);
+    println!("host: {}", vmm::host::check_host().summary);
 
     if !args.host_only {
         vm_sections(&args, &bin, work.path())?;

@@ -87,7 +87,7 @@ fn main() -> Result<()> {
         args.runs,
         bin.display()
     );
-    println!("host: {}", vmm::vm::host_check().summary);
+    println!("host: {}", vmm::host::check_host().summary);
     println!();
 
     let (mut ext_first, mut int_first, mut ext_exit, mut int_ready, mut int_vcpus) =

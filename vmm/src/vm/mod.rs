@@ -555,8 +555,3 @@ fn launch(p: Prepared, l: Launch) -> Result<VmReport, BuildVmError> {
     drop(sock_guard);
     Ok(report)
 }
-
-/// The host check, re-exported for callers that only need it.
-pub fn host_check() -> HostCheck {
-    host::check_host()
-}
