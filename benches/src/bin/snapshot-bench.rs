@@ -20,7 +20,7 @@ use clap::Parser;
 use snapshot::PAGE_SIZE;
 use snapshot::memory::{HoleMap, MemoryRegion};
 use snapshot::page_server::{
-    FileSource, PageServer, PageServerConfig, PageServerHandle, UffdRegion, create_uffd,
+    PageServer, PageServerConfig, PageServerHandle, UffdRegion, create_uffd,
 };
 
 #[derive(Debug, Parser)]
@@ -185,7 +185,7 @@ fn page_server_for(
 ) -> Result<(Arc<PageServer>, usize)> {
     let (uffd, addr) = uffd_region(pages)?;
     let file = file.try_clone()?;
-    let holes = HoleMap::from_file(&file)?;
+    let holes = HoleMap::from_file(&file, (pages * PAGE_SIZE) as u64)?;
     let region = UffdRegion {
         host_addr: addr,
         region: MemoryRegion {
@@ -198,7 +198,7 @@ fn page_server_for(
         Arc::new(PageServer::new(
             uffd,
             vec![region],
-            FileSource { file, holes },
+            Arc::new(snapshot::source::FileSource::new(file, holes)),
             PageServerConfig {
                 fault_around,
                 record: false,
