@@ -134,6 +134,11 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
 
 /// Resolves `--kernel` into an image, checking a file is there and looks like a kernel.
 pub fn kernel_image(spec: &str) -> Result<KernelImage> {
+    #[cfg(not(feature = "builtin-guests"))]
+    if spec.starts_with("builtin:") {
+        bail!("this kata-snap was built without the built-in test guests (feature builtin-guests)");
+    }
+    #[cfg(feature = "builtin-guests")]
     if let Some(name) = spec.strip_prefix("builtin:") {
         let guest = test_guests::by_name(name).with_context(|| {
             let names: Vec<&str> = test_guests::ALL.iter().map(|g| g.name).collect();

@@ -1,6 +1,7 @@
 //! `kata-snap`: boot and control micro-VMs.
 
 mod boot_cmd;
+#[cfg(feature = "builtin-guests")]
 mod demo;
 mod restore_cmd;
 mod vm_cmd;
@@ -45,6 +46,7 @@ enum Command {
     Vm(vm_cmd::VmArgs),
     /// Cold-boot the built-in test guest, snapshot it at READY, restore it in every mode and
     /// print a table of the timings: the quickest way to see kata-snap work on this host.
+    #[cfg(feature = "builtin-guests")]
     Demo(demo::DemoArgs),
     /// Tell whether this host's KVM can run guests, and whether Linux guests boot at speed.
     Check,
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo draws a progress display: keep per-VM info logs out of it unless asked for.
     let level = match &cli.command {
+        #[cfg(feature = "builtin-guests")]
         Command::Demo(_) if cli.log_level == "info" => "warn",
         _ => cli.log_level.as_str(),
     };
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot_cmd::run(args, process_start),
         Command::Restore(args) => restore_cmd::run(args, process_start),
         Command::Vm(args) => vm_cmd::run(args),
+        #[cfg(feature = "builtin-guests")]
         Command::Demo(args) => demo::run(args),
         Command::Check => {
             let check = vmm::host::check_host();

@@ -158,11 +158,8 @@ pub trait PageSource: Send + Sync + std::fmt::Debug {
     ) -> Result<Resolved, PageServerError>;
     /// Reads the data of many COPY runs `(first_page, pages)` in a batch; calls `done(i, data)`
     /// for run `i` as its data arrives, in any order.
-    fn read_runs(
-        &self,
-        runs: &[(u64, u64)],
-        done: &mut RunSink<'_>,
-    ) -> Result<(), PageServerError>;
+    fn read_runs(&self, runs: &[(u64, u64)], done: &mut RunSink<'_>)
+    -> Result<(), PageServerError>;
 }
 
 /// Longest run read at once by [`FileSource::read_runs`] (256 KiB).

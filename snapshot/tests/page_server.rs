@@ -244,6 +244,11 @@ fn test_finish_recording_returns_pages_so_far_and_stops_recording() {
     })
     .join()
     .unwrap();
+    // The server records a page just after installing it (the reader may already run on).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while server.recorded().len() < 8 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
     assert!(server.is_recording());
     let rec = server.finish_recording();
     assert_eq!(rec, (0..8).collect::<Vec<u64>>());
