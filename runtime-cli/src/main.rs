@@ -108,8 +108,46 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("kata-snap: error: {e:#}");
+            eprintln!("kata-snap: error: {}", error_line(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// The error and its causes on one line, each cause once: library errors often name their cause
+/// in their own message as well as exposing it as their source.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open kernel /k: {0}")]
+    struct Open(#[source] std::io::Error);
+
+    #[test]
+    fn test_error_line_names_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::EISDIR);
+        let e = anyhow::Error::new(Open(io)).context("booting");
+        let line = error_line(&e);
+        assert_eq!(line.matches("Is a directory").count(), 1, "{line}");
+        assert!(
+            line.starts_with("booting: cannot open kernel /k: "),
+            "{line}"
+        );
     }
 }
