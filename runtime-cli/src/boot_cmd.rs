@@ -6,9 +6,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use vmm::seccomp::SeccompMode;
 use vmm::vm::virtio::{DiskSpec, VirtioSpecs, VsockSpec};
-use vmm::vm::{AfterSnapshot, SnapshotOnReady};
-use vmm::{KernelImage, SerialOutput, VmConfig, VmReport};
+use vmm::vm::{
+    AfterSnapshot, BootSpec, Guest, HostResources, ShellConfig, SnapshotOnReady, VmShell,
+    check_boot,
+};
+use vmm::{KernelImage, SerialOutput, VmReport};
 
 /// Command line for a Linux guest when none is given: serial console, reboot through the i8042
 /// (which ends the VM), no PCI, no module loading.
@@ -234,7 +238,7 @@ pub fn finish(report: &VmReport, timing: bool) -> i32 {
     report.reason.exit_code()
 }
 
-pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
+pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Result<i32> {
     let kernel = kernel_image(&args.kernel)?;
     // One message for every count out of range, whether or not it fits the type.
     let vcpus = u8::try_from(args.vcpus).unwrap_or(u8::MAX);
@@ -258,15 +262,11 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
         KernelImage::Builtin { .. } => String::new(),
     });
     let serial = serial_output(args.serial_log.as_ref())?;
-    let config = VmConfig {
+    let spec = BootSpec {
         kernel,
         initrd: args.initrd,
         cmdline,
         mem_mib: args.mem_mib,
-        vcpus,
-        api_sock: args.api_sock,
-        serial,
-        forward_stdin: true,
         virtio: VirtioSpecs {
             disks: args.disk,
             spare_slots: args.disk_slot,
@@ -280,8 +280,21 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
                 AfterSnapshotArg::Continue => AfterSnapshot::Continue,
             },
         }),
-        process_start,
     };
-    let report = vmm::vm::run(config)?;
+    // The lifecycle: check, shell, load, start; then this thread only waits and reports.
+    check_boot(&spec, vcpus)?;
+    let shell = VmShell::new(ShellConfig {
+        vcpus,
+        api_sock: args.api_sock,
+        process_start,
+        seccomp,
+    })?;
+    let host = HostResources {
+        forward_stdin: true,
+        ..HostResources::new(serial)
+    };
+    let vm = shell.load(Guest::Boot(spec), host)?.start()?;
+    vm.restrict_caller()?;
+    let report = vm.wait()?;
     Ok(finish(&report, args.timing))
 }

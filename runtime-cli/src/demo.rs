@@ -60,6 +60,7 @@ fn restore_once(
     mode: RestoreMode,
     out: &Path,
     record: bool,
+    seccomp: vmm::seccomp::SeccompMode,
 ) -> Result<(VmReport, Duration)> {
     let start = Instant::now();
     let serial = std::fs::File::create(out)?;
@@ -76,11 +77,12 @@ fn restore_once(
         }),
         prefetch_before: false,
         process_start: start,
+        seccomp,
     })?;
     Ok((report, start.elapsed()))
 }
 
-pub fn run(args: DemoArgs) -> Result<i32> {
+pub fn run(args: DemoArgs, seccomp: vmm::seccomp::SeccompMode) -> Result<i32> {
     let guest = &test_guests::MEMTOUCH;
     println!("kata-snap demo: {}", vmm::host::check_host().summary);
     let tmp = tempfile::tempdir()?;
@@ -115,6 +117,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
             after: AfterSnapshot::Exit,
         }),
         process_start: cold_start,
+        seccomp,
     })?;
     bar.inc(1);
     let snap = cold
@@ -138,7 +141,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
             bar.set_message(format!("restore {name} ({}/{})", i + 1, args.runs.max(1)));
             let out = tmp.path().join(format!("{name}-{i}.log"));
             let record = mode == RestoreMode::Uffd && i == 0;
-            let (report, elapsed) = restore_once(&snapshot, mode, &out, record)?;
+            let (report, elapsed) = restore_once(&snapshot, mode, &out, record, seccomp)?;
             ok &= report.reason.exit_code() == 0 && std::fs::read_to_string(&out)?.ends_with(&want);
             to_vcpus.push(ms(report.vcpus_started_after));
             to_done.push(ms(elapsed));

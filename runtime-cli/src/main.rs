@@ -25,8 +25,26 @@ struct Cli {
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
 
+    /// Seccomp filters on the VMM's threads: `kill` (a syscall outside a thread's allow-list
+    /// kills the VMM), `log` (allowed, and logged to the kernel log: for debugging), `off`.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "kill",
+        env = "KATA_SNAP_SECCOMP"
+    )]
+    seccomp: SeccompArg,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SeccompArg {
+    Off,
+    Log,
+    Kill,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,12 +111,17 @@ fn main() -> ExitCode {
         _ => cli.log_level.as_str(),
     };
     init_logging(level);
+    let seccomp = match cli.seccomp {
+        SeccompArg::Off => vmm::seccomp::SeccompMode::Off,
+        SeccompArg::Log => vmm::seccomp::SeccompMode::Log,
+        SeccompArg::Kill => vmm::seccomp::SeccompMode::Kill,
+    };
     let result = match cli.command {
-        Command::Boot(args) => boot_cmd::run(args, process_start),
-        Command::Restore(args) => restore_cmd::run(args, process_start),
+        Command::Boot(args) => boot_cmd::run(args, process_start, seccomp),
+        Command::Restore(args) => restore_cmd::run(args, process_start, seccomp),
         Command::Vm(args) => vm_cmd::run(args),
         #[cfg(feature = "builtin-guests")]
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(args, seccomp),
         Command::Check => {
             let check = vmm::host::check_host();
             println!("{}", check.summary);

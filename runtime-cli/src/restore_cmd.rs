@@ -5,7 +5,11 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use vmm::vm::{HostResources, RecordWorkingSet, RestoreConfig, RestoreMode};
+use vmm::seccomp::SeccompMode;
+use vmm::vm::{
+    CheckedSnapshot, Guest, HostResources, RecordWorkingSet, RestoreMode, ShellConfig,
+    SnapshotSpec, VmShell,
+};
 
 use crate::boot_cmd::{finish, serial_output};
 
@@ -78,30 +82,39 @@ fn parse_slot(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_string(), path))
 }
 
-pub fn run(args: RestoreArgs, process_start: Instant) -> Result<i32> {
-    let config = RestoreConfig {
-        snapshot: args.snapshot,
-        mode: match args.mode {
-            ModeArg::Eager => RestoreMode::Eager,
-            ModeArg::Mmap => RestoreMode::Mmap,
-            ModeArg::Uffd => RestoreMode::Uffd,
-            ModeArg::UffdPrefetch => RestoreMode::UffdPrefetch,
-        },
-        api_sock: args.api_sock,
-        host: HostResources {
-            forward_stdin: true,
-            disk_slots: args.disk_slot.into_iter().collect(),
-            vsock_path: args.vsock,
-            ..HostResources::new(serial_output(args.serial_log.as_ref())?)
-        },
-        fault_around: args.fault_around as usize,
-        record_workingset: args.record_workingset.map(|path| RecordWorkingSet {
+pub fn run(args: RestoreArgs, process_start: Instant, seccomp: SeccompMode) -> Result<i32> {
+    let mode = match args.mode {
+        ModeArg::Eager => RestoreMode::Eager,
+        ModeArg::Mmap => RestoreMode::Mmap,
+        ModeArg::Uffd => RestoreMode::Uffd,
+        ModeArg::UffdPrefetch => RestoreMode::UffdPrefetch,
+    };
+    // The lifecycle: check (everything about the snapshot, before any VM exists), shell, load,
+    // start; then this thread only waits and reports.
+    let snapshot = CheckedSnapshot::open(&args.snapshot, mode)?;
+    let spec = SnapshotSpec::new(
+        snapshot,
+        args.fault_around as usize,
+        args.prefetch_before,
+        args.record_workingset.map(|path| RecordWorkingSet {
             path,
             limit: args.record_for.map(std::time::Duration::from_millis),
         }),
-        prefetch_before: args.prefetch_before,
-        process_start,
+    )?;
+    let host = HostResources {
+        forward_stdin: true,
+        disk_slots: args.disk_slot.into_iter().collect(),
+        vsock_path: args.vsock,
+        ..HostResources::new(serial_output(args.serial_log.as_ref())?)
     };
-    let report = vmm::vm::restore(config)?;
+    let shell = VmShell::new(ShellConfig {
+        vcpus: spec.vcpus(),
+        api_sock: args.api_sock,
+        process_start,
+        seccomp,
+    })?;
+    let vm = shell.load(Guest::Snapshot(Box::new(spec)), host)?.start()?;
+    vm.restrict_caller()?;
+    let report = vm.wait()?;
     Ok(finish(&report, args.timing))
 }

@@ -208,6 +208,11 @@ impl UffdMemory {
             source: Arc::new(source),
         }
     }
+
+    /// Prepares the source's batched reads (for a prefetch on a filtered thread).
+    pub fn prepare_prefetch(&self) -> std::io::Result<()> {
+        self.source.prepare_batch_reads()
+    }
 }
 
 impl MemorySource for UffdMemory {

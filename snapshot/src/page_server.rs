@@ -164,6 +164,9 @@ pub enum PageServerError {
     /// The thread panicked.
     #[error("the page server thread panicked")]
     Panicked,
+    /// The thread's start-up hook failed.
+    #[error("page server start: {0}")]
+    Start(#[source] std::io::Error),
 }
 
 /// The server's state, shared by the fault thread and the prefetcher.
@@ -425,12 +428,22 @@ pub struct PageServerHandle {
 impl PageServerHandle {
     /// Starts serving faults on a thread of its own.
     pub fn spawn(server: Arc<PageServer>) -> Result<Self, PageServerError> {
+        Self::spawn_with(server, || Ok(()))
+    }
+
+    /// As [`Self::spawn`], running `on_start` first on the new thread (the VMM installs the
+    /// thread's seccomp filter there); if it fails, the thread ends with that error.
+    pub fn spawn_with(
+        server: Arc<PageServer>,
+        on_start: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) -> Result<Self, PageServerError> {
         let (wake_r, wake_w) = pipe().map_err(PageServerError::Thread)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (server.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("page-server".into())
             .spawn(move || {
+                on_start().map_err(PageServerError::Start)?;
                 let mut buf = Vec::new();
                 let mut fds = [
                     libc::pollfd {

@@ -18,7 +18,9 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
 
+use io_uring::register::Restriction;
 use io_uring::{IoUring, opcode, types};
 use userfaultfd::Uffd;
 
@@ -168,17 +170,52 @@ pub const MAX_RUN_PAGES: u64 = 64;
 /// page costs a first-touch fault once, so a larger pool slows a small working set down.
 pub const QUEUE_DEPTH: usize = 8;
 
+/// Creates a ring for batched reads, limited with `IORING_REGISTER_RESTRICTIONS` to
+/// `IORING_OP_READ` (a ring's operations bypass seccomp, so it may do nothing else).
+pub fn read_only_ring() -> std::io::Result<IoUring> {
+    let ring = IoUring::builder()
+        .setup_r_disabled()
+        .build(QUEUE_DEPTH as u32 * 2)?;
+    ring.submitter()
+        .register_restrictions(&mut [Restriction::sqe_op(opcode::Read::CODE)])?;
+    ring.submitter().register_enable_rings()?;
+    Ok(ring)
+}
+
 /// The memory file and its hole map: data pages are copied, holes are zero pages.
-#[derive(Debug)]
 pub struct FileSource {
     file: File,
     holes: HoleMap,
+    ring: Mutex<Option<IoUring>>,
+}
+
+impl std::fmt::Debug for FileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSource")
+            .field("file", &self.file)
+            .field("holes", &self.holes.extents().len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl FileSource {
     /// A source reading `file`, whose data extents are `holes`.
     pub fn new(file: File, holes: HoleMap) -> Self {
-        Self { file, holes }
+        Self {
+            file,
+            holes,
+            ring: Mutex::new(None),
+        }
+    }
+
+    /// Creates the restricted ring [`PageSource::read_runs`] uses now, before the thread that
+    /// will prefetch installs a seccomp filter that forbids creating rings.
+    pub fn prepare_batch_reads(&self) -> std::io::Result<()> {
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if ring.is_none() {
+            *ring = Some(read_only_ring()?);
+        }
+        Ok(())
     }
 
     /// The hole map.
@@ -233,7 +270,11 @@ impl PageSource for FileSource {
                 "a run of {n} pages is outside 1..={MAX_RUN_PAGES}"
             ))));
         }
-        let mut ring = IoUring::new(QUEUE_DEPTH as u32 * 2).map_err(PageServerError::Read)?;
+        let mut guard = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(read_only_ring().map_err(PageServerError::Read)?);
+        }
+        let ring = guard.as_mut().expect("set above");
         let fd = self.file.as_raw_fd();
         let mut buffers: Vec<Vec<u8>> = (0..QUEUE_DEPTH.min(runs.len()))
             .map(|_| vec![0u8; MAX_RUN_PAGES as usize * PAGE_SIZE])

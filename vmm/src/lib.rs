@@ -13,6 +13,7 @@ pub mod control;
 pub mod host;
 pub mod layout;
 pub mod persist;
+pub mod seccomp;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

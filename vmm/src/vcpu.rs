@@ -301,6 +301,8 @@ pub struct Vcpu {
     pub stop: Arc<StopNotifier>,
     /// The MSRs to save in a snapshot.
     pub msr_indices: Arc<Vec<u32>>,
+    /// The seccomp filters; the vCPU kind's is installed before the first `KVM_RUN`.
+    pub seccomp: crate::seccomp::Filters,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -351,6 +353,13 @@ impl Vcpu {
     fn run(mut self, shared: &VcpuShared) {
         let exit_ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(exit_ptr));
+        if let Err(e) = self.seccomp.apply(crate::seccomp::ThreadKind::Vcpu) {
+            self.stop.stop(StopReason::VcpuError {
+                vcpu: self.id,
+                error: e.to_string(),
+            });
+            return;
+        }
         while self.park_while_paused(shared) {
             let flow = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, self.id, &self.pio, &self.mmio, &shared.counters),

@@ -159,6 +159,7 @@ pub(super) fn load(
             mmio: mmio.clone(),
             stop: shell.stop.clone(),
             msr_indices: shell.msr_indices.clone(),
+            seccomp: shell.seccomp.clone(),
         });
     }
     Ok(Loaded {

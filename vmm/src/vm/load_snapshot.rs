@@ -37,6 +37,7 @@ use super::{
 };
 use crate::layout::MemoryLayout;
 use crate::persist::{self, VmState};
+use crate::seccomp::ThreadKind;
 use crate::vcpu::Vcpu;
 
 /// How guest memory is restored.
@@ -105,6 +106,9 @@ pub enum RestoreError {
     /// The page server could not start.
     #[error(transparent)]
     PageServer(#[from] PageServerError),
+    /// The prefetcher's io_uring could not be set up.
+    #[error("cannot set up the prefetch ring: {0}")]
+    PrefetchRing(#[source] std::io::Error),
 }
 
 /// Record the start-up working set of a uffd restore.
@@ -179,8 +183,12 @@ impl CheckedSnapshot {
         let memory: Box<dyn MemorySource> = match mode {
             RestoreMode::Eager => Box::new(EagerMemory::new(file, holes)),
             RestoreMode::Mmap => Box::new(MmapMemory::new(file)),
-            RestoreMode::Uffd | RestoreMode::UffdPrefetch => {
-                Box::new(UffdMemory::new(FileSource::new(file, holes)))
+            RestoreMode::Uffd => Box::new(UffdMemory::new(FileSource::new(file, holes))),
+            RestoreMode::UffdPrefetch => {
+                let m = UffdMemory::new(FileSource::new(file, holes));
+                // The prefetcher's ring exists before any seccomp filter forbids creating one.
+                m.prepare_prefetch().map_err(RestoreError::PrefetchRing)?;
+                Box::new(m)
             }
         };
         Ok(Self {
@@ -413,7 +421,13 @@ pub(super) fn load(
     let lazy = match memory_source::serve(&*source, &mem, &state.memory, server_config)? {
         None => None,
         Some(server) => {
-            let handle = PageServerHandle::spawn(server.clone()).map_err(RestoreError::from)?;
+            let filters = shell.seccomp.clone();
+            let handle = PageServerHandle::spawn_with(server.clone(), move || {
+                filters
+                    .apply(ThreadKind::PageServer)
+                    .map_err(std::io::Error::other)
+            })
+            .map_err(RestoreError::from)?;
             let prefetch = match workingset {
                 Some(ws) if prefetch_before => {
                     Prefetch::Done(prefetch::prefetch(&server, &ws).map_err(RestoreError::from)?)
@@ -422,10 +436,16 @@ pub(super) fn load(
                     // Beside the vCPUs: a page they touch first is served by a fault; the
                     // prefetcher then finds it installed (or gets EEXIST) and moves on.
                     let server = server.clone();
+                    let filters = shell.seccomp.clone();
                     Prefetch::Running(
                         std::thread::Builder::new()
                             .name("prefetch".into())
-                            .spawn(move || prefetch::prefetch(&server, &ws))
+                            .spawn(move || {
+                                filters.apply(ThreadKind::Prefetch).map_err(|e| {
+                                    PageServerError::Start(std::io::Error::other(e))
+                                })?;
+                                prefetch::prefetch(&server, &ws)
+                            })
                             .map_err(|source| BuildVmError::Thread {
                                 what: "prefetch",
                                 source,
@@ -474,6 +494,7 @@ pub(super) fn load(
             mmio: mmio.clone(),
             stop: shell.stop.clone(),
             msr_indices: shell.msr_indices.clone(),
+            seccomp: shell.seccomp.clone(),
         });
     }
     Ok(Loaded {

@@ -153,6 +153,8 @@ pub struct VmConfig {
     pub virtio: virtio::VirtioSpecs,
     /// When the process started: the zero of every reported time.
     pub process_start: Instant,
+    /// Seccomp filters for the VM's threads.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Everything needed to restore a VM ([`restore`]).
@@ -175,6 +177,8 @@ pub struct RestoreConfig {
     pub prefetch_before: bool,
     /// When the process started.
     pub process_start: Instant,
+    /// Seccomp filters for the VM's threads.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Errors building a VM, at any stage before it runs.
@@ -265,6 +269,9 @@ pub enum BuildVmError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// Seccomp filters could not be built.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// A thread could not be started.
     #[error("cannot start the {what} thread: {source}")]
     Thread {
@@ -478,6 +485,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         vcpus: config.vcpus,
         api_sock: config.api_sock,
         process_start: config.process_start,
+        seccomp: config.seccomp,
     })?;
     let host = HostResources {
         forward_stdin: config.forward_stdin,
@@ -499,6 +507,7 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
         vcpus: spec.vcpus(),
         api_sock: config.api_sock,
         process_start: config.process_start,
+        seccomp: config.seccomp,
     })?;
     shell
         .load(Guest::Snapshot(Box::new(spec)), config.host)?

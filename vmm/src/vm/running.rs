@@ -42,6 +42,7 @@ pub struct RunningVm {
     wake: Arc<EventFd>,
     thread: JoinHandle<Result<Option<VmReport>, BuildVmError>>,
     stop: Arc<StopNotifier>,
+    seccomp: crate::seccomp::Filters,
 }
 
 impl RunningVm {
@@ -50,13 +51,22 @@ impl RunningVm {
         wake: Arc<EventFd>,
         thread: JoinHandle<Result<Option<VmReport>, BuildVmError>>,
         stop: Arc<StopNotifier>,
+        seccomp: crate::seccomp::Filters,
     ) -> Self {
         Self {
             requests,
             wake,
             thread,
             stop,
+            seccomp,
         }
+    }
+
+    /// Installs the main-thread seccomp filter on the calling thread, for a process that runs
+    /// one VM and from now on only waits for it and reports (as `kata-snap boot` and `restore`
+    /// do). The thread can then build no other VM.
+    pub fn restrict_caller(&self) -> Result<(), crate::seccomp::SeccompError> {
+        self.seccomp.apply(crate::seccomp::ThreadKind::Main)
     }
 
     /// Carries out one control request (the same requests as the control socket's).

@@ -27,6 +27,7 @@ use crate::control::{self, ControlListener};
 use crate::host::{self, HostCheck};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::persist;
+use crate::seccomp::{Filters, SeccompMode, ThreadKind};
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu;
 
@@ -42,6 +43,8 @@ pub struct ShellConfig {
     pub api_sock: Option<PathBuf>,
     /// When the process started: the zero of every reported time.
     pub process_start: Instant,
+    /// Seccomp filters for the VM's threads.
+    pub seccomp: SeccompMode,
 }
 
 /// Removes the control socket file when the VM ends.
@@ -68,6 +71,7 @@ pub(super) struct ShellParts {
     pub supported_cpuid: kvm_bindings::CpuId,
     pub msr_indices: Arc<Vec<u32>>,
     pub process_start: Instant,
+    pub seccomp: Filters,
 }
 
 /// A job the VMM thread carries out.
@@ -89,6 +93,7 @@ pub struct VmShell {
     thread: JoinHandle<Result<Option<VmReport>, BuildVmError>>,
     stop: Arc<StopNotifier>,
     vcpus: u8,
+    seccomp: Filters,
 }
 
 /// A VM whose guest is loaded, ready to start.
@@ -180,6 +185,7 @@ impl VmShell {
         if config.vcpus == 0 || config.vcpus > crate::arch::mptable::MAX_VCPUS {
             return Err(BuildVmError::VcpuCount(config.vcpus));
         }
+        let filters = Filters::new(config.seccomp)?;
         let host = host::check_host();
         let signals = termination_signalfd()?;
         let listener = config.api_sock.as_deref().map(control::bind).transpose()?;
@@ -190,6 +196,7 @@ impl VmShell {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_stop = stop.clone();
+        let caller_filters = filters.clone();
         let process_start = config.process_start;
         let thread = std::thread::Builder::new()
             .name("vmm".into())
@@ -216,6 +223,7 @@ impl VmShell {
                     supported_cpuid: parts.supported_cpuid,
                     msr_indices: parts.msr_indices,
                     process_start,
+                    seccomp: filters,
                 };
                 vmm_thread(shell, jobs_rx)
             })
@@ -233,6 +241,7 @@ impl VmShell {
             thread,
             stop,
             vcpus: config.vcpus,
+            seccomp: caller_filters,
         })
     }
 
@@ -283,6 +292,7 @@ impl LoadedVm {
                 info.wake,
                 shell.thread,
                 shell.stop,
+                shell.seccomp,
             )),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(shell.gone()),
@@ -343,6 +353,7 @@ fn run_vm(
         supported_cpuid,
         msr_indices: _,
         process_start,
+        seccomp,
     } = shell;
     let started = (|| {
         if l.snapshot_on_ready.is_some() {
@@ -436,6 +447,12 @@ fn run_vm(
         )),
         &mut rt,
     );
+    // Everything this thread sets up is done: from here on it only serves the guest.
+    if let Err(e) = seccomp.apply(ThreadKind::Vmm) {
+        stop.stop(StopReason::LoopError {
+            error: e.to_string(),
+        });
+    }
     let _ = reply.send(Ok(StartInfo {
         requests: req_tx,
         wake,
