@@ -21,7 +21,7 @@ use devices::virtio::kernel_cmdline_fragment;
 use devices::virtio::mmio::{MMIO_WINDOW_SIZE, NOTIFY_OFFSET};
 use devices::virtio::rng::{Rng, RngConfig};
 use devices::virtio::vsock::{Vsock, VsockConfig};
-use event_loop::EventSource;
+use event_loop::BoxedSource;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -144,7 +144,7 @@ impl Attached {
 
 impl Attached {
     /// The device's worker as an event-loop source.
-    pub fn event_source<C>(&self) -> Box<dyn EventSource<C>> {
+    pub fn event_source<C>(&self) -> BoxedSource<C> {
         match &self.device {
             VirtioDevice::Block(d) => d.event_source(),
             VirtioDevice::Vsock(d) => d.event_source(),

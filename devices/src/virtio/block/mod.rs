@@ -17,7 +17,7 @@ pub mod request;
 pub use backend::{BackendKind, Disk};
 pub use device::{Block, BlockConfig, BlockError, QUEUE_SIZE};
 pub use persist::{BlockArgs, BlockRestoreError, BlockState, DiskState};
-pub use queue_handler::BlockHandler;
+pub use queue_handler::{BlockHandler, RequestSlot};
 
 #[cfg(test)]
 pub(crate) mod tests;

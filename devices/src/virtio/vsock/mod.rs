@@ -20,7 +20,7 @@ mod queue_handler;
 pub use connection::CONN_BUF;
 pub use device::{QUEUE_SIZE, Vsock, VsockConfig, VsockError};
 pub use persist::{VsockArgs, VsockRestoreError, VsockState};
-pub use queue_handler::{MAX_PKT_PAYLOAD, VsockHandler};
+pub use queue_handler::{MAX_PKT_PAYLOAD, VsockHandler, VsockToken};
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -11,15 +11,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
-use event_loop::{Completion, Ops};
-use io_uring::{opcode, types};
+use event_loop::{Completion, EventToken};
 use virtio_queue::QueueOwnedT;
 
 use super::connection::{CONN_BUF, ConnState, Connection};
 use super::packet::*;
 use crate::virtio::Interrupt;
 use crate::virtio::chain::{add_used, pop_chain, read_readable, write_writable};
-use crate::virtio::worker::{Active, DeviceFailure, QueueHandler, TAG_HANDLER_BASE};
+use crate::virtio::worker::{Active, DeviceFailure, HandlerOps, QueueHandler};
 
 /// Largest payload accepted from, or sent to, the guest in one packet.
 pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
@@ -36,17 +35,55 @@ const RX: usize = 0;
 const TX: usize = 1;
 const EVT: usize = 2;
 
-const TAG_LISTENER: u32 = TAG_HANDLER_BASE;
-/// The connect-timeout sweep; above every connection tag (`read_tag` of the largest id).
-const TAG_SWEEP: u32 = u32::MAX;
 /// How long a host connection may wait for its `CONNECT` line, then for the guest's answer, before
 /// it is closed (like Firecracker's connect timeout).
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often pending host connections are checked against [`CONNECT_TIMEOUT`].
 const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
 
-fn read_tag(id: u32) -> u32 {
-    TAG_HANDLER_BASE + 1 + (id << 1)
+/// Connection ids (in tags) have this many bits.
+const CONN_ID_BITS: u32 = 29;
+/// The largest connection id.
+const MAX_CONN_ID: u32 = (1 << CONN_ID_BITS) - 1;
+
+/// What one of the vsock handler's operations is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VsockToken {
+    /// The listening socket is readable (multishot).
+    Listener,
+    /// The connect-timeout sweep.
+    Sweep,
+    /// The host socket of connection `id` (or of a pending host connection) is readable.
+    Read(u32),
+    /// The host socket of connection `id` is writable.
+    Write(u32),
+}
+
+/// Bits 29..31 say the kind, bits 0..29 the connection id (30 bits in all, below the worker's
+/// handler bit).
+impl EventToken for VsockToken {
+    fn encode(self) -> u32 {
+        match self {
+            Self::Listener => 0,
+            Self::Sweep => 1,
+            Self::Read(id) => (1 << CONN_ID_BITS) | (id & MAX_CONN_ID),
+            Self::Write(id) => (2 << CONN_ID_BITS) | (id & MAX_CONN_ID),
+        }
+    }
+
+    fn decode(raw: u32) -> Option<Self> {
+        let id = raw & MAX_CONN_ID;
+        match raw >> CONN_ID_BITS {
+            0 => match raw {
+                0 => Some(Self::Listener),
+                1 => Some(Self::Sweep),
+                _ => None,
+            },
+            1 => Some(Self::Read(id)),
+            2 => Some(Self::Write(id)),
+            _ => None,
+        }
+    }
 }
 
 /// A host connection that has not sent its `CONNECT` line yet.
@@ -116,9 +153,16 @@ impl VsockHandler {
         self.control.len()
     }
 
+    /// An id no connection uses (there are far fewer connections than ids).
     fn new_id(&mut self) -> u32 {
-        self.next_id = self.next_id.wrapping_add(1) & 0x3fff_ffff;
-        self.next_id
+        loop {
+            self.next_id = self.next_id.wrapping_add(1) & MAX_CONN_ID;
+            if !self.by_id.contains_key(&self.next_id)
+                && !self.pending_host.contains_key(&self.next_id)
+            {
+                return self.next_id;
+            }
+        }
     }
 
     fn ctrl(&mut self, local_port: u32, peer_port: u32, op: u16, flags: u32) {
@@ -136,19 +180,17 @@ impl VsockHandler {
         });
     }
 
-    fn arm_read<C>(conn: &mut Connection, ops: &mut Ops<'_, C>) {
+    fn arm_read<C>(conn: &mut Connection, ops: &mut HandlerOps<'_, C, VsockToken>) {
         if !conn.read_armed {
             conn.read_armed = true;
-            ops.poll_readable(conn.stream.as_raw_fd(), read_tag(conn.id), false);
+            ops.poll_readable(conn.stream.as_raw_fd(), VsockToken::Read(conn.id), false);
         }
     }
 
-    fn arm_write<C>(conn: &mut Connection, ops: &mut Ops<'_, C>) {
+    fn arm_write<C>(conn: &mut Connection, ops: &mut HandlerOps<'_, C, VsockToken>) {
         if !conn.write_armed && !conn.tx_buf.is_empty() {
             conn.write_armed = true;
-            let e = opcode::PollAdd::new(types::Fd(conn.stream.as_raw_fd()), libc::POLLOUT as u32)
-                .build();
-            ops.push(e, read_tag(conn.id) + 1);
+            ops.poll_writable(conn.stream.as_raw_fd(), VsockToken::Write(conn.id));
         }
     }
 
@@ -171,7 +213,7 @@ impl VsockHandler {
         self.control.clear();
     }
 
-    fn accept<C>(&mut self, ops: &mut Ops<'_, C>) {
+    fn accept<C>(&mut self, ops: &mut HandlerOps<'_, C, VsockToken>) {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
@@ -179,7 +221,7 @@ impl VsockHandler {
                         continue;
                     }
                     let id = self.new_id();
-                    ops.poll_readable(stream.as_raw_fd(), read_tag(id), false);
+                    ops.poll_readable(stream.as_raw_fd(), VsockToken::Read(id), false);
                     self.pending_host.insert(
                         id,
                         PendingHost {
@@ -196,6 +238,12 @@ impl VsockHandler {
                 }
             }
         }
+    }
+
+    fn arm_sweep<C>(&self, ops: &mut HandlerOps<'_, C, VsockToken>) {
+        // SAFETY: the timespec is boxed in this handler, which lives as long as its worker, and
+        // the worker stays on the loop for the loop's whole life.
+        unsafe { ops.timeout(&self.sweep, VsockToken::Sweep) };
     }
 
     /// Closes host connections that sent no `CONNECT` line, or that the guest did not answer,
@@ -230,7 +278,7 @@ impl VsockHandler {
     }
 
     /// Reads a pending host connection's `CONNECT <port>\n`; on success asks the guest.
-    fn read_connect<C>(&mut self, id: u32, ops: &mut Ops<'_, C>) {
+    fn read_connect<C>(&mut self, id: u32, ops: &mut HandlerOps<'_, C, VsockToken>) {
         let Some(mut p) = self.pending_host.remove(&id) else {
             return;
         };
@@ -248,7 +296,7 @@ impl VsockHandler {
         }
         let Some(nl) = p.line.iter().position(|&b| b == b'\n') else {
             if p.line.len() <= MAX_CONNECT_LINE {
-                ops.poll_readable(p.stream.as_raw_fd(), read_tag(id), false);
+                ops.poll_readable(p.stream.as_raw_fd(), VsockToken::Read(id), false);
                 self.pending_host.insert(id, p);
             }
             return;
@@ -276,7 +324,12 @@ impl VsockHandler {
     }
 
     /// Handles one packet from the guest.
-    fn guest_packet<C>(&mut self, h: Header, payload: &[u8], ops: &mut Ops<'_, C>) {
+    fn guest_packet<C>(
+        &mut self,
+        h: Header,
+        payload: &[u8],
+        ops: &mut HandlerOps<'_, C, VsockToken>,
+    ) {
         if h.ty != TYPE_STREAM || h.src_cid != self.cid || h.dst_cid != HOST_CID {
             if h.op != OP_RST {
                 self.ctrl(h.dst_port, h.src_port, OP_RST, 0);
@@ -370,7 +423,7 @@ impl VsockHandler {
     fn process_tx<C>(
         &mut self,
         active: &mut Active,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<bool, DeviceFailure> {
         let mut used = false;
         while let Some(chain) = pop_chain(&mut active.queues[TX], TX, &active.mem)? {
@@ -422,7 +475,7 @@ impl VsockHandler {
         &mut self,
         active: &mut Active,
         irq: &Interrupt,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<(), DeviceFailure> {
         let mut used = false;
         loop {
@@ -533,13 +586,15 @@ impl VsockHandler {
 }
 
 impl QueueHandler for VsockHandler {
+    type Token = VsockToken;
+
     fn name(&self) -> &'static str {
         "vsock"
     }
 
-    fn start<C>(&mut self, ops: &mut Ops<'_, C>) {
-        ops.poll_readable(self.listener.as_raw_fd(), TAG_LISTENER, true);
-        ops.timeout(&self.sweep, TAG_SWEEP);
+    fn start<C>(&mut self, ops: &mut HandlerOps<'_, C, VsockToken>) {
+        ops.poll_readable(self.listener.as_raw_fd(), VsockToken::Listener, true);
+        self.arm_sweep(ops);
     }
 
     fn activated<C>(
@@ -547,7 +602,7 @@ impl QueueHandler for VsockHandler {
         active: &mut Active,
         restored: bool,
         irq: &Interrupt,
-        _ops: &mut Ops<'_, C>,
+        _ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<(), DeviceFailure> {
         if restored {
             // Connections do not survive a snapshot: tell the guest to drop its own.
@@ -563,7 +618,7 @@ impl QueueHandler for VsockHandler {
         queue: usize,
         active: &mut Active,
         irq: &Interrupt,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<(), DeviceFailure> {
         match queue {
             TX => {
@@ -579,28 +634,30 @@ impl QueueHandler for VsockHandler {
 
     fn complete<C>(
         &mut self,
-        c: Completion,
+        c: Completion<VsockToken>,
         active: Option<&mut Active>,
         irq: &Interrupt,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<(), DeviceFailure> {
-        if c.tag == TAG_LISTENER {
-            if !c.more {
-                ops.poll_readable(self.listener.as_raw_fd(), TAG_LISTENER, true);
+        let (id, write) = match c.tag {
+            VsockToken::Listener => {
+                if !c.more {
+                    ops.poll_readable(self.listener.as_raw_fd(), VsockToken::Listener, true);
+                }
+                self.accept(ops);
+                return Ok(());
             }
-            self.accept(ops);
-            return Ok(());
-        }
-        if c.tag == TAG_SWEEP {
-            self.expire_connects();
-            ops.timeout(&self.sweep, TAG_SWEEP);
-            return match active {
-                Some(active) => self.pump_rx(active, irq, ops),
-                None => Ok(()),
-            };
-        }
-        let rel = c.tag - TAG_HANDLER_BASE - 1;
-        let (id, write) = (rel >> 1, rel & 1 == 1);
+            VsockToken::Sweep => {
+                self.expire_connects();
+                self.arm_sweep(ops);
+                return match active {
+                    Some(active) => self.pump_rx(active, irq, ops),
+                    None => Ok(()),
+                };
+            }
+            VsockToken::Read(id) => (id, false),
+            VsockToken::Write(id) => (id, true),
+        };
         if self.pending_host.contains_key(&id) {
             self.read_connect(id, ops);
         } else if let Some(&key) = self.by_id.get(&id) {
