@@ -521,6 +521,7 @@ mod tests {
         for t in [
             VsockToken::Listener,
             VsockToken::Sweep,
+            VsockToken::ConnectRetry,
             VsockToken::Read(0),
             VsockToken::Read((1 << 29) - 1),
             VsockToken::Write(7),
@@ -535,7 +536,7 @@ mod tests {
         assert_eq!(WorkerToken::<NoToken>::decode(0x1_0001), None);
         assert_eq!(WorkerToken::<NoToken>::decode(HANDLER_TOKEN_BIT), None);
         assert_eq!(
-            WorkerToken::<VsockToken>::decode(HANDLER_TOKEN_BIT | 2),
+            WorkerToken::<VsockToken>::decode(HANDLER_TOKEN_BIT | 3),
             None
         );
     }

@@ -199,6 +199,7 @@ pub fn attach_devices(
         let config = VsockConfig {
             guest_cid: v.cid,
             uds_path: v.path.clone(),
+            max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
         };
         devices.push((
             VirtioDevice::Vsock(Vsock::new_vsock(config, mem.clone()).map_err(dev_err)?),
@@ -323,6 +324,7 @@ pub fn restore_devices(
                 let args = VsockArgs {
                     mem: mem.clone(),
                     uds_path: path.clone(),
+                    max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
                 };
                 (
                     VirtioDevice::Vsock(Vsock::restore(args, state).map_err(dev_err)?),

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use event_loop::{Completion, EventToken};
 use virtio_queue::QueueOwnedT;
 
+use super::connect::{Attempt, HostConnect};
 use super::connection::{CONN_BUF, ConnState, Connection};
 use super::packet::*;
 use crate::virtio::Interrupt;
@@ -40,6 +41,9 @@ const EVT: usize = 2;
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often pending host connections are checked against [`CONNECT_TIMEOUT`].
 const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often a guest connection to a host listener whose backlog is full is retried (it gets RST
+/// after [`CONNECT_TIMEOUT`]).
+const CONNECT_RETRY_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Connection ids (in tags) have this many bits.
 const CONN_ID_BITS: u32 = 29;
@@ -53,6 +57,8 @@ pub enum VsockToken {
     Listener,
     /// The connect-timeout sweep.
     Sweep,
+    /// Retry of guest connections waiting for room in a host listener's backlog.
+    ConnectRetry,
     /// The host socket of connection `id` (or of a pending host connection) is readable.
     Read(u32),
     /// The host socket of connection `id` is writable.
@@ -66,6 +72,7 @@ impl EventToken for VsockToken {
         match self {
             Self::Listener => 0,
             Self::Sweep => 1,
+            Self::ConnectRetry => 2,
             Self::Read(id) => (1 << CONN_ID_BITS) | (id & MAX_CONN_ID),
             Self::Write(id) => (2 << CONN_ID_BITS) | (id & MAX_CONN_ID),
         }
@@ -77,6 +84,7 @@ impl EventToken for VsockToken {
             0 => match raw {
                 0 => Some(Self::Listener),
                 1 => Some(Self::Sweep),
+                2 => Some(Self::ConnectRetry),
                 _ => None,
             },
             1 => Some(Self::Read(id)),
@@ -92,6 +100,15 @@ struct PendingHost {
     stream: UnixStream,
     line: Vec<u8>,
     since: std::time::Instant,
+}
+
+/// A guest connection request whose host listener had no room in its backlog yet.
+#[derive(Debug)]
+struct PendingGuest {
+    connect: HostConnect,
+    /// The guest's credit fields from its REQUEST.
+    buf_alloc: u32,
+    fwd_cnt: u32,
 }
 
 /// A control packet waiting for an rx buffer (built when sent, so it carries fresh credit).
@@ -113,6 +130,10 @@ pub struct VsockHandler {
     conns: HashMap<(u32, u32), Connection>,
     by_id: HashMap<u32, (u32, u32)>,
     pending_host: HashMap<u32, PendingHost>,
+    /// Guest connections waiting for room in a host listener's backlog, by (host port, guest port).
+    pending_guest: HashMap<(u32, u32), PendingGuest>,
+    /// Most connections at once, pending ones included (see [`super::DEFAULT_MAX_CONNECTIONS`]).
+    max_connections: usize,
     next_id: u32,
     next_local_port: u32,
     control: VecDeque<Ctrl>,
@@ -121,11 +142,20 @@ pub struct VsockHandler {
     /// Period of the connect-timeout sweep; boxed so its address is stable while the kernel
     /// holds the timeout operation.
     sweep: Box<io_uring::types::Timespec>,
+    /// Period of the connect retry (boxed for the same reason).
+    retry: Box<io_uring::types::Timespec>,
+    retry_armed: bool,
 }
 
 impl VsockHandler {
-    /// A muxer for guest `cid`, listening on `uds_path`.
-    pub fn new(cid: u64, uds_path: PathBuf, listener: UnixListener) -> std::io::Result<Self> {
+    /// A muxer for guest `cid`, listening on `uds_path`, with at most `max_connections`
+    /// connections at once (both directions, pending ones included).
+    pub fn new(
+        cid: u64,
+        uds_path: PathBuf,
+        listener: UnixListener,
+        max_connections: usize,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         Ok(Self {
             cid,
@@ -134,18 +164,38 @@ impl VsockHandler {
             conns: HashMap::new(),
             by_id: HashMap::new(),
             pending_host: HashMap::new(),
+            pending_guest: HashMap::new(),
+            max_connections,
             next_id: 0,
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
             reset_event_pending: false,
             buf: vec![0u8; HDR_SIZE + MAX_PKT_PAYLOAD],
             sweep: Box::new(SWEEP_PERIOD.into()),
+            retry: Box::new(CONNECT_RETRY_PERIOD.into()),
+            retry_armed: false,
         })
     }
 
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Guest connections waiting for room in a host listener's backlog.
+    pub fn pending_connects(&self) -> usize {
+        self.pending_guest.len()
+    }
+
+    /// The cap on connections, after clamping to the fd limit.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Everything that holds a host socket: open connections, pending guest connects, host
+    /// connections that have not sent their `CONNECT` line.
+    fn sockets(&self) -> usize {
+        self.conns.len() + self.pending_guest.len() + self.pending_host.len()
     }
 
     /// Control packets waiting for rx buffers.
@@ -210,6 +260,7 @@ impl VsockHandler {
         for (_, p) in self.pending_host.drain() {
             let _ = p.stream.shutdown(std::net::Shutdown::Both);
         }
+        self.pending_guest.clear();
         self.control.clear();
     }
 
@@ -217,6 +268,14 @@ impl VsockHandler {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.sockets() >= self.max_connections {
+                        // Closed at once: the host client sees end of file.
+                        tracing::debug!(
+                            "virtio-vsock: {} connections, host connection refused",
+                            self.max_connections
+                        );
+                        continue;
+                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
@@ -323,6 +382,129 @@ impl VsockHandler {
         self.ctrl(local_port, port, OP_REQUEST, 0);
     }
 
+    /// A guest REQUEST: connect to `<uds_path>_<port>` without blocking; answer RESPONSE once
+    /// connected, RST when refused, over the cap, or not accepted within [`CONNECT_TIMEOUT`].
+    fn guest_request<C>(
+        &mut self,
+        key: (u32, u32),
+        h: &Header,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
+    ) {
+        if self.conns.contains_key(&key) || self.pending_guest.remove(&key).is_some() {
+            self.ctrl(key.0, key.1, OP_RST, 0);
+            return;
+        }
+        if self.sockets() >= self.max_connections {
+            tracing::debug!(
+                "virtio-vsock: {} connections, guest connection to port {} refused",
+                self.max_connections,
+                key.0
+            );
+            self.ctrl(key.0, key.1, OP_RST, 0);
+            return;
+        }
+        let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.0));
+        let connect = match HostConnect::new(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("virtio-vsock: guest connect to {}: {e}", path.display());
+                self.ctrl(key.0, key.1, OP_RST, 0);
+                return;
+            }
+        };
+        match connect.attempt() {
+            Attempt::Connected => {
+                self.establish(key, connect.into_stream(), h.buf_alloc, h.fwd_cnt, ops);
+            }
+            Attempt::Wait => {
+                self.pending_guest.insert(
+                    key,
+                    PendingGuest {
+                        connect,
+                        buf_alloc: h.buf_alloc,
+                        fwd_cnt: h.fwd_cnt,
+                    },
+                );
+                self.arm_retry(ops);
+            }
+            Attempt::Failed(e) => {
+                tracing::debug!("virtio-vsock: guest connect to {}: {e}", path.display());
+                self.ctrl(key.0, key.1, OP_RST, 0);
+            }
+        }
+    }
+
+    /// A guest connection's host socket is connected: the connection is open.
+    fn establish<C>(
+        &mut self,
+        key: (u32, u32),
+        stream: UnixStream,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
+    ) {
+        let id = self.new_id();
+        match Connection::new(stream, id, ConnState::Established) {
+            Ok(mut conn) => {
+                conn.update_peer_credit(buf_alloc, fwd_cnt);
+                Self::arm_read(&mut conn, ops);
+                self.conns.insert(key, conn);
+                self.by_id.insert(id, key);
+                self.ctrl(key.0, key.1, OP_RESPONSE, 0);
+            }
+            Err(e) => {
+                tracing::debug!("virtio-vsock: guest connection to port {}: {e}", key.0);
+                self.ctrl(key.0, key.1, OP_RST, 0);
+            }
+        }
+    }
+
+    fn arm_retry<C>(&mut self, ops: &mut HandlerOps<'_, C, VsockToken>) {
+        if !self.retry_armed {
+            self.retry_armed = true;
+            // SAFETY: the timespec is boxed in this handler, which lives as long as its worker,
+            // and the worker stays on the loop for the loop's whole life.
+            unsafe { ops.timeout(&self.retry, VsockToken::ConnectRetry) };
+        }
+    }
+
+    /// Retries the guest connections waiting for room in a listener's backlog; those that still
+    /// wait after [`CONNECT_TIMEOUT`], or fail, get RST.
+    fn retry_connects<C>(&mut self, ops: &mut HandlerOps<'_, C, VsockToken>) {
+        self.retry_armed = false;
+        let keys: Vec<(u32, u32)> = self.pending_guest.keys().copied().collect();
+        for key in keys {
+            let Some(p) = self.pending_guest.get(&key) else {
+                continue;
+            };
+            match p.connect.attempt() {
+                Attempt::Connected => {
+                    let p = self.pending_guest.remove(&key).expect("present above");
+                    let stream = p.connect.into_stream();
+                    self.establish(key, stream, p.buf_alloc, p.fwd_cnt, ops);
+                }
+                Attempt::Wait if p.connect.since.elapsed() < CONNECT_TIMEOUT => {}
+                Attempt::Wait => {
+                    tracing::debug!(
+                        "virtio-vsock: host listener on port {} did not take the guest's \
+                         connection in time",
+                        key.0
+                    );
+                    self.pending_guest.remove(&key);
+                    self.ctrl(key.0, key.1, OP_RST, 0);
+                }
+                Attempt::Failed(e) => {
+                    tracing::debug!("virtio-vsock: guest connect to port {}: {e}", key.0);
+                    self.pending_guest.remove(&key);
+                    self.ctrl(key.0, key.1, OP_RST, 0);
+                }
+            }
+        }
+        if !self.pending_guest.is_empty() {
+            self.arm_retry(ops);
+        }
+    }
+
     /// Handles one packet from the guest.
     fn guest_packet<C>(
         &mut self,
@@ -338,26 +520,13 @@ impl VsockHandler {
         }
         let key = (h.dst_port, h.src_port);
         if h.op == OP_REQUEST {
-            if self.conns.contains_key(&key) {
+            self.guest_request(key, &h, ops);
+            return;
+        }
+        if self.pending_guest.remove(&key).is_some() {
+            // The guest gave up (RST) or broke protocol before we could answer its REQUEST.
+            if h.op != OP_RST {
                 self.ctrl(key.0, key.1, OP_RST, 0);
-                return;
-            }
-            let path = format!("{}_{}", self.uds_path.display(), h.dst_port);
-            let id = self.new_id();
-            match UnixStream::connect(&path)
-                .and_then(|s| Connection::new(s, id, ConnState::Established))
-            {
-                Ok(mut conn) => {
-                    conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
-                    Self::arm_read(&mut conn, ops);
-                    self.conns.insert(key, conn);
-                    self.by_id.insert(id, key);
-                    self.ctrl(key.0, key.1, OP_RESPONSE, 0);
-                }
-                Err(e) => {
-                    tracing::debug!("virtio-vsock: guest connect to {path}: {e}");
-                    self.ctrl(key.0, key.1, OP_RST, 0);
-                }
             }
             return;
         }
@@ -650,6 +819,13 @@ impl QueueHandler for VsockHandler {
             VsockToken::Sweep => {
                 self.expire_connects();
                 self.arm_sweep(ops);
+                return match active {
+                    Some(active) => self.pump_rx(active, irq, ops),
+                    None => Ok(()),
+                };
+            }
+            VsockToken::ConnectRetry => {
+                self.retry_connects(ops);
                 return match active {
                     Some(active) => self.pump_rx(active, irq, ops),
                     None => Ok(()),
