@@ -6,7 +6,6 @@
 //! their workers are `!Send` and live there.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 
 use devices::persist::Persist;
@@ -230,12 +229,19 @@ pub fn attach_devices(
     Ok((attached, cmdline))
 }
 
+/// Opens and locks a disk image (exclusive for read-write, shared for read-only): a second
+/// writer of one image, in this VM or another, is refused.
 fn open_disk(path: &std::path::Path, read_only: bool) -> Result<std::fs::File, BuildVmError> {
-    OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|e| dev_err(format!("cannot open disk {}: {e}", path.display())))
+    devices::virtio::block::open_image(path, read_only).map_err(|e| {
+        // The message with its causes, each once.
+        let mut msg = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            msg = format!("{msg}: {c}");
+            cause = c.source();
+        }
+        dev_err(msg)
+    })
 }
 
 /// Puts a device in its slot: on the MMIO bus, its queue notifications as ioeventfds, its
