@@ -28,7 +28,8 @@ impl EventToken for () {
 /// what for (the source's encoded tag).
 ///
 /// The generation changes each time a slot is given to a new source, so a completion that arrives
-/// after its source was removed never reaches the source that took the slot next.
+/// after its source was removed never reaches the source that took the slot next. It is 16 bits:
+/// a completion would have to stay in flight across 65536 reuses of its slot to be misdelivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Token {
     /// The source's slot.
