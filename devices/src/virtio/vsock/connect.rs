@@ -25,6 +25,17 @@ pub struct HostConnect {
     pub since: Instant,
 }
 
+/// A guest connection request whose host listener had no room in its backlog yet.
+#[derive(Debug)]
+pub struct PendingGuest {
+    /// The attempt.
+    pub connect: HostConnect,
+    /// The guest's `buf_alloc` from its REQUEST.
+    pub buf_alloc: u32,
+    /// The guest's `fwd_cnt` from its REQUEST.
+    pub fwd_cnt: u32,
+}
+
 /// The outcome of one attempt.
 #[derive(Debug)]
 pub enum Attempt {

@@ -16,7 +16,8 @@
 //!
 //! Files: `packet.rs` (header codec), `connect.rs` (non-blocking connect to a host socket),
 //! `connection.rs` (per-connection credit and buffers),
-//! `queue_handler.rs` (the muxer on the loop), `device.rs`, `persist.rs`.
+//! `queue_handler.rs` (the muxer on the loop), `token.rs` (its operations' tags), `device.rs`,
+//! `persist.rs`.
 
 mod connect;
 mod connection;
@@ -24,6 +25,7 @@ mod device;
 pub mod packet;
 mod persist;
 mod queue_handler;
+mod token;
 
 pub use connection::CONN_BUF;
 pub use device::{
@@ -31,7 +33,8 @@ pub use device::{
     effective_max_connections,
 };
 pub use persist::{VsockArgs, VsockRestoreError, VsockState};
-pub use queue_handler::{MAX_PKT_PAYLOAD, VsockHandler, VsockToken};
+pub use queue_handler::{MAX_PKT_PAYLOAD, VsockHandler};
+pub use token::VsockToken;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -11,12 +11,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
-use event_loop::{Completion, EventToken};
+use event_loop::Completion;
 use virtio_queue::QueueOwnedT;
 
-use super::connect::{Attempt, HostConnect};
+use super::connect::{Attempt, HostConnect, PendingGuest};
 use super::connection::{CONN_BUF, ConnState, Connection};
 use super::packet::*;
+use super::token::{MAX_CONN_ID, VsockToken};
 use crate::virtio::Interrupt;
 use crate::virtio::chain::{add_used, pop_chain, read_readable, write_writable};
 use crate::virtio::worker::{Active, DeviceFailure, HandlerOps, QueueHandler};
@@ -45,70 +46,12 @@ const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
 /// after [`CONNECT_TIMEOUT`]).
 const CONNECT_RETRY_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Connection ids (in tags) have this many bits.
-const CONN_ID_BITS: u32 = 29;
-/// The largest connection id.
-const MAX_CONN_ID: u32 = (1 << CONN_ID_BITS) - 1;
-
-/// What one of the vsock handler's operations is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VsockToken {
-    /// The listening socket is readable (multishot).
-    Listener,
-    /// The connect-timeout sweep.
-    Sweep,
-    /// Retry of guest connections waiting for room in a host listener's backlog.
-    ConnectRetry,
-    /// The host socket of connection `id` (or of a pending host connection) is readable.
-    Read(u32),
-    /// The host socket of connection `id` is writable.
-    Write(u32),
-}
-
-/// Bits 29..31 say the kind, bits 0..29 the connection id (30 bits in all, below the worker's
-/// handler bit).
-impl EventToken for VsockToken {
-    fn encode(self) -> u32 {
-        match self {
-            Self::Listener => 0,
-            Self::Sweep => 1,
-            Self::ConnectRetry => 2,
-            Self::Read(id) => (1 << CONN_ID_BITS) | (id & MAX_CONN_ID),
-            Self::Write(id) => (2 << CONN_ID_BITS) | (id & MAX_CONN_ID),
-        }
-    }
-
-    fn decode(raw: u32) -> Option<Self> {
-        let id = raw & MAX_CONN_ID;
-        match raw >> CONN_ID_BITS {
-            0 => match raw {
-                0 => Some(Self::Listener),
-                1 => Some(Self::Sweep),
-                2 => Some(Self::ConnectRetry),
-                _ => None,
-            },
-            1 => Some(Self::Read(id)),
-            2 => Some(Self::Write(id)),
-            _ => None,
-        }
-    }
-}
-
 /// A host connection that has not sent its `CONNECT` line yet.
 #[derive(Debug)]
 struct PendingHost {
     stream: UnixStream,
     line: Vec<u8>,
     since: std::time::Instant,
-}
-
-/// A guest connection request whose host listener had no room in its backlog yet.
-#[derive(Debug)]
-struct PendingGuest {
-    connect: HostConnect,
-    /// The guest's credit fields from its REQUEST.
-    buf_alloc: u32,
-    fwd_cnt: u32,
 }
 
 /// A control packet waiting for an rx buffer (built when sent, so it carries fresh credit).
@@ -417,14 +360,12 @@ impl VsockHandler {
                 self.establish(key, connect.into_stream(), h.buf_alloc, h.fwd_cnt, ops);
             }
             Attempt::Wait => {
-                self.pending_guest.insert(
-                    key,
-                    PendingGuest {
-                        connect,
-                        buf_alloc: h.buf_alloc,
-                        fwd_cnt: h.fwd_cnt,
-                    },
-                );
+                let pending = PendingGuest {
+                    connect,
+                    buf_alloc: h.buf_alloc,
+                    fwd_cnt: h.fwd_cnt,
+                };
+                self.pending_guest.insert(key, pending);
                 self.arm_retry(ops);
             }
             Attempt::Failed(e) => {
