@@ -11,10 +11,17 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+
+/// Delay before the first retry of an attempt that had to wait; it doubles after each attempt
+/// that waits again, up to [`MAX_RETRY_DELAY`], so a guest that keeps many connections waiting
+/// costs the loop few `connect` calls.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(10);
+/// Longest delay between two attempts.
+const MAX_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 /// A non-blocking connection attempt to a Unix stream socket.
 #[derive(Debug)]
@@ -23,6 +30,10 @@ pub struct HostConnect {
     addr: UnixAddr,
     /// When the first attempt was made.
     pub since: Instant,
+    /// No attempt before this.
+    next_attempt: Instant,
+    /// The delay after the next attempt that waits.
+    delay: Duration,
 }
 
 /// A guest connection request whose host listener had no room in its backlog yet.
@@ -58,20 +69,32 @@ impl HostConnect {
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
             None,
         )?;
+        let now = Instant::now();
         Ok(Self {
             fd,
             addr,
-            since: Instant::now(),
+            since: now,
+            next_attempt: now,
+            delay: FIRST_RETRY_DELAY,
         })
     }
 
+    /// Whether the next attempt is due at `now` (backing off after each attempt that waited).
+    pub fn is_due(&self, now: Instant) -> bool {
+        now >= self.next_attempt
+    }
+
     /// Tries to connect, without blocking.
-    pub fn attempt(&self) -> Attempt {
+    pub fn attempt(&mut self) -> Attempt {
         loop {
             return match socket::connect(self.fd.as_raw_fd(), &self.addr) {
                 // EISCONN: an earlier attempt that was in progress has completed.
                 Ok(()) | Err(Errno::EISCONN) => Attempt::Connected,
-                Err(Errno::EAGAIN | Errno::EINPROGRESS | Errno::EALREADY) => Attempt::Wait,
+                Err(Errno::EAGAIN | Errno::EINPROGRESS | Errno::EALREADY) => {
+                    self.next_attempt = Instant::now() + self.delay;
+                    self.delay = (self.delay * 2).min(MAX_RETRY_DELAY);
+                    Attempt::Wait
+                }
                 Err(Errno::EINTR) => continue,
                 Err(e) => Attempt::Failed(e.into()),
             };
@@ -94,14 +117,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
         let _l = UnixListener::bind(&path).unwrap();
-        let c = HostConnect::new(&path).unwrap();
+        let mut c = HostConnect::new(&path).unwrap();
         assert!(matches!(c.attempt(), Attempt::Connected));
     }
 
     #[test]
     fn test_host_connect_missing_socket_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let c = HostConnect::new(&dir.path().join("none")).unwrap();
+        let mut c = HostConnect::new(&dir.path().join("none")).unwrap();
         assert!(matches!(c.attempt(), Attempt::Failed(_)));
     }
 
@@ -116,8 +139,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
         let (listener, fill) = super::super::tests::full_backlog_listener(&path);
-        let c = HostConnect::new(&path).unwrap();
+        let mut c = HostConnect::new(&path).unwrap();
+        assert!(c.is_due(Instant::now()));
         assert!(matches!(c.attempt(), Attempt::Wait));
+        assert!(!c.is_due(Instant::now()), "backs off after waiting");
+        assert!(c.is_due(Instant::now() + MAX_RETRY_DELAY));
         // Room in the backlog: the next attempt connects.
         let _first = listener.accept().unwrap();
         assert!(matches!(c.attempt(), Attempt::Connected));

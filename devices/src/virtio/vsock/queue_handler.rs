@@ -42,8 +42,8 @@ const EVT: usize = 2;
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often pending host connections are checked against [`CONNECT_TIMEOUT`].
 const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
-/// How often a guest connection to a host listener whose backlog is full is retried (it gets RST
-/// after [`CONNECT_TIMEOUT`]).
+/// How often guest connections waiting for room in a host listener's backlog are looked at; each
+/// is retried with a backoff from 10 ms to 200 ms and gets RST after [`CONNECT_TIMEOUT`].
 const CONNECT_RETRY_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A host connection that has not sent its `CONNECT` line yet.
@@ -347,7 +347,7 @@ impl VsockHandler {
             return;
         }
         let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.0));
-        let connect = match HostConnect::new(&path) {
+        let mut connect = match HostConnect::new(&path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!("virtio-vsock: guest connect to {}: {e}", path.display());
@@ -413,18 +413,23 @@ impl VsockHandler {
     /// wait after [`CONNECT_TIMEOUT`], or fail, get RST.
     fn retry_connects<C>(&mut self, ops: &mut HandlerOps<'_, C, VsockToken>) {
         self.retry_armed = false;
+        let now = std::time::Instant::now();
         let keys: Vec<(u32, u32)> = self.pending_guest.keys().copied().collect();
         for key in keys {
-            let Some(p) = self.pending_guest.get(&key) else {
+            let Some(p) = self.pending_guest.get_mut(&key) else {
                 continue;
             };
+            let expired = now.duration_since(p.connect.since) >= CONNECT_TIMEOUT;
+            if !expired && !p.connect.is_due(now) {
+                continue;
+            }
             match p.connect.attempt() {
                 Attempt::Connected => {
                     let p = self.pending_guest.remove(&key).expect("present above");
                     let stream = p.connect.into_stream();
                     self.establish(key, stream, p.buf_alloc, p.fwd_cnt, ops);
                 }
-                Attempt::Wait if p.connect.since.elapsed() < CONNECT_TIMEOUT => {}
+                Attempt::Wait if !expired => {}
                 Attempt::Wait => {
                     tracing::debug!(
                         "virtio-vsock: host listener on port {} did not take the guest's \
