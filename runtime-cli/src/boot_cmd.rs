@@ -34,7 +34,7 @@ pub struct BootArgs {
     pub mem_mib: u64,
     /// Number of vCPUs (1 to 32).
     #[arg(long, value_name = "N", default_value_t = 1)]
-    pub vcpus: u8,
+    pub vcpus: u32,
     /// Listen for control requests (pause, resume, status, stop) on this Unix socket; see
     /// `kata-snap vm --help`.
     #[arg(long, value_name = "PATH")]
@@ -134,6 +134,11 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
 
 /// Resolves `--kernel` into an image, checking a file is there and looks like a kernel.
 pub fn kernel_image(spec: &str) -> Result<KernelImage> {
+    #[cfg(not(feature = "builtin-guests"))]
+    if spec.starts_with("builtin:") {
+        bail!("this kata-snap was built without the built-in test guests (feature builtin-guests)");
+    }
+    #[cfg(feature = "builtin-guests")]
     if let Some(name) = spec.strip_prefix("builtin:") {
         let guest = test_guests::by_name(name).with_context(|| {
             let names: Vec<&str> = test_guests::ALL.iter().map(|g| g.name).collect();
@@ -231,8 +236,14 @@ pub fn finish(report: &VmReport, timing: bool) -> i32 {
 
 pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
     let kernel = kernel_image(&args.kernel)?;
-    if args.vcpus == 0 {
-        bail!("--vcpus must be at least 1");
+    // One message for every count out of range, whether or not it fits the type.
+    let vcpus = u8::try_from(args.vcpus).unwrap_or(u8::MAX);
+    if args.vcpus > u32::from(vmm::arch::mptable::MAX_VCPUS) {
+        bail!(
+            "--vcpus must be between 1 and {}, not {}",
+            vmm::arch::mptable::MAX_VCPUS,
+            args.vcpus
+        );
     }
     if let Some(dir) = &args.snapshot_on_ready
         && dir.exists()
@@ -252,7 +263,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> Result<i32> {
         initrd: args.initrd,
         cmdline,
         mem_mib: args.mem_mib,
-        vcpus: args.vcpus,
+        vcpus,
         api_sock: args.api_sock,
         serial,
         forward_stdin: true,

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use vmm::vm::{AfterSnapshot, RestoreConfig, RestoreMode, SnapshotOnReady, VmReport};
+use vmm::vm::{
+    AfterSnapshot, HostResources, RecordWorkingSet, RestoreConfig, RestoreMode, SnapshotOnReady,
+    VmReport,
+};
 use vmm::{KernelImage, SerialOutput, VmConfig};
 
 #[derive(Debug, Args)]
@@ -52,19 +55,26 @@ struct Row {
     ok: bool,
 }
 
-fn restore_once(snapshot: &Path, mode: RestoreMode, out: &Path) -> Result<(VmReport, Duration)> {
+fn restore_once(
+    snapshot: &Path,
+    mode: RestoreMode,
+    out: &Path,
+    record: bool,
+) -> Result<(VmReport, Duration)> {
     let start = Instant::now();
     let serial = std::fs::File::create(out)?;
     let report = vmm::vm::restore(RestoreConfig {
         snapshot: snapshot.to_path_buf(),
         mode,
         api_sock: None,
-        serial: SerialOutput::File(serial),
-        forward_stdin: false,
+        host: HostResources::new(SerialOutput::File(serial)),
         fault_around: 16,
-        record_workingset: false,
+        // The first uffd restore records the working set the uffd-prefetch runs then use.
+        record_workingset: record.then(|| RecordWorkingSet {
+            path: snapshot.join("workingset"),
+            limit: None,
+        }),
         prefetch_before: false,
-        disk_slots: Default::default(),
         process_start: start,
     })?;
     Ok((report, start.elapsed()))
@@ -127,7 +137,8 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         for i in 0..args.runs.max(1) {
             bar.set_message(format!("restore {name} ({}/{})", i + 1, args.runs.max(1)));
             let out = tmp.path().join(format!("{name}-{i}.log"));
-            let (report, elapsed) = restore_once(&snapshot, mode, &out)?;
+            let record = mode == RestoreMode::Uffd && i == 0;
+            let (report, elapsed) = restore_once(&snapshot, mode, &out, record)?;
             ok &= report.reason.exit_code() == 0 && std::fs::read_to_string(&out)?.ends_with(&want);
             to_vcpus.push(ms(report.vcpus_started_after));
             to_done.push(ms(elapsed));

@@ -1,6 +1,7 @@
 //! `kata-snap`: boot and control micro-VMs.
 
 mod boot_cmd;
+#[cfg(feature = "builtin-guests")]
 mod demo;
 mod restore_cmd;
 mod vm_cmd;
@@ -45,6 +46,7 @@ enum Command {
     Vm(vm_cmd::VmArgs),
     /// Cold-boot the built-in test guest, snapshot it at READY, restore it in every mode and
     /// print a table of the timings: the quickest way to see kata-snap work on this host.
+    #[cfg(feature = "builtin-guests")]
     Demo(demo::DemoArgs),
     /// Tell whether this host's KVM can run guests, and whether Linux guests boot at speed.
     Check,
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo draws a progress display: keep per-VM info logs out of it unless asked for.
     let level = match &cli.command {
+        #[cfg(feature = "builtin-guests")]
         Command::Demo(_) if cli.log_level == "info" => "warn",
         _ => cli.log_level.as_str(),
     };
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot_cmd::run(args, process_start),
         Command::Restore(args) => restore_cmd::run(args, process_start),
         Command::Vm(args) => vm_cmd::run(args),
+        #[cfg(feature = "builtin-guests")]
         Command::Demo(args) => demo::run(args),
         Command::Check => {
             let check = vmm::host::check_host();
@@ -104,8 +108,46 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("kata-snap: error: {e:#}");
+            eprintln!("kata-snap: error: {}", error_line(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// The error and its causes on one line, each cause once: library errors often name their cause
+/// in their own message as well as exposing it as their source.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open kernel /k: {0}")]
+    struct Open(#[source] std::io::Error);
+
+    #[test]
+    fn test_error_line_names_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::EISDIR);
+        let e = anyhow::Error::new(Open(io)).context("booting");
+        let line = error_line(&e);
+        assert_eq!(line.matches("Is a directory").count(), 1, "{line}");
+        assert!(
+            line.starts_with("booting: cannot open kernel /k: "),
+            "{line}"
+        );
     }
 }

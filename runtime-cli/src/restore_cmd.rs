@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use vmm::vm::{RestoreConfig, RestoreMode};
+use vmm::vm::{HostResources, RecordWorkingSet, RestoreConfig, RestoreMode};
 
 use crate::boot_cmd::{finish, serial_output};
 
@@ -26,9 +26,21 @@ pub struct RestoreArgs {
     /// Pages installed per fault in the uffd modes (1 = only the faulting page).
     #[arg(long, value_name = "PAGES", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=512))]
     pub fault_around: u64,
-    /// In uffd mode, record the working set again even if the snapshot already has one.
-    #[arg(long)]
-    pub record_workingset: bool,
+    /// In uffd mode, record the start-up working set (the pages the guest touches, in
+    /// first-touch order) to FILE, written atomically. Recording ends at the first of: the guest
+    /// saying READY, a `finish_workingset` control request, --record-for, the VM stopping.
+    /// uffd-prefetch restores read `DIR/workingset`, so name that file to make a template
+    /// prefetchable. The snapshot itself is never written otherwise.
+    #[arg(long, value_name = "FILE")]
+    pub record_workingset: Option<PathBuf>,
+    /// End working-set recording after this many milliseconds.
+    #[arg(long, value_name = "MS", requires = "record_workingset")]
+    pub record_for: Option<u64>,
+    /// The host Unix socket of the snapshot's vsock device (required when it has one): connect to
+    /// it and send `CONNECT <port>\n` to reach a guest port; guest connections to port P arrive on
+    /// `PATH_P`. The guest's CID stays as snapshotted. Each restore of a template gives its own.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
     /// In uffd-prefetch mode, install the working set before the vCPUs start [default: while
     /// they run, the page server answering what is not there yet].
     #[arg(long)]
@@ -48,7 +60,7 @@ pub enum ModeArg {
     Eager,
     /// Map the memory file privately: clones share the page cache, writes are copy-on-write.
     Mmap,
-    /// Serve pages on demand through userfaultfd; records the working set on first use.
+    /// Serve pages on demand through userfaultfd.
     Uffd,
     /// Install the recorded working set in batched reads first, then serve the rest on demand.
     UffdPrefetch,
@@ -76,12 +88,18 @@ pub fn run(args: RestoreArgs, process_start: Instant) -> Result<i32> {
             ModeArg::UffdPrefetch => RestoreMode::UffdPrefetch,
         },
         api_sock: args.api_sock,
-        serial: serial_output(args.serial_log.as_ref())?,
-        forward_stdin: true,
+        host: HostResources {
+            forward_stdin: true,
+            disk_slots: args.disk_slot.into_iter().collect(),
+            vsock_path: args.vsock,
+            ..HostResources::new(serial_output(args.serial_log.as_ref())?)
+        },
         fault_around: args.fault_around as usize,
-        record_workingset: args.record_workingset,
+        record_workingset: args.record_workingset.map(|path| RecordWorkingSet {
+            path,
+            limit: args.record_for.map(std::time::Duration::from_millis),
+        }),
         prefetch_before: args.prefetch_before,
-        disk_slots: args.disk_slot.into_iter().collect(),
         process_start,
     };
     let report = vmm::vm::restore(config)?;

@@ -35,6 +35,8 @@ pub enum Action {
     Stop,
     /// Pause the VM, write a snapshot to --out, and resume it if it was running.
     Snapshot,
+    /// End the start-up working set a `restore --record-workingset` is recording, and write it.
+    FinishWorkingset,
 }
 
 pub fn run(args: VmArgs) -> Result<i32> {
@@ -43,6 +45,7 @@ pub fn run(args: VmArgs) -> Result<i32> {
         Action::Resume => ControlRequest::Resume,
         Action::Status => ControlRequest::Status,
         Action::Stop => ControlRequest::Stop,
+        Action::FinishWorkingset => ControlRequest::FinishWorkingset,
         Action::Snapshot => {
             let out = args.out.as_ref().expect("clap requires --out");
             let out = std::path::absolute(out).unwrap_or_else(|_| out.clone());

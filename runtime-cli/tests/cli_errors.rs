@@ -82,7 +82,10 @@ fn test_memory_too_small_or_too_large_is_refused() {
 fn test_vcpu_count_out_of_range_is_refused() {
     run(&["boot", "--kernel", "builtin:hello", "--vcpus", "0"], T).assert_one_line_error("--vcpus");
     run(&["boot", "--kernel", "builtin:hello", "--vcpus", "33"], T)
-        .assert_one_line_error("between 1 and 32");
+        .assert_one_line_error("between 1 and 32, not 33");
+    // A count past the type's range gets the same message.
+    run(&["boot", "--kernel", "builtin:hello", "--vcpus", "256"], T)
+        .assert_one_line_error("between 1 and 32, not 256");
 }
 
 #[test]
@@ -203,4 +206,24 @@ fn test_help_answers_the_main_questions() {
     for needle in ["pause", "resume", "status", "stop", "JSON"] {
         assert!(out.stdout.contains(needle), "vm --help lacks {needle}");
     }
+}
+
+#[test]
+fn test_snapshot_on_ready_into_missing_directory_is_refused_before_boot() {
+    let out = run(
+        &[
+            "boot",
+            "--kernel",
+            "builtin:ready",
+            "--snapshot-on-ready",
+            "/nonexistent-kata-snap-dir/snap",
+        ],
+        T,
+    );
+    out.assert_one_line_error("its parent directory does not exist");
+    assert!(
+        out.stdout.is_empty(),
+        "the guest must not run: {}",
+        out.stdout
+    );
 }

@@ -48,9 +48,20 @@ fn restore_err(dir: &Path, mode: &str, needle: &str) {
 
 /// Rewrites the state with a valid checksum after `edit`: damage the checksum cannot catch.
 fn edit_state(dir: &Path, edit: impl FnOnce(&mut VmState)) {
-    let mut state: VmState = snapshot::format::read_file(&dir.join("state")).unwrap();
+    let (id, mut state): (_, VmState) = snapshot::format::read_file(&dir.join("state")).unwrap();
     edit(&mut state);
-    fs::write(dir.join("state"), snapshot::format::encode(&state).unwrap()).unwrap();
+    fs::write(
+        dir.join("state"),
+        snapshot::format::encode(&id, &state).unwrap(),
+    )
+    .unwrap();
+}
+
+/// The snapshot id in a state file.
+fn snapshot_id(dir: &Path) -> snapshot::SnapshotId {
+    snapshot::format::read_file::<VmState>(&dir.join("state"))
+        .unwrap()
+        .0
 }
 
 fn patch(path: &Path, offset: usize, bytes: &[u8]) {
@@ -165,16 +176,58 @@ fn test_restore_workingset_out_of_range_refused() {
     let root = tempfile::tempdir().unwrap();
     let dir = good_snapshot(root.path());
     let pages = 64 * 256;
-    snapshot::workingset::write(&dir.join("workingset"), &[1, 2, pages + 7]).unwrap();
+    let id = snapshot_id(&dir);
+    snapshot::workingset::write(&dir.join("workingset"), &id, &[1, 2, pages + 7]).unwrap();
     restore_err(&dir, "uffd-prefetch", &format!("names page {}", pages + 7));
-    fs::write(dir.join("workingset"), b"KSNAPWS1 garbage").unwrap();
+    fs::write(dir.join("workingset"), b"KSNAPWS2 garbage").unwrap();
     restore_err(&dir, "uffd-prefetch", "working set is corrupt");
     fs::remove_file(dir.join("workingset")).unwrap();
     restore_err(
         &dir,
         "uffd-prefetch",
-        "has no working set: restore it once with --mode uffd",
+        "has no working set: record one with `restore --mode uffd --record-workingset",
     );
+}
+
+#[test]
+fn test_restore_mixed_snapshot_parts_refused_before_any_vm() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let a = good_snapshot(root.path());
+    let b_root = root.path().join("b");
+    fs::create_dir(&b_root).unwrap();
+    let b = good_snapshot(&b_root);
+    assert_ne!(
+        snapshot_id(&a),
+        snapshot_id(&b),
+        "each snapshot has its own id"
+    );
+    // The state of A with the memory of B (same guest, same size).
+    fs::rename(b.join("memory"), root.path().join("memory-b")).unwrap();
+    fs::rename(a.join("memory"), b.join("memory")).unwrap();
+    fs::rename(root.path().join("memory-b"), a.join("memory")).unwrap();
+    for mode in ["eager", "mmap", "uffd"] {
+        restore_err(&a, mode, "parts of different snapshots were mixed");
+    }
+    // Put A's memory back; a working set recorded for B is refused with A.
+    fs::rename(a.join("memory"), root.path().join("memory-b")).unwrap();
+    fs::rename(b.join("memory"), a.join("memory")).unwrap();
+    snapshot::workingset::write(&a.join("workingset"), &snapshot_id(&b), &[1, 2]).unwrap();
+    restore_err(&a, "uffd-prefetch", "working set belongs to snapshot");
+    snapshot::workingset::write(&a.join("workingset"), &snapshot_id(&a), &[1, 2]).unwrap();
+    let out = run(
+        &[
+            "restore",
+            "--snapshot",
+            a.to_str().unwrap(),
+            "--mode",
+            "uffd-prefetch",
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "the matching parts restore: {}", out.stderr);
 }
 
 #[test]
@@ -195,9 +248,17 @@ fn test_restore_snapshot_from_other_cpu_refused() {
         }
     });
     restore_err(&dir, "uffd", "taken on a host with different CPU features");
+    // Claim the other vendor than this host's.
     edit_state(&dir, |state| {
+        const INTEL: (u32, u32, u32) = (0x756e_6547, 0x4965_6e69, 0x6c65_746e); // "GenuineIntel"
+        const AMD: (u32, u32, u32) = (0x6874_7541, 0x6974_6e65, 0x444d_4163); // "AuthenticAMD"
         for e in state.host_cpuid.iter_mut().filter(|e| e.function == 0) {
-            (e.ebx, e.edx, e.ecx) = (0x756e_6547, 0x4965_6e69, 0x6c65_746e); // "GenuineIntel"
+            let other = if (e.ebx, e.edx, e.ecx) == INTEL {
+                AMD
+            } else {
+                INTEL
+            };
+            (e.ebx, e.edx, e.ecx) = other;
         }
     });
     restore_err(&dir, "uffd", "vendor differs");

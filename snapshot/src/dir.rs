@@ -1,7 +1,9 @@
 //! The snapshot directory: written to a temporary name, fsynced, renamed into place.
 //!
-//! A crash or a full disk while writing leaves only `<name>.tmp-<pid>` behind, never something
-//! that looks like a snapshot. An existing snapshot is never overwritten.
+//! A crash or a full disk while writing leaves only `.<name>.tmp-<pid>` behind, never something
+//! that looks like a snapshot; the next snapshot written into the same directory removes such
+//! leftovers whose writer process is gone ([`remove_stale_temporaries`]). An existing snapshot is
+//! never overwritten.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -27,6 +29,12 @@ pub enum DirError {
         /// What is missing.
         what: &'static str,
     },
+    /// A snapshot file is a FIFO, a device or a directory.
+    #[error("{path} is not a regular file: refused", path = .path.display())]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+    },
     /// I/O failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -43,6 +51,53 @@ pub enum DirError {
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DirError {
     let path = path.to_path_buf();
     move |source| DirError::Io { what, path, source }
+}
+
+/// Whether process `pid` exists.
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists and may be signalled.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The writer's pid in a temporary name `.<name>.tmp-<pid>`.
+fn temporary_owner(name: &str) -> Option<i32> {
+    let (head, pid) = name.rsplit_once(".tmp-")?;
+    if !head.starts_with('.') || head.len() < 2 {
+        return None;
+    }
+    pid.parse().ok().filter(|&p: &i32| p > 0)
+}
+
+/// Removes the temporary snapshot directories and files (`.<name>.tmp-<pid>`) in `parent` whose
+/// writer process no longer exists (killed while writing). Returns how many were removed.
+pub fn remove_stale_temporaries(parent: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temporary_owner) else {
+            continue;
+        };
+        if process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        match gone {
+            Ok(()) => {
+                tracing::info!("removed {} left by a writer that died", path.display());
+                removed += 1;
+            }
+            Err(e) => tracing::warn!("cannot remove stale {}: {e}", path.display()),
+        }
+    }
+    removed
 }
 
 /// A snapshot being written.
@@ -64,6 +119,11 @@ impl SnapshotWriter {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "snapshot".into());
         let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let parent = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        remove_stale_temporaries(parent);
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io("cannot remove stale", &tmp))?;
         }
@@ -136,11 +196,19 @@ impl SnapshotDir {
             (STATE_FILE, "the state file"),
             (MEMORY_FILE, "the memory file"),
         ] {
-            if !path.join(file).is_file() {
-                return Err(DirError::Missing {
-                    path: path.to_path_buf(),
-                    what,
-                });
+            match fs::metadata(path.join(file)) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => {
+                    return Err(DirError::NotRegular {
+                        path: path.join(file),
+                    });
+                }
+                Err(_) => {
+                    return Err(DirError::Missing {
+                        path: path.to_path_buf(),
+                        what,
+                    });
+                }
             }
         }
         Ok(Self {
@@ -194,6 +262,33 @@ mod tests {
             fs::write(w.path(STATE_FILE), b"partial").unwrap();
         }
         assert_eq!(fs::read_dir(root.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn test_writer_removes_temporaries_of_dead_writers_only() {
+        let root = tempfile::tempdir().unwrap();
+        // A writer that was killed: its pid is reaped, so no process has it.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = root.path().join(format!(".old.tmp-{dead}"));
+        fs::create_dir(&stale).unwrap();
+        fs::write(stale.join(MEMORY_FILE), vec![1u8; 4096]).unwrap();
+        let stale_file = root.path().join(format!(".workingset.tmp-{dead}"));
+        fs::write(&stale_file, b"x").unwrap();
+        // A live writer's (pid 1 always exists) and unrelated names stay.
+        let live = root.path().join(".other.tmp-1");
+        fs::create_dir(&live).unwrap();
+        let unrelated = root.path().join("keep.tmp-x");
+        fs::write(&unrelated, b"k").unwrap();
+        let w = SnapshotWriter::create(&root.path().join("snap")).unwrap();
+        fs::write(w.path(STATE_FILE), b"s").unwrap();
+        w.commit().unwrap();
+        assert!(!stale.exists(), "the dead writer's directory is removed");
+        assert!(!stale_file.exists());
+        assert!(live.exists(), "a live writer's directory stays");
+        assert!(unrelated.exists());
+        assert!(root.path().join("snap").join(STATE_FILE).exists());
     }
 
     #[test]

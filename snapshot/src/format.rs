@@ -5,28 +5,33 @@
 //!  0      8   magic "KSNAPx64" (per architecture)
 //!  8      4   format version (little endian), independent of the binary's version
 //! 12      4   reserved, zero
-//! 16      8   body length in bytes
-//! 24      8   CRC-64/XZ of the body
-//! 32      n   body (postcard)
+//! 16     16   snapshot id (also in the memory file and the working set)
+//! 32      8   body length in bytes
+//! 40      8   CRC-64/XZ of the id and the body
+//! 48      n   body (postcard)
 //! ```
+//!
+//! Version 2 added the snapshot id; version 1 files are refused with a version error.
 //!
 //! postcard is compact, has a stable wire format and is maintained; the body is only ever read by
 //! the same format version, so there is no per-field versioning: a format change bumps
 //! [`FORMAT_VERSION`] and adds an explicit migration.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::id::SnapshotId;
+
 /// Magic of an x86-64 snapshot state file.
 pub const MAGIC: [u8; 8] = *b"KSNAPx64";
 /// The state format this binary reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Header length.
-pub const HEADER_LEN: usize = 32;
+pub const HEADER_LEN: usize = 48;
 /// Largest body accepted (a state is kilobytes; this bounds what a corrupt length can make us read).
 pub const MAX_BODY_LEN: u64 = 64 << 20;
 
@@ -82,21 +87,29 @@ pub enum FormatError {
     Encode(String),
 }
 
-/// Encodes `value` as a complete state file image.
-pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FormatError> {
+fn checksum(id: &SnapshotId, body: &[u8]) -> u64 {
+    let mut digest = CRC.digest();
+    digest.update(&id.0);
+    digest.update(body);
+    digest.finalize()
+}
+
+/// Encodes `value` of snapshot `id` as a complete state file image.
+pub fn encode<T: Serialize>(id: &SnapshotId, value: &T) -> Result<Vec<u8>, FormatError> {
     let body = postcard::to_allocvec(value).map_err(|e| FormatError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&id.0);
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&CRC.checksum(&body).to_le_bytes());
+    out.extend_from_slice(&checksum(id, &body).to_le_bytes());
     out.extend_from_slice(&body);
     Ok(out)
 }
 
 /// Decodes a state file image: header checks, then the checksum, and only then the body.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(SnapshotId, T), FormatError> {
     if bytes.len() < HEADER_LEN {
         return Err(FormatError::Truncated(format!(
             "{} bytes, shorter than the {HEADER_LEN}-byte header",
@@ -116,7 +129,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
     if u32_at(12) != 0 {
         return Err(FormatError::Reserved(u32_at(12)));
     }
-    let len = u64_at(16);
+    let id = SnapshotId(bytes[16..32].try_into().expect("16 bytes"));
+    let len = u64_at(32);
     if len > MAX_BODY_LEN {
         return Err(FormatError::TooLarge(len));
     }
@@ -127,40 +141,45 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
             body.len()
         )));
     }
-    let stored = u64_at(24);
-    let computed = CRC.checksum(body);
+    let stored = u64_at(40);
+    let computed = checksum(&id, body);
     if stored != computed {
         return Err(FormatError::Checksum { stored, computed });
     }
-    postcard::from_bytes(body).map_err(|e| FormatError::Decode(e.to_string()))
+    let value = postcard::from_bytes(body).map_err(|e| FormatError::Decode(e.to_string()))?;
+    Ok((id, value))
 }
 
 /// Writes `value` to `path` (the caller handles atomicity at the directory level) and fsyncs it.
-pub fn write_file<T: Serialize>(path: &Path, value: &T) -> Result<(), FormatError> {
+pub fn write_file<T: Serialize>(
+    path: &Path,
+    id: &SnapshotId,
+    value: &T,
+) -> Result<(), FormatError> {
     let io = |what: &str| {
         let what = format!("{what} {}", path.display());
         move |source| FormatError::Io { what, source }
     };
-    let bytes = encode(value)?;
+    let bytes = encode(id, value)?;
     let mut f = File::create(path).map_err(io("cannot create"))?;
     f.write_all(&bytes).map_err(io("cannot write"))?;
     f.sync_all().map_err(io("cannot fsync"))?;
     Ok(())
 }
 
-/// Reads and decodes the state file at `path`.
-pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
+/// Reads and decodes the state file at `path` (a regular file, read with a bound).
+pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<(SnapshotId, T), FormatError> {
     let io = |what: &str| {
         let what = format!("{what} {}", path.display());
         move |source| FormatError::Io { what, source }
     };
-    let mut f = File::open(path).map_err(io("cannot open"))?;
+    let mut f = crate::file::open_regular(path).map_err(io("cannot open"))?;
     let len = f.metadata().map_err(io("cannot stat"))?.len();
     if len > MAX_BODY_LEN + HEADER_LEN as u64 {
         return Err(FormatError::TooLarge(len));
     }
-    let mut bytes = Vec::with_capacity(len as usize);
-    f.read_to_end(&mut bytes).map_err(io("cannot read"))?;
+    let bytes = crate::file::read_bounded(&mut f, MAX_BODY_LEN + HEADER_LEN as u64)
+        .map_err(io("cannot read"))?;
     decode(&bytes)
 }
 
@@ -177,6 +196,18 @@ mod tests {
         flag: bool,
     }
 
+    const ID: SnapshotId = SnapshotId([7; 16]);
+
+    #[test]
+    fn test_state_id_flip_fails_checksum() {
+        let mut bytes = encode(&ID, &sample()).unwrap();
+        bytes[20] ^= 1;
+        assert!(matches!(
+            decode::<Sample>(&bytes),
+            Err(FormatError::Checksum { .. })
+        ));
+    }
+
     fn sample() -> Sample {
         Sample {
             name: "vm".into(),
@@ -187,14 +218,14 @@ mod tests {
 
     #[test]
     fn test_state_roundtrip() {
-        let bytes = encode(&sample()).unwrap();
+        let bytes = encode(&ID, &sample()).unwrap();
         assert_eq!(&bytes[..8], b"KSNAPx64");
-        assert_eq!(decode::<Sample>(&bytes).unwrap(), sample());
+        assert_eq!(decode::<Sample>(&bytes).unwrap(), (ID, sample()));
     }
 
     #[test]
     fn test_state_bad_magic_refused() {
-        let mut bytes = encode(&sample()).unwrap();
+        let mut bytes = encode(&ID, &sample()).unwrap();
         bytes[0] = b'X';
         assert!(matches!(
             decode::<Sample>(&bytes),
@@ -204,16 +235,16 @@ mod tests {
 
     #[test]
     fn test_state_other_version_refused() {
-        let mut bytes = encode(&sample()).unwrap();
+        let mut bytes = encode(&ID, &sample()).unwrap();
         bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
         let err = decode::<Sample>(&bytes).unwrap_err();
         assert!(matches!(err, FormatError::Version { found: 7 }));
-        assert!(err.to_string().contains("reads version 1"));
+        assert!(err.to_string().contains("reads version 2"));
     }
 
     #[test]
     fn test_state_truncated_refused() {
-        let bytes = encode(&sample()).unwrap();
+        let bytes = encode(&ID, &sample()).unwrap();
         for cut in [0, 10, HEADER_LEN, bytes.len() - 1] {
             assert!(
                 matches!(
@@ -233,8 +264,8 @@ mod tests {
 
     #[test]
     fn test_state_huge_length_refused_without_reading() {
-        let mut bytes = encode(&sample()).unwrap();
-        bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut bytes = encode(&ID, &sample()).unwrap();
+        bytes[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
             decode::<Sample>(&bytes),
             Err(FormatError::TooLarge(_))
@@ -243,7 +274,7 @@ mod tests {
 
     #[test]
     fn test_state_body_flip_fails_checksum_before_parse() {
-        let mut bytes = encode(&sample()).unwrap();
+        let mut bytes = encode(&ID, &sample()).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         assert!(matches!(
@@ -259,8 +290,9 @@ mod tests {
         bytes.extend_from_slice(&MAGIC);
         bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(&ID.0);
         bytes.extend_from_slice(&5u64.to_le_bytes());
-        bytes.extend_from_slice(&CRC.checksum(&body).to_le_bytes());
+        bytes.extend_from_slice(&checksum(&ID, &body).to_le_bytes());
         bytes.extend_from_slice(&body);
         assert!(matches!(
             decode::<Sample>(&bytes),
@@ -272,7 +304,7 @@ mod tests {
         /// Any single-bit flip anywhere in the file is refused, never accepted or panicking.
         #[test]
         fn prop_state_any_bit_flip_is_refused(bit in 0usize..(8 * 600)) {
-            let mut bytes = encode(&sample()).unwrap();
+            let mut bytes = encode(&ID, &sample()).unwrap();
             let bit = bit % (bytes.len() * 8);
             bytes[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(decode::<Sample>(&bytes).is_err());

@@ -5,6 +5,10 @@
 //! pages are written with one `pwrite` each; the file is created at its full size first, so every
 //! page not written is a hole. Reading back, [`HoleMap`] (from `SEEK_DATA`/`SEEK_HOLE`) tells data
 //! from zero without reading zeros from disk.
+//!
+//! After guest RAM comes one page of trailer ([`TRAILER_LEN`]): magic `KSNAPMEM`, the snapshot id,
+//! the RAM length and a CRC-64 of those, so a memory file is never restored with another
+//! snapshot's state. Guest RAM keeps file offset 0, so the file can still be mapped as is.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -14,6 +18,22 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::PAGE_SIZE;
+use crate::id::SnapshotId;
+
+/// Length of the identity trailer after guest RAM.
+pub const TRAILER_LEN: u64 = PAGE_SIZE as u64;
+const TRAILER_MAGIC: [u8; 8] = *b"KSNAPMEM";
+const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+
+fn encode_trailer(id: &SnapshotId, ram_len: u64) -> [u8; 40] {
+    let mut t = [0u8; 40];
+    t[..8].copy_from_slice(&TRAILER_MAGIC);
+    t[8..24].copy_from_slice(&id.0);
+    t[24..32].copy_from_slice(&ram_len.to_le_bytes());
+    let crc = CRC.checksum(&t[..32]);
+    t[32..40].copy_from_slice(&crc.to_le_bytes());
+    t
+}
 
 /// One guest RAM region and where it lives in the memory file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +97,19 @@ pub enum MemoryFileError {
     /// The layout itself is inconsistent.
     #[error("invalid memory layout in snapshot: {0}")]
     BadLayout(String),
+    /// The trailer is missing or damaged.
+    #[error("memory file trailer is damaged ({0}): not a kata-snap memory file, or corrupt")]
+    BadTrailer(&'static str),
+    /// The file belongs to another snapshot.
+    #[error(
+        "memory file belongs to snapshot {found}, not to this state's snapshot {expected}: parts of different snapshots were mixed"
+    )]
+    ForeignSnapshot {
+        /// The state's id.
+        expected: SnapshotId,
+        /// The memory file's id.
+        found: SnapshotId,
+    },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MemoryFileError {
@@ -135,6 +168,7 @@ fn is_zero(page: &[u8]) -> bool {
 /// paused).
 pub unsafe fn write_memory_file(
     path: &Path,
+    id: &SnapshotId,
     regions: &[(MemoryRegion, HostRegion)],
 ) -> Result<WriteStats, MemoryFileError> {
     let layout: Vec<MemoryRegion> = regions.iter().map(|(r, _)| *r).collect();
@@ -144,8 +178,10 @@ pub unsafe fn write_memory_file(
         .create_new(true)
         .open(path)
         .map_err(io_err(format!("cannot create {}", path.display())))?;
-    file.set_len(total)
+    file.set_len(total + TRAILER_LEN)
         .map_err(io_err("cannot size the memory file"))?;
+    file.write_all_at(&encode_trailer(id, total), total)
+        .map_err(io_err("cannot write the memory file trailer"))?;
     let mut stats = WriteStats {
         total_bytes: total,
         ..Default::default()
@@ -208,12 +244,8 @@ pub struct HoleMap {
 }
 
 impl HoleMap {
-    /// Builds the map of `file` with `SEEK_DATA`/`SEEK_HOLE`.
-    pub fn from_file(file: &File) -> Result<Self, MemoryFileError> {
-        let len = file
-            .metadata()
-            .map_err(io_err("cannot stat the memory file"))?
-            .len();
+    /// Builds the map of the first `len` bytes of `file` with `SEEK_DATA`/`SEEK_HOLE`.
+    pub fn from_file(file: &File, len: u64) -> Result<Self, MemoryFileError> {
         let fd = file.as_raw_fd();
         let mut extents = Vec::new();
         let mut pos: i64 = 0;
@@ -238,7 +270,10 @@ impl HoleMap {
                     source: std::io::Error::last_os_error(),
                 });
             }
-            extents.push((data as u64, hole as u64));
+            if data as u64 >= len {
+                break;
+            }
+            extents.push((data as u64, (hole as u64).min(len)));
             pos = hole;
         }
         Ok(Self { extents, len })
@@ -291,21 +326,47 @@ impl HoleMap {
     }
 }
 
-/// Opens a memory file and checks it matches `regions`.
+/// Opens a memory file (a regular file, opened without blocking) and checks it matches `regions`
+/// and belongs to snapshot `id`.
 pub fn open_memory_file(
     path: &Path,
     regions: &[MemoryRegion],
+    id: &SnapshotId,
 ) -> Result<(File, HoleMap), MemoryFileError> {
     validate_layout(regions)?;
-    let file = File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
-    let map = HoleMap::from_file(&file)?;
-    let expected = file_size(regions);
-    if map.len() != expected {
+    let file = crate::file::open_regular(path)
+        .map_err(io_err(format!("cannot open {}", path.display())))?;
+    let actual = file
+        .metadata()
+        .map_err(io_err("cannot stat the memory file"))?
+        .len();
+    let ram = file_size(regions);
+    if actual != ram + TRAILER_LEN {
         return Err(MemoryFileError::SizeMismatch {
-            expected,
-            actual: map.len(),
+            expected: ram + TRAILER_LEN,
+            actual,
         });
     }
+    let mut t = [0u8; 40];
+    file.read_exact_at(&mut t, ram)
+        .map_err(io_err("cannot read the memory file trailer"))?;
+    if t[..8] != TRAILER_MAGIC {
+        return Err(MemoryFileError::BadTrailer("bad magic"));
+    }
+    if CRC.checksum(&t[..32]).to_le_bytes() != t[32..40] {
+        return Err(MemoryFileError::BadTrailer("checksum mismatch"));
+    }
+    if t[24..32] != ram.to_le_bytes() {
+        return Err(MemoryFileError::BadTrailer("RAM length differs"));
+    }
+    let found = SnapshotId(t[8..24].try_into().expect("16 bytes"));
+    if found != *id {
+        return Err(MemoryFileError::ForeignSnapshot {
+            expected: *id,
+            found,
+        });
+    }
+    let map = HoleMap::from_file(&file, ram)?;
     Ok((file, map))
 }
 
@@ -384,11 +445,18 @@ mod tests {
             len,
             anonymous: true,
         };
+        let id = SnapshotId([1; 16]);
         // SAFETY: the mapping is live and nothing writes it.
-        let stats = unsafe { write_memory_file(&path, &[(region, host)]) }.unwrap();
+        let stats = unsafe { write_memory_file(&path, &id, &[(region, host)]) }.unwrap();
         assert_eq!(stats.data_pages, 3);
         assert_eq!(stats.scanned_pages, 4, "only resident pages are scanned");
-        let (file, holes) = open_memory_file(&path, &[region]).unwrap();
+        let err = open_memory_file(&path, &[region], &SnapshotId([2; 16])).unwrap_err();
+        assert!(
+            matches!(err, MemoryFileError::ForeignSnapshot { .. }),
+            "{err}"
+        );
+        let (file, holes) = open_memory_file(&path, &[region], &id).unwrap();
+        assert_eq!(holes.len(), len as u64, "the trailer is not guest memory");
         let data: Vec<u64> = (0..64)
             .filter(|p| holes.is_data(p * PAGE_SIZE as u64))
             .collect();
@@ -421,8 +489,14 @@ mod tests {
             file_offset: 0,
         }];
         assert!(matches!(
-            open_memory_file(&path, &regions),
+            open_memory_file(&path, &regions, &SnapshotId([0; 16])),
             Err(MemoryFileError::SizeMismatch { .. })
+        ));
+        // The right size without a trailer: refused as damaged.
+        f.set_len(17 * PAGE_SIZE as u64).unwrap();
+        assert!(matches!(
+            open_memory_file(&path, &regions, &SnapshotId([0; 16])),
+            Err(MemoryFileError::BadTrailer(_))
         ));
     }
 

@@ -7,9 +7,10 @@
 //! installs the aligned window of `fault_around` pages around it in as few ioctls as the hole map
 //! allows.
 //!
-//! Outcomes of an install: done; EEXIST (another path, e.g. the prefetcher, installed the page
-//! first: wake the waiter only); EAGAIN (the mapping changed under us: retry). If the server stops,
-//! faulting vCPUs stay parked: the guest stalls, it never reads garbage.
+//! Every install is answered through the source ([`crate::source`]): served, already there
+//! (EEXIST: wake the waiter only) or retry (EAGAIN: the mapping changed under us), with one
+//! classification for COPY, ZEROPAGE and CONTINUE. If the server stops, faulting vCPUs stay
+//! parked: the guest stalls, it never reads garbage.
 //!
 //! The server runs on its own thread rather than on the io_uring loop: the loop blocks while it
 //! pauses vCPUs for a snapshot, and a vCPU parked on a fault could then never be answered; and a
@@ -17,7 +18,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,7 +26,11 @@ use std::time::Instant;
 use userfaultfd::{Event, Uffd};
 
 use crate::PAGE_SIZE;
-use crate::memory::{HoleMap, MemoryRegion};
+use crate::memory::MemoryRegion;
+use crate::source::{InstallOp, PageSource, Resolved};
+
+/// How many times one install is retried on EAGAIN before the server gives up.
+const MAX_RETRIES: u32 = 100_000;
 
 /// A guest RAM region registered with the userfaultfd.
 #[derive(Debug, Clone, Copy)]
@@ -50,15 +54,6 @@ impl UffdRegion {
         (addr >= self.host_addr && addr < self.host_addr + self.region.size as usize)
             .then(|| self.region.file_offset + (addr - self.host_addr) as u64)
     }
-}
-
-/// Where pages come from: the memory file and its hole map.
-#[derive(Debug)]
-pub struct FileSource {
-    /// The memory file.
-    pub file: File,
-    /// Its data extents.
-    pub holes: HoleMap,
 }
 
 /// One bit per page of the memory file: installed already (by a fault or the prefetcher).
@@ -128,11 +123,35 @@ impl Default for PageServerConfig {
 /// Errors of the page server.
 #[derive(Debug, thiserror::Error)]
 pub enum PageServerError {
-    /// userfaultfd could not be created or used.
+    /// userfaultfd could not be created.
     #[error(
-        "userfaultfd: {0} (kata-snap needs root, CAP_SYS_PTRACE, or access to /dev/userfaultfd)"
+        "cannot create a userfaultfd: {0} (kata-snap needs root, CAP_SYS_PTRACE, or access to /dev/userfaultfd)"
     )]
-    Uffd(String),
+    Create(#[source] userfaultfd::Error),
+    /// A mapping could not be registered.
+    #[error("cannot register guest memory with userfaultfd: {0}")]
+    Register(#[source] userfaultfd::Error),
+    /// Reading the uffd's events failed.
+    #[error("reading userfaultfd events: {0}")]
+    Events(#[source] userfaultfd::Error),
+    /// Waiting for events failed.
+    #[error("polling the userfaultfd: {0}")]
+    Poll(#[source] std::io::Error),
+    /// An install ioctl failed.
+    #[error("{op} failed: {source}")]
+    Install {
+        /// The ioctl.
+        op: InstallOp,
+        /// Its errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An install kept answering EAGAIN.
+    #[error("{op} answered EAGAIN {MAX_RETRIES} times in a row")]
+    Retries {
+        /// The ioctl.
+        op: InstallOp,
+    },
     /// The memory file could not be read.
     #[error("reading the memory file: {0}")]
     Read(#[source] std::io::Error),
@@ -142,6 +161,9 @@ pub enum PageServerError {
     /// The thread could not start.
     #[error("cannot start the page server thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The thread panicked.
+    #[error("the page server thread panicked")]
+    Panicked,
 }
 
 /// The server's state, shared by the fault thread and the prefetcher.
@@ -149,11 +171,12 @@ pub enum PageServerError {
 pub struct PageServer {
     uffd: Uffd,
     regions: Vec<UffdRegion>,
-    source: FileSource,
+    source: Arc<dyn PageSource>,
     installed: InstalledPages,
     config: PageServerConfig,
     /// Counters.
     pub stats: PageStats,
+    recording: AtomicBool,
     recorded: Mutex<Vec<u64>>,
 }
 
@@ -165,12 +188,7 @@ pub fn create_uffd() -> Result<Uffd, PageServerError> {
         // Not user_mode_only: KVM touches guest memory from kernel mode (get_user_pages).
         .user_mode_only(false)
         .create()
-        .map_err(|e| PageServerError::Uffd(e.to_string()))
-}
-
-enum Install {
-    Done,
-    Exists,
+        .map_err(PageServerError::Create)
 }
 
 impl PageServer {
@@ -178,15 +196,16 @@ impl PageServer {
     pub fn new(
         uffd: Uffd,
         regions: Vec<UffdRegion>,
-        source: FileSource,
+        source: Arc<dyn PageSource>,
         config: PageServerConfig,
     ) -> Self {
-        let pages = source.holes.len() / PAGE_SIZE as u64;
+        let pages = source.pages();
         Self {
             uffd,
             regions,
             source,
             installed: InstalledPages::new(pages),
+            recording: AtomicBool::new(config.record),
             config,
             stats: PageStats::default(),
             recorded: Mutex::new(Vec::new()),
@@ -196,7 +215,7 @@ impl PageServer {
     /// Registers `[addr, addr+len)` for missing-page faults.
     pub fn register(uffd: &Uffd, addr: usize, len: usize) -> Result<(), PageServerError> {
         uffd.register(addr as *mut libc::c_void, len)
-            .map_err(|e| PageServerError::Uffd(e.to_string()))?;
+            .map_err(PageServerError::Register)?;
         Ok(())
     }
 
@@ -205,9 +224,9 @@ impl PageServer {
         &self.regions
     }
 
-    /// The memory file and its hole map.
-    pub fn source(&self) -> &FileSource {
-        &self.source
+    /// Where pages come from.
+    pub fn source(&self) -> &dyn PageSource {
+        &*self.source
     }
 
     /// The installed-page bitmap.
@@ -223,86 +242,95 @@ impl PageServer {
             .clone()
     }
 
+    /// Whether installs are still being recorded.
+    pub fn is_recording(&self) -> bool {
+        self.recording.load(Ordering::Acquire)
+    }
+
+    /// Ends the recording and returns the pages installed until now, in first-install order.
+    pub fn finish_recording(&self) -> Vec<u64> {
+        self.recording.store(false, Ordering::Release);
+        std::mem::take(&mut *self.recorded.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn region_of_file(&self, off: u64) -> Option<(usize, &UffdRegion)> {
         self.regions
             .iter()
             .find_map(|r| r.host_of(off).map(|h| (h, r)))
     }
 
-    /// Installs `len` bytes at file offset `off` (homogeneous: all data or all hole, inside one
-    /// region, none installed yet), from `data` when it is data.
-    pub fn install(
+    /// Installs `n` pages from page `page` (one op, inside one region), from `data` when the caller
+    /// already read them (the prefetcher), else through the source. Pages some other path installed
+    /// first are only woken.
+    pub fn resolve(
         &self,
-        off: u64,
-        len: usize,
+        page: u64,
+        n: u64,
         data: Option<&[u8]>,
+        scratch: &mut Vec<u8>,
     ) -> Result<(), PageServerError> {
-        let (host, _) = self
+        let off = page * PAGE_SIZE as u64;
+        let (host, region) = self
             .region_of_file(off)
             .ok_or(PageServerError::OutOfRange(off as usize))?;
-        let outcome = self.install_at(host, len, data)?;
-        let first = off / PAGE_SIZE as u64;
-        let n = (len / PAGE_SIZE) as u64;
-        let newly: Vec<u64> = (first..first + n)
-            .filter(|&p| !self.installed.set(p))
-            .collect();
-        match (outcome, data) {
-            (Install::Exists, _) => {}
-            (Install::Done, Some(_)) => {
-                self.stats.pages_copied.fetch_add(n, Ordering::Relaxed);
-            }
-            (Install::Done, None) => {
-                self.stats.pages_zeroed.fetch_add(n, Ordering::Relaxed);
-            }
+        if region.host_of(off + n * PAGE_SIZE as u64 - 1).is_none() {
+            return Err(PageServerError::OutOfRange(off as usize));
         }
-        if self.config.record && !newly.is_empty() {
-            self.recorded
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(newly);
+        let mut retries = 0;
+        let answer = loop {
+            let answer = match data {
+                // SAFETY: host..host+len lies inside a registered guest RAM mapping that outlives
+                // the server (checked above against the region).
+                Some(buf) => unsafe { crate::source::copy(&self.uffd, host, buf)? },
+                // SAFETY: as above.
+                None => unsafe { self.source.resolve(&self.uffd, host, page, n, scratch)? },
+            };
+            if answer != Resolved::Retry {
+                break answer;
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            retries += 1;
+            if retries >= MAX_RETRIES {
+                return Err(PageServerError::Retries {
+                    op: self.source.op(page),
+                });
+            }
+            std::thread::yield_now();
+        };
+        match answer {
+            Resolved::Served(op) => {
+                let counter = match op {
+                    InstallOp::ZeroPage => &self.stats.pages_zeroed,
+                    InstallOp::Copy | InstallOp::Continue => &self.stats.pages_copied,
+                };
+                counter.fetch_add(n, Ordering::Relaxed);
+                self.mark(page, n);
+            }
+            Resolved::AlreadyThere if n > 1 => {
+                // Some page of the run exists: install the rest one page at a time.
+                for i in 0..n {
+                    let sub =
+                        data.map(|d| &d[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE]);
+                    self.resolve(page + i, 1, sub, scratch)?;
+                }
+            }
+            Resolved::AlreadyThere | Resolved::Retry => {
+                self.stats.wakes.fetch_add(1, Ordering::Relaxed);
+                let _ = self.uffd.wake(host as *mut libc::c_void, PAGE_SIZE);
+                self.mark(page, 1);
+            }
         }
         Ok(())
     }
 
-    fn install_at(
-        &self,
-        host: usize,
-        len: usize,
-        data: Option<&[u8]>,
-    ) -> Result<Install, PageServerError> {
-        loop {
-            let dst = host as *mut libc::c_void;
-            let res = match data {
-                // SAFETY: host..host+len lies inside a registered guest RAM mapping that outlives
-                // the server, and `buf` holds at least `len` bytes.
-                Some(buf) => unsafe { self.uffd.copy(buf.as_ptr().cast(), dst, len, true) },
-                // SAFETY: as above, without a source buffer.
-                None => unsafe { self.uffd.zeropage(dst, len, true) },
-            };
-            match res {
-                Ok(_) => return Ok(Install::Done),
-                Err(userfaultfd::Error::CopyFailed(errno))
-                | Err(userfaultfd::Error::ZeropageFailed(errno))
-                    if errno as i32 == libc::EEXIST =>
-                {
-                    if len > PAGE_SIZE {
-                        // Some page of the run exists: install the rest one page at a time.
-                        for i in (0..len).step_by(PAGE_SIZE) {
-                            let sub = data.map(|d| &d[i..i + PAGE_SIZE]);
-                            self.install_at(host + i, PAGE_SIZE, sub)?;
-                        }
-                        return Ok(Install::Done);
-                    }
-                    self.stats.wakes.fetch_add(1, Ordering::Relaxed);
-                    let _ = self.uffd.wake(host as *mut libc::c_void, len);
-                    return Ok(Install::Exists);
-                }
-                Err(userfaultfd::Error::PartiallyCopied(_)) => {
-                    // EAGAIN: the mapping is changing; try again.
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    std::thread::yield_now();
-                }
-                Err(e) => return Err(PageServerError::Uffd(e.to_string())),
+    fn mark(&self, page: u64, n: u64) {
+        let newly: Vec<u64> = (page..page + n)
+            .filter(|&p| !self.installed.set(p))
+            .collect();
+        if self.is_recording() && !newly.is_empty() {
+            let mut rec = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+            if self.is_recording() {
+                rec.extend(newly);
             }
         }
     }
@@ -339,32 +367,17 @@ impl PageServer {
                 p += 1;
                 continue;
             }
-            let off = p * PAGE_SIZE as u64;
-            let is_data = self.source.holes.is_data(off);
+            let op = self.source.op(p);
             let mut q = p + 1;
-            while q < win_end
-                && !self.installed.get(q)
-                && self.source.holes.is_data(q * PAGE_SIZE as u64) == is_data
-            {
+            while q < win_end && !self.installed.get(q) && self.source.op(q) == op {
                 q += 1;
             }
-            runs.push((p, q, is_data));
+            runs.push((p, q));
             p = q;
         }
-        runs.sort_by_key(|&(s, e, _)| !(s <= fault_page && fault_page < e));
-        for (s, e, is_data) in runs {
-            let off = s * PAGE_SIZE as u64;
-            let len = ((e - s) as usize) * PAGE_SIZE;
-            if is_data {
-                buf.resize(len, 0);
-                self.source
-                    .file
-                    .read_exact_at(&mut buf[..len], off)
-                    .map_err(PageServerError::Read)?;
-                self.install(off, len, Some(&buf[..len]))?;
-            } else {
-                self.install(off, len, None)?;
-            }
+        runs.sort_by_key(|&(s, e)| !(s <= fault_page && fault_page < e));
+        for (s, e) in runs {
+            self.resolve(s, e - s, None, buf)?;
         }
         let ns = start.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32;
         let mut times = self
@@ -389,7 +402,7 @@ impl PageServer {
                 }
                 Ok(Some(_)) => handled += 1,
                 Ok(None) => return Ok(handled),
-                Err(e) => return Err(PageServerError::Uffd(e.to_string())),
+                Err(e) => return Err(PageServerError::Events(e)),
             }
         }
     }
@@ -439,7 +452,7 @@ impl PageServerHandle {
                         if e.kind() == std::io::ErrorKind::Interrupted {
                             continue;
                         }
-                        return Err(PageServerError::Uffd(e.to_string()));
+                        return Err(PageServerError::Poll(e));
                     }
                     if fds[0].revents != 0 {
                         s.drain_events(&mut buf)?;
@@ -471,9 +484,7 @@ impl PageServerHandle {
         self.stop.store(true, Ordering::Release);
         let _ = std::io::Write::write(&mut &self.wake, &[1]);
         match self.thread.take() {
-            Some(t) => t.join().unwrap_or_else(|_| {
-                Err(PageServerError::Uffd("page server thread panicked".into()))
-            }),
+            Some(t) => t.join().unwrap_or(Err(PageServerError::Panicked)),
             None => Ok(()),
         }
     }

@@ -2,17 +2,21 @@
 //! the memory file.
 //!
 //! ```text
-//!  0  8  magic "KSNAPWS1"
-//!  8  8  number of pages n
-//! 16 8n  page indices (u64 little endian)
+//!  0  8  magic "KSNAPWS2"
+//!  8 16  snapshot id (the working set belongs to one snapshot's memory file)
+//! 24  8  number of pages n
+//! 32 8n  page indices (u64 little endian)
 //!  ..  8  CRC-64/XZ of everything before
 //! ```
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 
-const MAGIC: [u8; 8] = *b"KSNAPWS1";
+use crate::id::SnapshotId;
+
+const MAGIC: [u8; 8] = *b"KSNAPWS2";
+const HEADER: usize = 32;
 const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 
 /// Errors of working-set files.
@@ -30,6 +34,14 @@ pub enum WorkingSetError {
     /// The file is damaged.
     #[error("working set is corrupt: {0}")]
     Corrupt(String),
+    /// The working set was recorded for another snapshot.
+    #[error("working set belongs to snapshot {found}, not to {expected}")]
+    ForeignSnapshot {
+        /// The snapshot's id.
+        expected: SnapshotId,
+        /// The working set's id.
+        found: SnapshotId,
+    },
     /// A page index is past the end of guest memory.
     #[error("working set names page {page}, past the {pages} pages of the memory file")]
     OutOfRange {
@@ -40,10 +52,11 @@ pub enum WorkingSetError {
     },
 }
 
-/// Encodes a working set.
-pub fn encode(pages: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24 + pages.len() * 8);
+/// Encodes a working set of snapshot `id`.
+pub fn encode(id: &SnapshotId, pages: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 8 + pages.len() * 8);
     out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&id.0);
     out.extend_from_slice(&(pages.len() as u64).to_le_bytes());
     for p in pages {
         out.extend_from_slice(&p.to_le_bytes());
@@ -53,13 +66,18 @@ pub fn encode(pages: &[u64]) -> Vec<u8> {
     out
 }
 
-/// Decodes a working set and checks every page lies within `total_pages`, each at most once.
-pub fn decode(bytes: &[u8], total_pages: u64) -> Result<Vec<u64>, WorkingSetError> {
-    if bytes.len() < 24 || bytes[..8] != MAGIC {
+/// Decodes a working set, checks it belongs to snapshot `id` and that every page lies within
+/// `total_pages`, each at most once.
+pub fn decode(
+    bytes: &[u8],
+    id: &SnapshotId,
+    total_pages: u64,
+) -> Result<Vec<u64>, WorkingSetError> {
+    if bytes.len() < HEADER + 8 || bytes[..8] != MAGIC {
         return Err(WorkingSetError::Corrupt("bad magic or too short".into()));
     }
-    let n = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-    if n > total_pages || (bytes.len() as u64) != 24 + n * 8 {
+    let n = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
+    if n > total_pages || (bytes.len() as u64) != HEADER as u64 + 8 + n * 8 {
         return Err(WorkingSetError::Corrupt(format!(
             "{} bytes do not hold {n} pages",
             bytes.len()
@@ -69,7 +87,14 @@ pub fn decode(bytes: &[u8], total_pages: u64) -> Result<Vec<u64>, WorkingSetErro
     if CRC.checksum(payload) != u64::from_le_bytes(crc.try_into().expect("8 bytes")) {
         return Err(WorkingSetError::Corrupt("checksum mismatch".into()));
     }
-    let pages: Vec<u64> = payload[16..]
+    let found = SnapshotId(bytes[8..24].try_into().expect("16 bytes"));
+    if found != *id {
+        return Err(WorkingSetError::ForeignSnapshot {
+            expected: *id,
+            found,
+        });
+    }
+    let pages: Vec<u64> = payload[HEADER..]
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect();
@@ -88,15 +113,24 @@ pub fn decode(bytes: &[u8], total_pages: u64) -> Result<Vec<u64>, WorkingSetErro
     Ok(pages)
 }
 
-/// Writes a working set atomically next to `path` (temporary name, fsync, rename).
-pub fn write(path: &Path, pages: &[u64]) -> Result<(), WorkingSetError> {
+/// Writes a working set atomically to `path` (temporary name beside it, fsync, rename).
+pub fn write(path: &Path, id: &SnapshotId, pages: &[u64]) -> Result<(), WorkingSetError> {
     let io = |what| move |source| WorkingSetError::Io { what, source };
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let mut f = File::create(&tmp).map_err(io("create"))?;
-    f.write_all(&encode(pages)).map_err(io("write"))?;
-    f.sync_all().map_err(io("fsync"))?;
-    std::fs::rename(&tmp, path).map_err(io("rename"))?;
-    if let Some(dir) = path.parent() {
+    let written = f
+        .write_all(&encode(id, pages))
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("write")(e));
+    }
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io("fsync directory"))?;
@@ -104,9 +138,14 @@ pub fn write(path: &Path, pages: &[u64]) -> Result<(), WorkingSetError> {
     Ok(())
 }
 
-/// Reads a working set, `None` if there is none.
-pub fn read(path: &Path, total_pages: u64) -> Result<Option<Vec<u64>>, WorkingSetError> {
-    let mut f = match File::open(path) {
+/// Reads the working set of snapshot `id` (a regular file, read with a bound), `None` if there is
+/// none.
+pub fn read(
+    path: &Path,
+    id: &SnapshotId,
+    total_pages: u64,
+) -> Result<Option<Vec<u64>>, WorkingSetError> {
+    let mut f = match crate::file::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
@@ -116,7 +155,7 @@ pub fn read(path: &Path, total_pages: u64) -> Result<Option<Vec<u64>>, WorkingSe
             });
         }
     };
-    let max = 24 + total_pages.saturating_mul(8);
+    let max = (HEADER as u64 + 8).saturating_add(total_pages.saturating_mul(8));
     let len = f
         .metadata()
         .map_err(|source| WorkingSetError::Io {
@@ -129,33 +168,33 @@ pub fn read(path: &Path, total_pages: u64) -> Result<Option<Vec<u64>>, WorkingSe
             "{len} bytes is more than {total_pages} pages can need"
         )));
     }
-    let mut bytes = Vec::with_capacity(len as usize);
-    f.read_to_end(&mut bytes)
-        .map_err(|source| WorkingSetError::Io {
-            what: "read",
-            source,
-        })?;
-    decode(&bytes, total_pages).map(Some)
+    let bytes = crate::file::read_bounded(&mut f, max).map_err(|source| WorkingSetError::Io {
+        what: "read",
+        source,
+    })?;
+    decode(&bytes, id, total_pages).map(Some)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const ID: SnapshotId = SnapshotId([3; 16]);
+
     #[test]
     fn test_workingset_roundtrip_keeps_order() {
         let pages = vec![5, 1, 900, 2];
-        assert_eq!(decode(&encode(&pages), 1000).unwrap(), pages);
+        assert_eq!(decode(&encode(&ID, &pages), &ID, 1000).unwrap(), pages);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("workingset");
-        assert_eq!(read(&p, 1000).unwrap(), None);
-        write(&p, &pages).unwrap();
-        assert_eq!(read(&p, 1000).unwrap(), Some(pages));
+        assert_eq!(read(&p, &ID, 1000).unwrap(), None);
+        write(&p, &ID, &pages).unwrap();
+        assert_eq!(read(&p, &ID, 1000).unwrap(), Some(pages));
     }
 
     #[test]
     fn test_workingset_out_of_range_page_refused() {
-        let err = decode(&encode(&[1, 1000]), 1000).unwrap_err();
+        let err = decode(&encode(&ID, &[1, 1000]), &ID, 1000).unwrap_err();
         assert!(matches!(
             err,
             WorkingSetError::OutOfRange {
@@ -167,11 +206,23 @@ mod tests {
 
     #[test]
     fn test_workingset_corruption_refused() {
-        let mut b = encode(&[1, 2, 3]);
-        b[17] ^= 1;
-        assert!(matches!(decode(&b, 100), Err(WorkingSetError::Corrupt(_))));
-        assert!(decode(&encode(&[1, 2, 3])[..30], 100).is_err());
-        assert!(decode(&encode(&[4, 4]), 100).is_err());
-        assert!(decode(b"garbage", 100).is_err());
+        let mut b = encode(&ID, &[1, 2, 3]);
+        b[33] ^= 1;
+        assert!(matches!(
+            decode(&b, &ID, 100),
+            Err(WorkingSetError::Corrupt(_))
+        ));
+        assert!(decode(&encode(&ID, &[1, 2, 3])[..40], &ID, 100).is_err());
+        assert!(decode(&encode(&ID, &[4, 4]), &ID, 100).is_err());
+        assert!(decode(b"garbage", &ID, 100).is_err());
+    }
+
+    #[test]
+    fn test_workingset_of_another_snapshot_refused() {
+        let err = decode(&encode(&ID, &[1, 2]), &SnapshotId([4; 16]), 100).unwrap_err();
+        assert!(
+            matches!(err, WorkingSetError::ForeignSnapshot { .. }),
+            "{err}"
+        );
     }
 }

@@ -10,9 +10,10 @@ use std::sync::atomic::Ordering;
 use snapshot::PAGE_SIZE;
 use snapshot::memory::{HoleMap, MemoryRegion};
 use snapshot::page_server::{
-    FileSource, PageServer, PageServerConfig, PageServerHandle, UffdRegion, create_uffd,
+    PageServer, PageServerConfig, PageServerHandle, UffdRegion, create_uffd,
 };
 use snapshot::prefetch;
+use snapshot::source::{FileSource, InstallOp};
 
 const PAGES: usize = 256;
 
@@ -30,7 +31,7 @@ fn memory_file(dir: &std::path::Path) -> (File, HoleMap) {
     }
     f.sync_all().unwrap();
     let f = File::open(&path).unwrap();
-    let holes = HoleMap::from_file(&f).unwrap();
+    let holes = HoleMap::from_file(&f, (PAGES * PAGE_SIZE) as u64).unwrap();
     (f, holes)
 }
 
@@ -87,7 +88,7 @@ fn setup(config: PageServerConfig) -> Option<(Arc<PageServer>, Mapping, tempfile
     let server = Arc::new(PageServer::new(
         uffd,
         vec![region],
-        FileSource { file, holes },
+        Arc::new(FileSource::new(file, holes)),
         config,
     ));
     Some((server, Mapping(ptr.cast(), len), dir))
@@ -215,6 +216,48 @@ fn test_runs_merge_consecutive_pages_and_split_on_holes() {
     let r = prefetch::runs(&server, &[1, 2, 3, 4, 5, 10]);
     assert_eq!(
         r,
-        vec![(1, 2, true), (3, 1, false), (4, 2, true), (10, 1, true)]
+        vec![
+            (1, 2, InstallOp::Copy),
+            (3, 1, InstallOp::ZeroPage),
+            (4, 2, InstallOp::Copy),
+            (10, 1, InstallOp::Copy)
+        ]
+    );
+}
+
+#[test]
+fn test_finish_recording_returns_pages_so_far_and_stops_recording() {
+    let Some((server, map, _dir)) = setup(PageServerConfig {
+        fault_around: 1,
+        record: true,
+    }) else {
+        return;
+    };
+    let mut handle = PageServerHandle::spawn(server.clone()).unwrap();
+    // Touch the first 8 pages, end the recording, then touch the rest.
+    let (addr, n) = (map.0 as usize, 8);
+    std::thread::spawn(move || {
+        for p in 0..n {
+            // SAFETY: inside the mapping; the server installs the page.
+            unsafe { std::ptr::read_volatile((addr + p * PAGE_SIZE) as *const u8) };
+        }
+    })
+    .join()
+    .unwrap();
+    // The server records a page just after installing it (the reader may already run on).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while server.recorded().len() < 8 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    assert!(server.is_recording());
+    let rec = server.finish_recording();
+    assert_eq!(rec, (0..8).collect::<Vec<u64>>());
+    assert!(!server.is_recording());
+    let got = read_all(&map);
+    assert_eq!(got[100], expected(100));
+    handle.stop().unwrap();
+    assert!(
+        server.recorded().is_empty(),
+        "nothing is recorded after the end"
     );
 }

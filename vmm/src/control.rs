@@ -38,11 +38,14 @@ pub enum ControlRequest {
     Status,
     /// Stop the VM.
     Stop,
-    /// Pause, write a snapshot to `path` (which must not exist), and resume if it was running.
+    /// Pause, write a snapshot to `path` (absolute, must not exist), and resume if it was running.
     Snapshot {
         /// The snapshot directory to create.
         path: String,
     },
+    /// End working-set recording now and write the file (a restore with
+    /// `--record-workingset`).
+    FinishWorkingset,
 }
 
 /// The VM's state as the control socket reports it.

@@ -102,14 +102,74 @@ pub enum PersistError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// The state cannot be represented or applied.
-    #[error("{0}")]
-    Invalid(String),
+    /// A list too long for KVM's fixed-size array (CPUID entries, MSRs).
+    #[error("{what}: {len} entries do not fit KVM's list")]
+    TooMany {
+        /// Which list.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// KVM took only part of the saved MSRs.
+    #[error("KVM restored {set} of {total} MSRs (refused MSR {refused:#x})")]
+    MsrsRefused {
+        /// How many it took.
+        set: usize,
+        /// How many there were.
+        total: usize,
+        /// The first it refused.
+        refused: u32,
+    },
+    /// A saved interrupt controller is in the wrong slot.
+    #[error("irqchip {expected} saved as chip {found}")]
+    IrqchipOrder {
+        /// Its slot.
+        expected: u32,
+        /// What the state says.
+        found: u32,
+    },
+    /// This host's XSAVE state does not fit what snapshots carry.
+    #[error(
+        "this host's XSAVE state is {size} bytes (AMX?); snapshots support at most {XSAVE_LEGACY_SIZE}"
+    )]
+    XsaveTooLarge {
+        /// Its size.
+        size: i32,
+    },
+    /// The snapshot was taken on another CPU vendor.
+    #[error(
+        "the snapshot was taken on a host with different CPU features: the CPU vendor differs; restore it on a host with the same CPU"
+    )]
+    CpuVendor,
     /// The snapshot needs CPU features this host lacks.
     #[error(
-        "the snapshot was taken on a host with different CPU features: {0}; restore it on a host with the same CPU"
+        "the snapshot was taken on a host with different CPU features: this host lacks {}; restore it on a host with the same CPU",
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
     )]
-    CpuMismatch(String),
+    CpuFeatures(Vec<MissingFeature>),
+}
+
+/// CPU feature bits the snapshotting host's KVM offered and this one's does not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingFeature {
+    /// CPUID leaf.
+    pub leaf: u32,
+    /// Sub-leaf.
+    pub index: u32,
+    /// Register name.
+    pub reg: &'static str,
+    /// The bits lacking.
+    pub bits: u32,
+}
+
+impl std::fmt::Display for MissingFeature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CPUID {:#x}.{} {} bits {:#x}",
+            self.leaf, self.index, self.reg, self.bits
+        )
+    }
 }
 
 fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> PersistError {
@@ -129,9 +189,7 @@ pub fn msr_index_list(kvm_sys: &Kvm) -> Result<Vec<u32>, PersistError> {
 pub fn check_xsave_size(kvm_sys: &Kvm) -> Result<(), PersistError> {
     let size = kvm_sys.check_extension_int(Cap::Xsave2);
     if size > XSAVE_LEGACY_SIZE {
-        return Err(PersistError::Invalid(format!(
-            "this host's XSAVE state is {size} bytes (AMX?); snapshots support at most {XSAVE_LEGACY_SIZE}"
-        )));
+        return Err(PersistError::XsaveTooLarge { size });
     }
     Ok(())
 }
@@ -148,8 +206,10 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, Persist
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| PersistError::Invalid(format!("MSR list: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| PersistError::TooMany {
+            what: "MSR list",
+            len: entries.len(),
+        })?;
         let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..n]);
         // KVM stops at the first MSR it cannot read: skip it and go on.
@@ -181,8 +241,10 @@ pub fn save_vcpu(fd: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, 
 
 /// Writes a saved state into a fresh vCPU.
 pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
-    let cpuid = CpuId::from_entries(&state.cpuid)
-        .map_err(|e| PersistError::Invalid(format!("CPUID: {e:?}")))?;
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| PersistError::TooMany {
+        what: "CPUID",
+        len: state.cpuid.len(),
+    })?;
     fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
     fd.set_mp_state(state.mp_state)
         .map_err(kvm("KVM_SET_MP_STATE"))?;
@@ -195,15 +257,17 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> 
     fd.set_debug_regs(&state.debugregs)
         .map_err(kvm("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&state.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
-    let msrs = Msrs::from_entries(&state.msrs)
-        .map_err(|e| PersistError::Invalid(format!("MSRs: {e:?}")))?;
+    let msrs = Msrs::from_entries(&state.msrs).map_err(|_| PersistError::TooMany {
+        what: "MSRs",
+        len: state.msrs.len(),
+    })?;
     let set = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if set != state.msrs.len() {
-        return Err(PersistError::Invalid(format!(
-            "KVM restored {set} of {} MSRs (refused {:#x})",
-            state.msrs.len(),
-            state.msrs[set].index
-        )));
+        return Err(PersistError::MsrsRefused {
+            set,
+            total: state.msrs.len(),
+            refused: state.msrs[set].index,
+        });
     }
     fd.set_vcpu_events(&state.events)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
@@ -237,10 +301,10 @@ pub fn restore_vm(vm: &VmFd, state: &KvmVmState) -> Result<(), PersistError> {
         (&state.ioapic, KVM_IRQCHIP_IOAPIC),
     ] {
         if chip.chip_id != id {
-            return Err(PersistError::Invalid(format!(
-                "irqchip {id} saved as chip {}",
-                chip.chip_id
-            )));
+            return Err(PersistError::IrqchipOrder {
+                expected: id,
+                found: chip.chip_id,
+            });
         }
         vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
     }
@@ -292,7 +356,7 @@ pub fn check_cpuid_compatible(
     };
     let vendor = |t: &[kvm_cpuid_entry2]| find(t, 0, 0).map(|e| (e.ebx, e.edx, e.ecx));
     if vendor(saved) != vendor(host) {
-        return Err(PersistError::CpuMismatch("the CPU vendor differs".into()));
+        return Err(PersistError::CpuVendor);
     }
     let mut missing = Vec::new();
     for &(leaf, index, name, mask) in FEATURE_REGS {
@@ -302,16 +366,18 @@ pub fn check_cpuid_compatible(
         let have = find(host, leaf, index).map(|e| reg(&e, name)).unwrap_or(0);
         let lacking = want & !have;
         if lacking != 0 {
-            missing.push(format!("CPUID {leaf:#x}.{index} {name} bits {lacking:#x}"));
+            missing.push(MissingFeature {
+                leaf,
+                index,
+                reg: name,
+                bits: lacking,
+            });
         }
     }
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(PersistError::CpuMismatch(format!(
-            "this host lacks {}",
-            missing.join(", ")
-        )))
+        Err(PersistError::CpuFeatures(missing))
     }
 }
 

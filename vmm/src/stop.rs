@@ -1,6 +1,7 @@
 //! Why a VM stopped, and the one place every stop path reports to.
 
-use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::{GuestSignal, VmNotifier};
@@ -141,15 +142,19 @@ impl std::fmt::Display for StopReason {
     }
 }
 
-/// Collects the first stop reason and wakes the event loop; also records guest milestones.
+/// Collects the first stop reason and wakes the event loop; also records guest milestones (READY)
+/// and tells subscribers ([`crate::vm::RunningVm::events`]) of both.
 #[derive(Debug)]
 pub struct StopNotifier {
     reason: Mutex<Option<StopReason>>,
     evt: EventFd,
     process_start: Instant,
     ready_after: Mutex<Option<Duration>>,
+    milestone: Condvar,
     snapshot_on_ready: std::sync::atomic::AtomicBool,
     snapshot_evt: EventFd,
+    ready_evt: EventFd,
+    subscribers: Mutex<Vec<Sender<crate::vm::VmEvent>>>,
 }
 
 impl StopNotifier {
@@ -160,9 +165,54 @@ impl StopNotifier {
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             process_start,
             ready_after: Mutex::new(None),
+            milestone: Condvar::new(),
             snapshot_on_ready: std::sync::atomic::AtomicBool::new(false),
             snapshot_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            ready_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            subscribers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Written once when the guest first says READY (the loop ends working-set recording there).
+    pub fn ready_eventfd(&self) -> &EventFd {
+        &self.ready_evt
+    }
+
+    /// A receiver of the events from now on.
+    pub fn subscribe(&self) -> Receiver<crate::vm::VmEvent> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+
+    fn publish(&self, event: crate::vm::VmEvent) {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|tx| tx.send(event.clone()).is_ok());
+    }
+
+    /// Waits until the guest says READY; `None` if `timeout` passes first or the VM stops.
+    pub fn wait_ready(&self, timeout: Duration) -> Option<Duration> {
+        let deadline = Instant::now() + timeout;
+        let mut ready = self.ready_after.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if ready.is_some() {
+                return *ready;
+            }
+            if self.reason().is_some() {
+                return None;
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            ready = self
+                .milestone
+                .wait_timeout(ready, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Makes the next READY park the vCPU that wrote it and signal [`Self::snapshot_eventfd`].
@@ -184,13 +234,21 @@ impl StopNotifier {
     /// Records `reason` unless another one came first, and wakes the loop.
     pub fn stop(&self, reason: StopReason) {
         let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
+        let first = slot.is_none();
+        if first {
             tracing::debug!("stop requested: {reason}");
-            *slot = Some(reason);
+            *slot = Some(reason.clone());
         }
         drop(slot);
         // A full eventfd counter still wakes the loop; nothing to do on error.
         let _ = self.evt.write(1);
+        if first {
+            // Wake READY waiters: there will be no READY now.
+            let _guard = self.ready_after.lock().unwrap_or_else(|p| p.into_inner());
+            self.milestone.notify_all();
+            drop(_guard);
+            self.publish(crate::vm::VmEvent::Stopping(reason));
+        }
     }
 
     /// The stop reason, once there is one.
@@ -239,6 +297,10 @@ impl VmNotifier for StopNotifier {
                         "guest READY {:.3} ms after process start",
                         t.as_secs_f64() * 1e3
                     );
+                    self.milestone.notify_all();
+                    drop(ready);
+                    let _ = self.ready_evt.write(1);
+                    self.publish(crate::vm::VmEvent::Ready(t));
                 }
             }
             GuestSignal::Reserved(v) => tracing::debug!("guest signal {v} ignored (reserved)"),

@@ -92,7 +92,10 @@ pub enum VcpuControlError {
     NotPaused(u8),
     /// Reading the vCPU's state failed.
     #[error("saving vCPU {0}: {1}")]
-    Save(u8, String),
+    Save(u8, #[source] crate::persist::PersistError),
+    /// The vCPU did not save its state in time.
+    #[error("vCPU {0} did not save its state within {1:?}")]
+    SaveTimeout(u8, Duration),
 }
 
 /// Sets up one vCPU for the 64-bit boot protocol entering at `entry`.
@@ -228,7 +231,7 @@ struct Control {
     request: Request,
     state: RunState,
     save_requested: bool,
-    saved: Option<Result<VcpuState, String>>,
+    saved: Option<Result<VcpuState, crate::persist::PersistError>>,
 }
 
 /// The part of a vCPU other threads see.
@@ -410,8 +413,7 @@ impl Vcpu {
                 }
                 Request::Pause if c.save_requested => {
                     drop(c);
-                    let saved = persist::save_vcpu(&self.fd, self.id, &self.msr_indices)
-                        .map_err(|e| e.to_string());
+                    let saved = persist::save_vcpu(&self.fd, self.id, &self.msr_indices);
                     c = shared.control();
                     c.save_requested = false;
                     c.saved = Some(saved);
@@ -604,7 +606,7 @@ impl VcpuHandle {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(VcpuControlError::Save(id, "timed out".into()));
+                return Err(VcpuControlError::SaveTimeout(id, timeout));
             }
             c = self
                 .shared

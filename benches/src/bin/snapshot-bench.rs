@@ -20,7 +20,7 @@ use clap::Parser;
 use snapshot::PAGE_SIZE;
 use snapshot::memory::{HoleMap, MemoryRegion};
 use snapshot::page_server::{
-    FileSource, PageServer, PageServerConfig, PageServerHandle, UffdRegion, create_uffd,
+    PageServer, PageServerConfig, PageServerHandle, UffdRegion, create_uffd,
 };
 
 #[derive(Debug, Parser)]
@@ -46,6 +46,11 @@ struct Args {
     /// Only the host-side sections (fault service, prefetch): no VMs.
     #[arg(long)]
     host_only: bool,
+    /// Another kata-snap binary (e.g. one built before a change) to compare restore latency with,
+    /// side by side: restores of both alternate, each from a snapshot the binary made itself.
+    /// Only this comparison runs.
+    #[arg(long, value_name = "BIN")]
+    baseline: Option<PathBuf>,
 }
 
 const MODES: [&str; 4] = ["eager", "mmap", "uffd", "uffd-prefetch"];
@@ -95,13 +100,41 @@ fn make_snapshot(bin: &Path, dir: &Path, mem: u64, touch: u64) -> Result<(f64, u
     Ok((ms, bytes))
 }
 
+/// One uffd restore that records the snapshot's working set into it (what uffd-prefetch reads).
+/// A `legacy` binary (built before restores stopped writing into snapshots) records on its first
+/// uffd restore by itself.
+fn record_workingset(bin: &Path, snap: &Path, legacy: bool) -> Result<()> {
+    let ws = snap.join("workingset");
+    let extra: Vec<&str> = if legacy {
+        vec![]
+    } else {
+        vec!["--record-workingset", ws.to_str().unwrap()]
+    };
+    restore_runs_with(bin, snap, "uffd", 1, &extra)?;
+    if !ws.exists() {
+        bail!("no working set was recorded into {}", snap.display());
+    }
+    Ok(())
+}
+
 fn restore_runs(bin: &Path, snap: &Path, mode: &str, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    restore_runs_with(bin, snap, mode, runs, &[])
+}
+
+fn restore_runs_with(
+    bin: &Path,
+    snap: &Path,
+    mode: &str,
+    runs: usize,
+    extra: &[&str],
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let (mut to_vcpus, mut to_exit) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let start = Instant::now();
         let out = std::process::Command::new(bin)
             .args(["restore", "--timing", "--mode", mode, "--snapshot"])
             .arg(snap)
+            .args(extra)
             .stdin(std::process::Stdio::null())
             .output()?;
         let elapsed = start.elapsed();
@@ -185,7 +218,7 @@ fn page_server_for(
 ) -> Result<(Arc<PageServer>, usize)> {
     let (uffd, addr) = uffd_region(pages)?;
     let file = file.try_clone()?;
-    let holes = HoleMap::from_file(&file)?;
+    let holes = HoleMap::from_file(&file, (pages * PAGE_SIZE) as u64)?;
     let region = UffdRegion {
         host_addr: addr,
         region: MemoryRegion {
@@ -198,7 +231,7 @@ fn page_server_for(
         Arc::new(PageServer::new(
             uffd,
             vec![region],
-            FileSource { file, holes },
+            Arc::new(snapshot::source::FileSource::new(file, holes)),
             PageServerConfig {
                 fault_around,
                 record: false,
@@ -257,10 +290,56 @@ fn main() -> Result<()> {
     );
     println!("host: {}", vmm::host::check_host().summary);
 
+    if let Some(baseline) = &args.baseline {
+        return compare_sections(&args, &bin, baseline, work.path());
+    }
     if !args.host_only {
         vm_sections(&args, &bin, work.path())?;
     }
     host_sections(&args, work.path())
+}
+
+/// Restore latency of this binary against a baseline binary, runs alternating.
+fn compare_sections(args: &Args, bin: &Path, baseline: &Path, work: &Path) -> Result<()> {
+    println!(
+        "\n== restore latency, this binary vs baseline {} (alternating runs): process start -> vCPUs running, ms, median (p10-p90)",
+        baseline.display()
+    );
+    println!(
+        "{:>8} {:<14} {:<26}{:<26}{:>8}",
+        "guest", "mode", "this", "baseline", "ratio"
+    );
+    for &mem in &args.sizes {
+        let new_snap = work.join(format!("new-{mem}"));
+        let old_snap = work.join(format!("old-{mem}"));
+        make_snapshot(bin, &new_snap, mem, args.touch_mib)?;
+        make_snapshot(baseline, &old_snap, mem, args.touch_mib)?;
+        record_workingset(bin, &new_snap, false)?;
+        record_workingset(baseline, &old_snap, true)?;
+        for mode in MODES {
+            let (mut new, mut old) = (Vec::new(), Vec::new());
+            for _ in 0..args.runs {
+                new.extend(restore_runs(bin, &new_snap, mode, 1)?.0);
+                old.extend(restore_runs(baseline, &old_snap, mode, 1)?.0);
+            }
+            let (n, o) = (summarize(&new), summarize(&old));
+            let ratio = match (n, o) {
+                (Some(n), Some(o)) => format!("{:.2}", n.median / o.median),
+                _ => "-".into(),
+            };
+            println!(
+                "{:>6}Mi {:<14} {:<26}{:<26}{:>8}",
+                mem,
+                mode,
+                fmt(n),
+                fmt(o),
+                ratio
+            );
+        }
+        std::fs::remove_dir_all(&new_snap).ok();
+        std::fs::remove_dir_all(&old_snap).ok();
+    }
+    Ok(())
 }
 
 fn vm_sections(args: &Args, bin: &Path, work: &Path) -> Result<()> {
@@ -279,7 +358,7 @@ fn vm_sections(args: &Args, bin: &Path, work: &Path) -> Result<()> {
         let snap = work.join(format!("lat-{mem}"));
         let (snap_ms, disk) = make_snapshot(&bin, &snap, mem, args.touch_mib)?;
         // One uffd restore records the working set that uffd-prefetch uses.
-        restore_runs(&bin, &snap, "uffd", 1)?;
+        record_workingset(&bin, &snap, false)?;
         let mut cells = Vec::new();
         let mut medians = Vec::new();
         for mode in MODES {
@@ -319,7 +398,7 @@ fn vm_sections(args: &Args, bin: &Path, work: &Path) -> Result<()> {
     );
     let snap = work.join("readback");
     make_snapshot(&bin, &snap, 512, args.readback_mib)?;
-    restore_runs(&bin, &snap, "uffd", 1)?;
+    record_workingset(&bin, &snap, false)?;
     let mut done = Vec::new();
     for mode in MODES {
         let (_, exit) = restore_runs(&bin, &snap, mode, args.runs)?;

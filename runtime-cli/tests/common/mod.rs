@@ -144,6 +144,19 @@ impl BackgroundVm {
         ])
     }
 
+    /// `kata-snap restore --snapshot DIR --mode MODE EXTRA...` in the background.
+    pub fn start_restore_with(snapshot: &Path, mode: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "restore",
+            "--mode",
+            mode,
+            "--snapshot",
+            snapshot.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
     /// Runs `kata-snap ARGS --serial-log <tmp> --api-sock <tmp>` and waits for its socket.
     fn spawn(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();

@@ -1,20 +1,31 @@
-//! Building and running one VM. A cold boot ([`boot::run`]) and a restore ([`restore::restore`])
-//! share every step but where guest state comes from:
+//! One VM, built in stages that cold boot and restore share (`docs/lifecycle.md` lists the steps):
 //!
-//! 1. [`prepare`]: the event loop, termination signals, the control socket, KVM and the VM with
-//!    its in-kernel irqchip and PIT (set-up failures end here, before a guest exists);
-//! 2. guest memory: fresh (boot) or from a snapshot in one of the restore modes;
-//! 3. guest state: the kernel and boot structures (boot) or saved vCPU/VM/device state (restore);
-//! 4. [`launch`]: vCPU threads, the runtime on the loop until a stop, teardown, the report.
+//! 1. **check** the guest source before any VM exists: [`check_boot`] (shape, kernel, initrd,
+//!    snapshot destination) or [`CheckedSnapshot::open`] (every file of the snapshot, its
+//!    identity, and this host's KVM against the snapshotting host's);
+//! 2. **shell** ([`VmShell::new`]): termination signals, the control socket, KVM VM with irqchip
+//!    and PIT, vCPU fds, and the VMM thread with its io_uring event loop. Nothing in it depends on
+//!    the guest but the vCPU count;
+//! 3. **load** ([`VmShell::load`], on the VMM thread): guest memory and its memslots (fresh, or from
+//!    a [`snapshot::memory_source::MemorySource`] with its page server), VM state, legacy and
+//!    virtio devices with the host resources the caller gives ([`HostResources`]), then the guest
+//!    image and vCPU state (boot protocol, or saved state);
+//! 4. **start** ([`LoadedVm::start`]): vCPU threads, the runtime on the loop; returns a
+//!    [`RunningVm`] handle (pause, resume, snapshot, stop, wait, READY and stop events);
+//! 5. **stop**: every vCPU joined, the page server stopped, a recorded working set written, the
+//!    [`VmReport`].
+//!
+//! [`run`] and [`restore`] are the whole sequence for `kata-snap boot` and `kata-snap restore`.
 
-mod boot;
-mod restore;
+mod capture;
+mod load_kernel;
+mod load_snapshot;
+mod running;
 mod runtime;
-mod snapshot;
+mod shell;
 pub mod virtio;
 
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,31 +33,32 @@ use devices::Bus;
 use devices::legacy::serial::{COM1_IRQ, COM1_LEN, COM1_PORT};
 use devices::legacy::signal_port::SIGNAL_PORT;
 use devices::legacy::{EventFdTrigger, I8042, Serial, SerialOutput, SignalPort};
-use event_loop::{EventLoop, EventLoopError, Ticker};
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{Cap, Kvm, VmFd};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
 use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use boot::{check_kernel_file, run};
-pub use restore::{RestoreConfig, RestoreError, RestoreMode, restore};
+use crate::stop::StopNotifier;
+use crate::vcpu::Vcpu;
+
+pub use capture::{SnapshotError, SnapshotInfo};
+pub use load_kernel::{BootSpec, check_boot, check_kernel_file};
+pub use load_snapshot::{
+    CheckedSnapshot, RecordWorkingSet, RestoreError, RestoreMode, SnapshotSpec,
+};
+pub use running::{RequestError, RunningVm, VmEvent};
 pub use runtime::VmRuntime;
-pub use snapshot::{SnapshotError, SnapshotInfo};
+pub use shell::{LoadedVm, ShellConfig, VmShell};
 
 use crate::arch::mptable;
 use crate::boot::BootError;
-use crate::control::{self, ControlListener, ControlSocketError};
-use crate::host::{self, HostCheck};
-use crate::layout::{KVM_TSS_ADDRESS, LayoutError, MemoryLayout};
+use crate::control::ControlSocketError;
+use crate::layout::{LayoutError, MemoryLayout};
 use crate::persist::PersistError;
-use crate::stop::{StopNotifier, StopReason};
-use crate::vcpu::{ConfigureVcpuError, ExitCounts, Vcpu};
-
-/// Period of the halt watchdog.
-const HALT_CHECK_PERIOD: Duration = Duration::from_millis(250);
+use crate::stop::StopReason;
+use crate::vcpu::{ConfigureVcpuError, ExitCounts};
+use event_loop::EventLoopError;
 
 /// Where the kernel comes from.
 #[derive(Debug, Clone)]
@@ -80,7 +92,43 @@ pub struct SnapshotOnReady {
     pub after: AfterSnapshot,
 }
 
-/// Everything needed to boot a VM.
+/// The host side of a VM, given by whoever builds it: a snapshot holds guest state only, and a
+/// restore never writes into the snapshot's own resources.
+#[derive(Debug)]
+pub struct HostResources {
+    /// Where the guest's console output goes.
+    pub serial: SerialOutput,
+    /// Whether to feed the VMM's stdin to the guest's serial port.
+    pub forward_stdin: bool,
+    /// Restore: the backing file of each spare disk slot, by slot name.
+    pub disk_slots: std::collections::HashMap<String, PathBuf>,
+    /// Restore: the host Unix socket of the vsock device (required when the snapshot has one;
+    /// the guest CID stays as snapshotted).
+    pub vsock_path: Option<PathBuf>,
+}
+
+impl HostResources {
+    /// Serial output only; no stdin, no disk slots, no vsock socket.
+    pub fn new(serial: SerialOutput) -> Self {
+        Self {
+            serial,
+            forward_stdin: false,
+            disk_slots: Default::default(),
+            vsock_path: None,
+        }
+    }
+}
+
+/// What a VM is loaded from.
+#[derive(Debug)]
+pub enum Guest {
+    /// A kernel and the Linux boot protocol.
+    Boot(BootSpec),
+    /// A checked snapshot.
+    Snapshot(Box<SnapshotSpec>),
+}
+
+/// Everything needed to boot a VM ([`run`]).
 #[derive(Debug)]
 pub struct VmConfig {
     /// The kernel.
@@ -107,7 +155,29 @@ pub struct VmConfig {
     pub process_start: Instant,
 }
 
-/// Errors before the guest runs.
+/// Everything needed to restore a VM ([`restore`]).
+#[derive(Debug)]
+pub struct RestoreConfig {
+    /// The snapshot directory.
+    pub snapshot: PathBuf,
+    /// The memory mode.
+    pub mode: RestoreMode,
+    /// Where to listen for control requests.
+    pub api_sock: Option<PathBuf>,
+    /// The VM's host resources.
+    pub host: HostResources,
+    /// Pages installed per fault in the uffd modes.
+    pub fault_around: usize,
+    /// Record the start-up working set (uffd mode) to this file.
+    pub record_workingset: Option<RecordWorkingSet>,
+    /// In `uffd-prefetch`, install the working set before the vCPUs start instead of while they
+    /// run.
+    pub prefetch_before: bool,
+    /// When the process started.
+    pub process_start: Instant,
+}
+
+/// Errors building a VM, at any stage before it runs.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildVmError {
     /// The vCPU count is out of range.
@@ -130,7 +200,7 @@ pub enum BuildVmError {
     /// KVM lacks a capability the VMM needs.
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
-    /// A KVM VM ioctl failed.
+    /// A KVM ioctl failed.
     #[error("KVM {step} failed: {source}")]
     Kvm {
         /// What was being done.
@@ -139,14 +209,9 @@ pub enum BuildVmError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// Guest memory could not be allocated.
-    #[error("cannot allocate {mib} MiB of guest memory: {detail}")]
-    Memory {
-        /// Size.
-        mib: u64,
-        /// Why.
-        detail: String,
-    },
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] snapshot::memory_source::MemorySourceError),
     /// The kernel file cannot be opened.
     #[error("cannot open kernel {path}: {source}", path = .path.display())]
     KernelOpen {
@@ -165,8 +230,16 @@ pub enum BuildVmError {
         #[source]
         source: std::io::Error,
     },
+    /// The snapshot destination cannot be written.
+    #[error("cannot write the snapshot to {path}: {reason}", path = .path.display())]
+    SnapshotDest {
+        /// The destination.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
     /// The boot protocol failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Boot(#[from] BootError),
     /// A vCPU could not be configured.
     #[error(transparent)]
@@ -175,8 +248,8 @@ pub enum BuildVmError {
     #[error(transparent)]
     Persist(#[from] PersistError),
     /// A device could not be set up.
-    #[error("device set-up: {0}")]
-    Device(String),
+    #[error(transparent)]
+    Device(#[from] virtio::DeviceSetupError),
     /// The control socket could not be created.
     #[error(transparent)]
     Control(#[from] ControlSocketError),
@@ -184,14 +257,37 @@ pub enum BuildVmError {
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
     /// Signals could not be set up.
-    #[error("signal set-up: {0}")]
-    Signals(String),
-    /// A vCPU thread could not be started.
-    #[error("cannot start vCPU thread: {0}")]
-    Thread(#[source] std::io::Error),
+    #[error("signal set-up failed: {0}")]
+    Signals(#[source] nix::Error),
+    /// The vCPU kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// A thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The shell's vCPU count differs from the guest's.
+    #[error("the VM shell has {shell} vCPUs but the guest needs {guest}")]
+    VcpuMismatch {
+        /// vCPUs in the shell.
+        shell: u8,
+        /// vCPUs the guest has.
+        guest: u8,
+    },
     /// The snapshot cannot be restored.
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    /// The VMM thread ended before answering (it panicked).
+    #[error("the VMM thread ended unexpectedly")]
+    VmmThreadGone,
 }
 
 fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
@@ -206,12 +302,16 @@ fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
     }
 }
 
+fn kvm_err(step: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildVmError {
+    move |source| BuildVmError::Kvm { step, source }
+}
+
 /// The page server's figures for a lazily restored VM.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PageServerReport {
     /// Faults answered.
     pub faults: u64,
-    /// Pages installed with UFFDIO_COPY (faults and prefetch).
+    /// Pages installed with data (faults and prefetch).
     pub pages_copied: u64,
     /// Pages installed as zero pages.
     pub pages_zeroed: u64,
@@ -221,11 +321,11 @@ pub struct PageServerReport {
     pub median_us: Option<f64>,
     /// 99th percentile fault service time in microseconds.
     pub p99_us: Option<f64>,
-    /// Pages prefetched from the working set before the vCPUs started.
+    /// Pages prefetched from the working set.
     pub prefetched_pages: u64,
     /// Time the prefetch took.
     pub prefetch_ms: Option<f64>,
-    /// Pages recorded as this run's working set (written to the snapshot when it had none).
+    /// Pages recorded as the start-up working set, once written.
     pub recorded_pages: Option<u64>,
 }
 
@@ -259,10 +359,6 @@ fn host_ram_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
-fn kvm_err(step: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildVmError {
-    move |source| BuildVmError::Kvm { step, source }
-}
-
 /// Checks a VM shape before anything is created.
 pub fn validate_shape(vcpus: u8, mem_mib: u64) -> Result<MemoryLayout, BuildVmError> {
     if vcpus == 0 || vcpus > mptable::MAX_VCPUS {
@@ -280,24 +376,6 @@ pub fn validate_shape(vcpus: u8, mem_mib: u64) -> Result<MemoryLayout, BuildVmEr
     Ok(layout)
 }
 
-fn open_kvm() -> Result<Kvm, BuildVmError> {
-    let kvm = Kvm::new().map_err(BuildVmError::OpenKvm)?;
-    for (cap, name) in [
-        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-        (Cap::Pit2, "KVM_CAP_PIT2"),
-        (Cap::Irqfd, "KVM_CAP_IRQFD"),
-        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
-        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-    ] {
-        if !kvm.check_extension(cap) {
-            return Err(BuildVmError::MissingCap(name));
-        }
-    }
-    Ok(kvm)
-}
-
 /// How guest RAM is backed, which decides how a snapshot finds its zero pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryBacking {
@@ -308,15 +386,38 @@ pub enum MemoryBacking {
     Lazy,
 }
 
+/// A loaded guest waiting for `start`, on the VMM thread.
+pub(super) struct Loaded {
+    vcpus: Vec<Vcpu>,
+    mem: GuestMemoryMmap,
+    layout: MemoryLayout,
+    backing: MemoryBacking,
+    mem_mib: u64,
+    serial: Arc<Mutex<Serial>>,
+    forward_stdin: bool,
+    snapshot_on_ready: Option<SnapshotOnReady>,
+    lazy: Option<load_snapshot::LazyMemory>,
+    virtio: Vec<virtio::Attached>,
+}
+
+/// Step 3, on the VMM thread: fills the shell with the guest.
+fn load(
+    shell: &mut shell::ShellParts,
+    guest: Guest,
+    host: HostResources,
+) -> Result<Loaded, BuildVmError> {
+    match guest {
+        Guest::Boot(spec) => load_kernel::load(shell, spec, host),
+        Guest::Snapshot(spec) => load_snapshot::load(shell, *spec, host),
+    }
+}
+
 /// Registers every region of `mem` as a KVM memory slot.
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, mib: u64) -> Result<(), BuildVmError> {
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), BuildVmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
-            .map_err(|e| BuildVmError::Memory {
-                mib,
-                detail: e.to_string(),
-            })?;
+            .map_err(snapshot::memory_source::MemorySourceError::Lookup)?;
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -332,91 +433,13 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, mib: u64) -> Result<(), Bui
     Ok(())
 }
 
-/// Blocks the termination signals in this thread (and so in every thread spawned after) and
-/// returns a signalfd for them.
-fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGHUP);
-    set.thread_block()
-        .map_err(|e| BuildVmError::Signals(e.to_string()))?;
-    SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(|e| BuildVmError::Signals(e.to_string()))
-}
-
-fn stdin_is_open() -> bool {
-    // SAFETY: F_GETFD on fd 0 only queries its flags.
-    unsafe { libc::fcntl(0, libc::F_GETFD) != -1 }
-}
-
-/// Removes the control socket file when the VM ends.
-#[derive(Debug)]
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Step 1: what every VM needs before it has memory or state.
-struct Prepared {
-    event_loop: EventLoop<VmRuntime>,
-    signals: SignalFd,
-    listener: Option<UnixListener>,
-    sock_guard: Option<RemoveOnDrop>,
-    kvm: Kvm,
-    vm: VmFd,
-    stop: Arc<StopNotifier>,
-    host: HostCheck,
-    supported_cpuid: kvm_bindings::CpuId,
-}
-
-fn prepare(api_sock: Option<&Path>, process_start: Instant) -> Result<Prepared, BuildVmError> {
-    let host = host::check_host();
-    let signals = termination_signalfd()?;
-    let event_loop = EventLoop::<VmRuntime>::new()?;
-    let listener = api_sock.map(control::bind).transpose()?;
-    let sock_guard = api_sock.map(|p| RemoveOnDrop(p.to_path_buf()));
-    let kvm = open_kvm()?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    let stop = Arc::new(
-        StopNotifier::new(process_start).map_err(|e| BuildVmError::Device(e.to_string()))?,
-    );
-    let supported_cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    Ok(Prepared {
-        event_loop,
-        signals,
-        listener,
-        sock_guard,
-        kvm,
-        vm,
-        stop,
-        host,
-        supported_cpuid,
-    })
-}
-
 /// The serial interrupt: an eventfd registered as COM1's irqfd.
 fn serial_trigger(vm: &VmFd) -> Result<EventFdTrigger, BuildVmError> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildVmError::Device(e.to_string()))?;
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildVmError::EventFd)?;
     vm.register_irqfd(&evt, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     Ok(EventFdTrigger::new(
-        evt.try_clone()
-            .map_err(|e| BuildVmError::Device(e.to_string()))?,
+        evt.try_clone().map_err(BuildVmError::EventFd)?,
     ))
 }
 
@@ -426,7 +449,7 @@ fn pio_bus(
     stop: &Arc<StopNotifier>,
 ) -> Result<Arc<Bus>, BuildVmError> {
     let mut pio = Bus::new();
-    let dev_err = |e: devices::BusError| BuildVmError::Device(e.to_string());
+    let dev_err = virtio::DeviceSetupError::Bus;
     pio.insert(serial.clone(), u64::from(COM1_PORT), COM1_LEN)
         .map_err(dev_err)?;
     pio.insert(Arc::new(Mutex::new(I8042::new(stop.clone()))), 0x60, 5)
@@ -440,118 +463,45 @@ fn pio_bus(
     Ok(Arc::new(pio))
 }
 
-/// Step 4 inputs: a VM with memory and state, ready to run.
-struct Launch {
-    vcpus: Vec<Vcpu>,
-    mem: GuestMemoryMmap,
-    layout: MemoryLayout,
-    backing: MemoryBacking,
-    mem_mib: u64,
-    serial: Arc<Mutex<Serial>>,
-    forward_stdin: bool,
-    snapshot_on_ready: Option<SnapshotOnReady>,
-    page_server: Option<restore::LazyMemory>,
-    virtio: Vec<virtio::Attached>,
-    process_start: Instant,
+/// Boots a VM and runs it until it stops: check, shell, load, start, wait.
+pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
+    let spec = BootSpec {
+        kernel: config.kernel,
+        initrd: config.initrd,
+        cmdline: config.cmdline,
+        mem_mib: config.mem_mib,
+        virtio: config.virtio,
+        snapshot_on_ready: config.snapshot_on_ready,
+    };
+    check_boot(&spec, config.vcpus)?;
+    let shell = VmShell::new(ShellConfig {
+        vcpus: config.vcpus,
+        api_sock: config.api_sock,
+        process_start: config.process_start,
+    })?;
+    let host = HostResources {
+        forward_stdin: config.forward_stdin,
+        ..HostResources::new(config.serial)
+    };
+    shell.load(Guest::Boot(spec), host)?.start()?.wait()
 }
 
-/// Step 4: start the vCPUs, run the loop until a stop, tear down, report.
-fn launch(p: Prepared, l: Launch) -> Result<VmReport, BuildVmError> {
-    let Prepared {
-        mut event_loop,
-        signals,
-        listener,
-        sock_guard,
-        vm,
-        stop,
-        host,
-        kvm: _kvm,
-        supported_cpuid,
-    } = p;
-    if l.snapshot_on_ready.is_some() {
-        stop.arm_snapshot_on_ready();
-    }
-    crate::vcpu::install_kick_handler().map_err(|e| BuildVmError::Signals(e.to_string()))?;
-    let vcpus_started_after = l.process_start.elapsed();
-    let run_start = Instant::now();
-    let mut handles = Vec::with_capacity(l.vcpus.len());
-    for v in l.vcpus {
-        handles.push(v.spawn().map_err(BuildVmError::Thread)?);
-    }
-    let mut rt = VmRuntime::new(runtime::RuntimeParts {
-        vcpus: handles,
-        serial: l.serial,
-        stop: stop.clone(),
-        memory_mib: l.mem_mib,
-        host,
-        vm,
-        mem: l.mem,
-        layout: l.layout,
-        backing: l.backing,
-        snapshot_on_ready: l.snapshot_on_ready,
-        lazy: l.page_server,
-        host_cpuid: supported_cpuid.as_slice().to_vec(),
-        virtio: l.virtio,
-    });
-    // Each device's worker runs on this loop; the handles stay in the runtime, on this thread.
-    let sources: Vec<_> = rt.virtio.iter().map(|d| d.event_source()).collect();
-    for source in sources {
-        event_loop.add(source, &mut rt);
-    }
-
-    let stdin = (l.forward_stdin && stdin_is_open()).then_some(0);
-    for source in runtime::loop_sources(&stop, signals, stdin) {
-        event_loop.add(Box::new(source), &mut rt);
-    }
-    if let Some(l) = listener {
-        event_loop.add(Box::new(ControlListener::new(l)), &mut rt);
-    }
-    event_loop.add(
-        Box::new(Ticker::new(
-            "watchdog",
-            HALT_CHECK_PERIOD,
-            |rt: &mut VmRuntime| {
-                rt.check_halted();
-                rt.check_page_server();
-                event_loop::Flow::Continue
-            },
-        )),
-        &mut rt,
-    );
-    if let Err(e) = event_loop.run(&mut rt) {
-        stop.stop(StopReason::LoopError {
-            error: e.to_string(),
-        });
-    }
-
-    // Every vCPU thread is joined before guest memory and the VM go away.
-    rt.resume();
-    for v in &mut rt.vcpus {
-        v.stop_and_join();
-    }
-    let run_time = run_start.elapsed();
-    let page_server = rt.finish_lazy_memory();
-    let report = VmReport {
-        reason: stop.reason().unwrap_or(StopReason::LoopError {
-            error: "loop ended without a reason".into(),
-        }),
-        ready_after: stop.ready_after(),
-        first_serial_byte_after: rt
-            .serial_metrics
-            .first_byte_at
-            .get()
-            .map(|t| t.saturating_duration_since(l.process_start)),
-        vcpus_started_after,
-        serial_bytes: rt
-            .serial_metrics
-            .bytes_out
-            .load(std::sync::atomic::Ordering::Relaxed),
-        exits: rt.exit_counts(),
-        run_time,
-        snapshot: rt.snapshot_taken.clone(),
-        page_server,
-    };
-    drop(rt);
-    drop(sock_guard);
-    Ok(report)
+/// Restores a VM from a snapshot and runs it until it stops: check, shell, load, start, wait.
+pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
+    let snapshot = CheckedSnapshot::open(&config.snapshot, config.mode)?;
+    let spec = SnapshotSpec::new(
+        snapshot,
+        config.fault_around,
+        config.prefetch_before,
+        config.record_workingset,
+    )?;
+    let shell = VmShell::new(ShellConfig {
+        vcpus: spec.vcpus(),
+        api_sock: config.api_sock,
+        process_start: config.process_start,
+    })?;
+    shell
+        .load(Guest::Snapshot(Box::new(spec)), config.host)?
+        .start()?
+        .wait()
 }

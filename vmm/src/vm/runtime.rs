@@ -2,6 +2,7 @@
 //! control requests, the halt watchdog, and the loop's own event sources (signals, stop, stdin).
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,8 +14,9 @@ use kvm_ioctls::VmFd;
 use nix::sys::signalfd::SignalFd;
 use vm_memory::GuestMemoryMmap;
 
-use super::restore::LazyMemory;
-use super::snapshot::{SnapshotInfo, take_snapshot};
+use super::capture::{SnapshotInfo, take_snapshot};
+use super::load_snapshot::LazyMemory;
+use super::running::Request;
 use super::{AfterSnapshot, MemoryBacking, PageServerReport, SnapshotOnReady};
 use crate::control::{ControlHandler, ControlRequest, ControlResponse, VmState, VmStatus};
 use crate::host::HostCheck;
@@ -111,7 +113,7 @@ impl VmRuntime {
     /// Stops the VM if the page server serving its memory has died: its vCPUs would wait forever.
     pub fn check_page_server(&mut self) {
         if let Some(lazy) = &self.lazy
-            && lazy.handle.is_finished()
+            && lazy.server_ended()
             && self.stop.reason().is_none()
         {
             self.stop.stop(StopReason::PageServerFailed {
@@ -123,6 +125,19 @@ impl VmRuntime {
     /// Stops the page server (after the vCPUs) and reports what it did.
     pub(super) fn finish_lazy_memory(&mut self) -> Option<PageServerReport> {
         self.lazy.take().map(LazyMemory::finish)
+    }
+
+    /// How long working-set recording may last, if it is recording with a limit.
+    pub fn recording_limit(&self) -> Option<Duration> {
+        self.lazy.as_ref().and_then(LazyMemory::recording_limit)
+    }
+
+    /// Ends working-set recording (at its stop point: READY, a request, the time limit) and
+    /// writes the file. Returns whether anything was recording.
+    pub fn finish_recording(&mut self, why: &str) -> bool {
+        self.lazy
+            .as_mut()
+            .is_some_and(|lazy| lazy.finish_recording(why))
     }
 
     /// The guest reached READY with snapshot-on-ready armed: its vCPU has parked; take the
@@ -156,14 +171,14 @@ impl VmRuntime {
     }
 
     /// Pauses every vCPU: ask all, then wait for all.
-    pub fn pause(&mut self) -> Result<(), String> {
+    pub fn pause(&mut self) -> Result<(), crate::vcpu::VcpuControlError> {
         for v in &self.vcpus {
-            v.request_pause().map_err(|e| e.to_string())?;
+            v.request_pause()?;
         }
         for v in &self.vcpus {
             if let Err(e) = v.wait_paused(PAUSE_TIMEOUT) {
                 self.resume();
-                return Err(e.to_string());
+                return Err(e);
             }
         }
         self.paused = true;
@@ -263,6 +278,16 @@ impl ControlHandler for VmRuntime {
                 self.stop.stop(StopReason::ControlStop);
                 ControlResponse::state(VmState::Stopping)
             }
+            ControlRequest::FinishWorkingset => {
+                if self.finish_recording("control request") {
+                    ControlResponse::state(self.state())
+                } else {
+                    ControlResponse::error("no working set is being recorded")
+                }
+            }
+            ControlRequest::Snapshot { path } if !std::path::Path::new(&path).is_absolute() => {
+                ControlResponse::error(format!("the snapshot path must be absolute, not {path:?}"))
+            }
             ControlRequest::Snapshot { path } => {
                 let was_paused = self.paused;
                 let result = take_snapshot(self, std::path::Path::new(&path));
@@ -280,13 +305,34 @@ impl ControlHandler for VmRuntime {
     }
 }
 
-/// The loop's own sources: stop reports, snapshot-on-ready, termination signals, stdin.
-pub fn loop_sources(
+/// The loop's own sources: stop reports, snapshot-on-ready, READY, requests from the running-VM
+/// handle, termination signals, stdin.
+pub(super) fn loop_sources(
     stop: &StopNotifier,
     signals: SignalFd,
     stdin: Option<RawFd>,
+    wake: Arc<vmm_sys_util::eventfd::EventFd>,
+    requests: Receiver<Request>,
 ) -> Vec<FdWatch<VmRuntime>> {
     let mut sources = vec![
+        // Requests from the RunningVm handle: carried out like control-socket requests.
+        FdWatch::new("handle", wake.as_raw_fd(), move |rt: &mut VmRuntime| {
+            let _ = wake.read();
+            while let Ok((req, reply)) = requests.try_recv() {
+                let _ = reply.send(rt.handle_control(req));
+            }
+            Watch::Again
+        }),
+        // The guest's first READY: the start-up working set ends here.
+        FdWatch::new(
+            "ready",
+            stop.ready_eventfd().as_raw_fd(),
+            |rt: &mut VmRuntime| {
+                let _ = rt.stop.ready_eventfd().read();
+                rt.finish_recording("guest READY");
+                Watch::Done
+            },
+        ),
         // A stop was reported: end the loop.
         FdWatch::new("stop", stop.eventfd().as_raw_fd(), |rt: &mut VmRuntime| {
             let _ = rt.stop.eventfd().read();

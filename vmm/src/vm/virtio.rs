@@ -152,8 +152,72 @@ impl Attached {
     }
 }
 
-fn dev_err(what: impl std::fmt::Display) -> BuildVmError {
-    BuildVmError::Device(what.to_string())
+/// Errors setting up devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceSetupError {
+    /// A disk image could not be opened or locked (another writer has it).
+    #[error(transparent)]
+    OpenDisk(#[from] devices::virtio::block::OpenImageError),
+    /// A virtio-blk device could not be built.
+    #[error("virtio-blk: {0}")]
+    Block(#[from] devices::virtio::block::BlockError),
+    /// A virtio-blk device could not be restored.
+    #[error("virtio-blk: {0}")]
+    BlockRestore(#[from] devices::virtio::block::BlockRestoreError),
+    /// A virtio-vsock device could not be built.
+    #[error("virtio-vsock: {0}")]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
+    /// A virtio-vsock device could not be restored.
+    #[error("virtio-vsock: {0}")]
+    VsockRestore(#[from] devices::virtio::vsock::VsockRestoreError),
+    /// A virtio-rng device could not be built or restored.
+    #[error("virtio-rng: {0}")]
+    Rng(#[source] std::io::Error),
+    /// A virtio-rng device could not be restored.
+    #[error("virtio-rng: {0}")]
+    RngRestore(#[from] devices::virtio::mmio::RestoreTransportError),
+    /// Placing a device on a bus failed.
+    #[error(transparent)]
+    Bus(#[from] devices::BusError),
+    /// A device's eventfds could not be had.
+    #[error("device eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// Registering an ioeventfd or irqfd with KVM failed.
+    #[error("{what} for the device at {base:#x}: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// The device's slot.
+        base: u64,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// More devices than GSIs.
+    #[error("too many virtio devices (at most {max})", max = LAST_GSI - FIRST_GSI + 1)]
+    TooMany,
+    /// A saved slot lies outside the window.
+    #[error("virtio slot {base:#x} with GSI {gsi} is outside the virtio window")]
+    BadSlot {
+        /// Its base.
+        base: u64,
+        /// Its GSI.
+        gsi: u32,
+    },
+    /// `--disk-slot NAME=PATH` names a slot the snapshot does not have.
+    #[error("the snapshot has no spare disk slot named {0:?}")]
+    UnknownSlot(String),
+    /// The snapshot has a vsock device but the restore gave no host socket for it.
+    #[error(
+        "the snapshot has a vsock device (guest CID {cid}): give its host socket with --vsock PATH"
+    )]
+    VsockPathMissing {
+        /// The guest's CID.
+        cid: u64,
+    },
+    /// A vsock host socket was given but the snapshot has no vsock device.
+    #[error("--vsock was given but the snapshot has no vsock device")]
+    NoVsockDevice,
 }
 
 /// Builds the devices of `specs`, puts them on `mmio`, wires their notifications and interrupts
@@ -179,7 +243,8 @@ pub fn attach_devices(
             spare_slot: None,
             backend: BackendKind::IoUring,
         };
-        let block = Block::new_block(config, Some(file), mem.clone()).map_err(dev_err)?;
+        let block =
+            Block::new_block(config, Some(file), mem.clone()).map_err(DeviceSetupError::from)?;
         devices.push((VirtioDevice::Block(block), Some(d.path.clone())));
     }
     for name in &specs.spare_slots {
@@ -190,7 +255,9 @@ pub fn attach_devices(
             backend: BackendKind::IoUring,
         };
         devices.push((
-            VirtioDevice::Block(Block::new_block(config, None, mem.clone()).map_err(dev_err)?),
+            VirtioDevice::Block(
+                Block::new_block(config, None, mem.clone()).map_err(DeviceSetupError::from)?,
+            ),
             None,
         ));
     }
@@ -201,13 +268,17 @@ pub fn attach_devices(
             max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
         };
         devices.push((
-            VirtioDevice::Vsock(Vsock::new_vsock(config, mem.clone()).map_err(dev_err)?),
+            VirtioDevice::Vsock(
+                Vsock::new_vsock(config, mem.clone()).map_err(DeviceSetupError::from)?,
+            ),
             Some(v.path.clone()),
         ));
     }
     if specs.rng {
         devices.push((
-            VirtioDevice::Rng(Rng::new_rng(RngConfig::default(), mem.clone()).map_err(dev_err)?),
+            VirtioDevice::Rng(
+                Rng::new_rng(RngConfig::default(), mem.clone()).map_err(DeviceSetupError::Rng)?,
+            ),
             None,
         ));
     }
@@ -218,10 +289,7 @@ pub fn attach_devices(
         let gsi = FIRST_GSI + slot as u32;
         let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SLOT_SIZE;
         if gsi > LAST_GSI {
-            return Err(dev_err(format!(
-                "too many virtio devices (at most {})",
-                LAST_GSI - FIRST_GSI + 1
-            )));
+            return Err(DeviceSetupError::TooMany.into());
         }
         cmdline.push(kernel_cmdline_fragment(base, MMIO_WINDOW_SIZE, gsi));
         attached.push(place(vm, mmio, device, base, gsi, path)?);
@@ -232,16 +300,8 @@ pub fn attach_devices(
 /// Opens and locks a disk image (exclusive for read-write, shared for read-only): a second
 /// writer of one image, in this VM or another, is refused.
 fn open_disk(path: &std::path::Path, read_only: bool) -> Result<std::fs::File, BuildVmError> {
-    devices::virtio::block::open_image(path, read_only).map_err(|e| {
-        // The message with its causes, each once.
-        let mut msg = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(c) = cause {
-            msg = format!("{msg}: {c}");
-            cause = c.source();
-        }
-        dev_err(msg)
-    })
+    devices::virtio::block::open_image(path, read_only)
+        .map_err(|e| DeviceSetupError::from(e).into())
 }
 
 /// Puts a device in its slot: on the MMIO bus, its queue notifications as ioeventfds, its
@@ -258,9 +318,7 @@ fn place(
         || base + MMIO_WINDOW_SIZE > MMIO_GAP_END
         || !(FIRST_GSI..=LAST_GSI).contains(&gsi)
     {
-        return Err(dev_err(format!(
-            "virtio slot {base:#x} with GSI {gsi} is outside the virtio window"
-        )));
+        return Err(DeviceSetupError::BadSlot { base, gsi }.into());
     }
     let (transport, queue_evts, irqfd) = match &device {
         VirtioDevice::Block(d) => (d.transport(), d.queue_evts(), d.irqfd()),
@@ -268,17 +326,22 @@ fn place(
         VirtioDevice::Rng(d) => (d.transport(), d.queue_evts(), d.irqfd()),
     };
     mmio.insert(transport, base, MMIO_WINDOW_SIZE)
-        .map_err(dev_err)?;
-    for (queue, evt) in queue_evts.map_err(dev_err)?.iter().enumerate() {
+        .map_err(DeviceSetupError::from)?;
+    let kvm = |what| move |source| DeviceSetupError::Kvm { what, base, source };
+    for (queue, evt) in queue_evts
+        .map_err(DeviceSetupError::EventFd)?
+        .iter()
+        .enumerate()
+    {
         vm.register_ioevent(
             evt,
             &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
             queue as u32,
         )
-        .map_err(|e| dev_err(format!("KVM_IOEVENTFD: {e}")))?;
+        .map_err(kvm("KVM_IOEVENTFD"))?;
     }
-    vm.register_irqfd(&irqfd.map_err(dev_err)?, gsi)
-        .map_err(|e| dev_err(format!("KVM_IRQFD: {e}")))?;
+    vm.register_irqfd(&irqfd.map_err(DeviceSetupError::EventFd)?, gsi)
+        .map_err(kvm("KVM_IRQFD"))?;
     Ok(Attached {
         device,
         base,
@@ -287,15 +350,26 @@ fn place(
     })
 }
 
-/// Rebuilds the devices of a snapshot in their slots. `slots` gives the backing file of each
-/// spare disk slot by name (`--disk-slot NAME=PATH`); a slot left out stays empty.
+/// Rebuilds the devices of a snapshot in their slots, with the host resources the restorer gives:
+/// `slots` is the backing file of each spare disk slot by name (`--disk-slot NAME=PATH`; a slot
+/// left out stays empty), `vsock_path` the vsock device's host socket (required when the snapshot
+/// has a vsock device: a restore never binds the snapshotted VM's socket, so clones of one
+/// template each get their own).
 pub fn restore_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     saved: &[VirtioSnapshot],
     slots: &HashMap<String, PathBuf>,
+    vsock_path: Option<&std::path::Path>,
 ) -> Result<Vec<Attached>, BuildVmError> {
+    if vsock_path.is_some()
+        && !saved
+            .iter()
+            .any(|s| matches!(s.state, VirtioState::Vsock(_)))
+    {
+        return Err(DeviceSetupError::NoVsockDevice.into());
+    }
     let mut attached = Vec::with_capacity(saved.len());
     let mut used = Vec::new();
     for s in saved {
@@ -318,28 +392,34 @@ pub fn restore_devices(
                     backend: BackendKind::IoUring,
                 };
                 (
-                    VirtioDevice::Block(Block::restore(args, state).map_err(dev_err)?),
+                    VirtioDevice::Block(
+                        Block::restore(args, state).map_err(DeviceSetupError::from)?,
+                    ),
                     path,
                 )
             }
             VirtioState::Vsock(state) => {
-                let path = s
-                    .path
-                    .clone()
-                    .ok_or_else(|| dev_err("vsock without a socket path"))?;
+                let path = vsock_path.map(std::path::Path::to_path_buf).ok_or(
+                    DeviceSetupError::VsockPathMissing {
+                        cid: state.guest_cid,
+                    },
+                )?;
                 let args = VsockArgs {
                     mem: mem.clone(),
                     uds_path: path.clone(),
                     max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
                 };
                 (
-                    VirtioDevice::Vsock(Vsock::restore(args, state).map_err(dev_err)?),
+                    VirtioDevice::Vsock(
+                        Vsock::restore(args, state).map_err(DeviceSetupError::from)?,
+                    ),
                     Some(path),
                 )
             }
             VirtioState::Rng(state) => (
                 VirtioDevice::Rng(
-                    Rng::restore(RngArgs { mem: mem.clone() }, state).map_err(dev_err)?,
+                    Rng::restore(RngArgs { mem: mem.clone() }, state)
+                        .map_err(DeviceSetupError::from)?,
                 ),
                 None,
             ),
@@ -347,9 +427,7 @@ pub fn restore_devices(
         attached.push(place(vm, mmio, device, s.base, s.gsi, path)?);
     }
     if let Some(unknown) = slots.keys().find(|k| !used.contains(k)) {
-        return Err(dev_err(format!(
-            "the snapshot has no spare disk slot named {unknown:?}"
-        )));
+        return Err(DeviceSetupError::UnknownSlot(unknown.clone()).into());
     }
     Ok(attached)
 }

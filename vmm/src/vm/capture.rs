@@ -1,5 +1,6 @@
 //! Taking a snapshot of a running VM: pause every vCPU at a consistent point, read vCPU, VM and
-//! device state, write guest RAM sparsely, commit the directory atomically.
+//! device state, write guest RAM sparsely, commit the directory atomically. Each snapshot gets a
+//! new random id, written into its `state` and `memory` files (and later its working set).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -22,7 +23,10 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum SnapshotError {
     /// The VM could not be paused.
     #[error("cannot pause the VM: {0}")]
-    Pause(String),
+    Pause(#[source] VcpuControlError),
+    /// No snapshot id could be drawn.
+    #[error("cannot draw a snapshot id: {0}")]
+    Id(#[source] std::io::Error),
     /// A vCPU's state could not be read.
     #[error(transparent)]
     Vcpu(#[from] VcpuControlError),
@@ -38,11 +42,6 @@ pub enum SnapshotError {
     /// The memory file could not be written.
     #[error(transparent)]
     Memory(#[from] MemoryFileError),
-    /// The VM has devices whose state snapshots do not carry yet.
-    #[error(
-        "the VM has {0} virtio device(s): snapshots of VMs with virtio devices are not supported yet"
-    )]
-    VirtioDevices(usize),
 }
 
 /// What a snapshot cost and holds.
@@ -88,10 +87,15 @@ pub fn take_snapshot(rt: &mut VmRuntime, dest: &Path) -> Result<SnapshotInfo, Sn
             },
         ));
     }
+    let id = snapshot::SnapshotId::random().map_err(SnapshotError::Id)?;
     let writer = SnapshotWriter::create(dest)?;
-    // SAFETY: every vCPU is parked, so nothing writes guest memory while it is read; the regions
-    // are the live mappings of `rt.mem`.
-    let stats = unsafe { memory::write_memory_file(&writer.path(MEMORY_FILE), &host) }?;
+    // SAFETY: every vCPU is parked, so no guest code writes memory while it is read, and the
+    // regions are the live mappings of `rt.mem`. Two writers remain and neither changes what the
+    // guest saw: the device workers are on this (the loop's) thread, busy here; the page server
+    // of a lazily restored VM may still install pages (a read below faults them in, and the
+    // prefetcher may be running), and an install writes exactly the page content the snapshot
+    // must hold.
+    let stats = unsafe { memory::write_memory_file(&writer.path(MEMORY_FILE), &id, &host) }?;
     let state = VmState {
         mem_mib: rt.memory_mib,
         memory: regions,
@@ -102,7 +106,7 @@ pub fn take_snapshot(rt: &mut VmRuntime, dest: &Path) -> Result<SnapshotInfo, Sn
         host_cpuid: rt.host_cpuid.clone(),
         virtio: rt.virtio.iter().map(|d| d.save()).collect(),
     };
-    format::write_file(&writer.path(STATE_FILE), &state)?;
+    format::write_file(&writer.path(STATE_FILE), &id, &state)?;
     let path = writer.commit()?;
     let disk_bytes = std::fs::metadata(path.join(MEMORY_FILE))
         .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)

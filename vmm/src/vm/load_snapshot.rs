@@ -1,0 +1,491 @@
+//! Loading a guest from a snapshot, in one of four memory modes, each a
+//! [`snapshot::memory_source::MemorySource`]:
+//!
+//! | mode | guest RAM | cost at restore | later |
+//! | --- | --- | --- | --- |
+//! | `eager` | anonymous, the file's data extents read in before the vCPUs start | grows with data size | none |
+//! | `mmap` | the memory file mapped MAP_PRIVATE: clones share its page cache, writes are copy-on-write | constant | page-cache faults |
+//! | `uffd` | anonymous, registered with userfaultfd; the page server answers each missing page | constant | one fault per fault-around window |
+//! | `uffd-prefetch` | as `uffd`, with the recorded working set installed in batched reads | grows with the working set | faults only outside it |
+//!
+//! [`CheckedSnapshot::open`] checks everything before a VM exists: the state's magic, version and
+//! checksum, the memory layout against the memory file, that `state`, `memory` and `workingset`
+//! carry one snapshot id, the working set's pages, and this host's KVM (CPUID, XSAVE size) against
+//! the snapshotting host's. Nothing is ever written into the snapshot: a working set is recorded
+//! only to a path the caller gives.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::legacy::Serial;
+use snapshot::PAGE_SIZE;
+use snapshot::SnapshotId;
+use snapshot::dir::{DirError, SnapshotDir};
+use snapshot::format::FormatError;
+use snapshot::memory::{self, MemoryFileError};
+use snapshot::memory_source::{self, EagerMemory, MemorySource, MmapMemory, UffdMemory};
+use snapshot::page_server::{PageServerConfig, PageServerError, PageServerHandle};
+use snapshot::prefetch::{self, PrefetchStats};
+use snapshot::source::FileSource;
+use snapshot::workingset::{self, WorkingSetError};
+
+use super::shell::{ShellParts, kvm_system};
+use super::{
+    BuildVmError, HostResources, Loaded, MemoryBacking, PageServerReport, pio_bus, register_memory,
+    serial_trigger, validate_shape,
+};
+use crate::layout::MemoryLayout;
+use crate::persist::{self, VmState};
+use crate::vcpu::Vcpu;
+
+/// How guest memory is restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Read the whole memory file before resuming.
+    Eager,
+    /// Map the memory file MAP_PRIVATE.
+    Mmap,
+    /// Serve pages on demand through userfaultfd.
+    Uffd,
+    /// As `Uffd`, after (or while) installing the recorded working set.
+    UffdPrefetch,
+}
+
+/// Why a snapshot cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The directory is not a snapshot.
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    /// The state file is damaged or foreign.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The memory file does not match.
+    #[error(transparent)]
+    Memory(#[from] MemoryFileError),
+    /// The working set is damaged.
+    #[error(transparent)]
+    WorkingSet(#[from] WorkingSetError),
+    /// The state's memory layout is not the one its size gives.
+    #[error(
+        "invalid snapshot state: memory layout {found:?} does not match {mib} MiB of guest memory"
+    )]
+    LayoutMismatch {
+        /// The state's layout.
+        found: Vec<memory::MemoryRegion>,
+        /// Its memory size.
+        mib: u64,
+    },
+    /// The state's vCPUs are not numbered 0..n.
+    #[error("invalid snapshot state: vCPU {index} is saved as vCPU {id}")]
+    VcpuOrder {
+        /// Position.
+        index: usize,
+        /// Saved id.
+        id: u8,
+    },
+    /// The state has no vCPU.
+    #[error("invalid snapshot state: no vCPUs")]
+    NoVcpus,
+    /// The saved serial port is inconsistent.
+    #[error("invalid snapshot state: serial port: {0}")]
+    Serial(#[source] devices::legacy::serial::SerialRestoreError),
+    /// uffd-prefetch without a working set.
+    #[error(
+        "{0} has no working set: record one with `restore --mode uffd --record-workingset {0}/workingset`"
+    )]
+    NoWorkingSet(PathBuf),
+    /// Recording asked for in a mode that does not serve faults.
+    #[error("--record-workingset needs --mode uffd")]
+    RecordNeedsUffd,
+    /// The working-set destination cannot be written.
+    #[error("cannot record the working set to {0}: its directory does not exist")]
+    RecordDest(PathBuf),
+    /// The page server could not start.
+    #[error(transparent)]
+    PageServer(#[from] PageServerError),
+}
+
+/// Record the start-up working set of a uffd restore.
+#[derive(Debug, Clone)]
+pub struct RecordWorkingSet {
+    /// The file to write (atomically, never inside the snapshot unless the caller names it).
+    pub path: PathBuf,
+    /// End the recording after this long, if READY or a request has not ended it first.
+    pub limit: Option<Duration>,
+}
+
+/// A snapshot whose every part was checked, ready to load.
+#[derive(Debug)]
+pub struct CheckedSnapshot {
+    dir: PathBuf,
+    id: SnapshotId,
+    state: VmState,
+    layout: MemoryLayout,
+    mode: RestoreMode,
+    memory: Box<dyn MemorySource>,
+    workingset: Option<Vec<u64>>,
+}
+
+/// Checks the state against itself and the layout the VMM would build for it.
+fn validate_state(state: &VmState) -> Result<MemoryLayout, BuildVmError> {
+    let count = u8::try_from(state.vcpus.len()).map_err(|_| BuildVmError::VcpuCount(u8::MAX))?;
+    if count == 0 {
+        return Err(RestoreError::NoVcpus.into());
+    }
+    let layout = validate_shape(count, state.mem_mib)?;
+    let ranges: Vec<(u64, u64)> = layout.ram.iter().map(|r| (r.start, r.size)).collect();
+    if state.memory != memory::file_layout(&ranges) {
+        return Err(RestoreError::LayoutMismatch {
+            found: state.memory.clone(),
+            mib: state.mem_mib,
+        }
+        .into());
+    }
+    for (index, v) in state.vcpus.iter().enumerate() {
+        if usize::from(v.id) != index {
+            return Err(RestoreError::VcpuOrder { index, id: v.id }.into());
+        }
+    }
+    Ok(layout)
+}
+
+impl CheckedSnapshot {
+    /// Step 1 of a restore, before any VM exists: opens `dir` and checks every part of it for a
+    /// restore in `mode`, and this host's KVM against the snapshotting host's.
+    pub fn open(dir: &Path, mode: RestoreMode) -> Result<Self, BuildVmError> {
+        let snap = SnapshotDir::open(dir).map_err(RestoreError::from)?;
+        let (id, state): (SnapshotId, VmState) =
+            snapshot::format::read_file(&snap.state()).map_err(RestoreError::from)?;
+        let layout = validate_state(&state)?;
+        let (file, holes) = memory::open_memory_file(&snap.memory(), &state.memory, &id)
+            .map_err(RestoreError::from)?;
+        let total_pages = holes.len() / PAGE_SIZE as u64;
+        let workingset = match mode {
+            RestoreMode::UffdPrefetch => Some(
+                workingset::read(&snap.workingset(), &id, total_pages)
+                    .map_err(RestoreError::from)?
+                    .ok_or_else(|| RestoreError::NoWorkingSet(snap.path.clone()))?,
+            ),
+            _ => None,
+        };
+        let kvm = kvm_system()?;
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(super::kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        persist::check_cpuid_compatible(&state.host_cpuid, supported.as_slice())?;
+        persist::check_xsave_size(&kvm)?;
+        let memory: Box<dyn MemorySource> = match mode {
+            RestoreMode::Eager => Box::new(EagerMemory::new(file, holes)),
+            RestoreMode::Mmap => Box::new(MmapMemory::new(file)),
+            RestoreMode::Uffd | RestoreMode::UffdPrefetch => {
+                Box::new(UffdMemory::new(FileSource::new(file, holes)))
+            }
+        };
+        Ok(Self {
+            dir: snap.path,
+            id,
+            state,
+            layout,
+            mode,
+            memory,
+            workingset,
+        })
+    }
+
+    /// The snapshot's id.
+    pub fn id(&self) -> SnapshotId {
+        self.id
+    }
+
+    /// Its vCPU count.
+    pub fn vcpus(&self) -> u8 {
+        self.state.vcpus.len() as u8
+    }
+
+    /// Its guest memory in MiB.
+    pub fn mem_mib(&self) -> u64 {
+        self.state.mem_mib
+    }
+
+    /// Whether it has a vsock device (whose host socket a restore must give).
+    pub fn has_vsock(&self) -> bool {
+        self.state
+            .virtio
+            .iter()
+            .any(|d| matches!(d.state, super::virtio::VirtioState::Vsock(_)))
+    }
+}
+
+/// What a restore loads: the checked snapshot and how to serve its memory.
+#[derive(Debug)]
+pub struct SnapshotSpec {
+    snapshot: CheckedSnapshot,
+    fault_around: usize,
+    prefetch_before: bool,
+    record: Option<RecordWorkingSet>,
+}
+
+impl SnapshotSpec {
+    /// A restore of `snapshot`: `fault_around` pages per fault (uffd modes), the working set
+    /// installed before the vCPUs start (`prefetch_before`) or beside them, and optionally the
+    /// start-up working set recorded (uffd mode only).
+    pub fn new(
+        snapshot: CheckedSnapshot,
+        fault_around: usize,
+        prefetch_before: bool,
+        record: Option<RecordWorkingSet>,
+    ) -> Result<Self, BuildVmError> {
+        if let Some(r) = &record {
+            if snapshot.mode != RestoreMode::Uffd {
+                return Err(RestoreError::RecordNeedsUffd.into());
+            }
+            let parent = r
+                .path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(RestoreError::RecordDest(r.path.clone()).into());
+            }
+        }
+        Ok(Self {
+            snapshot,
+            fault_around: fault_around.max(1),
+            prefetch_before,
+            record,
+        })
+    }
+
+    /// The snapshot's vCPU count (the shell must have as many).
+    pub fn vcpus(&self) -> u8 {
+        self.snapshot.vcpus()
+    }
+
+    /// The checked snapshot.
+    pub fn snapshot(&self) -> &CheckedSnapshot {
+        &self.snapshot
+    }
+}
+
+/// Guest memory served by the page server, its prefetch, and the working set being recorded.
+#[derive(Debug)]
+pub(super) struct LazyMemory {
+    handle: PageServerHandle,
+    prefetch: Prefetch,
+    record: Option<(RecordWorkingSet, SnapshotId)>,
+    recorded_pages: Option<u64>,
+}
+
+/// The working-set prefetch of a `uffd-prefetch` restore.
+#[derive(Debug)]
+enum Prefetch {
+    /// None (`uffd` mode).
+    None,
+    /// Done before the vCPUs started.
+    Done(PrefetchStats),
+    /// Running beside the vCPUs on its own thread.
+    Running(std::thread::JoinHandle<Result<PrefetchStats, PageServerError>>),
+}
+
+impl LazyMemory {
+    /// Whether the page server thread has ended (the guest would stall on its next fault).
+    pub fn server_ended(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// How long recording may last.
+    pub fn recording_limit(&self) -> Option<Duration> {
+        self.record.as_ref().and_then(|(r, _)| r.limit)
+    }
+
+    /// Ends the recording and writes the working set; `false` if nothing was recording.
+    pub fn finish_recording(&mut self, why: &str) -> bool {
+        let Some((record, id)) = self.record.take() else {
+            return false;
+        };
+        let pages = self.handle.server().finish_recording();
+        match workingset::write(&record.path, &id, &pages) {
+            Ok(()) => {
+                tracing::info!(
+                    "start-up working set of {} pages recorded to {} (ended by {why})",
+                    pages.len(),
+                    record.path.display()
+                );
+                self.recorded_pages = Some(pages.len() as u64);
+            }
+            Err(e) => tracing::error!(
+                "cannot write the working set to {}: {e}",
+                record.path.display()
+            ),
+        }
+        true
+    }
+
+    /// Stops the server, writes a recording still open, and reports.
+    pub fn finish(mut self) -> PageServerReport {
+        self.finish_recording("VM stop");
+        let prefetch = match std::mem::replace(&mut self.prefetch, Prefetch::None) {
+            Prefetch::None => None,
+            Prefetch::Done(stats) => Some(stats),
+            Prefetch::Running(thread) => match thread.join() {
+                Ok(Ok(stats)) => Some(stats),
+                Ok(Err(e)) => {
+                    tracing::error!("prefetch: {e}");
+                    None
+                }
+                Err(_) => None,
+            },
+        };
+        let stopped = self.handle.stop();
+        let server = self.handle.server().clone();
+        let s = &server.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let mut times = s
+            .service_ns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        times.sort_unstable();
+        let pick = |q: f64| {
+            times
+                .get(((times.len().max(1) - 1) as f64 * q) as usize)
+                .map(|&ns| f64::from(ns) / 1e3)
+        };
+        if let Err(e) = stopped {
+            tracing::error!("page server: {e}");
+        }
+        PageServerReport {
+            faults: load(&s.faults),
+            pages_copied: load(&s.pages_copied),
+            pages_zeroed: load(&s.pages_zeroed),
+            wakes: load(&s.wakes),
+            median_us: pick(0.5),
+            p99_us: pick(0.99),
+            prefetched_pages: prefetch.map(|p| p.data_pages + p.zero_pages).unwrap_or(0),
+            prefetch_ms: prefetch.map(|p| p.elapsed.as_secs_f64() * 1e3),
+            recorded_pages: self.recorded_pages,
+        }
+    }
+}
+
+/// Step 3 for a restore, on the VMM thread.
+pub(super) fn load(
+    shell: &mut ShellParts,
+    spec: SnapshotSpec,
+    host: HostResources,
+) -> Result<Loaded, BuildVmError> {
+    let SnapshotSpec {
+        snapshot,
+        fault_around,
+        prefetch_before,
+        record,
+    } = spec;
+    let CheckedSnapshot {
+        dir,
+        id,
+        state,
+        layout,
+        mode,
+        memory: source,
+        workingset,
+    } = snapshot;
+    let count = state.vcpus.len() as u8;
+    if shell.vcpu_fds.len() != usize::from(count) {
+        return Err(BuildVmError::VcpuMismatch {
+            shell: shell.vcpu_fds.len() as u8,
+            guest: count,
+        });
+    }
+    tracing::debug!(
+        "restoring snapshot {id} from {} in {mode:?} mode",
+        dir.display()
+    );
+
+    // Guest memory from its source, its memslots, and the page server where it has one.
+    let mem = source.map(&state.memory)?;
+    register_memory(&shell.vm, &mem)?;
+    let server_config = PageServerConfig {
+        fault_around,
+        record: record.is_some(),
+    };
+    let lazy = match memory_source::serve(&*source, &mem, &state.memory, server_config)? {
+        None => None,
+        Some(server) => {
+            let handle = PageServerHandle::spawn(server.clone()).map_err(RestoreError::from)?;
+            let prefetch = match workingset {
+                Some(ws) if prefetch_before => {
+                    Prefetch::Done(prefetch::prefetch(&server, &ws).map_err(RestoreError::from)?)
+                }
+                Some(ws) => {
+                    // Beside the vCPUs: a page they touch first is served by a fault; the
+                    // prefetcher then finds it installed (or gets EEXIST) and moves on.
+                    let server = server.clone();
+                    Prefetch::Running(
+                        std::thread::Builder::new()
+                            .name("prefetch".into())
+                            .spawn(move || prefetch::prefetch(&server, &ws))
+                            .map_err(|source| BuildVmError::Thread {
+                                what: "prefetch",
+                                source,
+                            })?,
+                    )
+                }
+                None => Prefetch::None,
+            };
+            Some(LazyMemory {
+                handle,
+                prefetch,
+                record: record.map(|r| (r, id)),
+                recorded_pages: None,
+            })
+        }
+    };
+    let backing = if source.absent_pages_are_zero() {
+        MemoryBacking::Anonymous
+    } else {
+        MemoryBacking::Lazy
+    };
+    persist::restore_vm(&shell.vm, &state.vm)?;
+
+    let trigger = serial_trigger(&shell.vm)?;
+    let serial = Serial::restore(trigger, host.serial, &state.devices.serial)
+        .map_err(RestoreError::Serial)?;
+    let serial = Arc::new(Mutex::new(serial));
+    let pio = pio_bus(&serial, &shell.stop)?;
+    let mut mmio = devices::Bus::new();
+    let virtio = super::virtio::restore_devices(
+        &shell.vm,
+        &mem,
+        &mut mmio,
+        &state.virtio,
+        &host.disk_slots,
+        host.vsock_path.as_deref(),
+    )?;
+    let mmio = Arc::new(mmio);
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (vs, fd) in state.vcpus.iter().zip(std::mem::take(&mut shell.vcpu_fds)) {
+        persist::restore_vcpu(&fd, vs)?;
+        vcpus.push(Vcpu {
+            fd,
+            id: vs.id,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            stop: shell.stop.clone(),
+            msr_indices: shell.msr_indices.clone(),
+        });
+    }
+    Ok(Loaded {
+        vcpus,
+        mem,
+        layout,
+        backing,
+        mem_mib: state.mem_mib,
+        serial,
+        forward_stdin: host.forward_stdin,
+        snapshot_on_ready: None,
+        lazy,
+        virtio,
+    })
+}

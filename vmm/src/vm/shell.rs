@@ -1,0 +1,519 @@
+//! The VM shell and the VMM thread.
+//!
+//! A [`VmShell`] is a KVM VM (irqchip, PIT, TSS), its vCPU fds, the control socket, the
+//! termination signals and a thread of its own (the *VMM thread*) holding the io_uring event
+//! loop: everything a VM needs before it is known what the guest will be. Every later stage runs
+//! on the VMM thread, because the virtio devices' workers are `!Send` and live on the loop that
+//! thread runs: [`VmShell::load`] and [`LoadedVm::start`] send it a job and wait for the answer;
+//! after `start` the thread runs the loop until the VM stops and returns the [`VmReport`].
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_loop::{EventLoop, Ticker};
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use super::running::{Request, RunningVm};
+use super::runtime::{self, RuntimeParts, VmRuntime};
+use super::{BuildVmError, Guest, HostResources, VmReport, kvm_err};
+use crate::control::{self, ControlListener};
+use crate::host::{self, HostCheck};
+use crate::layout::KVM_TSS_ADDRESS;
+use crate::persist;
+use crate::stop::{StopNotifier, StopReason};
+use crate::vcpu;
+
+/// Period of the halt watchdog.
+const HALT_CHECK_PERIOD: Duration = Duration::from_millis(250);
+
+/// What a shell is built with.
+#[derive(Debug, Clone)]
+pub struct ShellConfig {
+    /// vCPUs to create.
+    pub vcpus: u8,
+    /// Where to listen for control requests.
+    pub api_sock: Option<PathBuf>,
+    /// When the process started: the zero of every reported time.
+    pub process_start: Instant,
+}
+
+/// Removes the control socket file when the VM ends.
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What the VMM thread holds from the shell stage on.
+pub(super) struct ShellParts {
+    pub event_loop: EventLoop<VmRuntime>,
+    pub signals: SignalFd,
+    pub listener: Option<UnixListener>,
+    sock_guard: Option<RemoveOnDrop>,
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub vcpu_fds: Vec<VcpuFd>,
+    pub stop: Arc<StopNotifier>,
+    pub host: HostCheck,
+    pub supported_cpuid: kvm_bindings::CpuId,
+    pub msr_indices: Arc<Vec<u32>>,
+    pub process_start: Instant,
+}
+
+/// A job the VMM thread carries out.
+enum Job {
+    Load(Box<Guest>, HostResources, Sender<Result<(), BuildVmError>>),
+    Start(Sender<Result<StartInfo, BuildVmError>>),
+}
+
+/// What `start` reports back.
+struct StartInfo {
+    requests: Sender<Request>,
+    wake: Arc<vmm_sys_util::eventfd::EventFd>,
+}
+
+/// A VM before its guest is known.
+#[derive(Debug)]
+pub struct VmShell {
+    jobs: Sender<Job>,
+    thread: JoinHandle<Result<Option<VmReport>, BuildVmError>>,
+    stop: Arc<StopNotifier>,
+    vcpus: u8,
+}
+
+/// A VM whose guest is loaded, ready to start.
+#[derive(Debug)]
+pub struct LoadedVm {
+    shell: VmShell,
+}
+
+/// Blocks the termination signals in this thread (and so in every thread spawned after) and
+/// returns a signalfd for them.
+fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
+    set.thread_block().map_err(BuildVmError::Signals)?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(BuildVmError::Signals)
+}
+
+fn open_kvm() -> Result<Kvm, BuildVmError> {
+    let kvm = Kvm::new().map_err(BuildVmError::OpenKvm)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(BuildVmError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Opens /dev/kvm and checks the capabilities the VMM needs (for checks before a VM exists).
+pub(super) fn kvm_system() -> Result<Kvm, BuildVmError> {
+    open_kvm()
+}
+
+/// The shell's parts that are `Send`, built on the caller's thread.
+struct KvmParts {
+    kvm: Kvm,
+    vm: VmFd,
+    vcpu_fds: Vec<VcpuFd>,
+    supported_cpuid: kvm_bindings::CpuId,
+    msr_indices: Arc<Vec<u32>>,
+}
+
+fn create_vm(vcpus: u8) -> Result<KvmParts, BuildVmError> {
+    let kvm = open_kvm()?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    let vcpu_fds = (0..vcpus)
+        .map(|id| {
+            vm.create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let supported_cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let msr_indices = Arc::new(persist::msr_index_list(&kvm)?);
+    Ok(KvmParts {
+        kvm,
+        vm,
+        vcpu_fds,
+        supported_cpuid,
+        msr_indices,
+    })
+}
+
+impl VmShell {
+    /// Builds a shell: signals, control socket, KVM VM with its vCPUs, and the VMM thread with
+    /// its event loop. Termination signals are blocked in the calling thread from here on (they
+    /// are read from a signalfd on the loop).
+    pub fn new(config: ShellConfig) -> Result<Self, BuildVmError> {
+        if config.vcpus == 0 || config.vcpus > crate::arch::mptable::MAX_VCPUS {
+            return Err(BuildVmError::VcpuCount(config.vcpus));
+        }
+        let host = host::check_host();
+        let signals = termination_signalfd()?;
+        let listener = config.api_sock.as_deref().map(control::bind).transpose()?;
+        let sock_guard = config.api_sock.clone().map(RemoveOnDrop);
+        let parts = create_vm(config.vcpus)?;
+        let stop =
+            Arc::new(StopNotifier::new(config.process_start).map_err(BuildVmError::EventFd)?);
+        let (jobs_tx, jobs_rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread_stop = stop.clone();
+        let process_start = config.process_start;
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || {
+                // The loop's ring is created on the thread that runs it.
+                let event_loop = match EventLoop::<VmRuntime>::new() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(BuildVmError::from(e)));
+                        return Ok(None);
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let shell = ShellParts {
+                    event_loop,
+                    signals,
+                    listener,
+                    sock_guard,
+                    kvm: parts.kvm,
+                    vm: parts.vm,
+                    vcpu_fds: parts.vcpu_fds,
+                    stop: thread_stop,
+                    host,
+                    supported_cpuid: parts.supported_cpuid,
+                    msr_indices: parts.msr_indices,
+                    process_start,
+                };
+                vmm_thread(shell, jobs_rx)
+            })
+            .map_err(|source| BuildVmError::Thread {
+                what: "VMM",
+                source,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(BuildVmError::VmmThreadGone),
+        }
+        Ok(Self {
+            jobs: jobs_tx,
+            thread,
+            stop,
+            vcpus: config.vcpus,
+        })
+    }
+
+    /// The number of vCPUs.
+    pub fn vcpus(&self) -> u8 {
+        self.vcpus
+    }
+
+    /// Loads the guest (on the VMM thread): memory, devices with the given host resources, guest
+    /// image or saved state, vCPUs.
+    pub fn load(self, guest: Guest, host: HostResources) -> Result<LoadedVm, BuildVmError> {
+        let (tx, rx) = mpsc::channel();
+        if self
+            .jobs
+            .send(Job::Load(Box::new(guest), host, tx))
+            .is_err()
+        {
+            return Err(self.gone());
+        }
+        match rx.recv() {
+            Ok(Ok(())) => Ok(LoadedVm { shell: self }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.gone()),
+        }
+    }
+
+    /// The VMM thread ended: its own error if it returned one.
+    fn gone(self) -> BuildVmError {
+        drop(self.jobs);
+        match self.thread.join() {
+            Ok(Err(e)) => e,
+            _ => BuildVmError::VmmThreadGone,
+        }
+    }
+}
+
+impl LoadedVm {
+    /// Starts the vCPUs and the loop; returns the running VM's handle.
+    pub fn start(self) -> Result<RunningVm, BuildVmError> {
+        let shell = self.shell;
+        let (tx, rx) = mpsc::channel();
+        if shell.jobs.send(Job::Start(tx)).is_err() {
+            return Err(shell.gone());
+        }
+        match rx.recv() {
+            Ok(Ok(info)) => Ok(RunningVm::new(
+                info.requests,
+                info.wake,
+                shell.thread,
+                shell.stop,
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(shell.gone()),
+        }
+    }
+}
+
+/// The VMM thread: waits for `load`, then `start`, then runs the VM to its end.
+fn vmm_thread(
+    mut shell: ShellParts,
+    jobs: Receiver<Job>,
+) -> Result<Option<VmReport>, BuildVmError> {
+    let mut loaded = None;
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Load(guest, host, reply) => {
+                if loaded.is_some() {
+                    return Ok(None);
+                }
+                match super::load(&mut shell, *guest, host) {
+                    Ok(l) => {
+                        loaded = Some(l);
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(None);
+                    }
+                }
+            }
+            Job::Start(reply) => {
+                let Some(l) = loaded.take() else {
+                    return Ok(None);
+                };
+                return run_vm(shell, l, reply).map(Some);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Starts the vCPUs, answers `start`, runs the loop until a stop, tears down, reports.
+fn run_vm(
+    shell: ShellParts,
+    l: super::Loaded,
+    reply: Sender<Result<StartInfo, BuildVmError>>,
+) -> Result<VmReport, BuildVmError> {
+    let ShellParts {
+        mut event_loop,
+        signals,
+        listener,
+        sock_guard,
+        vm,
+        stop,
+        host,
+        kvm: _kvm,
+        vcpu_fds: _,
+        supported_cpuid,
+        msr_indices: _,
+        process_start,
+    } = shell;
+    let started = (|| {
+        if l.snapshot_on_ready.is_some() {
+            stop.arm_snapshot_on_ready();
+        }
+        vcpu::install_kick_handler().map_err(BuildVmError::KickHandler)?;
+        let wake = Arc::new(
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(BuildVmError::EventFd)?,
+        );
+        Ok(wake)
+    })();
+    let wake = match started {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return Err(BuildVmError::VmmThreadGone);
+        }
+    };
+    let vcpus_started_after = process_start.elapsed();
+    let run_start = Instant::now();
+    let mut handles = Vec::with_capacity(l.vcpus.len());
+    for v in l.vcpus {
+        match v.spawn() {
+            Ok(h) => handles.push(h),
+            Err(source) => {
+                stop.stop(StopReason::LoopError {
+                    error: format!("cannot start a vCPU thread: {source}"),
+                });
+                for h in &mut handles {
+                    h.stop_and_join();
+                }
+                let _ = reply.send(Err(BuildVmError::Thread {
+                    what: "vCPU",
+                    source,
+                }));
+                return Err(BuildVmError::VmmThreadGone);
+            }
+        }
+    }
+    let mut rt = VmRuntime::new(RuntimeParts {
+        vcpus: handles,
+        serial: l.serial,
+        stop: stop.clone(),
+        memory_mib: l.mem_mib,
+        host,
+        vm,
+        mem: l.mem,
+        layout: l.layout,
+        backing: l.backing,
+        snapshot_on_ready: l.snapshot_on_ready,
+        lazy: l.lazy,
+        host_cpuid: supported_cpuid.as_slice().to_vec(),
+        virtio: l.virtio,
+    });
+    // Each device's worker runs on this loop; the handles stay in the runtime, on this thread.
+    let sources: Vec<_> = rt.virtio.iter().map(|d| d.event_source()).collect();
+    for source in sources {
+        event_loop.add(source, &mut rt);
+    }
+    let stdin = (l.forward_stdin && stdin_is_open()).then_some(0);
+    let (req_tx, req_rx) = mpsc::channel::<Request>();
+    for source in runtime::loop_sources(&stop, signals, stdin, wake.clone(), req_rx) {
+        event_loop.add(Box::new(source), &mut rt);
+    }
+    if let Some(l) = listener {
+        event_loop.add(Box::new(ControlListener::new(l)), &mut rt);
+    }
+    if let Some(limit) = rt.recording_limit() {
+        event_loop.add(
+            Box::new(Ticker::new(
+                "workingset-limit",
+                limit,
+                |rt: &mut VmRuntime| {
+                    rt.finish_recording("time limit");
+                    event_loop::Flow::Remove
+                },
+            )),
+            &mut rt,
+        );
+    }
+    event_loop.add(
+        Box::new(Ticker::new(
+            "watchdog",
+            HALT_CHECK_PERIOD,
+            |rt: &mut VmRuntime| {
+                rt.check_halted();
+                rt.check_page_server();
+                event_loop::Flow::Continue
+            },
+        )),
+        &mut rt,
+    );
+    let _ = reply.send(Ok(StartInfo {
+        requests: req_tx,
+        wake,
+    }));
+    if let Err(e) = event_loop.run(&mut rt) {
+        stop.stop(StopReason::LoopError {
+            error: e.to_string(),
+        });
+    }
+
+    // Every vCPU thread is joined before guest memory and the VM go away.
+    rt.resume();
+    for v in &mut rt.vcpus {
+        v.stop_and_join();
+    }
+    let run_time = run_start.elapsed();
+    let page_server = rt.finish_lazy_memory();
+    let report = VmReport {
+        reason: stop.reason().unwrap_or(StopReason::LoopError {
+            error: "loop ended without a reason".into(),
+        }),
+        ready_after: stop.ready_after(),
+        first_serial_byte_after: rt
+            .serial_metrics
+            .first_byte_at
+            .get()
+            .map(|t| t.saturating_duration_since(process_start)),
+        vcpus_started_after,
+        serial_bytes: rt
+            .serial_metrics
+            .bytes_out
+            .load(std::sync::atomic::Ordering::Relaxed),
+        exits: rt.exit_counts(),
+        run_time,
+        snapshot: rt.snapshot_taken.clone(),
+        page_server,
+    };
+    // The vsock devices' host sockets were bound by this VM: remove them with it.
+    let vsock_sockets: Vec<RemoveOnDrop> = rt
+        .virtio
+        .iter()
+        .filter(|d| matches!(d.device, super::virtio::VirtioDevice::Vsock(_)))
+        .filter_map(|d| d.path.clone().map(RemoveOnDrop))
+        .collect();
+    drop(rt);
+    drop(vsock_sockets);
+    drop(sock_guard);
+    Ok(report)
+}
+
+fn stdin_is_open() -> bool {
+    // SAFETY: F_GETFD on fd 0 only queries its flags.
+    unsafe { libc::fcntl(0, libc::F_GETFD) != -1 }
+}
+
+/// Whether `path` could be created as a snapshot directory (checked before booting).
+pub(super) fn check_snapshot_dest(path: &Path) -> Result<(), BuildVmError> {
+    let err = |reason| BuildVmError::SnapshotDest {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if path.symlink_metadata().is_ok() {
+        return Err(err(
+            "it already exists: choose another path or remove it first",
+        ));
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(err("its parent directory does not exist"));
+    }
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(parent.as_os_str()))
+        .map_err(|_| err("the path holds a NUL byte"))?;
+    // SAFETY: access() on a valid NUL-terminated path reads no memory of ours beyond it.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(err("its parent directory is not writable"));
+    }
+    Ok(())
+}
