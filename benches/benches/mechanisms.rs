@@ -40,13 +40,14 @@ struct Wake {
 }
 
 impl EventSource<()> for Wake {
+    type Token = ();
     fn name(&self) -> &'static str {
         "wake"
     }
-    fn start(&mut self, _: &mut (), ops: &mut Ops<'_, ()>) {
-        ops.poll_readable(self.evt.as_raw_fd(), 0, true);
+    fn start(&mut self, _: &mut (), ops: &mut Ops<'_, (), ()>) {
+        ops.poll_readable(self.evt.as_raw_fd(), (), true);
     }
-    fn complete(&mut self, _: Completion, _: &mut (), ops: &mut Ops<'_, ()>) -> Flow {
+    fn complete(&mut self, _: Completion<()>, _: &mut (), ops: &mut Ops<'_, (), ()>) -> Flow {
         let _ = self.evt.read();
         self.remaining -= 1;
         if self.remaining == 0 {

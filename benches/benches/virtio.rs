@@ -274,6 +274,7 @@ impl VsockBench {
             VsockConfig {
                 guest_cid: 3,
                 uds_path: path.to_owned(),
+                max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
             },
             mem.clone(),
         )

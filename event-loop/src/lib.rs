@@ -3,26 +3,42 @@
 //! A crate of its own so that both the VMM and the devices (whose queue handlers and block I/O run
 //! on it) can use it without the devices depending on the VMM.
 //!
-//! Every source of events (the control socket, signals, serial input, timers, later device queues
-//! and the page server) is an [`EventSource`] registered in a slot. It submits operations through
-//! [`Ops`], which tags each with a [`Token`] (slot + the source's own tag) in the SQE's `user_data`;
-//! completions come back to the same source. Sources get the loop's context `C` (the VM's state)
-//! by `&mut`, so nothing here needs a lock.
+//! Every source of events (the control socket and its connections, signals, serial input, timers,
+//! and each virtio device's worker: its queue notifications, block I/O and vsock sockets) is an
+//! [`EventSource`] registered in a slot. It submits operations through [`Ops`], which tags each
+//! with the source's slot, the slot's generation and the source's own typed tag
+//! ([`EventSource::Token`], an [`EventToken`]) in the SQE's `user_data`; completions come back to
+//! the same source, decoded to that type. A completion that arrives after its source was removed
+//! is dropped, even if another source took the slot since (the generation differs). Sources get
+//! the loop's context `C` (the VM's state) by `&mut`, so nothing here needs a lock.
+//!
+//! The userfaultfd page server is not on this loop but on a thread of its own (see
+//! `snapshot::page_server`): the loop blocks while it pauses vCPUs for a snapshot, and a vCPU
+//! parked on a fault could then never be answered.
 //!
 //! Adding an event source: for "do this when that fd is readable", one [`FdWatch`] with a closure;
 //! for anything else (reads into buffers, several operations in flight), implement [`EventSource`]
-//! (start: submit the first operations; complete: handle one completion and resubmit). Then call
-//! [`EventLoop::add`].
+//! with a tag enum implementing [`EventToken`] (start: submit the first operations; complete:
+//! handle one completion and resubmit). Then call [`EventLoop::add`].
 
 #![deny(missing_docs)]
 
+mod sources;
+mod token;
+
+use std::marker::PhantomData;
 use std::os::fd::RawFd;
-use std::time::Duration;
 
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 
+pub use sources::{FdWatch, Ticker, Watch};
+pub use token::EventToken;
+use token::Token;
+
 /// Depth of the submission queue.
 const RING_ENTRIES: u32 = 256;
+/// Most sources registered at once (the slot is 16 bits of `user_data`).
+pub const MAX_SOURCES: usize = 1 << 16;
 
 /// Errors of the event loop.
 #[derive(Debug, thiserror::Error)]
@@ -41,35 +57,11 @@ pub enum EventLoopError {
     Submit(#[source] std::io::Error),
 }
 
-/// Identifies an operation: which source submitted it and what for (the source's own tag).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Token {
-    /// The source's slot.
-    pub slot: u32,
-    /// The source's tag.
-    pub tag: u32,
-}
-
-impl Token {
-    /// Packs into `user_data`.
-    pub fn encode(self) -> u64 {
-        (u64::from(self.slot) << 32) | u64::from(self.tag)
-    }
-
-    /// Unpacks from `user_data`.
-    pub fn decode(data: u64) -> Self {
-        Self {
-            slot: (data >> 32) as u32,
-            tag: data as u32,
-        }
-    }
-}
-
 /// One completion handed to a source.
 #[derive(Debug, Clone, Copy)]
-pub struct Completion {
+pub struct Completion<T> {
     /// The source's tag of the operation.
-    pub tag: u32,
+    pub tag: T,
     /// The result: >= 0 on success, `-errno` on failure.
     pub result: i32,
     /// Whether a multishot operation will produce more completions.
@@ -81,61 +73,59 @@ pub struct Completion {
 pub enum Flow {
     /// Keep the source.
     Continue,
-    /// Remove the source (it has nothing in flight any more).
+    /// Remove the source. Completions of its operations still in flight are dropped; memory
+    /// those operations point to must outlive them (see [`Ops::push`]).
     Remove,
 }
 
-/// Submission handle given to a source; tags every operation with the source's slot.
-pub struct Ops<'a, C> {
-    slot: u32,
+/// A source as the loop holds it, whatever its tag type.
+pub type BoxedSource<C> = Box<dyn AnySource<C>>;
+
+/// Submission handle given to a source; tags every operation with the source's slot, the slot's
+/// generation and the source's tag of type `T`. Tags are taken as `impl Into<T>`, so a source
+/// whose tag wraps another type's (a device worker and its handler) can pass the inner one.
+pub struct Ops<'a, C, T> {
+    slot: u16,
+    generation: u16,
     pending: &'a mut Vec<squeue::Entry>,
-    spawned: &'a mut Vec<Box<dyn EventSource<C>>>,
+    spawned: &'a mut Vec<BoxedSource<C>>,
     exit: &'a mut bool,
+    _tag: PhantomData<fn(T)>,
 }
 
-impl<C> std::fmt::Debug for Ops<'_, C> {
+impl<C, T> std::fmt::Debug for Ops<'_, C, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ops")
             .field("slot", &self.slot)
+            .field("generation", &self.generation)
             .finish_non_exhaustive()
     }
 }
 
-impl<C> Ops<'_, C> {
+impl<C, T> Ops<'_, C, T> {
+    /// The same handle with another tag type (the loop erases tags; a source's own ops are typed).
+    fn retag<U>(&mut self) -> Ops<'_, C, U> {
+        Ops {
+            slot: self.slot,
+            generation: self.generation,
+            pending: &mut *self.pending,
+            spawned: &mut *self.spawned,
+            exit: &mut *self.exit,
+            _tag: PhantomData,
+        }
+    }
+
     fn token(&self, tag: u32) -> u64 {
         Token {
             slot: self.slot,
+            generation: self.generation,
             tag,
         }
         .encode()
     }
 
-    /// Waits for `fd` to become readable (multishot when `multishot`).
-    pub fn poll_readable(&mut self, fd: RawFd, tag: u32, multishot: bool) {
-        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-            .multi(multishot)
-            .build()
-            .user_data(self.token(tag));
-        self.pending.push(e);
-    }
-
-    /// Completes after `timespec`. The timespec must stay where it is until the completion arrives
-    /// (sources keep it in a field; they are boxed, so it does not move).
-    pub fn timeout(&mut self, timespec: &types::Timespec, tag: u32) {
-        let e = opcode::Timeout::new(timespec as *const _)
-            .build()
-            .user_data(self.token(tag));
-        self.pending.push(e);
-    }
-
-    /// Submits an operation built by the source; its `user_data` is set to this source's token.
-    pub fn push(&mut self, entry: squeue::Entry, tag: u32) {
-        let token = self.token(tag);
-        self.pending.push(entry.user_data(token));
-    }
-
     /// Registers another source (for example an accepted connection) after this completion.
-    pub fn spawn(&mut self, source: Box<dyn EventSource<C>>) {
+    pub fn spawn(&mut self, source: BoxedSource<C>) {
         self.spawned.push(source);
     }
 
@@ -145,20 +135,136 @@ impl<C> Ops<'_, C> {
     }
 }
 
+impl<C, T: EventToken> Ops<'_, C, T> {
+    /// Waits for `events` (`POLLIN`, `POLLOUT`, ...) on `fd` (multishot when `multishot`). The
+    /// operation holds no pointer; a closed fd completes it with an error.
+    pub fn poll(&mut self, fd: RawFd, events: u32, tag: impl Into<T>, multishot: bool) {
+        let e = opcode::PollAdd::new(types::Fd(fd), events)
+            .multi(multishot)
+            .build()
+            .user_data(self.token(tag.into().encode()));
+        self.pending.push(e);
+    }
+
+    /// Waits for `fd` to become readable (multishot when `multishot`).
+    pub fn poll_readable(&mut self, fd: RawFd, tag: impl Into<T>, multishot: bool) {
+        self.poll(fd, libc::POLLIN as u32, tag, multishot);
+    }
+
+    /// Waits for `fd` to become writable (once).
+    pub fn poll_writable(&mut self, fd: RawFd, tag: impl Into<T>) {
+        self.poll(fd, libc::POLLOUT as u32, tag, false);
+    }
+
+    /// Completes after `timespec`.
+    ///
+    /// # Safety
+    ///
+    /// The ring keeps a pointer to `timespec`: it must stay valid, at the same address, until the
+    /// operation completes. A source keeps it in a boxed field of its own and does not drop it
+    /// (nor return [`Flow::Remove`]) while the timeout is in flight.
+    pub unsafe fn timeout(&mut self, timespec: &types::Timespec, tag: impl Into<T>) {
+        let e = opcode::Timeout::new(timespec as *const _)
+            .build()
+            .user_data(self.token(tag.into().encode()));
+        self.pending.push(e);
+    }
+
+    /// Submits an operation built by the source; its `user_data` is set to this source's token.
+    ///
+    /// # Safety
+    ///
+    /// Everything `entry` points to (buffers, iovecs, timespecs, addresses) must stay valid, at
+    /// the same address, until the kernel completes the operation; buffers the kernel writes must
+    /// not be read or written by anyone else until then; every fd it names must stay open until
+    /// then. Removing the source does not cancel the operation: memory it points to must outlive
+    /// the operation even then.
+    pub unsafe fn push(&mut self, entry: squeue::Entry, tag: impl Into<T>) {
+        let token = self.token(tag.into().encode());
+        self.pending.push(entry.user_data(token));
+    }
+}
+
 /// A source of events on the loop.
 pub trait EventSource<C> {
+    /// What the source's operations are for, as its completions report it.
+    type Token: EventToken;
     /// A name for logs.
     fn name(&self) -> &'static str;
     /// Submits the source's first operations.
-    fn start(&mut self, ctx: &mut C, ops: &mut Ops<'_, C>);
+    fn start(&mut self, ctx: &mut C, ops: &mut Ops<'_, C, Self::Token>);
     /// Handles one completion of an operation this source submitted.
-    fn complete(&mut self, c: Completion, ctx: &mut C, ops: &mut Ops<'_, C>) -> Flow;
+    fn complete(
+        &mut self,
+        c: Completion<Self::Token>,
+        ctx: &mut C,
+        ops: &mut Ops<'_, C, Self::Token>,
+    ) -> Flow;
+}
+
+mod erased {
+    /// The tag type of the loop's own, untyped handle.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Raw;
+}
+
+/// An [`EventSource`] with its tag type erased, as the loop stores it. Implemented for every
+/// `EventSource`; box one to hand it to [`EventLoop::add`] or [`Ops::spawn`].
+pub trait AnySource<C> {
+    /// The source's name.
+    fn name(&self) -> &'static str;
+    /// [`EventSource::start`].
+    fn start_erased(&mut self, ctx: &mut C, ops: &mut Ops<'_, C, erased::Raw>);
+    /// Decodes the tag and calls [`EventSource::complete`]; drops a tag the source never made.
+    fn complete_erased(
+        &mut self,
+        raw_tag: u32,
+        result: i32,
+        more: bool,
+        ctx: &mut C,
+        ops: &mut Ops<'_, C, erased::Raw>,
+    ) -> Flow;
+}
+
+impl<C, S: EventSource<C>> AnySource<C> for S {
+    fn name(&self) -> &'static str {
+        EventSource::name(self)
+    }
+
+    fn start_erased(&mut self, ctx: &mut C, ops: &mut Ops<'_, C, erased::Raw>) {
+        self.start(ctx, &mut ops.retag());
+    }
+
+    fn complete_erased(
+        &mut self,
+        raw_tag: u32,
+        result: i32,
+        more: bool,
+        ctx: &mut C,
+        ops: &mut Ops<'_, C, erased::Raw>,
+    ) -> Flow {
+        let Some(tag) = S::Token::decode(raw_tag) else {
+            tracing::warn!(
+                "event source {}: completion with a tag it never used ({raw_tag:#x}), dropped",
+                EventSource::name(self)
+            );
+            return Flow::Continue;
+        };
+        self.complete(Completion { tag, result, more }, ctx, &mut ops.retag())
+    }
+}
+
+/// A slot of the loop's source table.
+struct Slot<C> {
+    /// Bumped each time the slot is given to a new source.
+    generation: u16,
+    source: Option<BoxedSource<C>>,
 }
 
 /// The loop.
 pub struct EventLoop<C> {
     ring: IoUring,
-    sources: Vec<Option<Box<dyn EventSource<C>>>>,
+    slots: Vec<Slot<C>>,
     pending: Vec<squeue::Entry>,
 }
 
@@ -168,9 +274,9 @@ impl<C> std::fmt::Debug for EventLoop<C> {
             .field(
                 "sources",
                 &self
-                    .sources
+                    .slots
                     .iter()
-                    .flatten()
+                    .filter_map(|s| s.source.as_ref())
                     .map(|s| s.name())
                     .collect::<Vec<_>>(),
             )
@@ -201,31 +307,48 @@ impl<C> EventLoop<C> {
         }
         Ok(Self {
             ring,
-            sources: Vec::new(),
+            slots: Vec::new(),
             pending: Vec::new(),
         })
     }
 
-    /// Registers a source and lets it submit its first operations.
-    pub fn add(&mut self, mut source: Box<dyn EventSource<C>>, ctx: &mut C) -> bool {
-        let slot = match self.sources.iter().position(Option::is_none) {
-            Some(free) => free,
+    /// Registers a source and lets it submit its first operations; returns whether a source
+    /// asked the loop to exit. With [`MAX_SOURCES`] registered, the source is dropped (logged).
+    pub fn add(&mut self, mut source: BoxedSource<C>, ctx: &mut C) -> bool {
+        let slot = match self.slots.iter().position(|s| s.source.is_none()) {
+            Some(free) => {
+                let s = &mut self.slots[free];
+                s.generation = s.generation.wrapping_add(1);
+                free
+            }
+            None if self.slots.len() < MAX_SOURCES => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    source: None,
+                });
+                self.slots.len() - 1
+            }
             None => {
-                self.sources.push(None);
-                self.sources.len() - 1
+                tracing::error!(
+                    "event loop full ({MAX_SOURCES} sources): {} dropped",
+                    source.name()
+                );
+                return false;
             }
         };
         let mut spawned = Vec::new();
         let mut exit = false;
         let mut ops = Ops {
-            slot: slot as u32,
+            slot: slot as u16,
+            generation: self.slots[slot].generation,
             pending: &mut self.pending,
             spawned: &mut spawned,
             exit: &mut exit,
+            _tag: PhantomData,
         };
-        source.start(ctx, &mut ops);
+        source.start_erased(ctx, &mut ops);
         tracing::trace!("event source {} in slot {slot}", source.name());
-        self.sources[slot] = Some(source);
+        self.slots[slot].source = Some(source);
         for s in spawned {
             exit |= self.add(s, ctx);
         }
@@ -235,8 +358,9 @@ impl<C> EventLoop<C> {
     fn flush_pending(&mut self) -> Result<(), EventLoopError> {
         let mut i = 0;
         while i < self.pending.len() {
-            // SAFETY: every entry's buffers (timespecs) live in boxed sources that stay registered
-            // until their operations complete; fds stay open for as long as their sources live.
+            // SAFETY: entries reach `pending` only through `Ops`: polls carry no pointer, and the
+            // callers of the unsafe `Ops::timeout` and `Ops::push` guaranteed that what their
+            // entries point to (and the fds they name) outlive the operations.
             let pushed = unsafe { self.ring.submission().push(&self.pending[i]) };
             match pushed {
                 Ok(()) => i += 1,
@@ -250,7 +374,7 @@ impl<C> EventLoop<C> {
         Ok(())
     }
 
-    /// Runs until a source calls [`Ops::exit`] or `until` returns `true` after a round.
+    /// Runs until a source calls [`Ops::exit`].
     pub fn run(&mut self, ctx: &mut C) -> Result<(), EventLoopError> {
         let mut completions = Vec::new();
         loop {
@@ -270,28 +394,31 @@ impl<C> EventLoop<C> {
             let mut exit = false;
             for &(data, result, more) in &completions {
                 let token = Token::decode(data);
-                let slot = token.slot as usize;
-                let Some(Some(source)) = self.sources.get_mut(slot) else {
-                    continue; // a late completion of a removed source (cancelled op)
+                let slot = usize::from(token.slot);
+                let Some(Slot {
+                    generation,
+                    source: Some(source),
+                }) = self.slots.get_mut(slot)
+                else {
+                    continue; // a late completion of a removed source
                 };
+                if *generation != token.generation {
+                    // A late completion of a removed source whose slot another source took.
+                    tracing::trace!("dropped a completion of a removed source (slot {slot})");
+                    continue;
+                }
                 let mut spawned = Vec::new();
                 let mut ops = Ops {
                     slot: token.slot,
+                    generation: token.generation,
                     pending: &mut self.pending,
                     spawned: &mut spawned,
                     exit: &mut exit,
+                    _tag: PhantomData,
                 };
-                let flow = source.complete(
-                    Completion {
-                        tag: token.tag,
-                        result,
-                        more,
-                    },
-                    ctx,
-                    &mut ops,
-                );
+                let flow = source.complete_erased(token.tag, result, more, ctx, &mut ops);
                 if flow == Flow::Remove {
-                    self.sources[slot] = None;
+                    self.slots[slot].source = None;
                 }
                 for s in spawned {
                     exit |= self.add(s, ctx);
@@ -304,240 +431,5 @@ impl<C> EventLoop<C> {
     }
 }
 
-/// What an [`FdWatch`] callback wants next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Watch {
-    /// Keep watching.
-    Again,
-    /// Stop watching this fd (end of input, error).
-    Done,
-    /// End the whole loop.
-    ExitLoop,
-}
-
-/// Calls `on_readable` each time `fd` becomes readable; the callback reads what it needs.
-pub struct FdWatch<C> {
-    name: &'static str,
-    fd: RawFd,
-    on_readable: Box<dyn FnMut(&mut C) -> Watch>,
-}
-
-impl<C> std::fmt::Debug for FdWatch<C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FdWatch")
-            .field("name", &self.name)
-            .field("fd", &self.fd)
-            .finish()
-    }
-}
-
-impl<C> FdWatch<C> {
-    /// Watches `fd`, which must stay open as long as the source is registered (the callback
-    /// usually owns it).
-    pub fn new(
-        name: &'static str,
-        fd: RawFd,
-        on_readable: impl FnMut(&mut C) -> Watch + 'static,
-    ) -> Self {
-        Self {
-            name,
-            fd,
-            on_readable: Box::new(on_readable),
-        }
-    }
-}
-
-impl<C> EventSource<C> for FdWatch<C> {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn start(&mut self, _ctx: &mut C, ops: &mut Ops<'_, C>) {
-        ops.poll_readable(self.fd, 0, false);
-    }
-
-    fn complete(&mut self, c: Completion, ctx: &mut C, ops: &mut Ops<'_, C>) -> Flow {
-        if c.result < 0 && c.result != -libc::EINTR {
-            return Flow::Remove;
-        }
-        match (self.on_readable)(ctx) {
-            Watch::Again => {
-                ops.poll_readable(self.fd, 0, false);
-                Flow::Continue
-            }
-            Watch::Done => Flow::Remove,
-            Watch::ExitLoop => {
-                ops.exit();
-                Flow::Remove
-            }
-        }
-    }
-}
-
-/// A periodic timer source calling `tick` every `period`.
-pub struct Ticker<C> {
-    name: &'static str,
-    timespec: Box<types::Timespec>,
-    tick: Box<dyn FnMut(&mut C) -> Flow>,
-}
-
-impl<C> std::fmt::Debug for Ticker<C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ticker").field("name", &self.name).finish()
-    }
-}
-
-impl<C> Ticker<C> {
-    /// A ticker named `name`.
-    pub fn new(
-        name: &'static str,
-        period: Duration,
-        tick: impl FnMut(&mut C) -> Flow + 'static,
-    ) -> Self {
-        Self {
-            name,
-            timespec: Box::new(types::Timespec::from(period)),
-            tick: Box::new(tick),
-        }
-    }
-}
-
-impl<C> EventSource<C> for Ticker<C> {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn start(&mut self, _ctx: &mut C, ops: &mut Ops<'_, C>) {
-        ops.timeout(&self.timespec, 0);
-    }
-
-    fn complete(&mut self, _c: Completion, ctx: &mut C, ops: &mut Ops<'_, C>) -> Flow {
-        let flow = (self.tick)(ctx);
-        if flow == Flow::Continue {
-            ops.timeout(&self.timespec, 0);
-        }
-        flow
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::fd::AsRawFd;
-    use vmm_sys_util::eventfd::EventFd;
-
-    #[test]
-    fn test_token_roundtrip() {
-        for t in [
-            Token { slot: 0, tag: 0 },
-            Token {
-                slot: 7,
-                tag: u32::MAX,
-            },
-            Token {
-                slot: u32::MAX,
-                tag: 3,
-            },
-        ] {
-            assert_eq!(Token::decode(t.encode()), t);
-        }
-    }
-
-    struct Counter {
-        evt: EventFd,
-    }
-
-    impl EventSource<Vec<u64>> for Counter {
-        fn name(&self) -> &'static str {
-            "counter"
-        }
-        fn start(&mut self, _ctx: &mut Vec<u64>, ops: &mut Ops<'_, Vec<u64>>) {
-            ops.poll_readable(self.evt.as_raw_fd(), 9, true);
-        }
-        fn complete(
-            &mut self,
-            c: Completion,
-            ctx: &mut Vec<u64>,
-            ops: &mut Ops<'_, Vec<u64>>,
-        ) -> Flow {
-            assert_eq!(c.tag, 9);
-            assert!(c.result > 0);
-            ctx.push(self.evt.read().unwrap());
-            if ctx.len() == 3 {
-                ops.exit();
-            } else {
-                self.evt.write(ctx.len() as u64 + 1).unwrap();
-            }
-            Flow::Continue
-        }
-    }
-
-    #[test]
-    fn test_event_loop_multishot_poll_delivers_each_event() {
-        let mut lp = EventLoop::<Vec<u64>>::new().unwrap();
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        evt.write(1).unwrap();
-        let mut seen = Vec::new();
-        lp.add(Box::new(Counter { evt }), &mut seen);
-        lp.run(&mut seen).unwrap();
-        assert_eq!(seen, vec![1, 2, 3]);
-    }
-
-    #[test]
-    fn test_fd_watch_calls_back_until_exit() {
-        let mut lp = EventLoop::<Vec<u64>>::new().unwrap();
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        evt.write(5).unwrap();
-        let fd = evt.as_raw_fd();
-        let mut seen = Vec::new();
-        lp.add(
-            Box::new(FdWatch::new("evt", fd, move |seen: &mut Vec<u64>| {
-                seen.push(evt.read().unwrap());
-                if seen.len() == 3 {
-                    return Watch::ExitLoop;
-                }
-                evt.write(1).unwrap();
-                Watch::Again
-            })),
-            &mut seen,
-        );
-        lp.run(&mut seen).unwrap();
-        assert_eq!(seen, vec![5, 1, 1]);
-    }
-
-    #[test]
-    fn test_ticker_fires_repeatedly_until_removed() {
-        let mut lp = EventLoop::<u32>::new().unwrap();
-        let mut ticks = 0u32;
-        lp.add(
-            Box::new(Ticker::new("t", Duration::from_millis(1), |n: &mut u32| {
-                *n += 1;
-                if *n == 5 {
-                    Flow::Remove
-                } else {
-                    Flow::Continue
-                }
-            })),
-            &mut ticks,
-        );
-        struct Stopper(Box<types::Timespec>);
-        impl EventSource<u32> for Stopper {
-            fn name(&self) -> &'static str {
-                "stopper"
-            }
-            fn start(&mut self, _: &mut u32, ops: &mut Ops<'_, u32>) {
-                ops.timeout(&self.0, 1);
-            }
-            fn complete(&mut self, _: Completion, _: &mut u32, ops: &mut Ops<'_, u32>) -> Flow {
-                ops.exit();
-                Flow::Remove
-            }
-        }
-        lp.add(
-            Box::new(Stopper(Box::new(Duration::from_millis(50).into()))),
-            &mut ticks,
-        );
-        lp.run(&mut ticks).unwrap();
-        assert_eq!(ticks, 5);
-    }
-}
+mod tests;

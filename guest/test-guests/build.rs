@@ -17,6 +17,7 @@ const GUESTS: &[&str] = &[
     "halt",
     "pio",
     "virtioblk",
+    "vsock",
 ];
 
 /// Sources linked into every guest.

@@ -220,15 +220,17 @@ impl ControlListener {
 }
 
 impl<C: ControlHandler + 'static> EventSource<C> for ControlListener {
+    type Token = ();
+
     fn name(&self) -> &'static str {
         "control-listener"
     }
 
-    fn start(&mut self, _ctx: &mut C, ops: &mut Ops<'_, C>) {
-        ops.poll_readable(self.listener.as_raw_fd(), 0, true);
+    fn start(&mut self, _ctx: &mut C, ops: &mut Ops<'_, C, ()>) {
+        ops.poll_readable(self.listener.as_raw_fd(), (), true);
     }
 
-    fn complete(&mut self, c: Completion, _ctx: &mut C, ops: &mut Ops<'_, C>) -> Flow {
+    fn complete(&mut self, c: Completion<()>, _ctx: &mut C, ops: &mut Ops<'_, C, ()>) -> Flow {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => match stream.set_nonblocking(true) {
@@ -243,7 +245,7 @@ impl<C: ControlHandler + 'static> EventSource<C> for ControlListener {
             }
         }
         if !c.more {
-            ops.poll_readable(self.listener.as_raw_fd(), 0, true);
+            ops.poll_readable(self.listener.as_raw_fd(), (), true);
         }
         Flow::Continue
     }
@@ -273,15 +275,17 @@ impl ControlConnection {
 }
 
 impl<C: ControlHandler> EventSource<C> for ControlConnection {
+    type Token = ();
+
     fn name(&self) -> &'static str {
         "control-connection"
     }
 
-    fn start(&mut self, _ctx: &mut C, ops: &mut Ops<'_, C>) {
-        ops.poll_readable(self.stream.as_raw_fd(), 0, false);
+    fn start(&mut self, _ctx: &mut C, ops: &mut Ops<'_, C, ()>) {
+        ops.poll_readable(self.stream.as_raw_fd(), (), false);
     }
 
-    fn complete(&mut self, _c: Completion, ctx: &mut C, ops: &mut Ops<'_, C>) -> Flow {
+    fn complete(&mut self, _c: Completion<()>, ctx: &mut C, ops: &mut Ops<'_, C, ()>) -> Flow {
         let mut chunk = [0u8; 1024];
         loop {
             match self.stream.read(&mut chunk) {
@@ -313,7 +317,7 @@ impl<C: ControlHandler> EventSource<C> for ControlConnection {
             )));
             return Flow::Remove;
         }
-        ops.poll_readable(self.stream.as_raw_fd(), 0, false);
+        ops.poll_readable(self.stream.as_raw_fd(), (), false);
         Flow::Continue
     }
 }

@@ -85,6 +85,7 @@ fn test_conformance_vsock_save_restore_continues() {
                 VsockConfig {
                     guest_cid: 3,
                     uds_path: dir.path().join("v.sock"),
+                    max_connections: super::vsock::DEFAULT_MAX_CONNECTIONS,
                 },
                 mem,
             )
@@ -93,6 +94,7 @@ fn test_conformance_vsock_save_restore_continues() {
         |mem| VsockArgs {
             mem,
             uds_path: restored_path.clone(),
+            max_connections: super::vsock::DEFAULT_MAX_CONNECTIONS,
         },
         super::vsock::tests::vsock_io,
     );

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use event_loop::EventSource;
+use event_loop::BoxedSource;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -197,7 +197,7 @@ impl<H: QueueHandler + 'static> MmioDevice<H> {
     }
 
     /// The event source to add to the VMM's event loop (once).
-    pub fn event_source<C>(&self) -> Box<dyn EventSource<C>> {
+    pub fn event_source<C>(&self) -> BoxedSource<C> {
         Box::new(WorkerSource(self.worker.clone()))
     }
 

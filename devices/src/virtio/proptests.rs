@@ -181,7 +181,11 @@ proptest! {
         check(
             |mem| {
                 super::vsock::Vsock::new_vsock(
-                    super::vsock::VsockConfig { guest_cid: 3, uds_path: dir.path().join("v.sock") },
+                    super::vsock::VsockConfig {
+                        guest_cid: 3,
+                        uds_path: dir.path().join("v.sock"),
+                        max_connections: super::vsock::DEFAULT_MAX_CONNECTIONS,
+                    },
                     mem,
                 )
                 .unwrap()

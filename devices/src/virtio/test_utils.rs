@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_loop::{Completion, EventLoop, EventSource, Flow, Ops};
+use event_loop::{BoxedSource, Completion, EventLoop, EventSource, Flow, Ops};
 use io_uring::types::Timespec;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -337,16 +337,17 @@ struct IrqWaiter {
 }
 
 impl<C> EventSource<C> for IrqWaiter {
+    type Token = ();
     fn name(&self) -> &'static str {
         "harness-irq"
     }
-    fn start(&mut self, _: &mut C, ops: &mut Ops<'_, C>) {
-        ops.poll_readable(self.evt.as_raw_fd(), 0, true);
+    fn start(&mut self, _: &mut C, ops: &mut Ops<'_, C, ()>) {
+        ops.poll_readable(self.evt.as_raw_fd(), (), true);
     }
-    fn complete(&mut self, c: Completion, _: &mut C, ops: &mut Ops<'_, C>) -> Flow {
+    fn complete(&mut self, c: Completion<()>, _: &mut C, ops: &mut Ops<'_, C, ()>) -> Flow {
         let _ = self.evt.read();
         if !c.more {
-            ops.poll_readable(self.evt.as_raw_fd(), 0, true);
+            ops.poll_readable(self.evt.as_raw_fd(), (), true);
         }
         self.fired.set(true);
         ops.exit();
@@ -361,18 +362,26 @@ struct Watchdog {
     deadline: Rc<Cell<Instant>>,
 }
 
+impl Watchdog {
+    fn arm<C>(&self, ops: &mut Ops<'_, C, ()>) {
+        // SAFETY: the timespec is boxed in this source, which is never removed.
+        unsafe { ops.timeout(&self.ts, ()) };
+    }
+}
+
 impl<C> EventSource<C> for Watchdog {
+    type Token = ();
     fn name(&self) -> &'static str {
         "harness-watchdog"
     }
-    fn start(&mut self, _: &mut C, ops: &mut Ops<'_, C>) {
-        ops.timeout(&self.ts, 0);
+    fn start(&mut self, _: &mut C, ops: &mut Ops<'_, C, ()>) {
+        self.arm(ops);
     }
-    fn complete(&mut self, _: Completion, _: &mut C, ops: &mut Ops<'_, C>) -> Flow {
+    fn complete(&mut self, _: Completion<()>, _: &mut C, ops: &mut Ops<'_, C, ()>) -> Flow {
         if Instant::now() >= self.deadline.get() {
             ops.exit();
         }
-        ops.timeout(&self.ts, 0);
+        self.arm(ops);
         Flow::Continue
     }
 }
@@ -428,7 +437,7 @@ impl<H: QueueHandler + 'static> Harness<H> {
     }
 
     /// Adds another source to the harness's loop.
-    pub fn add_source(&mut self, source: Box<dyn EventSource<()>>) {
+    pub fn add_source(&mut self, source: BoxedSource<()>) {
         self.lp.add(source, &mut ());
     }
 

@@ -6,9 +6,9 @@
 //! restore and quiescing; `Rc` is `!Send`, so the worker cannot leave the loop's thread and its
 //! I/O path takes no lock.
 //!
-//! Tags of the worker's io_uring operations: [`TAG_HANDOFF`] for the hand-over `EventFd`,
-//! `TAG_QUEUE_BASE + i` for queue `i`'s notification `EventFd`, and from [`TAG_HANDLER_BASE`] on,
-//! whatever the device's handler submits (block reads, socket polls).
+//! The worker's io_uring operations are tagged with a [`WorkerToken`]: the hand-over `EventFd`,
+//! queue `i`'s notification `EventFd`, or an operation of the device's handler (block reads,
+//! socket polls), tagged with the handler's own [`QueueHandler::Token`].
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 
-use event_loop::{Completion, EventSource, Flow, Ops};
+use event_loop::{Completion, EventSource, EventToken, Flow, Ops};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -24,12 +24,68 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{ActivateError, Activation, Interrupt};
 
-/// Tag of the hand-over `EventFd`.
-pub const TAG_HANDOFF: u32 = 0;
-/// Tag of queue 0's notification `EventFd`; queue `i` uses `TAG_QUEUE_BASE + i`.
-pub const TAG_QUEUE_BASE: u32 = 1;
-/// First tag free for the device's handler.
-pub const TAG_HANDLER_BASE: u32 = 0x100;
+/// What one of a worker's operations is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerToken<T> {
+    /// The hand-over `EventFd` (activation, reset).
+    Handoff,
+    /// A queue's notification `EventFd`.
+    Queue(u16),
+    /// An operation of the device's handler.
+    Handler(T),
+}
+
+/// Set in the encoding of [`WorkerToken::Handler`]; a handler's tags encode below it.
+pub const HANDLER_TOKEN_BIT: u32 = 1 << 31;
+
+/// A handler's tag wraps into the worker's (handlers pass their own tags to [`Ops`]).
+impl<T> From<T> for WorkerToken<T> {
+    fn from(t: T) -> Self {
+        Self::Handler(t)
+    }
+}
+
+/// `0`: hand-over; `1 + i`: queue `i`; [`HANDLER_TOKEN_BIT`] `|` the handler's tag.
+impl<T: EventToken> EventToken for WorkerToken<T> {
+    fn encode(self) -> u32 {
+        match self {
+            Self::Handoff => 0,
+            Self::Queue(i) => 1 + u32::from(i),
+            Self::Handler(t) => {
+                let raw = t.encode();
+                debug_assert_eq!(raw & HANDLER_TOKEN_BIT, 0, "handler tag {t:?} too wide");
+                HANDLER_TOKEN_BIT | raw
+            }
+        }
+    }
+
+    fn decode(raw: u32) -> Option<Self> {
+        if raw & HANDLER_TOKEN_BIT != 0 {
+            return T::decode(raw & !HANDLER_TOKEN_BIT).map(Self::Handler);
+        }
+        match raw {
+            0 => Some(Self::Handoff),
+            _ => u16::try_from(raw - 1).ok().map(Self::Queue),
+        }
+    }
+}
+
+/// The tag of a handler that submits no operations of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoToken {}
+
+impl EventToken for NoToken {
+    fn encode(self) -> u32 {
+        match self {}
+    }
+
+    fn decode(_raw: u32) -> Option<Self> {
+        None
+    }
+}
+
+/// The operations handle a worker gives its handler.
+pub type HandlerOps<'a, C, T> = Ops<'a, C, WorkerToken<T>>;
 
 /// What the front (vCPU thread) tells the worker (loop thread).
 #[derive(Debug)]
@@ -162,17 +218,19 @@ pub struct QueuePosition {
 
 /// A device's queue processing, run by a [`Worker`] on the event loop.
 pub trait QueueHandler {
+    /// What the handler's own operations are for; must encode below [`HANDLER_TOKEN_BIT`].
+    type Token: EventToken;
     /// A name for logs.
     fn name(&self) -> &'static str;
     /// Submits the handler's first operations (listening sockets); called once.
-    fn start<C>(&mut self, _ops: &mut Ops<'_, C>) {}
+    fn start<C>(&mut self, _ops: &mut HandlerOps<'_, C, Self::Token>) {}
     /// The device was activated (`restored`: from a snapshot rather than by the driver).
     fn activated<C>(
         &mut self,
         _active: &mut Active,
         _restored: bool,
         _irq: &Interrupt,
-        _ops: &mut Ops<'_, C>,
+        _ops: &mut HandlerOps<'_, C, Self::Token>,
     ) -> Result<(), DeviceFailure> {
         Ok(())
     }
@@ -182,15 +240,15 @@ pub trait QueueHandler {
         queue: usize,
         active: &mut Active,
         irq: &Interrupt,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, Self::Token>,
     ) -> Result<(), DeviceFailure>;
-    /// A completion of an operation the handler submitted (tag >= [`TAG_HANDLER_BASE`]).
+    /// A completion of an operation the handler submitted.
     fn complete<C>(
         &mut self,
-        _c: Completion,
+        _c: Completion<Self::Token>,
         _active: Option<&mut Active>,
         _irq: &Interrupt,
-        _ops: &mut Ops<'_, C>,
+        _ops: &mut HandlerOps<'_, C, Self::Token>,
     ) -> Result<(), DeviceFailure> {
         Ok(())
     }
@@ -277,7 +335,7 @@ impl<H: QueueHandler> Worker<H> {
         self.interrupt.set_needs_reset();
     }
 
-    fn process_all<C>(&mut self, ops: &mut Ops<'_, C>) {
+    fn process_all<C>(&mut self, ops: &mut HandlerOps<'_, C, H::Token>) {
         let DeviceState::Activated(active) = &mut self.state else {
             return;
         };
@@ -292,7 +350,7 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
-    fn handle_commands<C>(&mut self, ops: &mut Ops<'_, C>) {
+    fn handle_commands<C>(&mut self, ops: &mut HandlerOps<'_, C, H::Token>) {
         while let Ok(cmd) = self.rx.rx.try_recv() {
             self.rx.pending.fetch_sub(1, Ordering::SeqCst);
             match cmd {
@@ -340,46 +398,59 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
-    fn start<C>(&mut self, ops: &mut Ops<'_, C>) {
-        ops.poll_readable(self.rx.wake.as_raw_fd(), TAG_HANDOFF, true);
+    fn start<C>(&mut self, ops: &mut HandlerOps<'_, C, H::Token>) {
+        ops.poll_readable(self.rx.wake.as_raw_fd(), WorkerToken::Handoff, true);
         for (i, evt) in self.queue_evts.iter().enumerate() {
-            ops.poll_readable(evt.as_raw_fd(), TAG_QUEUE_BASE + i as u32, true);
+            ops.poll_readable(evt.as_raw_fd(), WorkerToken::Queue(i as u16), true);
         }
         self.handler.start(ops);
         // A restored device's activation may already be waiting.
         self.handle_commands(ops);
     }
 
-    fn complete<C>(&mut self, c: Completion, ops: &mut Ops<'_, C>) {
-        if c.tag == TAG_HANDOFF {
-            let _ = self.rx.wake.read();
-            if !c.more {
-                ops.poll_readable(self.rx.wake.as_raw_fd(), TAG_HANDOFF, true);
+    fn complete<C>(
+        &mut self,
+        c: Completion<WorkerToken<H::Token>>,
+        ops: &mut HandlerOps<'_, C, H::Token>,
+    ) {
+        match c.tag {
+            WorkerToken::Handoff => {
+                let _ = self.rx.wake.read();
+                if !c.more {
+                    ops.poll_readable(self.rx.wake.as_raw_fd(), WorkerToken::Handoff, true);
+                }
+                self.handle_commands(ops);
             }
-            self.handle_commands(ops);
-        } else if c.tag < TAG_HANDLER_BASE {
-            let q = (c.tag - TAG_QUEUE_BASE) as usize;
-            let Some(evt) = self.queue_evts.get(q) else {
-                return;
-            };
-            let _ = evt.read();
-            if !c.more {
-                ops.poll_readable(evt.as_raw_fd(), c.tag, true);
+            WorkerToken::Queue(q) => {
+                let q = usize::from(q);
+                let Some(evt) = self.queue_evts.get(q) else {
+                    return;
+                };
+                let _ = evt.read();
+                if !c.more {
+                    ops.poll_readable(evt.as_raw_fd(), c.tag, true);
+                }
+                if let DeviceState::Activated(active) = &mut self.state
+                    && q < active.queues.len()
+                    && active.is_current(&self.interrupt)
+                    && let Err(e) = self.handler.process_queue(q, active, &self.interrupt, ops)
+                {
+                    self.fail(e);
+                }
             }
-            if let DeviceState::Activated(active) = &mut self.state
-                && q < active.queues.len()
-                && active.is_current(&self.interrupt)
-                && let Err(e) = self.handler.process_queue(q, active, &self.interrupt, ops)
-            {
-                self.fail(e);
-            }
-        } else {
-            let active = match &mut self.state {
-                DeviceState::Activated(a) if a.is_current(&self.interrupt) => Some(a),
-                _ => None,
-            };
-            if let Err(e) = self.handler.complete(c, active, &self.interrupt, ops) {
-                self.fail(e);
+            WorkerToken::Handler(tag) => {
+                let active = match &mut self.state {
+                    DeviceState::Activated(a) if a.is_current(&self.interrupt) => Some(a),
+                    _ => None,
+                };
+                let c = Completion {
+                    tag,
+                    result: c.result,
+                    more: c.more,
+                };
+                if let Err(e) = self.handler.complete(c, active, &self.interrupt, ops) {
+                    self.fail(e);
+                }
             }
         }
     }
@@ -390,15 +461,22 @@ impl<H: QueueHandler> Worker<H> {
 pub struct WorkerSource<H>(pub Rc<RefCell<Worker<H>>>);
 
 impl<C, H: QueueHandler> EventSource<C> for WorkerSource<H> {
+    type Token = WorkerToken<H::Token>;
+
     fn name(&self) -> &'static str {
         self.0.borrow().handler.name()
     }
 
-    fn start(&mut self, _ctx: &mut C, ops: &mut Ops<'_, C>) {
+    fn start(&mut self, _ctx: &mut C, ops: &mut HandlerOps<'_, C, H::Token>) {
         self.0.borrow_mut().start(ops);
     }
 
-    fn complete(&mut self, c: Completion, _ctx: &mut C, ops: &mut Ops<'_, C>) -> Flow {
+    fn complete(
+        &mut self,
+        c: Completion<Self::Token>,
+        _ctx: &mut C,
+        ops: &mut HandlerOps<'_, C, H::Token>,
+    ) -> Flow {
         self.0.borrow_mut().complete(c, ops);
         Flow::Continue
     }
@@ -419,4 +497,47 @@ pub fn build_queue(
     q.try_set_used_ring_address(vm_memory::GuestAddress(used))?;
     q.set_ready(true);
     Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::block::RequestSlot;
+    use crate::virtio::vsock::VsockToken;
+
+    fn roundtrip<T: EventToken + PartialEq>(t: WorkerToken<T>) {
+        assert_eq!(WorkerToken::<T>::decode(t.encode()), Some(t));
+    }
+
+    #[test]
+    fn test_worker_token_roundtrip_every_kind_keeps_value() {
+        roundtrip(WorkerToken::<NoToken>::Handoff);
+        roundtrip(WorkerToken::<NoToken>::Queue(0));
+        roundtrip(WorkerToken::<NoToken>::Queue(u16::MAX));
+        roundtrip(WorkerToken::from(RequestSlot::decode(0).unwrap()));
+        roundtrip(WorkerToken::from(
+            RequestSlot::decode(HANDLER_TOKEN_BIT - 1).unwrap(),
+        ));
+        for t in [
+            VsockToken::Listener,
+            VsockToken::Sweep,
+            VsockToken::ConnectRetry,
+            VsockToken::Read(0),
+            VsockToken::Read((1 << 29) - 1),
+            VsockToken::Write(7),
+        ] {
+            roundtrip(WorkerToken::from(t));
+        }
+    }
+
+    #[test]
+    fn test_worker_token_unknown_raw_decodes_to_none() {
+        // Past the last queue, and a handler tag the handler never makes.
+        assert_eq!(WorkerToken::<NoToken>::decode(0x1_0001), None);
+        assert_eq!(WorkerToken::<NoToken>::decode(HANDLER_TOKEN_BIT), None);
+        assert_eq!(
+            WorkerToken::<VsockToken>::decode(HANDLER_TOKEN_BIT | 3),
+            None
+        );
+    }
 }

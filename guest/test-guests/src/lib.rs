@@ -188,6 +188,17 @@ pub const PIO: TestGuest = test_guest!("pio");
 /// i8042.
 pub const VIRTIOBLK: TestGuest = test_guest!("virtioblk");
 
+/// `vsock`: a polled virtio-vsock driver over virtio-mmio that opens connections to a host port,
+/// for hostile-guest tests of the vsock device.
+///
+/// Finds the device from the `dev_index=N`-th (default 0) `virtio_mmio.device=` on the command
+/// line, negotiates VIRTIO_F_VERSION_1, sets up its three queues, and sends `conns=N` (default 1,
+/// at most 60000) connection REQUESTs to host port `port=P` (default 5000) from guest ports
+/// 10000, 10001, ..., without waiting for answers. Output: `vsock: sent <N>`, READY, then (once
+/// every request has its RESPONSE or RST) `vsock: responses=<r> rst=<s>`; then it spins forever.
+/// `vsock: FAIL <why>` and an i8042 exit on a driver error.
+pub const VSOCK: TestGuest = test_guest!("vsock");
+
 /// Every test guest.
 pub const ALL: &[TestGuest] = &[
     HELLO,
@@ -200,6 +211,7 @@ pub const ALL: &[TestGuest] = &[
     HALT,
     PIO,
     VIRTIOBLK,
+    VSOCK,
 ];
 
 /// Finds a test guest by its [`TestGuest::name`].
@@ -510,6 +522,7 @@ mod tests {
                 &VIRTIOBLK,
                 &["virtio_mmio.device=", "virtioblk: done\n", "write_sector"],
             ),
+            (&VSOCK, &["virtio_mmio.device=", "vsock: sent ", "conns"]),
         ];
         assert_eq!(expected.len(), ALL.len());
         for (guest, strings) in expected {

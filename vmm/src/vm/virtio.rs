@@ -6,7 +6,6 @@
 //! their workers are `!Send` and live there.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 
 use devices::persist::Persist;
@@ -21,7 +20,7 @@ use devices::virtio::kernel_cmdline_fragment;
 use devices::virtio::mmio::{MMIO_WINDOW_SIZE, NOTIFY_OFFSET};
 use devices::virtio::rng::{Rng, RngConfig};
 use devices::virtio::vsock::{Vsock, VsockConfig};
-use event_loop::EventSource;
+use event_loop::BoxedSource;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -144,7 +143,7 @@ impl Attached {
 
 impl Attached {
     /// The device's worker as an event-loop source.
-    pub fn event_source<C>(&self) -> Box<dyn EventSource<C>> {
+    pub fn event_source<C>(&self) -> BoxedSource<C> {
         match &self.device {
             VirtioDevice::Block(d) => d.event_source(),
             VirtioDevice::Vsock(d) => d.event_source(),
@@ -156,15 +155,9 @@ impl Attached {
 /// Errors setting up devices.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceSetupError {
-    /// A disk image could not be opened.
-    #[error("cannot open disk {path}: {source}", path = .path.display())]
-    OpenDisk {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A disk image could not be opened or locked (another writer has it).
+    #[error(transparent)]
+    OpenDisk(#[from] devices::virtio::block::OpenImageError),
     /// A virtio-blk device could not be built.
     #[error("virtio-blk: {0}")]
     Block(#[from] devices::virtio::block::BlockError),
@@ -272,6 +265,7 @@ pub fn attach_devices(
         let config = VsockConfig {
             guest_cid: v.cid,
             uds_path: v.path.clone(),
+            max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
         };
         devices.push((
             VirtioDevice::Vsock(
@@ -303,18 +297,11 @@ pub fn attach_devices(
     Ok((attached, cmdline))
 }
 
+/// Opens and locks a disk image (exclusive for read-write, shared for read-only): a second
+/// writer of one image, in this VM or another, is refused.
 fn open_disk(path: &std::path::Path, read_only: bool) -> Result<std::fs::File, BuildVmError> {
-    OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|source| {
-            DeviceSetupError::OpenDisk {
-                path: path.to_path_buf(),
-                source,
-            }
-            .into()
-        })
+    devices::virtio::block::open_image(path, read_only)
+        .map_err(|e| DeviceSetupError::from(e).into())
 }
 
 /// Puts a device in its slot: on the MMIO bus, its queue notifications as ioeventfds, its
@@ -420,6 +407,7 @@ pub fn restore_devices(
                 let args = VsockArgs {
                     mem: mem.clone(),
                     uds_path: path.clone(),
+                    max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
                 };
                 (
                     VirtioDevice::Vsock(

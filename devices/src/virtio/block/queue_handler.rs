@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use event_loop::{Completion, Ops};
+use event_loop::{Completion, EventToken};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -11,7 +11,24 @@ use super::backend::{BackendKind, Disk, execute_sync, iovecs, uring_entry};
 use super::request::{DiskGeometry, Parsed, Request, RequestKind, parse};
 use crate::virtio::Interrupt;
 use crate::virtio::chain::{add_used, pop_chain, write_writable};
-use crate::virtio::worker::{Active, DeviceFailure, QueueHandler, QueuePosition, TAG_HANDLER_BASE};
+use crate::virtio::worker::{
+    Active, DeviceFailure, HANDLER_TOKEN_BIT, HandlerOps, QueueHandler, QueuePosition,
+};
+
+/// Tag of a request's io_uring operation: its index in the in-flight table (at most the sum of the
+/// queue sizes, far below [`HANDLER_TOKEN_BIT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestSlot(u32);
+
+impl EventToken for RequestSlot {
+    fn encode(self) -> u32 {
+        self.0
+    }
+
+    fn decode(raw: u32) -> Option<Self> {
+        (raw < HANDLER_TOKEN_BIT).then_some(Self(raw))
+    }
+}
 
 /// A request submitted to io_uring and not completed yet.
 #[derive(Debug)]
@@ -129,7 +146,7 @@ impl BlockHandler {
         pos: u16,
         req: Request,
         active: &Active,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, RequestSlot>,
     ) -> Option<u32> {
         let mem = &active.mem;
         let used_len = match req.kind {
@@ -171,12 +188,18 @@ impl BlockHandler {
             epoch: active.epoch,
         });
         self.in_flight += 1;
-        ops.push(entry, TAG_HANDLER_BASE + slot as u32);
+        // SAFETY: the entry points to the iovecs, kept in the slot's `InFlight` until the
+        // completion arrives, and through them to guest memory, kept mapped by the slot's `mem`
+        // until then (even across a reset); the disk's fd lives as long as this handler, whose
+        // worker stays on the loop for the loop's whole life.
+        unsafe { ops.push(entry, RequestSlot(slot as u32)) };
         None
     }
 }
 
 impl QueueHandler for BlockHandler {
+    type Token = RequestSlot;
+
     fn name(&self) -> &'static str {
         "blk"
     }
@@ -186,7 +209,7 @@ impl QueueHandler for BlockHandler {
         _active: &mut Active,
         restored: bool,
         irq: &Interrupt,
-        _ops: &mut Ops<'_, C>,
+        _ops: &mut HandlerOps<'_, C, RequestSlot>,
     ) -> Result<(), DeviceFailure> {
         if restored && std::mem::take(&mut self.announce_config_change) {
             tracing::info!(
@@ -203,7 +226,7 @@ impl QueueHandler for BlockHandler {
         queue: usize,
         active: &mut Active,
         irq: &Interrupt,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, RequestSlot>,
     ) -> Result<(), DeviceFailure> {
         let mut used = false;
         loop {
@@ -246,12 +269,12 @@ impl QueueHandler for BlockHandler {
 
     fn complete<C>(
         &mut self,
-        c: Completion,
+        c: Completion<RequestSlot>,
         active: Option<&mut Active>,
         irq: &Interrupt,
-        _ops: &mut Ops<'_, C>,
+        _ops: &mut HandlerOps<'_, C, RequestSlot>,
     ) -> Result<(), DeviceFailure> {
-        let slot = (c.tag - TAG_HANDLER_BASE) as usize;
+        let slot = c.tag.0 as usize;
         let Some(f) = self.slots.get_mut(slot).and_then(Option::take) else {
             return Ok(());
         };

@@ -1,8 +1,6 @@
-use event_loop::Ops;
-
 use crate::virtio::Interrupt;
 use crate::virtio::chain::{Chain, add_used, pop_chain, write_writable};
-use crate::virtio::worker::{Active, DeviceFailure, QueueHandler};
+use crate::virtio::worker::{Active, DeviceFailure, HandlerOps, NoToken, QueueHandler};
 use vm_memory::GuestMemoryMmap;
 
 /// At most this many bytes are given per request (a larger buffer gets a short fill).
@@ -33,6 +31,9 @@ impl RngHandler {
 }
 
 impl QueueHandler for RngHandler {
+    /// Requests are answered at once: no operations.
+    type Token = NoToken;
+
     fn name(&self) -> &'static str {
         "rng"
     }
@@ -42,7 +43,7 @@ impl QueueHandler for RngHandler {
         queue: usize,
         active: &mut Active,
         irq: &Interrupt,
-        _ops: &mut Ops<'_, C>,
+        _ops: &mut HandlerOps<'_, C, NoToken>,
     ) -> Result<(), DeviceFailure> {
         let mut used = false;
         while let Some(chain) = pop_chain(&mut active.queues[queue], queue, &active.mem)? {

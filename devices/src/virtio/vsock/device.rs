@@ -16,6 +16,13 @@ pub const QUEUE_SIZE: u16 = 256;
 /// on the loop.
 pub type Vsock = MmioDevice<VsockHandler>;
 
+/// Default cap on a vsock device's connections at once: guest- and host-initiated, pending ones
+/// included. Each holds one host socket (fd).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// File descriptors a vsock device leaves to the rest of the VMM (control socket and its
+/// connections, disks, vCPUs, eventfds): its cap is lowered to `RLIMIT_NOFILE` minus this.
+pub const FD_RESERVE: u64 = 128;
+
 /// Options of the vsock device (`--vsock CID,PATH`).
 #[derive(Debug, Clone)]
 pub struct VsockConfig {
@@ -23,6 +30,31 @@ pub struct VsockConfig {
     pub guest_cid: u64,
     /// The host's listening Unix socket; guest connections to port P go to `<path>_<P>`.
     pub uds_path: PathBuf,
+    /// Most connections at once ([`DEFAULT_MAX_CONNECTIONS`]); lowered to leave [`FD_RESERVE`]
+    /// fds under `RLIMIT_NOFILE` (see [`effective_max_connections`]).
+    pub max_connections: usize,
+}
+
+/// The connection cap a device uses: `requested`, lowered to `nofile` (the soft
+/// `RLIMIT_NOFILE`) minus [`FD_RESERVE`], so a guest that opens connections up to the cap still
+/// leaves the VMM fds for its control socket.
+pub fn effective_max_connections(requested: usize, nofile: u64) -> usize {
+    let room = nofile.saturating_sub(FD_RESERVE);
+    requested.min(usize::try_from(room).unwrap_or(usize::MAX))
+}
+
+/// [`effective_max_connections`] under this process's current limit.
+pub(super) fn max_connections_here(requested: usize) -> usize {
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    let cap = effective_max_connections(requested, nofile);
+    if cap < requested {
+        tracing::info!(
+            "virtio-vsock: at most {cap} connections (RLIMIT_NOFILE {nofile} minus {FD_RESERVE} \
+             kept in reserve)"
+        );
+    }
+    cap
 }
 
 /// Errors creating a vsock device.
@@ -79,7 +111,12 @@ impl MmioDevice<VsockHandler> {
             return Err(VsockError::InvalidCid(config.guest_cid));
         }
         let listener = bind(&config.uds_path)?;
-        let handler = VsockHandler::new(config.guest_cid, config.uds_path, listener)?;
+        let handler = VsockHandler::new(
+            config.guest_cid,
+            config.uds_path,
+            listener,
+            max_connections_here(config.max_connections),
+        )?;
         Ok(Vsock::new(
             front(config.guest_cid),
             handler,

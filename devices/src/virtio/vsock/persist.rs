@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
 use super::VsockHandler;
-use super::device::{Vsock, VsockError, bind, front};
+use super::device::{Vsock, VsockError, bind, front, max_connections_here};
 use crate::persist::Persist;
 use crate::virtio::front::restore_device;
 use crate::virtio::mmio::{MmioTransportState, RestoreTransportError};
@@ -29,6 +29,8 @@ pub struct VsockArgs {
     pub mem: GuestMemoryMmap,
     /// Where the restored VM listens (may differ from the template's).
     pub uds_path: PathBuf,
+    /// Most connections at once (see [`super::VsockConfig::max_connections`]).
+    pub max_connections: usize,
 }
 
 /// Why a vsock state was refused.
@@ -61,8 +63,13 @@ impl Persist for Vsock {
             return Err(VsockError::InvalidCid(state.guest_cid).into());
         }
         let listener = bind(&args.uds_path)?;
-        let handler =
-            VsockHandler::new(state.guest_cid, args.uds_path, listener).map_err(VsockError::Io)?;
+        let handler = VsockHandler::new(
+            state.guest_cid,
+            args.uds_path,
+            listener,
+            max_connections_here(args.max_connections),
+        )
+        .map_err(VsockError::Io)?;
         Ok(restore_device(
             front(state.guest_cid),
             handler,

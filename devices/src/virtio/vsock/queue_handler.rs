@@ -11,15 +11,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
-use event_loop::{Completion, Ops};
-use io_uring::{opcode, types};
+use event_loop::Completion;
 use virtio_queue::QueueOwnedT;
 
+use super::connect::{Attempt, HostConnect, PendingGuest};
 use super::connection::{CONN_BUF, ConnState, Connection};
 use super::packet::*;
+use super::token::{MAX_CONN_ID, VsockToken};
 use crate::virtio::Interrupt;
 use crate::virtio::chain::{add_used, pop_chain, read_readable, write_writable};
-use crate::virtio::worker::{Active, DeviceFailure, QueueHandler, TAG_HANDLER_BASE};
+use crate::virtio::worker::{Active, DeviceFailure, HandlerOps, QueueHandler};
 
 /// Largest payload accepted from, or sent to, the guest in one packet.
 pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
@@ -36,18 +37,14 @@ const RX: usize = 0;
 const TX: usize = 1;
 const EVT: usize = 2;
 
-const TAG_LISTENER: u32 = TAG_HANDLER_BASE;
-/// The connect-timeout sweep; above every connection tag (`read_tag` of the largest id).
-const TAG_SWEEP: u32 = u32::MAX;
 /// How long a host connection may wait for its `CONNECT` line, then for the guest's answer, before
 /// it is closed (like Firecracker's connect timeout).
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often pending host connections are checked against [`CONNECT_TIMEOUT`].
 const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
-
-fn read_tag(id: u32) -> u32 {
-    TAG_HANDLER_BASE + 1 + (id << 1)
-}
+/// How often guest connections waiting for room in a host listener's backlog are looked at; each
+/// is retried with a backoff from 10 ms to 200 ms and gets RST after [`CONNECT_TIMEOUT`].
+const CONNECT_RETRY_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A host connection that has not sent its `CONNECT` line yet.
 #[derive(Debug)]
@@ -76,6 +73,10 @@ pub struct VsockHandler {
     conns: HashMap<(u32, u32), Connection>,
     by_id: HashMap<u32, (u32, u32)>,
     pending_host: HashMap<u32, PendingHost>,
+    /// Guest connections waiting for room in a host listener's backlog, by (host port, guest port).
+    pending_guest: HashMap<(u32, u32), PendingGuest>,
+    /// Most connections at once, pending ones included (see [`super::DEFAULT_MAX_CONNECTIONS`]).
+    max_connections: usize,
     next_id: u32,
     next_local_port: u32,
     control: VecDeque<Ctrl>,
@@ -84,11 +85,20 @@ pub struct VsockHandler {
     /// Period of the connect-timeout sweep; boxed so its address is stable while the kernel
     /// holds the timeout operation.
     sweep: Box<io_uring::types::Timespec>,
+    /// Period of the connect retry (boxed for the same reason).
+    retry: Box<io_uring::types::Timespec>,
+    retry_armed: bool,
 }
 
 impl VsockHandler {
-    /// A muxer for guest `cid`, listening on `uds_path`.
-    pub fn new(cid: u64, uds_path: PathBuf, listener: UnixListener) -> std::io::Result<Self> {
+    /// A muxer for guest `cid`, listening on `uds_path`, with at most `max_connections`
+    /// connections at once (both directions, pending ones included).
+    pub fn new(
+        cid: u64,
+        uds_path: PathBuf,
+        listener: UnixListener,
+        max_connections: usize,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         Ok(Self {
             cid,
@@ -97,12 +107,16 @@ impl VsockHandler {
             conns: HashMap::new(),
             by_id: HashMap::new(),
             pending_host: HashMap::new(),
+            pending_guest: HashMap::new(),
+            max_connections,
             next_id: 0,
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
             reset_event_pending: false,
             buf: vec![0u8; HDR_SIZE + MAX_PKT_PAYLOAD],
             sweep: Box::new(SWEEP_PERIOD.into()),
+            retry: Box::new(CONNECT_RETRY_PERIOD.into()),
+            retry_armed: false,
         })
     }
 
@@ -111,14 +125,37 @@ impl VsockHandler {
         self.conns.len()
     }
 
+    /// Guest connections waiting for room in a host listener's backlog.
+    pub fn pending_connects(&self) -> usize {
+        self.pending_guest.len()
+    }
+
+    /// The cap on connections, after clamping to the fd limit.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Everything that holds a host socket: open connections, pending guest connects, host
+    /// connections that have not sent their `CONNECT` line.
+    fn sockets(&self) -> usize {
+        self.conns.len() + self.pending_guest.len() + self.pending_host.len()
+    }
+
     /// Control packets waiting for rx buffers.
     pub fn pending_control(&self) -> usize {
         self.control.len()
     }
 
+    /// An id no connection uses (there are far fewer connections than ids).
     fn new_id(&mut self) -> u32 {
-        self.next_id = self.next_id.wrapping_add(1) & 0x3fff_ffff;
-        self.next_id
+        loop {
+            self.next_id = self.next_id.wrapping_add(1) & MAX_CONN_ID;
+            if !self.by_id.contains_key(&self.next_id)
+                && !self.pending_host.contains_key(&self.next_id)
+            {
+                return self.next_id;
+            }
+        }
     }
 
     fn ctrl(&mut self, local_port: u32, peer_port: u32, op: u16, flags: u32) {
@@ -136,19 +173,17 @@ impl VsockHandler {
         });
     }
 
-    fn arm_read<C>(conn: &mut Connection, ops: &mut Ops<'_, C>) {
+    fn arm_read<C>(conn: &mut Connection, ops: &mut HandlerOps<'_, C, VsockToken>) {
         if !conn.read_armed {
             conn.read_armed = true;
-            ops.poll_readable(conn.stream.as_raw_fd(), read_tag(conn.id), false);
+            ops.poll_readable(conn.stream.as_raw_fd(), VsockToken::Read(conn.id), false);
         }
     }
 
-    fn arm_write<C>(conn: &mut Connection, ops: &mut Ops<'_, C>) {
+    fn arm_write<C>(conn: &mut Connection, ops: &mut HandlerOps<'_, C, VsockToken>) {
         if !conn.write_armed && !conn.tx_buf.is_empty() {
             conn.write_armed = true;
-            let e = opcode::PollAdd::new(types::Fd(conn.stream.as_raw_fd()), libc::POLLOUT as u32)
-                .build();
-            ops.push(e, read_tag(conn.id) + 1);
+            ops.poll_writable(conn.stream.as_raw_fd(), VsockToken::Write(conn.id));
         }
     }
 
@@ -168,18 +203,27 @@ impl VsockHandler {
         for (_, p) in self.pending_host.drain() {
             let _ = p.stream.shutdown(std::net::Shutdown::Both);
         }
+        self.pending_guest.clear();
         self.control.clear();
     }
 
-    fn accept<C>(&mut self, ops: &mut Ops<'_, C>) {
+    fn accept<C>(&mut self, ops: &mut HandlerOps<'_, C, VsockToken>) {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.sockets() >= self.max_connections {
+                        // Closed at once: the host client sees end of file.
+                        tracing::debug!(
+                            "virtio-vsock: {} connections, host connection refused",
+                            self.max_connections
+                        );
+                        continue;
+                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
                     let id = self.new_id();
-                    ops.poll_readable(stream.as_raw_fd(), read_tag(id), false);
+                    ops.poll_readable(stream.as_raw_fd(), VsockToken::Read(id), false);
                     self.pending_host.insert(
                         id,
                         PendingHost {
@@ -196,6 +240,12 @@ impl VsockHandler {
                 }
             }
         }
+    }
+
+    fn arm_sweep<C>(&self, ops: &mut HandlerOps<'_, C, VsockToken>) {
+        // SAFETY: the timespec is boxed in this handler, which lives as long as its worker, and
+        // the worker stays on the loop for the loop's whole life.
+        unsafe { ops.timeout(&self.sweep, VsockToken::Sweep) };
     }
 
     /// Closes host connections that sent no `CONNECT` line, or that the guest did not answer,
@@ -230,7 +280,7 @@ impl VsockHandler {
     }
 
     /// Reads a pending host connection's `CONNECT <port>\n`; on success asks the guest.
-    fn read_connect<C>(&mut self, id: u32, ops: &mut Ops<'_, C>) {
+    fn read_connect<C>(&mut self, id: u32, ops: &mut HandlerOps<'_, C, VsockToken>) {
         let Some(mut p) = self.pending_host.remove(&id) else {
             return;
         };
@@ -248,7 +298,7 @@ impl VsockHandler {
         }
         let Some(nl) = p.line.iter().position(|&b| b == b'\n') else {
             if p.line.len() <= MAX_CONNECT_LINE {
-                ops.poll_readable(p.stream.as_raw_fd(), read_tag(id), false);
+                ops.poll_readable(p.stream.as_raw_fd(), VsockToken::Read(id), false);
                 self.pending_host.insert(id, p);
             }
             return;
@@ -275,8 +325,139 @@ impl VsockHandler {
         self.ctrl(local_port, port, OP_REQUEST, 0);
     }
 
+    /// A guest REQUEST: connect to `<uds_path>_<port>` without blocking; answer RESPONSE once
+    /// connected, RST when refused, over the cap, or not accepted within [`CONNECT_TIMEOUT`].
+    fn guest_request<C>(
+        &mut self,
+        key: (u32, u32),
+        h: &Header,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
+    ) {
+        if self.conns.contains_key(&key) || self.pending_guest.remove(&key).is_some() {
+            self.ctrl(key.0, key.1, OP_RST, 0);
+            return;
+        }
+        if self.sockets() >= self.max_connections {
+            tracing::debug!(
+                "virtio-vsock: {} connections, guest connection to port {} refused",
+                self.max_connections,
+                key.0
+            );
+            self.ctrl(key.0, key.1, OP_RST, 0);
+            return;
+        }
+        let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.0));
+        let mut connect = match HostConnect::new(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("virtio-vsock: guest connect to {}: {e}", path.display());
+                self.ctrl(key.0, key.1, OP_RST, 0);
+                return;
+            }
+        };
+        match connect.attempt() {
+            Attempt::Connected => {
+                self.establish(key, connect.into_stream(), h.buf_alloc, h.fwd_cnt, ops);
+            }
+            Attempt::Wait => {
+                let pending = PendingGuest {
+                    connect,
+                    buf_alloc: h.buf_alloc,
+                    fwd_cnt: h.fwd_cnt,
+                };
+                self.pending_guest.insert(key, pending);
+                self.arm_retry(ops);
+            }
+            Attempt::Failed(e) => {
+                tracing::debug!("virtio-vsock: guest connect to {}: {e}", path.display());
+                self.ctrl(key.0, key.1, OP_RST, 0);
+            }
+        }
+    }
+
+    /// A guest connection's host socket is connected: the connection is open.
+    fn establish<C>(
+        &mut self,
+        key: (u32, u32),
+        stream: UnixStream,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
+    ) {
+        let id = self.new_id();
+        match Connection::new(stream, id, ConnState::Established) {
+            Ok(mut conn) => {
+                conn.update_peer_credit(buf_alloc, fwd_cnt);
+                Self::arm_read(&mut conn, ops);
+                self.conns.insert(key, conn);
+                self.by_id.insert(id, key);
+                self.ctrl(key.0, key.1, OP_RESPONSE, 0);
+            }
+            Err(e) => {
+                tracing::debug!("virtio-vsock: guest connection to port {}: {e}", key.0);
+                self.ctrl(key.0, key.1, OP_RST, 0);
+            }
+        }
+    }
+
+    fn arm_retry<C>(&mut self, ops: &mut HandlerOps<'_, C, VsockToken>) {
+        if !self.retry_armed {
+            self.retry_armed = true;
+            // SAFETY: the timespec is boxed in this handler, which lives as long as its worker,
+            // and the worker stays on the loop for the loop's whole life.
+            unsafe { ops.timeout(&self.retry, VsockToken::ConnectRetry) };
+        }
+    }
+
+    /// Retries the guest connections waiting for room in a listener's backlog; those that still
+    /// wait after [`CONNECT_TIMEOUT`], or fail, get RST.
+    fn retry_connects<C>(&mut self, ops: &mut HandlerOps<'_, C, VsockToken>) {
+        self.retry_armed = false;
+        let now = std::time::Instant::now();
+        let keys: Vec<(u32, u32)> = self.pending_guest.keys().copied().collect();
+        for key in keys {
+            let Some(p) = self.pending_guest.get_mut(&key) else {
+                continue;
+            };
+            let expired = now.duration_since(p.connect.since) >= CONNECT_TIMEOUT;
+            if !expired && !p.connect.is_due(now) {
+                continue;
+            }
+            match p.connect.attempt() {
+                Attempt::Connected => {
+                    let p = self.pending_guest.remove(&key).expect("present above");
+                    let stream = p.connect.into_stream();
+                    self.establish(key, stream, p.buf_alloc, p.fwd_cnt, ops);
+                }
+                Attempt::Wait if !expired => {}
+                Attempt::Wait => {
+                    tracing::debug!(
+                        "virtio-vsock: host listener on port {} did not take the guest's \
+                         connection in time",
+                        key.0
+                    );
+                    self.pending_guest.remove(&key);
+                    self.ctrl(key.0, key.1, OP_RST, 0);
+                }
+                Attempt::Failed(e) => {
+                    tracing::debug!("virtio-vsock: guest connect to port {}: {e}", key.0);
+                    self.pending_guest.remove(&key);
+                    self.ctrl(key.0, key.1, OP_RST, 0);
+                }
+            }
+        }
+        if !self.pending_guest.is_empty() {
+            self.arm_retry(ops);
+        }
+    }
+
     /// Handles one packet from the guest.
-    fn guest_packet<C>(&mut self, h: Header, payload: &[u8], ops: &mut Ops<'_, C>) {
+    fn guest_packet<C>(
+        &mut self,
+        h: Header,
+        payload: &[u8],
+        ops: &mut HandlerOps<'_, C, VsockToken>,
+    ) {
         if h.ty != TYPE_STREAM || h.src_cid != self.cid || h.dst_cid != HOST_CID {
             if h.op != OP_RST {
                 self.ctrl(h.dst_port, h.src_port, OP_RST, 0);
@@ -285,26 +466,13 @@ impl VsockHandler {
         }
         let key = (h.dst_port, h.src_port);
         if h.op == OP_REQUEST {
-            if self.conns.contains_key(&key) {
+            self.guest_request(key, &h, ops);
+            return;
+        }
+        if self.pending_guest.remove(&key).is_some() {
+            // The guest gave up (RST) or broke protocol before we could answer its REQUEST.
+            if h.op != OP_RST {
                 self.ctrl(key.0, key.1, OP_RST, 0);
-                return;
-            }
-            let path = format!("{}_{}", self.uds_path.display(), h.dst_port);
-            let id = self.new_id();
-            match UnixStream::connect(&path)
-                .and_then(|s| Connection::new(s, id, ConnState::Established))
-            {
-                Ok(mut conn) => {
-                    conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
-                    Self::arm_read(&mut conn, ops);
-                    self.conns.insert(key, conn);
-                    self.by_id.insert(id, key);
-                    self.ctrl(key.0, key.1, OP_RESPONSE, 0);
-                }
-                Err(e) => {
-                    tracing::debug!("virtio-vsock: guest connect to {path}: {e}");
-                    self.ctrl(key.0, key.1, OP_RST, 0);
-                }
             }
             return;
         }
@@ -370,7 +538,7 @@ impl VsockHandler {
     fn process_tx<C>(
         &mut self,
         active: &mut Active,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<bool, DeviceFailure> {
         let mut used = false;
         while let Some(chain) = pop_chain(&mut active.queues[TX], TX, &active.mem)? {
@@ -422,7 +590,7 @@ impl VsockHandler {
         &mut self,
         active: &mut Active,
         irq: &Interrupt,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<(), DeviceFailure> {
         let mut used = false;
         loop {
@@ -533,13 +701,15 @@ impl VsockHandler {
 }
 
 impl QueueHandler for VsockHandler {
+    type Token = VsockToken;
+
     fn name(&self) -> &'static str {
         "vsock"
     }
 
-    fn start<C>(&mut self, ops: &mut Ops<'_, C>) {
-        ops.poll_readable(self.listener.as_raw_fd(), TAG_LISTENER, true);
-        ops.timeout(&self.sweep, TAG_SWEEP);
+    fn start<C>(&mut self, ops: &mut HandlerOps<'_, C, VsockToken>) {
+        ops.poll_readable(self.listener.as_raw_fd(), VsockToken::Listener, true);
+        self.arm_sweep(ops);
     }
 
     fn activated<C>(
@@ -547,7 +717,7 @@ impl QueueHandler for VsockHandler {
         active: &mut Active,
         restored: bool,
         irq: &Interrupt,
-        _ops: &mut Ops<'_, C>,
+        _ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<(), DeviceFailure> {
         if restored {
             // Connections do not survive a snapshot: tell the guest to drop its own.
@@ -563,7 +733,7 @@ impl QueueHandler for VsockHandler {
         queue: usize,
         active: &mut Active,
         irq: &Interrupt,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<(), DeviceFailure> {
         match queue {
             TX => {
@@ -579,28 +749,37 @@ impl QueueHandler for VsockHandler {
 
     fn complete<C>(
         &mut self,
-        c: Completion,
+        c: Completion<VsockToken>,
         active: Option<&mut Active>,
         irq: &Interrupt,
-        ops: &mut Ops<'_, C>,
+        ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<(), DeviceFailure> {
-        if c.tag == TAG_LISTENER {
-            if !c.more {
-                ops.poll_readable(self.listener.as_raw_fd(), TAG_LISTENER, true);
+        let (id, write) = match c.tag {
+            VsockToken::Listener => {
+                if !c.more {
+                    ops.poll_readable(self.listener.as_raw_fd(), VsockToken::Listener, true);
+                }
+                self.accept(ops);
+                return Ok(());
             }
-            self.accept(ops);
-            return Ok(());
-        }
-        if c.tag == TAG_SWEEP {
-            self.expire_connects();
-            ops.timeout(&self.sweep, TAG_SWEEP);
-            return match active {
-                Some(active) => self.pump_rx(active, irq, ops),
-                None => Ok(()),
-            };
-        }
-        let rel = c.tag - TAG_HANDLER_BASE - 1;
-        let (id, write) = (rel >> 1, rel & 1 == 1);
+            VsockToken::Sweep => {
+                self.expire_connects();
+                self.arm_sweep(ops);
+                return match active {
+                    Some(active) => self.pump_rx(active, irq, ops),
+                    None => Ok(()),
+                };
+            }
+            VsockToken::ConnectRetry => {
+                self.retry_connects(ops);
+                return match active {
+                    Some(active) => self.pump_rx(active, irq, ops),
+                    None => Ok(()),
+                };
+            }
+            VsockToken::Read(id) => (id, false),
+            VsockToken::Write(id) => (id, true),
+        };
         if self.pending_host.contains_key(&id) {
             self.read_connect(id, ops);
         } else if let Some(&key) = self.by_id.get(&id) {

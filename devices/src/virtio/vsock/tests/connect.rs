@@ -129,6 +129,7 @@ fn test_vsock_restore_sends_transport_reset_event() {
         super::super::VsockArgs {
             mem: mem2.clone(),
             uds_path: socket_path(&dir2),
+            max_connections: crate::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
         },
         &state,
     )
@@ -166,6 +167,7 @@ fn test_vsock_flood_without_rx_buffers_keeps_control_queue_bounded() {
         VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: socket_path(&dir),
+            max_connections: crate::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
         },
         mem.clone(),
     )

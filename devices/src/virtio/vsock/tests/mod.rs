@@ -1,10 +1,13 @@
 //! virtio-vsock driven through the harness by a small guest-side vsock stack.
 
 mod connect;
+mod hostile;
 mod transfer;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -30,13 +33,52 @@ pub(crate) fn socket_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("v.sock")
 }
 
+/// A listener at `path` with a backlog of 0 that nobody accepts from, and the host connections
+/// that fill its backlog (keep them alive).
+pub(crate) fn full_backlog_listener(path: &Path) -> (UnixListener, Vec<UnixStream>) {
+    use nix::errno::Errno;
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    socket::listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    let mut fill = Vec::new();
+    loop {
+        let c = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        match socket::connect(c.as_raw_fd(), &UnixAddr::new(path).unwrap()) {
+            Ok(()) => fill.push(UnixStream::from(c)),
+            Err(Errno::EAGAIN) => break,
+            Err(e) => panic!("filling the backlog: {e}"),
+        }
+        assert!(fill.len() < 1024, "the backlog does not fill");
+    }
+    (UnixListener::from(fd), fill)
+}
+
 impl Guest {
     pub fn new(dir: &tempfile::TempDir) -> Self {
+        Self::with_max_connections(dir, super::DEFAULT_MAX_CONNECTIONS)
+    }
+
+    /// A guest whose device allows `max_connections` connections.
+    pub fn with_max_connections(dir: &tempfile::TempDir, max_connections: usize) -> Self {
         let mem = test_memory();
         let dev = Vsock::new_vsock(
             VsockConfig {
                 guest_cid: GUEST_CID,
                 uds_path: socket_path(dir),
+                max_connections,
             },
             mem.clone(),
         )
