@@ -342,12 +342,12 @@ mod tests {
                 unsafe { libc::_exit(2) };
             }
             // Allowed: getpid. Forbidden for the page server: socket().
-            // SAFETY: plain syscalls without memory arguments.
-            unsafe {
-                libc::getpid();
-                libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-                libc::_exit(0);
-            }
+            // SAFETY: a plain syscall without memory arguments.
+            unsafe { libc::getpid() };
+            // SAFETY: as above.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(0) };
         }
         let mut status = 0;
         // SAFETY: waiting for our own child.
