@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use vmm::seccomp::SeccompMode;
-use vmm::vm::virtio::{DiskSpec, VirtioSpecs, VsockSpec};
+use vmm::vm::virtio::{DiskSpec, VirtioSpecs, VsockHost, VsockSpec};
+
+/// Default of `--vsock-max-conns`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = vmm::vm::virtio::DEFAULT_VSOCK_MAX_CONNECTIONS as u32;
 use vmm::vm::{
     AfterSnapshot, BootSpec, Guest, HostResources, ShellConfig, SnapshotOnReady, VmShell,
     check_boot,
@@ -62,6 +65,10 @@ pub struct BootArgs {
     /// `PATH_P`.
     #[arg(long, value_name = "CID,PATH", value_parser = parse_vsock)]
     pub vsock: Option<VsockSpec>,
+    /// Most vsock connections at once, guest- and host-initiated (the excess is refused with
+    /// RST); lowered to keep 128 fds in reserve under the open-file limit.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS, requires = "vsock", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub vsock_max_conns: u32,
     /// Attach virtio-rng (entropy from the host's getrandom).
     #[arg(long)]
     pub rng: bool,
@@ -132,7 +139,7 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
     }
     Ok(VsockSpec {
         cid,
-        path: PathBuf::from(path),
+        host: VsockHost::new(PathBuf::from(path)),
     })
 }
 
@@ -270,7 +277,10 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Resu
         virtio: VirtioSpecs {
             disks: args.disk,
             spare_slots: args.disk_slot,
-            vsock: args.vsock,
+            vsock: args.vsock.map(|mut v| {
+                v.host.max_connections = args.vsock_max_conns as usize;
+                v
+            }),
             rng: args.rng,
         },
         snapshot_on_ready: args.snapshot_on_ready.map(|dir| SnapshotOnReady {
@@ -293,7 +303,7 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Resu
         forward_stdin: true,
         ..HostResources::new(serial)
     };
-    let vm = shell.load(Guest::Boot(spec), host)?.start()?;
+    let vm = shell.load(Guest::Boot(Box::new(spec)), host)?.start()?;
     vm.restrict_caller()?;
     let report = vm.wait()?;
     Ok(finish(&report, args.timing))

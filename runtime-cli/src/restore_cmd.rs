@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use vmm::seccomp::SeccompMode;
+use vmm::vm::virtio::VsockHost;
 use vmm::vm::{
     CheckedSnapshot, Guest, HostResources, RecordWorkingSet, RestoreMode, ShellConfig,
     SnapshotSpec, VmShell,
@@ -45,6 +46,9 @@ pub struct RestoreArgs {
     /// `PATH_P`. The guest's CID stays as snapshotted. Each restore of a template gives its own.
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
+    /// Most vsock connections at once (as for `boot`).
+    #[arg(long, value_name = "N", default_value_t = crate::boot_cmd::DEFAULT_MAX_CONNECTIONS, requires = "vsock", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub vsock_max_conns: u32,
     /// In uffd-prefetch mode, install the working set before the vCPUs start [default: while
     /// they run, the page server answering what is not there yet].
     #[arg(long)]
@@ -104,7 +108,10 @@ pub fn run(args: RestoreArgs, process_start: Instant, seccomp: SeccompMode) -> R
     let host = HostResources {
         forward_stdin: true,
         disk_slots: args.disk_slot.into_iter().collect(),
-        vsock_path: args.vsock,
+        vsock: args.vsock.map(|path| VsockHost {
+            path,
+            max_connections: args.vsock_max_conns as usize,
+        }),
         ..HostResources::new(serial_output(args.serial_log.as_ref())?)
     };
     let shell = VmShell::new(ShellConfig {

@@ -348,6 +348,17 @@ mod tests {
     }
 
     #[test]
+    fn test_prefetch_ring_runs_reads_only() {
+        let mut ring = read_only_ring().unwrap();
+        let nop = opcode::Nop::new().build().user_data(1);
+        // SAFETY: a NOP carries no pointers.
+        unsafe { ring.submission().push(&nop) }.unwrap();
+        ring.submit_and_wait(1).unwrap();
+        let c = ring.completion().next().unwrap();
+        assert_eq!(c.result(), -libc::EACCES, "only IORING_OP_READ may run");
+    }
+
+    #[test]
     fn test_classify_every_answer_for_every_op() {
         for op in [InstallOp::Copy, InstallOp::ZeroPage, InstallOp::Continue] {
             assert_eq!(classify(op, 4096, Ok(4096)).unwrap(), Resolved::Served(op));

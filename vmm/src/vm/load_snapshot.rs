@@ -481,7 +481,7 @@ pub(super) fn load(
         &mut mmio,
         &state.virtio,
         &host.disk_slots,
-        host.vsock_path.as_deref(),
+        host.vsock.as_ref(),
     )?;
     let mmio = Arc::new(mmio);
     let mut vcpus = Vec::with_capacity(state.vcpus.len());

@@ -102,9 +102,9 @@ pub struct HostResources {
     pub forward_stdin: bool,
     /// Restore: the backing file of each spare disk slot, by slot name.
     pub disk_slots: std::collections::HashMap<String, PathBuf>,
-    /// Restore: the host Unix socket of the vsock device (required when the snapshot has one;
-    /// the guest CID stays as snapshotted).
-    pub vsock_path: Option<PathBuf>,
+    /// Restore: the host side of the vsock device (required when the snapshot has one; the guest
+    /// CID stays as snapshotted).
+    pub vsock: Option<virtio::VsockHost>,
 }
 
 impl HostResources {
@@ -114,7 +114,7 @@ impl HostResources {
             serial,
             forward_stdin: false,
             disk_slots: Default::default(),
-            vsock_path: None,
+            vsock: None,
         }
     }
 }
@@ -123,7 +123,7 @@ impl HostResources {
 #[derive(Debug)]
 pub enum Guest {
     /// A kernel and the Linux boot protocol.
-    Boot(BootSpec),
+    Boot(Box<BootSpec>),
     /// A checked snapshot.
     Snapshot(Box<SnapshotSpec>),
 }
@@ -414,7 +414,7 @@ fn load(
     host: HostResources,
 ) -> Result<Loaded, BuildVmError> {
     match guest {
-        Guest::Boot(spec) => load_kernel::load(shell, spec, host),
+        Guest::Boot(spec) => load_kernel::load(shell, *spec, host),
         Guest::Snapshot(spec) => load_snapshot::load(shell, *spec, host),
     }
 }
@@ -491,7 +491,10 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         forward_stdin: config.forward_stdin,
         ..HostResources::new(config.serial)
     };
-    shell.load(Guest::Boot(spec), host)?.start()?.wait()
+    shell
+        .load(Guest::Boot(Box::new(spec)), host)?
+        .start()?
+        .wait()
 }
 
 /// Restores a VM from a snapshot and runs it until it stops: check, shell, load, start, wait.

@@ -48,8 +48,30 @@ pub struct DiskSpec {
 pub struct VsockSpec {
     /// The guest's context id (3 or more).
     pub cid: u64,
+    /// The host side.
+    pub host: VsockHost,
+}
+
+pub use devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS as DEFAULT_VSOCK_MAX_CONNECTIONS;
+
+/// The host side of a vsock device: given at boot, and again by each restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockHost {
     /// The host's listening Unix socket.
     pub path: PathBuf,
+    /// Most connections at once (guest- and host-initiated); the excess gets RST. Lowered to
+    /// leave fds in reserve under `RLIMIT_NOFILE`.
+    pub max_connections: usize,
+}
+
+impl VsockHost {
+    /// A host socket at `path` with the default connection cap.
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
 }
 
 /// The virtio devices a VM gets.
@@ -264,14 +286,14 @@ pub fn attach_devices(
     if let Some(v) = &specs.vsock {
         let config = VsockConfig {
             guest_cid: v.cid,
-            uds_path: v.path.clone(),
-            max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
+            uds_path: v.host.path.clone(),
+            max_connections: v.host.max_connections,
         };
         devices.push((
             VirtioDevice::Vsock(
                 Vsock::new_vsock(config, mem.clone()).map_err(DeviceSetupError::from)?,
             ),
-            Some(v.path.clone()),
+            Some(v.host.path.clone()),
         ));
     }
     if specs.rng {
@@ -352,7 +374,7 @@ fn place(
 
 /// Rebuilds the devices of a snapshot in their slots, with the host resources the restorer gives:
 /// `slots` is the backing file of each spare disk slot by name (`--disk-slot NAME=PATH`; a slot
-/// left out stays empty), `vsock_path` the vsock device's host socket (required when the snapshot
+/// left out stays empty), `vsock` the vsock device's host socket (required when the snapshot
 /// has a vsock device: a restore never binds the snapshotted VM's socket, so clones of one
 /// template each get their own).
 pub fn restore_devices(
@@ -361,9 +383,9 @@ pub fn restore_devices(
     mmio: &mut Bus,
     saved: &[VirtioSnapshot],
     slots: &HashMap<String, PathBuf>,
-    vsock_path: Option<&std::path::Path>,
+    vsock: Option<&VsockHost>,
 ) -> Result<Vec<Attached>, BuildVmError> {
-    if vsock_path.is_some()
+    if vsock.is_some()
         && !saved
             .iter()
             .any(|s| matches!(s.state, VirtioState::Vsock(_)))
@@ -399,15 +421,14 @@ pub fn restore_devices(
                 )
             }
             VirtioState::Vsock(state) => {
-                let path = vsock_path.map(std::path::Path::to_path_buf).ok_or(
-                    DeviceSetupError::VsockPathMissing {
-                        cid: state.guest_cid,
-                    },
-                )?;
+                let host = vsock.ok_or(DeviceSetupError::VsockPathMissing {
+                    cid: state.guest_cid,
+                })?;
+                let path = host.path.clone();
                 let args = VsockArgs {
                     mem: mem.clone(),
                     uds_path: path.clone(),
-                    max_connections: devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
+                    max_connections: host.max_connections,
                 };
                 (
                     VirtioDevice::Vsock(
