@@ -72,6 +72,9 @@ pub enum ModeArg {
     Uffd,
     /// Install the recorded working set in batched reads first, then serve the rest on demand.
     UffdPrefetch,
+    /// Map the memory file privately and make the recorded working set present beside the
+    /// vCPUs (MADV_POPULATE_READ): lazy, prefetched, clean pages shared between clones.
+    MmapPrefetch,
 }
 
 fn parse_slot(s: &str) -> Result<(String, PathBuf), String> {
@@ -92,6 +95,7 @@ pub fn run(args: RestoreArgs, process_start: Instant, seccomp: SeccompMode) -> R
         ModeArg::Mmap => RestoreMode::Mmap,
         ModeArg::Uffd => RestoreMode::Uffd,
         ModeArg::UffdPrefetch => RestoreMode::UffdPrefetch,
+        ModeArg::MmapPrefetch => RestoreMode::MmapPrefetch,
     };
     // The lifecycle: check (everything about the snapshot, before any VM exists), shell, load,
     // start; then this thread only waits and reports.

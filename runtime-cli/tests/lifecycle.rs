@@ -144,7 +144,7 @@ fn test_read_only_template_restores_in_every_mode_eight_at_once_and_stays_identi
         "memtouch: ready\nmemtouch: verified {pages} pages checksum={:#x}\nmemtouch: OK\n",
         test_guests::memtouch_checksum(pages)
     );
-    for mode in ["eager", "mmap", "uffd", "uffd-prefetch"] {
+    for mode in ["eager", "mmap", "uffd", "uffd-prefetch", "mmap-prefetch"] {
         let children: Vec<_> = (0..8)
             .map(|_| {
                 Command::new(BIN)
@@ -182,7 +182,7 @@ fn test_read_only_template_restores_in_every_mode_eight_at_once_and_stays_identi
     assert_eq!(
         tree(&template),
         before,
-        "the template's files are byte-identical after 32 restores"
+        "the template's files are byte-identical after 40 restores"
     );
 }
 

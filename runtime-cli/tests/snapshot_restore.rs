@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{BackgroundVm, Output, kvm_usable, last_tick, run};
 
-const MODES: [&str; 4] = ["eager", "mmap", "uffd", "uffd-prefetch"];
+const MODES: [&str; 5] = ["eager", "mmap", "uffd", "uffd-prefetch", "mmap-prefetch"];
 const T: Duration = Duration::from_secs(120);
 
 fn snapshot_at_ready(guest: &str, cmdline: &str, dir: &Path, extra: &[&str]) -> Output {

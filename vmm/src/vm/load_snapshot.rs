@@ -51,6 +51,16 @@ pub enum RestoreMode {
     Uffd,
     /// As `Uffd`, after (or while) installing the recorded working set.
     UffdPrefetch,
+    /// As `Mmap`, with the recorded working set made present (`MADV_POPULATE_READ`) while the
+    /// vCPUs run: lazy, prefetched, and clean pages shared between clones in the page cache.
+    MmapPrefetch,
+}
+
+impl RestoreMode {
+    /// Whether the mode prefetches the recorded working set.
+    pub fn prefetches(self) -> bool {
+        matches!(self, RestoreMode::UffdPrefetch | RestoreMode::MmapPrefetch)
+    }
 }
 
 /// Why a snapshot cannot be restored.
@@ -167,7 +177,7 @@ impl CheckedSnapshot {
             .map_err(RestoreError::from)?;
         let total_pages = holes.len() / PAGE_SIZE as u64;
         let workingset = match mode {
-            RestoreMode::UffdPrefetch => Some(
+            RestoreMode::UffdPrefetch | RestoreMode::MmapPrefetch => Some(
                 workingset::read(&snap.workingset(), &id, total_pages)
                     .map_err(RestoreError::from)?
                     .ok_or_else(|| RestoreError::NoWorkingSet(snap.path.clone()))?,
@@ -182,7 +192,7 @@ impl CheckedSnapshot {
         persist::check_xsave_size(&kvm)?;
         let memory: Box<dyn MemorySource> = match mode {
             RestoreMode::Eager => Box::new(EagerMemory::new(file, holes)),
-            RestoreMode::Mmap => Box::new(MmapMemory::new(file)),
+            RestoreMode::Mmap | RestoreMode::MmapPrefetch => Box::new(MmapMemory::new(file)),
             RestoreMode::Uffd => Box::new(UffdMemory::new(FileSource::new(file, holes))),
             RestoreMode::UffdPrefetch => {
                 let m = UffdMemory::new(FileSource::new(file, holes));
@@ -280,7 +290,7 @@ impl SnapshotSpec {
 /// Guest memory served by the page server, its prefetch, and the working set being recorded.
 #[derive(Debug)]
 pub(super) struct LazyMemory {
-    handle: PageServerHandle,
+    handle: Option<PageServerHandle>,
     prefetch: Prefetch,
     record: Option<(RecordWorkingSet, SnapshotId)>,
     recorded_pages: Option<u64>,
@@ -300,7 +310,9 @@ enum Prefetch {
 impl LazyMemory {
     /// Whether the page server thread has ended (the guest would stall on its next fault).
     pub fn server_ended(&self) -> bool {
-        self.handle.is_finished()
+        self.handle
+            .as_ref()
+            .is_some_and(PageServerHandle::is_finished)
     }
 
     /// How long recording may last.
@@ -310,10 +322,13 @@ impl LazyMemory {
 
     /// Ends the recording and writes the working set; `false` if nothing was recording.
     pub fn finish_recording(&mut self, why: &str) -> bool {
+        let Some(handle) = &self.handle else {
+            return false;
+        };
         let Some((record, id)) = self.record.take() else {
             return false;
         };
-        let pages = self.handle.server().finish_recording();
+        let pages = handle.server().finish_recording();
         match workingset::write(&record.path, &id, &pages) {
             Ok(()) => {
                 tracing::info!(
@@ -346,8 +361,15 @@ impl LazyMemory {
                 Err(_) => None,
             },
         };
-        let stopped = self.handle.stop();
-        let server = self.handle.server().clone();
+        let Some(mut handle) = self.handle.take() else {
+            return PageServerReport {
+                prefetched_pages: prefetch.map(|p| p.data_pages + p.zero_pages).unwrap_or(0),
+                prefetch_ms: prefetch.map(|p| p.elapsed.as_secs_f64() * 1e3),
+                ..Default::default()
+            };
+        };
+        let stopped = handle.stop();
+        let server = handle.server().clone();
         let s = &server.stats;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         let mut times = s
@@ -376,6 +398,26 @@ impl LazyMemory {
             recorded_pages: self.recorded_pages,
         }
     }
+}
+
+/// The host address of each region of `mem`.
+fn host_regions(
+    mem: &vm_memory::GuestMemoryMmap,
+    regions: &[memory::MemoryRegion],
+) -> Result<Vec<snapshot::page_server::UffdRegion>, BuildVmError> {
+    use vm_memory::GuestMemoryBackend;
+    regions
+        .iter()
+        .map(|r| {
+            let host = mem
+                .get_host_address(vm_memory::GuestAddress(r.guest_addr))
+                .map_err(memory_source::MemorySourceError::Lookup)?;
+            Ok(snapshot::page_server::UffdRegion {
+                host_addr: host as usize,
+                region: *r,
+            })
+        })
+        .collect()
 }
 
 /// Step 3 for a restore, on the VMM thread.
@@ -419,7 +461,42 @@ pub(super) fn load(
         record: record.is_some(),
     };
     let lazy = match memory_source::serve(&*source, &mem, &state.memory, server_config)? {
-        None => None,
+        None => match workingset {
+            // mmap-prefetch: the working set made present in the file mapping, no page server.
+            Some(ws) => {
+                let regions = host_regions(&mem, &state.memory)?;
+                let populate = move || {
+                    prefetch::populate(&regions, &ws)
+                        .map_err(|e| PageServerError::Start(std::io::Error::other(e)))
+                };
+                let prefetch = if prefetch_before {
+                    Prefetch::Done(populate().map_err(RestoreError::from)?)
+                } else {
+                    let filters = shell.seccomp.clone();
+                    Prefetch::Running(
+                        std::thread::Builder::new()
+                            .name("prefetch".into())
+                            .spawn(move || {
+                                filters.apply(ThreadKind::Prefetch).map_err(|e| {
+                                    PageServerError::Start(std::io::Error::other(e))
+                                })?;
+                                populate()
+                            })
+                            .map_err(|source| BuildVmError::Thread {
+                                what: "prefetch",
+                                source,
+                            })?,
+                    )
+                };
+                Some(LazyMemory {
+                    handle: None,
+                    prefetch,
+                    record: None,
+                    recorded_pages: None,
+                })
+            }
+            None => None,
+        },
         Some(server) => {
             let filters = shell.seccomp.clone();
             let handle = PageServerHandle::spawn_with(server.clone(), move || {
@@ -455,7 +532,7 @@ pub(super) fn load(
                 None => Prefetch::None,
             };
             Some(LazyMemory {
-                handle,
+                handle: Some(handle),
                 prefetch,
                 record: record.map(|r| (r, id)),
                 recorded_pages: None,
