@@ -298,6 +298,7 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Resu
         api_sock: args.api_sock,
         process_start,
         seccomp,
+        memory_class: None,
     })?;
     let host = HostResources {
         forward_stdin: true,

@@ -32,7 +32,7 @@ use snapshot::workingset::{self, WorkingSetError};
 
 use super::shell::{ShellParts, kvm_system};
 use super::{
-    BuildVmError, HostResources, Loaded, MemoryBacking, PageServerReport, pio_bus, register_memory,
+    BuildVmError, HostResources, Loaded, MemoryBacking, PageServerReport, pio_bus, place_memory,
     serial_trigger, validate_shape,
 };
 use crate::layout::MemoryLayout;
@@ -128,6 +128,16 @@ pub struct RecordWorkingSet {
     pub path: PathBuf,
     /// End the recording after this long, if READY or a request has not ended it first.
     pub limit: Option<Duration>,
+}
+
+/// The vCPU count and memory size of the snapshot in `dir` (its state file only, checksum
+/// checked): enough to choose a VM shell for it.
+pub fn snapshot_shape(dir: &Path) -> Result<(u8, u64), BuildVmError> {
+    let snap = SnapshotDir::open(dir).map_err(RestoreError::from)?;
+    let (_, state): (SnapshotId, VmState) =
+        snapshot::format::read_file(&snap.state()).map_err(RestoreError::from)?;
+    let vcpus = u8::try_from(state.vcpus.len()).map_err(|_| BuildVmError::VcpuCount(u8::MAX))?;
+    Ok((vcpus, state.mem_mib))
 }
 
 /// A snapshot whose every part was checked, ready to load.
@@ -454,8 +464,12 @@ pub(super) fn load(
     );
 
     // Guest memory from its source, its memslots, and the page server where it has one.
-    let mem = source.map(&state.memory)?;
-    register_memory(&shell.vm, &mem)?;
+    let (mem, reservation) =
+        place_memory(
+            shell,
+            &state.memory,
+            |at| Ok(source.map(&state.memory, at)?),
+        )?;
     let server_config = PageServerConfig {
         fault_around,
         record: record.is_some(),
@@ -585,5 +599,6 @@ pub(super) fn load(
         snapshot_on_ready: None,
         lazy,
         virtio,
+        reservation,
     })
 }
