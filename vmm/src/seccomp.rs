@@ -280,9 +280,19 @@ fn key(kind: ThreadKind) -> u8 {
     kind as u8
 }
 
+/// How many malloc arenas glibc may use: one, the main arena (grown with `brk`). A thread arena
+/// reads files the filtered threads may not open: `/sys/devices/system/cpu/online` to size the
+/// arena limit, and `/proc/sys/vm/overcommit_memory` the first time it shrinks a heap (seen on
+/// the page server freeing its grown working-set record).
+const MALLOC_ARENAS: i32 = 1;
+
 impl Filters {
     /// Compiles every kind's filter for `mode`.
     pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
+        if mode != SeccompMode::Off {
+            // SAFETY: mallopt only sets an allocator parameter.
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
+        }
         let mut programs = BTreeMap::new();
         for kind in [
             ThreadKind::Vcpu,
