@@ -106,6 +106,7 @@ fn init_logging(level: &str) {
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
+    vmm::seccomp::prepare_process();
     ensure_std_fds();
     let cli = Cli::parse();
     // The demo draws a progress display: keep per-VM info logs out of it unless asked for.

@@ -127,40 +127,66 @@ pub fn start_restore(
         ModeArg::UffdPrefetch => RestoreMode::UffdPrefetch,
         ModeArg::MmapPrefetch => RestoreMode::MmapPrefetch,
     };
-    let snapshot = CheckedSnapshot::open(&args.snapshot, mode)?;
-    let spec = SnapshotSpec::new(
-        snapshot,
-        args.fault_around as usize,
-        args.prefetch_before,
-        args.record_workingset.clone().map(|path| RecordWorkingSet {
-            path,
-            limit: args.record_for.map(std::time::Duration::from_millis),
-        }),
-    )?;
-    let host = HostResources {
-        forward_stdin: true,
-        disk_slots: args.disk_slot.iter().cloned().collect(),
-        vsock: args.vsock.clone().map(|path| VsockHost {
-            path,
-            max_connections: args.vsock_max_conns as usize,
-        }),
-        ..HostResources::new(serial_output(args.serial_log.as_ref())?)
-    };
+    // Cold: build the shell (KVM VM, vCPUs, rings) on a thread while this one checks the
+    // snapshot; a snapshot that fails its checks drops the shell before any guest state is in it.
     let shell = match shell {
-        Some(shell) => {
+        Some(shell) => Ok(shell),
+        None => {
+            let (vcpus, _) = vmm::vm::snapshot_shape(&args.snapshot)?;
+            vmm::vm::block_termination_signals()?;
+            let api_sock = args.api_sock.clone();
+            Err(std::thread::spawn(move || {
+                VmShell::new(ShellConfig {
+                    vcpus,
+                    api_sock,
+                    process_start,
+                    seccomp,
+                    memory_class: None,
+                })
+            }))
+        }
+    };
+    let checked = (|| -> Result<(SnapshotSpec, HostResources)> {
+        let snapshot = CheckedSnapshot::open(&args.snapshot, mode)?;
+        let spec = SnapshotSpec::new(
+            snapshot,
+            args.fault_around as usize,
+            args.prefetch_before,
+            args.record_workingset.clone().map(|path| RecordWorkingSet {
+                path,
+                limit: args.record_for.map(std::time::Duration::from_millis),
+            }),
+        )?;
+        let host = HostResources {
+            forward_stdin: true,
+            disk_slots: args.disk_slot.iter().cloned().collect(),
+            vsock: args.vsock.clone().map(|path| VsockHost {
+                path,
+                max_connections: args.vsock_max_conns as usize,
+            }),
+            ..HostResources::new(serial_output(args.serial_log.as_ref())?)
+        };
+        Ok((spec, host))
+    })();
+    let shell = match shell {
+        Ok(shell) => {
             shell.set_process_start(process_start);
             if let Some(path) = &args.api_sock {
                 shell.listen(path)?;
             }
             shell
         }
-        None => VmShell::new(ShellConfig {
-            vcpus: spec.vcpus(),
-            api_sock: args.api_sock.clone(),
-            process_start,
-            seccomp,
-            memory_class: None,
-        })?,
+        Err(thread) => {
+            let built = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the VM set-up thread panicked"))?;
+            // The snapshot's own error comes first: it is what the user must fix.
+            let (spec, host) = checked?;
+            return Ok(built?
+                .load(Guest::Snapshot(Box::new(spec)), host)?
+                .start()?);
+        }
     };
+    let (spec, host) = checked?;
     Ok(shell.load(Guest::Snapshot(Box::new(spec)), host)?.start()?)
 }

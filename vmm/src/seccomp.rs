@@ -286,12 +286,19 @@ fn key(kind: ThreadKind) -> u8 {
 /// the page server freeing its grown working-set record).
 const MALLOC_ARENAS: i32 = 1;
 
+/// Prepares the process for filtered threads: limits malloc to its main arena (see
+/// [`MALLOC_ARENAS`]). Call it first thing in `main`, before any thread exists: a thread that
+/// got a thread arena before keeps it. [`Filters::new`] calls it too, as a fallback.
+pub fn prepare_process() {
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
+}
+
 impl Filters {
     /// Compiles every kind's filter for `mode`.
     pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
         if mode != SeccompMode::Off {
-            // SAFETY: mallopt only sets an allocator parameter.
-            unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
+            prepare_process();
         }
         let mut programs = BTreeMap::new();
         for kind in [

@@ -109,13 +109,28 @@ pub struct LoadedVm {
     shell: VmShell,
 }
 
-/// Blocks the termination signals in this thread (and so in every thread spawned after) and
-/// returns a signalfd for them.
-fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
+/// Blocks the termination signals (SIGINT, SIGTERM, SIGHUP) in the calling thread and every
+/// thread it spawns afterwards: call it before spawning a thread that builds a [`VmShell`], so
+/// that no thread of the process takes them with their default action (the VM's loop reads
+/// them from a signalfd).
+pub fn block_termination_signals() -> Result<(), BuildVmError> {
+    termination_set()
+        .thread_block()
+        .map_err(BuildVmError::Signals)
+}
+
+fn termination_set() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGHUP);
+    set
+}
+
+/// Blocks the termination signals in this thread (and so in every thread spawned after) and
+/// returns a signalfd for them.
+fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
+    let set = termination_set();
     set.thread_block().map_err(BuildVmError::Signals)?;
     SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(BuildVmError::Signals)
