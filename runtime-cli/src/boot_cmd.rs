@@ -231,6 +231,14 @@ pub fn finish(report: &VmReport, timing: bool) -> i32 {
                     .unwrap_or_else(|| "-".into()),
                 ps.prefetched_pages
             );
+            if let (Some(n), Some(hit)) = (ps.workingset_pages, ps.hit_rate()) {
+                eprintln!(
+                    "kata-snap: working set: {n} pages, hit rate {:.1}% ({} faults on set pages before the prefetcher reached them, {} faults outside the set)",
+                    hit * 100.0,
+                    ps.faults_in_set,
+                    ps.faults_outside_set
+                );
+            }
         }
         if let Some(snap) = &report.snapshot {
             eprintln!(

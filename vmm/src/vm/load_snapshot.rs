@@ -280,7 +280,13 @@ impl SnapshotSpec {
         }
         Ok(Self {
             snapshot,
-            fault_around: fault_around.max(1),
+            // A recording restore installs exactly the pages the guest touches, in the order it
+            // touches them: the working set is then the guest's first touches, not windows.
+            fault_around: if record.is_some() {
+                1
+            } else {
+                fault_around.max(1)
+            },
             prefetch_before,
             record,
         })
@@ -406,6 +412,9 @@ impl LazyMemory {
             prefetched_pages: prefetch.map(|p| p.data_pages + p.zero_pages).unwrap_or(0),
             prefetch_ms: prefetch.map(|p| p.elapsed.as_secs_f64() * 1e3),
             recorded_pages: self.recorded_pages,
+            workingset_pages: server.expected_pages(),
+            faults_in_set: load(&s.faults_in_set),
+            faults_outside_set: load(&s.faults_outside_set),
         }
     }
 }
@@ -519,6 +528,9 @@ pub(super) fn load(
                     .map_err(std::io::Error::other)
             })
             .map_err(RestoreError::from)?;
+            if let Some(ws) = &workingset {
+                server.expect(ws);
+            }
             let prefetch = match workingset {
                 Some(ws) if prefetch_before => {
                     Prefetch::Done(prefetch::prefetch(&server, &ws).map_err(RestoreError::from)?)

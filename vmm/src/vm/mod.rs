@@ -334,6 +334,21 @@ pub struct PageServerReport {
     pub prefetch_ms: Option<f64>,
     /// Pages recorded as the start-up working set, once written.
     pub recorded_pages: Option<u64>,
+    /// Pages of the working set prefetched (uffd-prefetch).
+    pub workingset_pages: Option<u64>,
+    /// Faults on working-set pages the prefetcher had not installed yet.
+    pub faults_in_set: u64,
+    /// Faults on pages outside the working set.
+    pub faults_outside_set: u64,
+}
+
+impl PageServerReport {
+    /// Share of the working set's pages the guest found installed when it touched them (a
+    /// working set is the pages a guest touches, so each is touched again on a restore).
+    pub fn hit_rate(&self) -> Option<f64> {
+        let n = self.workingset_pages.filter(|&n| n > 0)?;
+        Some(1.0 - self.faults_in_set.min(n) as f64 / n as f64)
+    }
 }
 
 /// How a VM run ended and what it measured.
