@@ -187,6 +187,18 @@ fn start(c: PoolConfig) -> Result<i32> {
     std::fs::create_dir_all(dir.join("ready"))
         .and_then(|()| std::fs::create_dir_all(dir.join("claimed")))
         .with_context(|| format!("cannot create the pool directory {}", dir.display()))?;
+    // Only the pool's owner may hand its VMMs requests (they run with its privileges).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    }
+    // Sockets left by a pool that was killed lead nowhere.
+    for sub in ["ready", "claimed"] {
+        for e in std::fs::read_dir(dir.join(sub))?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let log = std::fs::File::create(dir.join("manager.log"))
         .with_context(|| format!("cannot create {}", dir.join("manager.log").display()))?;
     let exe = std::env::current_exe().context("cannot find the kata-snap binary")?;
