@@ -6,6 +6,7 @@
 //! rx buffers left is not read, which is the back-pressure towards the host.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::io::{ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -751,6 +752,12 @@ impl QueueHandler for VsockHandler {
         if restored {
             // Connections do not survive a snapshot: tell the guest to drop its own.
             self.drop_all();
+            // The guest may still hold sockets of connections from before the snapshot (reset,
+            // not yet closed by their owner); a new request on the same (host port, guest port)
+            // pair would reach one of those and be refused. Take host ports from a random point
+            // of the range instead of from where the snapshotted VM started.
+            let offset = std::collections::hash_map::RandomState::new().hash_one(self.cid);
+            self.next_local_port = FIRST_LOCAL_PORT + (offset % (1 << 29)) as u32;
             self.reset_event_pending = true;
             self.send_reset_event(active, irq)?;
         }
