@@ -11,6 +11,7 @@
 #   --timeout SECS      whole-run bound, QEMU start to exit (default 600); SCRIPT gets 30 s less
 #   --mem MIB           L1 memory (default 4096)      --smp N   L1 vCPUs (default 2)
 #   --cpu MODEL         QEMU CPU model (default EPYC-v3,+svm,+npt)
+#   --kvm-amd PARAMS    module parameters for kvm-amd.ko (e.g. "vgif=0 avic=0")
 #   --log FILE          keep the L1 console log there (default: a temp file, printed at the end)
 #   --quiet             do not copy the console to stdout while it runs
 #
@@ -27,7 +28,7 @@ root="$(cd "$here/../.." && pwd)"
 cache="${KATA_SNAP_CACHE:-$HOME/.cache/kata-snap}"
 
 files=() bins=() envs=()
-timeout=600 mem=4096 smp=2 cpu="EPYC-v3,+svm,+npt" log="" quiet=0
+timeout=600 mem=4096 smp=2 cpu="EPYC-v3,+svm,+npt" log="" quiet=0 kvm_amd=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --file) files+=("$2"); shift 2 ;;
@@ -37,6 +38,7 @@ while [ $# -gt 0 ]; do
         --mem) mem="$2"; shift 2 ;;
         --smp) smp="$2"; shift 2 ;;
         --cpu) cpu="$2"; shift 2 ;;
+        --kvm-amd) kvm_amd="$2"; shift 2 ;;
         --log) log="$2"; shift 2 ;;
         --quiet) quiet=1; shift ;;
         --) shift; break ;;
@@ -123,7 +125,8 @@ mount -t tmpfs tmpfs /run
 verdict() { echo "RIG-VERDICT exit=\$1"; sync; reboot -f; sleep 5; echo o > /proc/sysrq-trigger; }
 echo "RIG: L1 up after \$(cut -d' ' -f1 /proc/uptime) s"
 for m in \$(cat /rig/modules/load-order); do
-    insmod /rig/modules/\$m || { echo "RIG-ERROR: insmod \$m failed"; verdict 125; }
+    params=""; [ "\$m" = kvm-amd.ko ] && params="$kvm_amd"
+    insmod /rig/modules/\$m \$params || { echo "RIG-ERROR: insmod \$m failed"; verdict 125; }
 done
 [ -c /dev/kvm ] || { echo "RIG-ERROR: no /dev/kvm after loading kvm-amd"; dmesg | tail -n 20; verdict 125; }
 echo "RIG: /dev/kvm ready after \$(cut -d' ' -f1 /proc/uptime) s"
@@ -156,7 +159,7 @@ else
 fi
 set -e
 end=$(date +%s.%N)
-secs=$(echo "$end - $start" | bc)
+secs=$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')
 verdict=$(tr -d '\r' < "$log" | sed -n 's/^RIG-VERDICT exit=\([0-9]*\)$/\1/p' | tail -n 1)
 if [ -z "$verdict" ]; then
     if [ "$qstatus" = 124 ]; then

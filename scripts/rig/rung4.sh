@@ -12,6 +12,8 @@
 #        RIG_LOG       where to keep the L1 console log (default: a temp file)
 #        RIG_MODE      auto (default) | direct | l1
 #        RIG_CPU       QEMU CPU model of L1 (default EPYC-v3,+svm,+npt)
+#        RIG_KVM_AMD   kvm-amd module parameters in L1 (e.g. vgif=0)
+#        RIG_REPEAT    run the tests this many times in one L1 boot (hunting rare failures)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -47,7 +49,8 @@ if [ "$mode" = direct ]; then
 else
     step "no hardware KVM here: running the tests in the L1 rig (QEMU TCG, emulated timings)"
     "$root/scripts/rig/l1.sh" --timeout "${RIG_TIMEOUT:-900}" --log "$log" \
-        ${RIG_CPU:+--cpu "$RIG_CPU"} \
+        ${RIG_CPU:+--cpu "$RIG_CPU"} ${RIG_KVM_AMD:+--kvm-amd "$RIG_KVM_AMD"} \
+        ${RIG_REPEAT:+--env "RIG_REPEAT=$RIG_REPEAT"} \
         --bin "$kata_snap" \
         --bin "$testbin=/rig/linux_e2e" \
         --file "$kernel_dir/bzImage=/rig/guest/bzImage" \

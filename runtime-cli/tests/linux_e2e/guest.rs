@@ -289,13 +289,66 @@ impl Guest {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// Serial console and VMM log, for failure messages.
+    /// Serial console, VMM log and where the VMM's threads are, for failure messages.
     pub fn logs(&self) -> String {
         format!(
-            "\n--- serial ---\n{}\n--- kata-snap stderr ---\n{}",
+            "\n--- serial ---\n{}\n--- kata-snap stderr ---\n{}\n--- diagnosis ---\n{}",
             self.serial_text(),
-            self.stderr_text()
+            self.stderr_text(),
+            self.diagnose()
         )
+    }
+
+    /// Twice, one second apart: the VMM's status (exit counters: do the vCPUs still exit?) and
+    /// each of its threads' state, wait channel and kernel stack (is a vCPU waiting for a page,
+    /// is the page server waiting for a fault, or is a vCPU inside KVM_RUN?).
+    pub fn diagnose(&self) -> String {
+        let pid = self.child.id();
+        let mut out = String::new();
+        for round in 0..2 {
+            if round == 1 {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            out += &format!("round {round}:\n");
+            if let Ok(mut s) = UnixStream::connect(&self.api) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.write_all(b"{\"action\":\"status\"}\n");
+                let mut reply = String::new();
+                let mut b = [0u8; 1];
+                while s.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                    reply.push(b[0] as char);
+                }
+                out += &format!("  status {reply}\n");
+            }
+            let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+                out += "  (process gone)\n";
+                continue;
+            };
+            for t in tasks.flatten() {
+                let p = t.path();
+                let read = |f: &str| fs::read_to_string(p.join(f)).unwrap_or_default();
+                let stat = read("stat");
+                let state = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .unwrap_or("?")
+                    .to_owned();
+                let stack: Vec<String> = read("stack")
+                    .lines()
+                    .take(6)
+                    .map(|l| l.split_whitespace().nth(1).unwrap_or(l).to_owned())
+                    .collect();
+                out += &format!(
+                    "  {} {:<16} {} wchan={} stack={}\n",
+                    t.file_name().to_string_lossy(),
+                    read("comm").trim(),
+                    state,
+                    read("wchan"),
+                    stack.join("<")
+                );
+            }
+        }
+        out
     }
 
     /// Panics with the logs unless `cond`.
