@@ -170,5 +170,5 @@ if [ -z "$verdict" ]; then
     tail -n 20 "$log" >&2
     exit 125
 fi
-echo "l1.sh: verdict exit=$verdict after ${secs} s (QEMU start to exit, emulated); log: $log" >&2
+echo "l1.sh: verdict exit=$verdict after ${secs} s (QEMU start to exit, emulated); log: $log" | tee -a "$log" >&2
 exit "$verdict"

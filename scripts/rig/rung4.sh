@@ -65,17 +65,23 @@ set -e
 if grep -q '^RIG-MEASURE' "$log"; then
     echo "rung4: measurements ($mode$([ "$mode" = l1 ] && echo ', emulated: compare ratios only'))"
     tr -d '\r' < "$log" | awk '
-        /^RIG-MEASURE/ { v[$2] = $3; order[n++] = $2 }
-        /^l1.sh: verdict/ { }
+        # Median of each figure over the runs (RIG_REPEAT), in first-seen order.
+        /^RIG-MEASURE/ { if (!($2 in n)) order[k++] = $2; v[$2, n[$2]++] = $3 }
+        function median(name,   m, i, j, t, a) {
+            m = n[name]
+            for (i = 0; i < m; i++) a[i] = v[name, i]
+            for (i = 1; i < m; i++) for (j = i; j > 0 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+            return a[int((m - 1) / 2)]
+        }
         END {
-            base = v["restore_to_first_reply_eager"]
-            for (i = 0; i < n; i++) {
-                k = order[i]
-                r = (base != "" && k ~ /^restore_to_first_reply_/) ? sprintf("  (%.2fx eager)", v[k] / base) : ""
-                printf "  %-36s %9.1f ms%s\n", k, v[k], r
+            base = ("restore_to_first_reply_eager" in n) ? median("restore_to_first_reply_eager") : 0
+            for (i = 0; i < k; i++) {
+                name = order[i]; med = median(name)
+                r = (base > 0 && name ~ /^restore_to_first_reply_/) ? sprintf("  (%.2fx eager)", med / base) : ""
+                printf "  %-36s %9.1f ms%s%s\n", name, med, (n[name] > 1 ? sprintf(" median of %d", n[name]) : ""), r
             }
         }'
 fi
-grep -h '^RIG-INFO\|SKIPPED' "$log" | tr -d '\r' | sort -u || true
+grep -h '^RIG-INFO\|SKIPPED\|^l1.sh: verdict' "$log" | tr -d '\r' | sort -u || true
 echo "rung4: exit $status; log: $log"
 exit "$status"
