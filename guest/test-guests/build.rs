@@ -18,6 +18,7 @@ const GUESTS: &[&str] = &[
     "pio",
     "virtioblk",
     "vsock",
+    "hostile",
 ];
 
 /// Sources linked into every guest.
