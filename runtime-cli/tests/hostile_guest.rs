@@ -5,7 +5,9 @@
 //! print no panic, keep the control socket answering while the guest runs, leave the read-only
 //! image byte-identical, and leave every byte of the writable image outside the sectors the guest
 //! may write (`WLO..WHI`) as it was, with the file's length unchanged. The guest itself reports
-//! device answers the virtio spec forbids (`hostile: ANOMALY`), which fail the run too.
+//! device answers the virtio spec forbids (`hostile: ANOMALY`), which fail the run too. Every
+//! fourth seed is also snapshotted mid-run (whatever state the guest left its devices in) and the
+//! snapshot restored and run to its end under the same checks.
 //!
 //! CI runs [`DEFAULT_SEEDS`] seeds. A longer campaign: `scripts/hostile-campaign.sh 1000`, or
 //! `HOSTILE_SEEDS=N HOSTILE_SEED_BASE=S HOSTILE_ITERS=I cargo test -p runtime-cli --test
@@ -14,12 +16,13 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -42,6 +45,9 @@ const RUN_DEADLINE: Duration = Duration::from_secs(60);
 const STATUS_DEADLINE: Duration = Duration::from_secs(5);
 const STATUS_EVERY: Duration = Duration::from_millis(400);
 const SIGSYS: i32 = 31;
+/// Every this many seeds (seed divisible by it) the VM is snapshotted mid-run and the snapshot
+/// restored and run to its end too (`HOSTILE_SNAPSHOT_EVERY`, 0 = never).
+const DEFAULT_SNAPSHOT_EVERY: u64 = 4;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -151,6 +157,8 @@ struct SeedRun {
     panicked: bool,
     status_polls: u32,
     max_status: Duration,
+    /// Snapshots taken mid-run and restored.
+    snapshots: u32,
 }
 
 fn parse_summary(serial: &str) -> BTreeMap<String, u64> {
@@ -163,75 +171,87 @@ fn parse_summary(serial: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// `kata-snap vm status` against `sock`: Some(answer time) if it answered with status 0 in time.
-fn status(sock: &Path) -> Result<Duration, String> {
+/// The files and control socket of one VM process.
+struct VmFiles {
+    sock: PathBuf,
+    serial: PathBuf,
+    stderr: PathBuf,
+}
+
+impl VmFiles {
+    fn new(dir: &Path, name: &str) -> Self {
+        Self {
+            sock: dir.join(format!("{name}.sock")),
+            serial: dir.join(format!("{name}.serial")),
+            stderr: dir.join(format!("{name}.stderr")),
+        }
+    }
+
+    fn spawn(&self, args: &[&OsStr]) -> Child {
+        Command::new(BIN)
+            .args(args)
+            .arg("--api-sock")
+            .arg(&self.sock)
+            .arg("--serial-log")
+            .arg(&self.serial)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&self.stderr).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The console so far (random port writes put bytes on it that are not UTF-8).
+    fn serial_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+}
+
+/// Waits up to 3 s for `child` to exit; whether it did.
+fn exits_soon(child: &mut Child) -> bool {
+    let until = Instant::now() + Duration::from_secs(3);
+    while child.try_wait().unwrap().is_none() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.try_wait().unwrap().is_some()
+}
+
+/// Runs `kata-snap vm ACTION` against `sock`; Ok(answer time) if it succeeded within `limit`.
+fn vm_request(sock: &Path, action: &[&str], limit: Duration) -> Result<Duration, String> {
     let start = Instant::now();
     let mut child = Command::new(BIN)
-        .args(["vm", "status", "--api-sock", sock.to_str().unwrap()])
+        .arg("vm")
+        .args(action)
+        .arg("--api-sock")
+        .arg(sock)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    match wait_deadline(&mut child, STATUS_DEADLINE) {
-        None => Err(format!("vm status got no answer in {STATUS_DEADLINE:?}")),
+    match wait_deadline(&mut child, limit) {
+        None => Err(format!("vm {action:?} got no answer in {limit:?}")),
         Some(s) if s.success() => Ok(start.elapsed()),
         Some(s) => {
             let mut err = String::new();
             let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            Err(format!("vm status failed ({s}): {}", err.trim()))
+            Err(format!("vm {action:?} failed ({s}): {}", err.trim()))
         }
     }
 }
 
-fn run_seed(seed: u64, iters: Option<u64>) -> SeedRun {
-    let dir = tempfile::tempdir().unwrap();
-    let rw = dir.path().join("rw.img");
-    let ro = dir.path().join("ro.img");
-    let uds = dir.path().join("v.sock");
-    let sock = dir.path().join("api.sock");
-    let serial = dir.path().join("serial.log");
-    let stderr = dir.path().join("stderr.log");
-    fs::write(
-        &rw,
-        (0..RW_SECTORS * 512).map(rw_pattern).collect::<Vec<u8>>(),
-    )
-    .unwrap();
-    let ro_bytes = ro_image(seed);
-    fs::write(&ro, &ro_bytes).unwrap();
-    let _listener = Listener::start(&uds, VSOCK_PORT);
-
-    let mut cmdline = format!("seed={seed} wlo={WLO} whi={WHI} port={VSOCK_PORT}");
-    if let Some(n) = iters {
-        cmdline += &format!(" iters={n}");
-    }
-    let mut child = Command::new(BIN)
-        .args([
-            "boot",
-            "--kernel",
-            "builtin:hostile",
-            "--cmdline",
-            &cmdline,
-            "--rng",
-        ])
-        .arg("--disk")
-        .arg(&rw)
-        .arg("--disk")
-        .arg(format!("{},ro", ro.display()))
-        .arg("--vsock")
-        .arg(format!("3,{}", uds.display()))
-        .arg("--api-sock")
-        .arg(&sock)
-        .arg("--serial-log")
-        .arg(&serial)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-
-    let mut run = SeedRun::default();
+/// Watches a running VM until it exits: `vm status` must answer throughout; with `snapshot`
+/// (directory, delay) a snapshot is taken that long after the guest has set up its devices.
+/// Checks how it ended; returns its console and whether the snapshot was taken.
+fn watch(
+    child: &mut Child,
+    files: &VmFiles,
+    snapshot: Option<(&Path, Duration)>,
+    run: &mut SeedRun,
+) -> (String, bool) {
     let deadline = Instant::now() + RUN_DEADLINE;
+    let mut set_up: Option<Instant> = None;
+    let mut taken = false;
     let exit: Option<ExitStatus> = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break Some(s);
@@ -241,30 +261,41 @@ fn run_seed(seed: u64, iters: Option<u64>) -> SeedRun {
             let _ = child.wait();
             break None;
         }
-        if sock.exists() {
-            match status(&sock) {
+        if files.sock.exists() {
+            match vm_request(&files.sock, &["status"], STATUS_DEADLINE) {
                 Ok(t) => {
                     run.status_polls += 1;
                     run.max_status = run.max_status.max(t);
                 }
                 // The VM may be stopping (the guest's reset) as the request arrives: an error
                 // then is no failure, one from a VM that goes on running is.
-                Err(e) => {
-                    let until = Instant::now() + Duration::from_secs(3);
-                    while child.try_wait().unwrap().is_none() && Instant::now() < until {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    if child.try_wait().unwrap().is_none() {
-                        run.failures.push(e);
-                    }
+                Err(e) if !exits_soon(child) => run.failures.push(e),
+                Err(_) => {}
+            }
+        }
+        if let Some((dir, delay)) = snapshot
+            && !taken
+        {
+            if set_up.is_none() && files.serial_text().contains("hostile: dev 3 ") {
+                set_up = Some(Instant::now());
+            }
+            if set_up.is_some_and(|t| t.elapsed() >= delay) {
+                let out = dir.to_str().unwrap();
+                match vm_request(&files.sock, &["snapshot", "--out", out], RUN_DEADLINE) {
+                    Ok(_) => taken = true,
+                    Err(e) if !exits_soon(child) => run.failures.push(e),
+                    Err(_) => {}
+                }
+                set_up = None;
+                if !taken {
+                    break child.try_wait().unwrap();
                 }
             }
         }
         std::thread::sleep(STATUS_EVERY);
     };
-    // Random port writes put arbitrary bytes on the console: not UTF-8.
-    let serial = String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&fs::read(&stderr).unwrap_or_default()).into_owned();
+    let serial = files.serial_text();
+    let stderr = String::from_utf8_lossy(&fs::read(&files.stderr).unwrap_or_default()).into_owned();
     match exit {
         None => {
             run.hang = true;
@@ -272,8 +303,8 @@ fn run_seed(seed: u64, iters: Option<u64>) -> SeedRun {
                 .push(format!("no exit within {RUN_DEADLINE:?}"));
         }
         Some(s) => {
-            run.exit = s.code();
-            run.signal = s.signal();
+            run.exit = run.exit.max(s.code());
+            run.signal = run.signal.or(s.signal());
             match (s.code(), s.signal()) {
                 (Some(0), _) if !serial.contains("hostile: done\n") => run
                     .failures
@@ -294,6 +325,84 @@ fn run_seed(seed: u64, iters: Option<u64>) -> SeedRun {
     for line in serial.lines().filter(|l| l.starts_with("hostile: ANOMALY")) {
         run.failures.push(line.to_string());
     }
+    if !run.failures.is_empty() {
+        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+        eprintln!(
+            "{:?}\nserial:\n{serial}\nstderr (last lines, newest first):\n{}",
+            run.failures,
+            tail.join("\n")
+        );
+    }
+    (serial, taken)
+}
+
+/// One seed: boots the guest on fresh images (every `snapshot_every`-th seed also snapshots it
+/// mid-run and restores the snapshot once the first VM is done), then checks the images.
+fn run_seed(seed: u64, iters: Option<u64>, snapshot_every: u64) -> SeedRun {
+    let dir = tempfile::tempdir().unwrap();
+    let rw = dir.path().join("rw.img");
+    let ro = dir.path().join("ro.img");
+    let snap = dir.path().join("snap");
+    fs::write(
+        &rw,
+        (0..RW_SECTORS * 512).map(rw_pattern).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let ro_bytes = ro_image(seed);
+    fs::write(&ro, &ro_bytes).unwrap();
+
+    let mut cmdline = format!("seed={seed} wlo={WLO} whi={WHI} port={VSOCK_PORT}");
+    if let Some(n) = iters {
+        cmdline += &format!(" iters={n}");
+    }
+    let uds = dir.path().join("v.sock");
+    let listener = Listener::start(&uds, VSOCK_PORT);
+    let boot = VmFiles::new(dir.path(), "boot");
+    let ro_arg = format!("{},ro", ro.display());
+    let vsock_arg = format!("3,{}", uds.display());
+    let mut child = boot.spawn(&[
+        "boot".as_ref(),
+        "--kernel".as_ref(),
+        "builtin:hostile".as_ref(),
+        "--cmdline".as_ref(),
+        cmdline.as_ref(),
+        "--rng".as_ref(),
+        "--disk".as_ref(),
+        rw.as_os_str(),
+        "--disk".as_ref(),
+        ro_arg.as_ref(),
+        "--vsock".as_ref(),
+        vsock_arg.as_ref(),
+    ]);
+    let mut run = SeedRun::default();
+    let snapshot = (snapshot_every > 0 && seed.is_multiple_of(snapshot_every)).then(|| {
+        (
+            snap.as_path(),
+            Duration::from_millis(100 + seed * 397 % 1500),
+        )
+    });
+    let (serial, taken) = watch(&mut child, &boot, snapshot, &mut run);
+    run.figures = parse_summary(&serial);
+    drop(listener);
+
+    if taken {
+        // The snapshot continues where it was taken, on the same images.
+        run.snapshots += 1;
+        let uds = dir.path().join("v2.sock");
+        let _listener = Listener::start(&uds, VSOCK_PORT);
+        let restored = VmFiles::new(dir.path(), "restore");
+        let mut child = restored.spawn(&[
+            "restore".as_ref(),
+            "--snapshot".as_ref(),
+            snap.as_os_str(),
+            "--mode".as_ref(),
+            "eager".as_ref(),
+            "--vsock".as_ref(),
+            uds.as_os_str(),
+        ]);
+        watch(&mut child, &restored, None, &mut run);
+    }
+
     if fs::read(&ro).unwrap() != ro_bytes {
         run.failures.push("the read-only image changed".to_string());
     }
@@ -311,14 +420,8 @@ fn run_seed(seed: u64, iters: Option<u64>) -> SeedRun {
             "writes outside sectors {WLO}..{WHI}: sectors {damage:?}"
         ));
     }
-    run.figures = parse_summary(&serial);
     if !run.failures.is_empty() {
-        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
-        eprintln!(
-            "seed {seed}: {:?}\nserial:\n{serial}\nstderr (last lines, newest first):\n{}",
-            run.failures,
-            tail.join("\n")
-        );
+        eprintln!("seed {seed} failed: {:?}", run.failures);
     }
     run
 }
@@ -333,13 +436,15 @@ fn test_hostile_guest_seeds_no_panic_hang_or_write_outside_images() {
     let iters = std::env::var("HOSTILE_ITERS")
         .ok()
         .map(|_| env_u64("HOSTILE_ITERS", 0));
+    let snapshot_every = env_u64("HOSTILE_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY);
     let started = Instant::now();
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();
     let mut failed: Vec<(u64, Vec<String>)> = Vec::new();
     let (mut hangs, mut panics, mut sigsys, mut guest_faults, mut polls) = (0, 0, 0, 0, 0);
+    let mut snapshots = 0;
     let mut max_status = Duration::ZERO;
     for seed in base..base + seeds {
-        let run = run_seed(seed, iters);
+        let run = run_seed(seed, iters, snapshot_every);
         for (k, v) in &run.figures {
             if k != "seed" {
                 *totals.entry(k.clone()).or_default() += v;
@@ -350,6 +455,7 @@ fn test_hostile_guest_seeds_no_panic_hang_or_write_outside_images() {
         sigsys += u64::from(run.signal == Some(SIGSYS));
         guest_faults += u64::from(run.exit == Some(3));
         polls += run.status_polls;
+        snapshots += run.snapshots;
         max_status = max_status.max(run.max_status);
         if !run.failures.is_empty() {
             failed.push((seed, run.failures));
@@ -359,7 +465,8 @@ fn test_hostile_guest_seeds_no_panic_hang_or_write_outside_images() {
     println!(
         "hostile campaign: seeds {base}..{} ({seeds}) in {:.0?}: {} failed, {panics} panics, \
          {hangs} hangs, {sigsys} seccomp kills, {guest_faults} guest faults (exit 3); \
-         vm status answered {polls} times, slowest {max_status:.0?}\n\
+         vm status answered {polls} times, slowest {max_status:.0?}; {snapshots} snapshots taken \
+         mid-run and restored\n\
          hostile campaign: guest totals: {}",
         base + seeds,
         started.elapsed(),
@@ -388,4 +495,7 @@ fn test_hostile_guest_seeds_no_panic_hang_or_write_outside_images() {
         );
     }
     assert!(polls >= 1, "the control socket was never polled");
+    if snapshot_every > 0 && seeds >= 2 * snapshot_every {
+        assert!(snapshots > 0, "no snapshot was taken mid-run");
+    }
 }

@@ -383,6 +383,7 @@ void run_batch(unsigned di, unsigned q, struct req *r, unsigned count, int wait)
 				n_needs_reset++;
 			} else {
 				n_stalls++;
+				n_stalls_by_type[d->type == ID_BLOCK ? 0 : d->type == ID_VSOCK ? 1 : 2]++;
 				put_str("hostile: stall dev=");
 				put_dec(di);
 				put_str(" q=");
