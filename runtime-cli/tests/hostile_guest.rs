@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use common::{BIN, kvm_usable, wait_deadline};
 
-/// Seeds CI runs (about 3 s each on the CI host).
-const DEFAULT_SEEDS: u64 = 24;
+/// Seeds CI runs (about 2.5 s each on the CI host, 100 s in all).
+const DEFAULT_SEEDS: u64 = 40;
 /// Sectors of the writable image, and the range the guest may write.
 const RW_SECTORS: u64 = 256;
 const WLO: u64 = 64;
@@ -48,6 +48,12 @@ const SIGSYS: i32 = 31;
 /// Every this many seeds (seed divisible by it) the VM is snapshotted mid-run and the snapshot
 /// restored and run to its end too (`HOSTILE_SNAPSHOT_EVERY`, 0 = never).
 const DEFAULT_SNAPSHOT_EVERY: u64 = 4;
+
+/// The `kata-snap` under test: this build's, or `HOSTILE_KATA_SNAP` (a copy, so a long campaign
+/// can run while the tree is rebuilt).
+fn bin() -> String {
+    std::env::var("HOSTILE_KATA_SNAP").unwrap_or_else(|_| BIN.to_string())
+}
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -188,7 +194,7 @@ impl VmFiles {
     }
 
     fn spawn(&self, args: &[&OsStr]) -> Child {
-        Command::new(BIN)
+        Command::new(bin())
             .args(args)
             .arg("--api-sock")
             .arg(&self.sock)
@@ -219,7 +225,7 @@ fn exits_soon(child: &mut Child) -> bool {
 /// Runs `kata-snap vm ACTION` against `sock`; Ok(answer time) if it succeeded within `limit`.
 fn vm_request(sock: &Path, action: &[&str], limit: Duration) -> Result<Duration, String> {
     let start = Instant::now();
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .arg("vm")
         .args(action)
         .arg("--api-sock")

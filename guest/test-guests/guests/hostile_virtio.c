@@ -153,22 +153,42 @@ int dev_init(unsigned di)
 
 /* ---- submitting ---- */
 
-enum wait_result { W_USED, W_NEEDS_RESET, W_TIMEOUT };
+enum wait_result { W_USED, W_NEEDS_RESET, W_RESET_UNDER, W_TIMEOUT };
 
-/* Polls queue q's used ring until it moves, the device asks for a reset, or a bound passes
- * (about 50 ms of guest time; the loop thread may be slow on a loaded host, so a timeout is
- * counted, not fatal). */
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+
+/* TSC ticks (a few GHz): an answer later than LATE_TSC (~0.1 s) is late; none by LOST_TSC (a few
+ * seconds) from a device that is still live is a lost request. */
+#define LATE_TSC 300000000ULL
+#define LOST_TSC 10000000000ULL
+
+/* Polls queue q's used ring until it moves, the device asks for a reset or was reset behind the
+ * driver's back (a random register write), or LOST_TSC passes. */
 static enum wait_result wait_used(unsigned di, unsigned q)
 {
 	struct dev *d = &devs[di];
 	volatile u16 *idx = (volatile u16 *)((u64)used_of(di, q) + 2); /* used.idx */
-	for (u32 spins = 0;; spins++) {
-		if (*idx != d->last_used[q])
+	u64 start = rdtsc();
+	for (u64 spins = 0;; spins++) {
+		if (*idx != d->last_used[q]) {
+			if (rdtsc() - start > LATE_TSC)
+				n_late++;
 			return W_USED;
-		if ((spins & 31) == 31 && (status_of(d) & S_NEEDS_RESET))
-			return W_NEEDS_RESET;
-		if (spins > 10000)
-			return W_TIMEOUT;
+		}
+		if ((spins & 31) == 31) {
+			u32 st = status_of(d);
+			if (st & S_NEEDS_RESET)
+				return W_NEEDS_RESET;
+			if (!(st & S_DRIVER_OK))
+				return W_RESET_UNDER;
+			if (rdtsc() - start > LOST_TSC || spins > 100000000)
+				return W_TIMEOUT;
+		}
 		__asm__ volatile("pause");
 	}
 }
@@ -381,13 +401,29 @@ void run_batch(unsigned di, unsigned q, struct req *r, unsigned count, int wait)
 		if (w != W_USED) {
 			if (w == W_NEEDS_RESET) {
 				n_needs_reset++;
+			} else if (w == W_RESET_UNDER) {
+				n_reset_under++;
 			} else {
+				/* A live device that did not answer in seconds: printed with what was asked. */
 				n_stalls++;
 				n_stalls_by_type[d->type == ID_BLOCK ? 0 : d->type == ID_VSOCK ? 1 : 2]++;
 				put_str("hostile: stall dev=");
 				put_dec(di);
 				put_str(" q=");
 				put_dec(q);
+				put_str(" batch=");
+				put_dec(count);
+				put_str(" attacked=");
+				put_dec((u64)attacked);
+				put_str(" got=");
+				put_dec(got);
+				if (d->type == ID_BLOCK) {
+					put_str(" types=");
+					for (unsigned i = 0; i < count; i++) {
+						put_dec(*(volatile u32 *)hdr_addr(i));
+						put_char(r[i].done ? '+' : '-');
+					}
+				}
 				put_char('\n');
 			}
 			dev_init(di);
