@@ -7,7 +7,7 @@
 //! may write (`WLO..WHI`) as it was, with the file's length unchanged. The guest itself reports
 //! device answers the virtio spec forbids (`hostile: ANOMALY`), which fail the run too. Every
 //! fourth seed is also snapshotted mid-run (whatever state the guest left its devices in) and the
-//! snapshot restored and run to its end under the same checks.
+//! snapshot restored (uffd, eager and mmap in turn) and run to its end under the same checks.
 //!
 //! CI runs [`DEFAULT_SEEDS`] seeds. A longer campaign: `scripts/hostile-campaign.sh 1000`, or
 //! `HOSTILE_SEEDS=N HOSTILE_SEED_BASE=S HOSTILE_ITERS=I cargo test -p runtime-cli --test
@@ -402,7 +402,9 @@ fn run_seed(seed: u64, iters: Option<u64>, snapshot_every: u64) -> SeedRun {
             "--snapshot".as_ref(),
             snap.as_os_str(),
             "--mode".as_ref(),
-            "eager".as_ref(),
+            // Every way memory comes back: with uffd the devices' first accesses to guest pages
+            // fault into the page server.
+            ["uffd", "eager", "mmap"][(seed / snapshot_every % 3) as usize].as_ref(),
             "--vsock".as_ref(),
             uds.as_os_str(),
         ]);
