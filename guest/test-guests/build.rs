@@ -18,7 +18,14 @@ const GUESTS: &[&str] = &[
     "pio",
     "virtioblk",
     "vsock",
+    "hostile",
 ];
+
+/// Further sources (and headers) of a guest split over several files, besides `<name>.c`.
+const GUEST_EXTRA_FILES: &[(&str, &[&str])] = &[(
+    "hostile",
+    &["hostile.h", "hostile_virtio.c", "hostile_requests.c"],
+)];
 
 /// Sources linked into every guest.
 const COMMON_SOURCES: &[&str] = &["start.S", "lib.c"];
@@ -70,6 +77,11 @@ fn main() {
             src_dir.join(format!("{guest}.c")).display()
         );
     }
+    for (_, files) in GUEST_EXTRA_FILES {
+        for file in *files {
+            println!("cargo:rerun-if-changed={}", src_dir.join(file).display());
+        }
+    }
 
     // `CC` may carry a wrapper and arguments, e.g. "ccache gcc".
     let cc = env::var("CC")
@@ -93,6 +105,14 @@ fn build_guest(guest: &str, cc: &[&str], src_dir: &Path, out_dir: &Path) {
         .arg(src_dir)
         .args(COMMON_SOURCES.iter().map(|s| src_dir.join(s)))
         .arg(src_dir.join(format!("{guest}.c")))
+        .args(
+            GUEST_EXTRA_FILES
+                .iter()
+                .filter(|(name, _)| *name == guest)
+                .flat_map(|(_, files)| files.iter())
+                .filter(|f| f.ends_with(".c"))
+                .map(|f| src_dir.join(f)),
+        )
         .arg("-o")
         .arg(&output);
     let shown = format!("{cmd:?}");

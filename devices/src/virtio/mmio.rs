@@ -496,13 +496,17 @@ impl Persist for MmioTransport {
                 device: max,
             });
         }
+        // Check what the restored device relies on. Before FEATURES_OK and DRIVER_OK a driver
+        // (part-way through set-up, or hostile) may leave any acked features and queue sizes in
+        // the registers, which those bits check when they are set: such a state must restore.
+        let activated = s.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !s.needs_reset;
         for (i, (q, &m)) in s.queues.iter().zip(&max).enumerate() {
-            if q.size == 0 || q.size > m || !q.size.is_power_of_two() {
+            if activated && (q.size == 0 || q.size > m || !q.size.is_power_of_two()) {
                 return Err(RestoreTransportError::QueueSize(i));
             }
         }
         let offered = args.device.avail_features();
-        if s.acked_features & !offered != 0 {
+        if s.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && s.acked_features & !offered != 0 {
             return Err(RestoreTransportError::Features {
                 acked: s.acked_features,
                 offered,

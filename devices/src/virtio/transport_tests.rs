@@ -185,3 +185,70 @@ fn test_mmio_reset_before_worker_runs_leaves_rings_untouched() {
     assert!(h.driver.take_used(0).is_empty());
     assert_eq!(lock_device(&h.driver.transport).status(), 0);
 }
+
+/// A driver part-way through set-up (or a hostile one) may leave any queue size and any acked
+/// features in the registers until FEATURES_OK and DRIVER_OK check them; a snapshot taken at that
+/// moment must restore, and the restored transport must check them just the same.
+#[test]
+fn test_mmio_restore_mid_setup_with_bad_queue_size_and_features_succeeds() {
+    let args = || {
+        let parts = super::front::Parts::new(1).unwrap();
+        MmioTransportArgs {
+            device: Box::new(super::front::Front::new(
+                4,
+                1 << VIRTIO_F_VERSION_1,
+                vec![256],
+                vec![],
+                parts.tx,
+            )),
+            mem: test_memory(),
+            interrupt: parts.interrupt,
+            queue_evts: parts.queue_evts,
+        }
+    };
+    let status = |t: &mut super::MmioTransport| {
+        let mut b = [0u8; 4];
+        t.read(u64::from(reg::VIRTIO_MMIO_STATUS), &mut b);
+        u32::from_le_bytes(b)
+    };
+    let write = |t: &mut super::MmioTransport, off: u32, v: u32| {
+        t.write(u64::from(off), &v.to_le_bytes());
+    };
+    let ack_driver = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+
+    // Negotiating: unoffered features acked, queue size 3.
+    let h = harness();
+    h.driver
+        .write_reg(reg::VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    h.driver.write_reg(reg::VIRTIO_MMIO_STATUS, ack_driver);
+    h.driver.write_reg(reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    h.driver
+        .write_reg(reg::VIRTIO_MMIO_DRIVER_FEATURES, 0xdead_beef);
+    h.driver.write_reg(reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+    h.driver.write_reg(reg::VIRTIO_MMIO_QUEUE_NUM, 3);
+    let state = lock_device(&h.driver.transport).save();
+    let mut t = super::MmioTransport::restore(args(), &state).expect("restore mid-negotiation");
+    assert_eq!(status(&mut t), ack_driver);
+    write(
+        &mut t,
+        reg::VIRTIO_MMIO_STATUS,
+        ack_driver | VIRTIO_CONFIG_S_FEATURES_OK,
+    );
+    assert_eq!(status(&mut t), ack_driver, "FEATURES_OK still refused");
+
+    // DRIVER_OK refused for the bad size: the device needs a reset.
+    let mut h = harness();
+    assert!(h.driver.negotiate(1 << VIRTIO_F_VERSION_1));
+    h.driver.write_reg(reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+    h.driver.write_reg(reg::VIRTIO_MMIO_QUEUE_NUM, 3);
+    h.driver.write_reg(reg::VIRTIO_MMIO_QUEUE_READY, 1);
+    let s = h.driver.status();
+    h.driver
+        .write_reg(reg::VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
+    assert_ne!(h.driver.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    let state = lock_device(&h.driver.transport).save();
+    let mut t = super::MmioTransport::restore(args(), &state).expect("restore needing reset");
+    assert_ne!(status(&mut t) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    write(&mut t, reg::VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(status(&mut t), 0);
+}

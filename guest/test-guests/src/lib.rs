@@ -204,6 +204,32 @@ pub const VIRTIOBLK: TestGuest = test_guest!("virtioblk");
 /// `vsock: FAIL <why>` and an i8042 exit on a driver error.
 pub const VSOCK: TestGuest = test_guest!("vsock");
 
+/// `hostile`: a malicious virtio-mmio driver and bus prodder for the hostile-guest campaign
+/// (`runtime-cli/tests/hostile_guest.rs`). Every choice comes from a PRNG seeded by `seed=N`.
+///
+/// Sets up every announced virtio device (block, vsock, rng) as a polled driver, then runs
+/// `iters=N` (default 200) steps: requests with broken chains (loops, next or head out of range,
+/// indirect descriptors, buffers outside RAM or in MMIO, lengths 0/huge/wrapping, wrong
+/// directions, available index far ahead or back) and device-level malice (block requests of
+/// every type with sectors past the end, bad framing and segments; vsock packets with bad
+/// headers, ops, CIDs, ports and lengths, and real traffic to host port `port=P`, default 5000;
+/// rng requests with odd buffers), transport attacks (bad queue sizes or ring addresses, status
+/// bits out of order, unoffered features, bad selects and notifies, config and register accesses
+/// of every width, a reset with a request in flight), random port I/O (never the i8042 reset)
+/// and random MMIO in the 3-4 GiB gap (never the IOAPIC or LAPIC page). A device it broke is
+/// reset and set up again. Writes that could reach the writable disk go to sectors
+/// `[wlo, whi)` (default none) or must be refused.
+///
+/// Output: `hostile: seed=<n> iters=<n> devices=<n>`, `hostile: dev <i> type=<id> base=0x<hex>`
+/// (block: ` capacity=<sectors> ro|rw`) per device, `hostile: ANOMALY <what> dev=<i>` for each
+/// answer the virtio spec forbids (a refused write reported OK, a bad status byte, a wrong used
+/// id, more rng bytes than buffer), then `hostile: summary` with ` key=<decimal>` figures (`blk`,
+/// `blk_ok`, `blk_ioerr`, `blk_unsupp`, `vsock_tx`, `vsock_rx`, `rng`, `rng_bytes`,
+/// `chain_attacks`, `transport`, `regs`, `pio`, `mmio`, `needs_reset`, `stalls`, `inits`,
+/// `init_fail`, `anomalies`), `hostile: done`, and an i8042 exit. `hostile: FAIL <why>` + exit
+/// when there is no device or the scratch area (16..32 MiB) is not RAM.
+pub const HOSTILE: TestGuest = test_guest!("hostile");
+
 /// Every test guest.
 pub const ALL: &[TestGuest] = &[
     HELLO,
@@ -217,6 +243,7 @@ pub const ALL: &[TestGuest] = &[
     PIO,
     VIRTIOBLK,
     VSOCK,
+    HOSTILE,
 ];
 
 /// Finds a test guest by its [`TestGuest::name`].
@@ -528,6 +555,16 @@ mod tests {
                 &["virtio_mmio.device=", "virtioblk: done\n", "write_sector"],
             ),
             (&VSOCK, &["virtio_mmio.device=", "vsock: sent ", "conns"]),
+            (
+                &HOSTILE,
+                &[
+                    "virtio_mmio.device=",
+                    "seed",
+                    "hostile: summary",
+                    "hostile: done\n",
+                    "hostile: ANOMALY ",
+                ],
+            ),
         ];
         assert_eq!(expected.len(), ALL.len());
         for (guest, strings) in expected {

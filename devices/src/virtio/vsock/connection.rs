@@ -54,6 +54,8 @@ pub struct Connection {
     pub guest_shut_rcv: bool,
     /// The host closed its side.
     pub host_eof: bool,
+    /// A CREDIT_UPDATE for this connection waits in the control queue.
+    pub credit_update_queued: bool,
 }
 
 impl Connection {
@@ -78,6 +80,7 @@ impl Connection {
             guest_shut_send: false,
             guest_shut_rcv: false,
             host_eof: false,
+            credit_update_queued: false,
         })
     }
 

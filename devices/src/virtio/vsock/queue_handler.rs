@@ -168,11 +168,23 @@ impl VsockHandler {
     }
 
     fn ctrl(&mut self, local_port: u32, peer_port: u32, op: u16, flags: u32) {
-        if self.control.len() >= MAX_PENDING_CONTROL
-            && !self.conns.contains_key(&(local_port, peer_port))
-        {
-            tracing::debug!("virtio-vsock: control queue full, dropping op {op}");
-            return;
+        match self.conns.get_mut(&(local_port, peer_port)) {
+            // An open connection queues few control packets (RESPONSE once; RST and SHUTDOWN end
+            // it) except credit updates, which the guest may ask for without end while it keeps
+            // its rx buffers: one queued per connection is enough, as it carries the credit of
+            // the moment it is sent.
+            Some(conn) if op == OP_CREDIT_UPDATE => {
+                if conn.credit_update_queued {
+                    return;
+                }
+                conn.credit_update_queued = true;
+            }
+            Some(_) => {}
+            None if self.control.len() >= MAX_PENDING_CONTROL => {
+                tracing::debug!("virtio-vsock: control queue full, dropping op {op}");
+                return;
+            }
+            None => {}
         }
         self.control.push_back(Ctrl {
             local_port,
@@ -627,6 +639,9 @@ impl VsockHandler {
                 let h = self.header(c.local_port, c.peer_port, c.op, c.flags, 0);
                 if let Some(conn) = self.conns.get_mut(&(c.local_port, c.peer_port)) {
                     conn.last_fwd_sent = conn.fwd_cnt;
+                    if c.op == OP_CREDIT_UPDATE {
+                        conn.credit_update_queued = false;
+                    }
                 }
                 let n = write_writable(&active.mem, &chain.descs, &h.encode());
                 add_used(

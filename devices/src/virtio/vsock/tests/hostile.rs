@@ -190,3 +190,27 @@ fn test_effective_max_connections_low_nofile_keeps_reserve() {
     assert_eq!(effective_max_connections(256, 1024), 256);
     assert_eq!(effective_max_connections(256, 64), 0);
 }
+
+#[test]
+fn test_vsock_credit_request_flood_on_open_connection_keeps_control_queue_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new(&dir);
+    let _listener = UnixListener::bind(format!("{}_5000", socket_path(&dir).display())).unwrap();
+    g.send(g.header(1000, 5000, OP_REQUEST, 0), &[]);
+    let (h, _) = g.wait_for(|h| h.dst_port == 1000);
+    assert_eq!(h.op, OP_RESPONSE);
+    // The guest stops giving rx buffers back and asks for credit over and over. Each answer waits
+    // for an rx buffer: on an open connection they must not pile up (the cap on queued control
+    // packets does not apply to open connections, so nothing else bounds them).
+    for _ in 0..3000 {
+        g.send(g.header(1000, 5000, OP_CREDIT_REQUEST, 0), &[]);
+    }
+    let pending = g.h.device.worker().borrow().handler.pending_control();
+    assert!(
+        pending <= 1,
+        "{pending} control packets queued for one connection"
+    );
+    // Once the guest takes its buffers back it is answered.
+    let (h, _) = g.wait_for(|h| h.op == OP_CREDIT_UPDATE);
+    assert_eq!((h.src_port, h.dst_port), (5000, 1000));
+}
