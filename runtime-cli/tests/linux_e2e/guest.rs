@@ -266,8 +266,8 @@ impl Guest {
         Self::spawn(args, dir, vsock)
     }
 
-    /// `kata-snap restore --snapshot SNAP --mode MODE EXTRA...`; the guest's vsock socket is
-    /// `vsock` (the template's path, re-bound by the restore).
+    /// `kata-snap restore --snapshot SNAP --mode MODE --vsock VSOCK EXTRA...`: the restored
+    /// guest's vsock device gets the host socket `vsock` (each clone its own).
     pub fn restore(snapshot: &Path, mode: &str, vsock: &Path, extra: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut args: Vec<String> = vec![
@@ -276,6 +276,8 @@ impl Guest {
             snapshot.display().to_string(),
             "--mode".into(),
             mode.into(),
+            "--vsock".into(),
+            vsock.display().to_string(),
         ];
         args.extend(extra.iter().cloned());
         Self::spawn(args, dir, vsock.to_owned())

@@ -51,8 +51,8 @@ fn test_template_restores_in_every_mode_with_clock_entropy_and_first_connection(
     ];
     let mut randoms = Vec::new();
 
-    for mode in ["eager", "mmap", "uffd", "uffd-prefetch"] {
-        if mode == "uffd-prefetch" {
+    for mode in ["eager", "mmap", "uffd", "uffd-prefetch", "mmap-prefetch"] {
+        if mode == "uffd-prefetch" || mode == "mmap-prefetch" {
             assert!(
                 template.join("workingset").exists(),
                 "the uffd restore did not record a working set"
@@ -63,7 +63,15 @@ fn test_template_restores_in_every_mode_with_clock_entropy_and_first_connection(
             let behind = Duration::from_secs(6).saturating_sub(taken.elapsed().unwrap());
             std::thread::sleep(behind);
         }
-        let mut g = Guest::restore(&template, mode, &vsock, &slot);
+        // The uffd restore records the template's start-up working set for the prefetching ones.
+        let mut extra = slot.to_vec();
+        if mode == "uffd" {
+            extra.extend([
+                "--record-workingset".to_string(),
+                template.join("workingset").display().to_string(),
+            ]);
+        }
+        let mut g = Guest::restore(&template, mode, &vsock, &extra);
         // The first connection after the restore: Hello must work on it.
         let mut c = g.agent();
         measure(
