@@ -14,7 +14,8 @@ pub fn make_template(art: &Artifacts, dir: &Path) -> (PathBuf, PathBuf) {
     let mut t = Guest::boot(
         art,
         &BootOpts {
-            slots: vec!["rootfs".into()],
+            // Read-only: the clones of the template share one rootfs image.
+            slots: vec!["rootfs,ro".into()],
             snapshot_on_ready: Some(template.clone()),
             vsock: Some(dir.join("template.vsock")),
             ..Default::default()
