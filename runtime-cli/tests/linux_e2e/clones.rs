@@ -2,6 +2,8 @@
 //! own host vsock socket (`kata-snap restore --vsock PATH`).
 
 use crate::guest::*;
+use std::time::Duration;
+
 use crate::restore::make_template;
 
 const CLONES: usize = 16;
@@ -31,7 +33,7 @@ fn test_sixteen_clones_of_one_template_at_once() {
             .enumerate()
             .map(|(i, g)| {
                 s.spawn(move || {
-                    let mut c = g.agent();
+                    let mut c = g.agent_retrying(Duration::from_secs(120));
                     c.sync_time(now_ns()).unwrap();
                     c.reseed(host_random()).unwrap();
                     let o = g.sh_on(
