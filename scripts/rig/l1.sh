@@ -149,12 +149,12 @@ set +e
 if [ "$quiet" = 1 ]; then
     timeout -k 5 "$timeout" qemu-system-x86_64 -machine pc -accel tcg -cpu "$cpu" -smp "$smp" \
         -m "$mem" -nographic -nic none -no-reboot -kernel "$kernel" -initrd "$work/l1.cpio" \
-        -append "console=ttyS0 panic=-1 quiet" </dev/null >"$log" 2>&1
+        -append "console=ttyS0 panic=-1 quiet ${L1_APPEND:-}" </dev/null >"$log" 2>&1
     qstatus=$?
 else
     timeout -k 5 "$timeout" qemu-system-x86_64 -machine pc -accel tcg -cpu "$cpu" -smp "$smp" \
         -m "$mem" -nographic -nic none -no-reboot -kernel "$kernel" -initrd "$work/l1.cpio" \
-        -append "console=ttyS0 panic=-1 quiet" </dev/null 2>&1 | tee "$log"
+        -append "console=ttyS0 panic=-1 quiet ${L1_APPEND:-}" </dev/null 2>&1 | tee "$log"
     qstatus=${PIPESTATUS[0]}
 fi
 set -e
