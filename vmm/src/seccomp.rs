@@ -120,6 +120,7 @@ const BASE: &[(i64, &str)] = &[
         "std's alternate signal stack at thread exit",
     ),
     (libc::SYS_exit, "thread exit"),
+    (libc::SYS_exit_group, "process exit (also how a refused syscall ends the VMM)"),
     (libc::SYS_clock_gettime, "Instant when the vDSO falls back"),
     (libc::SYS_clock_nanosleep, "thread::sleep"),
     (libc::SYS_nanosleep, "thread::sleep"),
@@ -258,7 +259,8 @@ pub fn program(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
     let mismatch = match mode {
         SeccompMode::Off => return Ok(None),
         SeccompMode::Log => SeccompAction::Log,
-        SeccompMode::Kill => SeccompAction::KillProcess,
+        // Trap, so the process can say which syscall was refused before it ends (handler below).
+        SeccompMode::Kill => SeccompAction::Trap,
     };
     let rules: BTreeMap<i64, Vec<SeccompRule>> =
         allowed(kind).into_iter().map(|n| (n, Vec::new())).collect();
@@ -286,6 +288,77 @@ fn key(kind: ThreadKind) -> u8 {
 /// the page server freeing its grown working-set record).
 const MALLOC_ARENAS: i32 = 1;
 
+/// SIGSYS handler of [`SeccompMode::Kill`]: a filtered thread made a syscall outside its list.
+/// Writes one line naming the syscall and the thread to stderr and ends the process (status 159,
+/// 128 + SIGSYS). Only async-signal-safe calls, all allowed by every list.
+extern "C" fn refused_syscall(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: for SIGSYS from seccomp the kernel fills `_sigsys` { call_addr: *void, syscall:
+    // i32, arch: u32 } right after the three i32 header fields and their padding (offset 16);
+    // the syscall number is at byte 24 of the siginfo it passes.
+    let at = info.cast::<u8>().wrapping_add(24).cast::<i32>();
+    // SAFETY: as above: `at` points at the syscall number inside the kernel's siginfo.
+    let nr = unsafe { at.read_unaligned() };
+    let name: &[u8] = match FILTERED_AS.with(std::cell::Cell::get) {
+        0 => b"vcpu",
+        1 => b"vmm",
+        2 => b"page-server",
+        3 => b"prefetch",
+        4 => b"main",
+        _ => b"?",
+    };
+    let mut line = [0u8; 128];
+    let mut n = 0;
+    let mut put = |bytes: &[u8]| {
+        for &b in bytes {
+            if n < line.len() {
+                line[n] = b;
+                n += 1;
+            }
+        }
+    };
+    put(b"kata-snap: seccomp refused syscall ");
+    let mut digits = [0u8; 12];
+    let mut d = digits.len();
+    let mut v = nr.unsigned_abs();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    put(&digits[d..]);
+    put(b" on thread ");
+    put(name);
+    put(b" (add it to its list in vmm/src/seccomp.rs if it belongs there)\n");
+    // SAFETY: write(2) of a local buffer, then _exit: both async-signal-safe.
+    unsafe {
+        libc::write(2, line.as_ptr().cast(), n);
+    }
+    // SAFETY: as above.
+    unsafe { libc::_exit(128 + libc::SIGSYS) };
+}
+
+thread_local! {
+    /// The kind of filter this thread runs under (`ThreadKind as u8`; 255 none), for the SIGSYS
+    /// handler's message.
+    static FILTERED_AS: std::cell::Cell<u8> = const { std::cell::Cell::new(255) };
+}
+
+/// Installs the SIGSYS handler (once per process).
+fn install_refusal_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: all-zero is a valid sigaction (no handler, empty mask, no flags).
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = refused_syscall as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: installs a handler that only makes async-signal-safe calls.
+        unsafe { libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) };
+    });
+}
+
 /// Prepares the process for filtered threads: limits malloc to its main arena (see
 /// [`MALLOC_ARENAS`]). Call it first thing in `main`, before any thread exists: a thread that
 /// got a thread arena before keeps it. [`Filters::new`] calls it too, as a fallback.
@@ -299,6 +372,9 @@ impl Filters {
     pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
         if mode != SeccompMode::Off {
             prepare_process();
+        }
+        if mode == SeccompMode::Kill {
+            install_refusal_handler();
         }
         let mut programs = BTreeMap::new();
         for kind in [
@@ -321,6 +397,7 @@ impl Filters {
     pub fn apply(&self, kind: ThreadKind) -> Result<(), SeccompError> {
         match self.programs.get(&key(kind)) {
             Some(p) => seccompiler::apply_filter(p)
+                .inspect(|()| FILTERED_AS.with(|k| k.set(kind as u8)))
                 .map_err(|source| SeccompError::Install { kind, source }),
             None => Ok(()),
         }
@@ -373,7 +450,8 @@ mod tests {
         let mut status = 0;
         // SAFETY: waiting for our own child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
-        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        // The SIGSYS handler names the syscall on stderr and exits with 128 + SIGSYS.
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS);
     }
 }

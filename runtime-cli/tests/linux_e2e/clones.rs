@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::restore::make_template;
 
-const CLONES: usize = 8;
+const CLONES: usize = 16;
 
 #[test]
 fn test_sixteen_clones_of_one_template_at_once() {
@@ -22,9 +22,11 @@ fn test_sixteen_clones_of_one_template_at_once() {
     let clones: Vec<Guest> = (0..CLONES)
         .map(|i| {
             let vsock = dir.path().join(format!("clone{i}.vsock"));
+            // Half share the template's pages through the page cache (mmap), half are served by
+            // their own page servers (uffd).
             Guest::restore(
                 &template,
-                "uffd",
+                if i % 2 == 0 { "mmap" } else { "uffd" },
                 &vsock,
                 &["--disk-slot".into(), format!("rootfs={}", rootfs.display())],
             )
