@@ -122,6 +122,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o size=75% tmpfs /tmp
 mount -t tmpfs tmpfs /run
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 verdict() { echo "RIG-VERDICT exit=\$1"; sync; reboot -f; sleep 5; echo o > /proc/sysrq-trigger; }
 echo "RIG: L1 up after \$(cut -d' ' -f1 /proc/uptime) s"
 for m in \$(cat /rig/modules/load-order); do
