@@ -9,8 +9,11 @@
 #   --bin SRC[=DEST]    as --file, plus the shared libraries and loader `ldd SRC` names
 #   --env NAME=VALUE    environment for SCRIPT (repeatable)
 #   --timeout SECS      whole-run bound, QEMU start to exit (default 600); SCRIPT gets 30 s less
-#   --mem MIB           L1 memory (default 4096)      --smp N   L1 vCPUs (default 2)
+#   --mem MIB           L1 memory (default 4096)
+#   --smp N             L1 vCPUs (default 1: with 2, QEMU 7.2's TCG broke nested SVM
+#                       under load: L1 kernel panics, L2 triple faults and stalls; see README)
 #   --cpu MODEL         QEMU CPU model (default EPYC-v3,+svm,+npt)
+#   --accel ACCEL       QEMU accelerator (default tcg; tcg,thread=single: one host thread)
 #   --kvm-amd PARAMS    module parameters for kvm-amd.ko (e.g. "vgif=0 avic=0")
 #   --log FILE          keep the L1 console log there (default: a temp file, printed at the end)
 #   --quiet             do not copy the console to stdout while it runs
@@ -28,7 +31,7 @@ root="$(cd "$here/../.." && pwd)"
 cache="${KATA_SNAP_CACHE:-$HOME/.cache/kata-snap}"
 
 files=() bins=() envs=()
-timeout=600 mem=4096 smp=2 cpu="EPYC-v3,+svm,+npt" log="" quiet=0 kvm_amd=""
+timeout=600 mem=4096 smp=1 cpu="EPYC-v3,+svm,+npt" log="" quiet=0 kvm_amd="" accel=tcg
 while [ $# -gt 0 ]; do
     case "$1" in
         --file) files+=("$2"); shift 2 ;;
@@ -39,6 +42,7 @@ while [ $# -gt 0 ]; do
         --smp) smp="$2"; shift 2 ;;
         --cpu) cpu="$2"; shift 2 ;;
         --kvm-amd) kvm_amd="$2"; shift 2 ;;
+        --accel) accel="$2"; shift 2 ;;
         --log) log="$2"; shift 2 ;;
         --quiet) quiet=1; shift ;;
         --) shift; break ;;
@@ -122,6 +126,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o size=75% tmpfs /tmp
 mount -t tmpfs tmpfs /run
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 verdict() { echo "RIG-VERDICT exit=\$1"; sync; reboot -f; sleep 5; echo o > /proc/sysrq-trigger; }
 echo "RIG: L1 up after \$(cut -d' ' -f1 /proc/uptime) s"
 for m in \$(cat /rig/modules/load-order); do
@@ -147,12 +152,12 @@ echo "l1.sh: L1 initramfs $(( $(stat -c %s "$work/l1.cpio") / 1048576 )) MiB; co
 start=$(date +%s.%N)
 set +e
 if [ "$quiet" = 1 ]; then
-    timeout -k 5 "$timeout" qemu-system-x86_64 -machine pc -accel tcg -cpu "$cpu" -smp "$smp" \
+    timeout -k 5 "$timeout" qemu-system-x86_64 -machine pc -accel "$accel" -cpu "$cpu" -smp "$smp" \
         -m "$mem" -nographic -nic none -no-reboot -kernel "$kernel" -initrd "$work/l1.cpio" \
         -append "console=ttyS0 panic=-1 quiet ${L1_APPEND:-}" </dev/null >"$log" 2>&1
     qstatus=$?
 else
-    timeout -k 5 "$timeout" qemu-system-x86_64 -machine pc -accel tcg -cpu "$cpu" -smp "$smp" \
+    timeout -k 5 "$timeout" qemu-system-x86_64 -machine pc -accel "$accel" -cpu "$cpu" -smp "$smp" \
         -m "$mem" -nographic -nic none -no-reboot -kernel "$kernel" -initrd "$work/l1.cpio" \
         -append "console=ttyS0 panic=-1 quiet ${L1_APPEND:-}" </dev/null 2>&1 | tee "$log"
     qstatus=${PIPESTATUS[0]}

@@ -13,7 +13,10 @@
 #        RIG_MODE      auto (default) | direct | l1
 #        RIG_CPU       QEMU CPU model of L1 (default EPYC-v3,+svm,+npt)
 #        RIG_KVM_AMD   kvm-amd module parameters in L1 (e.g. vgif=0)
+#        RIG_SMP       L1 vCPUs (default 1, see scripts/rig/l1.sh)
+#        RIG_ACCEL     QEMU accelerator of L1 (default tcg)
 #        RIG_REPEAT    run the tests this many times in one L1 boot (hunting rare failures)
+#        RIG_ENV       "NAME=VALUE ..." more environment for the tests in L1
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -49,8 +52,10 @@ if [ "$mode" = direct ]; then
 else
     step "no hardware KVM here: running the tests in the L1 rig (QEMU TCG, emulated timings)"
     "$root/scripts/rig/l1.sh" --timeout "${RIG_TIMEOUT:-900}" --log "$log" \
-        ${RIG_CPU:+--cpu "$RIG_CPU"} ${RIG_KVM_AMD:+--kvm-amd "$RIG_KVM_AMD"} \
+        ${RIG_CPU:+--cpu "$RIG_CPU"} ${RIG_KVM_AMD:+--kvm-amd "$RIG_KVM_AMD"} ${RIG_SMP:+--smp "$RIG_SMP"} \
+        ${RIG_ACCEL:+--accel "$RIG_ACCEL"} \
         ${RIG_REPEAT:+--env "RIG_REPEAT=$RIG_REPEAT"} \
+        $(for e in ${RIG_ENV:-}; do printf -- '--env %s ' "$e"; done) \
         --bin "$kata_snap" \
         --bin "$testbin=/rig/linux_e2e" \
         --file "$kernel_dir/bzImage=/rig/guest/bzImage" \

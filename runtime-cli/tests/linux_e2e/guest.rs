@@ -307,6 +307,7 @@ impl Guest {
     pub fn diagnose(&self) -> String {
         let pid = self.child.id();
         let mut out = String::new();
+        out += &kvm_exits(pid);
         for round in 0..2 {
             if round == 1 {
                 std::thread::sleep(Duration::from_secs(1));
@@ -520,6 +521,42 @@ impl Drop for Guest {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The last KVM exits of process `pid`'s vCPU threads over half a second (reason and guest
+/// RIP, from the kvm:kvm_exit trace event), when tracefs is there and we may use it (the rig).
+fn kvm_exits(pid: u32) -> String {
+    let t = Path::new("/sys/kernel/tracing");
+    let enable = t.join("events/kvm/kvm_exit/enable");
+    if !enable.exists() || fs::write(t.join("trace"), "").is_err() {
+        return String::new();
+    }
+    let _ = fs::write(&enable, "1");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = fs::write(&enable, "0");
+    let trace = fs::read_to_string(t.join("trace")).unwrap_or_default();
+    let tids: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mine: Vec<&str> = trace
+        .lines()
+        .filter(|l| {
+            tids.iter().any(|tid| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|w| w.ends_with(&format!("-{tid}")))
+            })
+        })
+        .collect();
+    let mut out = format!("kvm_exit events in 0.5 s: {}\n", mine.len());
+    for l in mine.iter().rev().take(8).rev() {
+        out += &format!("  {}\n", l.trim());
+    }
+    out
 }
 
 /// A container run request: `args` in the ext4 rootfs on `device`, root, PATH=/bin, /proc.
