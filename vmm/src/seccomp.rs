@@ -120,7 +120,10 @@ const BASE: &[(i64, &str)] = &[
         "std's alternate signal stack at thread exit",
     ),
     (libc::SYS_exit, "thread exit"),
-    (libc::SYS_exit_group, "process exit (also how a refused syscall ends the VMM)"),
+    (
+        libc::SYS_exit_group,
+        "process exit (also how a refused syscall ends the VMM)",
+    ),
     (libc::SYS_clock_gettime, "Instant when the vDSO falls back"),
     (libc::SYS_clock_nanosleep, "thread::sleep"),
     (libc::SYS_nanosleep, "thread::sleep"),

@@ -1,8 +1,8 @@
-//! Restores of one template at once, each running a process, all correct. Each clone has its own
-//! host vsock socket (`kata-snap restore --vsock PATH`) and shares the template's read-only rootfs
-//! image. 8 at once: with 16 on the rig's two emulated CPUs the starved guests ran past the
-//! agent's 20 s read timeout (and once a VMM exited that could not be diagnosed in L1, where the
-//! kernel logs no seccomp audit lines); with `--seccomp off` 16 passed once.
+//! 16 restores of one template at once, each running a process, all correct. Each clone has its
+//! own host vsock socket (`kata-snap restore --vsock PATH`) and shares the template's read-only
+//! rootfs image; half share the template's pages through the page cache (mmap), half are served by
+//! their own page servers (uffd). (With two L1 vCPUs, QEMU's nested SVM emulation broke guests
+//! under this load; the rig runs L1 with one, see README.)
 
 use crate::guest::*;
 use std::time::Duration;
