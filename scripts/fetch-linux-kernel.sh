@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Fetches Debian's linux-image-cloud-amd64 kernel (a bzImage) for the Linux smoke test, unpacks it
 # and caches it outside the repo, with the ELF vmlinux extracted from it (as the kernel's
-# scripts/extract-vmlinux does). Prints the path of the vmlinux. Skips the work when cached.
+# scripts/extract-vmlinux does) and the package's KVM modules (irqbypass.ko, kvm.ko, kvm-amd.ko:
+# the rung-4 rig loads them in its L1 VM). Prints the path of the vmlinux. Skips the work when
+# cached.
 #
-#   scripts/fetch-linux-kernel.sh   # -> $KATA_SNAP_CACHE/linux/{vmlinuz,vmlinux} (default ~/.cache/kata-snap)
+#   scripts/fetch-linux-kernel.sh   # -> $KATA_SNAP_CACHE/linux/{vmlinuz,vmlinux,modules/} (default ~/.cache/kata-snap)
 #
 # Why both: on a host whose KVM emulates guest code (the nested paravirtual kvm_pvm), a bzImage
 # spends many minutes in its own decompressor before Linux prints anything; the vmlinux starts at
@@ -12,7 +14,12 @@ set -euo pipefail
 
 cache="${KATA_SNAP_CACHE:-$HOME/.cache/kata-snap}/linux"
 mkdir -p "$cache"
-if [ -s "$cache/vmlinuz" ] && [ -s "$cache/vmlinux" ] && [ -s "$cache/version" ]; then
+kvm_modules=(irqbypass.ko kvm.ko kvm-amd.ko)
+cached=1
+for f in vmlinuz vmlinux version "${kvm_modules[@]/#/modules/}"; do
+    [ -s "$cache/$f" ] || cached=0
+done
+if [ "$cached" = 1 ]; then
     echo "$cache/vmlinux"
     exit 0
 fi
@@ -71,6 +78,22 @@ if [ "$(od -An -c -N4 "$cache/vmlinux.tmp" | tr -d ' ')" != "177ELF" ]; then
 fi
 sync "$cache/vmlinux.tmp"
 mv "$cache/vmlinux.tmp" "$cache/vmlinux"
+# The KVM modules, in the order they must be loaded (insmod, no modprobe in the rig's L1).
+rm -rf "$cache/modules.tmp"
+mkdir -p "$cache/modules.tmp"
+for m in "${kvm_modules[@]}"; do
+    src=$(find "$work/root/lib/modules" -name "$m" -o -name "$m.xz" -o -name "$m.zst" | head -n 1)
+    case "$src" in
+        *.ko) cp "$src" "$cache/modules.tmp/$m" ;;
+        *.xz) xz -dc "$src" > "$cache/modules.tmp/$m" ;;
+        *.zst) zstd -dcq "$src" > "$cache/modules.tmp/$m" ;;
+        *) log "the package has no $m"; exit 1 ;;
+    esac
+done
+printf '%s\n' "${kvm_modules[@]}" > "$cache/modules.tmp/load-order"
+sync "$cache/modules.tmp"/*
+rm -rf "$cache/modules"
+mv "$cache/modules.tmp" "$cache/modules"
 basename "$kernel" | sed 's/^vmlinuz-//' > "$cache/version"
 log "cached $(cat "$cache/version") at $cache/vmlinuz and $cache/vmlinux"
 echo "$cache/vmlinux"

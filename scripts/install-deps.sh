@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs what kata-snap needs to build and test on Debian bookworm: gcc (test guests), libclang
 # (userfaultfd bindings), busybox-static, erofs-utils and e2fsprogs (agent tests: a busybox rootfs,
-# erofs/ext4 images), cpio, and the tools that unpack the Debian kernel (lz4, zstd, xz, python3).
+# erofs/ext4 images), cpio, the tools that unpack the Debian kernel (lz4, zstd, xz, python3), and
+# qemu-system-x86 (the rung-4 rig: scripts/rig/), and linux-source with the kernel's build
+# dependencies (guest/kernel/build.sh).
 # Idempotent; skips apt when everything is there.
 set -euo pipefail
 
-pkgs=(gcc libc6-dev binutils make libclang-dev busybox-static cpio erofs-utils e2fsprogs lz4 zstd xz-utils python3 util-linux)
+pkgs=(gcc libc6-dev binutils make libclang-dev busybox-static cpio erofs-utils e2fsprogs lz4 zstd xz-utils python3 util-linux qemu-system-x86
+    linux-source bc bison flex libelf-dev libssl-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -23,6 +23,9 @@ pub enum RestoreError {
     /// `RNDADDENTROPY` failed.
     #[error("RNDADDENTROPY failed: {0}")]
     AddEntropy(std::io::Error),
+    /// `RNDRESEEDCRNG` failed.
+    #[error("RNDRESEEDCRNG failed: {0}")]
+    ReseedCrng(std::io::Error),
 }
 
 /// Applies the values the host sends after a restore. Inputs are already
@@ -46,11 +49,12 @@ struct RandPoolInfo {
     buf: [u8; 512],
 }
 
-// RNDADDENTROPY is _IOW('R', 0x03, int[2]).
+// RNDADDENTROPY is _IOW('R', 0x03, int[2]); RNDRESEEDCRNG is _IO('R', 0x07).
 mod ioctl {
     nix::ioctl_write_ptr!(rnd_add_entropy, b'R', 0x03, [libc::c_int; 2]);
+    nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
 }
-use ioctl::rnd_add_entropy;
+use ioctl::{rnd_add_entropy, rnd_reseed_crng};
 
 impl RestoreOps for KernelRestoreOps {
     fn step_clock(&mut self, realtime_ns: u64) -> Result<(), RestoreError> {
@@ -84,7 +88,17 @@ impl RestoreOps for KernelRestoreOps {
         // exceed its inline buffer; the kernel reads it and keeps no pointer.
         unsafe { rnd_add_entropy(f.as_raw_fd(), (&raw const info).cast()) }
             .map_err(|e| RestoreError::AddEntropy(e.into()))?;
-        tracing::info!(bytes = n, "entropy pool reseeded");
+        // Crediting entropy does not change the keys a ready CRNG generates from (they are
+        // renewed on a timer, up to a minute later): every clone of a template would go on
+        // reading the template's random stream. Reseed the CRNG from the pool now.
+        // SAFETY: RNDRESEEDCRNG takes no argument.
+        match unsafe { rnd_reseed_crng(f.as_raw_fd()) } {
+            Ok(_) => {}
+            // Not ready yet: the credited bytes make it ready, seeded with them.
+            Err(nix::Error::ENODATA) => tracing::warn!("CRNG not ready; not reseeded"),
+            Err(e) => return Err(RestoreError::ReseedCrng(e.into())),
+        }
+        tracing::info!(bytes = n, "entropy pool and CRNG reseeded");
         Ok(())
     }
 }
@@ -124,6 +138,13 @@ mod tests {
         // RNDADDENTROPY from linux/random.h on x86-64.
         let code = nix::request_code_write!(b'R', 0x03, std::mem::size_of::<[libc::c_int; 2]>());
         assert_eq!(code as u64, 0x4008_5203);
+    }
+
+    #[test]
+    fn test_rndreseedcrng_request_code_matches_kernel() {
+        // RNDRESEEDCRNG from linux/random.h.
+        let code: u64 = nix::request_code_none!(b'R', 0x07);
+        assert_eq!(code, 0x5207);
     }
 
     #[test]

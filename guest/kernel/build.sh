@@ -8,7 +8,8 @@
 # The source is unpacked once into $KATA_SNAP_CACHE/kernel/linux-source-<ver>;
 # each build goes to $KATA_SNAP_CACHE/kernel/build-<hash>, where <hash> covers
 # the source tarball version and microvm.config. A build whose outputs already
-# exist is skipped. Outputs: vmlinux, bzImage, .config.
+# exist is skipped. Outputs: vmlinux, bzImage, .config. $KATA_SNAP_CACHE/kernel/latest points
+# at the last build output (the rung-4 tests' default kernel).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,6 +45,7 @@ out="$cache/build-$hash"
 
 if [[ -f "$out/vmlinux" && -f "$out/bzImage" && -f "$out/.config" ]]; then
     step "up to date: $out (config hash $hash)"
+    ln -sfn "build-$hash" "$cache/latest"
     echo "$out"
     exit 0
 fi
@@ -80,6 +82,7 @@ mkdir -p "$out.tmp"
 cp "$obj/vmlinux" "$obj/arch/x86/boot/bzImage" "$obj/.config" "$out.tmp/"
 rm -rf "$out"
 mv "$out.tmp" "$out"
+ln -sfn "build-$hash" "$cache/latest"
 end=$(date +%s)
 step "built in $((end - start)) s: vmlinux $(stat -c %s "$out/vmlinux") bytes, bzImage $(stat -c %s "$out/bzImage") bytes"
 echo "$out"

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use vmm::seccomp::SeccompMode;
-use vmm::vm::virtio::{DiskSpec, VirtioSpecs, VsockHost, VsockSpec};
+use vmm::vm::virtio::{DiskSpec, SpareSlot, VirtioSpecs, VsockHost, VsockSpec};
 
 /// Default of `--vsock-max-conns`.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = vmm::vm::virtio::DEFAULT_VSOCK_MAX_CONNECTIONS as u32;
@@ -58,8 +58,10 @@ pub struct BootArgs {
     /// Add an empty spare disk slot named NAME (repeatable): a disk whose backing file is chosen
     /// when a snapshot of this VM is restored (`restore --disk-slot NAME=PATH`). Until then it
     /// has no sectors. This is how a container's rootfs reaches a VM restored from a template.
-    #[arg(long = "disk-slot", value_name = "NAME")]
-    pub disk_slot: Vec<String>,
+    /// `ro` offers it read-only: restores then open their file read-only (a shared lock), so
+    /// clones of the template can share one image.
+    #[arg(long = "disk-slot", value_name = "NAME[,ro]", value_parser = parse_slot)]
+    pub disk_slot: Vec<SpareSlot>,
     /// Attach virtio-vsock with guest CID `CID`; the host side is the Unix socket PATH: connect to
     /// it and send `CONNECT <port>\n` to reach a guest port; guest connections to port P arrive on
     /// `PATH_P`.
@@ -123,6 +125,22 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         return Err(format!("{} is not a file", spec.path.display()));
     }
     Ok(spec)
+}
+
+/// Parses `--disk-slot NAME[,ro]`.
+pub fn parse_slot(s: &str) -> Result<SpareSlot, String> {
+    let (name, read_only) = match s.split_once(',') {
+        None => (s, false),
+        Some((name, "ro")) => (name, true),
+        Some((_, opt)) => return Err(format!("unknown disk slot option {opt:?} (known: ro)")),
+    };
+    if name.is_empty() || name.len() > 20 || !name.is_ascii() {
+        return Err("the slot name must be 1 to 20 ASCII characters".into());
+    }
+    Ok(SpareSlot {
+        name: name.to_string(),
+        read_only,
+    })
 }
 
 /// Parses `--vsock CID,PATH`.
@@ -231,6 +249,14 @@ pub fn finish(report: &VmReport, timing: bool) -> i32 {
                     .unwrap_or_else(|| "-".into()),
                 ps.prefetched_pages
             );
+            if let (Some(n), Some(hit)) = (ps.workingset_pages, ps.hit_rate()) {
+                eprintln!(
+                    "kata-snap: working set: {n} pages, hit rate {:.1}% ({} faults on set pages before the prefetcher reached them, {} faults outside the set)",
+                    hit * 100.0,
+                    ps.faults_in_set,
+                    ps.faults_outside_set
+                );
+            }
         }
         if let Some(snap) = &report.snapshot {
             eprintln!(
@@ -298,6 +324,7 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Resu
         api_sock: args.api_sock,
         process_start,
         seccomp,
+        memory_class: None,
     })?;
     let host = HostResources {
         forward_stdin: true,

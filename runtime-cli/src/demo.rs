@@ -30,11 +30,12 @@ pub struct DemoArgs {
     pub keep: Option<std::path::PathBuf>,
 }
 
-const MODES: [(RestoreMode, &str); 4] = [
+const MODES: [(RestoreMode, &str); 5] = [
     (RestoreMode::Eager, "eager"),
     (RestoreMode::Mmap, "mmap"),
     (RestoreMode::Uffd, "uffd"),
     (RestoreMode::UffdPrefetch, "uffd-prefetch"),
+    (RestoreMode::MmapPrefetch, "mmap-prefetch"),
 ];
 
 fn ms(d: Duration) -> f64 {

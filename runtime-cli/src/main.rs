@@ -3,6 +3,7 @@
 mod boot_cmd;
 #[cfg(feature = "builtin-guests")]
 mod demo;
+mod pool;
 mod restore_cmd;
 mod vm_cmd;
 
@@ -62,6 +63,9 @@ enum Command {
     Restore(restore_cmd::RestoreArgs),
     /// Control a running VM through its control socket (--api-sock of `boot`).
     Vm(vm_cmd::VmArgs),
+    /// Keep pre-started VMMs ready so that restores skip creating the VM (`start`, `status`,
+    /// `stop`); `restore` uses a running pool by itself.
+    Pool(pool::PoolArgs),
     /// Cold-boot the built-in test guest, snapshot it at READY, restore it in every mode and
     /// print a table of the timings: the quickest way to see kata-snap work on this host.
     #[cfg(feature = "builtin-guests")]
@@ -102,6 +106,7 @@ fn init_logging(level: &str) {
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
+    vmm::seccomp::prepare_process();
     ensure_std_fds();
     let cli = Cli::parse();
     // The demo draws a progress display: keep per-VM info logs out of it unless asked for.
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot_cmd::run(args, process_start, seccomp),
         Command::Restore(args) => restore_cmd::run(args, process_start, seccomp),
         Command::Vm(args) => vm_cmd::run(args),
+        Command::Pool(args) => pool::run(args, seccomp),
         #[cfg(feature = "builtin-guests")]
         Command::Demo(args) => demo::run(args, seccomp),
         Command::Check => {
@@ -139,7 +145,7 @@ fn main() -> ExitCode {
 
 /// The error and its causes on one line, each cause once: library errors often name their cause
 /// in their own message as well as exposing it as their source.
-fn error_line(e: &anyhow::Error) -> String {
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
         let text = cause.to_string();

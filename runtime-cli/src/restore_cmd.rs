@@ -8,13 +8,13 @@ use clap::{Args, ValueEnum};
 use vmm::seccomp::SeccompMode;
 use vmm::vm::virtio::VsockHost;
 use vmm::vm::{
-    CheckedSnapshot, Guest, HostResources, RecordWorkingSet, RestoreMode, ShellConfig,
+    CheckedSnapshot, Guest, HostResources, RecordWorkingSet, RestoreMode, RunningVm, ShellConfig,
     SnapshotSpec, VmShell,
 };
 
 use crate::boot_cmd::{finish, serial_output};
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args, serde::Serialize, serde::Deserialize)]
 pub struct RestoreArgs {
     /// The snapshot directory (from `boot --snapshot-on-ready` or `vm snapshot`).
     #[arg(long, value_name = "DIR")]
@@ -57,12 +57,20 @@ pub struct RestoreArgs {
     /// the new capacity through a config-change interrupt.
     #[arg(long = "disk-slot", value_name = "NAME=PATH", value_parser = parse_slot)]
     pub disk_slot: Vec<(String, PathBuf)>,
-    /// Print timing and page-server figures when the VM stops.
+    /// Print timing and page-server figures when the VM stops (and which path the restore
+    /// took: a pre-started VMM from the pool, or a cold start).
     #[arg(long)]
     pub timing: bool,
+    /// Never use a pre-started VMM from a running pool (`kata-snap pool start`).
+    #[arg(long)]
+    pub no_pool: bool,
+    /// The pool directory [default: $KATA_SNAP_POOL_DIR, else /run/kata-snap/pool as root, else
+    /// /tmp/kata-snap-UID/pool].
+    #[arg(long, value_name = "DIR")]
+    pub pool_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum ModeArg {
     /// Read the whole memory file before resuming (the baseline).
     Eager,
@@ -72,6 +80,9 @@ pub enum ModeArg {
     Uffd,
     /// Install the recorded working set in batched reads first, then serve the rest on demand.
     UffdPrefetch,
+    /// Map the memory file privately and make the recorded working set present beside the
+    /// vCPUs (MADV_POPULATE_READ): lazy, prefetched, clean pages shared between clones.
+    MmapPrefetch,
 }
 
 fn parse_slot(s: &str) -> Result<(String, PathBuf), String> {
@@ -87,41 +98,95 @@ fn parse_slot(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 pub fn run(args: RestoreArgs, process_start: Instant, seccomp: SeccompMode) -> Result<i32> {
+    if !args.no_pool
+        && let Some(code) = crate::pool::restore_through_pool(&args, process_start)?
+    {
+        return Ok(code);
+    }
+    if args.timing {
+        eprintln!("kata-snap: restore path: cold start (no pre-started VMM)");
+    }
+    let vm = start_restore(&args, None, process_start, seccomp)?;
+    vm.restrict_caller()?;
+    let report = vm.wait()?;
+    Ok(finish(&report, args.timing))
+}
+
+/// The restore lifecycle: check (everything about the snapshot, before any guest is loaded),
+/// shell (a fresh one, or `shell` from a pool), load, start.
+pub fn start_restore(
+    args: &RestoreArgs,
+    shell: Option<VmShell>,
+    process_start: Instant,
+    seccomp: SeccompMode,
+) -> Result<RunningVm> {
     let mode = match args.mode {
         ModeArg::Eager => RestoreMode::Eager,
         ModeArg::Mmap => RestoreMode::Mmap,
         ModeArg::Uffd => RestoreMode::Uffd,
         ModeArg::UffdPrefetch => RestoreMode::UffdPrefetch,
+        ModeArg::MmapPrefetch => RestoreMode::MmapPrefetch,
     };
-    // The lifecycle: check (everything about the snapshot, before any VM exists), shell, load,
-    // start; then this thread only waits and reports.
-    let snapshot = CheckedSnapshot::open(&args.snapshot, mode)?;
-    let spec = SnapshotSpec::new(
-        snapshot,
-        args.fault_around as usize,
-        args.prefetch_before,
-        args.record_workingset.map(|path| RecordWorkingSet {
-            path,
-            limit: args.record_for.map(std::time::Duration::from_millis),
-        }),
-    )?;
-    let host = HostResources {
-        forward_stdin: true,
-        disk_slots: args.disk_slot.into_iter().collect(),
-        vsock: args.vsock.map(|path| VsockHost {
-            path,
-            max_connections: args.vsock_max_conns as usize,
-        }),
-        ..HostResources::new(serial_output(args.serial_log.as_ref())?)
+    // Cold: build the shell (KVM VM, vCPUs, rings) on a thread while this one checks the
+    // snapshot; a snapshot that fails its checks drops the shell before any guest state is in it.
+    let shell = match shell {
+        Some(shell) => Ok(shell),
+        None => {
+            let (vcpus, _) = vmm::vm::snapshot_shape(&args.snapshot)?;
+            vmm::vm::block_termination_signals()?;
+            let api_sock = args.api_sock.clone();
+            Err(std::thread::spawn(move || {
+                VmShell::new(ShellConfig {
+                    vcpus,
+                    api_sock,
+                    process_start,
+                    seccomp,
+                    memory_class: None,
+                })
+            }))
+        }
     };
-    let shell = VmShell::new(ShellConfig {
-        vcpus: spec.vcpus(),
-        api_sock: args.api_sock,
-        process_start,
-        seccomp,
-    })?;
-    let vm = shell.load(Guest::Snapshot(Box::new(spec)), host)?.start()?;
-    vm.restrict_caller()?;
-    let report = vm.wait()?;
-    Ok(finish(&report, args.timing))
+    let checked = (|| -> Result<(SnapshotSpec, HostResources)> {
+        let snapshot = CheckedSnapshot::open(&args.snapshot, mode)?;
+        let spec = SnapshotSpec::new(
+            snapshot,
+            args.fault_around as usize,
+            args.prefetch_before,
+            args.record_workingset.clone().map(|path| RecordWorkingSet {
+                path,
+                limit: args.record_for.map(std::time::Duration::from_millis),
+            }),
+        )?;
+        let host = HostResources {
+            forward_stdin: true,
+            disk_slots: args.disk_slot.iter().cloned().collect(),
+            vsock: args.vsock.clone().map(|path| VsockHost {
+                path,
+                max_connections: args.vsock_max_conns as usize,
+            }),
+            ..HostResources::new(serial_output(args.serial_log.as_ref())?)
+        };
+        Ok((spec, host))
+    })();
+    let shell = match shell {
+        Ok(shell) => {
+            shell.set_process_start(process_start);
+            if let Some(path) = &args.api_sock {
+                shell.listen(path)?;
+            }
+            shell
+        }
+        Err(thread) => {
+            let built = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the VM set-up thread panicked"))?;
+            // The snapshot's own error comes first: it is what the user must fix.
+            let (spec, host) = checked?;
+            return Ok(built?
+                .load(Guest::Snapshot(Box::new(spec)), host)?
+                .start()?);
+        }
+    };
+    let (spec, host) = checked?;
+    Ok(shell.load(Guest::Snapshot(Box::new(spec)), host)?.start()?)
 }

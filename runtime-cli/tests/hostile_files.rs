@@ -89,7 +89,7 @@ fn test_snapshot_files_that_are_not_regular_files_are_refused() {
         std::fs::create_dir(&fifo_dir).unwrap();
         // A working set is only read by uffd-prefetch.
         let modes: &[&str] = if file == "workingset" {
-            &["uffd-prefetch"]
+            &["uffd-prefetch", "mmap-prefetch"]
         } else {
             &["eager", "mmap", "uffd", "uffd-prefetch"]
         };

@@ -144,7 +144,7 @@ fn test_read_only_template_restores_in_every_mode_eight_at_once_and_stays_identi
         "memtouch: ready\nmemtouch: verified {pages} pages checksum={:#x}\nmemtouch: OK\n",
         test_guests::memtouch_checksum(pages)
     );
-    for mode in ["eager", "mmap", "uffd", "uffd-prefetch"] {
+    for mode in ["eager", "mmap", "uffd", "uffd-prefetch", "mmap-prefetch"] {
         let children: Vec<_> = (0..8)
             .map(|_| {
                 Command::new(BIN)
@@ -182,7 +182,7 @@ fn test_read_only_template_restores_in_every_mode_eight_at_once_and_stays_identi
     assert_eq!(
         tree(&template),
         before,
-        "the template's files are byte-identical after 32 restores"
+        "the template's files are byte-identical after 40 restores"
     );
 }
 
@@ -276,4 +276,61 @@ fn test_control_snapshot_path_must_be_absolute() {
         "{resp:?}"
     );
     assert!(!Path::new("relative-snap").exists());
+}
+
+#[test]
+fn test_read_only_spare_slot_is_shared_by_clones_read_write_one_is_not() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let image = root.path().join("rootfs.img");
+    fs::write(&image, vec![7u8; 1 << 20]).unwrap();
+    for (slot, shared) in [("rootfs,ro", true), ("rootfs", false)] {
+        let template = root.path().join(format!("template-{shared}"));
+        let out = run(
+            &[
+                "boot",
+                "--kernel",
+                "builtin:spin",
+                "--disk-slot",
+                slot,
+                "--snapshot-on-ready",
+                template.to_str().unwrap(),
+            ],
+            T,
+        );
+        assert_eq!(out.code(), 0, "{}", out.stderr);
+        let backing = format!("rootfs={}", image.display());
+        let first = BackgroundVm::start_restore_with(&template, "uffd", &["--disk-slot", &backing]);
+        first.wait_for(
+            || last_tick(&first.serial_text()) >= 2,
+            T,
+            "the first clone",
+        );
+        if shared {
+            let second =
+                BackgroundVm::start_restore_with(&template, "uffd", &["--disk-slot", &backing]);
+            second.wait_for(
+                || last_tick(&second.serial_text()) >= 2,
+                T,
+                "the second clone",
+            );
+            assert_eq!(second.vm("stop").code(), 0);
+        } else {
+            let out = run(
+                &[
+                    "restore",
+                    "--snapshot",
+                    template.to_str().unwrap(),
+                    "--disk-slot",
+                    &backing,
+                ],
+                T,
+            );
+            out.assert_one_line_error("is in use by another disk or VM");
+        }
+        assert_eq!(first.vm("stop").code(), 0);
+    }
+    assert_eq!(fs::read(&image).unwrap(), vec![7u8; 1 << 20]);
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{BackgroundVm, Output, kvm_usable, last_tick, run};
 
-const MODES: [&str; 4] = ["eager", "mmap", "uffd", "uffd-prefetch"];
+const MODES: [&str; 5] = ["eager", "mmap", "uffd", "uffd-prefetch", "mmap-prefetch"];
 const T: Duration = Duration::from_secs(120);
 
 fn snapshot_at_ready(guest: &str, cmdline: &str, dir: &Path, extra: &[&str]) -> Output {
@@ -120,6 +120,60 @@ fn test_restore_compute_in_every_mode_matches_uninterrupted_run() {
     assert!(
         out.stderr.contains("page server: 0 faults"),
         "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("hit rate 100.0% (0 faults on set pages"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("0 faults outside the set"),
+        "{}",
+        out.stderr
+    );
+
+    // Half the working set: the pages left out come back as faults outside the set.
+    let (id, _): (_, vmm::persist::VmState) =
+        snapshot::format::read_file(&snap.join("state")).unwrap();
+    let pages = snapshot::workingset::read(&snap.join("workingset"), &id, 1 << 20)
+        .unwrap()
+        .unwrap();
+    let half = &pages[..pages.len() / 2];
+    snapshot::workingset::write(&snap.join("workingset"), &id, half).unwrap();
+    let out = run(
+        &[
+            "restore",
+            "--snapshot",
+            snap.to_str().unwrap(),
+            "--mode",
+            "uffd-prefetch",
+            "--prefetch-before",
+            "--fault-around",
+            "1",
+            "--timing",
+        ],
+        T,
+    );
+    assert_eq!(
+        format!("{}{}", before.stdout, out.stdout),
+        uninterrupted.stdout
+    );
+    let outside = out
+        .stderr
+        .lines()
+        .find_map(|l| {
+            l.split(" faults on set pages before the prefetcher reached them, ")
+                .nth(1)
+        })
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    assert_eq!(
+        outside,
+        pages.len() - half.len(),
+        "every page left out of the set faults: {}",
         out.stderr
     );
 }

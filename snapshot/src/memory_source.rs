@@ -57,14 +57,22 @@ pub enum MemorySourceError {
     /// Setting up userfaultfd failed.
     #[error(transparent)]
     PageServer(#[from] PageServerError),
+    /// The placement addresses do not match the regions.
+    #[error("guest memory placement does not match the memory layout")]
+    Placement,
 }
 
 /// How guest memory comes back from a snapshot.
 pub trait MemorySource: Send + Sync + std::fmt::Debug {
     /// The mode's name, for messages.
     fn name(&self) -> &'static str;
-    /// Maps guest memory for `regions`.
-    fn map(&self, regions: &[MemoryRegion]) -> Result<GuestMemoryMmap, MemorySourceError>;
+    /// Maps guest memory for `regions`: fresh mappings, or (`at`) over the given host addresses
+    /// of a [`Reservation`], one per region, whose KVM memslots already exist.
+    fn map(
+        &self,
+        regions: &[MemoryRegion],
+        at: Option<&[usize]>,
+    ) -> Result<GuestMemoryMmap, MemorySourceError>;
     /// How the mapping is registered with userfaultfd.
     fn registration(&self) -> Registration;
     /// What answers the mapping's faults (`None` when it is not registered).
@@ -78,8 +86,14 @@ fn total_mib(regions: &[MemoryRegion]) -> u64 {
     regions.iter().map(|r| r.size).sum::<u64>() >> 20
 }
 
-/// Fresh anonymous guest memory for `regions`.
-pub fn anonymous(regions: &[MemoryRegion]) -> Result<GuestMemoryMmap, MemorySourceError> {
+/// Fresh anonymous guest memory for `regions`, or placed over `at`.
+pub fn anonymous(
+    regions: &[MemoryRegion],
+    at: Option<&[usize]>,
+) -> Result<GuestMemoryMmap, MemorySourceError> {
+    if let Some(at) = at {
+        return place(regions, at, None);
+    }
     let ranges: Vec<(GuestAddress, usize)> = regions
         .iter()
         .map(|r| (GuestAddress(r.guest_addr), r.size as usize))
@@ -88,6 +102,134 @@ pub fn anonymous(regions: &[MemoryRegion]) -> Result<GuestMemoryMmap, MemorySour
         mib: total_mib(regions),
         source,
     })
+}
+
+/// Maps each region at its address in `at` (`MAP_FIXED` over a reservation): anonymous, or the
+/// region's part of `file` privately. The mappings belong to the reservation, which unmaps them.
+fn place(
+    regions: &[MemoryRegion],
+    at: &[usize],
+    file: Option<&File>,
+) -> Result<GuestMemoryMmap, MemorySourceError> {
+    use std::os::fd::AsRawFd;
+    if at.len() != regions.len() {
+        return Err(MemorySourceError::Placement);
+    }
+    let mut mapped = Vec::with_capacity(regions.len());
+    for (r, &addr) in regions.iter().zip(at) {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let (flags, fd, off) = match file {
+            Some(f) => (
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                f.as_raw_fd(),
+                r.file_offset as libc::off_t,
+            ),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            ),
+        };
+        // SAFETY: `addr..addr + size` is a range of a live reservation made for this region (the
+        // caller's `Reservation`), which nothing else uses; MAP_FIXED replaces it in place.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                r.size as usize,
+                prot,
+                flags,
+                fd,
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED || p as usize != addr {
+            return Err(MemorySourceError::Read(std::io::Error::last_os_error()));
+        }
+        // SAFETY: the mapping was just made with these protections and flags and stays alive as
+        // long as the reservation, which outlives guest memory.
+        let region = unsafe {
+            vm_memory::mmap::MmapRegion::<()>::build_raw(
+                addr as *mut u8,
+                r.size as usize,
+                prot,
+                flags,
+            )
+        }
+        .map_err(MemorySourceError::MapFile)?;
+        mapped.push(
+            GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
+                .ok_or(MemorySourceError::Overflow(r.guest_addr))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(MemorySourceError::Regions)
+}
+
+/// Host address ranges reserved for guest memory (`PROT_NONE`, nothing committed), so KVM
+/// memslots can be registered before the guest is known; a restore then maps its memory over
+/// them (`MAP_FIXED`). Unmapped when dropped, so it must outlive the guest memory placed in it.
+#[derive(Debug)]
+pub struct Reservation {
+    regions: Vec<MemoryRegion>,
+    addrs: Vec<usize>,
+}
+
+impl Reservation {
+    /// Reserves one range per region.
+    pub fn new(regions: &[MemoryRegion]) -> std::io::Result<Self> {
+        let mut res = Self {
+            regions: Vec::new(),
+            addrs: Vec::new(),
+        };
+        for r in regions {
+            // SAFETY: a fresh anonymous PROT_NONE mapping at an address of the kernel's choice.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    r.size as usize,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            res.regions.push(*r);
+            res.addrs.push(p as usize);
+        }
+        Ok(res)
+    }
+
+    /// The regions reserved for.
+    pub fn regions(&self) -> &[MemoryRegion] {
+        &self.regions
+    }
+
+    /// Each region's host address.
+    pub fn addrs(&self) -> &[usize] {
+        &self.addrs
+    }
+
+    /// Whether guest memory of `regions` fits exactly (same guest addresses and sizes).
+    pub fn fits(&self, regions: &[MemoryRegion]) -> bool {
+        self.regions.len() == regions.len()
+            && self
+                .regions
+                .iter()
+                .zip(regions)
+                .all(|(a, b)| a.guest_addr == b.guest_addr && a.size == b.size)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for (r, &a) in self.regions.iter().zip(&self.addrs) {
+            // SAFETY: unmapping the ranges this reservation mapped (and whatever was placed over
+            // them); the guest memory using them is gone by now.
+            unsafe { libc::munmap(a as *mut libc::c_void, r.size as usize) };
+        }
+    }
 }
 
 /// `eager`: the file's data extents read into fresh anonymous memory before the guest runs.
@@ -109,8 +251,12 @@ impl MemorySource for EagerMemory {
         "eager"
     }
 
-    fn map(&self, regions: &[MemoryRegion]) -> Result<GuestMemoryMmap, MemorySourceError> {
-        let mem = anonymous(regions)?;
+    fn map(
+        &self,
+        regions: &[MemoryRegion],
+        at: Option<&[usize]>,
+    ) -> Result<GuestMemoryMmap, MemorySourceError> {
+        let mem = anonymous(regions, at)?;
         for &(start, end) in self.holes.extents() {
             for r in regions {
                 let lo = start.max(r.file_offset);
@@ -164,7 +310,14 @@ impl MemorySource for MmapMemory {
         "mmap"
     }
 
-    fn map(&self, regions: &[MemoryRegion]) -> Result<GuestMemoryMmap, MemorySourceError> {
+    fn map(
+        &self,
+        regions: &[MemoryRegion],
+        at: Option<&[usize]>,
+    ) -> Result<GuestMemoryMmap, MemorySourceError> {
+        if let Some(at) = at {
+            return place(regions, at, Some(&self.file));
+        }
         let mut mapped = Vec::with_capacity(regions.len());
         for r in regions {
             let f = self.file.try_clone().map_err(MemorySourceError::Read)?;
@@ -220,8 +373,12 @@ impl MemorySource for UffdMemory {
         "uffd"
     }
 
-    fn map(&self, regions: &[MemoryRegion]) -> Result<GuestMemoryMmap, MemorySourceError> {
-        anonymous(regions)
+    fn map(
+        &self,
+        regions: &[MemoryRegion],
+        at: Option<&[usize]>,
+    ) -> Result<GuestMemoryMmap, MemorySourceError> {
+        anonymous(regions, at)
     }
 
     fn registration(&self) -> Registration {

@@ -90,6 +90,10 @@ impl InstalledPages {
 pub struct PageStats {
     /// Fault events handled.
     pub faults: AtomicU64,
+    /// Faults on pages of the expected working set the prefetcher had not installed yet.
+    pub faults_in_set: AtomicU64,
+    /// Faults on pages outside the expected working set.
+    pub faults_outside_set: AtomicU64,
     /// Pages installed with UFFDIO_COPY.
     pub pages_copied: AtomicU64,
     /// Pages installed with UFFDIO_ZEROPAGE.
@@ -176,6 +180,7 @@ pub struct PageServer {
     regions: Vec<UffdRegion>,
     source: Arc<dyn PageSource>,
     installed: InstalledPages,
+    expected: std::sync::OnceLock<(InstalledPages, u64)>,
     config: PageServerConfig,
     /// Counters.
     pub stats: PageStats,
@@ -208,6 +213,7 @@ impl PageServer {
             regions,
             source,
             installed: InstalledPages::new(pages),
+            expected: std::sync::OnceLock::new(),
             recording: AtomicBool::new(config.record),
             config,
             stats: PageStats::default(),
@@ -243,6 +249,21 @@ impl PageServer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Declares the working set about to be prefetched, so faults are counted as in it (the
+    /// prefetcher was late) or outside it (the set missed them). Once; later calls are ignored.
+    pub fn expect(&self, pages: &[u64]) {
+        let set = InstalledPages::new(self.source.pages());
+        for &p in pages {
+            set.set(p);
+        }
+        let _ = self.expected.set((set, pages.len() as u64));
+    }
+
+    /// The expected working set's size, if one was declared.
+    pub fn expected_pages(&self) -> Option<u64> {
+        self.expected.get().map(|(_, n)| *n)
     }
 
     /// Whether installs are still being recorded.
@@ -350,6 +371,14 @@ impl PageServer {
             .ok_or(PageServerError::OutOfRange(addr))?;
         let fault_off = region.file_of(page_addr).expect("checked");
         let fault_page = fault_off / PAGE_SIZE as u64;
+        if let Some((set, _)) = self.expected.get() {
+            let counter = if set.get(fault_page) {
+                &self.stats.faults_in_set
+            } else {
+                &self.stats.faults_outside_set
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         if self.installed.get(fault_page) {
             self.stats.wakes.fetch_add(1, Ordering::Relaxed);
             let _ = self.uffd.wake(page_addr as *mut libc::c_void, PAGE_SIZE);

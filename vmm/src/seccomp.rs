@@ -228,6 +228,10 @@ const MAIN: &[(i64, &str)] = &[
     (libc::SYS_newfstatat, "file metadata"),
     (libc::SYS_fstat, "file metadata"),
     (libc::SYS_ioctl, "isatty on stderr"),
+    (
+        libc::SYS_sendto,
+        "a pooled VMM answers its client over a Unix socket",
+    ),
 ];
 
 fn list(kind: ThreadKind) -> Vec<(i64, &'static str)> {
@@ -276,9 +280,26 @@ fn key(kind: ThreadKind) -> u8 {
     kind as u8
 }
 
+/// How many malloc arenas glibc may use: one, the main arena (grown with `brk`). A thread arena
+/// reads files the filtered threads may not open: `/sys/devices/system/cpu/online` to size the
+/// arena limit, and `/proc/sys/vm/overcommit_memory` the first time it shrinks a heap (seen on
+/// the page server freeing its grown working-set record).
+const MALLOC_ARENAS: i32 = 1;
+
+/// Prepares the process for filtered threads: limits malloc to its main arena (see
+/// [`MALLOC_ARENAS`]). Call it first thing in `main`, before any thread exists: a thread that
+/// got a thread arena before keeps it. [`Filters::new`] calls it too, as a fallback.
+pub fn prepare_process() {
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
+}
+
 impl Filters {
     /// Compiles every kind's filter for `mode`.
     pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
+        if mode != SeccompMode::Off {
+            prepare_process();
+        }
         let mut programs = BTreeMap::new();
         for kind in [
             ThreadKind::Vcpu,

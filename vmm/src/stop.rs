@@ -148,7 +148,7 @@ impl std::fmt::Display for StopReason {
 pub struct StopNotifier {
     reason: Mutex<Option<StopReason>>,
     evt: EventFd,
-    process_start: Instant,
+    process_start: Mutex<Instant>,
     ready_after: Mutex<Option<Duration>>,
     milestone: Condvar,
     snapshot_on_ready: std::sync::atomic::AtomicBool,
@@ -163,7 +163,7 @@ impl StopNotifier {
         Ok(Self {
             reason: Mutex::new(None),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            process_start,
+            process_start: Mutex::new(process_start),
             ready_after: Mutex::new(None),
             milestone: Condvar::new(),
             snapshot_on_ready: std::sync::atomic::AtomicBool::new(false),
@@ -271,7 +271,12 @@ impl StopNotifier {
 
     /// Process start, the zero of every time this VMM reports.
     pub fn process_start(&self) -> Instant {
-        self.process_start
+        *self.process_start.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the zero of reported times (a pre-started VMM takes its client's start).
+    pub fn set_process_start(&self, start: Instant) {
+        *self.process_start.lock().unwrap_or_else(|p| p.into_inner()) = start;
     }
 }
 
@@ -285,7 +290,7 @@ impl VmNotifier for StopNotifier {
             GuestSignal::Ready => {
                 let mut ready = self.ready_after.lock().unwrap_or_else(|p| p.into_inner());
                 if ready.is_none() {
-                    let t = self.process_start.elapsed();
+                    let t = self.process_start().elapsed();
                     *ready = Some(t);
                     if self
                         .snapshot_on_ready

@@ -7,6 +7,13 @@
  * forever (each poll is a VM exit). */
 #define LSR_POLL_LIMIT 100000
 
+u8 serial_getc(void)
+{
+	while (!(inb(COM1_LSR) & 0x01))
+		;
+	return inb(COM1_PORT);
+}
+
 void put_char(char c)
 {
 	for (unsigned i = 0; i < LSR_POLL_LIMIT; i++) {

@@ -62,6 +62,9 @@ static inline u64 rotl64(u64 x, unsigned r)
 	return (x << r) | (x >> ((64 - r) & 63));
 }
 
+/* Serial input (COM1): waits for one byte (LSR data ready) and returns it. */
+u8 serial_getc(void);
+
 /* Serial output (COM1). */
 void put_char(char c);
 void put_str(const char *s);

@@ -1,5 +1,12 @@
 /* memtouch: writes one 64-bit value per 4 KiB page of a RAM range, signals
- * READY, then reads everything back and verifies it. */
+ * READY, then reads everything back and verifies it.
+ *
+ * With `clone=1` (for clones of one template), after the read-back it waits
+ * for one byte B on the serial port, fills the first page of the range with
+ * B (a page every clone shares with the template until it writes it), checks
+ * every byte of that page reads back as B, prints `memtouch: clone B ok`,
+ * then waits for one more byte before exiting (so the host can measure the
+ * clones while they are all alive). */
 #include "algo.h"
 #include "lib.h"
 #include "params.h"
@@ -68,5 +75,21 @@ void guest_main(const u8 *bp)
 	put_hex(sum);
 	put_char('\n');
 	put_str("memtouch: OK\n");
+	if (cmdline_u64(bp, "clone", 0) == 1 && pages > 0) {
+		u8 b = serial_getc();
+		volatile u8 *page = (volatile u8 *)(usize)base;
+		for (u64 i = 0; i < PAGE_SIZE; i++)
+			page[i] = b;
+		for (u64 i = 0; i < PAGE_SIZE; i++) {
+			if (page[i] != b) {
+				put_str("memtouch: clone FAIL\n");
+				guest_exit();
+			}
+		}
+		put_str("memtouch: clone ");
+		put_dec(b);
+		put_str(" ok\n");
+		(void)serial_getc();
+	}
 	guest_exit();
 }

@@ -116,6 +116,11 @@ pub const BOOTINFO: TestGuest = test_guest!("bootinfo");
 ///   `memtouch: FAIL page=<idx>\n` (decimal, relative index) on the first
 ///   mismatch; then i8042 reset.
 ///
+/// With `clone=1` (clones of one template): after `memtouch: OK` it waits for
+/// one byte `B` on the serial port, fills the range's first page with `B`,
+/// checks it reads back, prints `memtouch: clone <B decimal> ok\n` (or
+/// `memtouch: clone FAIL\n`), then waits for one more byte before the reset.
+///
 /// Defaults: 2048 pages, about 60 k instructions plus 2048 first touches
 /// (about 80 ms at 40 µs each).
 pub const MEMTOUCH: TestGuest = test_guest!("memtouch");

@@ -14,7 +14,7 @@ use vm_memory::GuestMemoryMmap;
 use super::shell::{ShellParts, check_snapshot_dest, kvm_system};
 use super::{
     BuildVmError, HostResources, KernelImage, Loaded, MemoryBacking, SnapshotOnReady, pio_bus,
-    register_memory, serial_trigger, validate_shape, virtio,
+    place_memory, serial_trigger, validate_shape, virtio,
 };
 use crate::arch::cpuid::VcpuTopology;
 use crate::boot::{self, LoadedKernel};
@@ -121,8 +121,8 @@ pub(super) fn load(
     let count = shell.vcpu_fds.len() as u8;
     let layout = validate_shape(count, spec.mem_mib)?;
     let ranges: Vec<(u64, u64)> = layout.ram.iter().map(|r| (r.start, r.size)).collect();
-    let mem = anonymous(&file_layout(&ranges))?;
-    register_memory(&shell.vm, &mem)?;
+    let regions = file_layout(&ranges);
+    let (mem, reservation) = place_memory(shell, &regions, |at| Ok(anonymous(&regions, at)?))?;
     // virtio devices first: the command line announces them.
     let mut mmio = devices::Bus::new();
     let (virtio, fragments) = virtio::attach_devices(&shell.vm, &mem, &mut mmio, &spec.virtio)?;
@@ -173,5 +173,6 @@ pub(super) fn load(
         snapshot_on_ready: spec.snapshot_on_ready,
         lazy: None,
         virtio,
+        reservation,
     })
 }

@@ -32,7 +32,7 @@ use snapshot::workingset::{self, WorkingSetError};
 
 use super::shell::{ShellParts, kvm_system};
 use super::{
-    BuildVmError, HostResources, Loaded, MemoryBacking, PageServerReport, pio_bus, register_memory,
+    BuildVmError, HostResources, Loaded, MemoryBacking, PageServerReport, pio_bus, place_memory,
     serial_trigger, validate_shape,
 };
 use crate::layout::MemoryLayout;
@@ -51,6 +51,16 @@ pub enum RestoreMode {
     Uffd,
     /// As `Uffd`, after (or while) installing the recorded working set.
     UffdPrefetch,
+    /// As `Mmap`, with the recorded working set made present (`MADV_POPULATE_READ`) while the
+    /// vCPUs run: lazy, prefetched, and clean pages shared between clones in the page cache.
+    MmapPrefetch,
+}
+
+impl RestoreMode {
+    /// Whether the mode prefetches the recorded working set.
+    pub fn prefetches(self) -> bool {
+        matches!(self, RestoreMode::UffdPrefetch | RestoreMode::MmapPrefetch)
+    }
 }
 
 /// Why a snapshot cannot be restored.
@@ -120,6 +130,16 @@ pub struct RecordWorkingSet {
     pub limit: Option<Duration>,
 }
 
+/// The vCPU count and memory size of the snapshot in `dir` (its state file only, checksum
+/// checked): enough to choose a VM shell for it.
+pub fn snapshot_shape(dir: &Path) -> Result<(u8, u64), BuildVmError> {
+    let snap = SnapshotDir::open(dir).map_err(RestoreError::from)?;
+    let (_, state): (SnapshotId, VmState) =
+        snapshot::format::read_file(&snap.state()).map_err(RestoreError::from)?;
+    let vcpus = u8::try_from(state.vcpus.len()).map_err(|_| BuildVmError::VcpuCount(u8::MAX))?;
+    Ok((vcpus, state.mem_mib))
+}
+
 /// A snapshot whose every part was checked, ready to load.
 #[derive(Debug)]
 pub struct CheckedSnapshot {
@@ -167,7 +187,7 @@ impl CheckedSnapshot {
             .map_err(RestoreError::from)?;
         let total_pages = holes.len() / PAGE_SIZE as u64;
         let workingset = match mode {
-            RestoreMode::UffdPrefetch => Some(
+            RestoreMode::UffdPrefetch | RestoreMode::MmapPrefetch => Some(
                 workingset::read(&snap.workingset(), &id, total_pages)
                     .map_err(RestoreError::from)?
                     .ok_or_else(|| RestoreError::NoWorkingSet(snap.path.clone()))?,
@@ -182,7 +202,7 @@ impl CheckedSnapshot {
         persist::check_xsave_size(&kvm)?;
         let memory: Box<dyn MemorySource> = match mode {
             RestoreMode::Eager => Box::new(EagerMemory::new(file, holes)),
-            RestoreMode::Mmap => Box::new(MmapMemory::new(file)),
+            RestoreMode::Mmap | RestoreMode::MmapPrefetch => Box::new(MmapMemory::new(file)),
             RestoreMode::Uffd => Box::new(UffdMemory::new(FileSource::new(file, holes))),
             RestoreMode::UffdPrefetch => {
                 let m = UffdMemory::new(FileSource::new(file, holes));
@@ -260,7 +280,13 @@ impl SnapshotSpec {
         }
         Ok(Self {
             snapshot,
-            fault_around: fault_around.max(1),
+            // A recording restore installs exactly the pages the guest touches, in the order it
+            // touches them: the working set is then the guest's first touches, not windows.
+            fault_around: if record.is_some() {
+                1
+            } else {
+                fault_around.max(1)
+            },
             prefetch_before,
             record,
         })
@@ -280,7 +306,7 @@ impl SnapshotSpec {
 /// Guest memory served by the page server, its prefetch, and the working set being recorded.
 #[derive(Debug)]
 pub(super) struct LazyMemory {
-    handle: PageServerHandle,
+    handle: Option<PageServerHandle>,
     prefetch: Prefetch,
     record: Option<(RecordWorkingSet, SnapshotId)>,
     recorded_pages: Option<u64>,
@@ -300,7 +326,9 @@ enum Prefetch {
 impl LazyMemory {
     /// Whether the page server thread has ended (the guest would stall on its next fault).
     pub fn server_ended(&self) -> bool {
-        self.handle.is_finished()
+        self.handle
+            .as_ref()
+            .is_some_and(PageServerHandle::is_finished)
     }
 
     /// How long recording may last.
@@ -310,10 +338,13 @@ impl LazyMemory {
 
     /// Ends the recording and writes the working set; `false` if nothing was recording.
     pub fn finish_recording(&mut self, why: &str) -> bool {
+        let Some(handle) = &self.handle else {
+            return false;
+        };
         let Some((record, id)) = self.record.take() else {
             return false;
         };
-        let pages = self.handle.server().finish_recording();
+        let pages = handle.server().finish_recording();
         match workingset::write(&record.path, &id, &pages) {
             Ok(()) => {
                 tracing::info!(
@@ -346,8 +377,15 @@ impl LazyMemory {
                 Err(_) => None,
             },
         };
-        let stopped = self.handle.stop();
-        let server = self.handle.server().clone();
+        let Some(mut handle) = self.handle.take() else {
+            return PageServerReport {
+                prefetched_pages: prefetch.map(|p| p.data_pages + p.zero_pages).unwrap_or(0),
+                prefetch_ms: prefetch.map(|p| p.elapsed.as_secs_f64() * 1e3),
+                ..Default::default()
+            };
+        };
+        let stopped = handle.stop();
+        let server = handle.server().clone();
         let s = &server.stats;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         let mut times = s
@@ -374,8 +412,31 @@ impl LazyMemory {
             prefetched_pages: prefetch.map(|p| p.data_pages + p.zero_pages).unwrap_or(0),
             prefetch_ms: prefetch.map(|p| p.elapsed.as_secs_f64() * 1e3),
             recorded_pages: self.recorded_pages,
+            workingset_pages: server.expected_pages(),
+            faults_in_set: load(&s.faults_in_set),
+            faults_outside_set: load(&s.faults_outside_set),
         }
     }
+}
+
+/// The host address of each region of `mem`.
+fn host_regions(
+    mem: &vm_memory::GuestMemoryMmap,
+    regions: &[memory::MemoryRegion],
+) -> Result<Vec<snapshot::page_server::UffdRegion>, BuildVmError> {
+    use vm_memory::GuestMemoryBackend;
+    regions
+        .iter()
+        .map(|r| {
+            let host = mem
+                .get_host_address(vm_memory::GuestAddress(r.guest_addr))
+                .map_err(memory_source::MemorySourceError::Lookup)?;
+            Ok(snapshot::page_server::UffdRegion {
+                host_addr: host as usize,
+                region: *r,
+            })
+        })
+        .collect()
 }
 
 /// Step 3 for a restore, on the VMM thread.
@@ -412,14 +473,53 @@ pub(super) fn load(
     );
 
     // Guest memory from its source, its memslots, and the page server where it has one.
-    let mem = source.map(&state.memory)?;
-    register_memory(&shell.vm, &mem)?;
+    let (mem, reservation) =
+        place_memory(
+            shell,
+            &state.memory,
+            |at| Ok(source.map(&state.memory, at)?),
+        )?;
     let server_config = PageServerConfig {
         fault_around,
         record: record.is_some(),
     };
     let lazy = match memory_source::serve(&*source, &mem, &state.memory, server_config)? {
-        None => None,
+        None => match workingset {
+            // mmap-prefetch: the working set made present in the file mapping, no page server.
+            Some(ws) => {
+                let regions = host_regions(&mem, &state.memory)?;
+                let populate = move || {
+                    prefetch::populate(&regions, &ws)
+                        .map_err(|e| PageServerError::Start(std::io::Error::other(e)))
+                };
+                let prefetch = if prefetch_before {
+                    Prefetch::Done(populate().map_err(RestoreError::from)?)
+                } else {
+                    let filters = shell.seccomp.clone();
+                    Prefetch::Running(
+                        std::thread::Builder::new()
+                            .name("prefetch".into())
+                            .spawn(move || {
+                                filters.apply(ThreadKind::Prefetch).map_err(|e| {
+                                    PageServerError::Start(std::io::Error::other(e))
+                                })?;
+                                populate()
+                            })
+                            .map_err(|source| BuildVmError::Thread {
+                                what: "prefetch",
+                                source,
+                            })?,
+                    )
+                };
+                Some(LazyMemory {
+                    handle: None,
+                    prefetch,
+                    record: None,
+                    recorded_pages: None,
+                })
+            }
+            None => None,
+        },
         Some(server) => {
             let filters = shell.seccomp.clone();
             let handle = PageServerHandle::spawn_with(server.clone(), move || {
@@ -428,6 +528,9 @@ pub(super) fn load(
                     .map_err(std::io::Error::other)
             })
             .map_err(RestoreError::from)?;
+            if let Some(ws) = &workingset {
+                server.expect(ws);
+            }
             let prefetch = match workingset {
                 Some(ws) if prefetch_before => {
                     Prefetch::Done(prefetch::prefetch(&server, &ws).map_err(RestoreError::from)?)
@@ -455,7 +558,7 @@ pub(super) fn load(
                 None => Prefetch::None,
             };
             Some(LazyMemory {
-                handle,
+                handle: Some(handle),
                 prefetch,
                 record: record.map(|r| (r, id)),
                 recorded_pages: None,
@@ -508,5 +611,6 @@ pub(super) fn load(
         snapshot_on_ready: None,
         lazy,
         virtio,
+        reservation,
     })
 }

@@ -45,11 +45,11 @@ use crate::vcpu::Vcpu;
 pub use capture::{SnapshotError, SnapshotInfo};
 pub use load_kernel::{BootSpec, check_boot, check_kernel_file};
 pub use load_snapshot::{
-    CheckedSnapshot, RecordWorkingSet, RestoreError, RestoreMode, SnapshotSpec,
+    CheckedSnapshot, RecordWorkingSet, RestoreError, RestoreMode, SnapshotSpec, snapshot_shape,
 };
-pub use running::{RequestError, RunningVm, VmEvent};
+pub use running::{RequestError, RunningVm, StopHandle, VmEvent};
 pub use runtime::VmRuntime;
-pub use shell::{LoadedVm, ShellConfig, VmShell};
+pub use shell::{LoadedVm, ShellConfig, VmShell, block_termination_signals};
 
 use crate::arch::mptable;
 use crate::boot::BootError;
@@ -334,6 +334,21 @@ pub struct PageServerReport {
     pub prefetch_ms: Option<f64>,
     /// Pages recorded as the start-up working set, once written.
     pub recorded_pages: Option<u64>,
+    /// Pages of the working set prefetched (uffd-prefetch).
+    pub workingset_pages: Option<u64>,
+    /// Faults on working-set pages the prefetcher had not installed yet.
+    pub faults_in_set: u64,
+    /// Faults on pages outside the working set.
+    pub faults_outside_set: u64,
+}
+
+impl PageServerReport {
+    /// Share of the working set's pages the guest found installed when it touched them (a
+    /// working set is the pages a guest touches, so each is touched again on a restore).
+    pub fn hit_rate(&self) -> Option<f64> {
+        let n = self.workingset_pages.filter(|&n| n > 0)?;
+        Some(1.0 - self.faults_in_set.min(n) as f64 / n as f64)
+    }
 }
 
 /// How a VM run ended and what it measured.
@@ -405,6 +420,7 @@ pub(super) struct Loaded {
     snapshot_on_ready: Option<SnapshotOnReady>,
     lazy: Option<load_snapshot::LazyMemory>,
     virtio: Vec<virtio::Attached>,
+    reservation: Option<snapshot::memory_source::Reservation>,
 }
 
 /// Step 3, on the VMM thread: fills the shell with the guest.
@@ -419,25 +435,75 @@ fn load(
     }
 }
 
+/// Sets KVM memory slot `slot` (size 0 deletes it).
+fn set_memslot(vm: &VmFd, slot: u32, guest: u64, size: u64, host: u64) -> Result<(), BuildVmError> {
+    let region_desc = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: guest,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: the mapping described is guest memory (or a reservation for it) that outlives the
+    // VM: it is dropped after every vCPU thread has been joined and the VM fd closed.
+    unsafe { vm.set_user_memory_region(region_desc) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+}
+
 /// Registers every region of `mem` as a KVM memory slot.
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), BuildVmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(snapshot::memory_source::MemorySourceError::Lookup)?;
-        let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the mapping described is owned by `mem`, which outlives the VM: it is dropped
-        // after every vCPU thread has been joined.
-        unsafe { vm.set_user_memory_region(region_desc) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        set_memslot(
+            vm,
+            slot as u32,
+            region.start_addr().0,
+            region.len(),
+            host as u64,
+        )?;
     }
     Ok(())
+}
+
+/// Guest memory for `regions` from `map`, placed in the shell's reservation when it fits (its
+/// memslots exist already), else mapped fresh and registered; a reservation that does not fit
+/// is dropped and its memslots deleted first (re-slot). Returns the memory and the reservation
+/// it lives in, which must outlive it.
+fn place_memory(
+    shell: &mut shell::ShellParts,
+    regions: &[snapshot::memory::MemoryRegion],
+    map: impl FnOnce(Option<&[usize]>) -> Result<GuestMemoryMmap, BuildVmError>,
+) -> Result<
+    (
+        GuestMemoryMmap,
+        Option<snapshot::memory_source::Reservation>,
+    ),
+    BuildVmError,
+> {
+    match shell.reserved.take() {
+        Some(res) if res.fits(regions) => {
+            let mem = map(Some(res.addrs()))?;
+            tracing::debug!("guest memory placed in the pre-registered memslots");
+            Ok((mem, Some(res)))
+        }
+        other => {
+            if let Some(res) = other {
+                let start = Instant::now();
+                for (slot, r) in res.regions().iter().enumerate() {
+                    set_memslot(&shell.vm, slot as u32, r.guest_addr, 0, 0)?;
+                }
+                drop(res);
+                tracing::info!(
+                    "re-slotted guest memory (the shell's size class does not fit): {:.2} ms to delete the old memslots",
+                    start.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            let mem = map(None)?;
+            register_memory(&shell.vm, &mem)?;
+            Ok((mem, None))
+        }
+    }
 }
 
 /// The serial interrupt: an eventfd registered as COM1's irqfd.
@@ -486,6 +552,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         api_sock: config.api_sock,
         process_start: config.process_start,
         seccomp: config.seccomp,
+        memory_class: None,
     })?;
     let host = HostResources {
         forward_stdin: config.forward_stdin,
@@ -511,6 +578,7 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
         api_sock: config.api_sock,
         process_start: config.process_start,
         seccomp: config.seccomp,
+        memory_class: None,
     })?;
     shell
         .load(Guest::Snapshot(Box::new(spec)), config.host)?

@@ -34,6 +34,19 @@ pub enum RequestError {
     Stopped,
 }
 
+/// Stops a running VM from any thread.
+#[derive(Debug, Clone)]
+pub struct StopHandle {
+    stop: Arc<StopNotifier>,
+}
+
+impl StopHandle {
+    /// Stops the VM as termination signal `signal` would (exit status 128 + signal).
+    pub fn stop_by_signal(&self, signal: i32) {
+        self.stop.stop(StopReason::Signal { signal });
+    }
+}
+
 /// A VM whose vCPUs run. Requests are carried out on the VMM thread's loop, in order with the
 /// control socket's.
 #[derive(Debug)]
@@ -124,6 +137,19 @@ impl RunningVm {
     /// Asks the VM to stop (exit status 4, as a control `stop`).
     pub fn stop(&self) {
         self.stop.stop(StopReason::ControlStop);
+    }
+
+    /// A handle that can stop the VM from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            stop: self.stop.clone(),
+        }
+    }
+
+    /// Stops the VM as termination signal `signal` would (exit status 128 + signal): for a
+    /// client that forwards the signals it receives to a VMM in another process.
+    pub fn stop_by_signal(&self, signal: i32) {
+        self.stop.stop(StopReason::Signal { signal });
     }
 
     /// Waits until the guest says READY; `None` if `timeout` passes first or the VM stops.

@@ -60,6 +60,9 @@ pub struct VmRuntime {
     pub virtio: Vec<super::virtio::Attached>,
     paused: bool,
     halted_rounds: u32,
+    /// Host addresses guest memory was placed in (a pre-slotted shell): declared last so it is
+    /// unmapped after `mem` and the VM are gone.
+    _reservation: Option<snapshot::memory_source::Reservation>,
 }
 
 /// What [`VmRuntime::new`] is built from.
@@ -78,6 +81,7 @@ pub struct RuntimeParts {
     pub(super) lazy: Option<LazyMemory>,
     pub(super) host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     pub(super) virtio: Vec<super::virtio::Attached>,
+    pub(super) reservation: Option<snapshot::memory_source::Reservation>,
 }
 
 impl VmRuntime {
@@ -102,6 +106,7 @@ impl VmRuntime {
             virtio: p.virtio,
             paused: false,
             halted_rounds: 0,
+            _reservation: p.reservation,
         }
     }
 

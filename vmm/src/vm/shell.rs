@@ -30,6 +30,7 @@ use crate::persist;
 use crate::seccomp::{Filters, SeccompMode, ThreadKind};
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu;
+use snapshot::memory_source::Reservation;
 
 /// Period of the halt watchdog.
 const HALT_CHECK_PERIOD: Duration = Duration::from_millis(250);
@@ -45,6 +46,10 @@ pub struct ShellConfig {
     pub process_start: Instant,
     /// Seccomp filters for the VM's threads.
     pub seccomp: SeccompMode,
+    /// Guest memory size class in MiB: reserve host addresses for a guest of this size and
+    /// register its KVM memslots now, so a guest of this size loads without creating memslots
+    /// (a guest of another size re-slots, which costs what a cold start does).
+    pub memory_class: Option<u64>,
 }
 
 /// Removes the control socket file when the VM ends.
@@ -70,12 +75,14 @@ pub(super) struct ShellParts {
     pub host: HostCheck,
     pub supported_cpuid: kvm_bindings::CpuId,
     pub msr_indices: Arc<Vec<u32>>,
-    pub process_start: Instant,
     pub seccomp: Filters,
+    /// Host addresses reserved for guest memory, with their memslots registered.
+    pub reserved: Option<Reservation>,
 }
 
 /// A job the VMM thread carries out.
 enum Job {
+    Listen(PathBuf, Sender<Result<(), BuildVmError>>),
     Load(Box<Guest>, HostResources, Sender<Result<(), BuildVmError>>),
     Start(Sender<Result<StartInfo, BuildVmError>>),
 }
@@ -102,13 +109,28 @@ pub struct LoadedVm {
     shell: VmShell,
 }
 
-/// Blocks the termination signals in this thread (and so in every thread spawned after) and
-/// returns a signalfd for them.
-fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
+/// Blocks the termination signals (SIGINT, SIGTERM, SIGHUP) in the calling thread and every
+/// thread it spawns afterwards: call it before spawning a thread that builds a [`VmShell`], so
+/// that no thread of the process takes them with their default action (the VM's loop reads
+/// them from a signalfd).
+pub fn block_termination_signals() -> Result<(), BuildVmError> {
+    termination_set()
+        .thread_block()
+        .map_err(BuildVmError::Signals)
+}
+
+fn termination_set() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGHUP);
+    set
+}
+
+/// Blocks the termination signals in this thread (and so in every thread spawned after) and
+/// returns a signalfd for them.
+fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
+    let set = termination_set();
     set.thread_block().map_err(BuildVmError::Signals)?;
     SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(BuildVmError::Signals)
@@ -144,9 +166,23 @@ struct KvmParts {
     vcpu_fds: Vec<VcpuFd>,
     supported_cpuid: kvm_bindings::CpuId,
     msr_indices: Arc<Vec<u32>>,
+    reserved: Option<Reservation>,
 }
 
-fn create_vm(vcpus: u8) -> Result<KvmParts, BuildVmError> {
+/// Reserves host addresses for a guest of `mib` MiB and registers them as memslots.
+fn reserve_memory(vm: &VmFd, mib: u64) -> Result<Reservation, BuildVmError> {
+    let layout = crate::layout::MemoryLayout::new(mib)?;
+    let ranges: Vec<(u64, u64)> = layout.ram.iter().map(|r| (r.start, r.size)).collect();
+    let regions = snapshot::memory::file_layout(&ranges);
+    let reservation = Reservation::new(&regions)
+        .map_err(|e| BuildVmError::Memory(snapshot::memory_source::MemorySourceError::Read(e)))?;
+    for (slot, (r, &addr)) in regions.iter().zip(reservation.addrs()).enumerate() {
+        super::set_memslot(vm, slot as u32, r.guest_addr, r.size, addr as u64)?;
+    }
+    Ok(reservation)
+}
+
+fn create_vm(vcpus: u8, memory_class: Option<u64>) -> Result<KvmParts, BuildVmError> {
     let kvm = open_kvm()?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
@@ -168,12 +204,16 @@ fn create_vm(vcpus: u8) -> Result<KvmParts, BuildVmError> {
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let msr_indices = Arc::new(persist::msr_index_list(&kvm)?);
+    let reserved = memory_class
+        .map(|mib| reserve_memory(&vm, mib))
+        .transpose()?;
     Ok(KvmParts {
         kvm,
         vm,
         vcpu_fds,
         supported_cpuid,
         msr_indices,
+        reserved,
     })
 }
 
@@ -190,14 +230,13 @@ impl VmShell {
         let signals = termination_signalfd()?;
         let listener = config.api_sock.as_deref().map(control::bind).transpose()?;
         let sock_guard = config.api_sock.clone().map(RemoveOnDrop);
-        let parts = create_vm(config.vcpus)?;
+        let parts = create_vm(config.vcpus, config.memory_class)?;
         let stop =
             Arc::new(StopNotifier::new(config.process_start).map_err(BuildVmError::EventFd)?);
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_stop = stop.clone();
         let caller_filters = filters.clone();
-        let process_start = config.process_start;
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
@@ -222,8 +261,8 @@ impl VmShell {
                     host,
                     supported_cpuid: parts.supported_cpuid,
                     msr_indices: parts.msr_indices,
-                    process_start,
                     seccomp: filters,
+                    reserved: parts.reserved,
                 };
                 vmm_thread(shell, jobs_rx)
             })
@@ -248,6 +287,22 @@ impl VmShell {
     /// The number of vCPUs.
     pub fn vcpus(&self) -> u8 {
         self.vcpus
+    }
+
+    /// Moves the zero of reported times to `start`: a shell made ahead of time (a pool) reports
+    /// times from its client's start.
+    pub fn set_process_start(&self, start: Instant) {
+        self.stop.set_process_start(start);
+    }
+
+    /// Starts listening for control requests on `path` (a shell made before its control socket
+    /// was known, as in a pool).
+    pub fn listen(&self, path: &Path) -> Result<(), BuildVmError> {
+        let (tx, rx) = mpsc::channel();
+        self.jobs
+            .send(Job::Listen(path.to_path_buf(), tx))
+            .map_err(|_| BuildVmError::VmmThreadGone)?;
+        rx.recv().map_err(|_| BuildVmError::VmmThreadGone)?
     }
 
     /// Loads the guest (on the VMM thread): memory, devices with the given host resources, guest
@@ -308,6 +363,21 @@ fn vmm_thread(
     let mut loaded = None;
     while let Ok(job) = jobs.recv() {
         match job {
+            Job::Listen(path, reply) => {
+                let bound = if shell.listener.is_some() {
+                    Err(BuildVmError::Control(control::ControlSocketError::InUse(
+                        path,
+                    )))
+                } else {
+                    control::bind(&path)
+                        .map(|l| {
+                            shell.listener = Some(l);
+                            shell.sock_guard = Some(RemoveOnDrop(path));
+                        })
+                        .map_err(BuildVmError::from)
+                };
+                let _ = reply.send(bound);
+            }
             Job::Load(guest, host, reply) => {
                 if loaded.is_some() {
                     return Ok(None);
@@ -352,9 +422,10 @@ fn run_vm(
         vcpu_fds: _,
         supported_cpuid,
         msr_indices: _,
-        process_start,
         seccomp,
+        reserved: _,
     } = shell;
+    let process_start = stop.process_start();
     let started = (|| {
         if l.snapshot_on_ready.is_some() {
             stop.arm_snapshot_on_ready();
@@ -408,6 +479,7 @@ fn run_vm(
         lazy: l.lazy,
         host_cpuid: supported_cpuid.as_slice().to_vec(),
         virtio: l.virtio,
+        reservation: l.reservation,
     });
     // Each device's worker runs on this loop; the handles stay in the runtime, on this thread.
     let sources: Vec<_> = rt.virtio.iter().map(|d| d.event_source()).collect();

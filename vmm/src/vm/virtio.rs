@@ -43,6 +43,16 @@ pub struct DiskSpec {
     pub id: Option<String>,
 }
 
+/// An empty disk slot of `--disk-slot NAME[,ro]`, backed when a snapshot is restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpareSlot {
+    /// The slot's name (and the id the guest reads).
+    pub name: String,
+    /// Offered to the guest read-only (VIRTIO_BLK_F_RO): every restore opens its backing file
+    /// read-only, under a shared lock, so clones can share one image (a container's rootfs).
+    pub read_only: bool,
+}
+
 /// The vsock device of `--vsock CID,PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockSpec {
@@ -81,7 +91,7 @@ pub struct VirtioSpecs {
     pub disks: Vec<DiskSpec>,
     /// Empty spare disk slots (`--disk-slot NAME`), after the disks: their backing file is chosen
     /// when a snapshot of this VM is restored.
-    pub spare_slots: Vec<String>,
+    pub spare_slots: Vec<SpareSlot>,
     /// The vsock device.
     pub vsock: Option<VsockSpec>,
     /// A virtio-rng device.
@@ -269,11 +279,11 @@ pub fn attach_devices(
             Block::new_block(config, Some(file), mem.clone()).map_err(DeviceSetupError::from)?;
         devices.push((VirtioDevice::Block(block), Some(d.path.clone())));
     }
-    for name in &specs.spare_slots {
+    for slot in &specs.spare_slots {
         let config = BlockConfig {
-            id: name.clone(),
-            read_only: false,
-            spare_slot: Some(name.clone()),
+            id: slot.name.clone(),
+            read_only: slot.read_only,
+            spare_slot: Some(slot.name.clone()),
             backend: BackendKind::IoUring,
         };
         devices.push((

@@ -6,13 +6,15 @@
 //! rx buffers left is not read, which is the back-pressure towards the host.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::io::{ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use event_loop::Completion;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::connect::{Attempt, HostConnect, PendingGuest};
 use super::connection::{CONN_BUF, ConnState, Connection};
@@ -81,6 +83,12 @@ pub struct VsockHandler {
     next_local_port: u32,
     control: VecDeque<Ctrl>,
     reset_event_pending: bool,
+    /// TRANSPORT_RESET was sent and the guest has not handed an event buffer back since (the
+    /// event queue's avail index when the event was sent). Until it does, nothing goes to the rx
+    /// queue: Linux runs its rx work before its event work when one interrupt reports both, so a
+    /// connection request delivered now would be reset along with the connections of before the
+    /// snapshot (the first connection after a restore would fail).
+    reset_unacked: Option<u16>,
     buf: Vec<u8>,
     /// Period of the connect-timeout sweep; boxed so its address is stable while the kernel
     /// holds the timeout operation.
@@ -113,6 +121,7 @@ impl VsockHandler {
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
             reset_event_pending: false,
+            reset_unacked: None,
             buf: vec![0u8; HDR_SIZE + MAX_PKT_PAYLOAD],
             sweep: Box::new(SWEEP_PERIOD.into()),
             retry: Box::new(CONNECT_RETRY_PERIOD.into()),
@@ -604,6 +613,9 @@ impl VsockHandler {
         irq: &Interrupt,
         ops: &mut HandlerOps<'_, C, VsockToken>,
     ) -> Result<(), DeviceFailure> {
+        if self.reset_event_pending || !self.reset_acked(active) {
+            return Ok(());
+        }
         let mut used = false;
         loop {
             let data_key = self
@@ -686,6 +698,20 @@ impl VsockHandler {
         Ok(())
     }
 
+    /// Whether the guest has handled the last TRANSPORT_RESET: it has made an event buffer
+    /// available again since (Linux refills the event queue after handling its events).
+    fn reset_acked(&mut self, active: &Active) -> bool {
+        let Some(sent_at) = self.reset_unacked else {
+            return true;
+        };
+        let now = active.queues[EVT].avail_idx(&active.mem, Ordering::Acquire);
+        if now.is_ok_and(|i| i.0 == sent_at) {
+            return false;
+        }
+        self.reset_unacked = None;
+        true
+    }
+
     fn send_reset_event(
         &mut self,
         active: &mut Active,
@@ -710,6 +736,10 @@ impl VsockHandler {
             n as u32,
         )?;
         self.reset_event_pending = false;
+        self.reset_unacked = active.queues[EVT]
+            .avail_idx(&active.mem, Ordering::Acquire)
+            .ok()
+            .map(|i| i.0);
         irq.signal_used_queue();
         Ok(())
     }
@@ -737,6 +767,12 @@ impl QueueHandler for VsockHandler {
         if restored {
             // Connections do not survive a snapshot: tell the guest to drop its own.
             self.drop_all();
+            // The guest may still hold sockets of connections from before the snapshot (reset,
+            // not yet closed by their owner); a new request on the same (host port, guest port)
+            // pair would reach one of those and be refused. Take host ports from a random point
+            // of the range instead of from where the snapshotted VM started.
+            let offset = std::collections::hash_map::RandomState::new().hash_one(self.cid);
+            self.next_local_port = FIRST_LOCAL_PORT + (offset % (1 << 29)) as u32;
             self.reset_event_pending = true;
             self.send_reset_event(active, irq)?;
         }
@@ -758,7 +794,9 @@ impl QueueHandler for VsockHandler {
                 self.pump_rx(active, irq, ops)
             }
             RX => self.pump_rx(active, irq, ops),
-            _ => self.send_reset_event(active, irq),
+            _ if self.reset_event_pending => self.send_reset_event(active, irq),
+            // The guest refills the event queue (and notifies it) once it has handled the event.
+            _ => self.pump_rx(active, irq, ops),
         }
     }
 
@@ -826,5 +864,6 @@ impl QueueHandler for VsockHandler {
     fn reset(&mut self) {
         self.drop_all();
         self.reset_event_pending = false;
+        self.reset_unacked = None;
     }
 }

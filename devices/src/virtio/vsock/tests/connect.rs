@@ -160,6 +160,60 @@ fn test_vsock_restore_sends_transport_reset_event() {
 }
 
 #[test]
+fn test_vsock_after_restore_nothing_reaches_rx_until_the_guest_handled_the_reset() {
+    use crate::persist::Persist;
+    use crate::virtio::test_utils::copy_memory;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new(&dir);
+    g.h.run_until_irq(Duration::from_millis(20));
+    let state = g.h.device.save();
+    let mem2 = copy_memory(&g.h.driver.mem);
+    let dir2 = tempfile::tempdir().unwrap();
+    let dev = Vsock::restore(
+        super::super::VsockArgs {
+            mem: mem2.clone(),
+            uds_path: socket_path(&dir2),
+            max_connections: crate::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
+        },
+        &state,
+    )
+    .unwrap();
+    let Guest {
+        h,
+        rx_bufs,
+        ev_bufs,
+        tx_scratch,
+        ..
+    } = g;
+    let mut g2 = Guest {
+        h: h.restored(dev, mem2),
+        rx_bufs,
+        events: Vec::new(),
+        ev_bufs,
+        tx_scratch,
+    };
+    // A host connects at once, before the guest has looked at its event queue. Linux would
+    // handle a connection request that arrives with the reset before the reset (rx work runs
+    // first), and the reset would then close that new connection.
+    let mut host = UnixStream::connect(socket_path(&dir2)).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let end = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < end {
+        g2.h.run_until_irq(Duration::from_millis(50));
+    }
+    assert!(
+        g2.h.driver.take_used(0).is_empty(),
+        "a packet reached rx before the guest handled TRANSPORT_RESET"
+    );
+    // The guest takes the event, hands the buffer back and notifies: now the request comes.
+    g2.recv();
+    assert_eq!(g2.events, vec![EVENT_TRANSPORT_RESET]);
+    g2.h.driver.kick(2);
+    let (req, _) = g2.wait_for(|h| h.op == OP_REQUEST);
+    assert_eq!(req.dst_port, 52);
+}
+
+#[test]
 fn test_vsock_flood_without_rx_buffers_keeps_control_queue_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let mem = test_memory();

@@ -251,6 +251,11 @@ pub(crate) fn vsock_io(h: &mut Harness<VsockHandler>, round: u32) {
     } else {
         let ev = h.wait_used(2, 1);
         assert_eq!(ev.len(), 1, "no TRANSPORT_RESET after restore");
+        // As Linux does once it has handled the event: hand the buffer back and notify.
+        let desc = h.driver.queues[2].desc + u64::from(ev[0].head) * 16;
+        let addr: u64 = h.driver.mem.read_obj(GuestAddress(desc)).unwrap();
+        h.driver.add_chain(2, &[Buf::inp(addr, 8)]).unwrap();
+        h.driver.kick(2);
     }
     let hdr = h.driver.alloc(HDR_SIZE as u64);
     let port = 500 + round;
