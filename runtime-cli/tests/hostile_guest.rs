@@ -5,7 +5,8 @@
 //! print no panic, keep the control socket answering while the guest runs, leave the read-only
 //! image byte-identical, and leave every byte of the writable image outside the sectors the guest
 //! may write (`WLO..WHI`) as it was, with the file's length unchanged. The guest itself reports
-//! device answers the virtio spec forbids (`hostile: ANOMALY`), which fail the run too. Every
+//! device answers the virtio spec forbids (`hostile: ANOMALY`) and well-formed requests a live
+//! device left unanswered for about 10 s (`hostile: stall`), which fail the run too. Every
 //! fourth seed is also snapshotted mid-run (whatever state the guest left its devices in) and the
 //! snapshot restored (uffd, eager and mmap in turn) and run to its end under the same checks.
 //!
@@ -388,6 +389,10 @@ fn run_seed(seed: u64, iters: Option<u64>, snapshot_every: u64) -> SeedRun {
         )
     });
     let (serial, taken) = watch(&mut child, &boot, snapshot, &mut run);
+    // Well-formed requests a live device left unanswered for ~10 s: a device hang.
+    for line in serial.lines().filter(|l| l.starts_with("hostile: stall")) {
+        run.failures.push(line.to_string());
+    }
     run.figures = parse_summary(&serial);
     drop(listener);
 

@@ -43,7 +43,7 @@ int attack_all;
 /* Figures for the summary line. */
 u64 n_vsock_rx_ops[8];
 u64 n_stalls_by_type[3];
-u64 n_late, n_reset_under;
+u64 n_late, n_reset_under, n_quiet;
 u64 n_blk, n_blk_ok, n_blk_ioerr, n_blk_unsupp, n_vsock_tx, n_vsock_rx, n_rng,
 	n_rng_bytes, n_chain_attacks, n_transport, n_pio, n_mmio, n_regs, n_needs_reset, n_stalls,
 	n_inits, n_init_fail, n_anomalies;
@@ -392,6 +392,7 @@ void guest_main(const u8 *bp)
 	put_kv("needs_reset", n_needs_reset);
 	put_kv("late", n_late);
 	put_kv("reset_under", n_reset_under);
+	put_kv("quiet", n_quiet);
 	put_kv("stalls", n_stalls);
 	put_kv("stalls_blk", n_stalls_by_type[0]);
 	put_kv("stalls_vsock", n_stalls_by_type[1]);

@@ -225,8 +225,10 @@ pub const VSOCK: TestGuest = test_guest!("vsock");
 /// answer the virtio spec forbids (a refused write reported OK, a bad status byte, a wrong used
 /// id, more rng bytes than buffer), then `hostile: summary` with ` key=<decimal>` figures (`blk`,
 /// `blk_ok`, `blk_ioerr`, `blk_unsupp`, `vsock_tx`, `vsock_rx`, `rng`, `rng_bytes`,
-/// `chain_attacks`, `transport`, `regs`, `pio`, `mmio`, `needs_reset`, `stalls`, `inits`,
-/// `init_fail`, `anomalies`), `hostile: done`, and an i8042 exit. `hostile: FAIL <why>` + exit
+/// `chain_attacks`, `transport`, `regs`, `pio`, `mmio`, `needs_reset`, `late`, `reset_under`,
+/// `quiet`, `stalls`, `inits`, `init_fail`, `anomalies`, and more), `hostile: done`, and an i8042
+/// exit. `hostile: stall dev=<i> q=<q> ...` when a live device left well-formed requests
+/// unanswered for about 10 s (TSC). `hostile: FAIL <why>` + exit
 /// when there is no device or the scratch area (16..32 MiB) is not RAM.
 pub const HOSTILE: TestGuest = test_guest!("hostile");
 
