@@ -117,6 +117,15 @@ fn record_workingset(bin: &Path, snap: &Path, legacy: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether `bin` predates `--record-workingset FILE` (it recorded on its first uffd restore).
+fn legacy_recorder(bin: &Path) -> bool {
+    std::process::Command::new(bin)
+        .args(["restore", "--help"])
+        .output()
+        .map(|o| !String::from_utf8_lossy(&o.stdout).contains("--record-workingset <FILE>"))
+        .unwrap_or(true)
+}
+
 fn restore_runs(bin: &Path, snap: &Path, mode: &str, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     restore_runs_with(bin, snap, mode, runs, &[])
 }
@@ -315,7 +324,7 @@ fn compare_sections(args: &Args, bin: &Path, baseline: &Path, work: &Path) -> Re
         make_snapshot(bin, &new_snap, mem, args.touch_mib)?;
         make_snapshot(baseline, &old_snap, mem, args.touch_mib)?;
         record_workingset(bin, &new_snap, false)?;
-        record_workingset(baseline, &old_snap, true)?;
+        record_workingset(baseline, &old_snap, legacy_recorder(baseline))?;
         // The modes both builds have.
         for mode in &MODES[..4] {
             let (mut new, mut old) = (Vec::new(), Vec::new());

@@ -179,6 +179,8 @@ pub struct BootOpts {
     pub rng: bool,
     /// Take a template at READY into this directory and exit.
     pub snapshot_on_ready: Option<PathBuf>,
+    /// `--seccomp MODE` for the VMM [default: the VMM's default, kill].
+    pub seccomp: Option<&'static str>,
     /// The vsock's host socket [default: in the guest's temporary directory, which goes away
     /// with it: give a path for a template, whose restores bind the same path].
     pub vsock: Option<PathBuf>,
@@ -236,7 +238,11 @@ impl Guest {
             .vsock
             .clone()
             .unwrap_or_else(|| dir.path().join("vsock.sock"));
-        let mut args: Vec<String> = vec![
+        let mut args: Vec<String> = Vec::new();
+        if let Some(mode) = opts.seccomp {
+            args.extend(["--seccomp".into(), mode.into()]);
+        }
+        args.extend::<Vec<String>>(vec![
             "boot".into(),
             "--kernel".into(),
             art.kernel.display().to_string(),
@@ -250,7 +256,7 @@ impl Guest {
             opts.vcpus.max(1).to_string(),
             "--vsock".into(),
             format!("{CID},{}", vsock.display()),
-        ];
+        ]);
         for d in &opts.disks {
             args.extend(["--disk".into(), d.clone()]);
         }
