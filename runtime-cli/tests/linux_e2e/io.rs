@@ -143,8 +143,9 @@ fn test_virtio_blk_reads_with_seccomp_on_and_off() {
                 },
             );
             g.wait_ready(READY_TIMEOUT);
-            let mut c = g.agent();
             for bs in ["4k", "64k"] {
+                // One process per connection.
+                let mut c = g.agent();
                 let t = std::time::Instant::now();
                 let o = c
                     .run(
@@ -162,14 +163,13 @@ fn test_virtio_blk_reads_with_seccomp_on_and_off() {
                         None,
                         RUN_DEADLINE,
                     )
-                    .unwrap();
+                    .unwrap_or_else(|e| panic!("dd with seccomp {mode}: {e}{}", g.logs()));
                 g.check(o.code == 0, format!("dd failed: {o:?}"));
                 let ms = ms_since(t);
                 if round == 1 {
                     measure(&format!("blk_read_32mib_bs{bs}_seccomp_{mode}"), ms);
                 }
             }
-            drop(c);
             g.stop();
         }
     }
