@@ -124,7 +124,11 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Files packed under /tmp (a checkout or build there, as CI's may be) move into the tmpfs that
+# is mounted over it, instead of being hidden by it.
+mkdir -p /.rig-tmp && cp -a /tmp/. /.rig-tmp/
 mount -t tmpfs -o size=75% tmpfs /tmp
+cp -a /.rig-tmp/. /tmp/ && rm -rf /.rig-tmp
 mount -t tmpfs tmpfs /run
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 verdict() { echo "RIG-VERDICT exit=\$1"; sync; reboot -f; sleep 5; echo o > /proc/sysrq-trigger; }
