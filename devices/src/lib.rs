@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod persist;
 pub mod virtio;

@@ -202,7 +202,7 @@ impl MmioTransport {
         {
             let q = build_queue(max, r.size, r.desc, r.avail, r.used).ok()?;
             if !r.ready || !q.is_valid(&self.mem) {
-                tracing::warn!("virtio-mmio: queue {i} not ready or invalid at DRIVER_OK");
+                crate::guest_warn!("virtio-mmio: queue {i} not ready or invalid at DRIVER_OK");
                 return None;
             }
             queues.push(q);
@@ -232,7 +232,7 @@ impl MmioTransport {
         }
         let old = self.status;
         if value & old != old {
-            tracing::warn!("virtio-mmio: driver cleared status bits {old:#x} -> {value:#x}");
+            crate::guest_warn!("virtio-mmio: driver cleared status bits {old:#x} -> {value:#x}");
             return;
         }
         if value & VIRTIO_CONFIG_S_FAILED != 0 {
@@ -251,11 +251,11 @@ impl MmioTransport {
                 continue;
             }
             if self.status & needs != needs {
-                tracing::warn!("virtio-mmio: status bit {bit:#x} set out of order");
+                crate::guest_warn!("virtio-mmio: status bit {bit:#x} set out of order");
                 return;
             }
             if bit == VIRTIO_CONFIG_S_FEATURES_OK && !self.features_ok() {
-                tracing::warn!(
+                crate::guest_warn!(
                     "virtio-mmio: driver acked features {:#x} not offered ({:#x}) or without VERSION_1",
                     self.acked_features,
                     self.device.avail_features()

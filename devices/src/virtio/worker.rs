@@ -330,7 +330,7 @@ impl<H: QueueHandler> Worker<H> {
     }
 
     fn fail(&mut self, e: DeviceFailure) {
-        tracing::warn!("virtio-{}: {e}; device needs reset", self.handler.name());
+        crate::guest_warn!("virtio-{}: {e}; device needs reset", self.handler.name());
         self.state = DeviceState::Failed;
         self.interrupt.set_needs_reset();
     }

@@ -123,7 +123,7 @@ impl BlockHandler {
 
     fn write_status(mem: &GuestMemoryMmap, at: GuestAddress, code: u32) {
         if mem.write_obj(code as u8, at).is_err() {
-            tracing::warn!("virtio-blk: cannot write the status byte");
+            crate::guest_warn!("virtio-blk: cannot write the status byte");
         }
     }
 
