@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{BIN, BackgroundVm, kvm_usable, last_tick, run, wait_deadline};
+use common::{BIN, BackgroundVm, collect, kvm_usable, last_tick, run};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -157,25 +157,10 @@ fn test_read_only_template_restores_in_every_mode_eight_at_once_and_stays_identi
                     .unwrap()
             })
             .collect();
-        for (i, mut child) in children.into_iter().enumerate() {
-            let status = wait_deadline(&mut child, T).expect("restore did not finish in time");
-            let mut stdout = String::new();
-            let mut stderr = String::new();
-            use std::io::Read;
-            child
-                .stdout
-                .take()
-                .unwrap()
-                .read_to_string(&mut stdout)
-                .unwrap();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
-            assert!(status.success(), "{mode} clone {i}: {stderr}");
-            assert_eq!(stdout, want, "{mode} clone {i}");
+        for (i, child) in children.into_iter().enumerate() {
+            let out = collect(child, T, "a restore");
+            assert!(out.status.success(), "{mode} clone {i}: {}", out.stderr);
+            assert_eq!(out.stdout, want, "{mode} clone {i}");
         }
     }
     drop(ro);

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{BIN, Output, kvm_usable, run, run_command, wait_deadline};
+use common::{BIN, Output, collect, kvm_usable, run, run_command};
 
 const T: Duration = Duration::from_secs(120);
 const MODES: [&str; 5] = ["eager", "mmap", "uffd", "uffd-prefetch", "mmap-prefetch"];
@@ -241,23 +241,13 @@ fn test_pool_never_hands_one_shell_out_twice() {
         })
         .collect();
     let mut pids = Vec::new();
-    for mut child in children {
-        assert!(wait_deadline(&mut child, T).unwrap().success());
-        let mut stdout = String::new();
-        let mut stderr = String::new();
-        use std::io::Read;
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut stdout)
-            .unwrap();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
+    for child in children {
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = collect(child, T, "a restore");
+        assert!(status.success(), "{stderr}");
         assert_eq!(format!("{before}{stdout}"), uninterrupted, "{stderr}");
         if let Some(pid) = stderr
             .lines()

@@ -64,13 +64,15 @@ pub fn run_command(mut cmd: Command, timeout: Duration) -> Output {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn kata-snap");
-    let status = wait_deadline(&mut child, timeout).unwrap_or_else(|| {
-        panic!(
-            "kata-snap {:?} did not finish within {timeout:?}",
-            cmd.get_args()
-        )
-    });
+    let child = cmd.spawn().expect("spawn kata-snap");
+    collect(child, timeout, &format!("kata-snap {:?}", cmd.get_args()))
+}
+
+/// Waits for `child` (spawned with piped stdout and stderr) up to `timeout` and returns what it
+/// printed; panics naming `what` when it does not finish in time.
+pub fn collect(mut child: Child, timeout: Duration, what: &str) -> Output {
+    let status = wait_deadline(&mut child, timeout)
+        .unwrap_or_else(|| panic!("{what} did not finish within {timeout:?}"));
     let mut stdout = String::new();
     let mut stderr = String::new();
     child
