@@ -394,6 +394,25 @@ impl MemorySource for UffdMemory {
     }
 }
 
+/// Each region of `regions` with the host address `mem` maps it at.
+pub fn host_regions(
+    mem: &GuestMemoryMmap,
+    regions: &[MemoryRegion],
+) -> Result<Vec<UffdRegion>, MemorySourceError> {
+    regions
+        .iter()
+        .map(|r| {
+            let host = mem
+                .get_host_address(GuestAddress(r.guest_addr))
+                .map_err(MemorySourceError::Lookup)?;
+            Ok(UffdRegion {
+                host_addr: host as usize,
+                region: *r,
+            })
+        })
+        .collect()
+}
+
 /// Registers `mem`'s `regions` with a new userfaultfd in `source`'s mode and builds the page
 /// server answering from its page source; `None` for a source that needs none.
 pub fn serve(
@@ -411,17 +430,14 @@ pub fn serve(
         return Ok(None);
     };
     let uffd = create_uffd()?;
-    let mut uffd_regions = Vec::with_capacity(regions.len());
-    for r in regions {
-        let host = mem
-            .get_host_address(GuestAddress(r.guest_addr))
-            .map_err(MemorySourceError::Lookup)? as usize;
-        uffd.register_with_mode(host as *mut libc::c_void, r.size as usize, mode)
-            .map_err(PageServerError::Register)?;
-        uffd_regions.push(UffdRegion {
-            host_addr: host,
-            region: *r,
-        });
+    let uffd_regions = host_regions(mem, regions)?;
+    for r in &uffd_regions {
+        uffd.register_with_mode(
+            r.host_addr as *mut libc::c_void,
+            r.region.size as usize,
+            mode,
+        )
+        .map_err(PageServerError::Register)?;
     }
     Ok(Some(Arc::new(PageServer::new(
         uffd,

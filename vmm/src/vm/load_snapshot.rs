@@ -419,26 +419,6 @@ impl LazyMemory {
     }
 }
 
-/// The host address of each region of `mem`.
-fn host_regions(
-    mem: &vm_memory::GuestMemoryMmap,
-    regions: &[memory::MemoryRegion],
-) -> Result<Vec<snapshot::page_server::UffdRegion>, BuildVmError> {
-    use vm_memory::GuestMemoryBackend;
-    regions
-        .iter()
-        .map(|r| {
-            let host = mem
-                .get_host_address(vm_memory::GuestAddress(r.guest_addr))
-                .map_err(memory_source::MemorySourceError::Lookup)?;
-            Ok(snapshot::page_server::UffdRegion {
-                host_addr: host as usize,
-                region: *r,
-            })
-        })
-        .collect()
-}
-
 /// Step 3 for a restore, on the VMM thread.
 pub(super) fn load(
     shell: &mut ShellParts,
@@ -487,7 +467,7 @@ pub(super) fn load(
         None => match workingset {
             // mmap-prefetch: the working set made present in the file mapping, no page server.
             Some(ws) => {
-                let regions = host_regions(&mem, &state.memory)?;
+                let regions = memory_source::host_regions(&mem, &state.memory)?;
                 let populate = move || {
                     prefetch::populate(&regions, &ws)
                         .map_err(|e| PageServerError::Start(std::io::Error::other(e)))
