@@ -29,8 +29,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 use vmm::seccomp::SeccompMode;
@@ -272,19 +270,6 @@ fn stop(dir: &Path) -> Result<i32> {
     Ok(0)
 }
 
-/// Blocks the termination signals and returns a non-blocking signalfd for them.
-fn termination_signals() -> Result<SignalFd> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGHUP);
-    set.thread_block()?;
-    Ok(SignalFd::with_flags(
-        &set,
-        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
-    )?)
-}
-
 struct Member {
     child: Child,
     ready: Option<PathBuf>,
@@ -293,7 +278,7 @@ struct Member {
 /// The manager: keeps `size` unclaimed shells alive until SIGTERM.
 fn manage(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
     let dir = pool_dir(c.dir.dir.as_deref());
-    let signals = termination_signals()?;
+    let signals = vmm::vm::termination_signalfd()?;
     std::fs::write(dir.join("manager.pid"), std::process::id().to_string())?;
     std::fs::write(
         dir.join("manager.json"),
@@ -389,7 +374,7 @@ fn shell(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
     let claimed = dir.join("claimed").join(&name);
     // Until a client comes, a termination signal ends this shell (the VM's loop, which reads
     // them later, does not run yet).
-    let signals = termination_signals()?;
+    let signals = vmm::vm::termination_signalfd()?;
     let mut claimed_at: Option<Instant> = None;
     let stream = loop {
         let mut fds = [
@@ -608,7 +593,7 @@ pub fn restore_through_pool(args: &RestoreArgs, process_start: Instant) -> Resul
         );
         return Ok(None);
     }
-    let signals = termination_signals()?;
+    let signals = vmm::vm::termination_signalfd()?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut started = None;
     loop {

@@ -49,7 +49,7 @@ pub use load_snapshot::{
 };
 pub use running::{RequestError, RunningVm, StopHandle, VmEvent};
 pub use runtime::VmRuntime;
-pub use shell::{LoadedVm, ShellConfig, VmShell, block_termination_signals};
+pub use shell::{LoadedVm, ShellConfig, VmShell, block_termination_signals, termination_signalfd};
 
 use crate::arch::mptable;
 use crate::boot::BootError;

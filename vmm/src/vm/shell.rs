@@ -128,8 +128,8 @@ fn termination_set() -> SigSet {
 }
 
 /// Blocks the termination signals in this thread (and so in every thread spawned after) and
-/// returns a signalfd for them.
-fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
+/// returns a non-blocking signalfd for them.
+pub fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
     let set = termination_set();
     set.thread_block().map_err(BuildVmError::Signals)?;
     SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
