@@ -8,8 +8,8 @@ use clap::{Args, ValueEnum};
 use vmm::seccomp::SeccompMode;
 use vmm::vm::virtio::VsockHost;
 use vmm::vm::{
-    CheckedSnapshot, Guest, HostResources, RecordWorkingSet, RestoreMode, RunningVm, ShellConfig,
-    SnapshotSpec, VmShell,
+    Guest, HostResources, RecordWorkingSet, RestoreMode, RunningVm, ShellConfig, SnapshotSpec,
+    SnapshotState, VmShell,
 };
 
 use crate::boot_cmd::{finish, serial_output};
@@ -129,10 +129,11 @@ pub fn start_restore(
     };
     // Cold: build the shell (KVM VM, vCPUs, rings) on a thread while this one checks the
     // snapshot; a snapshot that fails its checks drops the shell before any guest state is in it.
+    let state = SnapshotState::read(&args.snapshot)?;
     let shell = match shell {
         Some(shell) => Ok(shell),
         None => {
-            let (vcpus, _) = vmm::vm::snapshot_shape(&args.snapshot)?;
+            let vcpus = state.vcpus()?;
             vmm::vm::block_termination_signals()?;
             let api_sock = args.api_sock.clone();
             Err(std::thread::spawn(move || {
@@ -147,7 +148,7 @@ pub fn start_restore(
         }
     };
     let checked = (|| -> Result<(SnapshotSpec, HostResources)> {
-        let snapshot = CheckedSnapshot::open(&args.snapshot, mode)?;
+        let snapshot = state.check(mode)?;
         let spec = SnapshotSpec::new(
             snapshot,
             args.fault_around as usize,

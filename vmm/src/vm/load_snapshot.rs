@@ -133,11 +133,42 @@ pub struct RecordWorkingSet {
 /// The vCPU count and memory size of the snapshot in `dir` (its state file only, checksum
 /// checked): enough to choose a VM shell for it.
 pub fn snapshot_shape(dir: &Path) -> Result<(u8, u64), BuildVmError> {
-    let snap = SnapshotDir::open(dir).map_err(RestoreError::from)?;
-    let (_, state): (SnapshotId, VmState) =
-        snapshot::format::read_file(&snap.state()).map_err(RestoreError::from)?;
-    let vcpus = u8::try_from(state.vcpus.len()).map_err(|_| BuildVmError::VcpuCount(u8::MAX))?;
-    Ok((vcpus, state.mem_mib))
+    let read = SnapshotState::read(dir)?;
+    Ok((read.vcpus()?, read.mem_mib()))
+}
+
+/// A snapshot's state file, read and checksummed, before the rest is checked: what a restore
+/// needs to know to build its VM shell while it checks the rest.
+#[derive(Debug)]
+pub struct SnapshotState {
+    snap: SnapshotDir,
+    id: SnapshotId,
+    state: VmState,
+}
+
+impl SnapshotState {
+    /// Opens `dir` and reads its state file.
+    pub fn read(dir: &Path) -> Result<Self, BuildVmError> {
+        let snap = SnapshotDir::open(dir).map_err(RestoreError::from)?;
+        let (id, state) = snapshot::format::read_file(&snap.state()).map_err(RestoreError::from)?;
+        Ok(Self { snap, id, state })
+    }
+
+    /// The snapshot's vCPU count.
+    pub fn vcpus(&self) -> Result<u8, BuildVmError> {
+        u8::try_from(self.state.vcpus.len()).map_err(|_| BuildVmError::VcpuCount(u8::MAX))
+    }
+
+    /// Its guest memory in MiB.
+    pub fn mem_mib(&self) -> u64 {
+        self.state.mem_mib
+    }
+
+    /// Checks every other part of the snapshot for a restore in `mode` (see
+    /// [`CheckedSnapshot::open`]).
+    pub fn check(self, mode: RestoreMode) -> Result<CheckedSnapshot, BuildVmError> {
+        CheckedSnapshot::from_state(self, mode)
+    }
 }
 
 /// A snapshot whose every part was checked, ready to load.
@@ -179,9 +210,11 @@ impl CheckedSnapshot {
     /// Step 1 of a restore, before any VM exists: opens `dir` and checks every part of it for a
     /// restore in `mode`, and this host's KVM against the snapshotting host's.
     pub fn open(dir: &Path, mode: RestoreMode) -> Result<Self, BuildVmError> {
-        let snap = SnapshotDir::open(dir).map_err(RestoreError::from)?;
-        let (id, state): (SnapshotId, VmState) =
-            snapshot::format::read_file(&snap.state()).map_err(RestoreError::from)?;
+        SnapshotState::read(dir)?.check(mode)
+    }
+
+    fn from_state(read: SnapshotState, mode: RestoreMode) -> Result<Self, BuildVmError> {
+        let SnapshotState { snap, id, state } = read;
         let layout = validate_state(&state)?;
         let (file, holes) = memory::open_memory_file(&snap.memory(), &state.memory, &id)
             .map_err(RestoreError::from)?;

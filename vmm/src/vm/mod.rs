@@ -45,7 +45,8 @@ use crate::vcpu::Vcpu;
 pub use capture::{SnapshotError, SnapshotInfo};
 pub use load_kernel::{BootSpec, check_boot, check_kernel_file};
 pub use load_snapshot::{
-    CheckedSnapshot, RecordWorkingSet, RestoreError, RestoreMode, SnapshotSpec, snapshot_shape,
+    CheckedSnapshot, RecordWorkingSet, RestoreError, RestoreMode, SnapshotSpec, SnapshotState,
+    snapshot_shape,
 };
 pub use running::{RequestError, RunningVm, StopHandle, VmEvent};
 pub use runtime::VmRuntime;
