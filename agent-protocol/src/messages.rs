@@ -195,7 +195,7 @@ pub struct Mount {
     /// Absolute path inside the container.
     pub destination: String,
     /// Filesystem type: one of `proc`, `sysfs`, `tmpfs`, `devpts`, `mqueue`,
-    /// `bind` (a bind mount of a guest path).
+    /// `cgroup2`, `bind` (a bind mount of a guest path).
     pub fs_type: String,
     /// Source (device name for pseudo filesystems, guest path for `bind`).
     pub source: String,

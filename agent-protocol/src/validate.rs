@@ -30,8 +30,12 @@ pub const RESEED_BYTES: std::ops::RangeInclusive<usize> = 16..=512;
 pub const MIN_REALTIME_NS: u64 = 1_577_836_800 * 1_000_000_000;
 /// Latest time `SyncTime` accepts (2200-01-01T00:00:00Z).
 pub const MAX_REALTIME_NS: u64 = 7_258_118_400 * 1_000_000_000;
-/// Mount types the agent supports.
-pub const SUPPORTED_MOUNT_TYPES: &[&str] = &["proc", "sysfs", "tmpfs", "devpts", "mqueue", "bind"];
+/// Mount types the agent supports. `cgroup2` is the unified hierarchy (the
+/// guest kernel has no cgroup v1 controllers); hosts translate OCI `cgroup`
+/// mounts to it, as runc does on a cgroup v2 host.
+pub const SUPPORTED_MOUNT_TYPES: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup2", "bind",
+];
 /// Highest signal number (`SIGRTMAX` on Linux).
 pub const MAX_SIGNAL: i32 = 64;
 
@@ -427,6 +431,24 @@ mod tests {
         assert!(matches!(
             r.validate(),
             Err(ValidationError::DuplicateRlimit(_))
+        ));
+    }
+
+    #[test]
+    fn test_validate_mount_types() {
+        let mount = |t: &str| Mount {
+            destination: "/sys/fs/cgroup".into(),
+            fs_type: t.into(),
+            source: t.into(),
+            options: vec!["ro".into()],
+        };
+        let mut r = run();
+        r.mounts = vec![mount("cgroup2")];
+        r.validate().unwrap();
+        r.mounts = vec![mount("cgroup")];
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::UnsupportedMount(_))
         ));
     }
 

@@ -176,7 +176,9 @@ fn main() -> ExitCode {
     };
     let result = match command {
         Command::Oci(cmd) => {
-            return ExitCode::from(oci::run(cmd, &cli.oci, seccomp, process_start).clamp(0, 255) as u8);
+            return ExitCode::from(
+                oci::run(cmd, &cli.oci, seccomp, process_start).clamp(0, 255) as u8,
+            );
         }
         Command::Boot(args) => boot_cmd::run(args, process_start, seccomp),
         Command::Restore(args) => restore_cmd::run(args, process_start, seccomp),
@@ -223,6 +225,12 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("cannot open kernel /k: {0}")]
     struct Open(#[source] std::io::Error);
+
+    #[test]
+    fn test_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn test_error_line_names_each_cause_once() {

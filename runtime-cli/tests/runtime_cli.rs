@@ -152,14 +152,10 @@ fn test_bad_ids_and_signals_are_refused() {
 #[test]
 fn test_spec_writes_a_config_and_refuses_to_overwrite_it() {
     let dir = tempfile::tempdir().unwrap();
-    let o = common::run(
-        &["spec", "--bundle", dir.path().to_str().unwrap()],
-        T,
-    );
+    let o = common::run(&["spec", "--bundle", dir.path().to_str().unwrap()], T);
     assert_eq!(o.code(), 0, "{o:?}");
     let spec: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(dir.path().join("config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
     assert!(spec["ociVersion"].as_str().unwrap().starts_with("1."));
     assert_eq!(spec["root"]["path"], "rootfs");
     assert_eq!(spec["process"]["args"][0], "sh");
@@ -219,7 +215,11 @@ fn test_state_machine_follows_the_supervisor_process() {
     assert_eq!(v["created"], "2026-11-27T19:25:34.000000000Z");
     assert_eq!(v["annotations"]["k"], "v");
     // runc indents state with two spaces.
-    assert!(st.stdout.starts_with("{\n  \"ociVersion\""), "{}", st.stdout);
+    assert!(
+        st.stdout.starts_with("{\n  \"ociVersion\""),
+        "{}",
+        st.stdout
+    );
 
     let l = ks(&root, &["list", "--format", "json"]);
     let arr: serde_json::Value = serde_json::from_str(&l.stdout).unwrap();
@@ -244,9 +244,11 @@ fn test_state_machine_follows_the_supervisor_process() {
     let k = ks(&root, &["kill", "web", "KILL"]);
     assert_eq!(k.code(), 0, "{k:?}");
     let status = sup.wait().unwrap();
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
-    let v: serde_json::Value =
-        serde_json::from_str(&ks(&root, &["state", "web"]).stdout).unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    let v: serde_json::Value = serde_json::from_str(&ks(&root, &["state", "web"]).stdout).unwrap();
     assert_eq!(v["status"], "stopped");
     assert_eq!(v["pid"], 0);
     let k = ks(&root, &["kill", "web"]);

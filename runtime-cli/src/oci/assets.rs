@@ -148,6 +148,8 @@ fn check_file(what: &str, path: &Path) -> Result<()> {
              tree, or name it in /etc/kata-snap/config.json",
             path.display()
         ),
-        Err(e) => Err(e).with_context(|| format!("cannot read the guest {what} {}", path.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot read the guest {what} {}", path.display()))
+        }
     }
 }

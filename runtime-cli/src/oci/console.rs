@@ -44,8 +44,9 @@ impl HostTerminal {
         if let Err(e) = unsafe { set_ctty(pty.slave.as_raw_fd(), 0) } {
             tracing::debug!("TIOCSCTTY: {e} (resizes will not be seen)");
         }
-        let stream = UnixStream::connect(socket)
-            .with_context(|| format!("cannot connect to the console socket {}", socket.display()))?;
+        let stream = UnixStream::connect(socket).with_context(|| {
+            format!("cannot connect to the console socket {}", socket.display())
+        })?;
         let fds = [pty.master.as_raw_fd()];
         let name = name.to_string_lossy().into_owned();
         sendmsg::<()>(

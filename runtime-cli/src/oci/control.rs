@@ -84,8 +84,12 @@ pub fn call(dir: &Path, req: Request, timeout: Duration) -> Result<Reply> {
     )
     .with_context(|| format!("cannot open {}", dir.display()))?;
     let path = format!("/proc/self/fd/{}/{SOCKET}", dirfd.as_raw_fd());
-    let mut conn = UnixStream::connect(&path)
-        .with_context(|| format!("cannot reach the container's supervisor in {}", dir.display()))?;
+    let mut conn = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach the container's supervisor in {}",
+            dir.display()
+        )
+    })?;
     conn.set_read_timeout(Some(timeout))?;
     conn.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(&req)?;

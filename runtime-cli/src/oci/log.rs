@@ -24,11 +24,6 @@ pub fn init(path: Option<PathBuf>, format: LogFormat) {
     let _ = LOG.set((path, format));
 }
 
-/// The `--log` file, if one was given.
-pub fn file() -> Option<PathBuf> {
-    LOG.get().and_then(|(p, _)| p.clone())
-}
-
 fn logfmt(level: &str, msg: &str) -> String {
     format!(
         "time=\"{}\" level={level} msg={}",
@@ -38,8 +33,7 @@ fn logfmt(level: &str, msg: &str) -> String {
 }
 
 fn json(level: &str, msg: &str) -> String {
-    serde_json::json!({"level": level, "msg": msg, "time": super::state::rfc3339_now()})
-        .to_string()
+    serde_json::json!({"level": level, "msg": msg, "time": super::state::rfc3339_now()}).to_string()
 }
 
 /// Reports an error: to the log file and stderr as described above.

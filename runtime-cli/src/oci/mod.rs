@@ -46,9 +46,6 @@ pub struct GlobalOpts {
     /// Accepted for runc compatibility (ignored).
     #[arg(long, global = true, hide = true, value_name = "PATH")]
     pub criu: Option<PathBuf>,
-    /// Accepted for runc compatibility (ignored).
-    #[arg(long, global = true, hide = true, value_name = "BOOL")]
-    pub rootless: Option<String>,
 }
 
 impl GlobalOpts {
@@ -270,7 +267,10 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
         }
         OciCommand::Pause { id } => call(&store(), &id, control::Request::Pause).map(|()| 0),
         OciCommand::Resume { id } => call(&store(), &id, control::Request::Resume).map(|()| 0),
-        OciCommand::Spec { bundle, rootless: _ } => {
+        OciCommand::Spec {
+            bundle,
+            rootless: _,
+        } => {
             let dir = bundle.unwrap_or_else(|| PathBuf::from("."));
             let path = dir.join("config.json");
             if path.exists() {
@@ -367,7 +367,10 @@ fn create(
 ) -> Result<i32> {
     state::validate_id(&args.id)?;
     if args.preserve_fds > 0 {
-        bail!("--preserve-fds {}: descriptors cannot be passed into a VM", args.preserve_fds);
+        bail!(
+            "--preserve-fds {}: descriptors cannot be passed into a VM",
+            args.preserve_fds
+        );
     }
     let store = Store::open(&g.root())?;
     if store.dir(&args.id).exists() {
@@ -390,7 +393,10 @@ fn create(
     }
     let host = vmm::host::check_host();
     if !host.can_boot_linux {
-        bail!("this host cannot run Linux guests at speed: {}", host.summary);
+        bail!(
+            "this host cannot run Linux guests at speed: {}",
+            host.summary
+        );
     }
     let rc = assets::RuntimeConfig::load()?;
     let spec = template::TemplateSpec {
@@ -413,7 +419,7 @@ fn create(
     if tmpl.warmed {
         tracing::info!(
             "template {} warmed in {:.0} ms",
-            tmpl.meta.key,
+            tmpl.dir.display(),
             tmpl.elapsed.as_secs_f64() * 1e3
         );
     }
@@ -455,7 +461,7 @@ fn create(
             fs: Some(agent_protocol::FsType::Erofs),
         }),
         console_socket: args.console_socket.clone(),
-        console_size: config.process.console_size,
+        console_size: config.process.console_size.map(|c| (c.rows, c.cols)),
         foreground: matches!(mode, Mode::RunForeground { .. }),
     };
     if let Mode::RunForeground { keep } = mode {
@@ -652,7 +658,11 @@ fn kill_and_wait(r: &Record) -> Result<()> {
     let end = Instant::now() + Duration::from_secs(10);
     while state::process_alive(r.pid, r.pid_start) {
         if Instant::now() > end {
-            bail!("container {} (pid {}) did not die after SIGKILL", r.id, r.pid);
+            bail!(
+                "container {} (pid {}) did not die after SIGKILL",
+                r.id,
+                r.pid
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -718,7 +728,13 @@ fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
     }
     // runc's tabwriter: cells padded by 3, at least 12 wide.
     let widths: Vec<usize> = (0..6)
-        .map(|c| rows.iter().map(|r| r[c].len() + 3).max().unwrap_or(0).max(12))
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].len() + 3)
+                .max()
+                .unwrap_or(0)
+                .max(12)
+        })
         .collect();
     for row in rows {
         let mut line = String::new();
@@ -758,7 +774,10 @@ fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result<i32> {
         TemplateCommand::Warm { vcpus, mem_mib } => {
             let host = vmm::host::check_host();
             if !host.can_boot_linux {
-                bail!("this host cannot run Linux guests at speed: {}", host.summary);
+                bail!(
+                    "this host cannot run Linux guests at speed: {}",
+                    host.summary
+                );
             }
             let rc = assets::RuntimeConfig::load()?;
             let spec = template::TemplateSpec {

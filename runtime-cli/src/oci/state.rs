@@ -112,7 +112,11 @@ impl Record {
         OciState {
             oci_version: OCI_VERSION,
             id: &self.id,
-            pid: if status == Status::Stopped { 0 } else { self.pid },
+            pid: if status == Status::Stopped {
+                0
+            } else {
+                self.pid
+            },
             status: status.as_str(),
             bundle: &self.bundle,
             rootfs: &self.rootfs,
@@ -152,8 +156,7 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
 /// Checks a container id as runc does: letters, digits and `_+-.`, not `.` or `..`.
 pub fn validate_id(id: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "_+-.".contains(c);
-    if id.is_empty() || id == "." || id == ".." || id.len() > MAX_ID || !id.chars().all(ok_char)
-    {
+    if id.is_empty() || id == "." || id == ".." || id.len() > MAX_ID || !id.chars().all(ok_char) {
         bail!("invalid container id format: {id}");
     }
     Ok(())
@@ -296,11 +299,12 @@ pub fn write_record(dir: &Path, record: &Record) -> Result<()> {
         fs::rename(&tmp, dir.join(RECORD))?;
         fs::File::open(dir)?.sync_all()
     };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        e
-    })
-    .with_context(|| format!("cannot write {}", dir.join(RECORD).display()))
+    write()
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            e
+        })
+        .with_context(|| format!("cannot write {}", dir.join(RECORD).display()))
 }
 
 /// Now as RFC 3339 in UTC with nanoseconds (`2026-11-27T19:25:34.123456789Z`), as runc writes
@@ -311,9 +315,7 @@ pub fn rfc3339_now() -> String {
 
 /// `t` as RFC 3339 in UTC with nanoseconds.
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days as i64);
@@ -365,7 +367,16 @@ mod tests {
         for ok in ["a", "web-1", "x_y.z+1", "0123456789abcdef"] {
             validate_id(ok).unwrap();
         }
-        for bad in ["", ".", "..", "a/b", "a b", "é", "../x", &"x".repeat(MAX_ID + 1)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a b",
+            "é",
+            "../x",
+            &"x".repeat(MAX_ID + 1),
+        ] {
             let e = validate_id(bad).unwrap_err().to_string();
             assert!(e.starts_with("invalid container id format"), "{bad:?}: {e}");
         }

@@ -14,7 +14,7 @@
 //! 137 as for runc. The exit status is the process's: its code, or 128+N for signal N.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -196,8 +196,8 @@ impl Supervisor {
         };
         let vm = crate::restore_cmd::start_restore(&args, None, process_start, seccomp, false)
             .context("cannot restore the container's VM from its template")?;
-        let (stop_r, stop_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .context("cannot create a pipe")?;
+        let (stop_r, stop_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
         let events = vm.events();
         std::thread::Builder::new()
             .name("vm-watch".into())
@@ -420,7 +420,11 @@ impl Supervisor {
             let _ = self.agent.send(&HostMessage::CloseStdin);
             return false;
         }
-        if self.agent.send(&HostMessage::Stdin(buf[..n].to_vec())).is_err() {
+        if self
+            .agent
+            .send(&HostMessage::Stdin(buf[..n].to_vec()))
+            .is_err()
+        {
             return false;
         }
         true
@@ -446,7 +450,10 @@ impl Supervisor {
                     }
                 }
                 // Before start there is no process: a terminating signal ends the container.
-                Signal::SIGCONT | Signal::SIGURG | Signal::SIGTSTP | Signal::SIGTTIN
+                Signal::SIGCONT
+                | Signal::SIGURG
+                | Signal::SIGTSTP
+                | Signal::SIGTTIN
                 | Signal::SIGTTOU => {}
                 _ => self.exit_code = Some(128 + signo),
             }

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use vmm::seccomp::SeccompMode;
 use vmm::vm::virtio::{SpareSlot, VirtioSpecs, VsockHost, VsockSpec};
-use vmm::vm::{AfterSnapshot, BootSpec, Guest, HostResources, ShellConfig, SnapshotOnReady, VmShell};
+use vmm::vm::{
+    AfterSnapshot, BootSpec, Guest, HostResources, ShellConfig, SnapshotOnReady, VmShell,
+};
 use vmm::{KernelImage, SerialOutput, StopReason};
 
 use super::assets::GuestAssets;
@@ -181,7 +183,13 @@ pub fn ensure(
 
 /// Cold-boots the guest into `ROOT/.warm-KEY-PID`, snapshots it at READY, syncs and renames it
 /// to `dir`, then makes it read-only.
-fn warm(root: &Path, dir: &Path, key: &str, spec: &TemplateSpec, seccomp: SeccompMode) -> Result<()> {
+fn warm(
+    root: &Path,
+    dir: &Path,
+    key: &str,
+    spec: &TemplateSpec,
+    seccomp: SeccompMode,
+) -> Result<()> {
     let tmp = root.join(format!(".warm-{key}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::DirBuilder::new()
@@ -205,7 +213,12 @@ fn warm(root: &Path, dir: &Path, key: &str, spec: &TemplateSpec, seccomp: Seccom
     result
 }
 
-fn warm_into(tmp: &Path, key: &str, spec: &TemplateSpec, seccomp: SeccompMode) -> Result<TemplateMeta> {
+fn warm_into(
+    tmp: &Path,
+    key: &str,
+    spec: &TemplateSpec,
+    seccomp: SeccompMode,
+) -> Result<TemplateMeta> {
     let t0 = Instant::now();
     let console = tmp.join("console.log");
     let boot = BootSpec {
@@ -295,7 +308,10 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path, bool) -> std::io::Result<()>) -> st
 
 fn make_read_only(dir: &Path) -> Result<()> {
     walk(dir, &mut |p, is_dir| {
-        fs::set_permissions(p, fs::Permissions::from_mode(if is_dir { 0o555 } else { 0o444 }))
+        fs::set_permissions(
+            p,
+            fs::Permissions::from_mode(if is_dir { 0o555 } else { 0o444 }),
+        )
     })
     .with_context(|| format!("cannot make {} read-only", dir.display()))
 }

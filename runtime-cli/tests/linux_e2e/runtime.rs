@@ -7,7 +7,6 @@ use std::fs;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -101,13 +100,6 @@ fn run_it(mut c: Command, args: &[&str]) -> Output {
     run_command(c, T)
 }
 
-/// The exit status as a shell reports it: the code, or 128+N for a signal.
-fn shell_code(o: &Output) -> i32 {
-    o.status
-        .code()
-        .unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0))
-}
-
 #[test]
 fn test_run_matches_runc_output_and_exit_codes() {
     let Some(art) = setup() else { return };
@@ -166,7 +158,10 @@ fn test_first_container_warms_the_template_and_the_next_restores_it() {
         let mut c = ks_cmd(&fresh, &dir.path().join("ks"));
         c.arg("--log").arg(&log).arg("--debug");
         let t0 = Instant::now();
-        let o = run_it(c, &["run", "--bundle", b.to_str().unwrap(), &format!("w{i}")]);
+        let o = run_it(
+            c,
+            &["run", "--bundle", b.to_str().unwrap(), &format!("w{i}")],
+        );
         measure(
             if i == 0 {
                 "run, template warmed first"
@@ -180,7 +175,10 @@ fn test_first_container_warms_the_template_and_the_next_restores_it() {
     }
     assert!(logs[0].contains("warming template"), "{}", logs[0]);
     assert!(!logs[1].contains("warming template"), "{}", logs[1]);
-    let list = run_it(ks_cmd(&fresh, &dir.path().join("ks")), &["template", "list"]);
+    let list = run_it(
+        ks_cmd(&fresh, &dir.path().join("ks")),
+        &["template", "list"],
+    );
     assert_eq!(list.stdout.lines().count(), 2, "{list:?}");
 }
 
@@ -195,7 +193,10 @@ fn wait_status(mut cmd: impl FnMut() -> Command, id: &str, want: &str) -> serde_
             assert_eq!(v["status"], want, "{o:?}");
             return v;
         }
-        assert!(Instant::now() < end, "state {id} never became {want}: {o:?}");
+        assert!(
+            Instant::now() < end,
+            "state {id} never became {want}: {o:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -229,7 +230,11 @@ fn test_lifecycle_goes_through_the_same_states_as_runc() {
         let o = collect(child, T, "create");
         measure(&format!("{name} create"), ms_since(t0));
         assert_eq!(o.code(), 0, "{name} create: {o:?}");
-        let pid: i32 = fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let pid: i32 = fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let created = wait_status(cmd, "c1", "created");
         assert_eq!(created["pid"], pid, "{name}");
         let again = run_it(cmd(), &["create", "--bundle", b.to_str().unwrap(), "c1"]);
@@ -302,12 +307,18 @@ fn test_terminal_through_the_console_socket() {
     let sock = dir.path().join("console.sock");
     let l = UnixListener::bind(&sock).unwrap();
     let mut c = ks_cmd(e, &dir.path().join("ks"));
-    c.args(["run", "--detach", "--bundle", b.to_str().unwrap(), "--console-socket"])
-        .arg(&sock)
-        .arg("t1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.args([
+        "run",
+        "--detach",
+        "--bundle",
+        b.to_str().unwrap(),
+        "--console-socket",
+    ])
+    .arg(&sock)
+    .arg("t1")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let child = c.spawn().unwrap();
     let master = recv_fd(&l);
     let o = collect(child, T, "run --detach");
@@ -344,7 +355,10 @@ fn test_twenty_containers_at_once() {
     let dir = tempfile::tempdir_in(&e.dir).unwrap();
     let b = bundle(dir.path(), "many", "echo container $(hostname)", false);
     // Warm first, so that the 20 measure restores.
-    let w = run_it(ks_cmd(e, &dir.path().join("ks")), &["run", "--bundle", b.to_str().unwrap(), "warm"]);
+    let w = run_it(
+        ks_cmd(e, &dir.path().join("ks")),
+        &["run", "--bundle", b.to_str().unwrap(), "warm"],
+    );
     assert_eq!(w.code(), 0, "{w:?}");
     let t0 = Instant::now();
     let children: Vec<_> = (0..20)
@@ -360,11 +374,21 @@ fn test_twenty_containers_at_once() {
     for (i, mut child) in children.into_iter().enumerate() {
         let status = wait_deadline(&mut child, T).expect("container did not finish");
         let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         let mut err = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         assert!(status.success(), "m{i}: {status:?} {out:?} {err:?}");
-        assert_eq!(out, "container runc\n", "m{i}: {err}");
+        assert_eq!(out, "container kata-snap\n", "m{i}: {err}");
     }
     measure("20 kata-snap run at once", ms_since(t0));
     let list = run_it(ks_cmd(e, &dir.path().join("ks")), &["list", "-q"]);
@@ -411,7 +435,11 @@ fn oci_image_tar(dir: &Path, rootfs: &Path, name: &str) -> PathBuf {
     })
     .to_string();
     let manifest_digest = put(manifest.as_bytes());
-    fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
     let index = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -438,7 +466,11 @@ fn oci_image_tar(dir: &Path, rootfs: &Path, name: &str) -> PathBuf {
 #[test]
 fn test_containerd_runs_an_image_through_kata_snap() {
     let Some(art) = setup() else { return };
-    let bins = ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/bin/containerd-shim-runc-v2"];
+    let bins = [
+        "/usr/bin/containerd",
+        "/usr/bin/ctr",
+        "/usr/bin/containerd-shim-runc-v2",
+    ];
     if let Some(missing) = bins.iter().find(|b| !Path::new(b).exists()) {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -480,19 +512,36 @@ fn test_containerd_runs_an_image_through_kata_snap() {
     };
     let end = Instant::now() + T;
     while ctr(&["version"]).code() != 0 {
-        assert!(Instant::now() < end, "containerd did not come up: {}",
-            fs::read_to_string(dir.path().join("containerd.err")).unwrap_or_default());
+        assert!(
+            Instant::now() < end,
+            "containerd did not come up: {}",
+            fs::read_to_string(dir.path().join("containerd.err")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let rootfs = busybox_tree(&dir.path().join("image-rootfs"));
     let tar = oci_image_tar(dir.path(), &rootfs, "docker.io/library/ks-busybox:latest");
-    let o = ctr(&["image", "import", "--snapshotter", "native", tar.to_str().unwrap()]);
+    let o = ctr(&[
+        "image",
+        "import",
+        "--snapshotter",
+        "native",
+        tar.to_str().unwrap(),
+    ]);
     assert_eq!(o.code(), 0, "import: {o:?}");
     let t0 = Instant::now();
     let o = ctr(&[
-        "run", "--rm", "--snapshotter", "native", "--runc-binary", BIN,
-        "docker.io/library/ks-busybox:latest", "ctr1",
-        "sh", "-c", "echo from containerd; echo err >&2; exit 3",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runc-binary",
+        BIN,
+        "docker.io/library/ks-busybox:latest",
+        "ctr1",
+        "sh",
+        "-c",
+        "echo from containerd; echo err >&2; exit 3",
     ]);
     measure("ctr run through kata-snap", ms_since(t0));
     let logs = || {
