@@ -121,6 +121,11 @@ pub fn supervise(
                 let _ = send_created(s, Created::Ok(std::process::id() as i32));
             }
             drop(sync);
+            if sup.launch.console_socket.is_some() {
+                // The container's stdio is the terminal now: let go of what `create` was given
+                // (a caller waiting for EOF on those would wait for the container's exit).
+                detach_stdio();
+            }
             let code = sup.run();
             sup.finish(code)
         }
@@ -137,6 +142,21 @@ pub fn supervise(
             }
             1
         }
+    }
+}
+
+fn detach_stdio() {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns; the Rust stdio
+        // handles stay valid (they now refer to /dev/null).
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
     }
 }
 
