@@ -156,7 +156,7 @@ pub(crate) fn tree_signature(
     let mut full = root.to_path_buf();
     let mut rel = Vec::with_capacity(256);
     w.entry(&rel, &full, root_md)?;
-    w.dir(&mut full, &mut rel, 1)?;
+    w.dir(&mut full, &mut rel, 0)?;
     Ok((hex(w.h), w.entries))
 }
 

@@ -17,6 +17,10 @@
 //!   and ctime (ns), inode number, rdev, link count and a symlink's target. Costs one `lstat` per
 //!   entry (and a `readlink` per symlink); bounded by [`WalkLimits`].
 //!
+//! A tree-signature key names one tree as it is, not its content: an identical copy elsewhere
+//! (other inodes and ctimes) gets another key and its own image. Sharing between containers
+//! comes from the overlay key.
+//!
 //! Every key also covers a format version, mkfs.erofs's version and its options, so a new tool
 //! or new options build new images.
 //!
@@ -27,7 +31,8 @@
 //! (root) or a write to the block device under a mounted filesystem; both are outside what this
 //! cache defends against: whoever can do that can change the rootfs anyway. Replacing a file by
 //! another with identical metadata also changes the inode number or the directory's ctime.
-//! What is assumed and not detected:
+//! Extended attributes are not hashed, but setting or removing one changes ctime; reads change
+//! only atime, which is not hashed. What is assumed and not detected:
 //! - the filesystem keeps ctime honestly with sub-second resolution (a rewrite within the same
 //!   clock tick as the previous change, on a filesystem with coarse timestamps, can go unseen);
 //! - for an overlay key, the lower layers are immutable, as containerd's committed snapshots are:

@@ -237,6 +237,17 @@ mod tests {
     }
 
     #[test]
+    fn test_parse_line_as_kernel_6_18_shows_colon_and_space() {
+        // Mounted with lowerdir=/tmp/ovx/la\:1:/tmp/ovx/l 2 on "/tmp/ovx/m x".
+        let line = br"45 27 0:39 / /tmp/ovx/m\040x rw,relatime - overlay overlay rw,lowerdir=/tmp/ovx/la\134:1:/tmp/ovx/l\0402,upperdir=/tmp/ovx/u,workdir=/tmp/ovx/w,uuid=on";
+        let m = parse_line(line).unwrap();
+        assert_eq!(m.mount_point, pb("/tmp/ovx/m x"));
+        let layers = overlay_layers(&m.super_options);
+        assert_eq!(layers.lower, vec![pb("/tmp/ovx/la:1"), pb("/tmp/ovx/l 2")]);
+        assert_eq!(layers.upper, Some(pb("/tmp/ovx/u")));
+    }
+
+    #[test]
     fn test_overlay_layers_escaped_comma_and_backslash_colon() {
         // seq_show_option escapes ',' (\054) and '\' (\134) in values.
         let layers = overlay_layers(br"ro,lowerdir=/a\054b:/c\134:d,upperdir=/u\040x");

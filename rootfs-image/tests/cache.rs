@@ -325,6 +325,12 @@ fn test_walk_limits_depth_and_entries_error() {
         "{err}"
     );
     let (_t, cache) = make_cache();
+    let exact = cache.with_limits(WalkLimits {
+        max_entries: 1000,
+        max_depth: 4,
+    });
+    exact.get_or_build(tree.path()).unwrap();
+    let (_t, cache) = make_cache();
     let small = cache.with_limits(WalkLimits {
         max_entries: 5,
         max_depth: 256,
