@@ -166,7 +166,41 @@ fn send_created(s: &mut UnixStream, c: Created) -> std::io::Result<()> {
     s.write_all(&line)
 }
 
+/// When each step of the container's life happened, from the process start (for `--debug`).
+#[derive(Debug, Default)]
+struct Phases {
+    zero: Option<Instant>,
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new(zero: Instant) -> Self {
+        Self {
+            zero: Some(zero),
+            marks: vec![("supervisor", zero.elapsed())],
+        }
+    }
+
+    fn mark(&mut self, what: &'static str) {
+        if let Some(z) = self.zero {
+            self.marks.push((what, z.elapsed()));
+        }
+    }
+
+    /// `restore 12.1 ms, agent 3.0 ms, ...`: each step's duration, then the total.
+    fn summary(&self) -> String {
+        let mut out = Vec::new();
+        let mut last = Duration::ZERO;
+        for (what, at) in &self.marks {
+            out.push(format!("{what} {:.1}", (*at - last).as_secs_f64() * 1e3));
+            last = *at;
+        }
+        format!("{} ms (total {:.1} ms)", out.join(", "), last.as_secs_f64() * 1e3)
+    }
+}
+
 struct Supervisor {
+    phases: Phases,
     launch: Launch,
     record: Record,
     vm: Option<RunningVm>,
@@ -183,6 +217,7 @@ struct Supervisor {
 
 impl Supervisor {
     fn prepare(launch: Launch, process_start: Instant, seccomp: SeccompMode) -> Result<Self> {
+        let mut phases = Phases::new(process_start);
         // Before any thread exists, so that every thread inherits the mask.
         let set = forwarded_signals();
         set.thread_block().context("cannot block signals")?;
@@ -216,6 +251,7 @@ impl Supervisor {
         };
         let vm = crate::restore_cmd::start_restore(&args, None, process_start, seccomp, false)
             .context("cannot restore the container's VM from its template")?;
+        phases.mark("restore");
         let (stop_r, stop_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
         let events = vm.events();
@@ -233,6 +269,7 @@ impl Supervisor {
             .context("cannot start a thread")?;
 
         let mut agent = connect_agent(&vm)?;
+        phases.mark("agent hello");
         agent
             .sync_time(now_ns())
             .context("cannot set the guest's clock")?;
@@ -240,6 +277,7 @@ impl Supervisor {
             .reseed(host_random()?)
             .context("cannot reseed the guest's entropy")?;
         let agent_rx = agent.try_clone_stream()?;
+        phases.mark("clock and entropy");
 
         let terminal = if launch.request.terminal {
             Some(match &launch.console_socket {
@@ -256,7 +294,9 @@ impl Supervisor {
         record.pid_start = process_start_time(record.pid).unwrap_or(0);
         record.status = Status::Created;
         write_record(&launch.dir, &record)?;
+        phases.mark("created");
         Ok(Self {
+            phases,
             launch,
             record,
             vm: Some(vm),
@@ -286,8 +326,10 @@ impl Supervisor {
             );
         }
         self.set_status(Status::Running);
+        self.phases.mark("until start");
         match self.agent.start(self.launch.request.clone()) {
             Ok(pid) => {
+                self.phases.mark("exec");
                 tracing::debug!("process started, guest pid {pid}");
                 if let (Some(t), true) = (&self.terminal, self.launch.console_socket.is_none()) {
                     if let Some((rows, cols)) = t.size() {
@@ -401,6 +443,7 @@ impl Supervisor {
                 AgentMessage::Stdout(b) => self.output(1, &b),
                 AgentMessage::Stderr(b) => self.output(2, &b),
                 AgentMessage::Exited { code } => {
+                    self.phases.mark("process");
                     self.exit_code = Some(code);
                     return Ok(());
                 }
@@ -530,6 +573,8 @@ impl Supervisor {
                 tracing::warn!("VM teardown: {e}");
             }
         }
+        self.phases.mark("teardown");
+        tracing::debug!("timing: {}", self.phases.summary());
         self.record.exit_code = Some(code);
         self.set_status(Status::Stopped);
         let _ = std::fs::remove_file(control::SOCKET);

@@ -118,7 +118,7 @@ fn test_run_matches_runc_output_and_exit_codes() {
             ks_cmd(e, &dir.path().join("ks")),
             &["run", "--no-pivot", "--bundle", b.to_str().unwrap(), name],
         );
-        measure(&format!("kata-snap run {name}"), ms_since(t0));
+        measure(&format!("kata-snap_run_{name}"), ms_since(t0));
         if runc {
             let t0 = Instant::now();
             let theirs = run_it(
@@ -127,7 +127,7 @@ fn test_run_matches_runc_output_and_exit_codes() {
                 // there (kata-snap accepts it and has its own root in the VM).
                 &["run", "--no-pivot", "--bundle", b.to_str().unwrap(), name],
             );
-            measure(&format!("runc run {name}"), ms_since(t0));
+            measure(&format!("runc_run_{name}"), ms_since(t0));
             let both = format!("ours {ours:?}\nrunc {theirs:?}");
             assert_eq!(ours.stdout, theirs.stdout, "{name}: stdout: {both}");
             assert_eq!(ours.stderr, theirs.stderr, "{name}: stderr: {both}");
@@ -167,9 +167,9 @@ fn test_first_container_warms_the_template_and_the_next_restores_it() {
         );
         measure(
             if i == 0 {
-                "run, template warmed first"
+                "run_template_warmed_first"
             } else {
-                "run, template restored"
+                "run_template_restored"
             },
             ms_since(t0),
         );
@@ -240,7 +240,7 @@ fn test_lifecycle_goes_through_the_same_states_as_runc() {
         let t0 = Instant::now();
         let mut child = c.spawn().unwrap();
         let status = wait_deadline(&mut child, T).expect("create did not finish");
-        measure(&format!("{name} create"), ms_since(t0));
+        measure(&format!("{name}_create"), ms_since(t0));
         assert!(
             status.success(),
             "{name} create: {status:?} {}",
@@ -433,7 +433,7 @@ fn test_twenty_containers_at_once() {
         assert!(status.success(), "m{i}: {status:?} {out:?} {err:?}");
         assert_eq!(out, "container kata-snap\n", "m{i}: {err}");
     }
-    measure("20 kata-snap run at once", ms_since(t0));
+    measure("20_kata-snap_run_at_once", ms_since(t0));
     let list = run_it(ks_cmd(e, &dir.path().join("ks")), &["list", "-q"]);
     assert_eq!(list.stdout, "", "containers left behind");
 }
@@ -586,7 +586,7 @@ fn test_containerd_runs_an_image_through_kata_snap() {
         "-c",
         "echo from containerd; echo err >&2; exit 3",
     ]);
-    measure("ctr run through kata-snap", ms_since(t0));
+    measure("ctr_run_through_kata-snap", ms_since(t0));
     let logs = || {
         format!(
             "\ncontainerd: {}",
@@ -601,4 +601,75 @@ fn test_containerd_runs_an_image_through_kata_snap() {
     assert_eq!(ls.stdout.trim(), "", "{ls:?}");
     let _ = daemon.kill();
     let _ = daemon.wait();
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[(v.len() - 1) / 2]
+}
+
+/// `kata-snap run` against `runc run` of the same bundle, alternating, and where kata-snap's
+/// time goes (the supervisor's `--debug` timing line). Emulated timings: the ratio is the figure.
+#[test]
+fn test_bench_run_against_runc() {
+    let Some(art) = setup() else { return };
+    if !runc_present() {
+        return;
+    }
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let b = bundle(dir.path(), "bench", "echo hi", false);
+    // Warm the template and the image first.
+    let w = run_it(ks_cmd(e, &dir.path().join("ks")), &["run", "--bundle", b.to_str().unwrap(), "w"]);
+    assert_eq!(w.stdout, "hi\n", "{w:?}");
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for i in 0..5 {
+        let log = dir.path().join(format!("log{i}"));
+        let mut c = ks_cmd(e, &dir.path().join("ks"));
+        c.arg("--log").arg(&log).arg("--debug");
+        let t0 = Instant::now();
+        let o = run_it(c, &["run", "--bundle", b.to_str().unwrap(), &format!("k{i}")]);
+        ours.push(ms_since(t0));
+        assert_eq!(o.stdout, "hi\n", "{o:?}");
+        let t0 = Instant::now();
+        let o = run_it(
+            runc_cmd(&dir.path().join("runc")),
+            &["run", "--no-pivot", "--bundle", b.to_str().unwrap(), &format!("r{i}")],
+        );
+        theirs.push(ms_since(t0));
+        assert_eq!(o.stdout, "hi\n", "{o:?}");
+        let text = fs::read_to_string(&log).unwrap();
+        let line = text
+            .lines()
+            .find_map(|l| l.split_once("timing: ").map(|(_, t)| t.to_string()))
+            .unwrap_or_else(|| panic!("no timing line in {text}"));
+        // "supervisor 1.0, restore 12.1, ... ms (total 40.2 ms)"
+        for part in line.split(" ms (total").next().unwrap().split(", ") {
+            let (name, v) = part.rsplit_once(' ').unwrap();
+            phases
+                .entry(name.replace(' ', "_"))
+                .or_default()
+                .push(v.parse().unwrap());
+        }
+    }
+    for (i, (k, r)) in ours.iter().zip(&theirs).enumerate() {
+        println!("RIG-INFO bench run {i}: kata-snap {k:.0} ms, runc {r:.0} ms");
+    }
+    let (k, r) = (median(ours.clone()), median(theirs.clone()));
+    for v in &ours {
+        measure("bench_kata-snap_run", *v);
+    }
+    for v in &theirs {
+        measure("bench_runc_run", *v);
+    }
+    for (name, v) in &phases {
+        for x in v {
+            measure(&format!("bench_kata-snap_phase_{name}"), *x);
+        }
+    }
+    println!(
+        "RIG-INFO kata-snap run / runc run of one bundle: {:.2} (medians of 5 alternating runs: {k:.0} / {r:.0} ms, emulated)",
+        k / r
+    );
 }
