@@ -640,6 +640,52 @@ pub fn spawn(root: &Path, req: &RunRequest) -> Result<Spawned, SpawnError> {
 mod tests {
     use super::*;
 
+    fn report_pipe() -> (OwnedFd, OwnedFd) {
+        pipe2(OFlag::O_CLOEXEC).unwrap()
+    }
+
+    #[test]
+    fn test_read_report_ready_byte_returns_while_writer_open() {
+        let (r, w) = report_pipe();
+        nix::unistd::write(&w, &[REPORT_READY]).unwrap();
+        assert!(matches!(
+            read_report(&r, Duration::from_secs(5), true),
+            Report::Ready
+        ));
+    }
+
+    #[test]
+    fn test_read_report_failure_read_to_eof() {
+        let (r, w) = report_pipe();
+        nix::unistd::write(&w, b"\x01exec: \"x\": not found").unwrap();
+        drop(w);
+        match read_report(&r, Duration::from_secs(5), true) {
+            Report::Eof(b) => assert_eq!(b, b"\x01exec: \"x\": not found"),
+            _ => panic!("expected Eof"),
+        }
+    }
+
+    #[test]
+    fn test_read_report_silent_child_times_out() {
+        let (r, _w) = report_pipe();
+        let t = Instant::now();
+        assert!(matches!(
+            read_report(&r, Duration::from_millis(50), false),
+            Report::TimedOut
+        ));
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn test_read_report_eof_without_bytes_is_exec_success() {
+        let (r, w) = report_pipe();
+        drop(w);
+        assert!(matches!(
+            read_report(&r, Duration::from_secs(5), false),
+            Report::Eof(b) if b.is_empty()
+        ));
+    }
+
     #[test]
     fn test_look_path_missing_command_runc_message() {
         let err = look_path("definitely-not-a-command", "/nonexistent-dir").unwrap_err();
