@@ -293,7 +293,8 @@ impl Validate for HostMessage {
     fn validate(&self) -> Result<(), ValidationError> {
         match self {
             HostMessage::Hello { version: v } => version(*v),
-            HostMessage::Run(run) => run.validate(),
+            HostMessage::Run(run) | HostMessage::Create(run) => run.validate(),
+            HostMessage::Start => Ok(()),
             HostMessage::Stdin(b) => chunk("stdin chunk", b),
             HostMessage::CloseStdin => Ok(()),
             HostMessage::Signal(s) => {
@@ -344,7 +345,7 @@ impl Validate for AgentMessage {
         match self {
             AgentMessage::Hello { version: v } => version(*v),
             AgentMessage::Ack => Ok(()),
-            AgentMessage::Started { pid } => {
+            AgentMessage::Started { pid } | AgentMessage::Created { pid } => {
                 if *pid == 0 {
                     Err(ValidationError::BadPid)
                 } else {
@@ -501,6 +502,37 @@ mod tests {
             .validate()
             .is_err()
         );
+    }
+
+    #[test]
+    fn test_validate_create_checks_request_like_run() {
+        HostMessage::Create(Box::new(run())).validate().unwrap();
+        let mut r = run();
+        r.args.clear();
+        assert_eq!(
+            HostMessage::Create(Box::new(r)).validate(),
+            Err(ValidationError::EmptyArgs)
+        );
+        let mut r = run();
+        r.cwd = "relative".into();
+        assert!(matches!(
+            HostMessage::Create(Box::new(r)).validate(),
+            Err(ValidationError::BadPath { field: "cwd", .. })
+        ));
+    }
+
+    #[test]
+    fn test_validate_start_always_valid() {
+        HostMessage::Start.validate().unwrap();
+    }
+
+    #[test]
+    fn test_validate_created_pid_zero_rejected() {
+        assert_eq!(
+            AgentMessage::Created { pid: 0 }.validate(),
+            Err(ValidationError::BadPid)
+        );
+        AgentMessage::Created { pid: 1 }.validate().unwrap();
     }
 
     #[test]
