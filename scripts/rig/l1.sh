@@ -124,6 +124,7 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts && mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 # Files packed under /tmp (a checkout or build there, as CI's may be) move into the tmpfs that
 # is mounted over it, instead of being hidden by it.
 mkdir -p /.rig-tmp && cp -a /tmp/. /.rig-tmp/

@@ -300,9 +300,8 @@ pub fn write_record(dir: &Path, record: &Record) -> Result<()> {
         fs::File::open(dir)?.sync_all()
     };
     write()
-        .map_err(|e| {
+        .inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
-            e
         })
         .with_context(|| format!("cannot write {}", dir.join(RECORD).display()))
 }

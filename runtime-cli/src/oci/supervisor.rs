@@ -131,7 +131,6 @@ pub fn supervise(
         }
         Err(e) => {
             let msg = crate::error_line(&e);
-            tracing::error!("{msg}");
             record.status = Status::Stopped;
             let _ = write_record(&dir, &record);
             match sync.as_mut() {
@@ -195,7 +194,11 @@ impl Phases {
             out.push(format!("{what} {:.1}", (*at - last).as_secs_f64() * 1e3));
             last = *at;
         }
-        format!("{} ms (total {:.1} ms)", out.join(", "), last.as_secs_f64() * 1e3)
+        format!(
+            "{} ms (total {:.1} ms)",
+            out.join(", "),
+            last.as_secs_f64() * 1e3
+        )
     }
 }
 
@@ -278,6 +281,16 @@ impl Supervisor {
             .context("cannot reseed the guest's entropy")?;
         let agent_rx = agent.try_clone_stream()?;
         phases.mark("clock and entropy");
+        // The process is prepared now (mounts, user, cwd, the executable looked up) and waits
+        // for `start`: what cannot run fails `create`, as with runc.
+        match agent.create(launch.request.clone()) {
+            Ok(pid) => tracing::debug!("process prepared, guest pid {pid}"),
+            Err(ClientError::Agent { message, .. }) => {
+                bail!("unable to start container process: {message}")
+            }
+            Err(e) => return Err(anyhow!(e).context("cannot prepare the container process")),
+        }
+        phases.mark("process prepared");
 
         let terminal = if launch.request.terminal {
             Some(match &launch.console_socket {
@@ -327,7 +340,7 @@ impl Supervisor {
         }
         self.set_status(Status::Running);
         self.phases.mark("until start");
-        match self.agent.start(self.launch.request.clone()) {
+        match self.agent.start_created() {
             Ok(pid) => {
                 self.phases.mark("exec");
                 tracing::debug!("process started, guest pid {pid}");
@@ -340,8 +353,8 @@ impl Supervisor {
                 }
                 Ok(())
             }
-            // The agent says why (command not found, permission denied) and reports the exit
-            // status next; the loop reads it.
+            // The agent says why (the exec itself failed) and reports the exit status next; the
+            // loop reads it.
             Err(ClientError::Agent { message, .. }) => {
                 Err(anyhow!("unable to start container process: {message}"))
             }
@@ -506,19 +519,14 @@ impl Supervisor {
                         let _ = self.agent.send(&HostMessage::Resize { rows, cols });
                     }
                 }
-                _ if matches!(self.record.status, Status::Running | Status::Paused) => {
+                // Created (the process waits for `start`), running or paused: to the process, as
+                // runc's kill reaches its init; its death comes back as Exited{128+N}.
+                _ => {
                     tracing::debug!("forwarding {sig}");
                     if let Err(e) = self.agent.send(&HostMessage::Signal(signo)) {
                         tracing::warn!("cannot forward {sig}: {e}");
                     }
                 }
-                // Before start there is no process: a terminating signal ends the container.
-                Signal::SIGCONT
-                | Signal::SIGURG
-                | Signal::SIGTSTP
-                | Signal::SIGTTIN
-                | Signal::SIGTTOU => {}
-                _ => self.exit_code = Some(128 + signo),
             }
         }
     }

@@ -59,6 +59,11 @@ fn runc_present() -> bool {
 
 /// A busybox bundle whose process is `sh -c SCRIPT`.
 fn bundle(dir: &Path, name: &str, script: &str, terminal: bool) -> PathBuf {
+    bundle_args(dir, name, &["/bin/sh", "-c", script], terminal)
+}
+
+/// A busybox bundle whose process is `args`.
+fn bundle_args(dir: &Path, name: &str, args: &[&str], terminal: bool) -> PathBuf {
     let b = dir.join(name);
     busybox_tree(&b.join("rootfs"));
     let o = run_command(
@@ -72,7 +77,7 @@ fn bundle(dir: &Path, name: &str, script: &str, terminal: bool) -> PathBuf {
     assert_eq!(o.code(), 0, "{o:?}");
     let mut spec: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(b.join("config.json")).unwrap()).unwrap();
-    spec["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
+    spec["process"]["args"] = serde_json::json!(args);
     spec["process"]["terminal"] = terminal.into();
     spec["process"]["env"] = serde_json::json!(["PATH=/bin", "TERM=xterm"]);
     fs::write(b.join("config.json"), spec.to_string()).unwrap();
@@ -87,6 +92,9 @@ fn ks_cmd(e: &Env, root: &Path) -> Command {
         .arg(root);
     c
 }
+
+/// Makes a runtime's command line (its binary and `--root`).
+type CommandMaker<'a> = Box<dyn Fn() -> Command + 'a>;
 
 fn runc_cmd(root: &Path) -> Command {
     let mut c = Command::new(RUNC);
@@ -106,13 +114,22 @@ fn test_run_matches_runc_output_and_exit_codes() {
     let e = env(&art);
     let dir = tempfile::tempdir_in(&e.dir).unwrap();
     let runc = runc_present();
-    for (name, script) in [
-        ("ok", "echo hello; echo to-stderr >&2; cat /etc/hostname"),
-        ("seven", "echo before; exit 7"),
-        ("missing", "no-such-command"),
-        ("env", "echo $PATH; pwd; id -u; hostname"),
+    for (name, args) in [
+        (
+            "ok",
+            &[
+                "sh",
+                "-c",
+                "echo hello; echo to-stderr >&2; cat /etc/hostname",
+            ][..],
+        ),
+        ("seven", &["sh", "-c", "echo before; exit 7"]),
+        ("missing", &["sh", "-c", "no-such-command"]),
+        ("env", &["sh", "-c", "echo $PATH; pwd; id -u; hostname"]),
+        // Not found by `create` itself: no process, exit 1 and runc's message.
+        ("not-found", &["no-such-command"]),
     ] {
-        let b = bundle(dir.path(), name, script, false);
+        let b = bundle_args(dir.path(), name, args, false);
         let t0 = Instant::now();
         let ours = run_it(
             ks_cmd(e, &dir.path().join("ks")),
@@ -130,13 +147,25 @@ fn test_run_matches_runc_output_and_exit_codes() {
             measure(&format!("runc_run_{name}"), ms_since(t0));
             let both = format!("ours {ours:?}\nrunc {theirs:?}");
             assert_eq!(ours.stdout, theirs.stdout, "{name}: stdout: {both}");
-            assert_eq!(ours.stderr, theirs.stderr, "{name}: stderr: {both}");
+            if name == "not-found" {
+                // runc's line has a time and "runc run failed: " first.
+                let tail = |o: &Output| {
+                    o.stderr
+                        .split_once("unable to start container process: ")
+                        .map(|(_, t)| t.trim().to_string())
+                };
+                assert!(tail(&ours).is_some(), "{both}");
+                assert_eq!(tail(&ours), tail(&theirs), "{name}: stderr: {both}");
+            } else {
+                assert_eq!(ours.stderr, theirs.stderr, "{name}: stderr: {both}");
+            }
             assert_eq!(ours.code(), theirs.code(), "{name}: exit code: {both}");
         }
         match name {
             "ok" => assert_eq!(ours.stdout, "hello\nimage\n", "{ours:?}"),
             "seven" => assert_eq!(ours.code(), 7, "{ours:?}"),
             "missing" => assert_eq!(ours.code(), 127, "{ours:?}"),
+            "not-found" => assert_eq!(ours.code(), 1, "{ours:?}"),
             _ => {}
         }
         // Nothing is left behind by `run`.
@@ -212,7 +241,7 @@ fn test_lifecycle_goes_through_the_same_states_as_runc() {
     // A subreaper, as containerd's shim is: the daemonized container processes are reaped here.
     subreaper();
     let b = bundle(dir.path(), "life", "echo started; sleep 600", false);
-    let mut runtimes: Vec<(&str, Box<dyn Fn() -> Command>)> =
+    let mut runtimes: Vec<(&str, CommandMaker<'_>)> =
         vec![("kata-snap", Box::new(|| ks_cmd(e, &dir.path().join("ks"))))];
     if runc_present() {
         runtimes.push(("runc", Box::new(|| runc_cmd(&dir.path().join("runc")))));
@@ -620,7 +649,10 @@ fn test_bench_run_against_runc() {
     let dir = tempfile::tempdir_in(&e.dir).unwrap();
     let b = bundle(dir.path(), "bench", "echo hi", false);
     // Warm the template and the image first.
-    let w = run_it(ks_cmd(e, &dir.path().join("ks")), &["run", "--bundle", b.to_str().unwrap(), "w"]);
+    let w = run_it(
+        ks_cmd(e, &dir.path().join("ks")),
+        &["run", "--bundle", b.to_str().unwrap(), "w"],
+    );
     assert_eq!(w.stdout, "hi\n", "{w:?}");
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
@@ -629,13 +661,22 @@ fn test_bench_run_against_runc() {
         let mut c = ks_cmd(e, &dir.path().join("ks"));
         c.arg("--log").arg(&log).arg("--debug");
         let t0 = Instant::now();
-        let o = run_it(c, &["run", "--bundle", b.to_str().unwrap(), &format!("k{i}")]);
+        let o = run_it(
+            c,
+            &["run", "--bundle", b.to_str().unwrap(), &format!("k{i}")],
+        );
         ours.push(ms_since(t0));
         assert_eq!(o.stdout, "hi\n", "{o:?}");
         let t0 = Instant::now();
         let o = run_it(
             runc_cmd(&dir.path().join("runc")),
-            &["run", "--no-pivot", "--bundle", b.to_str().unwrap(), &format!("r{i}")],
+            &[
+                "run",
+                "--no-pivot",
+                "--bundle",
+                b.to_str().unwrap(),
+                &format!("r{i}"),
+            ],
         );
         theirs.push(ms_since(t0));
         assert_eq!(o.stdout, "hi\n", "{o:?}");
