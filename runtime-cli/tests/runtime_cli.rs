@@ -316,3 +316,78 @@ fn test_create_where_linux_guests_cannot_run_leaves_nothing() {
     assert!(!root.join("c1").exists());
     assert!(!data.join("templates").exists());
 }
+
+#[test]
+fn test_bad_bundles_are_one_line_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ks");
+    let data = dir.path().join("data");
+    let b = dir.path().join("b");
+    fs::create_dir_all(&b).unwrap();
+    let create = |bundle: &Path, id: &str| {
+        let mut c = Command::new(BIN);
+        c.env("KATA_SNAP_DATA_DIR", &data)
+            .arg("--root")
+            .arg(&root)
+            .args(["create", "--bundle", bundle.to_str().unwrap(), id]);
+        run_command(c, T)
+    };
+    // No config.json.
+    let o = create(&b, "c1");
+    assert_eq!(o.code(), 1, "{o:?}");
+    assert!(msg(&o).contains("config.json"), "{o:?}");
+    // A FIFO as config.json: refused without blocking.
+    nix::unistd::mkfifo(&b.join("config.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let o = create(&b, "c1");
+    assert_eq!(o.code(), 1, "{o:?}");
+    assert!(msg(&o).contains("config.json"), "{o:?}");
+    fs::remove_file(b.join("config.json")).unwrap();
+    // Invalid JSON.
+    fs::write(b.join("config.json"), b"{\"ociVersion\": ").unwrap();
+    let o = create(&b, "c1");
+    assert_eq!(o.code(), 1, "{o:?}");
+    assert!(msg(&o).contains("config.json"), "{o:?}");
+    // A valid config whose rootfs is missing.
+    assert_eq!(
+        common::run(&["spec", "--bundle", b.to_str().unwrap()], T).code(),
+        1,
+        "spec must refuse to overwrite"
+    );
+    fs::remove_file(b.join("config.json")).unwrap();
+    assert_eq!(
+        common::run(&["spec", "--bundle", b.to_str().unwrap()], T).code(),
+        0
+    );
+    let o = create(&b, "c1");
+    assert_eq!(o.code(), 1, "{o:?}");
+    assert!(msg(&o).contains("rootfs"), "{o:?}");
+    // A bind mount of a host path is refused naming the mount.
+    fs::create_dir_all(b.join("rootfs")).unwrap();
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(b.join("config.json")).unwrap()).unwrap();
+    spec["process"]["terminal"] = false.into();
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind"]}));
+    fs::write(b.join("config.json"), spec.to_string()).unwrap();
+    let o = create(&b, "c1");
+    assert_eq!(o.code(), 1, "{o:?}");
+    assert!(msg(&o).contains("/data") && msg(&o).contains("/srv/data"), "{o:?}");
+    // --preserve-fds cannot cross into a VM; a terminal needs a console socket when detached.
+    let mut c = Command::new(BIN);
+    c.arg("--root")
+        .arg(&root)
+        .args(["create", "--preserve-fds", "2", "--bundle", b.to_str().unwrap(), "c1"]);
+    let o = run_command(c, T);
+    assert!(msg(&o).contains("--preserve-fds"), "{o:?}");
+    spec["process"]["terminal"] = true.into();
+    spec["mounts"].as_array_mut().unwrap().pop();
+    fs::write(b.join("config.json"), spec.to_string()).unwrap();
+    let o = create(&b, "c1");
+    assert!(msg(&o).contains("console socket"), "{o:?}");
+    // Nothing was created by any of them.
+    assert!(fs::read_dir(&root).map(|d| d.count()).unwrap_or(0) == 0);
+    assert!(!data.join("templates").exists());
+    assert!(!data.join("images").exists());
+}
