@@ -373,12 +373,20 @@ fn test_bad_bundles_are_one_line_and_create_nothing() {
     fs::write(b.join("config.json"), spec.to_string()).unwrap();
     let o = create(&b, "c1");
     assert_eq!(o.code(), 1, "{o:?}");
-    assert!(msg(&o).contains("/data") && msg(&o).contains("/srv/data"), "{o:?}");
+    assert!(
+        msg(&o).contains("/data") && msg(&o).contains("/srv/data"),
+        "{o:?}"
+    );
     // --preserve-fds cannot cross into a VM; a terminal needs a console socket when detached.
     let mut c = Command::new(BIN);
-    c.arg("--root")
-        .arg(&root)
-        .args(["create", "--preserve-fds", "2", "--bundle", b.to_str().unwrap(), "c1"]);
+    c.arg("--root").arg(&root).args([
+        "create",
+        "--preserve-fds",
+        "2",
+        "--bundle",
+        b.to_str().unwrap(),
+        "c1",
+    ]);
     let o = run_command(c, T);
     assert!(msg(&o).contains("--preserve-fds"), "{o:?}");
     spec["process"]["terminal"] = true.into();
