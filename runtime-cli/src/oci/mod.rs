@@ -201,12 +201,12 @@ pub enum TemplateCommand {
     List,
     /// Make the template for this shape now (first container starts then restore it at once).
     Warm {
-        /// vCPUs.
-        #[arg(long, default_value_t = assets::DEFAULT_VCPUS)]
-        vcpus: u8,
-        /// Memory in MiB.
-        #[arg(long, default_value_t = assets::DEFAULT_MEM_MIB)]
-        mem_mib: u64,
+        /// vCPUs [default: `defaultVcpus` of /etc/kata-snap/config.json, else 1].
+        #[arg(long)]
+        vcpus: Option<u8>,
+        /// Memory in MiB [default: `defaultMemMib` of the config file, else 256].
+        #[arg(long)]
+        mem_mib: Option<u64>,
     },
     /// Remove a template by key.
     Rm {
@@ -391,27 +391,7 @@ fn create(
     if !config.process.terminal && args.console_socket.is_some() {
         bail!("cannot use console socket if kata-snap will not detach or allocate tty");
     }
-    let host = vmm::host::check_host();
-    if !host.can_boot_linux {
-        bail!(
-            "this host cannot run Linux guests at speed: {}",
-            host.summary
-        );
-    }
-    let rc = assets::RuntimeConfig::load()?;
-    let spec = template::TemplateSpec {
-        assets: assets::guest_assets(&rc)?,
-        vcpus: config
-            .resources
-            .vcpus
-            .or(rc.default_vcpus)
-            .unwrap_or(assets::DEFAULT_VCPUS),
-        mem_mib: config
-            .resources
-            .mem_mib
-            .or(rc.default_mem_mib)
-            .unwrap_or(assets::DEFAULT_MEM_MIB),
-    };
+    let spec = template_spec(config.resources.vcpus, config.resources.mem_mib)?;
     let data = assets::data_dir();
     let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {
         tracing::info!("{msg}");
@@ -750,6 +730,26 @@ fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// The template a container of this shape restores: the host must run Linux guests at speed,
+/// and the guest kernel and agent must exist; the config file's defaults fill what is not given.
+fn template_spec(vcpus: Option<u8>, mem_mib: Option<u64>) -> Result<template::TemplateSpec> {
+    let host = vmm::host::check_host();
+    if !host.can_boot_linux {
+        bail!(
+            "this host cannot run Linux guests at speed: {}",
+            host.summary
+        );
+    }
+    let rc = assets::RuntimeConfig::load()?;
+    Ok(template::TemplateSpec {
+        assets: assets::guest_assets(&rc)?,
+        vcpus: vcpus.or(rc.default_vcpus).unwrap_or(assets::DEFAULT_VCPUS),
+        mem_mib: mem_mib
+            .or(rc.default_mem_mib)
+            .unwrap_or(assets::DEFAULT_MEM_MIB),
+    })
+}
+
 fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result<i32> {
     let data = assets::data_dir();
     match cmd {
@@ -772,19 +772,7 @@ fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result<i32> {
             Ok(0)
         }
         TemplateCommand::Warm { vcpus, mem_mib } => {
-            let host = vmm::host::check_host();
-            if !host.can_boot_linux {
-                bail!(
-                    "this host cannot run Linux guests at speed: {}",
-                    host.summary
-                );
-            }
-            let rc = assets::RuntimeConfig::load()?;
-            let spec = template::TemplateSpec {
-                assets: assets::guest_assets(&rc)?,
-                vcpus,
-                mem_mib,
-            };
+            let spec = template_spec(vcpus, mem_mib)?;
             let t = template::ensure(&data, &spec, seccomp, &|m| eprintln!("kata-snap: {m}"))?;
             println!(
                 "{} {} ({:.0} ms)",
