@@ -3,11 +3,12 @@
 # (userfaultfd bindings), busybox-static, erofs-utils and e2fsprogs (agent tests: a busybox rootfs,
 # erofs/ext4 images), cpio, the tools that unpack the Debian kernel (lz4, zstd, xz, python3), and
 # qemu-system-x86 (the rung-4 rig: scripts/rig/), and linux-source with the kernel's build
-# dependencies (guest/kernel/build.sh).
+# dependencies (guest/kernel/build.sh), runc (the runtime tests compare kata-snap with it) and
+# containerd (the rung-4 containerd test).
 # Idempotent; skips apt when everything is there.
 set -euo pipefail
 
-pkgs=(gcc libc6-dev binutils make libclang-dev busybox-static cpio erofs-utils e2fsprogs lz4 zstd xz-utils python3 util-linux qemu-system-x86
+pkgs=(gcc libc6-dev binutils make libclang-dev busybox-static cpio erofs-utils e2fsprogs lz4 zstd xz-utils python3 util-linux qemu-system-x86 runc containerd
     linux-source bc bison flex libelf-dev libssl-dev)
 missing=()
 for p in "${pkgs[@]}"; do

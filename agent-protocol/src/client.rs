@@ -187,6 +187,39 @@ impl<S: Connection> AgentClient<S> {
         }
     }
 
+    /// Sends `Create` and waits for `Created`: the process is set up (its
+    /// executable found) and waits for [`Self::start_created`]. An `Error`
+    /// answer (for instance, command not found) is [`ClientError::Agent`];
+    /// the connection then has no process (no `Exited` follows) and may
+    /// `create` again.
+    pub fn create(&mut self, req: RunRequest) -> Result<u32, ClientError> {
+        self.send(&HostMessage::Create(Box::new(req)))?;
+        match self.recv()? {
+            AgentMessage::Created { pid } => Ok(pid),
+            AgentMessage::Error { kind, message } => Err(ClientError::Agent { kind, message }),
+            other => Err(ClientError::Unexpected(format!(
+                "{other:?} instead of Created"
+            ))),
+        }
+    }
+
+    /// Sends `Start` for the process [`Self::create`] prepared and waits for
+    /// `Started`. An `Error` answer (the exec failed) is
+    /// [`ClientError::Agent`]; an `Exited` message follows on the connection.
+    /// If the created process was killed before (a `Signal`), its `Exited`
+    /// may arrive first: that is [`ClientError::Unexpected`], and `Exited`
+    /// is the last message.
+    pub fn start_created(&mut self) -> Result<u32, ClientError> {
+        self.send(&HostMessage::Start)?;
+        match self.recv()? {
+            AgentMessage::Started { pid } => Ok(pid),
+            AgentMessage::Error { kind, message } => Err(ClientError::Agent { kind, message }),
+            other => Err(ClientError::Unexpected(format!(
+                "{other:?} instead of Started"
+            ))),
+        }
+    }
+
     /// Runs a process to completion: sends `Run`, writes `stdin` from a second
     /// thread in chunks followed by `CloseStdin` (when `stdin` is `Some`), and
     /// collects every message until `Exited`. `deadline` bounds the whole run.

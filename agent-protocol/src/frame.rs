@@ -235,6 +235,23 @@ mod tests {
         assert_eq!(f, [2, 0, 0, 0, 0, PROTOCOL_VERSION as u8]);
     }
 
+    /// postcard encodes the variant index: version 2's variants were added at
+    /// the end, so every version-1 variant keeps its index.
+    #[test]
+    fn test_create_start_variants_appended_at_the_end() {
+        let index = |f: Vec<u8>| f[4];
+        assert_eq!(index(encode_message(&HostMessage::CloseStdin).unwrap()), 3);
+        assert_eq!(index(encode_message(&HostMessage::Start).unwrap()), 9);
+        assert_eq!(
+            index(encode_message(&AgentMessage::Exited { code: 0 }).unwrap()),
+            5
+        );
+        assert_eq!(
+            index(encode_message(&AgentMessage::Created { pid: 3 }).unwrap()),
+            7
+        );
+    }
+
     #[test]
     fn test_roundtrip_agent_messages_equal() {
         let msgs = vec![
@@ -243,6 +260,7 @@ mod tests {
             },
             AgentMessage::Ack,
             AgentMessage::Started { pid: 77 },
+            AgentMessage::Created { pid: 78 },
             AgentMessage::Stdout(vec![0, 255, 10]),
             AgentMessage::Stderr(vec![1; MAX_STDIO_CHUNK]),
             AgentMessage::Exited { code: 143 },

@@ -23,12 +23,27 @@
 //!   | <------------- Hello{version} ---  |   check the peer's version
 //!   | -- SyncTime / Reseed ----------->  |   (after a restore; each answered
 //!   | <---------------------- Ack -----  |    by Ack or Error)
-//!   | -- Run{..} --------------------->  |
+//!   | -- Create{..} ------------------>  |   runc `create`: set up, do not exec
+//!   | <--------------- Created{pid} ---  |   or Error{..}: no process; the host
+//!   |                                    |    may Create again or close
+//!   | -- Signal / Resize ------------->  |   (optional: a signal reaches the
+//!   |                                    |    waiting child; Exited{128+N} ends)
+//!   | -- Start ----------------------->  |   runc `start`: exec
 //!   | <--------------- Started{pid} ---  |   or Error{..} then Exited{126|127}
 //!   | -- Stdin / CloseStdin / Signal / Resize -->
 //!   | <------- Stdout / Stderr ---------  |
 //!   | <-------------- Exited{code} ----  |   then the agent closes the connection
 //! ```
+//!
+//! `Run{..}` does `Create` and `Start` in one step: it is answered by
+//! `Started{pid}`, or by `Error{..}` then `Exited{126|127}` (a set-up failure
+//! ends the connection, unlike after `Create`).
+//!
+//! Out of order (`Start` without a created process, a second `Create` or
+//! `Run`, `Stdin` or `CloseStdin` before `Start`...) is answered by
+//! `Error{Protocol, ..}`; the connection and its process carry on. Stdin is
+//! refused, not buffered, before `Start`: the host reads its input only once
+//! the process runs, and a terminal would echo early bytes before `Started`.
 //!
 //! [`HostMessage::Hello`] and [`AgentMessage::Hello`] are variant 0 of their
 //! enums and hold a single `u32`; that layout is frozen across versions so
@@ -58,7 +73,9 @@ pub use validate::{
 };
 
 /// Version of this protocol. Peers with different versions refuse to talk.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: `Create` / `Start` / `Created` (runc's `create` and `start`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest payload of one frame, in bytes (the 4-byte length prefix excluded).
 pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;

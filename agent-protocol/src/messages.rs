@@ -10,7 +10,8 @@ pub enum HostMessage {
         /// The host's [`crate::PROTOCOL_VERSION`].
         version: u32,
     },
-    /// Start the container process. At most once per connection.
+    /// Create and start the container process in one step (`Create` then
+    /// `Start`). At most one process per connection.
     Run(Box<RunRequest>),
     /// Bytes for the process's stdin (at most [`crate::MAX_STDIO_CHUNK`]).
     Stdin(Vec<u8>),
@@ -36,6 +37,15 @@ pub enum HostMessage {
         /// Random bytes from the host, 16..=512 of them.
         bytes: Vec<u8>,
     },
+    /// Prepare the container process without starting it (runc's `create`):
+    /// rootfs, mounts, fork, and in the child every set-up step up to exec,
+    /// including the `PATH` lookup of `args[0]`. Answered by `Created` once
+    /// the child waits for `Start`, or by `Error` (the connection then has no
+    /// process and may `Create` again). At most one process per connection.
+    Create(Box<RunRequest>),
+    /// Exec the created process (runc's `start`). Answered as `Run` is:
+    /// `Started`, or `Error` then `Exited{126|127}` when the exec fails.
+    Start,
 }
 
 /// A message from the agent to the host.
@@ -69,6 +79,11 @@ pub enum AgentMessage {
         kind: ErrorKind,
         /// Human-readable explanation, at most [`crate::MAX_TEXT`] bytes.
         message: String,
+    },
+    /// The process of a `Create` finished its set-up and waits for `Start`.
+    Created {
+        /// Its pid in the guest.
+        pid: u32,
     },
 }
 
@@ -195,7 +210,7 @@ pub struct Mount {
     /// Absolute path inside the container.
     pub destination: String,
     /// Filesystem type: one of `proc`, `sysfs`, `tmpfs`, `devpts`, `mqueue`,
-    /// `bind` (a bind mount of a guest path).
+    /// `cgroup2`, `bind` (a bind mount of a guest path).
     pub fs_type: String,
     /// Source (device name for pseudo filesystems, guest path for `bind`).
     pub source: String,

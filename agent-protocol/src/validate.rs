@@ -30,8 +30,12 @@ pub const RESEED_BYTES: std::ops::RangeInclusive<usize> = 16..=512;
 pub const MIN_REALTIME_NS: u64 = 1_577_836_800 * 1_000_000_000;
 /// Latest time `SyncTime` accepts (2200-01-01T00:00:00Z).
 pub const MAX_REALTIME_NS: u64 = 7_258_118_400 * 1_000_000_000;
-/// Mount types the agent supports.
-pub const SUPPORTED_MOUNT_TYPES: &[&str] = &["proc", "sysfs", "tmpfs", "devpts", "mqueue", "bind"];
+/// Mount types the agent supports. `cgroup2` is the unified hierarchy (the
+/// guest kernel has no cgroup v1 controllers); hosts translate OCI `cgroup`
+/// mounts to it, as runc does on a cgroup v2 host.
+pub const SUPPORTED_MOUNT_TYPES: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup2", "bind",
+];
 /// Highest signal number (`SIGRTMAX` on Linux).
 pub const MAX_SIGNAL: i32 = 64;
 
@@ -289,7 +293,8 @@ impl Validate for HostMessage {
     fn validate(&self) -> Result<(), ValidationError> {
         match self {
             HostMessage::Hello { version: v } => version(*v),
-            HostMessage::Run(run) => run.validate(),
+            HostMessage::Run(run) | HostMessage::Create(run) => run.validate(),
+            HostMessage::Start => Ok(()),
             HostMessage::Stdin(b) => chunk("stdin chunk", b),
             HostMessage::CloseStdin => Ok(()),
             HostMessage::Signal(s) => {
@@ -340,7 +345,7 @@ impl Validate for AgentMessage {
         match self {
             AgentMessage::Hello { version: v } => version(*v),
             AgentMessage::Ack => Ok(()),
-            AgentMessage::Started { pid } => {
+            AgentMessage::Started { pid } | AgentMessage::Created { pid } => {
                 if *pid == 0 {
                     Err(ValidationError::BadPid)
                 } else {
@@ -431,6 +436,24 @@ mod tests {
     }
 
     #[test]
+    fn test_validate_mount_types() {
+        let mount = |t: &str| Mount {
+            destination: "/sys/fs/cgroup".into(),
+            fs_type: t.into(),
+            source: t.into(),
+            options: vec!["ro".into()],
+        };
+        let mut r = run();
+        r.mounts = vec![mount("cgroup2")];
+        r.validate().unwrap();
+        r.mounts = vec![mount("cgroup")];
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::UnsupportedMount(_))
+        ));
+    }
+
+    #[test]
     fn test_validate_relative_rootfs_device_rejected() {
         let mut r = run();
         r.rootfs.source = RootfsSource::Block {
@@ -479,6 +502,37 @@ mod tests {
             .validate()
             .is_err()
         );
+    }
+
+    #[test]
+    fn test_validate_create_checks_request_like_run() {
+        HostMessage::Create(Box::new(run())).validate().unwrap();
+        let mut r = run();
+        r.args.clear();
+        assert_eq!(
+            HostMessage::Create(Box::new(r)).validate(),
+            Err(ValidationError::EmptyArgs)
+        );
+        let mut r = run();
+        r.cwd = "relative".into();
+        assert!(matches!(
+            HostMessage::Create(Box::new(r)).validate(),
+            Err(ValidationError::BadPath { field: "cwd", .. })
+        ));
+    }
+
+    #[test]
+    fn test_validate_start_always_valid() {
+        HostMessage::Start.validate().unwrap();
+    }
+
+    #[test]
+    fn test_validate_created_pid_zero_rejected() {
+        assert_eq!(
+            AgentMessage::Created { pid: 0 }.validate(),
+            Err(ValidationError::BadPid)
+        );
+        AgentMessage::Created { pid: 1 }.validate().unwrap();
     }
 
     #[test]

@@ -216,3 +216,83 @@ fn test_client_run_collects_output_in_order() {
     );
     assert_eq!(o.events.len(), 5);
 }
+
+/// A fake agent that sends Hello, reads the host's Hello and one more
+/// message (checked by `expect`), then answers with `answer`.
+fn answering_agent(
+    expect: fn(&HostMessage) -> bool,
+    answer: Vec<AgentMessage>,
+) -> impl FnOnce(UnixStream) + Send + 'static {
+    move |mut s| {
+        write_message(
+            &mut s,
+            &AgentMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        )
+        .unwrap();
+        let _hello = read_message::<HostMessage>(&mut s).unwrap();
+        let msg = read_message::<HostMessage>(&mut s).unwrap();
+        assert!(expect(&msg), "unexpected {msg:?}");
+        for m in answer {
+            write_message(&mut s, &m).unwrap();
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn test_client_create_returns_created_pid() {
+    let agent = answering_agent(
+        |m| matches!(m, HostMessage::Create(_)),
+        vec![AgentMessage::Created { pid: 12 }],
+    );
+    let mut c = with_fake_agent(agent, T).unwrap();
+    assert_eq!(c.create(request()).unwrap(), 12);
+}
+
+#[test]
+fn test_client_create_error_is_agent_error() {
+    let agent = answering_agent(
+        |m| matches!(m, HostMessage::Create(_)),
+        vec![AgentMessage::Error {
+            kind: agent_protocol::ErrorKind::ExecNotFound,
+            message: "exec: \"x\": executable file not found in $PATH".into(),
+        }],
+    );
+    let e = with_fake_agent(agent, T)
+        .unwrap()
+        .create(request())
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ClientError::Agent { kind: agent_protocol::ErrorKind::ExecNotFound, message }
+                if message.contains("executable file not found")
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn test_client_create_answered_by_started_is_unexpected() {
+    let agent = answering_agent(
+        |m| matches!(m, HostMessage::Create(_)),
+        vec![AgentMessage::Started { pid: 3 }],
+    );
+    let e = with_fake_agent(agent, T)
+        .unwrap()
+        .create(request())
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Unexpected(_)), "{e:?}");
+}
+
+#[test]
+fn test_client_start_created_sends_start_returns_pid() {
+    let agent = answering_agent(
+        |m| matches!(m, HostMessage::Start),
+        vec![AgentMessage::Started { pid: 9 }],
+    );
+    let mut c = with_fake_agent(agent, T).unwrap();
+    assert_eq!(c.start_created().unwrap(), 9);
+}

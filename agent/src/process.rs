@@ -1,20 +1,36 @@
-//! Starting the container process: fork, set it up in the child, exec.
+//! Starting the container process in two steps, as runc's `create` and
+//! `start`: [`prepare`] forks and sets the child up, [`ExecGate::open`] lets
+//! it exec.
+//!
+//! ```text
+//!  agent (parent)                       child
+//!   prepare: fork ------------------->  set-up: setsid, stdio, chroot,
+//!                                        hostname, rlimits, user, cwd,
+//!                                        PATH lookup, no_new_privs
+//!   <-- report: READY ---------------    (or: kind byte + message, _exit)
+//!   ... Created ...                      blocked reading the go pipe
+//!   open: write go byte ------------->  execve
+//!   <-- report: EOF (exec succeeded) -   (or: kind byte + message, _exit)
+//! ```
 //!
 //! The agent is single-threaded, so the child may allocate between `fork` and
-//! `exec`. Failures in the child are reported to the parent through a
-//! close-on-exec pipe (a kind byte, then a message); EOF on the pipe means the
-//! exec succeeded. Messages and exit codes follow runc: 127 for a command that
-//! is not found, 126 for one that cannot be invoked.
+//! `exec`. Both pipes are close-on-exec. The parent waits for each report at
+//! most [`CHILD_REPORT_TIMEOUT`]. A child whose go pipe reaches EOF (the
+//! agent dropped the gate without opening it) exits without exec. Messages
+//! and exit codes follow runc: 127 for a command that is not found, 126 for
+//! one that cannot be invoked.
 
 use std::ffi::CString;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use agent_protocol::{ErrorKind, RlimitKind, RunRequest};
 use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 use thiserror::Error;
@@ -24,12 +40,33 @@ use crate::exit_status::{EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND};
 /// `PATH` used when the process environment has none (runc's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Longest wait for the child's report, after fork (set-up) and after the go
+/// byte (exec). Both are local work; a child that takes longer (a hung disk)
+/// is killed and the request fails, so the session's loop never waits
+/// without bound.
+pub const CHILD_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// First byte of a report: the child finished set-up and waits for the go
+/// byte. Failure reports start with a kind byte (1..=3) instead.
+const REPORT_READY: u8 = 0;
+/// Most bytes of a report the parent reads.
+const REPORT_LIMIT: usize = 64 * 1024;
+
 /// Errors of starting a process.
 #[derive(Debug, Error)]
 pub enum SpawnError {
     /// Parent-side setup (pipes, pty, fork) failed.
     #[error("cannot start process: {0}")]
     Setup(String),
+    /// The child did not report within [`CHILD_REPORT_TIMEOUT`], or died
+    /// without a report; it has been killed and reaped.
+    #[error("the process {stage} did not complete: {reason}")]
+    Stalled {
+        /// `set-up` or `exec`.
+        stage: &'static str,
+        /// What happened instead.
+        reason: String,
+    },
     /// The child failed before or at exec; it has exited with `code`.
     #[error("{message}")]
     Exec {
@@ -234,7 +271,12 @@ fn reset_signals() {
     }
 }
 
-fn child_setup(plan: &ChildPlan<'_>, stdio: [i32; 3], terminal: bool) -> Result<(), ChildFailure> {
+/// Every set-up step of the child, in order; returns the path to exec.
+fn child_setup(
+    plan: &ChildPlan<'_>,
+    stdio: [i32; 3],
+    terminal: bool,
+) -> Result<CString, ChildFailure> {
     reset_signals();
     nix::unistd::setsid().map_err(|e| ChildFailure::setup("setsid", e))?;
     if terminal {
@@ -305,8 +347,14 @@ fn child_setup(plan: &ChildPlan<'_>, stdio: [i32; 3], terminal: bool) -> Result<
             ));
         }
     }
-    let err = nix::unistd::execve(&path_c, &plan.args, &plan.env).unwrap_err();
-    Err(match err {
+    Ok(path_c)
+}
+
+/// Execs `path`; returns only on failure, with the runc-style reason.
+fn child_exec(plan: &ChildPlan<'_>, path: &CString) -> ChildFailure {
+    let name = &plan.req.args[0];
+    let err = nix::unistd::execve(path, &plan.args, &plan.env).unwrap_err();
+    match err {
         nix::Error::EACCES => ChildFailure::new(
             ErrorKind::ExecPermissionDenied,
             format!("exec: {name:?}: permission denied"),
@@ -319,12 +367,172 @@ fn child_setup(plan: &ChildPlan<'_>, stdio: [i32; 3], terminal: bool) -> Result<
             ErrorKind::ExecFailed,
             format!("exec: {name:?}: {}", errno_reason(e)),
         ),
-    })
+    }
 }
 
-/// Starts `req` chrooted into `root`. Returns once the exec succeeded or the
-/// child reported why it failed (the failed child is reaped here).
-pub fn spawn(root: &Path, req: &RunRequest) -> Result<Spawned, SpawnError> {
+/// Blocks until the agent writes the go byte (true) or drops its end (false).
+fn child_wait_for_go(go: &OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(go, &mut byte) {
+            Ok(1) => return true,
+            Err(nix::Error::EINTR) => continue,
+            Ok(_) | Err(_) => return false,
+        }
+    }
+}
+
+/// The child after fork: set up, report, wait, exec. Never returns.
+fn child_main(plan: &ChildPlan<'_>, stdio: [i32; 3], report: OwnedFd, go: OwnedFd) -> ! {
+    let failure = match child_setup(plan, stdio, plan.req.terminal) {
+        Err(f) => f,
+        Ok(path) => {
+            if nix::unistd::write(&report, &[REPORT_READY]) != Ok(1) || !child_wait_for_go(&go) {
+                // The agent is gone or gave up on this process: never exec.
+                // SAFETY: _exit ends the child without running the parent's
+                // atexit handlers or flushing its duplicated buffers.
+                unsafe { libc::_exit(EXIT_CANNOT_INVOKE) }
+            }
+            child_exec(plan, &path)
+        }
+    };
+    let mut msg = vec![kind_to_byte(failure.kind)];
+    msg.extend_from_slice(failure.message.as_bytes());
+    msg.truncate(REPORT_LIMIT);
+    let mut sent = 0;
+    while sent < msg.len() {
+        match nix::unistd::write(&report, &msg[sent..]) {
+            Ok(n) => sent += n,
+            Err(nix::Error::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    let (_, code) = byte_to_kind(msg[0]);
+    // SAFETY: as above, _exit skips the parent's atexit handlers and buffers.
+    unsafe { libc::_exit(code) }
+}
+
+/// How a read of the child's report ended.
+enum Report {
+    /// The pipe reached EOF after these bytes (possibly none).
+    Eof(Vec<u8>),
+    /// The child said it is ready (set-up done).
+    Ready,
+    /// Nothing conclusive within the timeout.
+    TimedOut,
+}
+
+/// Reads the child's report until EOF, a READY byte (when `until_ready`), or
+/// `timeout`, whichever comes first.
+fn read_report(report: &OwnedFd, timeout: Duration, until_ready: bool) -> Report {
+    let end = Instant::now() + timeout;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(report.as_fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) => return Report::TimedOut,
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "poll on the child's report failed");
+                return Report::TimedOut;
+            }
+        }
+        match nix::unistd::read(report, &mut chunk) {
+            Ok(0) => return Report::Eof(buf),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if until_ready && buf.first() == Some(&REPORT_READY) {
+                    return Report::Ready;
+                }
+                if buf.len() >= REPORT_LIMIT {
+                    buf.truncate(REPORT_LIMIT);
+                    return Report::Eof(buf);
+                }
+            }
+            Err(nix::Error::EINTR) | Err(nix::Error::EAGAIN) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "read of the child's report failed");
+                return Report::Eof(buf);
+            }
+        }
+        if Instant::now() >= end {
+            return Report::TimedOut;
+        }
+    }
+}
+
+/// Kills and reaps a child that is stuck or in an unknown state.
+fn kill_and_reap(child: Pid) {
+    let _ = kill(child, Signal::SIGKILL);
+    let _ = waitpid(child, None);
+}
+
+/// Turns a failure report (kind byte, message) of an exited child into the
+/// error, reaping the child.
+fn failed(child: Pid, report: &[u8]) -> SpawnError {
+    let _ = waitpid(child, None);
+    let (kind, code) = byte_to_kind(report[0]);
+    SpawnError::Exec {
+        kind,
+        message: String::from_utf8_lossy(&report[1..]).into_owned(),
+        code,
+    }
+}
+
+/// The parent's hold on a prepared child: the go pipe's write end and the
+/// report pipe's read end. Dropping it without [`Self::open`] makes the
+/// child exit without exec.
+#[derive(Debug)]
+pub struct ExecGate {
+    pid: Pid,
+    go: OwnedFd,
+    report: OwnedFd,
+}
+
+impl ExecGate {
+    /// Lets the child exec and waits (at most [`CHILD_REPORT_TIMEOUT`]) for
+    /// the outcome. On error the child has exited and is reaped. A child
+    /// killed while it waited (a host signal) counts as started: its exit is
+    /// reaped by the caller's SIGCHLD handling as for any process.
+    pub fn open(self) -> Result<(), SpawnError> {
+        if let Err(e) = nix::unistd::write(&self.go, &[1]) {
+            // EPIPE: the child is gone already; the report pipe says more.
+            tracing::debug!(error = %e, "cannot write the go byte");
+        }
+        drop(self.go);
+        match read_report(&self.report, CHILD_REPORT_TIMEOUT, false) {
+            Report::Eof(r) if r.is_empty() => Ok(()),
+            Report::Eof(r) => Err(failed(self.pid, &r)),
+            Report::Ready | Report::TimedOut => {
+                kill_and_reap(self.pid);
+                Err(SpawnError::Stalled {
+                    stage: "exec",
+                    reason: format!("no answer within {CHILD_REPORT_TIMEOUT:?}; killed"),
+                })
+            }
+        }
+    }
+}
+
+/// A child that finished its set-up and waits to exec.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The process and the agent's ends of its stdio.
+    pub process: Spawned,
+    /// Lets it exec.
+    pub gate: ExecGate,
+}
+
+/// Forks the process for `req` chrooted into `root` and runs every set-up
+/// step in the child up to exec. Returns once the child waits for
+/// [`ExecGate::open`], or with the child's runc-style error (the failed
+/// child is reaped here).
+pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
     let plan = ChildPlan {
         req,
         root: cstring("rootfs path", root.as_os_str().as_bytes())?,
@@ -370,54 +578,113 @@ pub fn spawn(root: &Path, req: &RunRequest) -> Result<Spawned, SpawnError> {
         ]
     };
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(setup_err("pipe"))?;
+    let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(setup_err("pipe"))?;
     // SAFETY: the agent is single-threaded, so the child can run ordinary
     // code (allocate, format) until it execs or exits.
     match unsafe { fork() }.map_err(setup_err("fork"))? {
         ForkResult::Child => {
-            let failure = match child_setup(&plan, stdio_raw, req.terminal) {
-                Ok(()) => ChildFailure::setup("exec", "returned"),
-                Err(f) => f,
-            };
-            let mut msg = vec![kind_to_byte(failure.kind)];
-            msg.extend_from_slice(failure.message.as_bytes());
-            let mut w = std::fs::File::from(report_w);
-            let _ = w.write_all(&msg);
-            let (_, code) = byte_to_kind(msg[0]);
-            // SAFETY: _exit ends the child without running the parent's
-            // atexit handlers or flushing its duplicated buffers.
-            unsafe { libc::_exit(code) }
+            // Without the parent's ends, EOF on `go_r` means the agent let go.
+            drop(go_w);
+            drop(report_r);
+            child_main(&plan, stdio_raw, report_w, go_r)
         }
         ForkResult::Parent { child } => {
             drop(child_fds);
             drop(report_w);
-            let mut report = Vec::new();
-            let _ = std::fs::File::from(report_r)
-                .take(64 * 1024)
-                .read_to_end(&mut report);
-            if report.is_empty() {
-                return Ok(Spawned {
-                    pid: child,
-                    stdin,
-                    stdout,
-                    stderr,
-                    terminal: req.terminal,
-                });
+            drop(go_r);
+            match read_report(&report_r, CHILD_REPORT_TIMEOUT, true) {
+                Report::Ready => Ok(Prepared {
+                    process: Spawned {
+                        pid: child,
+                        stdin,
+                        stdout,
+                        stderr,
+                        terminal: req.terminal,
+                    },
+                    gate: ExecGate {
+                        pid: child,
+                        go: go_w,
+                        report: report_r,
+                    },
+                }),
+                Report::Eof(r) if !r.is_empty() => Err(failed(child, &r)),
+                Report::Eof(_) => {
+                    let status = waitpid(child, None);
+                    Err(SpawnError::Stalled {
+                        stage: "set-up",
+                        reason: format!("the child ended without a report ({status:?})"),
+                    })
+                }
+                Report::TimedOut => {
+                    kill_and_reap(child);
+                    Err(SpawnError::Stalled {
+                        stage: "set-up",
+                        reason: format!("no answer within {CHILD_REPORT_TIMEOUT:?}; killed"),
+                    })
+                }
             }
-            let _ = waitpid(child, None);
-            let (kind, code) = byte_to_kind(report[0]);
-            let message = String::from_utf8_lossy(&report[1..]).into_owned();
-            Err(SpawnError::Exec {
-                kind,
-                message,
-                code,
-            })
         }
     }
+}
+
+/// Starts `req` chrooted into `root` at once: [`prepare`] then
+/// [`ExecGate::open`]. Returns once the exec succeeded or the child reported
+/// why it failed (the failed child is reaped here).
+pub fn spawn(root: &Path, req: &RunRequest) -> Result<Spawned, SpawnError> {
+    let Prepared { process, gate } = prepare(root, req)?;
+    gate.open()?;
+    Ok(process)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report_pipe() -> (OwnedFd, OwnedFd) {
+        pipe2(OFlag::O_CLOEXEC).unwrap()
+    }
+
+    #[test]
+    fn test_read_report_ready_byte_returns_while_writer_open() {
+        let (r, w) = report_pipe();
+        nix::unistd::write(&w, &[REPORT_READY]).unwrap();
+        assert!(matches!(
+            read_report(&r, Duration::from_secs(5), true),
+            Report::Ready
+        ));
+    }
+
+    #[test]
+    fn test_read_report_failure_read_to_eof() {
+        let (r, w) = report_pipe();
+        nix::unistd::write(&w, b"\x01exec: \"x\": not found").unwrap();
+        drop(w);
+        match read_report(&r, Duration::from_secs(5), true) {
+            Report::Eof(b) => assert_eq!(b, b"\x01exec: \"x\": not found"),
+            _ => panic!("expected Eof"),
+        }
+    }
+
+    #[test]
+    fn test_read_report_silent_child_times_out() {
+        let (r, _w) = report_pipe();
+        let t = Instant::now();
+        assert!(matches!(
+            read_report(&r, Duration::from_millis(50), false),
+            Report::TimedOut
+        ));
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn test_read_report_eof_without_bytes_is_exec_success() {
+        let (r, w) = report_pipe();
+        drop(w);
+        assert!(matches!(
+            read_report(&r, Duration::from_secs(5), false),
+            Report::Eof(b) if b.is_empty()
+        ));
+    }
 
     #[test]
     fn test_look_path_missing_command_runc_message() {

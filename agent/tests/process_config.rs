@@ -186,6 +186,28 @@ fn test_mounts_tmpfs_with_options_applied() {
 }
 
 #[test]
+fn test_mounts_cgroup2_read_only_applied() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["grep", " /sys/fs/cgroup ", "/proc/mounts"]);
+    req.mounts.push(Mount {
+        destination: "/sys/fs/cgroup".into(),
+        fs_type: "cgroup2".into(),
+        source: "cgroup2".into(),
+        options: ["nosuid", "noexec", "nodev", "relatime", "ro"]
+            .map(String::from)
+            .to_vec(),
+    });
+    let o = agent.run_req(req, None).unwrap();
+    let line = out(&o);
+    assert!(
+        line.starts_with("cgroup2 /sys/fs/cgroup cgroup2 ro,nosuid,nodev,noexec,relatime"),
+        "{line:?} {}",
+        err(&o)
+    );
+}
+
+#[test]
 fn test_mounts_default_devices_present() {
     require_harness!();
     let agent = Agent::start();

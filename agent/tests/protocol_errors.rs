@@ -75,7 +75,8 @@ fn test_protocol_wrong_version_hello_rejected_clearly() {
         .unwrap();
     let msg = expect_error(&mut s, ErrorKind::VersionMismatch);
     assert!(
-        msg.contains("peer speaks version 99") && msg.contains("speaks 1"),
+        msg.contains("peer speaks version 99")
+            && msg.contains(&format!("speaks {PROTOCOL_VERSION}")),
         "{msg}"
     );
     expect_closed(&mut s);

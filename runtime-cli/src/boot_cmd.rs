@@ -325,6 +325,7 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Resu
         process_start,
         seccomp,
         memory_class: None,
+        stop_on_signals: true,
     })?;
     let host = HostResources {
         forward_stdin: true,

@@ -3,6 +3,7 @@
 mod boot_cmd;
 #[cfg(feature = "builtin-guests")]
 mod demo;
+mod oci;
 mod pool;
 mod restore_cmd;
 mod vm_cmd;
@@ -15,13 +16,24 @@ use clap::{Parser, Subcommand};
 /// kata-snap: a micro-VMM that gives containers the isolation of a VM at close to the start-up
 /// speed of a plain container.
 #[derive(Debug, Parser)]
+///
+/// As a container runtime it takes runc's commands and flags (`create`, `start`, `run`, `state`,
+/// `kill`, `delete`, `list`, ...): each container runs in its own VM, restored from a template.
 #[command(
     name = "kata-snap",
-    version,
-    propagate_version = true,
+    disable_version_flag = true,
+    subcommand_required = false,
+    arg_required_else_help = true,
     max_term_width = 100
 )]
 struct Cli {
+    /// Print the version (in the three lines runc prints: version, commit, spec).
+    #[arg(long, short = 'v')]
+    version: bool,
+
+    #[command(flatten)]
+    oci: oci::GlobalOpts,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
@@ -38,7 +50,7 @@ struct Cli {
     seccomp: SeccompArg,
 
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -72,6 +84,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Tell whether this host's KVM can run guests, and whether Linux guests boot at speed.
     Check,
+    #[command(flatten)]
+    Oci(oci::OciCommand),
 }
 
 /// Makes sure fds 0-2 are open, so no file the VMM opens lands on them by accident.
@@ -91,17 +105,44 @@ fn ensure_std_fds() {
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, file: Option<&std::path::Path>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .init();
+    let file = file.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
+    match file {
+        // The runtime's --log: the VMM's log goes there with the errors, off the container's
+        // stderr.
+        Some(f) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::sync::Mutex::new(f))
+            .with_target(false)
+            .with_ansi(false)
+            .init(),
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .without_time()
+            .init(),
+    }
+}
+
+/// `--version` in the shape go-runc parses (`runc version X` / `commit: Y` / `spec: Z`).
+fn print_version() {
+    println!("kata-snap version {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "commit: {}",
+        option_env!("KATA_SNAP_COMMIT").unwrap_or("unknown")
+    );
+    println!("spec: {}", oci::state::OCI_VERSION);
 }
 
 fn main() -> ExitCode {
@@ -109,19 +150,36 @@ fn main() -> ExitCode {
     vmm::seccomp::prepare_process();
     ensure_std_fds();
     let cli = Cli::parse();
-    // The demo draws a progress display: keep per-VM info logs out of it unless asked for.
-    let level = match &cli.command {
+    if cli.version {
+        print_version();
+        return ExitCode::SUCCESS;
+    }
+    let Some(command) = cli.command else {
+        eprintln!("kata-snap: no command given (see kata-snap --help)");
+        return ExitCode::from(1);
+    };
+    // The demo draws a progress display, and the runtime's commands share the container's
+    // stderr: keep per-VM info logs out of them unless asked for.
+    let level = match &command {
+        _ if cli.oci.debug => "debug",
         #[cfg(feature = "builtin-guests")]
         Command::Demo(_) if cli.log_level == "info" => "warn",
+        Command::Oci(_) if cli.log_level == "info" => "warn",
         _ => cli.log_level.as_str(),
     };
-    init_logging(level);
+    oci::log::init(cli.oci.log.clone(), cli.oci.log_format);
+    init_logging(level, cli.oci.log.as_deref());
     let seccomp = match cli.seccomp {
         SeccompArg::Off => vmm::seccomp::SeccompMode::Off,
         SeccompArg::Log => vmm::seccomp::SeccompMode::Log,
         SeccompArg::Kill => vmm::seccomp::SeccompMode::Kill,
     };
-    let result = match cli.command {
+    let result = match command {
+        Command::Oci(cmd) => {
+            return ExitCode::from(
+                oci::run(cmd, &cli.oci, seccomp, process_start).clamp(0, 255) as u8,
+            );
+        }
         Command::Boot(args) => boot_cmd::run(args, process_start, seccomp),
         Command::Restore(args) => restore_cmd::run(args, process_start, seccomp),
         Command::Vm(args) => vm_cmd::run(args),
@@ -167,6 +225,12 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("cannot open kernel /k: {0}")]
     struct Open(#[source] std::io::Error);
+
+    #[test]
+    fn test_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn test_error_line_names_each_cause_once() {

@@ -364,6 +364,7 @@ fn shell(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
         process_start: Instant::now(),
         seccomp,
         memory_class: Some(c.mem_mib),
+        stop_on_signals: true,
     })?;
     let pid = std::process::id();
     let name = format!("v{}-m{}-{pid}.sock", c.vcpus, c.mem_mib);
@@ -484,7 +485,7 @@ fn serve(vm_shell: VmShell, mut stream: UnixStream) -> Result<i32> {
     drop(fds);
     let start = instant_of(req.client_start_ns);
     let timing = req.args.timing;
-    let vm = match start_restore(&req.args, Some(vm_shell), start, SeccompMode::Off) {
+    let vm = match start_restore(&req.args, Some(vm_shell), start, SeccompMode::Off, true) {
         Ok(vm) => vm,
         Err(e) => {
             send_reply(

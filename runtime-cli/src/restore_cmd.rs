@@ -106,19 +106,21 @@ pub fn run(args: RestoreArgs, process_start: Instant, seccomp: SeccompMode) -> R
     if args.timing {
         eprintln!("kata-snap: restore path: cold start (no pre-started VMM)");
     }
-    let vm = start_restore(&args, None, process_start, seccomp)?;
+    let vm = start_restore(&args, None, process_start, seccomp, true)?;
     vm.restrict_caller()?;
     let report = vm.wait()?;
     Ok(finish(&report, args.timing))
 }
 
 /// The restore lifecycle: check (everything about the snapshot, before any guest is loaded),
-/// shell (a fresh one, or `shell` from a pool), load, start.
+/// shell (a fresh one, or `shell` from a pool), load, start. `stop_on_signals`: SIGINT, SIGTERM
+/// and SIGHUP stop the VM (false: the caller reads them itself).
 pub fn start_restore(
     args: &RestoreArgs,
     shell: Option<VmShell>,
     process_start: Instant,
     seccomp: SeccompMode,
+    stop_on_signals: bool,
 ) -> Result<RunningVm> {
     let mode = match args.mode {
         ModeArg::Eager => RestoreMode::Eager,
@@ -143,6 +145,7 @@ pub fn start_restore(
                     process_start,
                     seccomp,
                     memory_class: None,
+                    stop_on_signals,
                 })
             }))
         }

@@ -124,12 +124,15 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts && mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 # Files packed under /tmp (a checkout or build there, as CI's may be) move into the tmpfs that
 # is mounted over it, instead of being hidden by it.
 mkdir -p /.rig-tmp && cp -a /tmp/. /.rig-tmp/
 mount -t tmpfs -o size=75% tmpfs /tmp
 cp -a /.rig-tmp/. /tmp/ && rm -rf /.rig-tmp
 mount -t tmpfs tmpfs /run
+# runc wants the cgroup2 hierarchy (the runtime tests compare kata-snap with it).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 verdict() { echo "RIG-VERDICT exit=\$1"; sync; reboot -f; sleep 5; echo o > /proc/sysrq-trigger; }
 echo "RIG: L1 up after \$(cut -d' ' -f1 /proc/uptime) s"

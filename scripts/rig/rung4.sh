@@ -61,6 +61,11 @@ else
         ${RIG_REPEAT:+--env "RIG_REPEAT=$RIG_REPEAT"} \
         $(for e in ${RIG_ENV:-}; do printf -- '--env %s ' "$e"; done) \
         --bin "$kata_snap" \
+        --bin /usr/sbin/runc \
+        --bin /usr/bin/mkfs.erofs \
+        --bin /usr/bin/containerd \
+        --bin /usr/bin/containerd-shim-runc-v2 \
+        --bin /usr/bin/ctr \
         --bin "$testbin=/rig/linux_e2e" \
         --file "$kernel_dir/bzImage=/rig/guest/bzImage" \
         --file "$initramfs=/rig/guest/initramfs.cpio" \

@@ -34,7 +34,7 @@ const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "true", "false", "dd", "head", "od", "date", "mount", "umount",
     "sync", "mkdir", "ls", "wc", "yes", "cmp", "seq", "taskset", "awk", "grep", "sed", "rm", "mv",
-    "nproc", "tr", "test", "[",
+    "nproc", "tr", "test", "[", "id", "hostname", "pwd", "tty", "stty",
 ];
 
 /// The guest kernel and initramfs.
@@ -117,7 +117,15 @@ pub fn ms_since(t: Instant) -> f64 {
 
 /// An ext4 image of `size_mib` MiB holding a busybox rootfs under `dir`.
 pub fn rootfs_image(dir: &Path, name: &str, size_mib: u64) -> PathBuf {
-    let root = dir.join(format!("{name}.d"));
+    let root = busybox_tree(&dir.join(format!("{name}.d")));
+    let image = dir.join(format!("{name}.img"));
+    mkfs(&image, size_mib, Some(&root));
+    image
+}
+
+/// A busybox root filesystem tree at `root` (created): the applets the tests use, /etc/passwd
+/// and /etc/group for root.
+pub fn busybox_tree(root: &Path) -> PathBuf {
     for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root", "mnt"] {
         fs::create_dir_all(root.join(d)).unwrap();
     }
@@ -128,9 +136,7 @@ pub fn rootfs_image(dir: &Path, name: &str, size_mib: u64) -> PathBuf {
     fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
     fs::write(root.join("etc/hostname"), "image\n").unwrap();
-    let image = dir.join(format!("{name}.img"));
-    mkfs(&image, size_mib, Some(&root));
-    image
+    root.to_owned()
 }
 
 /// An empty ext4 image of `size_mib` MiB.

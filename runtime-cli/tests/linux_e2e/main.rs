@@ -23,4 +23,5 @@ mod clones;
 mod io;
 mod live_snapshot;
 mod restore;
+mod runtime;
 mod smp;

@@ -554,6 +554,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         process_start: config.process_start,
         seccomp: config.seccomp,
         memory_class: None,
+        stop_on_signals: true,
     })?;
     let host = HostResources {
         forward_stdin: config.forward_stdin,
@@ -580,6 +581,7 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
         process_start: config.process_start,
         seccomp: config.seccomp,
         memory_class: None,
+        stop_on_signals: true,
     })?;
     shell
         .load(Guest::Snapshot(Box::new(spec)), config.host)?

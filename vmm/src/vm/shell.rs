@@ -50,6 +50,10 @@ pub struct ShellConfig {
     /// register its KVM memslots now, so a guest of this size loads without creating memslots
     /// (a guest of another size re-slots, which costs what a cold start does).
     pub memory_class: Option<u64>,
+    /// Whether SIGINT, SIGTERM and SIGHUP stop the VM (the default for a VMM run from a shell).
+    /// A caller that forwards signals elsewhere (the container runtime sends them to the process
+    /// in the guest) sets this false and reads them itself.
+    pub stop_on_signals: bool,
 }
 
 /// Removes the control socket file when the VM ends.
@@ -227,7 +231,16 @@ impl VmShell {
         }
         let filters = Filters::new(config.seccomp)?;
         let host = host::check_host();
-        let signals = termination_signalfd()?;
+        let signals = if config.stop_on_signals {
+            termination_signalfd()?
+        } else {
+            // Nothing to read: the caller handles every signal.
+            SignalFd::with_flags(
+                &SigSet::empty(),
+                SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+            )
+            .map_err(BuildVmError::Signals)?
+        };
         let listener = config.api_sock.as_deref().map(control::bind).transpose()?;
         let sock_guard = config.api_sock.clone().map(RemoveOnDrop);
         let parts = create_vm(config.vcpus, config.memory_class)?;

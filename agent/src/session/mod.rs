@@ -1,6 +1,19 @@
 //! One host connection: the handshake, restore requests, and at most one
 //! container process whose stdio is relayed until it exits.
 //!
+//! ```text
+//!  Handshake --Hello--> Idle --Create ok--> Created --Start ok--> Running
+//!                        ^  |                  |                     |
+//!                        +--+ Create failed    | exits (a Signal)    | exits
+//!                           |                  v                     v
+//!                           +--Run = Create+Start-------------> Exited sent, end
+//! ```
+//!
+//! `Created` and `Running` share the process's state (`Running`); in
+//! `Created` the child waits on its [`ExecGate`], signals and resizes reach
+//! it, stdin is refused, and its death (a signal) ends the session with
+//! `Exited` as in `Running`.
+//!
 //! The loop is single-threaded around `poll(2)`: the connection, the
 //! process's stdout/stderr (or pty master), its stdin when bytes are queued,
 //! and a signalfd for SIGCHLD. Host frames are decoded incrementally
@@ -18,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use agent_protocol::{
     AgentMessage, ErrorKind, FrameDecoder, HostMessage, MAX_STDIO_CHUNK, MAX_TEXT,
-    PROTOCOL_VERSION, ProtocolError, RunRequest, ValidationError, decode_message, write_message,
+    PROTOCOL_VERSION, ProtocolError, ValidationError, decode_message, write_message,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
@@ -26,12 +39,13 @@ use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::exit_status::{EXIT_CANNOT_INVOKE, exit_code};
-use crate::mounts::{apply_mount, populate_dev, prepare_dev};
-use crate::process::{SpawnError, Spawned, spawn};
+use crate::exit_status::exit_code;
+use crate::process::ExecGate;
 use crate::restore::RestoreOps;
-use crate::rootfs::{PreparedRootfs, prepare};
+use crate::rootfs::PreparedRootfs;
 use crate::transport::Conn;
+
+mod lifecycle;
 
 /// How long a connection may take to send its `Hello`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,7 +94,26 @@ struct Running {
 enum Phase {
     Handshake,
     Idle,
+    /// `Create` succeeded: the child finished set-up and waits for `Start`.
+    Created(Box<Running>, ExecGate),
     Running(Box<Running>),
+}
+
+impl Phase {
+    /// The session's process, created or running.
+    fn process(&self) -> Option<&Running> {
+        match self {
+            Phase::Created(run, _) | Phase::Running(run) => Some(run),
+            Phase::Handshake | Phase::Idle => None,
+        }
+    }
+
+    fn process_mut(&mut self) -> Option<&mut Running> {
+        match self {
+            Phase::Created(run, _) | Phase::Running(run) => Some(run),
+            Phase::Handshake | Phase::Idle => None,
+        }
+    }
 }
 
 enum Flow {
@@ -171,7 +204,7 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
     }
 
     fn cleanup(&mut self) {
-        if let Phase::Running(run) = &mut self.phase {
+        if let Some(run) = self.phase.process_mut() {
             if run.exit.is_none() {
                 tracing::warn!(
                     pid = run.pid.as_raw(),
@@ -216,9 +249,9 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
         let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(5);
         let mut slots: Vec<Slot> = Vec::with_capacity(5);
         let mut timeout = PollTimeout::NONE;
-        let read_host = match &self.phase {
-            Phase::Running(run) => run.stdin_queue.len() < STDIN_QUEUE_LIMIT,
-            _ => true,
+        let read_host = match self.phase.process() {
+            Some(run) => run.stdin_queue.len() < STDIN_QUEUE_LIMIT,
+            None => true,
         };
         if read_host {
             fds.push(PollFd::new(self.conn.as_fd(), PollFlags::POLLIN));
@@ -230,7 +263,9 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
                 timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
             }
             Phase::Idle => {}
-            Phase::Running(run) => {
+            // A created child writes nothing and is given no stdin, but its
+            // death (a host signal) must be seen.
+            Phase::Created(run, _) | Phase::Running(run) => {
                 fds.push(PollFd::new(self.ctx.sigchld.as_fd(), PollFlags::POLLIN));
                 slots.push(Slot::Sigchld);
                 if let Some(fd) = &run.stdout {
@@ -299,7 +334,7 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(status) => {
-                    if let Phase::Running(run) = &mut self.phase
+                    if let Some(run) = self.phase.process_mut()
                         && status.pid() == Some(run.pid)
                         && let Some(code) = exit_code(status)
                     {
@@ -319,7 +354,7 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
     }
 
     fn relay_output(&mut self, is_stderr: bool) -> Result<(), ProtocolError> {
-        let Phase::Running(run) = &mut self.phase else {
+        let Some(run) = self.phase.process_mut() else {
             return Ok(());
         };
         let slot = if is_stderr {
@@ -369,9 +404,7 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
     }
 
     fn check_exit(&mut self) -> Option<SessionEnd> {
-        let Phase::Running(run) = &mut self.phase else {
-            return None;
-        };
+        let run = self.phase.process_mut()?;
         let (code, at) = run.exit?;
         let drained = run.stdout.is_none() && run.stderr.is_none();
         if !drained && at.elapsed() < EXIT_DRAIN_GRACE {
@@ -485,19 +518,40 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
                     Err(e) => error(ErrorKind::Restore, e.to_string()),
                 })
             }
-            HostMessage::Run(req) => match &self.phase {
-                Phase::Idle => self.start(&req),
-                _ => self.reply(error(
+            HostMessage::Run(req) if matches!(self.phase, Phase::Idle) => self.run(&req),
+            HostMessage::Create(req) if matches!(self.phase, Phase::Idle) => {
+                self.create_and_reply(&req)
+            }
+            HostMessage::Run(_) | HostMessage::Create(_) => {
+                let message = match self.phase {
+                    Phase::Created(..) => {
+                        "a process was already created on this connection (send Start)"
+                    }
+                    _ => "a process was already started on this connection",
+                };
+                self.reply(error(ErrorKind::Protocol, message))
+            }
+            HostMessage::Start => match &self.phase {
+                Phase::Created(run, _) if run.exit.is_some() => self.reply(error(
                     ErrorKind::Protocol,
-                    "a process was already started on this connection",
+                    "the created process has already exited",
+                )),
+                Phase::Created(..) => self.start_and_reply(),
+                Phase::Running(_) => self.reply(error(
+                    ErrorKind::Protocol,
+                    "the process was already started",
+                )),
+                Phase::Handshake | Phase::Idle => self.reply(error(
+                    ErrorKind::Protocol,
+                    "no process was created on this connection (send Create first)",
                 )),
             },
-            HostMessage::Stdin(bytes) => self.with_process(|run| {
+            HostMessage::Stdin(bytes) => self.with_started(|run| {
                 if run.stdin.is_some() && !run.stdin_close {
                     run.stdin_queue.extend_from_slice(&bytes);
                 }
             }),
-            HostMessage::CloseStdin => self.with_process(|run| {
+            HostMessage::CloseStdin => self.with_started(|run| {
                 if run.terminal && !run.stdin_close {
                     // A terminal has no half-close: send EOF (^D) instead.
                     run.stdin_queue.push(0x04);
@@ -526,92 +580,32 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
         }
     }
 
-    /// Applies `f` to the running process, or answers that there is none.
+    /// Applies `f` to the process, created or running, or answers that
+    /// there is none.
     fn with_process(&mut self, f: impl FnOnce(&mut Running)) -> Flow {
+        match self.phase.process_mut() {
+            Some(run) => {
+                f(run);
+                Flow::Continue
+            }
+            None => self.reply(error(ErrorKind::Protocol, "no process is running")),
+        }
+    }
+
+    /// Applies `f` to the started process, or answers why there is none.
+    /// Stdin is refused before `Start`: see the crate doc of agent-protocol.
+    fn with_started(&mut self, f: impl FnOnce(&mut Running)) -> Flow {
         match &mut self.phase {
             Phase::Running(run) => {
                 f(run);
                 Flow::Continue
             }
-            _ => self.reply(error(ErrorKind::Protocol, "no process is running")),
-        }
-    }
-
-    fn fail_run(&mut self, kind: ErrorKind, message: String, code: i32) -> Flow {
-        tracing::warn!(?kind, %message, code, "run failed");
-        let _ = self.send(&error(kind, message));
-        let _ = self.send(&AgentMessage::Exited { code });
-        Flow::End(SessionEnd::Exited(code))
-    }
-
-    fn start(&mut self, req: &RunRequest) -> Flow {
-        let id = *self.ctx.next_id;
-        *self.ctx.next_id += 1;
-        let t0 = Instant::now();
-        let rootfs = match prepare(self.ctx.state_dir, id, &req.rootfs) {
-            Ok(r) => r,
-            Err(e) => return self.fail_run(ErrorKind::Rootfs, e.to_string(), EXIT_CANNOT_INVOKE),
-        };
-        let t_rootfs = t0.elapsed();
-        let mounted = prepare_dev(&rootfs.root, &req.mounts, req.rootfs.readonly)
-            .and_then(|()| {
-                req.mounts
-                    .iter()
-                    .try_for_each(|m| apply_mount(&rootfs.root, m))
-            })
-            .and_then(|()| populate_dev(&rootfs.root));
-        if let Err(e) = mounted {
-            rootfs.teardown();
-            return self.fail_run(ErrorKind::Rootfs, e.to_string(), EXIT_CANNOT_INVOKE);
-        }
-        let t_mounts = t0.elapsed();
-        let spawned = spawn(&rootfs.root, req);
-        tracing::debug!(
-            rootfs_us = t_rootfs.as_micros() as u64,
-            mounts_us = (t_mounts - t_rootfs).as_micros() as u64,
-            spawn_us = (t0.elapsed() - t_mounts).as_micros() as u64,
-            "run timing"
-        );
-        match spawned {
-            Ok(Spawned {
-                pid,
-                stdin,
-                stdout,
-                stderr,
-                terminal,
-            }) => {
-                if let Err(e) = nix::fcntl::fcntl(
-                    &stdin,
-                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-                ) {
-                    tracing::warn!(error = %e, "cannot make stdin non-blocking");
-                }
-                tracing::info!(pid = pid.as_raw(), args = ?req.args, "process started");
-                self.phase = Phase::Running(Box::new(Running {
-                    pid,
-                    stdin: Some(stdin),
-                    stdin_queue: Vec::new(),
-                    stdin_close: false,
-                    stdout: Some(stdout),
-                    stderr,
-                    terminal,
-                    exit: None,
-                    rootfs: Some(rootfs),
-                }));
-                let pid = u32::try_from(pid.as_raw()).unwrap_or(u32::MAX);
-                self.reply(AgentMessage::Started { pid })
-            }
-            Err(SpawnError::Exec {
-                kind,
-                message,
-                code,
-            }) => {
-                rootfs.teardown();
-                self.fail_run(kind, message, code)
-            }
-            Err(e @ SpawnError::Setup(_)) => {
-                rootfs.teardown();
-                self.fail_run(ErrorKind::ExecFailed, e.to_string(), EXIT_CANNOT_INVOKE)
+            Phase::Created(..) => self.reply(error(
+                ErrorKind::Protocol,
+                "the process is created but not started: stdin is accepted after Start",
+            )),
+            Phase::Handshake | Phase::Idle => {
+                self.reply(error(ErrorKind::Protocol, "no process is running"))
             }
         }
     }

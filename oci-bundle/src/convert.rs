@@ -1,0 +1,360 @@
+//! oci-spec's [`Spec`] to a [`BundleConfig`]: every field honoured,
+//! ignored (with a note) or refused, as the table in the crate doc says.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use agent_protocol::{Rlimit, RlimitKind, User, validate::validate_hostname};
+use oci_spec::runtime::{Hook, Hooks, Linux, Process, Spec};
+
+use crate::error::ConfigError;
+use crate::{BundleConfig, ConsoleSize, ProcessConfig, Resources, mounts, resources};
+
+/// The umask a guest process gets: the kernel's initial one, which the agent
+/// never changes.
+pub const GUEST_UMASK: u32 = 0o022;
+
+/// Device nodes the agent gives every container (as runc does); listing them
+/// in `linux.devices` asks for nothing more.
+const DEFAULT_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+];
+
+/// Converts a parsed config. `dir` is the absolute bundle directory.
+pub fn convert(dir: &Path, spec: &Spec, notes: Vec<String>) -> Result<BundleConfig, ConfigError> {
+    let mut ignored = notes;
+    let oci_version = spec.version().clone();
+    if oci_version.split('.').next() != Some("1") {
+        return Err(ConfigError::OciVersion(oci_version));
+    }
+    for (name, present) in [
+        ("solaris", spec.solaris().is_some()),
+        ("windows", spec.windows().is_some()),
+        ("vm", spec.vm().is_some()),
+        ("zos", spec.zos().is_some()),
+    ] {
+        if present {
+            return Err(ConfigError::Platform(name));
+        }
+    }
+    let root_spec = spec.root().as_ref().ok_or(ConfigError::NoRoot)?;
+    let root = rootfs(dir, root_spec.path())?;
+    let readonly = root_spec.readonly().unwrap_or(false);
+    let process = process(
+        spec.process().as_ref().ok_or(ConfigError::NoProcess)?,
+        &mut ignored,
+    )?;
+    let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
+    if let Some(h) = &hostname {
+        validate_hostname(h)?;
+    }
+    if spec.domainname().as_ref().is_some_and(|d| !d.is_empty()) {
+        ignored.push("domainname: not set in the guest".into());
+    }
+    if let Some(h) = spec.hooks() {
+        hooks(h, &mut ignored)?;
+    }
+    let mounts = mounts::translate(spec.mounts().as_deref().unwrap_or_default(), &mut ignored)?;
+    let resources = match spec.linux() {
+        Some(linux) => self::linux(linux, &mut ignored)?,
+        None => Resources::default(),
+    };
+    let annotations: BTreeMap<String, String> = spec
+        .annotations()
+        .as_ref()
+        .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    Ok(BundleConfig {
+        oci_version,
+        root,
+        readonly,
+        process,
+        hostname,
+        mounts,
+        annotations,
+        resources,
+        ignored,
+    })
+}
+
+/// The name an oci-spec enum has in config.json (its serde name, e.g.
+/// `RLIMIT_NOFILE`, `network`; its `Display` differs for some).
+fn oci_name<T: serde::Serialize + std::fmt::Debug>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{v:?}"))
+}
+
+fn utf8(field: &'static str, p: &Path) -> Result<String, ConfigError> {
+    p.to_str().map(str::to_owned).ok_or(ConfigError::NotUtf8 {
+        field,
+        value: p.to_string_lossy().into_owned(),
+    })
+}
+
+/// `root.path`, relative to the bundle unless absolute: an existing directory.
+fn rootfs(dir: &Path, path: &Path) -> Result<PathBuf, ConfigError> {
+    let joined = dir.join(path);
+    match std::fs::metadata(&joined) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(ConfigError::RootfsNotDir(joined)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ConfigError::RootfsMissing(joined));
+        }
+        Err(source) => {
+            return Err(ConfigError::RootfsAccess {
+                path: joined,
+                source,
+            });
+        }
+    }
+    joined
+        .canonicalize()
+        .map_err(|source| ConfigError::RootfsAccess {
+            path: joined,
+            source,
+        })
+}
+
+fn process(p: &Process, ignored: &mut Vec<String>) -> Result<ProcessConfig, ConfigError> {
+    let args = p.args().clone().unwrap_or_default();
+    if args.is_empty() {
+        return Err(ConfigError::EmptyArgs);
+    }
+    let cwd = utf8("process.cwd", p.cwd())?;
+    if !cwd.starts_with('/') {
+        return Err(ConfigError::RelativeCwd(cwd));
+    }
+    let u = p.user();
+    if let Some(umask) = u.umask()
+        && umask != GUEST_UMASK
+    {
+        return Err(ConfigError::Umask(umask));
+    }
+    if u.username().is_some() {
+        ignored.push("process.user.username: Windows only".into());
+    }
+    let user = User {
+        uid: u.uid(),
+        gid: u.gid(),
+        additional_gids: u.additional_gids().clone().unwrap_or_default(),
+    };
+    let mut rlimits = Vec::new();
+    for r in p.rlimits().as_deref().unwrap_or_default() {
+        let name = oci_name(&r.typ());
+        let kind = RlimitKind::from_oci_name(&name).ok_or(ConfigError::UnknownRlimit(name))?;
+        rlimits.push(Rlimit {
+            kind,
+            soft: r.soft(),
+            hard: r.hard(),
+        });
+    }
+    let console_size = p
+        .console_size()
+        .as_ref()
+        .filter(|b| b.height() > 0 && b.width() > 0)
+        .map(|b| ConsoleSize {
+            rows: u16::try_from(b.height()).unwrap_or(u16::MAX),
+            cols: u16::try_from(b.width()).unwrap_or(u16::MAX),
+        });
+    for (name, present, why) in [
+        (
+            "capabilities",
+            p.capabilities().is_some(),
+            "the VM is the isolation boundary",
+        ),
+        (
+            "apparmorProfile",
+            p.apparmor_profile().is_some(),
+            "no LSM in the guest",
+        ),
+        (
+            "selinuxLabel",
+            p.selinux_label().is_some(),
+            "no LSM in the guest",
+        ),
+        (
+            "oomScoreAdj",
+            p.oom_score_adj().is_some(),
+            "the container is alone in its VM",
+        ),
+        (
+            "ioPriority",
+            p.io_priority().is_some(),
+            "the container is alone in its VM",
+        ),
+        (
+            "scheduler",
+            p.scheduler().is_some(),
+            "the container is alone in its VM",
+        ),
+        (
+            "execCPUAffinity",
+            p.exec_cpu_affinity().is_some(),
+            "vCPUs are not host CPUs",
+        ),
+        ("commandLine", p.command_line().is_some(), "Windows only"),
+    ] {
+        if present {
+            ignored.push(format!("process.{name}: {why}"));
+        }
+    }
+    Ok(ProcessConfig {
+        args,
+        env: p.env().clone().unwrap_or_default(),
+        cwd,
+        user,
+        terminal: p.terminal().unwrap_or(false),
+        console_size,
+        rlimits,
+        no_new_privileges: p.no_new_privileges().unwrap_or(false),
+    })
+}
+
+/// The network set-up hooks of Docker (`dockerd libnetwork-setkey`, which
+/// moves the container's interfaces into its network namespace) and nerdctl
+/// (`nerdctl internal oci-hook`). The VM has no network yet and its
+/// namespace is not the VMM's, so running them would configure the wrong
+/// namespace; skipping them leaves the container without network, as if
+/// `--network none`. Any other hook is refused.
+fn is_network_hook(h: &Hook) -> bool {
+    let args = h.args().as_deref().unwrap_or_default();
+    args.iter().any(|a| a == "libnetwork-setkey")
+        || args
+            .windows(2)
+            .any(|w| w[0] == "internal" && w[1] == "oci-hook")
+}
+
+fn hooks(h: &Hooks, ignored: &mut Vec<String>) -> Result<(), ConfigError> {
+    #[allow(deprecated)]
+    let lists = [
+        ("prestart", h.prestart()),
+        ("createRuntime", h.create_runtime()),
+        ("createContainer", h.create_container()),
+        ("startContainer", h.start_container()),
+        ("poststart", h.poststart()),
+        ("poststop", h.poststop()),
+    ];
+    for (kind, list) in lists {
+        for hook in list.as_deref().unwrap_or_default() {
+            let path = hook.path().to_string_lossy().into_owned();
+            if is_network_hook(hook) {
+                ignored.push(format!(
+                    "hooks.{kind}: network hook {path} not run (the VM has no network yet)"
+                ));
+            } else {
+                return Err(ConfigError::Hook { kind, path });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<Resources, ConfigError> {
+    for (name, present) in [
+        ("personality", l.personality().is_some()),
+        ("timeOffsets", l.time_offsets().is_some()),
+        ("netDevices", l.net_devices().is_some()),
+    ] {
+        if present {
+            return Err(ConfigError::UnsupportedLinux(name));
+        }
+    }
+    if let Some(ns) = l.namespaces() {
+        let mut names = Vec::new();
+        for n in ns {
+            let ty = oci_name(&n.typ());
+            if let Some(path) = n.path() {
+                return Err(ConfigError::JoinNamespace {
+                    ns: ty,
+                    path: path.to_string_lossy().into_owned(),
+                });
+            }
+            names.push(ty);
+        }
+        ignored.push(format!(
+            "linux.namespaces ({}): the VM is the isolation boundary",
+            names.join(", ")
+        ));
+    }
+    for d in l.devices().as_deref().unwrap_or_default() {
+        let path = d.path().to_string_lossy().into_owned();
+        if !DEFAULT_DEVICES.contains(&path.as_str()) {
+            return Err(ConfigError::Device(path));
+        }
+        ignored.push(format!("linux.devices {path}: the guest provides it"));
+    }
+    if let Some(sysctl) = l.sysctl() {
+        let mut keys: Vec<&String> = sysctl.keys().collect();
+        keys.sort();
+        for k in keys {
+            ignored.push(format!("linux.sysctl {k}: not applied in the guest"));
+        }
+    }
+    for (name, present, why) in [
+        (
+            "uidMappings",
+            l.uid_mappings().is_some(),
+            "the VM is the isolation boundary",
+        ),
+        (
+            "gidMappings",
+            l.gid_mappings().is_some(),
+            "the VM is the isolation boundary",
+        ),
+        (
+            "cgroupsPath",
+            l.cgroups_path().is_some(),
+            "the VM's size is its limit",
+        ),
+        (
+            "seccomp",
+            l.seccomp().is_some(),
+            "the VM is the isolation boundary",
+        ),
+        (
+            "maskedPaths",
+            l.masked_paths().is_some(),
+            "they mask the guest's /proc and /sys, not the host's",
+        ),
+        (
+            "readonlyPaths",
+            l.readonly_paths().is_some(),
+            "they protect the guest's /proc and /sys, not the host's",
+        ),
+        (
+            "rootfsPropagation",
+            l.rootfs_propagation().is_some(),
+            "one container per VM",
+        ),
+        (
+            "mountLabel",
+            l.mount_label().is_some(),
+            "no LSM in the guest",
+        ),
+        (
+            "intelRdt",
+            l.intel_rdt().is_some(),
+            "vCPUs are not host CPUs",
+        ),
+        (
+            "memoryPolicy",
+            l.memory_policy().is_some(),
+            "the guest has one NUMA node",
+        ),
+    ] {
+        if present {
+            ignored.push(format!("linux.{name}: {why}"));
+        }
+    }
+    match l.resources() {
+        Some(r) => resources::from_oci(r, ignored),
+        None => Ok(Resources::default()),
+    }
+}

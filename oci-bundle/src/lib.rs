@@ -1,0 +1,225 @@
+//! Reads an OCI bundle's `config.json` and turns it into what the kata-snap
+//! guest agent needs: the container process as an
+//! [`agent_protocol::RunRequest`], the VM's size, and a line for everything
+//! the config asks for that a VM does not do.
+//!
+//! ```text
+//!  bundle/config.json ──read (bounded, no FIFO/symlink/device)──► bytes
+//!        ──serde_json + oci-spec──► Spec ──convert──► BundleConfig
+//!        ──run_request(rootfs)──► RunRequest (checked by agent_protocol::Validate in load)
+//! ```
+//!
+//! [`load`] fails before any VM exists: a missing or hostile config.json, a
+//! missing rootfs, or anything kata-snap cannot honour is refused with one
+//! line naming the file and the cause.
+//!
+//! # What happens to each field
+//!
+//! *Honoured* fields reach the guest or size the VM. *Ignored* ones are
+//! accepted and recorded in [`BundleConfig::ignored`]: they exist to confine
+//! a container sharing a host kernel, and a container alone in its VM is
+//! confined by the VM. *Refused* ones are things a user relies on that a VM
+//! cannot give; refusing beats pretending.
+//!
+//! | field | decision |
+//! | --- | --- |
+//! | `ociVersion` | honoured: must be 1.x |
+//! | `root.path` | honoured: relative to the bundle unless absolute; must be an existing directory |
+//! | `root.readonly` | honoured: no writable overlay in the guest |
+//! | `process` | required; `args` must not be empty (runc's message) |
+//! | `process.args`, `env`, `terminal`, `noNewPrivileges` | honoured |
+//! | `process.cwd` | honoured; must be absolute |
+//! | `process.consoleSize` | honoured (for the runtime's first resize) |
+//! | `process.user.uid`, `gid`, `additionalGids` | honoured |
+//! | `process.user.umask` | 0o022 (what the guest gives) accepted; any other value refused: the agent cannot set one yet |
+//! | `process.user.username`, `commandLine` | ignored (Windows only) |
+//! | `process.rlimits` | honoured; an unknown name is refused |
+//! | `process.capabilities` | ignored: the VM is the boundary; the process has the capabilities of its uid in the guest |
+//! | `process.apparmorProfile`, `selinuxLabel`, `linux.mountLabel` | ignored: the guest kernel has no LSM |
+//! | `process.oomScoreAdj`, `ioPriority`, `scheduler`, `execCPUAffinity` | ignored: the process is alone in its VM |
+//! | `hostname` | honoured |
+//! | `domainname` | ignored |
+//! | `mounts` proc, sysfs, tmpfs, devpts, mqueue | honoured: made by the guest |
+//! | `mounts` cgroup, cgroup2 | honoured as cgroup2 (what runc does on a cgroup v2 host; the guest kernel has cgroup2 and no v1 controllers); options other than mount flags dropped |
+//! | `mounts` bind of host `/sys` on `/sys` (`runc spec --rootless`) | replaced by the guest's sysfs |
+//! | `mounts` bind on `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname` (Docker) | ignored: the VM has no network yet, the hostname comes from `hostname`, the rootfs's own files are used |
+//! | `mounts` any other bind (`type: bind`, or `bind`/`rbind` option) | refused: the VM cannot see host files until a shared filesystem exists |
+//! | `mounts` other types (overlay, nfs, `none` without bind...) | refused |
+//! | `mounts[].uidMappings`/`gidMappings` (idmapped) | refused |
+//! | `hooks` Docker `libnetwork-setkey`, nerdctl `internal oci-hook` | ignored: network set-up for a namespace the VM does not use; the container has no network, as with `--network none` |
+//! | `hooks` any other | refused: no hook runs (its view of the container's pid and namespaces would be wrong) |
+//! | `annotations` | honoured: kept for the runtime's state |
+//! | `linux.namespaces` without `path` | ignored: the VM is the boundary |
+//! | `linux.namespaces` with `path` (join an existing one) | refused |
+//! | `linux.uidMappings`, `gidMappings` | ignored: ids are used as they are in the guest |
+//! | `linux.resources.memory.limit` | honoured: VM memory (see [`resources`]); above the largest VM refused |
+//! | `linux.resources.cpu.quota`/`period`/`cpus` | honoured: vCPUs (see [`resources`]) |
+//! | `linux.resources` anything else | ignored: no host cgroup for the container |
+//! | `linux.cgroupsPath` | ignored |
+//! | `linux.seccomp` | ignored: the VM is the boundary |
+//! | `linux.maskedPaths`, `readonlyPaths` | ignored: they would hide the guest's /proc and /sys, not the host's |
+//! | `linux.sysctl` | ignored, each key recorded (Docker always sends two network ones) |
+//! | `linux.devices` | the default devices (null, zero, full, random, urandom, tty) ignored, the guest has them; any other refused |
+//! | `linux.rootfsPropagation` | ignored |
+//! | `linux.intelRdt`, `memoryPolicy` | ignored |
+//! | `linux.personality`, `timeOffsets`, `netDevices` | refused |
+//! | `solaris`, `windows`, `vm`, `zos` | refused |
+//!
+//! oci-spec's types are stricter than runc in some sections kata-snap ignores
+//! (an unknown capability or seccomp action is a parse error there, a
+//! warning in runc): when the typed parse fails, it is retried without those
+//! sections, so they cannot make a config unusable; other errors keep
+//! serde's line and column.
+#![deny(missing_docs)]
+
+mod convert;
+mod error;
+mod mounts;
+mod read;
+pub mod resources;
+mod spec;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use agent_protocol::{Mount, Rlimit, RootfsSource, RootfsSpec, RunRequest, User, Validate};
+
+pub use convert::GUEST_UMASK;
+pub use error::{BundleError, ConfigError};
+pub use read::MAX_CONFIG_BYTES;
+pub use resources::Resources;
+pub use spec::{OCI_VERSION_MIN, SPEC_VERSION, default_spec, features};
+
+/// The name of the config file in a bundle.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// A loaded bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// The bundle directory, absolute and without symlinks.
+    pub dir: PathBuf,
+    /// Its config, checked.
+    pub config: BundleConfig,
+}
+
+impl Bundle {
+    /// Path of the bundle's config.json.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+}
+
+/// A bundle's config, as kata-snap will run it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleConfig {
+    /// `ociVersion`, as written.
+    pub oci_version: String,
+    /// The rootfs directory, absolute and without symlinks.
+    pub root: PathBuf,
+    /// `root.readonly`.
+    pub readonly: bool,
+    /// The container process.
+    pub process: ProcessConfig,
+    /// `hostname`, if set and not empty.
+    pub hostname: Option<String>,
+    /// The mounts the guest will make, in order.
+    pub mounts: Vec<Mount>,
+    /// `annotations`.
+    pub annotations: BTreeMap<String, String>,
+    /// The VM's size from `linux.resources`.
+    pub resources: Resources,
+    /// What was accepted but has no effect in a VM, one line each.
+    pub ignored: Vec<String>,
+}
+
+/// The container process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessConfig {
+    /// argv, not empty.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<String>,
+    /// Absolute working directory.
+    pub cwd: String,
+    /// uid, gid and supplementary groups.
+    pub user: User,
+    /// Give the process a terminal.
+    pub terminal: bool,
+    /// Initial terminal size, if given.
+    pub console_size: Option<ConsoleSize>,
+    /// Resource limits.
+    pub rlimits: Vec<Rlimit>,
+    /// Set `PR_SET_NO_NEW_PRIVS`.
+    pub no_new_privileges: bool,
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleSize {
+    /// Rows, at least 1.
+    pub rows: u16,
+    /// Columns, at least 1.
+    pub cols: u16,
+}
+
+impl BundleConfig {
+    /// The agent request that runs this container on `rootfs`.
+    pub fn run_request(&self, rootfs: RootfsSource) -> RunRequest {
+        let p = &self.process;
+        RunRequest {
+            args: p.args.clone(),
+            env: p.env.clone(),
+            cwd: p.cwd.clone(),
+            user: p.user.clone(),
+            hostname: self.hostname.clone(),
+            rlimits: p.rlimits.clone(),
+            mounts: self.mounts.clone(),
+            terminal: p.terminal,
+            no_new_privileges: p.no_new_privileges,
+            rootfs: RootfsSpec {
+                source: rootfs,
+                readonly: self.readonly,
+            },
+        }
+    }
+}
+
+/// Loads and checks the bundle in `bundle_dir`: reads config.json, converts
+/// it, and validates the resulting request as the agent will.
+pub fn load(bundle_dir: &Path) -> Result<Bundle, BundleError> {
+    let dir = bundle_dir
+        .canonicalize()
+        .map_err(|source| BundleError::BundleDir {
+            path: bundle_dir.into(),
+            source,
+        })?;
+    if !dir.is_dir() {
+        return Err(BundleError::BundleNotDir {
+            path: bundle_dir.into(),
+        });
+    }
+    let path = dir.join(CONFIG_FILE);
+    let bytes = read::read_config(&path)?;
+    let (spec, notes) = read::parse_config(&path, &bytes)?;
+    let config_err = |error| BundleError::Config {
+        path: path.clone(),
+        error,
+    };
+    let config = convert::convert(&dir, &spec, notes).map_err(config_err)?;
+    // The runtime picks the real source; any valid one checks the rest.
+    let probe = RootfsSource::Block {
+        device: "/dev/vdb".into(),
+        fs: None,
+    };
+    config
+        .run_request(probe)
+        .validate()
+        .map_err(|e| config_err(e.into()))?;
+    tracing::debug!(
+        bundle = %dir.display(),
+        mounts = config.mounts.len(),
+        ignored = ?config.ignored,
+        "bundle loaded"
+    );
+    Ok(Bundle { dir, config })
+}

@@ -1,0 +1,144 @@
+//! Reading config.json without trusting it: no blocking on a FIFO, no
+//! following a symlink, no reading a device, a bound on the size.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use oci_spec::runtime::Spec;
+use serde_json::Value;
+
+use crate::error::BundleError;
+
+/// Largest config.json accepted. runc's and Docker's are a few KiB; a
+/// Docker config with its seccomp profile is about 30 KiB.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Sections kata-snap ignores whose oci-spec types are closed enums stricter
+/// than runc (an unknown capability or seccomp action fails to parse there,
+/// while runc skips it with a warning). When the typed parse fails, it is
+/// retried without them, so they can never make a config unusable.
+const LENIENT_SECTIONS: &[(&str, &str)] = &[
+    ("/process", "capabilities"),
+    ("/process", "ioPriority"),
+    ("/process", "scheduler"),
+    ("/linux", "seccomp"),
+    ("/linux", "memoryPolicy"),
+    ("/linux", "intelRdt"),
+    ("/linux/resources", "devices"),
+];
+
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_symlink() {
+        "symbolic link"
+    } else {
+        "special file"
+    }
+}
+
+fn open(path: &Path) -> Result<File, BundleError> {
+    // O_NONBLOCK: opening a FIFO must not wait for a writer. O_NOFOLLOW: a
+    // symlink could point at a device whose open has side effects.
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ENOENT) => BundleError::ConfigMissing { path: path.into() },
+            Some(libc::ELOOP) => BundleError::ConfigSymlink { path: path.into() },
+            _ => BundleError::ConfigRead {
+                path: path.into(),
+                source,
+            },
+        })
+}
+
+/// Reads config.json: a regular file of at most [`MAX_CONFIG_BYTES`].
+pub fn read_config(path: &Path) -> Result<Vec<u8>, BundleError> {
+    let file = open(path)?;
+    let read_err = |source| BundleError::ConfigRead {
+        path: path.into(),
+        source,
+    };
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.file_type().is_file() {
+        return Err(BundleError::ConfigNotRegular {
+            path: path.into(),
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(BundleError::ConfigTooLarge {
+            path: path.into(),
+            max: MAX_CONFIG_BYTES,
+        });
+    }
+    // The size may change under us: never read past the bound.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(BundleError::ConfigTooLarge {
+            path: path.into(),
+            max: MAX_CONFIG_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Parses config.json into oci-spec's [`Spec`]. Also returns notes for the
+/// ignored list when a lenient section had to be dropped to parse.
+pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<(Spec, Vec<String>), BundleError> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|source| BundleError::ConfigSyntax {
+            path: path.into(),
+            source,
+        })?;
+    if !value.is_object() {
+        return Err(BundleError::ConfigSchema {
+            path: path.into(),
+            source: <serde_json::Error as serde::de::Error>::custom(
+                "the top level must be a JSON object",
+            ),
+        });
+    }
+    let strict_err = match serde_json::from_slice::<Spec>(bytes) {
+        Ok(spec) => return Ok((spec, Vec::new())),
+        Err(e) => e,
+    };
+    let mut lenient = value;
+    let mut notes = Vec::new();
+    for (parent, key) in LENIENT_SECTIONS {
+        if let Some(Value::Object(map)) = lenient.pointer_mut(parent)
+            && map.remove(*key).is_some()
+        {
+            notes.push(format!(
+                "{}.{key}: ignored, dropped before parsing since oci-spec refused the config ({strict_err})",
+                parent.trim_start_matches('/').replace('/', ".")
+            ));
+        }
+    }
+    match (notes.is_empty(), serde_json::from_value::<Spec>(lenient)) {
+        (false, Ok(spec)) => {
+            tracing::warn!(path = %path.display(), error = %strict_err,
+                "config.json parsed only without sections kata-snap ignores");
+            Ok((spec, notes))
+        }
+        _ => Err(BundleError::ConfigSchema {
+            path: path.into(),
+            source: strict_err,
+        }),
+    }
+}

@@ -1,0 +1,333 @@
+//! Field by field: what is honoured, ignored or refused.
+
+mod common;
+
+use common::{TestBundle, minimal};
+use oci_bundle::ConfigError;
+use serde_json::json;
+
+fn load_with(edit: impl FnOnce(&mut serde_json::Value)) -> (TestBundle, serde_json::Value) {
+    let b = TestBundle::new();
+    let mut c = minimal(&["sh"]);
+    edit(&mut c);
+    b.write(&c);
+    (b, c)
+}
+
+#[test]
+fn test_process_missing_refused() {
+    let (b, _) = load_with(|c| {
+        c.as_object_mut().unwrap().remove("process");
+    });
+    assert!(matches!(b.refused(), ConfigError::NoProcess));
+}
+
+#[test]
+fn test_args_empty_or_missing_refused_with_runc_wording() {
+    let (b, _) = load_with(|c| c["process"]["args"] = json!([]));
+    let e = b.refused();
+    assert!(matches!(e, ConfigError::EmptyArgs));
+    assert_eq!(e.to_string(), "args must not be empty");
+    let (b, _) = load_with(|c| {
+        c["process"].as_object_mut().unwrap().remove("args");
+    });
+    assert!(matches!(b.refused(), ConfigError::EmptyArgs));
+}
+
+#[test]
+fn test_root_missing_refused() {
+    let (b, _) = load_with(|c| {
+        c.as_object_mut().unwrap().remove("root");
+    });
+    assert!(matches!(b.refused(), ConfigError::NoRoot));
+}
+
+#[test]
+fn test_oci_version_other_major_refused() {
+    let (b, _) = load_with(|c| c["ociVersion"] = "2.0.0".into());
+    assert!(matches!(b.refused(), ConfigError::OciVersion(_)));
+    let (b, _) = load_with(|c| {
+        c.as_object_mut().unwrap().remove("ociVersion");
+    });
+    assert!(matches!(b.refused(), ConfigError::OciVersion(_)));
+    let (b, _) = load_with(|c| c["ociVersion"] = "1.2.1".into());
+    b.load().unwrap();
+}
+
+#[test]
+fn test_cwd_relative_refused() {
+    let (b, _) = load_with(|c| c["process"]["cwd"] = "work".into());
+    let e = b.refused();
+    assert!(matches!(e, ConfigError::RelativeCwd(_)));
+    assert!(
+        e.to_string()
+            .contains("cwd property must be an absolute path")
+    );
+}
+
+#[test]
+fn test_cwd_with_dotdot_refused_by_validation() {
+    let (b, _) = load_with(|c| c["process"]["cwd"] = "/a/../b".into());
+    assert!(matches!(b.refused(), ConfigError::Invalid(_)));
+}
+
+#[test]
+fn test_user_and_groups_honoured() {
+    let (b, _) = load_with(|c| {
+        c["process"]["user"] = json!({"uid": 1000, "gid": 100, "additionalGids": [5, 6]});
+    });
+    let u = b.load().unwrap().config.process.user;
+    assert_eq!((u.uid, u.gid, u.additional_gids), (1000, 100, vec![5, 6]));
+}
+
+#[test]
+fn test_umask_default_accepted_other_refused() {
+    let (b, _) = load_with(|c| c["process"]["user"]["umask"] = 0o022.into());
+    b.load().unwrap();
+    let (b, _) = load_with(|c| c["process"]["user"]["umask"] = 0o077.into());
+    let e = b.refused();
+    assert!(matches!(e, ConfigError::Umask(0o077)));
+    assert!(e.to_string().contains("0o77"), "{e}");
+}
+
+#[test]
+fn test_env_without_equals_refused() {
+    let (b, _) = load_with(|c| c["process"]["env"] = json!(["PATH=/bin", "JUNK"]));
+    assert!(matches!(b.refused(), ConfigError::Invalid(_)));
+}
+
+#[test]
+fn test_rlimits_all_oci_names_mapped() {
+    let names = [
+        "RLIMIT_AS",
+        "RLIMIT_CORE",
+        "RLIMIT_CPU",
+        "RLIMIT_DATA",
+        "RLIMIT_FSIZE",
+        "RLIMIT_LOCKS",
+        "RLIMIT_MEMLOCK",
+        "RLIMIT_MSGQUEUE",
+        "RLIMIT_NICE",
+        "RLIMIT_NOFILE",
+        "RLIMIT_NPROC",
+        "RLIMIT_RSS",
+        "RLIMIT_RTPRIO",
+        "RLIMIT_RTTIME",
+        "RLIMIT_SIGPENDING",
+        "RLIMIT_STACK",
+    ];
+    let (b, _) = load_with(|c| {
+        c["process"]["rlimits"] = names
+            .iter()
+            .map(|n| json!({"type": n, "soft": 1, "hard": 2}))
+            .collect();
+    });
+    let r = b.load().unwrap().config.process.rlimits;
+    assert_eq!(r.len(), names.len());
+    for (l, n) in r.iter().zip(names) {
+        assert_eq!(Some(l.kind), agent_protocol::RlimitKind::from_oci_name(n));
+    }
+}
+
+#[test]
+fn test_rlimit_soft_above_hard_refused() {
+    let (b, _) = load_with(|c| {
+        c["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "soft": 10, "hard": 5}]);
+    });
+    assert!(matches!(b.refused(), ConfigError::Invalid(_)));
+}
+
+#[test]
+fn test_terminal_console_size_and_no_new_privileges() {
+    let (b, _) = load_with(|c| {
+        c["process"]["terminal"] = false.into();
+        c["process"]["noNewPrivileges"] = false.into();
+        c["process"]["consoleSize"] = json!({"height": 40, "width": 120});
+    });
+    let p = b.load().unwrap().config.process;
+    assert!(!p.terminal && !p.no_new_privileges);
+    assert_eq!(
+        p.console_size,
+        Some(oci_bundle::ConsoleSize {
+            rows: 40,
+            cols: 120
+        })
+    );
+}
+
+#[test]
+fn test_hostname_invalid_refused_empty_is_none() {
+    let (b, _) = load_with(|c| c["hostname"] = "bad host!".into());
+    assert!(matches!(b.refused(), ConfigError::Invalid(_)));
+    let (b, _) = load_with(|c| c["hostname"] = "".into());
+    assert_eq!(b.load().unwrap().config.hostname, None);
+}
+
+#[test]
+fn test_root_readonly_false_when_absent() {
+    let (b, _) = load_with(|c| c["root"] = json!({"path": "rootfs"}));
+    assert!(!b.load().unwrap().config.readonly);
+}
+
+#[test]
+fn test_mount_unknown_type_refused_naming_mount() {
+    let (b, _) = load_with(|c| {
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/mnt/x", "type": "nfs", "source": "server:/export"
+        }));
+    });
+    let e = b.refused();
+    let msg = e.to_string();
+    assert!(matches!(e, ConfigError::UnsupportedMountType { .. }));
+    assert!(
+        msg.contains("mount /mnt/x") && msg.contains("\"nfs\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn test_mount_missing_type_refused() {
+    let (b, _) = load_with(|c| {
+        c["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"destination": "/x", "source": "y"}));
+    });
+    assert!(matches!(
+        b.refused(),
+        ConfigError::UnsupportedMountType { .. }
+    ));
+}
+
+#[test]
+fn test_bind_by_option_refused_naming_destination_and_source() {
+    let (b, _) = load_with(|c| {
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/data", "type": "none", "source": "/home/me/data", "options": ["rbind", "ro"]
+        }));
+    });
+    let e = b.refused();
+    let msg = e.to_string();
+    assert!(matches!(e, ConfigError::HostBind { .. }));
+    assert!(
+        msg.contains("mount /data: bind mount of host path /home/me/data"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn test_mount_relative_destination_refused() {
+    let (b, _) = load_with(|c| {
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "tmp", "type": "tmpfs", "source": "tmpfs"
+        }));
+    });
+    assert!(matches!(b.refused(), ConfigError::Invalid(_)));
+}
+
+#[test]
+fn test_cgroup_v1_options_dropped_for_cgroup2() {
+    let (b, _) = load_with(|c| {
+        c["mounts"][6]["options"] = json!(["ro", "nosuid", "cpu,cpuacct"]);
+    });
+    let c = b.load().unwrap().config;
+    let cg = &c.mounts[6];
+    assert_eq!(
+        (cg.fs_type.as_str(), cg.source.as_str()),
+        ("cgroup2", "cgroup2")
+    );
+    assert_eq!(cg.options, ["ro", "nosuid"]);
+    assert!(c.ignored.iter().any(|i| i.contains("cgroup options")));
+}
+
+#[test]
+fn test_idmapped_mount_refused() {
+    let (b, _) = load_with(|c| {
+        c["mounts"][0]["uidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
+        c["mounts"][0]["gidMappings"] = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
+    });
+    assert!(matches!(b.refused(), ConfigError::IdmappedMount(_)));
+}
+
+#[test]
+fn test_hooks_refused_unless_network_hook() {
+    let (b, _) = load_with(|c| {
+        c["hooks"] = json!({"poststop": [{"path": "/usr/local/bin/cleanup"}]});
+    });
+    let msg = b.refused().to_string();
+    assert!(
+        msg.contains("hooks.poststop: hook /usr/local/bin/cleanup"),
+        "{msg}"
+    );
+    let (b, _) = load_with(|c| {
+        c["hooks"] = json!({"createRuntime": [{
+            "path": "/usr/local/bin/nerdctl",
+            "args": ["/usr/local/bin/nerdctl", "internal", "oci-hook", "createRuntime"]
+        }]});
+    });
+    let ignored = b.load().unwrap().config.ignored;
+    assert!(
+        ignored
+            .iter()
+            .any(|i| i.starts_with("hooks.createRuntime: network hook"))
+    );
+}
+
+#[test]
+fn test_namespace_with_path_refused() {
+    let (b, _) = load_with(|c| {
+        c["linux"]["namespaces"][1] = json!({"type": "network", "path": "/var/run/netns/cni-1"});
+    });
+    let msg = b.refused().to_string();
+    assert!(
+        msg.contains("network namespace at /var/run/netns/cni-1"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn test_devices_default_ignored_others_refused() {
+    let (b, _) = load_with(|c| {
+        c["linux"]["devices"] = json!([{"path": "/dev/null", "type": "c", "major": 1, "minor": 3}]);
+    });
+    b.load().unwrap();
+    let (b, _) = load_with(|c| {
+        c["linux"]["devices"] = json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}]);
+    });
+    assert!(matches!(b.refused(), ConfigError::Device(d) if d == "/dev/sda"));
+}
+
+#[test]
+fn test_personality_and_platform_sections_refused() {
+    let (b, _) = load_with(|c| c["linux"]["personality"] = json!({"domain": "LINUX32"}));
+    assert!(matches!(
+        b.refused(),
+        ConfigError::UnsupportedLinux("personality")
+    ));
+    let (b, _) = load_with(|c| c["windows"] = json!({"layerFolders": ["C:\\l"]}));
+    assert!(matches!(b.refused(), ConfigError::Platform("windows")));
+}
+
+#[test]
+fn test_memory_limit_above_max_refused() {
+    let (b, _) = load_with(|c| {
+        c["linux"]["resources"]["memory"] = json!({"limit": 64_i64 << 30});
+    });
+    let msg = b.refused().to_string();
+    assert!(
+        msg.contains("above the largest supported limit of 16320 MiB"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn test_bad_cpuset_refused() {
+    let (b, _) = load_with(|c| c["linux"]["resources"]["cpu"] = json!({"cpus": "0-x"}));
+    assert!(matches!(b.refused(), ConfigError::BadCpuList(_)));
+}
+
+#[test]
+fn test_cpuset_sizes_vcpus() {
+    let (b, _) = load_with(|c| c["linux"]["resources"]["cpu"] = json!({"cpus": "0-3,6"}));
+    assert_eq!(b.load().unwrap().config.resources.vcpus, Some(5));
+}

@@ -1,0 +1,249 @@
+//! The configs runc, containerd and Docker write, loaded as kata-snap will.
+
+mod common;
+
+use agent_protocol::{Mount, RlimitKind, RootfsSource, Validate};
+use common::{TestBundle, fixture};
+use oci_bundle::{ConfigError, Resources};
+
+fn mount_types(mounts: &[Mount]) -> Vec<(&str, &str)> {
+    mounts
+        .iter()
+        .map(|m| (m.destination.as_str(), m.fs_type.as_str()))
+        .collect()
+}
+
+fn has(ignored: &[String], prefix: &str) -> bool {
+    ignored.iter().any(|i| i.starts_with(prefix))
+}
+
+#[test]
+fn test_runc_default_spec_loaded() {
+    let b = TestBundle::new();
+    b.write(&fixture("runc-default.json"));
+    let bundle = b.load().unwrap();
+    assert_eq!(bundle.dir, b.path().canonicalize().unwrap());
+    let c = &bundle.config;
+    assert_eq!(c.oci_version, "1.0.2-dev");
+    assert_eq!(c.root, b.path().join("rootfs").canonicalize().unwrap());
+    assert!(c.readonly);
+    assert_eq!(c.process.args, ["sh"]);
+    assert!(c.process.terminal);
+    assert!(c.process.no_new_privileges);
+    assert_eq!(c.process.cwd, "/");
+    assert_eq!((c.process.user.uid, c.process.user.gid), (0, 0));
+    assert_eq!(c.process.rlimits.len(), 1);
+    assert_eq!(c.process.rlimits[0].kind, RlimitKind::Nofile);
+    assert_eq!(
+        (c.process.rlimits[0].soft, c.process.rlimits[0].hard),
+        (1024, 1024)
+    );
+    assert_eq!(c.hostname.as_deref(), Some("runc"));
+    assert_eq!(
+        mount_types(&c.mounts),
+        [
+            ("/proc", "proc"),
+            ("/dev", "tmpfs"),
+            ("/dev/pts", "devpts"),
+            ("/dev/shm", "tmpfs"),
+            ("/dev/mqueue", "mqueue"),
+            ("/sys", "sysfs"),
+            ("/sys/fs/cgroup", "cgroup2"),
+        ]
+    );
+    let cg = &c.mounts[6];
+    assert_eq!(cg.options, ["nosuid", "noexec", "nodev", "relatime", "ro"]);
+    assert_eq!(c.resources, Resources::default());
+    for field in [
+        "process.capabilities",
+        "linux.namespaces",
+        "linux.maskedPaths",
+        "linux.readonlyPaths",
+        "linux.resources.devices",
+    ] {
+        assert!(has(&c.ignored, field), "{field} not in {:#?}", c.ignored);
+    }
+}
+
+#[test]
+fn test_runc_rootless_spec_sys_bind_becomes_sysfs() {
+    let b = TestBundle::new();
+    b.write(&fixture("runc-rootless.json"));
+    let c = b.load().unwrap().config;
+    let sys = c.mounts.iter().find(|m| m.destination == "/sys").unwrap();
+    assert_eq!(sys.fs_type, "sysfs");
+    assert_eq!(sys.source, "sysfs");
+    assert_eq!(sys.options, ["nosuid", "noexec", "nodev", "ro"]);
+    assert!(
+        has(&c.ignored, "mount /sys: bind of host /sys"),
+        "{:#?}",
+        c.ignored
+    );
+    assert!(has(&c.ignored, "linux.uidMappings"));
+    assert!(
+        has(&c.ignored, "linux.namespaces (pid, ipc, uts, mnt, user)")
+            || has(&c.ignored, "linux.namespaces")
+    );
+}
+
+#[test]
+fn test_containerd_spec_resources_and_mounts() {
+    let b = TestBundle::new();
+    b.write(&fixture("containerd-ctr.json"));
+    let c = b.load().unwrap().config;
+    assert!(!c.readonly);
+    assert_eq!(c.process.user.additional_gids, [0, 10]);
+    // 256 MiB + 64 MiB guest overhead; quota 1.5 CPUs -> 2 vCPUs.
+    assert_eq!(
+        c.resources,
+        Resources {
+            mem_mib: Some(320),
+            vcpus: Some(2)
+        }
+    );
+    assert_eq!(
+        mount_types(&c.mounts).last(),
+        Some(&("/sys/fs/cgroup", "cgroup2"))
+    );
+    assert!(
+        c.mounts
+            .iter()
+            .any(|m| m.destination == "/run" && m.fs_type == "tmpfs")
+    );
+    assert_eq!(
+        c.annotations
+            .get("io.containerd.image.name")
+            .map(String::as_str),
+        Some("docker.io/library/busybox:latest")
+    );
+    for field in [
+        "linux.seccomp",
+        "linux.cgroupsPath",
+        "linux.resources.cpu.shares",
+        "process.capabilities",
+    ] {
+        assert!(has(&c.ignored, field), "{field} not in {:#?}", c.ignored);
+    }
+}
+
+/// Docker: the network identity binds and the libnetwork hook are dropped
+/// (the VM has no network yet), everything else of Docker's runs.
+#[test]
+fn test_docker_spec_loaded_with_network_parts_ignored() {
+    let b = TestBundle::new();
+    let mut config = fixture("docker.json");
+    // Docker gives an absolute root.path.
+    let root = b.path().join("rootfs");
+    config["root"]["path"] = root.to_str().unwrap().into();
+    b.write(&config);
+    let c = b.load().unwrap().config;
+    assert_eq!(c.root, root.canonicalize().unwrap());
+    assert_eq!(c.process.cwd, "/home/app");
+    assert_eq!((c.process.user.uid, c.process.user.gid), (1000, 1000));
+    assert_eq!(c.hostname.as_deref(), Some("4e1f0a2b3c4d"));
+    assert!(
+        !c.mounts.iter().any(|m| m.destination.starts_with("/etc/")),
+        "{:?}",
+        c.mounts
+    );
+    assert_eq!(c.mounts.len(), 7);
+    // 512 MiB + 64; quota 2.5 CPUs -> 3, cpuset 0-1 -> 2: the smaller.
+    assert_eq!(
+        c.resources,
+        Resources {
+            mem_mib: Some(576),
+            vcpus: Some(2)
+        }
+    );
+    for field in [
+        "hooks.prestart: network hook /proc/4242/exe",
+        "mount /etc/resolv.conf",
+        "mount /etc/hosts",
+        "mount /etc/hostname",
+        "linux.sysctl net.ipv4.ip_unprivileged_port_start",
+        "linux.sysctl net.ipv4.ping_group_range",
+        "linux.seccomp",
+        "process.apparmorProfile",
+        "process.oomScoreAdj",
+        "linux.resources.memory.swap",
+        "linux.resources.blockIO",
+    ] {
+        assert!(has(&c.ignored, field), "{field} not in {:#?}", c.ignored);
+    }
+}
+
+#[test]
+fn test_docker_spec_volume_bind_refused() {
+    let b = TestBundle::new();
+    let mut config = fixture("docker.json");
+    config["root"]["path"] = "rootfs".into();
+    config["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/data", "type": "bind", "source": "/srv/data",
+            "options": ["rbind", "rprivate"]
+        }));
+    b.write(&config);
+    let e = b.refused();
+    let msg = e.to_string();
+    assert!(matches!(e, ConfigError::HostBind { .. }));
+    assert!(msg.contains("/data") && msg.contains("/srv/data"), "{msg}");
+}
+
+#[test]
+fn test_docker_spec_other_hook_refused() {
+    let b = TestBundle::new();
+    let mut config = fixture("docker.json");
+    config["root"]["path"] = "rootfs".into();
+    config["hooks"]["createRuntime"] = serde_json::json!([
+        { "path": "/usr/bin/nvidia-container-runtime-hook", "args": ["nvidia-container-runtime-hook", "prestart"] }
+    ]);
+    b.write(&config);
+    let e = b.refused();
+    assert!(
+        matches!(&e, ConfigError::Hook { kind: "createRuntime", path } if path.contains("nvidia")),
+        "{e}"
+    );
+}
+
+/// Every fixture's request passes the agent's own validation, on both kinds
+/// of rootfs source.
+#[test]
+fn test_fixtures_run_request_round_trips_through_validate() {
+    for name in [
+        "runc-default.json",
+        "runc-rootless.json",
+        "containerd-ctr.json",
+        "docker.json",
+    ] {
+        let b = TestBundle::new();
+        let mut config = fixture(name);
+        config["root"]["path"] = "rootfs".into();
+        b.write(&config);
+        let c = b.load().unwrap().config;
+        for source in [
+            RootfsSource::Block {
+                device: "/dev/vdb".into(),
+                fs: Some(agent_protocol::FsType::Erofs),
+            },
+            RootfsSource::Directory {
+                path: c.root.to_str().unwrap().into(),
+            },
+        ] {
+            let req = c.run_request(source.clone());
+            req.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(req.rootfs.source, source);
+            assert_eq!(req.rootfs.readonly, c.readonly);
+            assert_eq!(req.args, c.process.args);
+            assert_eq!(req.mounts, c.mounts);
+            assert_eq!(req.hostname, c.hostname);
+            // Through the wire format and back.
+            let msg = agent_protocol::HostMessage::Run(Box::new(req));
+            let bytes = agent_protocol::encode_message(&msg).unwrap();
+            let back: agent_protocol::HostMessage =
+                agent_protocol::decode_message(&bytes[4..]).unwrap();
+            assert_eq!(back, msg);
+        }
+    }
+}

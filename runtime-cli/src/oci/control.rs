@@ -1,0 +1,100 @@
+//! The supervisor's control socket: `start`, `pause` and `resume` from other `kata-snap`
+//! commands. One JSON request line, one JSON reply line, then the connection closes.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// The socket, relative to the container's directory.
+pub const SOCKET: &str = "c.sock";
+/// Longest request or reply line.
+const MAX_LINE: u64 = 64 * 1024;
+
+/// A request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Run the process.
+    Start,
+    /// Pause the VM.
+    Pause,
+    /// Resume the VM.
+    Resume,
+}
+
+/// A reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done.
+    Ok,
+    /// Refused or failed, with runc's wording where it has one.
+    Err(String),
+}
+
+/// Binds the control socket (non-blocking, so the supervisor's loop never waits on it).
+pub fn listen(path: &Path) -> Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind the control socket {}", path.display()))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn read_line(conn: &mut UnixStream) -> Result<String> {
+    let mut line = String::new();
+    BufReader::new(conn.take(MAX_LINE))
+        .read_line(&mut line)
+        .context("cannot read from the control socket")?;
+    if !line.ends_with('\n') {
+        bail!("incomplete line on the control socket");
+    }
+    Ok(line)
+}
+
+/// Reads one request (the connection is blocking with a short timeout: a client that sends
+/// nothing cannot stall the supervisor for long).
+pub fn read_request(conn: &mut UnixStream) -> Result<Request> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let line = read_line(conn)?;
+    serde_json::from_str(&line).context("bad control request")
+}
+
+/// Writes one reply.
+pub fn write_reply(conn: &mut UnixStream, reply: &Reply) -> Result<()> {
+    let mut line = serde_json::to_vec(reply)?;
+    line.push(b'\n');
+    conn.write_all(&line)?;
+    Ok(())
+}
+
+/// Sends `req` to the supervisor of the container in `dir` and waits up to `timeout` for its
+/// reply. The socket is reached through an `O_PATH` descriptor of `dir`, so a deep state root
+/// does not run into the 107-byte limit of socket paths.
+pub fn call(dir: &Path, req: Request, timeout: Duration) -> Result<Reply> {
+    let dirfd = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .with_context(|| format!("cannot open {}", dir.display()))?;
+    let path = format!("/proc/self/fd/{}/{SOCKET}", dirfd.as_raw_fd());
+    let mut conn = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach the container's supervisor in {}",
+            dir.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(&req)?;
+    line.push(b'\n');
+    conn.write_all(&line)?;
+    let reply = read_line(&mut conn)?;
+    serde_json::from_str(&reply).context("bad reply from the container's supervisor")
+}

@@ -1,0 +1,806 @@
+//! The OCI runtime: runc's command-line contract (`create`, `start`, `run`, `state`, `kill`,
+//! `delete`, `list`, `ps`, `pause`, `resume`, `spec`, `features`), each container in a VM
+//! restored from a template. See docs/runtime.md.
+
+pub mod assets;
+pub mod console;
+pub mod control;
+pub mod log;
+pub mod state;
+pub mod supervisor;
+pub mod template;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use vmm::seccomp::SeccompMode;
+
+use crate::restore_cmd::ModeArg;
+use state::{Record, Status, Store};
+use supervisor::{Created, Launch};
+
+/// runc's global flags (they come before the command, as go-runc passes them).
+#[derive(Debug, Clone, Args)]
+pub struct GlobalOpts {
+    /// Directory for the containers' state [default: /run/kata-snap/containers as root, else
+    /// $XDG_RUNTIME_DIR/kata-snap/containers].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Append errors (and the VMM's log) to this file instead of stderr only.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Format of --log: text or json.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: log::LogFormat,
+    /// Debug logging (as --log-level debug).
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for runc compatibility: cgroups belong to the VM, not to the host.
+    #[arg(long, global = true, hide = true)]
+    pub systemd_cgroup: bool,
+    /// Accepted for runc compatibility (ignored).
+    #[arg(long, global = true, hide = true, value_name = "PATH")]
+    pub criu: Option<PathBuf>,
+}
+
+impl GlobalOpts {
+    fn root(&self) -> PathBuf {
+        self.root.clone().unwrap_or_else(assets::default_root)
+    }
+}
+
+/// `create` flags (also `run`'s).
+#[derive(Debug, Clone, Args)]
+pub struct CreateArgs {
+    /// The bundle directory (config.json and the rootfs) [default: the current directory].
+    #[arg(long, short = 'b', value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
+    /// A Unix socket that receives the terminal's master (SCM_RIGHTS) when config.json asks
+    /// for a terminal.
+    #[arg(long, value_name = "PATH")]
+    pub console_socket: Option<PathBuf>,
+    /// Write the container's pid (the VMM process) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Accepted for runc compatibility (the VM has its own root).
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Pass N more descriptors (3..3+N) to the process: not possible into a VM, only 0.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub preserve_fds: u32,
+    /// How guest memory comes back from the template.
+    #[arg(long, value_enum, default_value = "mmap", hide = true)]
+    pub restore_mode: ModeArg,
+    /// The container id.
+    pub id: String,
+}
+
+/// `run` flags.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub create: CreateArgs,
+    /// Return once the process runs instead of waiting for it.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// Accepted for runc compatibility (the state is deleted when the container exits unless
+    /// --keep).
+    #[arg(long)]
+    pub no_subreaper: bool,
+    /// Keep the container's state after it exits (then `delete` it).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// The OCI runtime's commands.
+#[derive(Debug, Subcommand)]
+pub enum OciCommand {
+    /// Create a container: restore a VM from the template (warming it on first use), give it
+    /// the bundle's rootfs, prepare the process; `start` runs it. Prints nothing; the container's
+    /// pid (the VMM process) goes to --pid-file.
+    Create(CreateArgs),
+    /// Run the process of a created container.
+    Start {
+        /// The container id.
+        id: String,
+    },
+    /// Create and start a container and wait for it: exits with its status (128+N for signal
+    /// N), as `runc run` does.
+    Run(RunArgs),
+    /// Print a container's state as OCI state JSON.
+    State {
+        /// The container id.
+        id: String,
+    },
+    /// Send a signal (name or number, default TERM) to the container's process.
+    Kill {
+        /// Send it to every process of the container (there is one: the VM's).
+        #[arg(long, short = 'a')]
+        all: bool,
+        /// The container id.
+        id: String,
+        /// The signal: a name (TERM, SIGTERM) or a number.
+        signal: Option<String>,
+    },
+    /// Delete a stopped (or created) container and everything it left.
+    Delete {
+        /// Kill it first if it is running.
+        #[arg(long, short = 'f')]
+        force: bool,
+        /// The container id.
+        id: String,
+    },
+    /// List containers.
+    List {
+        /// table or json.
+        #[arg(long, short = 'f', default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+        /// Only the ids.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// List the container's host processes (its VMM).
+    Ps {
+        /// table or json.
+        #[arg(long, short = 'f', default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+        /// The container id.
+        id: String,
+    },
+    /// Pause the container's VM.
+    Pause {
+        /// The container id.
+        id: String,
+    },
+    /// Resume the container's VM.
+    Resume {
+        /// The container id.
+        id: String,
+    },
+    /// Write a config.json for a new bundle (runc's default, with the mounts kata-snap makes).
+    Spec {
+        /// The bundle directory to write it in.
+        #[arg(long, short = 'b', value_name = "DIR")]
+        bundle: Option<PathBuf>,
+        /// Accepted for runc compatibility: the spec is the same.
+        #[arg(long)]
+        rootless: bool,
+    },
+    /// Print what this runtime supports, as `runc features` does (JSON).
+    Features,
+    /// The VM templates: list, warm ahead of time, remove.
+    Template(TemplateArgs),
+    /// The supervisor of one container (started by `create`).
+    #[command(name = "_supervise", hide = true)]
+    Supervise {
+        /// The socket `create` waits on.
+        #[arg(long)]
+        sync_fd: i32,
+    },
+}
+
+/// `kata-snap template`.
+#[derive(Debug, Args)]
+pub struct TemplateArgs {
+    #[command(subcommand)]
+    pub command: TemplateCommand,
+}
+
+/// `kata-snap template` commands.
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// List the templates: key, vCPUs, memory, disk use, warm time.
+    List,
+    /// Make the template for this shape now (first container starts then restore it at once).
+    Warm {
+        /// vCPUs [default: `defaultVcpus` of /etc/kata-snap/config.json, else 1].
+        #[arg(long)]
+        vcpus: Option<u8>,
+        /// Memory in MiB [default: `defaultMemMib` of the config file, else 256].
+        #[arg(long)]
+        mem_mib: Option<u64>,
+    },
+    /// Remove a template by key.
+    Rm {
+        /// The key `template list` prints.
+        key: String,
+    },
+}
+
+/// Runs an OCI command; errors are reported as runc reports them and give exit status 1.
+pub fn run(cmd: OciCommand, global: &GlobalOpts, seccomp: SeccompMode, start: Instant) -> i32 {
+    match dispatch(cmd, global, seccomp, start) {
+        Ok(code) => code,
+        Err(e) => {
+            log::error(&crate::error_line(&e));
+            1
+        }
+    }
+}
+
+fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) -> Result<i32> {
+    let store = || Store::at(&g.root());
+    match cmd {
+        OciCommand::Create(args) => create(g, args, seccomp, t0, Mode::Create),
+        OciCommand::Run(args) => {
+            let mode = if args.detach {
+                Mode::RunDetached
+            } else {
+                Mode::RunForeground { keep: args.keep }
+            };
+            create(g, args.create, seccomp, t0, mode)
+        }
+        OciCommand::Start { id } => start(&store(), &id).map(|()| 0),
+        OciCommand::State { id } => {
+            let r = store().load(&id)?;
+            println!("{}", serde_json::to_string_pretty(&r.oci_state())?);
+            Ok(0)
+        }
+        OciCommand::Kill { all: _, id, signal } => {
+            kill(&store(), &id, signal.as_deref().unwrap_or("TERM")).map(|()| 0)
+        }
+        OciCommand::Delete { force, id } => delete(&store(), &id, force).map(|()| 0),
+        OciCommand::List { format, quiet } => list(&store(), &format, quiet).map(|()| 0),
+        OciCommand::Ps { format, id } => {
+            let r = store().load(&id)?;
+            let pids: Vec<i32> = match r.current_status() {
+                Status::Stopped => vec![],
+                _ => vec![r.pid],
+            };
+            if format == "json" {
+                println!("{}", serde_json::to_string(&pids)?);
+            } else {
+                println!("PID");
+                for p in pids {
+                    println!("{p}");
+                }
+            }
+            Ok(0)
+        }
+        OciCommand::Pause { id } => call(&store(), &id, control::Request::Pause).map(|()| 0),
+        OciCommand::Resume { id } => call(&store(), &id, control::Request::Resume).map(|()| 0),
+        OciCommand::Spec {
+            bundle,
+            rootless: _,
+        } => {
+            let dir = bundle.unwrap_or_else(|| PathBuf::from("."));
+            let path = dir.join("config.json");
+            if path.exists() {
+                bail!("File {} exists. Remove it first", path.display());
+            }
+            let text = serde_json::to_vec_pretty(&oci_bundle::default_spec())?;
+            std::fs::write(&path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(0)
+        }
+        OciCommand::Features => {
+            println!("{}", serde_json::to_string_pretty(&oci_bundle::features())?);
+            Ok(0)
+        }
+        OciCommand::Template(t) => template_cmd(t.command, seccomp),
+        OciCommand::Supervise { sync_fd } => {
+            let mut sync = supervisor::sync_socket(sync_fd)?;
+            let mut text = String::new();
+            (&mut sync)
+                .take(16 << 20)
+                .read_to_string(&mut text)
+                .context("cannot read the launch from create")?;
+            let launch: Launch = serde_json::from_str(&text).context("bad launch from create")?;
+            Ok(supervisor::supervise(launch, Some(sync), t0, seccomp))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Create,
+    RunDetached,
+    RunForeground { keep: bool },
+}
+
+/// Reads a small regular file without blocking on a FIFO, at most `max` bytes.
+pub(crate) fn read_small_file(path: &Path, max: u64) -> Result<String> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if !f.metadata()?.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    let mut s = String::new();
+    f.take(max)
+        .read_to_string(&mut s)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(s)
+}
+
+/// Writes `bytes` to `path` through a temporary name, fsynced, then renamed.
+pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Removes the claimed container directory unless disarmed.
+struct ClaimGuard<'a> {
+    store: &'a Store,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.store.remove(&self.id);
+        }
+    }
+}
+
+fn create(
+    g: &GlobalOpts,
+    args: CreateArgs,
+    seccomp: SeccompMode,
+    t0: Instant,
+    mode: Mode,
+) -> Result<i32> {
+    state::validate_id(&args.id)?;
+    if args.preserve_fds > 0 {
+        bail!(
+            "--preserve-fds {}: descriptors cannot be passed into a VM",
+            args.preserve_fds
+        );
+    }
+    let store = Store::open(&g.root())?;
+    if store.dir(&args.id).exists() {
+        bail!("container with given ID already exists");
+    }
+    let bundle_dir = match &args.bundle {
+        Some(b) => b.clone(),
+        None => std::env::current_dir()?,
+    };
+    let bundle = oci_bundle::load(&bundle_dir)?;
+    let config = &bundle.config;
+    if config.process.terminal
+        && args.console_socket.is_none()
+        && !matches!(mode, Mode::RunForeground { .. })
+    {
+        bail!("cannot allocate tty if kata-snap will detach without setting console socket");
+    }
+    if !config.process.terminal && args.console_socket.is_some() {
+        bail!("cannot use console socket if kata-snap will not detach or allocate tty");
+    }
+    let spec = template_spec(config.resources.vcpus, config.resources.mem_mib)?;
+    let data = assets::data_dir();
+    let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {
+        tracing::info!("{msg}");
+    })?;
+    if tmpl.warmed {
+        tracing::info!(
+            "template {} warmed in {:.0} ms",
+            tmpl.dir.display(),
+            tmpl.elapsed.as_secs_f64() * 1e3
+        );
+    }
+    let cache = rootfs_image::ImageCache::open(&data.join("images"))?;
+    let image = cache.get_or_build(&config.root)?;
+    tracing::debug!(
+        "rootfs image {} ({}, key {:.1} ms)",
+        image.path.display(),
+        if image.hit { "cached" } else { "built" },
+        image.key_time.as_secs_f64() * 1e3
+    );
+
+    let dir = store.claim(&args.id)?;
+    let mut guard = ClaimGuard {
+        store: &store,
+        id: args.id.clone(),
+        armed: true,
+    };
+    let record = Record {
+        id: args.id.clone(),
+        bundle: bundle.dir.clone(),
+        rootfs: config.root.clone(),
+        created: state::rfc3339_now(),
+        annotations: config.annotations.clone(),
+        pid: std::process::id() as i32,
+        pid_start: state::process_start_time(std::process::id() as i32).unwrap_or(0),
+        status: Status::Creating,
+        exit_code: None,
+    };
+    state::write_record(&dir, &record)?;
+    let launch = Launch {
+        dir: dir.clone(),
+        record,
+        snapshot: tmpl.snapshot.clone(),
+        mode: args.restore_mode,
+        image: image.path.clone(),
+        request: config.run_request(agent_protocol::RootfsSource::Block {
+            device: template::ROOTFS_DEVICE.into(),
+            fs: Some(agent_protocol::FsType::Erofs),
+        }),
+        console_socket: args.console_socket.clone(),
+        console_size: config.process.console_size.map(|c| (c.rows, c.cols)),
+        foreground: matches!(mode, Mode::RunForeground { .. }),
+    };
+    if let Mode::RunForeground { keep } = mode {
+        if let Some(p) = &args.pid_file {
+            write_pid_file(p, std::process::id() as i32)?;
+        }
+        guard.armed = false;
+        let code = supervisor::supervise(launch, None, t0, seccomp);
+        if !keep {
+            let _ = store.remove(&args.id);
+        }
+        return Ok(code);
+    }
+    let pid = spawn_supervisor(g, &launch, seccomp)?;
+    if let Some(p) = &args.pid_file {
+        write_pid_file(p, pid)?;
+    }
+    guard.armed = false;
+    if mode == Mode::RunDetached {
+        start(&store, &args.id)?;
+    }
+    Ok(0)
+}
+
+/// Starts `kata-snap _supervise` as a daemon (its own session; stdio inherited: the container's),
+/// hands it the launch over a socket pair and waits for it to say the container is created.
+fn spawn_supervisor(g: &GlobalOpts, launch: &Launch, seccomp: SeccompMode) -> Result<i32> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::io::{BufRead, Write};
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .context("cannot create a socket pair")?;
+    // Only the child's end crosses exec.
+    nix::fcntl::fcntl(
+        &theirs,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )?;
+    let exe = std::fs::read_link("/proc/self/exe").context("cannot find this executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--root").arg(g.root());
+    if let Some(l) = &g.log {
+        cmd.arg("--log").arg(l);
+    }
+    cmd.arg("--log-format").arg(match g.log_format {
+        log::LogFormat::Text => "text",
+        log::LogFormat::Json => "json",
+    });
+    if g.debug {
+        cmd.arg("--debug");
+    }
+    cmd.arg("--seccomp").arg(match seccomp {
+        SeccompMode::Off => "off",
+        SeccompMode::Log => "log",
+        SeccompMode::Kill => "kill",
+    });
+    cmd.arg("_supervise")
+        .arg("--sync-fd")
+        .arg(theirs.as_raw_fd().to_string());
+    // A session of its own: the engine's terminal signals and process group are not its.
+    cmd.process_group(0);
+    let child = cmd.spawn().context("cannot start the supervisor")?;
+    drop(theirs);
+    let pid = child.id() as i32;
+    // The supervisor outlives this command; whoever reaps orphans (the engine's shim, a
+    // subreaper) reaps it.
+    drop(child);
+    let mut sock = std::os::unix::net::UnixStream::from(ours);
+    sock.write_all(&serde_json::to_vec(launch)?)?;
+    sock.shutdown(std::net::Shutdown::Write)?;
+    sock.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let mut line = String::new();
+    std::io::BufReader::new(sock.take(1 << 20))
+        .read_line(&mut line)
+        .context("waiting for the container's supervisor")?;
+    match serde_json::from_str::<Created>(&line) {
+        Ok(Created::Ok(p)) => Ok(p),
+        Ok(Created::Err(e)) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            bail!("{e}")
+        }
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            bail!("the container's supervisor ended before the container was created")
+        }
+    }
+}
+
+fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
+    // runc writes it through a temporary name too, so a reader never sees it half-written.
+    write_file_synced(path, pid.to_string().as_bytes())
+}
+
+fn start(store: &Store, id: &str) -> Result<()> {
+    let r = store.load(id)?;
+    match r.current_status() {
+        Status::Created => {}
+        Status::Stopped => bail!("cannot start a container that has stopped"),
+        Status::Running => bail!("cannot start an already running container"),
+        s => bail!("cannot start a container in the {} state", s.as_str()),
+    }
+    call(store, id, control::Request::Start)
+}
+
+fn call(store: &Store, id: &str, req: control::Request) -> Result<()> {
+    let r = store.load(id)?;
+    if r.current_status() == Status::Stopped {
+        bail!("container not running");
+    }
+    match control::call(&store.dir(id), req, Duration::from_secs(120))? {
+        control::Reply::Ok => Ok(()),
+        control::Reply::Err(e) => bail!("{e}"),
+    }
+}
+
+/// runc's signal parsing: a number, or a name with or without `SIG`, any case.
+pub fn parse_signal(s: &str) -> Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        bail!("invalid signal: {s}");
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| anyhow::anyhow!("unknown signal {s:?}"))
+}
+
+fn kill(store: &Store, id: &str, signal: &str) -> Result<()> {
+    let sig = parse_signal(signal)?;
+    let r = store.load(id)?;
+    if r.current_status() == Status::Stopped {
+        bail!("container not running");
+    }
+    // The supervisor forwards what it can catch to the process in the guest; SIGKILL ends it,
+    // and so the VM.
+    // SAFETY: kill(2) with a pid the record names and whose start time was just checked.
+    let rc = unsafe { libc::kill(r.pid, sig) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            bail!("container not running");
+        }
+        return Err(e).context("kill");
+    }
+    Ok(())
+}
+
+fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
+    let r = match store.load(id) {
+        Ok(r) => r,
+        Err(e) if force && e.to_string() == "container does not exist" => {
+            // runc --force succeeds on a missing container, cleaning up what it can.
+            state::validate_id(id)?;
+            return store.remove(id);
+        }
+        Err(e) => return Err(e),
+    };
+    match r.current_status() {
+        Status::Stopped => {}
+        // runc deletes a created container without --force.
+        Status::Created | Status::Creating => kill_and_wait(&r)?,
+        s if force => {
+            let _ = s;
+            kill_and_wait(&r)?
+        }
+        s => bail!(
+            "cannot delete container {id} that is not stopped: {}",
+            s.as_str()
+        ),
+    }
+    store.remove(id)
+}
+
+fn kill_and_wait(r: &Record) -> Result<()> {
+    // SAFETY: kill(2) with a pid whose start time matches the record (current_status checked).
+    unsafe { libc::kill(r.pid, libc::SIGKILL) };
+    let end = Instant::now() + Duration::from_secs(10);
+    while state::process_alive(r.pid, r.pid_start) {
+        if Instant::now() > end {
+            bail!(
+                "container {} (pid {}) did not die after SIGKILL",
+                r.id,
+                r.pid
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn owner_name(dir: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(dir) else {
+        return String::new();
+    };
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(m.uid()))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("#{}", m.uid()))
+}
+
+fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
+    let records = store.list()?;
+    if quiet {
+        for r in &records {
+            println!("{}", r.id);
+        }
+        return Ok(());
+    }
+    if format == "json" {
+        let states: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r.oci_state()).unwrap_or_default();
+                v["owner"] = owner_name(&store.dir(&r.id)).into();
+                v
+            })
+            .collect();
+        // runc prints `null` for no containers.
+        if states.is_empty() {
+            println!("null");
+        } else {
+            println!("{}", serde_json::to_string(&states)?);
+        }
+        return Ok(());
+    }
+    let mut rows = vec![[
+        "ID".to_string(),
+        "PID".into(),
+        "STATUS".into(),
+        "BUNDLE".into(),
+        "CREATED".into(),
+        "OWNER".into(),
+    ]];
+    for r in &records {
+        let s = r.oci_state();
+        let v = serde_json::to_value(&s)?;
+        rows.push([
+            r.id.clone(),
+            v["pid"].to_string(),
+            v["status"].as_str().unwrap_or_default().into(),
+            r.bundle.display().to_string(),
+            r.created.clone(),
+            owner_name(&store.dir(&r.id)),
+        ]);
+    }
+    // runc's tabwriter: cells padded by 3, at least 12 wide.
+    let widths: Vec<usize> = (0..6)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].len() + 3)
+                .max()
+                .unwrap_or(0)
+                .max(12)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c == 5 {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}", w = widths[c]));
+            }
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The template a container of this shape restores: the host must run Linux guests at speed,
+/// and the guest kernel and agent must exist; the config file's defaults fill what is not given.
+fn template_spec(vcpus: Option<u8>, mem_mib: Option<u64>) -> Result<template::TemplateSpec> {
+    let host = vmm::host::check_host();
+    if !host.can_boot_linux {
+        bail!(
+            "this host cannot run Linux guests at speed: {}",
+            host.summary
+        );
+    }
+    let rc = assets::RuntimeConfig::load()?;
+    Ok(template::TemplateSpec {
+        assets: assets::guest_assets(&rc)?,
+        vcpus: vcpus.or(rc.default_vcpus).unwrap_or(assets::DEFAULT_VCPUS),
+        mem_mib: mem_mib
+            .or(rc.default_mem_mib)
+            .unwrap_or(assets::DEFAULT_MEM_MIB),
+    })
+}
+
+fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result<i32> {
+    let data = assets::data_dir();
+    match cmd {
+        TemplateCommand::List => {
+            println!(
+                "{:<34}{:>6}{:>9}{:>10}{:>10}  CREATED",
+                "KEY", "VCPUS", "MEM MIB", "DISK MIB", "WARM MS"
+            );
+            for (m, bytes) in template::list(&data)? {
+                println!(
+                    "{:<34}{:>6}{:>9}{:>10.1}{:>10.0}  {}",
+                    m.key,
+                    m.vcpus,
+                    m.mem_mib,
+                    bytes as f64 / 1048576.0,
+                    m.warm_ms,
+                    m.created
+                );
+            }
+            Ok(0)
+        }
+        TemplateCommand::Warm { vcpus, mem_mib } => {
+            let spec = template_spec(vcpus, mem_mib)?;
+            let t = template::ensure(&data, &spec, seccomp, &|m| eprintln!("kata-snap: {m}"))?;
+            println!(
+                "{} {} ({:.0} ms)",
+                t.meta.key,
+                if t.warmed { "warmed" } else { "already warm" },
+                t.elapsed.as_secs_f64() * 1e3
+            );
+            Ok(0)
+        }
+        TemplateCommand::Rm { key } => {
+            template::remove(&data, &key)?;
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_signals_parse_as_runc_parses_them() {
+        assert_eq!(parse_signal("9").unwrap(), 9);
+        assert_eq!(parse_signal("KILL").unwrap(), 9);
+        assert_eq!(parse_signal("sigterm").unwrap(), 15);
+        assert_eq!(parse_signal("SIGUSR1").unwrap(), libc::SIGUSR1);
+        assert!(parse_signal("NOPE").is_err());
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("65").is_err());
+    }
+}

@@ -1,0 +1,682 @@
+//! The supervisor: the process a container engine sees as the container's. It holds the VM
+//! (restored from the template, the rootfs image in its spare disk slot), talks to the agent in
+//! it, and bridges the process's stdio, terminal, signals and exit status.
+//!
+//! One thread drives everything here with `poll(2)`: the agent's connection, stdin (or the
+//! terminal), a signalfd, the control socket (`start`, `pause`, `resume` from other `kata-snap`
+//! commands) and a pipe that says the VM stopped. The VM's own threads (vCPUs, the VMM thread
+//! with its io_uring loop) run beside it.
+//!
+//! Signals: every catchable signal is blocked and read from the signalfd. Once the process runs,
+//! each is sent to it in the guest (SIGWINCH becomes a terminal resize, SIGCHLD and SIGPIPE are
+//! not forwarded); before `start`, a terminating signal ends the container. SIGKILL kills this
+//! process and so the VM, which is what `kill -9` of a container must do; the engine then reaps
+//! 137 as for runc. The exit status is the process's: its code, or 128+N for signal N.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agent_protocol::{
+    AGENT_VSOCK_PORT, AgentClient, AgentMessage, ClientError, FrameDecoder, HostMessage,
+    RunRequest, decode_message,
+};
+use anyhow::{Context, Result, anyhow, bail};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use serde::{Deserialize, Serialize};
+use vmm::seccomp::SeccompMode;
+use vmm::vm::{RunningVm, VmEvent};
+
+use super::console::HostTerminal;
+use super::control::{self, Reply, Request};
+use super::state::{Record, Status, process_start_time, write_record};
+use crate::restore_cmd::{ModeArg, RestoreArgs};
+
+/// The VM's vsock host socket, relative to the container's directory (the supervisor's cwd:
+/// socket paths are limited to 107 bytes, and state roots can be deep).
+pub const VSOCK: &str = "v.sock";
+/// The guest console log in the container's directory.
+pub const CONSOLE_LOG: &str = "console.log";
+/// Bound on reaching the agent after the restore.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on one agent answer during set-up.
+const AGENT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Exit status when the VM ends before the process reports its exit (a guest crash).
+const VM_LOST: i32 = 255;
+
+/// Everything the supervisor needs, decided by `create` or `run`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Launch {
+    /// The container's directory.
+    pub dir: PathBuf,
+    /// The record as `create` wrote it.
+    pub record: Record,
+    /// The template's snapshot.
+    pub snapshot: PathBuf,
+    /// How guest memory comes back.
+    pub mode: ModeArg,
+    /// The rootfs image for the template's spare slot.
+    pub image: PathBuf,
+    /// The process.
+    pub request: RunRequest,
+    /// Where to send the terminal's master (`--console-socket`).
+    pub console_socket: Option<PathBuf>,
+    /// The terminal size from config.json (rows, cols).
+    pub console_size: Option<(u16, u16)>,
+    /// `run` in the foreground: start at once; a terminal is the supervisor's own stdin.
+    pub foreground: bool,
+}
+
+/// The supervisor's answer to `create`, one JSON line on the sync socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Created {
+    /// Created: the supervisor's pid.
+    Ok(i32),
+    /// Failed, with the reason.
+    Err(String),
+}
+
+/// Signals the supervisor takes from its signalfd.
+fn forwarded_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in Signal::iterator() {
+        // Faults stay synchronous (a crash stays a crash); SIGSYS is how seccomp reports;
+        // SIGKILL and SIGSTOP cannot be caught.
+        if !matches!(
+            s,
+            Signal::SIGKILL
+                | Signal::SIGSTOP
+                | Signal::SIGSEGV
+                | Signal::SIGBUS
+                | Signal::SIGILL
+                | Signal::SIGFPE
+                | Signal::SIGSYS
+                | Signal::SIGTRAP
+                | Signal::SIGABRT
+        ) {
+            set.add(s);
+        }
+    }
+    set
+}
+
+/// The supervisor of `launch`: restores the VM, prepares the process, says so on `sync` (for
+/// `create`), then runs until the process exits. Returns the exit status.
+pub fn supervise(
+    launch: Launch,
+    sync: Option<UnixStream>,
+    process_start: Instant,
+    seccomp: SeccompMode,
+) -> i32 {
+    let mut sync = sync;
+    let dir = launch.dir.clone();
+    let mut record = launch.record.clone();
+    match Supervisor::prepare(launch, process_start, seccomp) {
+        Ok(mut sup) => {
+            if let Some(s) = sync.as_mut() {
+                let _ = send_created(s, Created::Ok(std::process::id() as i32));
+            }
+            drop(sync);
+            if sup.launch.console_socket.is_some() {
+                // The container's stdio is the terminal now: let go of what `create` was given
+                // (a caller waiting for EOF on those would wait for the container's exit).
+                detach_stdio();
+            }
+            let code = sup.run();
+            sup.finish(code)
+        }
+        Err(e) => {
+            let msg = crate::error_line(&e);
+            record.status = Status::Stopped;
+            let _ = write_record(&dir, &record);
+            match sync.as_mut() {
+                Some(s) => {
+                    let _ = send_created(s, Created::Err(msg));
+                }
+                None => super::log::error(&msg),
+            }
+            1
+        }
+    }
+}
+
+fn detach_stdio() {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns; the Rust stdio
+        // handles stay valid (they now refer to /dev/null).
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
+    }
+}
+
+fn send_created(s: &mut UnixStream, c: Created) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(&c).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)
+}
+
+/// When each step of the container's life happened, from the process start (for `--debug`).
+#[derive(Debug, Default)]
+struct Phases {
+    zero: Option<Instant>,
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new(zero: Instant) -> Self {
+        Self {
+            zero: Some(zero),
+            marks: vec![("supervisor", zero.elapsed())],
+        }
+    }
+
+    fn mark(&mut self, what: &'static str) {
+        if let Some(z) = self.zero {
+            self.marks.push((what, z.elapsed()));
+        }
+    }
+
+    /// `restore 12.1 ms, agent 3.0 ms, ...`: each step's duration, then the total.
+    fn summary(&self) -> String {
+        let mut out = Vec::new();
+        let mut last = Duration::ZERO;
+        for (what, at) in &self.marks {
+            out.push(format!("{what} {:.1}", (*at - last).as_secs_f64() * 1e3));
+            last = *at;
+        }
+        format!(
+            "{} ms (total {:.1} ms)",
+            out.join(", "),
+            last.as_secs_f64() * 1e3
+        )
+    }
+}
+
+struct Supervisor {
+    phases: Phases,
+    launch: Launch,
+    record: Record,
+    vm: Option<RunningVm>,
+    signals: SignalFd,
+    /// Readable once the VM stopped.
+    vm_stopped: OwnedFd,
+    agent: AgentClient<UnixStream>,
+    /// A second handle on the agent's connection, read by the loop.
+    agent_rx: UnixStream,
+    listener: UnixListener,
+    terminal: Option<HostTerminal>,
+    exit_code: Option<i32>,
+}
+
+impl Supervisor {
+    fn prepare(launch: Launch, process_start: Instant, seccomp: SeccompMode) -> Result<Self> {
+        let mut phases = Phases::new(process_start);
+        // Before any thread exists, so that every thread inherits the mask.
+        let set = forwarded_signals();
+        set.thread_block().context("cannot block signals")?;
+        let signals = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .context("cannot create a signalfd")?;
+        // SAFETY: SIG_IGN for SIGPIPE: a closed stdout gives EPIPE on write instead of killing
+        // the container's supervisor.
+        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }
+            .context("cannot ignore SIGPIPE")?;
+        std::env::set_current_dir(&launch.dir)
+            .with_context(|| format!("cannot enter {}", launch.dir.display()))?;
+
+        let args = RestoreArgs {
+            snapshot: launch.snapshot.clone(),
+            mode: launch.mode,
+            api_sock: None,
+            serial_log: Some(PathBuf::from(CONSOLE_LOG)),
+            fault_around: 16,
+            record_workingset: None,
+            record_for: None,
+            vsock: Some(PathBuf::from(VSOCK)),
+            vsock_max_conns: 16,
+            prefetch_before: false,
+            disk_slot: vec![(
+                super::template::ROOTFS_SLOT.to_string(),
+                launch.image.clone(),
+            )],
+            timing: false,
+            no_pool: true,
+            pool_dir: None,
+        };
+        let vm = crate::restore_cmd::start_restore(&args, None, process_start, seccomp, false)
+            .context("cannot restore the container's VM from its template")?;
+        phases.mark("restore");
+        let (stop_r, stop_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
+        let events = vm.events();
+        std::thread::Builder::new()
+            .name("vm-watch".into())
+            .spawn(move || {
+                while let Ok(ev) = events.recv() {
+                    if matches!(ev, VmEvent::Stopping(_)) {
+                        break;
+                    }
+                }
+                // Also when the VM's handle is gone: the pipe's writer closes either way.
+                let _ = nix::unistd::write(&stop_w, b"x");
+            })
+            .context("cannot start a thread")?;
+
+        let mut agent = connect_agent(&vm)?;
+        phases.mark("agent hello");
+        agent
+            .sync_time(now_ns())
+            .context("cannot set the guest's clock")?;
+        agent
+            .reseed(host_random()?)
+            .context("cannot reseed the guest's entropy")?;
+        let agent_rx = agent.try_clone_stream()?;
+        phases.mark("clock and entropy");
+        // The process is prepared now (mounts, user, cwd, the executable looked up) and waits
+        // for `start`: what cannot run fails `create`, as with runc.
+        match agent.create(launch.request.clone()) {
+            Ok(pid) => tracing::debug!("process prepared, guest pid {pid}"),
+            Err(ClientError::Agent { message, .. }) => {
+                bail!("unable to start container process: {message}")
+            }
+            Err(e) => return Err(anyhow!(e).context("cannot prepare the container process")),
+        }
+        phases.mark("process prepared");
+
+        let terminal = if launch.request.terminal {
+            Some(match &launch.console_socket {
+                Some(sock) => HostTerminal::for_console_socket(sock, launch.console_size)?,
+                None => HostTerminal::foreground()?,
+            })
+        } else {
+            None
+        };
+        let listener = control::listen(Path::new(control::SOCKET))?;
+
+        let mut record = launch.record.clone();
+        record.pid = std::process::id() as i32;
+        record.pid_start = process_start_time(record.pid).unwrap_or(0);
+        record.status = Status::Created;
+        write_record(&launch.dir, &record)?;
+        phases.mark("created");
+        Ok(Self {
+            phases,
+            launch,
+            record,
+            vm: Some(vm),
+            signals,
+            vm_stopped: stop_r,
+            agent,
+            agent_rx,
+            listener,
+            terminal,
+            exit_code: None,
+        })
+    }
+
+    fn set_status(&mut self, status: Status) {
+        self.record.status = status;
+        if let Err(e) = write_record(&self.launch.dir, &self.record) {
+            tracing::warn!("{e:#}");
+        }
+    }
+
+    /// Sends `Run` and waits for `Started`.
+    fn start(&mut self) -> Result<()> {
+        if self.record.status != Status::Created {
+            bail!(
+                "cannot start a container in state {}",
+                self.record.status.as_str()
+            );
+        }
+        self.set_status(Status::Running);
+        self.phases.mark("until start");
+        match self.agent.start_created() {
+            Ok(pid) => {
+                self.phases.mark("exec");
+                tracing::debug!("process started, guest pid {pid}");
+                if let (Some(t), true) = (&self.terminal, self.launch.console_socket.is_none()) {
+                    if let Some((rows, cols)) = t.size() {
+                        let _ = self.agent.send(&HostMessage::Resize { rows, cols });
+                    }
+                } else if let Some((rows, cols)) = self.launch.console_size {
+                    let _ = self.agent.send(&HostMessage::Resize { rows, cols });
+                }
+                Ok(())
+            }
+            // The agent says why (the exec itself failed) and reports the exit status next; the
+            // loop reads it.
+            Err(ClientError::Agent { message, .. }) => {
+                Err(anyhow!("unable to start container process: {message}"))
+            }
+            Err(e) => Err(anyhow!(e).context("cannot start the container process")),
+        }
+    }
+
+    /// The loop; returns the exit status.
+    fn run(&mut self) -> i32 {
+        if self.launch.foreground
+            && let Err(e) = self.start()
+        {
+            super::log::error(&crate::error_line(&e));
+        }
+        let mut decoder = FrameDecoder::new();
+        let mut stdin_open = true;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(code) = self.exit_code {
+                return code;
+            }
+            let started = matches!(self.record.status, Status::Running | Status::Paused);
+            let stdin = std::io::stdin();
+            let input: Option<BorrowedFd<'_>> = match &self.terminal {
+                Some(t) => Some(t.fd.as_fd()),
+                None => Some(stdin.as_fd()),
+            }
+            .filter(|_| started && stdin_open);
+            let mut fds = vec![
+                PollFd::new(self.agent_rx.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.vm_stopped.as_fd(), PollFlags::POLLIN),
+            ];
+            if let Some(fd) = input {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("poll: {e}");
+                    return 1;
+                }
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(fds);
+            if ready[0] {
+                match self.agent_rx.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        tracing::error!("the agent closed its connection before the exit status");
+                        return VM_LOST;
+                    }
+                    Ok(n) => {
+                        decoder.feed(&buf[..n]);
+                        if let Err(code) = self.on_agent_bytes(&mut decoder) {
+                            return code;
+                        }
+                    }
+                }
+            }
+            if ready[1] {
+                self.on_signals();
+            }
+            if ready[2] {
+                self.on_control();
+            }
+            if ready[3] && self.exit_code.is_none() {
+                tracing::error!("the container's VM stopped before its process exited");
+                return VM_LOST;
+            }
+            if ready.get(4) == Some(&true) {
+                stdin_open = self.on_input(&mut buf);
+            }
+        }
+    }
+
+    fn on_agent_bytes(&mut self, decoder: &mut FrameDecoder) -> Result<(), i32> {
+        loop {
+            let frame = match decoder.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    tracing::error!("bad frame from the agent: {e}");
+                    return Err(VM_LOST);
+                }
+            };
+            let msg: AgentMessage = match decode_message(&frame) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!("bad message from the agent: {e}");
+                    return Err(VM_LOST);
+                }
+            };
+            match msg {
+                AgentMessage::Stdout(b) => self.output(1, &b),
+                AgentMessage::Stderr(b) => self.output(2, &b),
+                AgentMessage::Exited { code } => {
+                    self.phases.mark("process");
+                    self.exit_code = Some(code);
+                    return Ok(());
+                }
+                AgentMessage::Error { kind, message } => {
+                    tracing::warn!("agent: {kind:?}: {message}");
+                }
+                other => tracing::debug!("agent: {other:?}"),
+            }
+        }
+    }
+
+    fn output(&self, fd: i32, bytes: &[u8]) {
+        let res = match &self.terminal {
+            Some(t) => write_all_fd(t.fd.as_fd(), bytes),
+            None if fd == 1 => std::io::stdout().lock().write_all(bytes),
+            None => std::io::stderr().lock().write_all(bytes),
+        };
+        if let Err(e) = res {
+            tracing::debug!("writing the container's output: {e}");
+        }
+    }
+
+    /// Reads stdin (or the terminal) and sends it on; false once it is closed.
+    fn on_input(&mut self, buf: &mut [u8]) -> bool {
+        let stdin = std::io::stdin();
+        let fd = match &self.terminal {
+            Some(t) => t.fd.as_fd(),
+            None => stdin.as_fd(),
+        };
+        let len = agent_protocol::MAX_STDIO_CHUNK.min(buf.len());
+        let n = match nix::unistd::read(fd, &mut buf[..len]) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => return true,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            let _ = self.agent.send(&HostMessage::CloseStdin);
+            return false;
+        }
+        if self
+            .agent
+            .send(&HostMessage::Stdin(buf[..n].to_vec()))
+            .is_err()
+        {
+            return false;
+        }
+        true
+    }
+
+    fn on_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            let signo = info.ssi_signo as i32;
+            let Ok(sig) = Signal::try_from(signo) else {
+                continue;
+            };
+            match sig {
+                Signal::SIGCHLD | Signal::SIGPIPE => {}
+                Signal::SIGWINCH => {
+                    if let Some((rows, cols)) = self.terminal.as_ref().and_then(|t| t.size()) {
+                        let _ = self.agent.send(&HostMessage::Resize { rows, cols });
+                    }
+                }
+                // Created (the process waits for `start`), running or paused: to the process, as
+                // runc's kill reaches its init; its death comes back as Exited{128+N}.
+                _ => {
+                    tracing::debug!("forwarding {sig}");
+                    if let Err(e) = self.agent.send(&HostMessage::Signal(signo)) {
+                        tracing::warn!("cannot forward {sig}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_control(&mut self) {
+        let Ok((mut conn, _)) = self.listener.accept() else {
+            return;
+        };
+        let reply = match control::read_request(&mut conn) {
+            Ok(Request::Start) => match self.start() {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Err(crate::error_line(&e)),
+            },
+            Ok(Request::Pause) => self.pause(true),
+            Ok(Request::Resume) => self.pause(false),
+            Err(e) => Reply::Err(format!("{e:#}")),
+        };
+        let _ = control::write_reply(&mut conn, &reply);
+    }
+
+    fn pause(&mut self, pause: bool) -> Reply {
+        let (from, to) = if pause {
+            (Status::Running, Status::Paused)
+        } else {
+            (Status::Paused, Status::Running)
+        };
+        if self.record.status != from {
+            return Reply::Err(if pause {
+                "container not running".into()
+            } else {
+                "container not paused".into()
+            });
+        }
+        let Some(vm) = &self.vm else {
+            return Reply::Err("the VM is gone".into());
+        };
+        let res = if pause { vm.pause() } else { vm.resume() };
+        match res {
+            Ok(()) => {
+                self.set_status(to);
+                Reply::Ok
+            }
+            Err(e) => Reply::Err(e.to_string()),
+        }
+    }
+
+    /// Stops the VM and records the exit; returns the exit status.
+    fn finish(mut self, code: i32) -> i32 {
+        if let Some(vm) = self.vm.take() {
+            vm.stop();
+            if let Err(e) = vm.wait() {
+                tracing::warn!("VM teardown: {e}");
+            }
+        }
+        self.phases.mark("teardown");
+        tracing::debug!("timing: {}", self.phases.summary());
+        self.record.exit_code = Some(code);
+        self.set_status(Status::Stopped);
+        let _ = std::fs::remove_file(control::SOCKET);
+        drop(self.terminal.take());
+        code
+    }
+}
+
+fn write_all_fd(fd: BorrowedFd<'_>, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match nix::unistd::write(fd, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Connects to the agent through the VM's vsock socket (hybrid vsock: `CONNECT <port>\n`,
+/// answered `OK <port>\n`) and completes `Hello`. A guest that is slow to answer (a loaded host)
+/// makes the VMM close the CONNECT: that is retried until [`AGENT_TIMEOUT`].
+fn connect_agent(vm: &RunningVm) -> Result<AgentClient<UnixStream>> {
+    let end = Instant::now() + AGENT_TIMEOUT;
+    let mut last = String::new();
+    while Instant::now() < end {
+        if vm.status().is_err() {
+            bail!("the VM stopped before its agent answered ({last})");
+        }
+        match connect_port(Path::new(VSOCK), AGENT_VSOCK_PORT) {
+            Ok(s) => {
+                return AgentClient::handshake(s, AGENT_READ_TIMEOUT)
+                    .context("Hello with the agent failed");
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "the agent did not answer within {} s: {last}",
+        AGENT_TIMEOUT.as_secs()
+    )
+}
+
+fn connect_port(sock: &Path, port: u32) -> Result<UnixStream> {
+    let mut s = UnixStream::connect(sock).with_context(|| format!("connect {}", sock.display()))?;
+    s.set_read_timeout(Some(AGENT_READ_TIMEOUT))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        match s.read(&mut b)? {
+            1 if b[0] == b'\n' => break,
+            1 => line.push(b[0]),
+            _ => bail!("the VMM closed the connection after CONNECT"),
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        bail!("CONNECT answered {:?}", String::from_utf8_lossy(&line));
+    }
+    Ok(s)
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn host_random() -> Result<Vec<u8>> {
+    let mut b = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("cannot read /dev/urandom")?;
+    Ok(b)
+}
+
+/// Takes the sync socket the `create` command passed as fd `fd`.
+pub fn sync_socket(fd: i32) -> Result<UnixStream> {
+    // Only fds 3 and up are ours to take, and only a socket.
+    if fd < 3 {
+        bail!("--sync-fd {fd} is not a passed descriptor");
+    }
+    // SAFETY: `create` passed this descriptor to this process for it alone, and nothing else in
+    // the process uses it; fstat below checks it is a socket before it is used.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = nix::sys::stat::fstat(owned.as_fd()).context("--sync-fd")?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        bail!("--sync-fd {fd} is not a socket");
+    }
+    nix::fcntl::fcntl(
+        owned.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(UnixStream::from(owned))
+}

@@ -1,0 +1,388 @@
+//! VM templates: a snapshot of the guest kernel and agent taken at the agent's READY, from which
+//! every container's VM is restored.
+//!
+//! A template is keyed by what its guest state depends on: the kernel and initramfs files (path,
+//! device, inode, size, mtime and ctime: a rebuilt file is a new template, and nothing is read
+//! from them to make the key), the vCPU count, the memory size, the command line and this
+//! kata-snap's version and snapshot format. It lives in `DATA/templates/KEY/` and is warmed on
+//! first use: a cold boot to READY that snapshots into a temporary directory, synced and renamed
+//! into place, then made read-only. Concurrent first uses warm once: an exclusive `flock` on
+//! `DATA/templates/KEY.lock`, the template looked for again once the lock is held.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use vmm::seccomp::SeccompMode;
+use vmm::vm::virtio::{SpareSlot, VirtioSpecs, VsockHost, VsockSpec};
+use vmm::vm::{
+    AfterSnapshot, BootSpec, Guest, HostResources, ShellConfig, SnapshotOnReady, VmShell,
+};
+use vmm::{KernelImage, SerialOutput, StopReason};
+
+use super::assets::GuestAssets;
+
+/// The spare disk slot a container's rootfs image goes into.
+pub const ROOTFS_SLOT: &str = "rootfs";
+/// The device the rootfs slot is in the guest (the template's only disk).
+pub const ROOTFS_DEVICE: &str = "/dev/vda";
+/// The guest's vsock CID.
+pub const GUEST_CID: u64 = 3;
+/// The guest command line: serial console, reset through the i8042, no PCI, quiet.
+pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodules quiet \
+                           i8042.noaux i8042.nomux i8042.dumbkbd";
+/// Bound on a cold boot reaching READY while warming.
+const WARM_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bumped when what a template holds changes.
+const TEMPLATE_FORMAT: u32 = 1;
+
+/// The shape of a template.
+#[derive(Debug, Clone)]
+pub struct TemplateSpec {
+    /// Guest kernel and initramfs.
+    pub assets: GuestAssets,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+}
+
+/// What `DATA/templates/KEY/meta.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateMeta {
+    /// The key.
+    pub key: String,
+    /// The kernel it booted.
+    pub kernel: PathBuf,
+    /// The initramfs it booted.
+    pub initramfs: PathBuf,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Memory in MiB.
+    pub mem_mib: u64,
+    /// When it was warmed (RFC 3339).
+    pub created: String,
+    /// How long the warm took, in ms (cold boot to READY and snapshot).
+    pub warm_ms: f64,
+    /// The kata-snap version that made it.
+    pub version: String,
+}
+
+/// A template ready to restore.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// `DATA/templates/KEY`.
+    pub dir: PathBuf,
+    /// The snapshot directory to restore.
+    pub snapshot: PathBuf,
+    /// What it is.
+    pub meta: TemplateMeta,
+    /// Whether this call warmed it (a first use).
+    pub warmed: bool,
+    /// Time spent finding it, or waiting for another warm, or warming it.
+    pub elapsed: Duration,
+}
+
+fn file_identity(h: &mut Sha256, path: &Path) -> Result<()> {
+    let m = fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    h.update(path.as_os_str().as_encoded_bytes());
+    h.update([0]);
+    for v in [
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime() as u64,
+        m.mtime_nsec() as u64,
+        m.ctime() as u64,
+        m.ctime_nsec() as u64,
+    ] {
+        h.update(v.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// The template key of `spec`: 32 hex digits.
+pub fn key(spec: &TemplateSpec) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(TEMPLATE_FORMAT.to_le_bytes());
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update([0]);
+    file_identity(&mut h, &spec.assets.kernel)?;
+    file_identity(&mut h, &spec.assets.initramfs)?;
+    h.update([spec.vcpus]);
+    h.update(spec.mem_mib.to_le_bytes());
+    h.update(CMDLINE.as_bytes());
+    let digest = h.finalize();
+    Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn templates_dir(data: &Path) -> Result<PathBuf> {
+    let dir = data.join("templates");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn read_meta(dir: &Path) -> Result<TemplateMeta> {
+    let path = dir.join("meta.json");
+    let text = super::read_small_file(&path, 1 << 16)?;
+    serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
+}
+
+/// The template for `spec`, warmed first if there is none yet (`progress` is told).
+pub fn ensure(
+    data: &Path,
+    spec: &TemplateSpec,
+    seccomp: SeccompMode,
+    progress: &dyn Fn(&str),
+) -> Result<Template> {
+    let t0 = Instant::now();
+    let key = key(spec)?;
+    let root = templates_dir(data)?;
+    let dir = root.join(&key);
+    let found = |warmed: bool| -> Result<Template> {
+        Ok(Template {
+            snapshot: dir.join("snapshot"),
+            meta: read_meta(&dir)?,
+            dir: dir.clone(),
+            warmed,
+            elapsed: t0.elapsed(),
+        })
+    };
+    if dir.join("meta.json").is_file() {
+        return found(false);
+    }
+    let lock_path = root.join(format!("{key}.lock"));
+    let lock_file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow!("cannot lock {}: {e}", lock_path.display()))?;
+    if dir.join("meta.json").is_file() {
+        // Another process warmed it while this one waited.
+        return found(false);
+    }
+    progress(&format!(
+        "warming template {key} ({} vCPU, {} MiB): cold boot to the agent's READY",
+        spec.vcpus, spec.mem_mib
+    ));
+    warm(&root, &dir, &key, spec, seccomp)?;
+    found(true)
+}
+
+/// Cold-boots the guest into `ROOT/.warm-KEY-PID`, snapshots it at READY, syncs and renames it
+/// to `dir`, then makes it read-only.
+fn warm(
+    root: &Path,
+    dir: &Path,
+    key: &str,
+    spec: &TemplateSpec,
+    seccomp: SeccompMode,
+) -> Result<()> {
+    let tmp = root.join(format!(".warm-{key}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = warm_into(&tmp, key, spec, seccomp).and_then(|meta| {
+        let text = serde_json::to_vec_pretty(&meta)?;
+        super::write_file_synced(&tmp.join("meta.json"), &text)?;
+        let _ = fs::remove_file(tmp.join("console.log"));
+        make_read_only(&tmp)?;
+        fs::rename(&tmp, dir)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+        fs::File::open(root)?.sync_all()?;
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = make_writable(&tmp);
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn warm_into(
+    tmp: &Path,
+    key: &str,
+    spec: &TemplateSpec,
+    seccomp: SeccompMode,
+) -> Result<TemplateMeta> {
+    let t0 = Instant::now();
+    let console = tmp.join("console.log");
+    let boot = BootSpec {
+        kernel: KernelImage::Path(spec.assets.kernel.clone()),
+        initrd: Some(spec.assets.initramfs.clone()),
+        cmdline: CMDLINE.into(),
+        mem_mib: spec.mem_mib,
+        virtio: VirtioSpecs {
+            disks: vec![],
+            spare_slots: vec![SpareSlot {
+                name: ROOTFS_SLOT.into(),
+                read_only: true,
+            }],
+            vsock: Some(VsockSpec {
+                cid: GUEST_CID,
+                host: VsockHost::new(tmp.join("v.sock")),
+            }),
+            rng: false,
+        },
+        snapshot_on_ready: Some(SnapshotOnReady {
+            dir: tmp.join("snapshot"),
+            after: AfterSnapshot::Exit,
+        }),
+    };
+    vmm::vm::check_boot(&boot, spec.vcpus)?;
+    let shell = VmShell::new(ShellConfig {
+        vcpus: spec.vcpus,
+        api_sock: None,
+        process_start: t0,
+        seccomp,
+        memory_class: None,
+        stop_on_signals: true,
+    })?;
+    let serial = fs::File::create(&console)
+        .with_context(|| format!("cannot create {}", console.display()))?;
+    let host = HostResources::new(SerialOutput::File(serial));
+    let vm = shell.load(Guest::Boot(Box::new(boot)), host)?.start()?;
+    let ready = vm.wait_ready(WARM_TIMEOUT);
+    if ready.is_none() {
+        vm.stop();
+    }
+    let report = vm.wait()?;
+    let tail = || console_tail(&console);
+    match (&report.reason, ready) {
+        (StopReason::SnapshotTaken { .. }, _) => {}
+        (_, None) => bail!(
+            "the guest did not say READY within {} s while warming the template{}",
+            WARM_TIMEOUT.as_secs(),
+            tail()
+        ),
+        (reason, Some(_)) => bail!("warming the template failed: {reason}{}", tail()),
+    }
+    Ok(TemplateMeta {
+        key: key.into(),
+        kernel: spec.assets.kernel.clone(),
+        initramfs: spec.assets.initramfs.clone(),
+        vcpus: spec.vcpus,
+        mem_mib: spec.mem_mib,
+        created: super::state::rfc3339_now(),
+        warm_ms: t0.elapsed().as_secs_f64() * 1e3,
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+/// The last lines of the guest console, for an error message.
+fn console_tail(path: &Path) -> String {
+    let text = super::read_small_file(path, 1 << 20).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return " (the guest console is empty)".into();
+    }
+    let start = lines.len().saturating_sub(8);
+    format!("; guest console ends:\n  {}", lines[start..].join("\n  "))
+}
+
+fn walk(dir: &Path, f: &mut dyn FnMut(&Path, bool) -> std::io::Result<()>) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let is_dir = entry.file_type()?.is_dir();
+        if is_dir {
+            walk(&entry.path(), f)?;
+        }
+        f(&entry.path(), is_dir)?;
+    }
+    f(dir, true)
+}
+
+fn make_read_only(dir: &Path) -> Result<()> {
+    walk(dir, &mut |p, is_dir| {
+        fs::set_permissions(
+            p,
+            fs::Permissions::from_mode(if is_dir { 0o555 } else { 0o444 }),
+        )
+    })
+    .with_context(|| format!("cannot make {} read-only", dir.display()))
+}
+
+fn make_writable(dir: &Path) -> std::io::Result<()> {
+    // Parents first, so their entries can be listed and removed.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            make_writable(&entry.path())?;
+        } else {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every template in `data`.
+pub fn list(data: &Path) -> Result<Vec<(TemplateMeta, u64)>> {
+    let root = data.join("templates");
+    let entries = match fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", root.display())),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') || !path.is_dir() {
+            continue;
+        }
+        if let Ok(meta) = read_meta(&path) {
+            let mut bytes = 0;
+            let _ = walk(&path, &mut |p, is_dir| {
+                if !is_dir {
+                    // Allocated bytes: the memory file is sparse.
+                    bytes += fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+                }
+                Ok(())
+            });
+            out.push((meta, bytes));
+        }
+    }
+    out.sort_by(|a, b| a.0.created.cmp(&b.0.created));
+    Ok(out)
+}
+
+/// Removes the template `key` (under its lock, so a warm in progress finishes first).
+pub fn remove(data: &Path, key: &str) -> Result<()> {
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("no template {key:?}: a key is hex digits, as `kata-snap template list` prints");
+    }
+    let root = data.join("templates");
+    let dir = root.join(key);
+    if !dir.is_dir() {
+        bail!("no template {key}");
+    }
+    let lock_path = root.join(format!("{key}.lock"));
+    let lock_file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow!("cannot lock {}: {e}", lock_path.display()))?;
+    // Out of the way first (a rename is atomic), so no restore finds a half-removed template.
+    let doomed = root.join(format!(".rm-{key}-{}", std::process::id()));
+    fs::rename(&dir, &doomed).with_context(|| format!("cannot remove {}", dir.display()))?;
+    make_writable(&doomed)?;
+    fs::remove_dir_all(&doomed).with_context(|| format!("cannot remove {}", doomed.display()))?;
+    // The lock file stays: removing it would let a waiter and a newcomer lock different files.
+    Ok(())
+}
