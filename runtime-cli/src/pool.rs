@@ -29,8 +29,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
+use std::os::fd::AsFd;
 use vmm::seccomp::SeccompMode;
 use vmm::vm::{ShellConfig, VmShell};
 
@@ -503,7 +505,8 @@ fn serve(vm_shell: VmShell, mut stream: UnixStream) -> Result<i32> {
             pid: std::process::id(),
         },
     )?;
-    // The client forwards its termination signals.
+    // The client forwards its termination signals. A client that goes away (killed, even with
+    // SIGKILL) closes the connection: its VM must not outlive it.
     let reader = stream.try_clone()?;
     let stopper = vm.stop_handle();
     std::thread::Builder::new()
@@ -516,6 +519,7 @@ fn serve(vm_shell: VmShell, mut stream: UnixStream) -> Result<i32> {
                     stopper.stop_by_signal(f.signal);
                 }
             }
+            stopper.stop_by_signal(libc::SIGKILL);
         })?;
     vm.restrict_caller()?;
     let report = vm.wait()?;
@@ -558,9 +562,55 @@ fn claim(dir: &Path, vcpus: u8, mem_mib: u64) -> Option<(PathBuf, UnixStream)> {
     None
 }
 
-/// Restores through a pre-started VMM when a pool runs; `None` when there is none to use (or
-/// it died during the hand-off), so the caller starts cold.
-pub fn restore_through_pool(args: &RestoreArgs, process_start: Instant) -> Result<Option<i32>> {
+/// A VM running in a pre-started VMM of the pool, for a client that holds it.
+#[derive(Debug)]
+pub struct PooledVm {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    /// The pre-started VMM's pid.
+    pub pid: u32,
+}
+
+impl PooledVm {
+    /// Readable when the VMM reports the exit status or goes away.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.stream)
+    }
+
+    /// Stops the VM as termination signal `signal` would.
+    pub fn stop_by_signal(&mut self, signal: i32) {
+        if let Ok(mut f) = serde_json::to_vec(&Forward { signal }) {
+            f.push(b'\n');
+            let _ = self.stream.write_all(&f);
+        }
+    }
+
+    /// Reads the VMM's next line: its exit status, once it has stopped.
+    pub fn read_exit(&mut self) -> Result<i32> {
+        let mut text = String::new();
+        if self.reader.read_line(&mut text)? == 0 {
+            bail!(
+                "the pre-started VMM (pid {}) ended without reporting an exit status",
+                self.pid
+            );
+        }
+        match serde_json::from_str::<Reply>(text.trim_end()) {
+            Ok(Reply::Exit { code }) => Ok(code),
+            Ok(Reply::Error { message }) => bail!("{message}"),
+            Ok(Reply::Started { .. }) => bail!("the pre-started VMM said `started` twice"),
+            Err(e) => bail!("bad answer from the pre-started VMM: {e}"),
+        }
+    }
+}
+
+/// Claims a pre-started VMM of the snapshot's shape when a pool runs, hands it `args` with
+/// `stdio` (stdin, stdout, stderr of its VM) and waits until its VM runs. `None` when there is
+/// none to use, or it died during the hand-off: the caller starts cold.
+pub fn claim_and_start(
+    args: &RestoreArgs,
+    process_start: Instant,
+    stdio: [RawFd; 3],
+) -> Result<Option<PooledVm>> {
     let dir = pool_dir(args.pool_dir.as_deref());
     if !dir.join("ready").is_dir() {
         return Ok(None);
@@ -568,7 +618,7 @@ pub fn restore_through_pool(args: &RestoreArgs, process_start: Instant) -> Resul
     let Ok((vcpus, mem_mib)) = vmm::vm::snapshot_shape(&args.snapshot) else {
         return Ok(None); // the cold path reports what is wrong with the snapshot
     };
-    let Some((claimed, mut stream)) = claim(&dir, vcpus, mem_mib) else {
+    let Some((claimed, stream)) = claim(&dir, vcpus, mem_mib) else {
         return Ok(None);
     };
     let started_ago = process_start.elapsed();
@@ -578,12 +628,11 @@ pub fn restore_through_pool(args: &RestoreArgs, process_start: Instant) -> Resul
     };
     let mut line = serde_json::to_vec(&req)?;
     line.push(b'\n');
-    let fds = [0, 1, 2];
     let iov = [std::io::IoSlice::new(&line)];
     let sent = sendmsg::<()>(
         stream.as_raw_fd(),
         &iov,
-        &[ControlMessage::ScmRights(&fds)],
+        &[ControlMessage::ScmRights(&stdio)],
         MsgFlags::empty(),
         None,
     );
@@ -594,67 +643,56 @@ pub fn restore_through_pool(args: &RestoreArgs, process_start: Instant) -> Resul
         );
         return Ok(None);
     }
-    let signals = vmm::vm::termination_signalfd()?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut started = None;
+    let mut text = String::new();
+    if reader.read_line(&mut text)? == 0 {
+        tracing::warn!("the pre-started VMM ended during the hand-off: starting cold");
+        return Ok(None);
+    }
+    match serde_json::from_str::<Reply>(text.trim_end()) {
+        Ok(Reply::Started { pid }) => Ok(Some(PooledVm {
+            stream,
+            reader,
+            pid,
+        })),
+        Ok(Reply::Error { message }) => bail!("{message}"),
+        Ok(Reply::Exit { .. }) => bail!("the pre-started VMM exited before it started"),
+        Err(e) => bail!("bad answer from the pre-started VMM: {e}"),
+    }
+}
+
+/// Restores through a pre-started VMM when a pool runs; `None` when there is none to use (or
+/// it died during the hand-off), so the caller starts cold.
+pub fn restore_through_pool(args: &RestoreArgs, process_start: Instant) -> Result<Option<i32>> {
+    // Signals are taken before the hand-off, so none is lost while the VM starts.
+    let signals = vmm::vm::termination_signalfd()?;
+    let Some(mut vm) = claim_and_start(args, process_start, [0, 1, 2])? else {
+        return Ok(None);
+    };
+    if args.timing {
+        eprintln!(
+            "kata-snap: restore path: pool (pre-started VMM pid {})",
+            vm.pid
+        );
+    }
     loop {
-        // Wait for the shell's next line or a signal to forward.
+        // Wait for the exit status or a signal to forward.
         let mut fds = [
-            libc::pollfd {
-                fd: stream.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: signals.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            PollFd::new(vm.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
         ];
-        if reader.buffer().is_empty() {
-            // SAFETY: polling two valid fds.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                continue; // EINTR
-            }
-            if fds[1].revents != 0 {
-                if let Ok(Some(sig)) = signals.read_signal() {
-                    let mut f = serde_json::to_vec(&Forward {
-                        signal: sig.ssi_signo as i32,
-                    })?;
-                    f.push(b'\n');
-                    let _ = stream.write_all(&f);
-                }
-                if fds[0].revents == 0 {
-                    continue;
-                }
-            }
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue; // EINTR
         }
-        let mut text = String::new();
-        let n = reader.read_line(&mut text)?;
-        if n == 0 {
-            return match started {
-                None => {
-                    eprintln!(
-                        "kata-snap: the pre-started VMM ended during the hand-off: starting cold"
-                    );
-                    Ok(None)
-                }
-                Some(pid) => {
-                    bail!("the pre-started VMM (pid {pid}) ended without reporting an exit status")
-                }
-            };
+        let (exit_ready, signal_ready) = (
+            fds[0].revents().is_some_and(|r| !r.is_empty()),
+            fds[1].revents().is_some_and(|r| !r.is_empty()),
+        );
+        if signal_ready && let Ok(Some(sig)) = signals.read_signal() {
+            vm.stop_by_signal(sig.ssi_signo as i32);
         }
-        match serde_json::from_str::<Reply>(text.trim_end()) {
-            Ok(Reply::Started { pid }) => {
-                if args.timing {
-                    eprintln!("kata-snap: restore path: pool (pre-started VMM pid {pid})");
-                }
-                started = Some(pid);
-            }
-            Ok(Reply::Error { message }) => bail!("{message}"),
-            Ok(Reply::Exit { code }) => return Ok(Some(code)),
-            Err(e) => bail!("bad answer from the pre-started VMM: {e}"),
+        if exit_ready {
+            return vm.read_exit().map(Some);
         }
     }
 }

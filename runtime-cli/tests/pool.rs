@@ -266,3 +266,63 @@ fn test_pool_never_hands_one_shell_out_twice() {
         "a shell served two restores: {pids:?}"
     );
 }
+
+#[test]
+fn test_a_killed_client_takes_its_pooled_vm_with_it() {
+    if !kvm_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    // A guest that runs until it is stopped.
+    let snap = root.path().join("long");
+    let before = run(
+        &[
+            "boot",
+            "--kernel",
+            "builtin:spin",
+            "--mem-mib",
+            "256",
+            "--snapshot-on-ready",
+            snap.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_eq!(before.code(), 0, "{}", before.stderr);
+    let pool_dir = root.path().join("pool");
+    let pool = Pool::start(&pool_dir, 1, &[]);
+    let err = root.path().join("client.err");
+    let mut client = Command::new(BIN)
+        .args(["restore", "--timing", "--snapshot", snap.to_str().unwrap()])
+        .env("KATA_SNAP_POOL_DIR", pool.0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + T;
+    let vmm: i32 = loop {
+        let text = std::fs::read_to_string(&err).unwrap_or_default();
+        if let Some(pid) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("kata-snap: restore path: pool (pre-started VMM pid "))
+        {
+            break pid.trim_end_matches(')').parse().unwrap();
+        }
+        assert!(std::time::Instant::now() < end, "no pooled restore: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let gone = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    };
+    while !gone(vmm) {
+        assert!(
+            std::time::Instant::now() < end,
+            "the pooled VMM {vmm} outlived its killed client"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -9,6 +9,7 @@ pub mod log;
 pub mod state;
 pub mod supervisor;
 pub mod template;
+pub mod vm_handle;
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -79,6 +80,9 @@ pub struct CreateArgs {
     /// How guest memory comes back from the template.
     #[arg(long, value_enum, default_value = "mmap", hide = true)]
     pub restore_mode: ModeArg,
+    /// Never restore in a pre-started VMM of a running pool (`kata-snap pool start`).
+    #[arg(long, hide = true)]
+    pub no_pool: bool,
     /// The container id.
     pub id: String,
 }
@@ -443,6 +447,7 @@ fn create(
         console_socket: args.console_socket.clone(),
         console_size: config.process.console_size.map(|c| (c.rows, c.cols)),
         foreground: matches!(mode, Mode::RunForeground { .. }),
+        use_pool: !args.no_pool,
     };
     if let Mode::RunForeground { keep } = mode {
         if let Some(p) = &args.pid_file {

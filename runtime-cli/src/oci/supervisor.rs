@@ -29,11 +29,11 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde::{Deserialize, Serialize};
 use vmm::seccomp::SeccompMode;
-use vmm::vm::{RunningVm, VmEvent};
 
 use super::console::HostTerminal;
 use super::control::{self, Reply, Request};
 use super::state::{Record, Status, process_start_time, write_record};
+use super::vm_handle::ContainerVm;
 use crate::restore_cmd::{ModeArg, RestoreArgs};
 
 /// The VM's vsock host socket, relative to the container's directory (the supervisor's cwd:
@@ -69,6 +69,8 @@ pub struct Launch {
     pub console_size: Option<(u16, u16)>,
     /// `run` in the foreground: start at once; a terminal is the supervisor's own stdin.
     pub foreground: bool,
+    /// Restore in a pre-started VMM when a pool of the template's shape runs.
+    pub use_pool: bool,
 }
 
 /// The supervisor's answer to `create`, one JSON line on the sync socket.
@@ -206,10 +208,8 @@ struct Supervisor {
     phases: Phases,
     launch: Launch,
     record: Record,
-    vm: Option<RunningVm>,
+    vm: Option<ContainerVm>,
     signals: SignalFd,
-    /// Readable once the VM stopped.
-    vm_stopped: OwnedFd,
     agent: AgentClient<UnixStream>,
     /// A second handle on the agent's connection, read by the loop.
     agent_rx: UnixStream,
@@ -249,28 +249,15 @@ impl Supervisor {
                 launch.image.clone(),
             )],
             timing: false,
-            no_pool: true,
+            no_pool: !launch.use_pool,
             pool_dir: None,
         };
-        let vm = crate::restore_cmd::start_restore(&args, None, process_start, seccomp, false)
-            .context("cannot restore the container's VM from its template")?;
-        phases.mark("restore");
-        let (stop_r, stop_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
-        let events = vm.events();
-        std::thread::Builder::new()
-            .name("vm-watch".into())
-            .spawn(move || {
-                while let Ok(ev) = events.recv() {
-                    if matches!(ev, VmEvent::Stopping(_)) {
-                        break;
-                    }
-                }
-                // Also when the VM's handle is gone: the pipe's writer closes either way.
-                let _ = nix::unistd::write(&stop_w, b"x");
-            })
-            .context("cannot start a thread")?;
-
+        let vm = ContainerVm::restore(&launch.dir, &args, launch.use_pool, process_start, seccomp)?;
+        phases.mark(if vm.is_pooled() {
+            "restore (pool)"
+        } else {
+            "restore (cold)"
+        });
         let mut agent = connect_agent(&vm)?;
         phases.mark("agent hello");
         agent
@@ -314,7 +301,6 @@ impl Supervisor {
             record,
             vm: Some(vm),
             signals,
-            vm_stopped: stop_r,
             agent,
             agent_rx,
             listener,
@@ -387,7 +373,13 @@ impl Supervisor {
                 PollFd::new(self.agent_rx.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.vm_stopped.as_fd(), PollFlags::POLLIN),
+                PollFd::new(
+                    self.vm
+                        .as_ref()
+                        .map(|v| v.stopped_fd())
+                        .unwrap_or(self.signals.as_fd()),
+                    PollFlags::POLLIN,
+                ),
             ];
             if let Some(fd) = input {
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
@@ -569,17 +561,14 @@ impl Supervisor {
                 self.set_status(to);
                 Reply::Ok
             }
-            Err(e) => Reply::Err(e.to_string()),
+            Err(e) => Reply::Err(format!("{e:#}")),
         }
     }
 
     /// Stops the VM and records the exit; returns the exit status.
     fn finish(mut self, code: i32) -> i32 {
         if let Some(vm) = self.vm.take() {
-            vm.stop();
-            if let Err(e) = vm.wait() {
-                tracing::warn!("VM teardown: {e}");
-            }
+            vm.shutdown();
         }
         self.phases.mark("teardown");
         tracing::debug!("timing: {}", self.phases.summary());
@@ -605,11 +594,11 @@ fn write_all_fd(fd: BorrowedFd<'_>, mut bytes: &[u8]) -> std::io::Result<()> {
 /// Connects to the agent through the VM's vsock socket (hybrid vsock: `CONNECT <port>\n`,
 /// answered `OK <port>\n`) and completes `Hello`. A guest that is slow to answer (a loaded host)
 /// makes the VMM close the CONNECT: that is retried until [`AGENT_TIMEOUT`].
-fn connect_agent(vm: &RunningVm) -> Result<AgentClient<UnixStream>> {
+fn connect_agent(vm: &ContainerVm) -> Result<AgentClient<UnixStream>> {
     let end = Instant::now() + AGENT_TIMEOUT;
     let mut last = String::new();
     while Instant::now() < end {
-        if vm.status().is_err() {
+        if !vm.alive() {
             bail!("the VM stopped before its agent answered ({last})");
         }
         match connect_port(Path::new(VSOCK), AGENT_VSOCK_PORT) {

@@ -295,6 +295,16 @@ fn test_lifecycle_goes_through_the_same_states_as_runc() {
         let start = run_it(cmd(), &["start", "c1"]);
         assert_eq!(start.code(), 0, "{name} start: {start:?}");
         let running = wait_status(cmd, "c1", "running");
+        if *name == "kata-snap" {
+            // The VM pauses and resumes (runc's pause needs a cgroup freezer the rig's L1 may
+            // not give it, so only kata-snap's is checked).
+            assert_eq!(run_it(cmd(), &["pause", "c1"]).code(), 0);
+            wait_status(cmd, "c1", "paused");
+            let again = run_it(cmd(), &["pause", "c1"]);
+            assert_eq!(again.code(), 1, "{again:?}");
+            assert_eq!(run_it(cmd(), &["resume", "c1"]).code(), 0);
+            wait_status(cmd, "c1", "running");
+        }
         let start_again = run_it(cmd(), &["start", "c1"]);
         let delete_running = run_it(cmd(), &["delete", "c1"]);
         let list = run_it(cmd(), &["list", "--format", "json"]);
@@ -713,4 +723,145 @@ fn test_bench_run_against_runc() {
         "RIG-INFO kata-snap run / runc run of one bundle: {:.2} (medians of 5 alternating runs: {k:.0} / {r:.0} ms, emulated)",
         k / r
     );
+}
+
+/// `run` in the foreground, then `kill -9` of the container: the shell sees 137 from both
+/// runtimes (runc's `run` exits 137; kata-snap's `run` is the VMM and dies of the signal).
+#[test]
+fn test_run_killed_with_sigkill_gives_137_as_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let b = bundle(dir.path(), "k", "echo up; sleep 600", false);
+    let mut runtimes: Vec<(&str, CommandMaker<'_>)> =
+        vec![("kata-snap", Box::new(|| ks_cmd(e, &dir.path().join("ks"))))];
+    if runc_present() {
+        runtimes.push(("runc", Box::new(|| runc_cmd(&dir.path().join("runc")))));
+    }
+    for (name, cmd) in &runtimes {
+        let out = dir.path().join(format!("{name}.out"));
+        let mut c = cmd();
+        c.args(["run", "--no-pivot", "--bundle", b.to_str().unwrap(), "k1"])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        wait_status(cmd, "k1", "running");
+        let end = Instant::now() + T;
+        while fs::read_to_string(&out).unwrap_or_default() != "up\n" {
+            assert!(Instant::now() < end, "{name}: no output");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(run_it(cmd(), &["kill", "k1", "9"]).code(), 0);
+        let status = wait_deadline(&mut child, T).expect("run did not end after kill -9");
+        let code = status.code().unwrap_or_else(|| {
+            128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+        });
+        assert_eq!(code, 137, "{name}: {status:?}");
+        let _ = run_it(cmd(), &["delete", "--force", "k1"]);
+        assert!(!dir.path().join("ks").join("k1").exists() || *name == "runc");
+    }
+}
+
+/// With a pool running (`kata-snap pool start`), containers restore in its pre-started VMMs
+/// and behave as cold ones; a container whose supervisor is killed takes its pooled VM with it.
+#[test]
+fn test_containers_restore_in_a_running_pool() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let pool = dir.path().join("pool");
+    let ks = || {
+        let mut c = ks_cmd(e, &dir.path().join("ks"));
+        c.env("KATA_SNAP_POOL_DIR", &pool);
+        c
+    };
+    let b = bundle(dir.path(), "p", "echo pooled; cat /etc/hostname", false);
+    // The template first (cold), so that the pool's shells match its shape.
+    let w = run_it(ks(), &["run", "--bundle", b.to_str().unwrap(), "w"]);
+    assert_eq!(w.stdout, "pooled\nimage\n", "{w:?}");
+    let p = run_it(
+        ks(),
+        &[
+            "pool",
+            "start",
+            "--size",
+            "2",
+            "--vcpus",
+            "1",
+            "--mem-mib",
+            "256",
+        ],
+    );
+    assert_eq!(p.code(), 0, "{p:?}");
+    let end = Instant::now() + T;
+    while fs::read_dir(pool.join("ready"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(Instant::now() < end, "the pool never got ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..2 {
+        let log = dir.path().join(format!("pool{i}.log"));
+        let mut c = ks();
+        c.arg("--log").arg(&log).arg("--debug");
+        let t0 = Instant::now();
+        let o = run_it(
+            c,
+            &["run", "--bundle", b.to_str().unwrap(), &format!("p{i}")],
+        );
+        measure("run_through_pool", ms_since(t0));
+        assert_eq!(o.stdout, "pooled\nimage\n", "{o:?}");
+        assert_eq!(o.code(), 0, "{o:?}");
+        let text = fs::read_to_string(&log).unwrap();
+        assert!(text.contains("restore path: pool"), "{text}");
+    }
+    // A pooled container whose supervisor dies of SIGKILL: its VMM goes too.
+    let end = Instant::now() + T;
+    while fs::read_dir(pool.join("ready"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(Instant::now() < end, "the pool did not refill");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = dir.path().join("kill.log");
+    let slow = bundle(dir.path(), "slow", "echo up; sleep 600", false);
+    let out = dir.path().join("kill.out");
+    let mut c = ks();
+    c.arg("--log").arg(&log).arg("--debug");
+    c.args(["run", "--bundle", slow.to_str().unwrap(), "k"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    while fs::read_to_string(&out).unwrap_or_default() != "up\n" {
+        assert!(Instant::now() < end, "no output from the pooled container");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = fs::read_to_string(&log).unwrap();
+    let vmm_pid: i32 = text
+        .lines()
+        .find_map(|l| l.split_once("pre-started VMM pid ").map(|(_, p)| p))
+        .and_then(|p| p.trim_end_matches(')').trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pooled VMM in {text}"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let end = Instant::now() + T;
+    while Path::new(&format!("/proc/{vmm_pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{vmm_pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(
+            Instant::now() < end,
+            "the pooled VMM {vmm_pid} outlived its killed supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(run_it(ks(), &["delete", "--force", "k"]).code(), 0);
+    assert_eq!(run_it(ks(), &["pool", "stop"]).code(), 0);
 }
