@@ -216,16 +216,69 @@ pub fn timing_lines(report: &VmReport) -> Vec<String> {
 
 /// `--serial-log PATH` (appended to) or stdout.
 pub fn serial_output(path: Option<&PathBuf>) -> Result<SerialOutput> {
+    serial_output_capped(path, None)
+}
+
+/// As [`serial_output`], keeping at most `max` bytes of the log file: a guest cannot fill the
+/// host's disk through its console (what is dropped is counted in one last line).
+pub fn serial_output_capped(path: Option<&PathBuf>, max: Option<u64>) -> Result<SerialOutput> {
     Ok(match path {
-        Some(path) => SerialOutput::File(
-            OpenOptions::new()
+        Some(path) => {
+            let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .with_context(|| format!("cannot open serial log {}", path.display()))?,
-        ),
+                .with_context(|| format!("cannot open serial log {}", path.display()))?;
+            match max {
+                Some(max) => SerialOutput::Writer(Box::new(CappedLog {
+                    file,
+                    left: max,
+                    dropped: 0,
+                })),
+                None => SerialOutput::File(file),
+            }
+        }
         None => SerialOutput::Stdout,
     })
+}
+
+/// A log file that takes at most `left` more bytes and counts the rest.
+struct CappedLog {
+    file: std::fs::File,
+    left: u64,
+    dropped: u64,
+}
+
+impl std::io::Write for CappedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let take = (buf.len() as u64).min(self.left) as usize;
+        if take > 0 {
+            let n = self.file.write(&buf[..take])?;
+            self.left -= n as u64;
+            if n < take {
+                return Ok(n);
+            }
+        }
+        self.dropped += (buf.len() - take) as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for CappedLog {
+    fn drop(&mut self) {
+        if self.dropped > 0 {
+            use std::io::Write;
+            let _ = writeln!(
+                self.file,
+                "\n[kata-snap: {} more bytes of guest console output dropped: the log is capped]",
+                self.dropped
+            );
+        }
+    }
 }
 
 /// Prints the stop reason, the timing and the page server's figures; returns the exit status.
@@ -335,4 +388,29 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Resu
     vm.restrict_caller()?;
     let report = vm.wait()?;
     Ok(finish(&report, args.timing))
+}
+
+#[cfg(test)]
+mod capped_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn test_capped_log_keeps_the_cap_and_counts_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let SerialOutput::Writer(mut w) = serial_output_capped(Some(&path), Some(10)).unwrap()
+        else {
+            panic!("a capped log is a writer");
+        };
+        w.write_all(b"0123456").unwrap();
+        w.write_all(b"789abcdef").unwrap();
+        w.write_all(b"more").unwrap();
+        drop(w);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with("0123456789\n[kata-snap: 10 more bytes"),
+            "{text}"
+        );
+    }
 }

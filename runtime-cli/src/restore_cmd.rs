@@ -12,7 +12,7 @@ use vmm::vm::{
     SnapshotState, VmShell,
 };
 
-use crate::boot_cmd::{finish, serial_output};
+use crate::boot_cmd::{finish, serial_output_capped};
 
 #[derive(Debug, Clone, Args, serde::Serialize, serde::Deserialize)]
 pub struct RestoreArgs {
@@ -28,6 +28,10 @@ pub struct RestoreArgs {
     /// Append the guest's serial console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_log: Option<PathBuf>,
+    /// Keep at most this many bytes of the guest console in --serial-log (the rest is dropped
+    /// and counted).
+    #[arg(long, value_name = "BYTES", requires = "serial_log")]
+    pub serial_log_max: Option<u64>,
     /// Pages installed per fault in the uffd modes (1 = only the faulting page).
     #[arg(long, value_name = "PAGES", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=512))]
     pub fault_around: u64,
@@ -168,7 +172,10 @@ pub fn start_restore(
                 path,
                 max_connections: args.vsock_max_conns as usize,
             }),
-            ..HostResources::new(serial_output(args.serial_log.as_ref())?)
+            ..HostResources::new(serial_output_capped(
+                args.serial_log.as_ref(),
+                args.serial_log_max,
+            )?)
         };
         Ok((spec, host))
     })();

@@ -41,6 +41,9 @@ use crate::restore_cmd::{ModeArg, RestoreArgs};
 pub const VSOCK: &str = "v.sock";
 /// The guest console log in the container's directory.
 pub const CONSOLE_LOG: &str = "console.log";
+/// Most bytes of guest console kept per container (the guest runs `quiet`; more is a guest
+/// flooding its console).
+const CONSOLE_LOG_MAX: u64 = 1 << 20;
 /// Bound on reaching the agent after the restore.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bound on one agent answer during set-up.
@@ -238,6 +241,7 @@ impl Supervisor {
             mode: launch.mode,
             api_sock: None,
             serial_log: Some(PathBuf::from(CONSOLE_LOG)),
+            serial_log_max: Some(CONSOLE_LOG_MAX),
             fault_around: 16,
             record_workingset: None,
             record_for: None,
