@@ -77,9 +77,11 @@ pub struct CreateArgs {
     /// Pass N more descriptors (3..3+N) to the process: not possible into a VM, only 0.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preserve_fds: u32,
-    /// How guest memory comes back from the template.
-    #[arg(long, value_enum, default_value = "mmap", hide = true)]
-    pub restore_mode: ModeArg,
+    /// How guest memory comes back from the template [default: mmap-prefetch of the template's
+    /// working set once one is recorded (the template's first container records it, in uffd
+    /// mode), mmap until then].
+    #[arg(long, value_enum, hide = true)]
+    pub restore_mode: Option<ModeArg>,
     /// Never restore in a pre-started VMM of a running pool (`kata-snap pool start`).
     #[arg(long, hide = true)]
     pub no_pool: bool,
@@ -439,6 +441,7 @@ fn create(
         record,
         snapshot: tmpl.snapshot.clone(),
         mode: args.restore_mode,
+        template: tmpl.dir.clone(),
         image: image.path.clone(),
         request: config.run_request(agent_protocol::RootfsSource::Block {
             device: template::ROOTFS_DEVICE.into(),
@@ -760,17 +763,23 @@ fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result<i32> {
     match cmd {
         TemplateCommand::List => {
             println!(
-                "{:<34}{:>6}{:>9}{:>10}{:>10}  CREATED",
-                "KEY", "VCPUS", "MEM MIB", "DISK MIB", "WARM MS"
+                "{:<34}{:>6}{:>9}{:>10}{:>10}  {:<11}CREATED",
+                "KEY", "VCPUS", "MEM MIB", "DISK MIB", "WARM MS", "WORKINGSET"
             );
             for (m, bytes) in template::list(&data)? {
+                let ws = data
+                    .join("templates")
+                    .join(&m.key)
+                    .join("snapshot/workingset")
+                    .is_file();
                 println!(
-                    "{:<34}{:>6}{:>9}{:>10.1}{:>10.0}  {}",
+                    "{:<34}{:>6}{:>9}{:>10.1}{:>10.0}  {:<11}{}",
                     m.key,
                     m.vcpus,
                     m.mem_mib,
                     bytes as f64 / 1048576.0,
                     m.warm_ms,
+                    if ws { "recorded" } else { "-" },
                     m.created
                 );
             }

@@ -60,8 +60,10 @@ pub struct Launch {
     pub record: Record,
     /// The template's snapshot.
     pub snapshot: PathBuf,
-    /// How guest memory comes back.
-    pub mode: ModeArg,
+    /// How guest memory comes back (None: chosen by the template's working set).
+    pub mode: Option<ModeArg>,
+    /// The template's directory.
+    pub template: PathBuf,
     /// The rootfs image for the template's spare slot.
     pub image: PathBuf,
     /// The process.
@@ -208,6 +210,8 @@ impl Phases {
 }
 
 struct Supervisor {
+    /// Recording the template's working set (until the process has started).
+    recorder: Option<super::template::Recorder>,
     phases: Phases,
     launch: Launch,
     record: Record,
@@ -236,14 +240,40 @@ impl Supervisor {
         std::env::set_current_dir(&launch.dir)
             .with_context(|| format!("cannot enter {}", launch.dir.display()))?;
 
+        // The template's first container records its start-up working set; later ones map
+        // the template and prefetch that set (clean pages shared with every clone).
+        let has_ws = launch
+            .template
+            .join("snapshot")
+            .join("workingset")
+            .is_file();
+        let recorder = match launch.mode {
+            None if !has_ws => super::template::recorder(&launch.template),
+            _ => None,
+        };
+        let mode = launch.mode.unwrap_or(if recorder.is_some() {
+            ModeArg::Uffd
+        } else if has_ws {
+            ModeArg::MmapPrefetch
+        } else {
+            ModeArg::Mmap
+        });
+        tracing::debug!(
+            "restore mode {mode:?}{}",
+            if recorder.is_some() {
+                ", recording the template's working set"
+            } else {
+                ""
+            }
+        );
         let args = RestoreArgs {
             snapshot: launch.snapshot.clone(),
-            mode: launch.mode,
+            mode,
             api_sock: None,
             serial_log: Some(PathBuf::from(CONSOLE_LOG)),
             serial_log_max: Some(CONSOLE_LOG_MAX),
             fault_around: 16,
-            record_workingset: None,
+            record_workingset: recorder.as_ref().map(|r| r.file.clone()),
             record_for: None,
             vsock: Some(PathBuf::from(VSOCK)),
             vsock_max_conns: 16,
@@ -300,6 +330,7 @@ impl Supervisor {
         write_record(&launch.dir, &record)?;
         phases.mark("created");
         Ok(Self {
+            recorder,
             phases,
             launch,
             record,
@@ -333,6 +364,7 @@ impl Supervisor {
         match self.agent.start_created() {
             Ok(pid) => {
                 self.phases.mark("exec");
+                self.install_workingset();
                 tracing::debug!("process started, guest pid {pid}");
                 if let (Some(t), true) = (&self.terminal, self.launch.console_socket.is_none()) {
                     if let Some((rows, cols)) = t.size() {
@@ -349,6 +381,18 @@ impl Supervisor {
                 Err(anyhow!("unable to start container process: {message}"))
             }
             Err(e) => Err(anyhow!(e).context("cannot start the container process")),
+        }
+    }
+
+    /// Ends the recording of the template's working set (restore to exec) and installs it.
+    fn install_workingset(&mut self) {
+        let Some(rec) = self.recorder.take() else {
+            return;
+        };
+        let Some(vm) = &self.vm else { return };
+        match vm.finish_recording().and_then(|()| rec.install()) {
+            Ok(()) => tracing::debug!("the template's working set is recorded"),
+            Err(e) => tracing::warn!("the template's working set was not recorded: {e:#}"),
         }
     }
 

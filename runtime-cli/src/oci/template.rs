@@ -88,6 +88,76 @@ pub struct Template {
     pub elapsed: Duration,
 }
 
+/// The right to record a template's working set, held by one container at a time (a
+/// non-blocking `flock` on `DATA/templates/KEY.ws.lock`): the recording restores in `uffd`
+/// mode into `file`, and [`Recorder::install`] moves it into the template.
+#[derive(Debug)]
+pub struct Recorder {
+    _lock: Flock<fs::File>,
+    /// Where the recording goes (beside the template, on its filesystem).
+    pub file: PathBuf,
+    lock: PathBuf,
+    into: PathBuf,
+}
+
+/// Takes the right to record `dir`'s working set, if the template has none yet and no other
+/// container is recording it.
+pub fn recorder(dir: &Path) -> Option<Recorder> {
+    let root = dir.parent()?;
+    let key = dir.file_name()?.to_str()?;
+    let into = dir.join("snapshot").join("workingset");
+    if into.exists() {
+        return None;
+    }
+    let path = root.join(format!("{key}.ws.lock"));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .ok()?;
+    let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
+    if into.exists() {
+        return None;
+    }
+    Some(Recorder {
+        _lock: lock,
+        file: root.join(format!(".ws-{key}-{}", std::process::id())),
+        lock: root.join(format!("{key}.lock")),
+        into,
+    })
+}
+
+impl Recorder {
+    /// Moves the recording into the template (under the template's lock, the snapshot
+    /// directory writable only for the rename).
+    pub fn install(self) -> Result<()> {
+        let lock_file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock)?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow!("cannot lock {}: {e}", self.lock.display()))?;
+        let snap = self.into.parent().unwrap_or(Path::new("/"));
+        let result = (|| -> Result<()> {
+            if !self.file.is_file() {
+                bail!("no working set was recorded at {}", self.file.display());
+            }
+            fs::set_permissions(&self.file, fs::Permissions::from_mode(0o444))?;
+            fs::File::open(&self.file)?.sync_all()?;
+            fs::set_permissions(snap, fs::Permissions::from_mode(0o755))?;
+            let renamed = fs::rename(&self.file, &self.into);
+            fs::set_permissions(snap, fs::Permissions::from_mode(0o555))?;
+            renamed?;
+            fs::File::open(snap)?.sync_all()?;
+            Ok(())
+        })();
+        let _ = fs::remove_file(&self.file);
+        result.with_context(|| format!("cannot install the working set {}", self.into.display()))
+    }
+}
+
 fn file_identity(h: &mut Sha256, path: &Path) -> Result<()> {
     let m = fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
     h.update(path.as_os_str().as_encoded_bytes());

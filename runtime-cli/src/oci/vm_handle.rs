@@ -137,6 +137,7 @@ impl ContainerVm {
             Self::Local { vm, .. } => match req {
                 ControlRequest::Pause => vm.pause()?,
                 ControlRequest::Resume => vm.resume()?,
+                ControlRequest::FinishWorkingset => vm.finish_recording()?,
                 other => bail!("{other:?} is not asked of a container's VM"),
             },
             Self::Pooled { api, .. } => match send_request(api, req)? {
@@ -157,6 +158,11 @@ impl ContainerVm {
     /// Resumes the vCPUs.
     pub fn resume(&self) -> Result<()> {
         self.request(ControlRequest::Resume)
+    }
+
+    /// Ends the working-set recording and writes its file.
+    pub fn finish_recording(&self) -> Result<()> {
+        self.request(ControlRequest::FinishWorkingset)
     }
 
     /// Stops the VM and waits for it to be gone.
