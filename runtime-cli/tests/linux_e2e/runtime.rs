@@ -185,7 +185,7 @@ fn test_first_container_warms_the_template_and_the_next_restores_it() {
     };
     let b = bundle(dir.path(), "b", "echo warm", false);
     let mut logs = Vec::new();
-    for i in 0..2 {
+    for i in 0..3 {
         let log = dir.path().join(format!("log{i}"));
         let mut c = ks_cmd(&fresh, &dir.path().join("ks"));
         c.arg("--log").arg(&log).arg("--debug");
@@ -195,10 +195,10 @@ fn test_first_container_warms_the_template_and_the_next_restores_it() {
             &["run", "--bundle", b.to_str().unwrap(), &format!("w{i}")],
         );
         measure(
-            if i == 0 {
-                "run_template_warmed_first"
-            } else {
-                "run_template_restored"
+            match i {
+                0 => "run_template_warmed_first",
+                1 => "run_template_restored_in_mmap-prefetch",
+                _ => "run_template_restored_again",
             },
             ms_since(t0),
         );
@@ -207,11 +207,22 @@ fn test_first_container_warms_the_template_and_the_next_restores_it() {
     }
     assert!(logs[0].contains("warming template"), "{}", logs[0]);
     assert!(!logs[1].contains("warming template"), "{}", logs[1]);
+    // The first container on the template records its start-up working set; the next ones
+    // prefetch it.
+    assert!(
+        logs[0].contains("recording the template's working set")
+            && logs[0].contains("the template's working set is recorded"),
+        "{}",
+        logs[0]
+    );
+    assert!(logs[1].contains("restore mode MmapPrefetch"), "{}", logs[1]);
+    assert!(logs[2].contains("restore mode MmapPrefetch"), "{}", logs[2]);
     let list = run_it(
         ks_cmd(&fresh, &dir.path().join("ks")),
         &["template", "list"],
     );
     assert_eq!(list.stdout.lines().count(), 2, "{list:?}");
+    assert!(list.stdout.contains("recorded"), "{list:?}");
 }
 
 /// Polls `state ID` until its status is `want`.
@@ -664,7 +675,7 @@ fn test_bench_run_against_runc() {
         &["run", "--bundle", b.to_str().unwrap(), "w"],
     );
     assert_eq!(w.stdout, "hi\n", "{w:?}");
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut mapped) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for i in 0..5 {
         let log = dir.path().join(format!("log{i}"));
@@ -676,6 +687,21 @@ fn test_bench_run_against_runc() {
             &["run", "--bundle", b.to_str().unwrap(), &format!("k{i}")],
         );
         ours.push(ms_since(t0));
+        assert_eq!(o.stdout, "hi\n", "{o:?}");
+        // The same without the working-set prefetch (memory mapped only).
+        let t0 = Instant::now();
+        let o = run_it(
+            ks_cmd(e, &dir.path().join("ks")),
+            &[
+                "run",
+                "--restore-mode",
+                "mmap",
+                "--bundle",
+                b.to_str().unwrap(),
+                &format!("m{i}"),
+            ],
+        );
+        mapped.push(ms_since(t0));
         assert_eq!(o.stdout, "hi\n", "{o:?}");
         let t0 = Instant::now();
         let o = run_it(
@@ -714,6 +740,14 @@ fn test_bench_run_against_runc() {
     for v in &theirs {
         measure("bench_runc_run", *v);
     }
+    for v in &mapped {
+        measure("bench_kata-snap_run_mmap_only", *v);
+    }
+    println!(
+        "RIG-INFO kata-snap run, mmap-prefetch (default) / mmap only: {:.2} ({k:.0} / {:.0} ms, emulated)",
+        k / median(mapped.clone()),
+        median(mapped.clone())
+    );
     for (name, v) in &phases {
         for x in v {
             measure(&format!("bench_kata-snap_phase_{name}"), *x);
