@@ -43,6 +43,10 @@ pub enum ThreadKind {
     Prefetch,
     /// The process's main thread while the VM runs: it waits, then reports.
     Main,
+    /// A thread that supervises a VM and talks to its guest over the vsock socket (the
+    /// container runtime's supervisor): it bridges stdio and signals, answers its own control
+    /// socket, records state files, and tears the VM down.
+    Supervisor,
 }
 
 /// Errors building or installing a filter.
@@ -238,6 +242,67 @@ const MAIN: &[(i64, &str)] = &[
     ),
 ];
 
+/// A supervisor thread once its VM runs and its process is prepared.
+const SUPERVISOR: &[(i64, &str)] = &[
+    (libc::SYS_poll, "its one loop"),
+    (libc::SYS_ppoll, "its one loop"),
+    (libc::SYS_recvfrom, "the agent's stream, control requests"),
+    (libc::SYS_sendto, "the agent's stream, control replies"),
+    (libc::SYS_writev, "output and logs through std"),
+    (libc::SYS_accept4, "control requests"),
+    (
+        libc::SYS_setsockopt,
+        "timeouts on control connections and requests",
+    ),
+    (
+        libc::SYS_socket,
+        "control requests to a pooled VMM (pause, resume)",
+    ),
+    (
+        libc::SYS_connect,
+        "control requests to a pooled VMM (pause, resume)",
+    ),
+    (
+        libc::SYS_ioctl,
+        "terminal size and mode, FIONBIO on accepted connections",
+    ),
+    (libc::SYS_openat, "the state record, the log, lock files"),
+    (libc::SYS_statx, "file metadata"),
+    (
+        libc::SYS_newfstatat,
+        "file metadata, removing the state dir",
+    ),
+    (libc::SYS_fstat, "file metadata"),
+    (libc::SYS_lseek, "std file reads"),
+    (libc::SYS_fsync, "the state record and its directory"),
+    (
+        libc::SYS_rename,
+        "the state record (temporary name, rename)",
+    ),
+    (
+        libc::SYS_renameat,
+        "the state record (temporary name, rename)",
+    ),
+    (
+        libc::SYS_renameat2,
+        "the state record (temporary name, rename)",
+    ),
+    (libc::SYS_unlink, "the control socket, temporary files"),
+    (
+        libc::SYS_unlinkat,
+        "removing the state directory after `run`",
+    ),
+    (libc::SYS_rmdir, "removing the state directory after `run`"),
+    (
+        libc::SYS_getdents64,
+        "removing the state directory after `run`",
+    ),
+    (libc::SYS_chmod, "installing a template's working set"),
+    (libc::SYS_fchmod, "installing a template's working set"),
+    (libc::SYS_fchmodat, "installing a template's working set"),
+    (libc::SYS_flock, "a template's locks"),
+];
+
 fn list(kind: ThreadKind) -> Vec<(i64, &'static str)> {
     let extra = match kind {
         ThreadKind::Vcpu => VCPU,
@@ -245,6 +310,7 @@ fn list(kind: ThreadKind) -> Vec<(i64, &'static str)> {
         ThreadKind::PageServer => PAGE_SERVER,
         ThreadKind::Prefetch => PREFETCH,
         ThreadKind::Main => MAIN,
+        ThreadKind::Supervisor => SUPERVISOR,
     };
     BASE.iter().chain(extra).copied().collect()
 }
@@ -386,6 +452,7 @@ impl Filters {
             ThreadKind::PageServer,
             ThreadKind::Prefetch,
             ThreadKind::Main,
+            ThreadKind::Supervisor,
         ] {
             if let Some(p) = program(kind, mode)? {
                 programs.insert(key(kind), p);

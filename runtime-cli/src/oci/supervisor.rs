@@ -210,6 +210,8 @@ impl Phases {
 }
 
 struct Supervisor {
+    /// Seccomp filters (the supervisor's own thread once the VM runs).
+    seccomp: SeccompMode,
     /// Recording the template's working set (until the process has started).
     recorder: Option<super::template::Recorder>,
     phases: Phases,
@@ -252,8 +254,9 @@ impl Supervisor {
             _ => None,
         };
         // The prefetch runs on a thread beside the vCPUs: with a spare CPU it makes the restore
-        // faster (read-back 0.90x of mmap here, 2 CPUs); with one CPU it competes with the vCPU
-        // (1.18x in the one-CPU L1 rig), so plain mmap is used there.
+        // faster (read-back 0.90x of mmap on this 2-CPU host); with one CPU it can only compete
+        // with the vCPU (in the one-CPU L1 rig the two modes were within noise, 0.99-1.18x), so
+        // plain mmap is used there.
         let spare_cpu = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
             .map(|set| {
                 (0..nix::sched::CpuSet::count())
@@ -341,6 +344,7 @@ impl Supervisor {
         write_record(&launch.dir, &record)?;
         phases.mark("created");
         Ok(Self {
+            seccomp,
             recorder,
             phases,
             launch,
@@ -409,6 +413,14 @@ impl Supervisor {
 
     /// The loop; returns the exit status.
     fn run(&mut self) -> i32 {
+        // From here on this thread handles what the guest sends: it gets its own allow-list,
+        // as the VM's threads have theirs.
+        let filter = vmm::seccomp::Filters::new(self.seccomp)
+            .and_then(|f| f.apply(vmm::seccomp::ThreadKind::Supervisor));
+        if let Err(e) = filter {
+            super::log::error(&format!("cannot restrict the supervisor's syscalls: {e}"));
+            return 1;
+        }
         if self.launch.foreground
             && let Err(e) = self.start()
         {
