@@ -15,9 +15,9 @@
 //!   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (connections do not survive a snapshot).
 //!
 //! Files: `packet.rs` (header codec), `connect.rs` (non-blocking connect to a host socket),
-//! `connection.rs` (per-connection credit and buffers),
-//! `queue_handler.rs` (the muxer on the loop), `token.rs` (its operations' tags), `device.rs`,
-//! `persist.rs`.
+//! `connection.rs` (per-connection credit and buffers), `queue_handler/` (the muxer on the loop,
+//! split by concern: `tx.rs`, `rx.rs`, `host.rs`, `guest_connect.rs`), `token.rs` (its
+//! operations' tags), `device.rs`, `persist.rs`.
 
 mod connect;
 mod connection;
