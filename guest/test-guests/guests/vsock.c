@@ -126,7 +126,8 @@ void guest_main(const u8 *bp)
 	if (!virtio_mmio_accept_features(base, 0))
 		fail("FEATURES_OK refused");
 	for (u32 q = 0; q < 3; q++) {
-		if (!virtio_mmio_setup_queue(base, q, rings[q].desc, &rings[q].avail, &rings[q].used))
+		struct virtq *r = &rings[q];
+		if (!virtio_mmio_setup_queue(base, q, r->desc, &r->avail, &r->used))
 			fail("queue too small");
 	}
 	virtio_mmio_driver_ok(base);
