@@ -30,8 +30,17 @@ const GUEST_EXTRA_FILES: &[(&str, &[&str])] = &[(
 /// Sources linked into every guest.
 const COMMON_SOURCES: &[&str] = &["start.S", "lib.c"];
 
-/// Files every guest depends on besides its own C file.
-const COMMON_DEPS: &[&str] = &["start.S", "lib.c", "lib.h", "algo.h", "params.h", "link.ld"];
+/// Files every guest depends on besides its own C file (the headers are shared by some guests:
+/// `virtio_mmio.h` is the polled virtio-mmio driver of `virtioblk`, `vsock` and `hostile`).
+const COMMON_DEPS: &[&str] = &[
+    "start.S",
+    "lib.c",
+    "lib.h",
+    "algo.h",
+    "params.h",
+    "virtio_mmio.h",
+    "link.ld",
+];
 
 const CFLAGS: &[&str] = &[
     "-ffreestanding",

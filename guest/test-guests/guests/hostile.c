@@ -206,34 +206,17 @@ static void find_devices(const u8 *bp)
 {
 	usize len;
 	const char *c = cmdline_get(bp, &len);
-	const char *key = "virtio_mmio.device=";
-	for (usize i = 0; c && i + 19 < len && ndevs < MAX_DEVS; i++) {
-		if (memcmp(c + i, key, 19) != 0)
-			continue;
-		usize j = i + 19;
-		while (j < len && c[j] != '@' && c[j] != ' ')
-			j++;
-		if (j + 2 >= len || c[j] != '@' || c[j + 1] != '0' || c[j + 2] != 'x')
-			continue;
-		u64 v = 0;
-		for (j += 3; j < len; j++) {
-			char ch = c[j];
-			if (ch >= '0' && ch <= '9')
-				v = v * 16 + (u64)(ch - '0');
-			else if (ch >= 'a' && ch <= 'f')
-				v = v * 16 + (u64)(ch - 'a' + 10);
-			else
-				break;
-		}
+	for (usize i = virtio_mmio_next_arg(c, len, 0); i < len && ndevs < MAX_DEVS;
+	     i = virtio_mmio_next_arg(c, len, i + 1)) {
+		u64 v = virtio_mmio_arg_base(c, len, i);
 		if (v < GAP_START || v >= IOAPIC_PAGE)
 			continue;
 		struct dev *d = &devs[ndevs];
 		d->base = v;
-		if (rd(d, REG_MAGIC) != 0x74726976 || rd(d, REG_VERSION) != 2)
-			continue;
-		d->type = rd(d, REG_DEVICE_ID);
-		d->nq = d->type == ID_VSOCK ? 3 : 1;
-		if (d->type != ID_BLOCK && d->type != ID_VSOCK && d->type != ID_RNG)
+		d->type = virtio_mmio_probe(v);
+		d->nq = d->type == VIRTIO_ID_VSOCK ? 3 : 1;
+		if (d->type != VIRTIO_ID_BLOCK && d->type != VIRTIO_ID_VSOCK &&
+		    d->type != VIRTIO_ID_RNG)
 			continue;
 		ndevs++;
 	}
@@ -341,7 +324,7 @@ void guest_main(const u8 *bp)
 		put_dec(devs[i].type);
 		put_str(" base=");
 		put_hex(devs[i].base);
-		if (devs[i].type == ID_BLOCK) {
+		if (devs[i].type == VIRTIO_ID_BLOCK) {
 			put_str(" capacity=");
 			put_dec(devs[i].capacity);
 			put_str(devs[i].ro ? " ro" : " rw");

@@ -1,48 +1,14 @@
 /* The hostile test guest's shared definitions: hostile.c (PRNG, addresses, the bus, main),
  * hostile_virtio.c (driver set-up, rings, batches, chain and transport attacks) and
- * hostile_requests.c (block, vsock and rng requests). What the guest does: hostile.c. */
+ * hostile_requests.c (block, vsock and rng requests). What the guest does: hostile.c. The correct
+ * virtio-mmio sequences (registers, handshake, queue set-up, rings) are virtio_mmio.h's; the
+ * wrong ones are written out in hostile_virtio.c. */
 #ifndef HOSTILE_H
 #define HOSTILE_H
 
-#include "lib.h"
+#define QSIZE 16
 
-#define REG_MAGIC 0x000
-#define REG_VERSION 0x004
-#define REG_DEVICE_ID 0x008
-#define REG_DEVICE_FEATURES 0x010
-#define REG_DEVICE_FEATURES_SEL 0x014
-#define REG_DRIVER_FEATURES 0x020
-#define REG_DRIVER_FEATURES_SEL 0x024
-#define REG_QUEUE_SEL 0x030
-#define REG_QUEUE_NUM_MAX 0x034
-#define REG_QUEUE_NUM 0x038
-#define REG_QUEUE_READY 0x044
-#define REG_QUEUE_NOTIFY 0x050
-#define REG_INTERRUPT_STATUS 0x060
-#define REG_INTERRUPT_ACK 0x064
-#define REG_STATUS 0x070
-#define REG_QUEUE_DESC_LOW 0x080
-#define REG_QUEUE_DESC_HIGH 0x084
-#define REG_QUEUE_DRIVER_LOW 0x090
-#define REG_QUEUE_DRIVER_HIGH 0x094
-#define REG_QUEUE_DEVICE_LOW 0x0a0
-#define REG_QUEUE_DEVICE_HIGH 0x0a4
-#define REG_CONFIG 0x100
-
-#define S_ACK 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-#define S_NEEDS_RESET 0x40
-#define S_FAILED 0x80
-
-#define F_NEXT 1
-#define F_WRITE 2
-#define F_INDIRECT 4
-
-#define ID_BLOCK 2
-#define ID_RNG 4
-#define ID_VSOCK 19
+#include "virtio_mmio.h"
 
 #define BLK_T_IN 0
 #define BLK_T_OUT 1
@@ -58,7 +24,6 @@
 #define VS_OP_REQUEST 1
 #define VS_OP_RW 5
 
-#define QSIZE 16
 #define MAX_DEVS 8
 #define MAX_QUEUES 3
 
@@ -79,32 +44,6 @@
 #define VIRTIO_WINDOW 0xd0000000ULL
 #define IOAPIC_PAGE 0xfec00000ULL
 #define LAPIC_PAGE 0xfee00000ULL
-
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-} __attribute__((packed));
-
-struct avail {
-	u16 flags;
-	u16 idx;
-	u16 ring[QSIZE];
-	u16 used_event;
-} __attribute__((packed));
-
-struct used_elem {
-	u32 id;
-	u32 len;
-} __attribute__((packed));
-
-struct used {
-	u16 flags;
-	u16 idx;
-	struct used_elem ring[QSIZE];
-	u16 avail_event;
-} __attribute__((packed));
 
 struct vs_hdr {
 	u64 src_cid;
@@ -191,9 +130,9 @@ int len_fits_slot(u32 len);
 u64 data_addr(unsigned k);
 
 /* hostile_virtio.c: rings, set-up, batches, chain and transport attacks. */
-struct desc *descs(unsigned di, unsigned q);
-struct avail *avail_of(unsigned di, unsigned q);
-struct used *used_of(unsigned di, unsigned q);
+struct virtq_desc *descs(unsigned di, unsigned q);
+struct virtq_avail *avail_of(unsigned di, unsigned q);
+struct virtq_used *used_of(unsigned di, unsigned q);
 int dev_init(unsigned di);
 void drain_rx(unsigned di);
 u64 hdr_addr(unsigned s);
@@ -208,27 +147,20 @@ void transport_attack(unsigned di);
 unsigned build_batch(unsigned di, struct req *r, unsigned count);
 void device_requests(unsigned di);
 
-/* ---- MMIO and port helpers ---- */
+/* Registers of device d. */
 static inline u32 rd(const struct dev *d, u64 off)
 {
-	return *(volatile u32 *)(d->base + off);
+	return virtio_mmio_rd(d->base, off);
 }
 
 static inline void wr(const struct dev *d, u64 off, u32 v)
 {
-	*(volatile u32 *)(d->base + off) = v;
-}
-
-static inline void barrier(void)
-{
-	__asm__ volatile("mfence" ::: "memory");
+	virtio_mmio_wr(d->base, off, v);
 }
 
 static inline u32 status_of(const struct dev *d)
 {
 	return rd(d, REG_STATUS);
 }
-
-/* Announced bases: "virtio_mmio.device=<size>@0x<base>:<irq>", in order. */
 
 #endif

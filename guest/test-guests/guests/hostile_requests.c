@@ -48,7 +48,7 @@ static void blk_build(unsigned di, unsigned slot, u16 head, struct req *r)
 	if (chance(12)) {
 		b[n].len = (u32)below(33);
 		if (chance(2))
-			b[n].flags = F_WRITE;
+			b[n].flags = VIRTQ_DESC_F_WRITE;
 	}
 	n++;
 
@@ -64,7 +64,7 @@ static void blk_build(unsigned di, unsigned slot, u16 head, struct req *r)
 			*(u32 *)(seg + 12) = chance(5) ? (u32)rnd() : (u32)below(2);
 			b[n].addr = seg;
 			b[n].len = chance(8) ? (u32)below(40) : 16;
-			b[n].flags = chance(10) ? F_WRITE : 0;
+			b[n].flags = chance(10) ? VIRTQ_DESC_F_WRITE : 0;
 			n++;
 		}
 		*(u64 *)(hdr + 8) = rnd(); /* unused by these types */
@@ -81,9 +81,9 @@ static void blk_build(unsigned di, unsigned slot, u16 head, struct req *r)
 				len = chance(2) ? 512 : 0xffffffff;
 			b[n].addr = chance(10) ? bad_addr(di) : data_addr(i);
 			b[n].len = len;
-			b[n].flags = type == BLK_T_OUT ? 0 : F_WRITE;
+			b[n].flags = type == BLK_T_OUT ? 0 : VIRTQ_DESC_F_WRITE;
 			if (chance(10))
-				b[n].flags ^= F_WRITE;
+				b[n].flags ^= VIRTQ_DESC_F_WRITE;
 			if (b[n].flags == 0 && b[n].addr == data_addr(i) && chance(2))
 				memset((void *)b[n].addr, (int)below(256), len < 4096 ? len : 4096);
 			data_len += len;
@@ -106,7 +106,7 @@ static void blk_build(unsigned di, unsigned slot, u16 head, struct req *r)
 	*(volatile u8 *)r->status = 0xee;
 	b[n].addr = r->status;
 	b[n].len = 1;
-	b[n].flags = F_WRITE;
+	b[n].flags = VIRTQ_DESC_F_WRITE;
 	if (chance(16)) {
 		r->checked = 0;
 		switch (below(3)) {
@@ -186,7 +186,7 @@ static void vsock_build(unsigned di, unsigned slot, u16 head, struct req *r)
 			len = 64;
 		b[n].addr = chance(12) && !proper ? bad_addr(di) : data_addr(i);
 		b[n].len = len;
-		b[n].flags = chance(12) && !proper ? F_WRITE : 0;
+		b[n].flags = chance(12) && !proper ? VIRTQ_DESC_F_WRITE : 0;
 		payload += len;
 		n++;
 	}
@@ -200,17 +200,13 @@ static void vsock_build(unsigned di, unsigned slot, u16 head, struct req *r)
 static void vsock_event_buffer(unsigned di)
 {
 	struct dev *d = &devs[di];
-	struct buf e = {EVT_BASE + 0x200, 8, F_WRITE};
+	struct buf e = {EVT_BASE + 0x200, 8, VIRTQ_DESC_F_WRITE};
 	if (chance(2))
 		e = (struct buf){chance(2) ? bad_addr(di) : EVT_BASE + 0x200, rnd_len(), 0};
 	struct req r = {0};
 	place(di, 2, (u16)below(QSIZE), &e, 1, &r);
-	avail_of(di, 2)->ring[d->next_avail[2] % QSIZE] = r.head;
-	d->next_avail[2]++;
-	barrier();
-	avail_of(di, 2)->idx = d->next_avail[2];
-	barrier();
-	wr(d, REG_QUEUE_NOTIFY, 2);
+	virtq_add_avail(avail_of(di, 2), &d->next_avail[2], r.head);
+	virtq_publish(d->base, 2, avail_of(di, 2), d->next_avail[2]);
 }
 
 /* ---- virtio-rng ---- */
@@ -227,7 +223,7 @@ static void rng_build(unsigned di, unsigned slot, u16 head, struct req *r)
 			len = chance(2) ? 4096 : 0xffffffff;
 		b[i].addr = data_addr(i);
 		b[i].len = len;
-		b[i].flags = F_WRITE;
+		b[i].flags = VIRTQ_DESC_F_WRITE;
 		if (chance(10)) {
 			b[i].flags = 0;
 			r->checked = 0;
@@ -254,14 +250,14 @@ unsigned build_batch(unsigned di, struct req *r, unsigned count)
 	memset(r, 0, sizeof(*r) * count);
 	for (unsigned i = 0; i < count; i++) {
 		u16 head = (u16)((base + i * CHAIN_SPAN) % QSIZE);
-		if (devs[di].type == ID_BLOCK)
+		if (devs[di].type == VIRTIO_ID_BLOCK)
 			blk_build(di, i, head, &r[i]);
-		else if (devs[di].type == ID_VSOCK)
+		else if (devs[di].type == VIRTIO_ID_VSOCK)
 			vsock_build(di, i, head, &r[i]);
 		else
 			rng_build(di, i, head, &r[i]);
 	}
-	return devs[di].type == ID_VSOCK ? 1 : 0;
+	return devs[di].type == VIRTIO_ID_VSOCK ? 1 : 0;
 }
 
 /* One step: a batch of 1..MAX_BATCH requests on a device, answers checked. */
@@ -269,11 +265,11 @@ void device_requests(unsigned di)
 {
 	struct req r[MAX_BATCH];
 	unsigned count = chance(3) ? 1 + (unsigned)below(MAX_BATCH) : 1;
-	if (devs[di].type == ID_VSOCK)
+	if (devs[di].type == VIRTIO_ID_VSOCK)
 		drain_rx(di);
 	unsigned q = build_batch(di, r, count);
 	run_batch(di, q, r, count, 1);
-	if (devs[di].type == ID_VSOCK) {
+	if (devs[di].type == VIRTIO_ID_VSOCK) {
 		drain_rx(di);
 		if (devs[di].up && chance(8))
 			vsock_event_buffer(di);

@@ -10,19 +10,24 @@ static u64 ring_addr(unsigned di, unsigned q, unsigned bank)
 	return RING_BASE + (((u64)di * MAX_QUEUES + q) * 2 + bank) * 0x4000;
 }
 
-struct desc *descs(unsigned di, unsigned q)
+static struct virtq *vq_of(unsigned di, unsigned q, unsigned bank)
 {
-	return (struct desc *)ring_addr(di, q, devs[di].bank);
+	return (struct virtq *)ring_addr(di, q, bank);
 }
 
-struct avail *avail_of(unsigned di, unsigned q)
+struct virtq_desc *descs(unsigned di, unsigned q)
 {
-	return (struct avail *)(ring_addr(di, q, devs[di].bank) + 0x1000);
+	return vq_of(di, q, devs[di].bank)->desc;
 }
 
-struct used *used_of(unsigned di, unsigned q)
+struct virtq_avail *avail_of(unsigned di, unsigned q)
 {
-	return (struct used *)(ring_addr(di, q, devs[di].bank) + 0x2000);
+	return &vq_of(di, q, devs[di].bank)->avail;
+}
+
+struct virtq_used *used_of(unsigned di, unsigned q)
+{
+	return &vq_of(di, q, devs[di].bank)->used;
 }
 
 /* ---- device set-up ---- */
@@ -32,11 +37,8 @@ static u64 rx_prng = 1;
 /* Puts rx buffer `id` back; `broken` 1..4 breaks it in one of four ways (0: a good one). */
 static void post_rx(unsigned di, u16 id, u64 broken)
 {
-	struct desc *t = descs(di, 0);
-	t[id].addr = RX_BASE + (u64)id * RX_BUF;
-	t[id].len = RX_BUF;
-	t[id].flags = F_WRITE;
-	t[id].next = 0;
+	struct virtq_desc *t = descs(di, 0);
+	virtq_set_desc(&t[id], RX_BASE + (u64)id * RX_BUF, RX_BUF, VIRTQ_DESC_F_WRITE, 0);
 	switch (broken) {
 	case 0:
 		break;
@@ -50,13 +52,11 @@ static void post_rx(unsigned di, u16 id, u64 broken)
 		t[id].addr = ram_end - 8; /* across the end of RAM */
 		break;
 	default:
-		t[id].flags = F_WRITE | F_NEXT;
+		t[id].flags = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT;
 		t[id].next = id; /* a loop */
 		break;
 	}
-	struct avail *a = avail_of(di, 0);
-	a->ring[devs[di].next_avail[0] % QSIZE] = id;
-	devs[di].next_avail[0]++;
+	virtq_add_avail(avail_of(di, 0), &devs[di].next_avail[0], id);
 }
 
 /* Gives the vsock device its rx buffers and a few event buffers. */
@@ -64,22 +64,20 @@ static void vsock_fill(unsigned di)
 {
 	for (u16 i = 0; i < QSIZE; i++)
 		post_rx(di, i, 0);
-	struct desc *e = descs(di, 2);
-	struct avail *ea = avail_of(di, 2);
+	struct virtq_desc *e = descs(di, 2);
+	struct virtq_avail *ea = avail_of(di, 2);
 	for (u16 i = 0; i < 4; i++) {
-		e[i].addr = EVT_BASE + i * 64ULL;
-		e[i].len = 8;
-		e[i].flags = F_WRITE;
-		e[i].next = 0;
+		virtq_set_desc(&e[i], EVT_BASE + i * 64ULL, 8, VIRTQ_DESC_F_WRITE, 0);
 		ea->ring[i] = i;
 	}
 	devs[di].next_avail[2] = 4;
+	/* Both queues published, then both notified. */
 	barrier();
 	avail_of(di, 0)->idx = devs[di].next_avail[0];
 	ea->idx = 4;
 	barrier();
-	wr(&devs[di], REG_QUEUE_NOTIFY, 0);
-	wr(&devs[di], REG_QUEUE_NOTIFY, 2);
+	virtio_mmio_notify(devs[di].base, 0);
+	virtio_mmio_notify(devs[di].base, 2);
 }
 
 /* Resets the device and sets it up as a correct driver would, in the other ring bank. */
@@ -88,63 +86,45 @@ int dev_init(unsigned di)
 	struct dev *d = &devs[di];
 	n_inits++;
 	d->up = 0;
-	wr(d, REG_STATUS, 0);
 	d->bank ^= 1;
-	wr(d, REG_STATUS, S_ACK);
-	wr(d, REG_STATUS, S_ACK | S_DRIVER);
-	wr(d, REG_DEVICE_FEATURES_SEL, 1);
-	u32 hi = rd(d, REG_DEVICE_FEATURES);
-	wr(d, REG_DEVICE_FEATURES_SEL, 0);
-	u32 lo = rd(d, REG_DEVICE_FEATURES);
-	if (!(hi & 1)) {
+	virtio_mmio_begin(d->base);
+	u32 hi = virtio_mmio_device_features(d->base, 1);
+	u32 lo = virtio_mmio_device_features(d->base, 0);
+	if (!(hi & VIRTIO_F_VERSION_1_HI)) {
 		anomaly("no_version_1", di);
 		return 0;
 	}
 	u32 want = 0;
-	if (d->type == ID_BLOCK) {
+	if (d->type == VIRTIO_ID_BLOCK) {
 		want = lo & ((1u << BLK_F_RO) | (1u << BLK_F_FLUSH) | (1u << BLK_F_DISCARD) |
 			     (1u << BLK_F_WRITE_ZEROES));
 		d->ro = (lo >> BLK_F_RO) & 1;
 		d->discard = (lo >> BLK_F_DISCARD) & 1;
 	}
-	wr(d, REG_DRIVER_FEATURES_SEL, 1);
-	wr(d, REG_DRIVER_FEATURES, 1);
-	wr(d, REG_DRIVER_FEATURES_SEL, 0);
-	wr(d, REG_DRIVER_FEATURES, want);
-	wr(d, REG_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-	if (!(status_of(d) & S_FEATURES_OK)) {
+	if (!virtio_mmio_accept_features(d->base, want)) {
 		anomaly("features_ok_refused", di);
 		return 0;
 	}
 	for (u32 q = 0; q < d->nq; q++) {
-		u64 r = ring_addr(di, q, d->bank);
-		memset((void *)r, 0, 0x3000);
-		wr(d, REG_QUEUE_SEL, q);
-		if (rd(d, REG_QUEUE_NUM_MAX) < QSIZE) {
+		struct virtq *vq = vq_of(di, q, d->bank);
+		memset(vq, 0, sizeof(*vq));
+		if (!virtio_mmio_setup_queue(d->base, q, vq->desc, &vq->avail, &vq->used)) {
 			anomaly("queue_too_small", di);
 			return 0;
 		}
-		wr(d, REG_QUEUE_NUM, QSIZE);
-		wr(d, REG_QUEUE_DESC_LOW, (u32)r);
-		wr(d, REG_QUEUE_DESC_HIGH, (u32)(r >> 32));
-		wr(d, REG_QUEUE_DRIVER_LOW, (u32)(r + 0x1000));
-		wr(d, REG_QUEUE_DRIVER_HIGH, 0);
-		wr(d, REG_QUEUE_DEVICE_LOW, (u32)(r + 0x2000));
-		wr(d, REG_QUEUE_DEVICE_HIGH, 0);
-		wr(d, REG_QUEUE_READY, 1);
 		d->next_avail[q] = 0;
 		d->last_used[q] = 0;
 	}
-	wr(d, REG_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	virtio_mmio_driver_ok(d->base);
 	u32 st = status_of(d);
-	if ((st & S_NEEDS_RESET) || !(st & S_DRIVER_OK)) {
+	if ((st & STATUS_NEEDS_RESET) || !(st & STATUS_DRIVER_OK)) {
 		n_init_fail++;
 		return 0;
 	}
-	if (d->type == ID_BLOCK)
-		d->capacity = (u64)rd(d, REG_CONFIG) | ((u64)rd(d, REG_CONFIG + 4) << 32);
-	if (d->type == ID_VSOCK) {
-		d->cid = (u64)rd(d, REG_CONFIG) | ((u64)rd(d, REG_CONFIG + 4) << 32);
+	if (d->type == VIRTIO_ID_BLOCK)
+		d->capacity = virtio_mmio_config64(d->base, 0);
+	if (d->type == VIRTIO_ID_VSOCK) {
+		d->cid = virtio_mmio_config64(d->base, 0);
 		vsock_fill(di);
 	}
 	d->up = 1;
@@ -175,24 +155,24 @@ static inline u64 rdtsc(void)
 static enum wait_result wait_used(unsigned di, unsigned q, u64 limit)
 {
 	struct dev *d = &devs[di];
-	volatile u16 *idx = (volatile u16 *)((u64)used_of(di, q) + 2); /* used.idx */
+	const struct virtq_used *u = used_of(di, q);
 	u64 start = rdtsc();
 	for (u64 spins = 0;; spins++) {
-		if (*idx != d->last_used[q]) {
+		if (virtq_used_idx(u) != d->last_used[q]) {
 			if (rdtsc() - start > LATE_TSC)
 				n_late++;
 			return W_USED;
 		}
 		if ((spins & 31) == 31) {
 			u32 st = status_of(d);
-			if (st & S_NEEDS_RESET)
+			if (st & STATUS_NEEDS_RESET)
 				return W_NEEDS_RESET;
-			if (!(st & S_DRIVER_OK))
+			if (!(st & STATUS_DRIVER_OK))
 				return W_RESET_UNDER;
 			if (rdtsc() - start > limit || spins > 100000000)
 				return W_TIMEOUT;
 		}
-		__asm__ volatile("pause");
+		cpu_relax();
 	}
 }
 
@@ -202,12 +182,10 @@ void drain_rx(unsigned di)
 	struct dev *d = &devs[di];
 	if (!d->up)
 		return;
-	struct used *u = used_of(di, 0);
+	struct virtq_used *u = used_of(di, 0);
 	int posted = 0;
-	while (*(volatile u16 *)&u->idx != d->last_used[0]) {
-		barrier();
-		u32 id = u->ring[d->last_used[0] % QSIZE].id;
-		d->last_used[0]++;
+	while (virtq_used_idx(u) != d->last_used[0]) {
+		u32 id = virtq_take_used(u, &d->last_used[0]).id;
 		n_vsock_rx++;
 		if (id >= QSIZE) {
 			anomaly("vsock_rx_used_id", di);
@@ -226,21 +204,17 @@ void drain_rx(unsigned di)
 		post_rx(di, (u16)id, pick < 4 ? pick + 1 : 0);
 		posted = 1;
 	}
-	if (posted) {
-		barrier();
-		avail_of(di, 0)->idx = d->next_avail[0];
-		barrier();
-		wr(d, REG_QUEUE_NOTIFY, 0);
-	}
-	wr(d, REG_INTERRUPT_ACK, rd(d, REG_INTERRUPT_STATUS));
+	if (posted)
+		virtq_publish(d->base, 0, avail_of(di, 0), d->next_avail[0]);
+	virtio_mmio_ack_interrupts(d->base);
 }
 
 /* Breaks the chain of `n` descriptors starting at `head` (or the ring) in one random way.
  * Returns the available index to publish. */
 static u16 chain_attack(unsigned di, unsigned q, u16 head, unsigned n, u16 idx, int safe_only)
 {
-	struct desc *t = descs(di, q);
-	struct avail *a = avail_of(di, q);
+	struct virtq_desc *t = descs(di, q);
+	struct virtq_avail *a = avail_of(di, q);
 	u16 last = (u16)((head + n - 1) % QSIZE);
 	u16 pick = (u16)((head + below(n)) % QSIZE);
 	n_chain_attacks++;
@@ -251,16 +225,16 @@ static u16 chain_attack(unsigned di, unsigned q, u16 head, unsigned n, u16 idx, 
 		kind = 0;
 	switch (kind) {
 	case 0: /* loop back to the head */
-		t[last].flags |= F_NEXT;
+		t[last].flags |= VIRTQ_DESC_F_NEXT;
 		t[last].next = head;
 		break;
 	case 1: /* next outside the table */
-		t[last].flags |= F_NEXT;
+		t[last].flags |= VIRTQ_DESC_F_NEXT;
 		t[last].next = (u16)(QSIZE + below(0x10000 - QSIZE));
 		break;
 	case 2: { /* an indirect descriptor (not offered) pointing at a junk table */
 		u64 table = FAKE_BASE + (below(FAKE_SIZE / 2) & ~15ULL);
-		struct desc *it = (struct desc *)table;
+		struct virtq_desc *it = (struct virtq_desc *)table;
 		unsigned k = (unsigned)below(6);
 		for (unsigned i = 0; i < k; i++) {
 			it[i].addr = chance(2) ? bad_addr(di) : data_addr(i);
@@ -270,7 +244,7 @@ static u16 chain_attack(unsigned di, unsigned q, u16 head, unsigned n, u16 idx, 
 			it[i].flags = (u16)(rnd() & 7);
 			it[i].next = (u16)below(k + 2);
 		}
-		t[pick].flags |= F_INDIRECT;
+		t[pick].flags |= VIRTQ_DESC_F_INDIRECT;
 		t[pick].addr = chance(4) ? bad_addr(di) : table;
 		t[pick].len = chance(3) ? rnd_len() : k * 16;
 		if (t[pick].addr == table && !len_fits_slot(t[pick].len))
@@ -292,22 +266,21 @@ static u16 chain_attack(unsigned di, unsigned q, u16 head, unsigned n, u16 idx, 
 		t[pick].len = 0xffffffff - (u32)below(0x1000);
 		break;
 	case 8: /* direction flipped */
-		t[pick].flags ^= F_WRITE;
+		t[pick].flags ^= VIRTQ_DESC_F_WRITE;
 		break;
 	case 9: /* every descriptor of the table in one chain (the most a chain may hold), then a loop */
 		attack_all = 1;
 		for (u16 i = 0; i < QSIZE; i++) {
 			if (i == head)
 				continue;
-			t[i].addr = data_addr(i);
-			t[i].len = 16;
-			t[i].flags = F_NEXT | F_WRITE;
-			t[i].next = (u16)((i + 1) % QSIZE);
+			u16 flags = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE;
+			virtq_set_desc(&t[i], data_addr(i), 16, flags, (u16)((i + 1) % QSIZE));
 		}
-		t[last].flags |= F_NEXT;
+		t[last].flags |= VIRTQ_DESC_F_NEXT;
 		t[last].next = (u16)((last + 1) % QSIZE);
 		if (chance(2))
-			t[(head + QSIZE - 1) % QSIZE].flags &= ~F_NEXT; /* exactly QSIZE long */
+			/* exactly QSIZE long */
+			t[(head + QSIZE - 1) % QSIZE].flags &= ~VIRTQ_DESC_F_NEXT;
 		break;
 	default: /* two available entries for one chain */
 		a->ring[idx % QSIZE] = head;
@@ -340,13 +313,12 @@ u64 status_addr(unsigned s)
  * NEXT. */
 void place(unsigned di, unsigned q, u16 head, const struct buf *b, unsigned n, struct req *r)
 {
-	struct desc *t = descs(di, q);
+	struct virtq_desc *t = descs(di, q);
 	for (unsigned i = 0; i < n; i++) {
 		u16 at = (u16)((head + i) % QSIZE);
-		t[at].addr = b[i].addr;
-		t[at].len = b[i].len;
-		t[at].flags = (u16)(b[i].flags | (i + 1 < n ? F_NEXT : 0));
-		t[at].next = (u16)((at + 1) % QSIZE);
+		virtq_set_desc(&t[at], b[i].addr, b[i].len,
+			       (u16)(b[i].flags | (i + 1 < n ? VIRTQ_DESC_F_NEXT : 0)),
+			       (u16)((at + 1) % QSIZE));
 	}
 	r->head = head;
 	r->n = (u8)n;
@@ -355,7 +327,7 @@ void place(unsigned di, unsigned q, u16 head, const struct buf *b, unsigned n, s
 static void check_answer(unsigned di, struct req *r, u32 used_len)
 {
 	const struct dev *d = &devs[di];
-	if (d->type == ID_BLOCK) {
+	if (d->type == VIRTIO_ID_BLOCK) {
 		u8 s = *(volatile u8 *)r->status;
 		if (s == 0)
 			n_blk_ok++;
@@ -367,7 +339,7 @@ static void check_answer(unsigned di, struct req *r, u32 used_len)
 			anomaly("blk_status", di);
 		if (s == 0 && r->must_refuse)
 			anomaly(d->ro ? "blk_ro_write_ok" : "blk_past_end_ok", di);
-	} else if (d->type == ID_RNG) {
+	} else if (d->type == VIRTIO_ID_RNG) {
 		n_rng_bytes += used_len;
 		if (used_len > r->writable)
 			anomaly("rng_used_len", di);
@@ -380,23 +352,19 @@ static void check_answer(unsigned di, struct req *r, u32 used_len)
 void run_batch(unsigned di, unsigned q, struct req *r, unsigned count, int wait)
 {
 	struct dev *d = &devs[di];
-	struct avail *a = avail_of(di, q);
+	struct virtq_avail *a = avail_of(di, q);
 	u16 idx = d->next_avail[q];
 	int attacked = 0;
 	attack_all = 0;
 	for (unsigned i = 0; i < count; i++) {
-		a->ring[idx % QSIZE] = r[i].head;
-		idx++;
+		virtq_add_avail(a, &idx, r[i].head);
 		if (r[i].attack) {
 			idx = chain_attack(di, q, r[i].head, r[i].n, idx, r[i].safe_only);
 			attacked = 1;
 		}
 	}
-	barrier();
-	a->idx = idx;
 	d->next_avail[q] = idx;
-	barrier();
-	wr(d, REG_QUEUE_NOTIFY, q);
+	virtq_publish(d->base, q, a, idx);
 	if (!wait)
 		return;
 	for (unsigned got = 0; got < count; got++) {
@@ -411,7 +379,8 @@ void run_batch(unsigned di, unsigned q, struct req *r, unsigned count, int wait)
 			} else {
 				/* A live device that left well-formed requests unanswered for seconds. */
 				n_stalls++;
-				n_stalls_by_type[d->type == ID_BLOCK ? 0 : d->type == ID_VSOCK ? 1 : 2]++;
+				n_stalls_by_type[d->type == VIRTIO_ID_BLOCK ? 0
+						 : d->type == VIRTIO_ID_VSOCK ? 1 : 2]++;
 				put_str("hostile: stall dev=");
 				put_dec(di);
 				put_str(" q=");
@@ -420,7 +389,7 @@ void run_batch(unsigned di, unsigned q, struct req *r, unsigned count, int wait)
 				put_dec(count);
 				put_str(" got=");
 				put_dec(got);
-				if (d->type == ID_BLOCK) {
+				if (d->type == VIRTIO_ID_BLOCK) {
 					put_str(" types=");
 					for (unsigned i = 0; i < count; i++) {
 						put_dec(*(volatile u32 *)hdr_addr(i));
@@ -432,9 +401,7 @@ void run_batch(unsigned di, unsigned q, struct req *r, unsigned count, int wait)
 			dev_init(di);
 			return;
 		}
-		barrier();
-		struct used_elem e = used_of(di, q)->ring[d->last_used[q] % QSIZE];
-		d->last_used[q]++;
+		struct virtq_used_elem e = virtq_take_used(used_of(di, q), &d->last_used[q]);
 		struct req *m = 0;
 		for (unsigned i = 0; i < count && !m; i++)
 			if (r[i].head == e.id && !r[i].done)
@@ -448,7 +415,7 @@ void run_batch(unsigned di, unsigned q, struct req *r, unsigned count, int wait)
 		if (!m->attack && m->checked && !attack_all)
 			check_answer(di, m, e.len);
 	}
-	wr(d, REG_INTERRUPT_ACK, rd(d, REG_INTERRUPT_STATUS));
+	virtio_mmio_ack_interrupts(d->base);
 	if (attacked || d->last_used[q] != d->next_avail[q])
 		dev_init(di); /* the ring is no longer trusted */
 }
@@ -474,12 +441,11 @@ void rnd_register_access(unsigned di, int config)
 static void bad_queue_setup(unsigned di, int bad_size)
 {
 	struct dev *d = &devs[di];
-	wr(d, REG_STATUS, 0);
-	wr(d, REG_STATUS, S_ACK);
-	wr(d, REG_STATUS, S_ACK | S_DRIVER);
+	virtio_mmio_begin(d->base);
+	/* VERSION_1 only, without reading the offer; no FEATURES_OK check. */
 	wr(d, REG_DRIVER_FEATURES_SEL, 1);
 	wr(d, REG_DRIVER_FEATURES, 1);
-	wr(d, REG_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+	wr(d, REG_STATUS, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
 	u32 victim = (u32)below(d->nq);
 	for (u32 q = 0; q < d->nq; q++) {
 		u64 r = FAKE_BASE + FAKE_SIZE / 2 + q * 0x4000ULL;
@@ -508,16 +474,11 @@ static void bad_queue_setup(unsigned di, int bad_size)
 			}
 		}
 		wr(d, REG_QUEUE_SEL, q);
-		wr(d, REG_QUEUE_NUM, size);
-		wr(d, REG_QUEUE_DESC_LOW, (u32)desc);
-		wr(d, REG_QUEUE_DESC_HIGH, (u32)(desc >> 32));
-		wr(d, REG_QUEUE_DRIVER_LOW, (u32)av);
-		wr(d, REG_QUEUE_DRIVER_HIGH, (u32)(av >> 32));
-		wr(d, REG_QUEUE_DEVICE_LOW, (u32)us);
-		wr(d, REG_QUEUE_DEVICE_HIGH, (u32)(us >> 32));
+		wr(d, REG_QUEUE_NUM, size); /* QueueNumMax unread */
+		virtio_mmio_queue_rings(d->base, desc, av, us);
 		wr(d, REG_QUEUE_READY, chance(12) ? (u32)rnd() : 1);
 	}
-	wr(d, REG_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	virtio_mmio_driver_ok(d->base);
 	(void)status_of(d);
 	/* Whatever the device made of it: junk in the (fake) rings and a notify of every queue. */
 	for (u32 q = 0; q < d->nq; q++) {
@@ -541,8 +502,9 @@ void transport_attack(unsigned di)
 		bad_queue_setup(di, 0);
 		break;
 	case 2: { /* status bits in random order */
-		static const u32 bits[] = {S_ACK, S_DRIVER, S_FEATURES_OK, S_DRIVER_OK, S_FAILED,
-					   S_NEEDS_RESET, 0x10, 0x20, 0x0f, 0xffffffff};
+		static const u32 bits[] = {STATUS_ACK, STATUS_DRIVER, STATUS_FEATURES_OK,
+					   STATUS_DRIVER_OK, STATUS_FAILED, STATUS_NEEDS_RESET,
+					   0x10, 0x20, 0x0f, 0xffffffff};
 		unsigned k = 2 + (unsigned)below(6);
 		u32 st = 0;
 		for (unsigned i = 0; i < k; i++) {
@@ -554,18 +516,19 @@ void transport_attack(unsigned di)
 	}
 	case 3: /* features the device did not offer, selects out of range, writes after FEATURES_OK */
 		wr(d, REG_STATUS, 0);
-		wr(d, REG_STATUS, S_ACK | S_DRIVER);
-		wr(d, REG_STATUS, S_ACK);
-		wr(d, REG_STATUS, S_ACK | S_DRIVER);
+		wr(d, REG_STATUS, STATUS_ACK | STATUS_DRIVER);
+		wr(d, REG_STATUS, STATUS_ACK);
+		wr(d, REG_STATUS, STATUS_ACK | STATUS_DRIVER);
 		for (unsigned i = 0; i < 4; i++) {
 			wr(d, REG_DEVICE_FEATURES_SEL, chance(2) ? (u32)rnd() : (u32)below(4));
 			(void)rd(d, REG_DEVICE_FEATURES);
 			wr(d, REG_DRIVER_FEATURES_SEL, chance(2) ? (u32)rnd() : (u32)below(3));
 			wr(d, REG_DRIVER_FEATURES, (u32)rnd());
 		}
-		wr(d, REG_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+		wr(d, REG_STATUS, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
 		wr(d, REG_DRIVER_FEATURES, (u32)rnd());
-		wr(d, REG_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+		wr(d, REG_STATUS,
+		   STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 		break;
 	case 4: /* queue registers with a queue select out of range, and after DRIVER_OK */
 		for (unsigned i = 0; i < 6; i++) {
