@@ -399,3 +399,58 @@ fn test_bad_bundles_are_one_line_and_create_nothing() {
     assert!(!data.join("templates").exists());
     assert!(!data.join("images").exists());
 }
+
+#[test]
+fn test_image_cache_list_prune_rm() {
+    if !Path::new("/usr/bin/mkfs.erofs").exists() {
+        println!("SKIPPED: mkfs.erofs missing (apt-get install erofs-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cache = rootfs_image::ImageCache::open(&data.join("images")).unwrap();
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let tree = dir.path().join(format!("tree{i}"));
+        fs::create_dir_all(&tree).unwrap();
+        fs::write(tree.join("f"), vec![i as u8; 4096]).unwrap();
+        keys.push(cache.get_or_build(&tree).unwrap());
+    }
+    // Two of them last used two hours ago.
+    let old = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for img in &keys[..2] {
+        fs::File::options()
+            .write(true)
+            .open(&img.path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let image = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.env("KATA_SNAP_DATA_DIR", &data).arg("image").args(args);
+        run_command(c, T)
+    };
+    let list = image(&["list"]);
+    assert_eq!(list.code(), 0, "{list:?}");
+    assert_eq!(list.stdout.lines().count(), 4, "{list:?}");
+    // Least recently used first.
+    assert!(
+        list.stdout
+            .lines()
+            .nth(3)
+            .unwrap()
+            .starts_with(&keys[2].key),
+        "{list:?}"
+    );
+    let prune = image(&["prune", "--keep-mib", "0", "--unused-for", "60"]);
+    assert_eq!(prune.code(), 0, "{prune:?}");
+    assert!(prune.stdout.starts_with("removed 2 images"), "{prune:?}");
+    assert!(!keys[0].path.exists() && !keys[1].path.exists());
+    assert!(keys[2].path.exists(), "a recently used image is spared");
+    assert_eq!(image(&["rm", &keys[2].key]).code(), 0);
+    assert!(!keys[2].path.exists());
+    let again = image(&["rm", &keys[2].key]);
+    assert_eq!(again.code(), 1, "{again:?}");
+    assert_eq!(image(&["list"]).stdout.lines().count(), 1);
+}

@@ -184,6 +184,8 @@ pub enum OciCommand {
     Features,
     /// The VM templates: list, warm ahead of time, remove.
     Template(TemplateArgs),
+    /// The rootfs images (erofs, one per distinct rootfs): list, remove, prune.
+    Image(ImageArgs),
     /// The supervisor of one container (started by `create`).
     #[command(name = "_supervise", hide = true)]
     Supervise {
@@ -218,6 +220,35 @@ pub enum TemplateCommand {
     Rm {
         /// The key `template list` prints.
         key: String,
+    },
+}
+
+/// `kata-snap image`.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+/// `kata-snap image` commands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List the cached rootfs images, least recently used first.
+    List,
+    /// Remove one image by key (a VM that has it open keeps reading it).
+    Rm {
+        /// The key `image list` prints.
+        key: String,
+    },
+    /// Remove least recently used images until the cache holds at most --keep-mib, sparing
+    /// those used in the last --unused-for minutes (a container may be starting with them).
+    Prune {
+        /// Most MiB of images to keep.
+        #[arg(long, value_name = "MIB", default_value_t = 0)]
+        keep_mib: u64,
+        /// Only remove images unused for this many minutes.
+        #[arg(long, value_name = "MINUTES", default_value_t = 60)]
+        unused_for: u64,
     },
 }
 
@@ -292,6 +323,7 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             Ok(0)
         }
         OciCommand::Template(t) => template_cmd(t.command, seccomp),
+        OciCommand::Image(i) => image_cmd(i.command),
         OciCommand::Supervise { sync_fd } => {
             let mut sync = supervisor::sync_socket(sync_fd)?;
             let mut text = String::new();
@@ -736,6 +768,61 @@ fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+fn image_cmd(cmd: ImageCommand) -> Result<i32> {
+    let dir = assets::data_dir().join("images");
+    if !dir.is_dir() {
+        if let ImageCommand::Rm { key } = &cmd {
+            bail!("no image {key}: the image cache {} is empty", dir.display());
+        }
+        return Ok(0);
+    }
+    let cache = rootfs_image::ImageCache::open(&dir)?;
+    match cmd {
+        ImageCommand::List => {
+            println!("{:<66}{:>10}  LAST USED", "KEY", "MIB");
+            for i in cache.list()? {
+                println!(
+                    "{:<66}{:>10.1}  {}",
+                    i.key,
+                    i.size as f64 / 1048576.0,
+                    state::rfc3339(i.last_used)
+                );
+            }
+        }
+        ImageCommand::Rm { key } => cache.remove(&key)?,
+        ImageCommand::Prune {
+            keep_mib,
+            unused_for,
+        } => {
+            let images = cache.list()?;
+            let mut total: u64 = images.iter().map(|i| i.size).sum();
+            let cutoff = std::time::SystemTime::now()
+                .checked_sub(Duration::from_secs(unused_for.saturating_mul(60)))
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let (mut removed, mut freed) = (0, 0);
+            // Least recently used first.
+            for i in images {
+                if total <= keep_mib << 20 {
+                    break;
+                }
+                if i.last_used > cutoff {
+                    continue;
+                }
+                cache.remove(&i.key)?;
+                total -= i.size;
+                freed += i.size;
+                removed += 1;
+            }
+            println!(
+                "removed {removed} images ({:.1} MiB); the cache holds {:.1} MiB",
+                freed as f64 / 1048576.0,
+                total as f64 / 1048576.0
+            );
+        }
+    }
+    Ok(0)
 }
 
 /// The template a container of this shape restores: the host must run Linux guests at speed,
