@@ -9,8 +9,6 @@
 //!   scripts put them (`$KATA_SNAP_CACHE`, else `~/.cache/kata-snap`: `kernel/latest/vmlinux`,
 //!   `initramfs/initramfs.cpio`).
 
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -89,22 +87,16 @@ impl RuntimeConfig {
         let path = std::env::var_os("KATA_SNAP_CONFIG")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/etc/kata-snap/config.json"));
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        let text = match super::read_small_file(&path, 1 << 20) {
+            Ok(t) => t,
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                return Ok(Self::default());
+            }
+            Err(e) => return Err(e.context("config file")),
         };
-        if !file.metadata()?.is_file() {
-            bail!("config file {} is not a regular file", path.display());
-        }
-        let mut text = String::new();
-        file.take(1 << 20)
-            .read_to_string(&mut text)
-            .with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("config file {}", path.display()))
     }
 }

@@ -302,8 +302,14 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             }
             Ok(0)
         }
-        OciCommand::Pause { id } => call(&store(), &id, control::Request::Pause).map(|()| 0),
-        OciCommand::Resume { id } => call(&store(), &id, control::Request::Resume).map(|()| 0),
+        OciCommand::Pause { id } => {
+            let store = store();
+            call(&store, &store.load(&id)?, control::Request::Pause).map(|()| 0)
+        }
+        OciCommand::Resume { id } => {
+            let store = store();
+            call(&store, &store.load(&id)?, control::Request::Resume).map(|()| 0)
+        }
         OciCommand::Spec {
             bundle,
             rootless: _,
@@ -344,7 +350,7 @@ enum Mode {
     RunForeground { keep: bool },
 }
 
-/// Reads a small regular file without blocking on a FIFO, at most `max` bytes.
+/// Reads a small regular file without blocking on a FIFO; a file over `max` bytes is refused.
 pub(crate) fn read_small_file(path: &Path, max: u64) -> Result<String> {
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -355,25 +361,41 @@ pub(crate) fn read_small_file(path: &Path, max: u64) -> Result<String> {
         bail!("{} is not a regular file", path.display());
     }
     let mut s = String::new();
-    f.take(max)
+    f.take(max + 1)
         .read_to_string(&mut s)
         .with_context(|| format!("cannot read {}", path.display()))?;
+    if s.len() as u64 > max {
+        bail!("{} is larger than {max} bytes", path.display());
+    }
     Ok(s)
 }
 
-/// Writes `bytes` to `path` through a temporary name, fsynced, then renamed.
+/// Writes `bytes` to `path` (mode 0644) through a temporary name in the same directory: written,
+/// fsynced, renamed, then the directory fsynced, so a reader sees the old file or the new one
+/// and a crash loses neither.
 pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_file_name(format!(
         ".{}.{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
         std::process::id()
     ));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -561,23 +583,16 @@ fn spawn_supervisor(g: &GlobalOpts, launch: &Launch, seccomp: SeccompMode) -> Re
     std::io::BufReader::new(sock.take(1 << 20))
         .read_line(&mut line)
         .context("waiting for the container's supervisor")?;
-    match serde_json::from_str::<Created>(&line) {
-        Ok(Created::Ok(p)) => Ok(p),
-        Ok(Created::Err(e)) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            bail!("{e}")
-        }
-        Err(_) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            bail!("the container's supervisor ended before the container was created")
-        }
-    }
+    let why = match serde_json::from_str::<Created>(&line) {
+        Ok(Created::Ok(p)) => return Ok(p),
+        Ok(Created::Err(e)) => e,
+        Err(_) => "the container's supervisor ended before the container was created".into(),
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    bail!("{why}")
 }
 
 fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
@@ -593,15 +608,15 @@ fn start(store: &Store, id: &str) -> Result<()> {
         Status::Running => bail!("cannot start an already running container"),
         s => bail!("cannot start a container in the {} state", s.as_str()),
     }
-    call(store, id, control::Request::Start)
+    call(store, &r, control::Request::Start)
 }
 
-fn call(store: &Store, id: &str, req: control::Request) -> Result<()> {
-    let r = store.load(id)?;
+/// Sends `req` to the supervisor of the container `r`.
+fn call(store: &Store, r: &Record, req: control::Request) -> Result<()> {
     if r.current_status() == Status::Stopped {
         bail!("container not running");
     }
-    match control::call(&store.dir(id), req, Duration::from_secs(120))? {
+    match control::call(&store.dir(&r.id), req, Duration::from_secs(120))? {
         control::Reply::Ok => Ok(()),
         control::Reply::Err(e) => bail!("{e}"),
     }
@@ -854,11 +869,7 @@ fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result<i32> {
                 "KEY", "VCPUS", "MEM MIB", "DISK MIB", "WARM MS", "WORKINGSET"
             );
             for (m, bytes) in template::list(&data)? {
-                let ws = data
-                    .join("templates")
-                    .join(&m.key)
-                    .join("snapshot/workingset")
-                    .is_file();
+                let ws = template::workingset_path(&data.join("templates").join(&m.key)).is_file();
                 println!(
                     "{:<34}{:>6}{:>9}{:>10.1}{:>10.0}  {:<11}{}",
                     m.key,

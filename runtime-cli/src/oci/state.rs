@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -284,26 +284,9 @@ pub fn read_record(path: &Path) -> Result<Record> {
     serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
 }
 
-/// Writes `record` into `dir` atomically: a temporary file, fsync, rename, fsync of the dir.
+/// Writes `record` into `dir` atomically (see [`super::write_file_synced`]).
 pub fn write_record(dir: &Path, record: &Record) -> Result<()> {
-    let tmp = dir.join(format!(".{RECORD}.{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(record).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, dir.join(RECORD))?;
-        fs::File::open(dir)?.sync_all()
-    };
-    write()
-        .inspect_err(|_| {
-            let _ = fs::remove_file(&tmp);
-        })
-        .with_context(|| format!("cannot write {}", dir.join(RECORD).display()))
+    super::write_file_synced(&dir.join(RECORD), &serde_json::to_vec(record)?)
 }
 
 /// Now as RFC 3339 in UTC with nanoseconds (`2026-11-27T19:25:34.123456789Z`), as runc writes

@@ -173,24 +173,22 @@ fn send_created(s: &mut UnixStream, c: Created) -> std::io::Result<()> {
 }
 
 /// When each step of the container's life happened, from the process start (for `--debug`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Phases {
-    zero: Option<Instant>,
+    zero: Instant,
     marks: Vec<(&'static str, Duration)>,
 }
 
 impl Phases {
     fn new(zero: Instant) -> Self {
         Self {
-            zero: Some(zero),
+            zero,
             marks: vec![("supervisor", zero.elapsed())],
         }
     }
 
     fn mark(&mut self, what: &'static str) {
-        if let Some(z) = self.zero {
-            self.marks.push((what, z.elapsed()));
-        }
+        self.marks.push((what, self.zero.elapsed()));
     }
 
     /// `restore 12.1 ms, agent 3.0 ms, ...`: each step's duration, then the total.
@@ -244,11 +242,7 @@ impl Supervisor {
 
         // The template's first container records its start-up working set; later ones map
         // the template and prefetch that set (clean pages shared with every clone).
-        let has_ws = launch
-            .template
-            .join("snapshot")
-            .join("workingset")
-            .is_file();
+        let has_ws = super::template::workingset_path(&launch.template).is_file();
         let recorder = match launch.mode {
             None if !has_ws => super::template::recorder(&launch.template),
             _ => None,
@@ -257,14 +251,7 @@ impl Supervisor {
         // faster (read-back 0.90x of mmap on this 2-CPU host); with one CPU it can only compete
         // with the vCPU (in the one-CPU L1 rig the two modes were within noise, 0.99-1.18x), so
         // plain mmap is used there.
-        let spare_cpu = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
-            .map(|set| {
-                (0..nix::sched::CpuSet::count())
-                    .filter(|&c| set.is_set(c).unwrap_or(false))
-                    .count()
-                    >= 2
-            })
-            .unwrap_or(false);
+        let spare_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
         let mode = launch.mode.unwrap_or(if recorder.is_some() {
             ModeArg::Uffd
         } else if has_ws && spare_cpu {

@@ -14,7 +14,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -100,23 +100,42 @@ pub struct Recorder {
     into: PathBuf,
 }
 
+/// Opens (creating) the lock file `path` and takes an exclusive `flock` on it, waiting for it,
+/// or not (`None` when another process holds it) when `wait` is false.
+fn lock(path: &Path, wait: bool) -> Result<Option<Flock<fs::File>>> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let arg = if wait {
+        FlockArg::LockExclusive
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    match Flock::lock(file, arg) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) if !wait => Ok(None),
+        Err((_, e)) => bail!("cannot lock {}: {e}", path.display()),
+    }
+}
+
+/// The working set of the template in `dir` (restores prefetch it when it exists).
+pub fn workingset_path(dir: &Path) -> PathBuf {
+    dir.join("snapshot").join("workingset")
+}
+
 /// Takes the right to record `dir`'s working set, if the template has none yet and no other
 /// container is recording it.
 pub fn recorder(dir: &Path) -> Option<Recorder> {
     let root = dir.parent()?;
     let key = dir.file_name()?.to_str()?;
-    let into = dir.join("snapshot").join("workingset");
+    let into = workingset_path(dir);
     if into.exists() {
         return None;
     }
-    let path = root.join(format!("{key}.ws.lock"));
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .ok()?;
-    let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
+    let lock = lock(&root.join(format!("{key}.ws.lock")), false).ok()??;
     if into.exists() {
         return None;
     }
@@ -132,13 +151,7 @@ impl Recorder {
     /// Moves the recording into the template (under the template's lock, the snapshot
     /// directory writable only for the rename).
     pub fn install(self) -> Result<()> {
-        let lock_file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock)?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| anyhow!("cannot lock {}: {e}", self.lock.display()))?;
+        let _lock = lock(&self.lock, true)?;
         let snap = self.into.parent().unwrap_or(Path::new("/"));
         let result = (|| -> Result<()> {
             if !self.file.is_file() {
@@ -230,15 +243,7 @@ pub fn ensure(
     if dir.join("meta.json").is_file() {
         return found(false);
     }
-    let lock_path = root.join(format!("{key}.lock"));
-    let lock_file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| anyhow!("cannot lock {}: {e}", lock_path.display()))?;
+    let _lock = lock(&root.join(format!("{key}.lock")), true)?;
     if dir.join("meta.json").is_file() {
         // Another process warmed it while this one waited.
         return found(false);
@@ -440,14 +445,7 @@ pub fn remove(data: &Path, key: &str) -> Result<()> {
     if !dir.is_dir() {
         bail!("no template {key}");
     }
-    let lock_path = root.join(format!("{key}.lock"));
-    let lock_file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| anyhow!("cannot lock {}: {e}", lock_path.display()))?;
+    let _lock = lock(&root.join(format!("{key}.lock")), true)?;
     // Out of the way first (a rename is atomic), so no restore finds a half-removed template.
     let doomed = root.join(format!(".rm-{key}-{}", std::process::id()));
     fs::rename(&dir, &doomed).with_context(|| format!("cannot remove {}", dir.display()))?;
