@@ -3,8 +3,10 @@
 //! restored from a template. See docs/runtime.md.
 
 pub mod assets;
+mod caches;
 pub mod console;
 pub mod control;
+mod create;
 pub mod log;
 pub mod state;
 pub mod supervisor;
@@ -12,7 +14,6 @@ pub mod template;
 pub mod vm_handle;
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use vmm::seccomp::SeccompMode;
 
 use crate::restore_cmd::ModeArg;
 use state::{Record, Status, Store};
-use supervisor::{Created, Launch};
+use supervisor::Launch;
 
 /// runc's global flags (they come before the command, as go-runc passes them).
 #[derive(Debug, Clone, Args)]
@@ -183,72 +184,15 @@ pub enum OciCommand {
     /// Print what this runtime supports, as `runc features` does (JSON).
     Features,
     /// The VM templates: list, warm ahead of time, remove.
-    Template(TemplateArgs),
+    Template(caches::TemplateArgs),
     /// The rootfs images (erofs, one per distinct rootfs): list, remove, prune.
-    Image(ImageArgs),
+    Image(caches::ImageArgs),
     /// The supervisor of one container (started by `create`).
     #[command(name = "_supervise", hide = true)]
     Supervise {
         /// The socket `create` waits on.
         #[arg(long)]
         sync_fd: i32,
-    },
-}
-
-/// `kata-snap template`.
-#[derive(Debug, Args)]
-pub struct TemplateArgs {
-    #[command(subcommand)]
-    pub command: TemplateCommand,
-}
-
-/// `kata-snap template` commands.
-#[derive(Debug, Subcommand)]
-pub enum TemplateCommand {
-    /// List the templates: key, vCPUs, memory, disk use, warm time.
-    List,
-    /// Make the template for this shape now (first container starts then restore it at once).
-    Warm {
-        /// vCPUs [default: `defaultVcpus` of /etc/kata-snap/config.json, else 1].
-        #[arg(long)]
-        vcpus: Option<u8>,
-        /// Memory in MiB [default: `defaultMemMib` of the config file, else 256].
-        #[arg(long)]
-        mem_mib: Option<u64>,
-    },
-    /// Remove a template by key.
-    Rm {
-        /// The key `template list` prints.
-        key: String,
-    },
-}
-
-/// `kata-snap image`.
-#[derive(Debug, Args)]
-pub struct ImageArgs {
-    #[command(subcommand)]
-    pub command: ImageCommand,
-}
-
-/// `kata-snap image` commands.
-#[derive(Debug, Subcommand)]
-pub enum ImageCommand {
-    /// List the cached rootfs images, least recently used first.
-    List,
-    /// Remove one image by key (a VM that has it open keeps reading it).
-    Rm {
-        /// The key `image list` prints.
-        key: String,
-    },
-    /// Remove least recently used images until the cache holds at most --keep-mib, sparing
-    /// those used in the last --unused-for minutes (a container may be starting with them).
-    Prune {
-        /// Most MiB of images to keep.
-        #[arg(long, value_name = "MIB", default_value_t = 0)]
-        keep_mib: u64,
-        /// Only remove images unused for this many minutes.
-        #[arg(long, value_name = "MINUTES", default_value_t = 60)]
-        unused_for: u64,
     },
 }
 
@@ -266,14 +210,14 @@ pub fn run(cmd: OciCommand, global: &GlobalOpts, seccomp: SeccompMode, start: In
 fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) -> Result<i32> {
     let store = || Store::at(&g.root());
     match cmd {
-        OciCommand::Create(args) => create(g, args, seccomp, t0, Mode::Create),
+        OciCommand::Create(args) => create::create(g, args, seccomp, t0, create::Mode::Create),
         OciCommand::Run(args) => {
             let mode = if args.detach {
-                Mode::RunDetached
+                create::Mode::RunDetached
             } else {
-                Mode::RunForeground { keep: args.keep }
+                create::Mode::RunForeground { keep: args.keep }
             };
-            create(g, args.create, seccomp, t0, mode)
+            create::create(g, args.create, seccomp, t0, mode)
         }
         OciCommand::Start { id } => start(&store(), &id).map(|()| 0),
         OciCommand::State { id } => {
@@ -328,8 +272,8 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             println!("{}", serde_json::to_string_pretty(&oci_bundle::features())?);
             Ok(0)
         }
-        OciCommand::Template(t) => template_cmd(t.command, seccomp),
-        OciCommand::Image(i) => image_cmd(i.command),
+        OciCommand::Template(t) => caches::template_cmd(t.command, seccomp),
+        OciCommand::Image(i) => caches::image_cmd(i.command),
         OciCommand::Supervise { sync_fd } => {
             let mut sync = supervisor::sync_socket(sync_fd)?;
             let mut text = String::new();
@@ -341,13 +285,6 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             Ok(supervisor::supervise(launch, Some(sync), t0, seccomp))
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Create,
-    RunDetached,
-    RunForeground { keep: bool },
 }
 
 /// Reads a small regular file without blocking on a FIFO; a file over `max` bytes is refused.
@@ -401,203 +338,6 @@ pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     res.with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Removes the claimed container directory unless disarmed.
-struct ClaimGuard<'a> {
-    store: &'a Store,
-    id: String,
-    armed: bool,
-}
-
-impl Drop for ClaimGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = self.store.remove(&self.id);
-        }
-    }
-}
-
-fn create(
-    g: &GlobalOpts,
-    args: CreateArgs,
-    seccomp: SeccompMode,
-    t0: Instant,
-    mode: Mode,
-) -> Result<i32> {
-    state::validate_id(&args.id)?;
-    if args.preserve_fds > 0 {
-        bail!(
-            "--preserve-fds {}: descriptors cannot be passed into a VM",
-            args.preserve_fds
-        );
-    }
-    let store = Store::open(&g.root())?;
-    if store.dir(&args.id).exists() {
-        bail!("container with given ID already exists");
-    }
-    let bundle_dir = match &args.bundle {
-        Some(b) => b.clone(),
-        None => std::env::current_dir()?,
-    };
-    let bundle = oci_bundle::load(&bundle_dir)?;
-    let config = &bundle.config;
-    if config.process.terminal
-        && args.console_socket.is_none()
-        && !matches!(mode, Mode::RunForeground { .. })
-    {
-        bail!("cannot allocate tty if kata-snap will detach without setting console socket");
-    }
-    if !config.process.terminal && args.console_socket.is_some() {
-        bail!("cannot use console socket if kata-snap will not detach or allocate tty");
-    }
-    let spec = template_spec(config.resources.vcpus, config.resources.mem_mib)?;
-    let data = assets::data_dir();
-    let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {
-        tracing::info!("{msg}");
-    })?;
-    if tmpl.warmed {
-        tracing::info!(
-            "template {} warmed in {:.0} ms",
-            tmpl.dir.display(),
-            tmpl.elapsed.as_secs_f64() * 1e3
-        );
-    }
-    let cache = rootfs_image::ImageCache::open(&data.join("images"))?;
-    let image = cache.get_or_build(&config.root)?;
-    tracing::debug!(
-        "rootfs image {} ({}, key {:.1} ms)",
-        image.path.display(),
-        if image.hit { "cached" } else { "built" },
-        image.key_time.as_secs_f64() * 1e3
-    );
-
-    let dir = store.claim(&args.id)?;
-    let mut guard = ClaimGuard {
-        store: &store,
-        id: args.id.clone(),
-        armed: true,
-    };
-    let record = Record {
-        id: args.id.clone(),
-        bundle: bundle.dir.clone(),
-        rootfs: config.root.clone(),
-        created: state::rfc3339_now(),
-        annotations: config.annotations.clone(),
-        pid: std::process::id() as i32,
-        pid_start: state::process_start_time(std::process::id() as i32).unwrap_or(0),
-        status: Status::Creating,
-        exit_code: None,
-    };
-    state::write_record(&dir, &record)?;
-    let launch = Launch {
-        dir: dir.clone(),
-        record,
-        snapshot: tmpl.snapshot.clone(),
-        mode: args.restore_mode,
-        template: tmpl.dir.clone(),
-        image: image.path.clone(),
-        request: config.run_request(agent_protocol::RootfsSource::Block {
-            device: template::ROOTFS_DEVICE.into(),
-            fs: Some(agent_protocol::FsType::Erofs),
-        }),
-        console_socket: args.console_socket.clone(),
-        console_size: config.process.console_size.map(|c| (c.rows, c.cols)),
-        foreground: matches!(mode, Mode::RunForeground { .. }),
-        use_pool: !args.no_pool,
-    };
-    if let Mode::RunForeground { keep } = mode {
-        if let Some(p) = &args.pid_file {
-            write_pid_file(p, std::process::id() as i32)?;
-        }
-        guard.armed = false;
-        let code = supervisor::supervise(launch, None, t0, seccomp);
-        if !keep {
-            let _ = store.remove(&args.id);
-        }
-        return Ok(code);
-    }
-    let pid = spawn_supervisor(g, &launch, seccomp)?;
-    if let Some(p) = &args.pid_file {
-        write_pid_file(p, pid)?;
-    }
-    guard.armed = false;
-    if mode == Mode::RunDetached {
-        start(&store, &args.id)?;
-    }
-    Ok(0)
-}
-
-/// Starts `kata-snap _supervise` as a daemon (its own session; stdio inherited: the container's),
-/// hands it the launch over a socket pair and waits for it to say the container is created.
-fn spawn_supervisor(g: &GlobalOpts, launch: &Launch, seccomp: SeccompMode) -> Result<i32> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-    use std::io::{BufRead, Write};
-    use std::os::unix::process::CommandExt;
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .context("cannot create a socket pair")?;
-    // Only the child's end crosses exec.
-    nix::fcntl::fcntl(
-        &theirs,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-    )?;
-    let exe = std::fs::read_link("/proc/self/exe").context("cannot find this executable")?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--root").arg(g.root());
-    if let Some(l) = &g.log {
-        cmd.arg("--log").arg(l);
-    }
-    cmd.arg("--log-format").arg(match g.log_format {
-        log::LogFormat::Text => "text",
-        log::LogFormat::Json => "json",
-    });
-    if g.debug {
-        cmd.arg("--debug");
-    }
-    cmd.arg("--seccomp").arg(match seccomp {
-        SeccompMode::Off => "off",
-        SeccompMode::Log => "log",
-        SeccompMode::Kill => "kill",
-    });
-    cmd.arg("_supervise")
-        .arg("--sync-fd")
-        .arg(theirs.as_raw_fd().to_string());
-    // A session of its own: the engine's terminal signals and process group are not its.
-    cmd.process_group(0);
-    let child = cmd.spawn().context("cannot start the supervisor")?;
-    drop(theirs);
-    let pid = child.id() as i32;
-    // The supervisor outlives this command; whoever reaps orphans (the engine's shim, a
-    // subreaper) reaps it.
-    drop(child);
-    let mut sock = std::os::unix::net::UnixStream::from(ours);
-    sock.write_all(&serde_json::to_vec(launch)?)?;
-    sock.shutdown(std::net::Shutdown::Write)?;
-    sock.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let mut line = String::new();
-    std::io::BufReader::new(sock.take(1 << 20))
-        .read_line(&mut line)
-        .context("waiting for the container's supervisor")?;
-    let why = match serde_json::from_str::<Created>(&line) {
-        Ok(Created::Ok(p)) => return Ok(p),
-        Ok(Created::Err(e)) => e,
-        Err(_) => "the container's supervisor ended before the container was created".into(),
-    };
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    bail!("{why}")
-}
-
-fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
-    // runc writes it through a temporary name too, so a reader never sees it half-written.
-    write_file_synced(path, pid.to_string().as_bytes())
 }
 
 fn start(store: &Store, id: &str) -> Result<()> {
@@ -783,122 +523,6 @@ fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
         println!("{line}");
     }
     Ok(())
-}
-
-fn image_cmd(cmd: ImageCommand) -> Result<i32> {
-    let dir = assets::data_dir().join("images");
-    if !dir.is_dir() {
-        if let ImageCommand::Rm { key } = &cmd {
-            bail!("no image {key}: the image cache {} is empty", dir.display());
-        }
-        return Ok(0);
-    }
-    let cache = rootfs_image::ImageCache::open(&dir)?;
-    match cmd {
-        ImageCommand::List => {
-            println!("{:<66}{:>10}  LAST USED", "KEY", "MIB");
-            for i in cache.list()? {
-                println!(
-                    "{:<66}{:>10.1}  {}",
-                    i.key,
-                    i.size as f64 / 1048576.0,
-                    state::rfc3339(i.last_used)
-                );
-            }
-        }
-        ImageCommand::Rm { key } => cache.remove(&key)?,
-        ImageCommand::Prune {
-            keep_mib,
-            unused_for,
-        } => {
-            let images = cache.list()?;
-            let mut total: u64 = images.iter().map(|i| i.size).sum();
-            let cutoff = std::time::SystemTime::now()
-                .checked_sub(Duration::from_secs(unused_for.saturating_mul(60)))
-                .unwrap_or(std::time::UNIX_EPOCH);
-            let (mut removed, mut freed) = (0, 0);
-            // Least recently used first.
-            for i in images {
-                if total <= keep_mib << 20 {
-                    break;
-                }
-                if i.last_used > cutoff {
-                    continue;
-                }
-                cache.remove(&i.key)?;
-                total -= i.size;
-                freed += i.size;
-                removed += 1;
-            }
-            println!(
-                "removed {removed} images ({:.1} MiB); the cache holds {:.1} MiB",
-                freed as f64 / 1048576.0,
-                total as f64 / 1048576.0
-            );
-        }
-    }
-    Ok(0)
-}
-
-/// The template a container of this shape restores: the host must run Linux guests at speed,
-/// and the guest kernel and agent must exist; the config file's defaults fill what is not given.
-fn template_spec(vcpus: Option<u8>, mem_mib: Option<u64>) -> Result<template::TemplateSpec> {
-    let host = vmm::host::check_host();
-    if !host.can_boot_linux {
-        bail!(
-            "this host cannot run Linux guests at speed: {}",
-            host.summary
-        );
-    }
-    let rc = assets::RuntimeConfig::load()?;
-    Ok(template::TemplateSpec {
-        assets: assets::guest_assets(&rc)?,
-        vcpus: vcpus.or(rc.default_vcpus).unwrap_or(assets::DEFAULT_VCPUS),
-        mem_mib: mem_mib
-            .or(rc.default_mem_mib)
-            .unwrap_or(assets::DEFAULT_MEM_MIB),
-    })
-}
-
-fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result<i32> {
-    let data = assets::data_dir();
-    match cmd {
-        TemplateCommand::List => {
-            println!(
-                "{:<34}{:>6}{:>9}{:>10}{:>10}  {:<11}CREATED",
-                "KEY", "VCPUS", "MEM MIB", "DISK MIB", "WARM MS", "WORKINGSET"
-            );
-            for (m, bytes) in template::list(&data)? {
-                let ws = template::workingset_path(&data.join("templates").join(&m.key)).is_file();
-                println!(
-                    "{:<34}{:>6}{:>9}{:>10.1}{:>10.0}  {:<11}{}",
-                    m.key,
-                    m.vcpus,
-                    m.mem_mib,
-                    bytes as f64 / 1048576.0,
-                    m.warm_ms,
-                    if ws { "recorded" } else { "-" },
-                    m.created
-                );
-            }
-            Ok(0)
-        }
-        TemplateCommand::Warm { vcpus, mem_mib } => {
-            let spec = template_spec(vcpus, mem_mib)?;
-            let t = template::ensure(&data, &spec, seccomp, &|m| eprintln!("kata-snap: {m}"))?;
-            println!(
-                "{} {} ({:.0} ms)",
-                t.meta.key,
-                if t.warmed { "warmed" } else { "already warm" },
-                t.elapsed.as_secs_f64() * 1e3
-            );
-            Ok(0)
-        }
-        TemplateCommand::Rm { key } => {
-            template::remove(&data, &key)?;
-            Ok(0)
-        }
-    }
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use vmm::vm::{
 };
 use vmm::{KernelImage, SerialOutput, StopReason};
 
-use super::assets::GuestAssets;
+use super::assets::{self, GuestAssets};
 
 /// The spare disk slot a container's rootfs image goes into.
 pub const ROOTFS_SLOT: &str = "rootfs";
@@ -453,4 +453,24 @@ pub fn remove(data: &Path, key: &str) -> Result<()> {
     fs::remove_dir_all(&doomed).with_context(|| format!("cannot remove {}", doomed.display()))?;
     // The lock file stays: removing it would let a waiter and a newcomer lock different files.
     Ok(())
+}
+
+/// The template a container of this shape restores: the host must run Linux guests at speed,
+/// and the guest kernel and agent must exist; the config file's defaults fill what is not given.
+pub fn spec_for(vcpus: Option<u8>, mem_mib: Option<u64>) -> Result<TemplateSpec> {
+    let host = vmm::host::check_host();
+    if !host.can_boot_linux {
+        bail!(
+            "this host cannot run Linux guests at speed: {}",
+            host.summary
+        );
+    }
+    let rc = assets::RuntimeConfig::load()?;
+    Ok(TemplateSpec {
+        assets: assets::guest_assets(&rc)?,
+        vcpus: vcpus.or(rc.default_vcpus).unwrap_or(assets::DEFAULT_VCPUS),
+        mem_mib: mem_mib
+            .or(rc.default_mem_mib)
+            .unwrap_or(assets::DEFAULT_MEM_MIB),
+    })
 }

@@ -1,0 +1,162 @@
+//! `template` and `image`: the runtime's caches of VM templates and rootfs images.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use vmm::seccomp::SeccompMode;
+
+use super::{assets, state, template};
+
+/// `kata-snap template`.
+#[derive(Debug, Args)]
+pub struct TemplateArgs {
+    #[command(subcommand)]
+    pub command: TemplateCommand,
+}
+
+/// `kata-snap template` commands.
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// List the templates: key, vCPUs, memory, disk use, warm time.
+    List,
+    /// Make the template for this shape now (first container starts then restore it at once).
+    Warm {
+        /// vCPUs [default: `defaultVcpus` of /etc/kata-snap/config.json, else 1].
+        #[arg(long)]
+        vcpus: Option<u8>,
+        /// Memory in MiB [default: `defaultMemMib` of the config file, else 256].
+        #[arg(long)]
+        mem_mib: Option<u64>,
+    },
+    /// Remove a template by key.
+    Rm {
+        /// The key `template list` prints.
+        key: String,
+    },
+}
+
+/// `kata-snap image`.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+/// `kata-snap image` commands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List the cached rootfs images, least recently used first.
+    List,
+    /// Remove one image by key (a VM that has it open keeps reading it).
+    Rm {
+        /// The key `image list` prints.
+        key: String,
+    },
+    /// Remove least recently used images until the cache holds at most --keep-mib, sparing
+    /// those used in the last --unused-for minutes (a container may be starting with them).
+    Prune {
+        /// Most MiB of images to keep.
+        #[arg(long, value_name = "MIB", default_value_t = 0)]
+        keep_mib: u64,
+        /// Only remove images unused for this many minutes.
+        #[arg(long, value_name = "MINUTES", default_value_t = 60)]
+        unused_for: u64,
+    },
+}
+
+pub(super) fn image_cmd(cmd: ImageCommand) -> Result<i32> {
+    let dir = assets::data_dir().join("images");
+    if !dir.is_dir() {
+        if let ImageCommand::Rm { key } = &cmd {
+            bail!("no image {key}: the image cache {} is empty", dir.display());
+        }
+        return Ok(0);
+    }
+    let cache = rootfs_image::ImageCache::open(&dir)?;
+    match cmd {
+        ImageCommand::List => {
+            println!("{:<66}{:>10}  LAST USED", "KEY", "MIB");
+            for i in cache.list()? {
+                println!(
+                    "{:<66}{:>10.1}  {}",
+                    i.key,
+                    i.size as f64 / 1048576.0,
+                    state::rfc3339(i.last_used)
+                );
+            }
+        }
+        ImageCommand::Rm { key } => cache.remove(&key)?,
+        ImageCommand::Prune {
+            keep_mib,
+            unused_for,
+        } => {
+            let images = cache.list()?;
+            let mut total: u64 = images.iter().map(|i| i.size).sum();
+            let cutoff = std::time::SystemTime::now()
+                .checked_sub(Duration::from_secs(unused_for.saturating_mul(60)))
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let (mut removed, mut freed) = (0, 0);
+            // Least recently used first.
+            for i in images {
+                if total <= keep_mib << 20 {
+                    break;
+                }
+                if i.last_used > cutoff {
+                    continue;
+                }
+                cache.remove(&i.key)?;
+                total -= i.size;
+                freed += i.size;
+                removed += 1;
+            }
+            println!(
+                "removed {removed} images ({:.1} MiB); the cache holds {:.1} MiB",
+                freed as f64 / 1048576.0,
+                total as f64 / 1048576.0
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub(super) fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result<i32> {
+    let data = assets::data_dir();
+    match cmd {
+        TemplateCommand::List => {
+            println!(
+                "{:<34}{:>6}{:>9}{:>10}{:>10}  {:<11}CREATED",
+                "KEY", "VCPUS", "MEM MIB", "DISK MIB", "WARM MS", "WORKINGSET"
+            );
+            for (m, bytes) in template::list(&data)? {
+                let ws = template::workingset_path(&data.join("templates").join(&m.key)).is_file();
+                println!(
+                    "{:<34}{:>6}{:>9}{:>10.1}{:>10.0}  {:<11}{}",
+                    m.key,
+                    m.vcpus,
+                    m.mem_mib,
+                    bytes as f64 / 1048576.0,
+                    m.warm_ms,
+                    if ws { "recorded" } else { "-" },
+                    m.created
+                );
+            }
+            Ok(0)
+        }
+        TemplateCommand::Warm { vcpus, mem_mib } => {
+            let spec = template::spec_for(vcpus, mem_mib)?;
+            let t = template::ensure(&data, &spec, seccomp, &|m| eprintln!("kata-snap: {m}"))?;
+            println!(
+                "{} {} ({:.0} ms)",
+                t.meta.key,
+                if t.warmed { "warmed" } else { "already warm" },
+                t.elapsed.as_secs_f64() * 1e3
+            );
+            Ok(0)
+        }
+        TemplateCommand::Rm { key } => {
+            template::remove(&data, &key)?;
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! `create` and `run`: check everything, find (or warm) the template and the rootfs image, claim
+//! the container's directory, then supervise in this process (`run`) or start the supervisor as
+//! a daemon and wait until it says the container is created (`create`, `run --detach`).
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use vmm::seccomp::SeccompMode;
+
+use super::state::{self, Record, Status, Store};
+use super::supervisor::{self, Created, Launch};
+use super::{CreateArgs, GlobalOpts, assets, log, start, template, write_file_synced};
+
+/// What the command does once the container is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    Create,
+    RunDetached,
+    RunForeground { keep: bool },
+}
+
+/// Removes the claimed container directory unless disarmed.
+struct ClaimGuard<'a> {
+    store: &'a Store,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.store.remove(&self.id);
+        }
+    }
+}
+
+pub(super) fn create(
+    g: &GlobalOpts,
+    args: CreateArgs,
+    seccomp: SeccompMode,
+    t0: Instant,
+    mode: Mode,
+) -> Result<i32> {
+    state::validate_id(&args.id)?;
+    if args.preserve_fds > 0 {
+        bail!(
+            "--preserve-fds {}: descriptors cannot be passed into a VM",
+            args.preserve_fds
+        );
+    }
+    let store = Store::open(&g.root())?;
+    if store.dir(&args.id).exists() {
+        bail!("container with given ID already exists");
+    }
+    let bundle_dir = match &args.bundle {
+        Some(b) => b.clone(),
+        None => std::env::current_dir()?,
+    };
+    let bundle = oci_bundle::load(&bundle_dir)?;
+    let config = &bundle.config;
+    if config.process.terminal
+        && args.console_socket.is_none()
+        && !matches!(mode, Mode::RunForeground { .. })
+    {
+        bail!("cannot allocate tty if kata-snap will detach without setting console socket");
+    }
+    if !config.process.terminal && args.console_socket.is_some() {
+        bail!("cannot use console socket if kata-snap will not detach or allocate tty");
+    }
+    let spec = template::spec_for(config.resources.vcpus, config.resources.mem_mib)?;
+    let data = assets::data_dir();
+    let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {
+        tracing::info!("{msg}");
+    })?;
+    if tmpl.warmed {
+        tracing::info!(
+            "template {} warmed in {:.0} ms",
+            tmpl.dir.display(),
+            tmpl.elapsed.as_secs_f64() * 1e3
+        );
+    }
+    let cache = rootfs_image::ImageCache::open(&data.join("images"))?;
+    let image = cache.get_or_build(&config.root)?;
+    tracing::debug!(
+        "rootfs image {} ({}, key {:.1} ms)",
+        image.path.display(),
+        if image.hit { "cached" } else { "built" },
+        image.key_time.as_secs_f64() * 1e3
+    );
+
+    let dir = store.claim(&args.id)?;
+    let mut guard = ClaimGuard {
+        store: &store,
+        id: args.id.clone(),
+        armed: true,
+    };
+    let record = Record {
+        id: args.id.clone(),
+        bundle: bundle.dir.clone(),
+        rootfs: config.root.clone(),
+        created: state::rfc3339_now(),
+        annotations: config.annotations.clone(),
+        pid: std::process::id() as i32,
+        pid_start: state::process_start_time(std::process::id() as i32).unwrap_or(0),
+        status: Status::Creating,
+        exit_code: None,
+    };
+    state::write_record(&dir, &record)?;
+    let launch = Launch {
+        dir: dir.clone(),
+        record,
+        snapshot: tmpl.snapshot.clone(),
+        mode: args.restore_mode,
+        template: tmpl.dir.clone(),
+        image: image.path.clone(),
+        request: config.run_request(agent_protocol::RootfsSource::Block {
+            device: template::ROOTFS_DEVICE.into(),
+            fs: Some(agent_protocol::FsType::Erofs),
+        }),
+        console_socket: args.console_socket.clone(),
+        console_size: config.process.console_size.map(|c| (c.rows, c.cols)),
+        foreground: matches!(mode, Mode::RunForeground { .. }),
+        use_pool: !args.no_pool,
+    };
+    if let Mode::RunForeground { keep } = mode {
+        if let Some(p) = &args.pid_file {
+            write_pid_file(p, std::process::id() as i32)?;
+        }
+        guard.armed = false;
+        let code = supervisor::supervise(launch, None, t0, seccomp);
+        if !keep {
+            let _ = store.remove(&args.id);
+        }
+        return Ok(code);
+    }
+    let pid = spawn_supervisor(g, &launch, seccomp)?;
+    if let Some(p) = &args.pid_file {
+        write_pid_file(p, pid)?;
+    }
+    guard.armed = false;
+    if mode == Mode::RunDetached {
+        start(&store, &args.id)?;
+    }
+    Ok(0)
+}
+
+/// Starts `kata-snap _supervise` as a daemon (its own session; stdio inherited: the container's),
+/// hands it the launch over a socket pair and waits for it to say the container is created.
+fn spawn_supervisor(g: &GlobalOpts, launch: &Launch, seccomp: SeccompMode) -> Result<i32> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::io::{BufRead, Write};
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .context("cannot create a socket pair")?;
+    // Only the child's end crosses exec.
+    nix::fcntl::fcntl(
+        &theirs,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )?;
+    let exe = std::fs::read_link("/proc/self/exe").context("cannot find this executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--root").arg(g.root());
+    if let Some(l) = &g.log {
+        cmd.arg("--log").arg(l);
+    }
+    cmd.arg("--log-format").arg(match g.log_format {
+        log::LogFormat::Text => "text",
+        log::LogFormat::Json => "json",
+    });
+    if g.debug {
+        cmd.arg("--debug");
+    }
+    cmd.arg("--seccomp").arg(match seccomp {
+        SeccompMode::Off => "off",
+        SeccompMode::Log => "log",
+        SeccompMode::Kill => "kill",
+    });
+    cmd.arg("_supervise")
+        .arg("--sync-fd")
+        .arg(theirs.as_raw_fd().to_string());
+    // A session of its own: the engine's terminal signals and process group are not its.
+    cmd.process_group(0);
+    let child = cmd.spawn().context("cannot start the supervisor")?;
+    drop(theirs);
+    let pid = child.id() as i32;
+    // The supervisor outlives this command; whoever reaps orphans (the engine's shim, a
+    // subreaper) reaps it.
+    drop(child);
+    let mut sock = std::os::unix::net::UnixStream::from(ours);
+    sock.write_all(&serde_json::to_vec(launch)?)?;
+    sock.shutdown(std::net::Shutdown::Write)?;
+    sock.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let mut line = String::new();
+    std::io::BufReader::new(sock.take(1 << 20))
+        .read_line(&mut line)
+        .context("waiting for the container's supervisor")?;
+    let why = match serde_json::from_str::<Created>(&line) {
+        Ok(Created::Ok(p)) => return Ok(p),
+        Ok(Created::Err(e)) => e,
+        Err(_) => "the container's supervisor ended before the container was created".into(),
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    bail!("{why}")
+}
+
+fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
+    // runc writes it through a temporary name too, so a reader never sees it half-written.
+    write_file_synced(path, pid.to_string().as_bytes())
+}
