@@ -24,4 +24,6 @@ mod io;
 mod live_snapshot;
 mod restore;
 mod runtime;
+mod runtime_containerd;
+mod runtime_start;
 mod smp;

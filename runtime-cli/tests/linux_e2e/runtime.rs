@@ -1,7 +1,8 @@
 //! `kata-snap` as an OCI runtime, beside runc on the same busybox bundle: `run` prints the same
 //! and exits the same, the create/start/state/kill/delete lifecycle goes through the same
-//! states, a terminal through `--console-socket` works, the first container warms the template
-//! and the next ones restore it, and 20 containers at once are all correct.
+//! states, `kill -9` gives 137, and a terminal through `--console-socket` works. The helpers
+//! here (bundles, runtime command lines, state polling) serve `runtime_start` and
+//! `runtime_containerd` too.
 
 use std::fs;
 use std::io::Read;
@@ -15,18 +16,18 @@ use std::time::{Duration, Instant};
 use crate::common::{BIN, Output, collect, run_command, wait_deadline};
 use crate::guest::*;
 
-const RUNC: &str = "/usr/sbin/runc";
-const T: Duration = Duration::from_secs(240);
+pub(crate) const RUNC: &str = "/usr/sbin/runc";
+pub(crate) const T: Duration = Duration::from_secs(240);
 
 /// Where kata-snap keeps templates and images for these tests, and its config naming the
 /// guest under test.
-struct Env {
-    data: PathBuf,
-    config: PathBuf,
-    dir: PathBuf,
+pub(crate) struct Env {
+    pub data: PathBuf,
+    pub config: PathBuf,
+    pub dir: PathBuf,
 }
 
-fn env(art: &Artifacts) -> &'static Env {
+pub(crate) fn env(art: &Artifacts) -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("ks-runtime-{}", std::process::id()));
@@ -45,7 +46,7 @@ fn env(art: &Artifacts) -> &'static Env {
     })
 }
 
-fn runc_present() -> bool {
+pub(crate) fn runc_present() -> bool {
     if Path::new(RUNC).exists() {
         return true;
     }
@@ -58,12 +59,12 @@ fn runc_present() -> bool {
 }
 
 /// A busybox bundle whose process is `sh -c SCRIPT`.
-fn bundle(dir: &Path, name: &str, script: &str, terminal: bool) -> PathBuf {
+pub(crate) fn bundle(dir: &Path, name: &str, script: &str, terminal: bool) -> PathBuf {
     bundle_args(dir, name, &["/bin/sh", "-c", script], terminal)
 }
 
 /// A busybox bundle whose process is `args`.
-fn bundle_args(dir: &Path, name: &str, args: &[&str], terminal: bool) -> PathBuf {
+pub(crate) fn bundle_args(dir: &Path, name: &str, args: &[&str], terminal: bool) -> PathBuf {
     let b = dir.join(name);
     busybox_tree(&b.join("rootfs"));
     let o = run_command(
@@ -84,7 +85,7 @@ fn bundle_args(dir: &Path, name: &str, args: &[&str], terminal: bool) -> PathBuf
     b
 }
 
-fn ks_cmd(e: &Env, root: &Path) -> Command {
+pub(crate) fn ks_cmd(e: &Env, root: &Path) -> Command {
     let mut c = Command::new(BIN);
     c.env("KATA_SNAP_CONFIG", &e.config)
         .env("KATA_SNAP_DATA_DIR", &e.data)
@@ -94,15 +95,15 @@ fn ks_cmd(e: &Env, root: &Path) -> Command {
 }
 
 /// Makes a runtime's command line (its binary and `--root`).
-type CommandMaker<'a> = Box<dyn Fn() -> Command + 'a>;
+pub(crate) type CommandMaker<'a> = Box<dyn Fn() -> Command + 'a>;
 
-fn runc_cmd(root: &Path) -> Command {
+pub(crate) fn runc_cmd(root: &Path) -> Command {
     let mut c = Command::new(RUNC);
     c.arg("--root").arg(root);
     c
 }
 
-fn run_it(mut c: Command, args: &[&str]) -> Output {
+pub(crate) fn run_it(mut c: Command, args: &[&str]) -> Output {
     c.args(args);
     step(format!("{:?}", c.get_args().collect::<Vec<_>>()));
     run_command(c, T)
@@ -173,67 +174,12 @@ fn test_run_matches_runc_output_and_exit_codes() {
     }
 }
 
-#[test]
-fn test_first_container_warms_the_template_and_the_next_restores_it() {
-    let Some(art) = setup() else { return };
-    let e = env(&art);
-    let dir = tempfile::tempdir_in(&e.dir).unwrap();
-    let fresh = Env {
-        data: dir.path().join("data"),
-        config: e.config.clone(),
-        dir: dir.path().to_owned(),
-    };
-    let b = bundle(dir.path(), "b", "echo warm", false);
-    let mut logs = Vec::new();
-    for i in 0..3 {
-        let log = dir.path().join(format!("log{i}"));
-        let mut c = ks_cmd(&fresh, &dir.path().join("ks"));
-        c.arg("--log").arg(&log).arg("--debug");
-        let t0 = Instant::now();
-        let o = run_it(
-            c,
-            &["run", "--bundle", b.to_str().unwrap(), &format!("w{i}")],
-        );
-        measure(
-            match i {
-                0 => "run_template_warmed_first",
-                1 => "run_template_restored_in_mmap-prefetch",
-                _ => "run_template_restored_again",
-            },
-            ms_since(t0),
-        );
-        assert_eq!(o.stdout, "warm\n", "{o:?}");
-        logs.push(fs::read_to_string(&log).unwrap_or_default());
-    }
-    assert!(logs[0].contains("warming template"), "{}", logs[0]);
-    assert!(!logs[1].contains("warming template"), "{}", logs[1]);
-    // The first container on the template records its start-up working set; the next ones
-    // prefetch it.
-    assert!(
-        logs[0].contains("recording the template's working set")
-            && logs[0].contains("the template's working set is recorded"),
-        "{}",
-        logs[0]
-    );
-    // With a spare CPU the prefetch runs beside the vCPU; with one (the rig's L1) it would
-    // compete with it, and plain mmap is used.
-    let want = if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
-        "restore mode MmapPrefetch"
-    } else {
-        "restore mode Mmap\n"
-    };
-    assert!(logs[1].contains(want), "{want}: {}", logs[1]);
-    assert!(logs[2].contains(want), "{want}: {}", logs[2]);
-    let list = run_it(
-        ks_cmd(&fresh, &dir.path().join("ks")),
-        &["template", "list"],
-    );
-    assert_eq!(list.stdout.lines().count(), 2, "{list:?}");
-    assert!(list.stdout.contains("recorded"), "{list:?}");
-}
-
 /// Polls `state ID` until its status is `want`.
-fn wait_status(mut cmd: impl FnMut() -> Command, id: &str, want: &str) -> serde_json::Value {
+pub(crate) fn wait_status(
+    mut cmd: impl FnMut() -> Command,
+    id: &str,
+    want: &str,
+) -> serde_json::Value {
     let end = Instant::now() + T;
     loop {
         let o = run_it(cmd(), &["state", id]);
@@ -447,332 +393,9 @@ fn test_terminal_through_the_console_socket() {
     );
 }
 
-fn subreaper() {
+pub(crate) fn subreaper() {
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer flag.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
-}
-
-#[test]
-fn test_twenty_containers_at_once() {
-    let Some(art) = setup() else { return };
-    let e = env(&art);
-    let dir = tempfile::tempdir_in(&e.dir).unwrap();
-    let b = bundle(dir.path(), "many", "echo container $(hostname)", false);
-    // Warm first, so that the 20 measure restores.
-    let w = run_it(
-        ks_cmd(e, &dir.path().join("ks")),
-        &["run", "--bundle", b.to_str().unwrap(), "warm"],
-    );
-    assert_eq!(w.code(), 0, "{w:?}");
-    let t0 = Instant::now();
-    let children: Vec<_> = (0..20)
-        .map(|i| {
-            let mut c = ks_cmd(e, &dir.path().join("ks"));
-            c.args(["run", "--bundle", b.to_str().unwrap(), &format!("m{i}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            c.spawn().unwrap()
-        })
-        .collect();
-    for (i, mut child) in children.into_iter().enumerate() {
-        let status = wait_deadline(&mut child, T).expect("container did not finish");
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        assert!(status.success(), "m{i}: {status:?} {out:?} {err:?}");
-        assert_eq!(out, "container kata-snap\n", "m{i}: {err}");
-    }
-    measure("20_kata-snap_run_at_once", ms_since(t0));
-    let list = run_it(ks_cmd(e, &dir.path().join("ks")), &["list", "-q"]);
-    assert_eq!(list.stdout, "", "containers left behind");
-}
-
-/// An OCI image layout tar of `rootfs` (one layer), named `name` for `ctr image import`.
-fn oci_image_tar(dir: &Path, rootfs: &Path, name: &str) -> PathBuf {
-    use sha2::{Digest, Sha256};
-    let layout = dir.join("layout");
-    let blobs = layout.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let layer = dir.join("layer.tar");
-    let o = run_command(
-        {
-            let mut c = Command::new("tar");
-            c.arg("-C").arg(rootfs).arg("-cf").arg(&layer).arg(".");
-            c
-        },
-        T,
-    );
-    assert_eq!(o.code(), 0, "tar: {o:?}");
-    let put = |bytes: &[u8]| -> String {
-        let d = format!("{:x}", Sha256::digest(bytes));
-        fs::write(blobs.join(&d), bytes).unwrap();
-        d
-    };
-    let layer_bytes = fs::read(&layer).unwrap();
-    let layer_digest = put(&layer_bytes);
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
-    })
-    .to_string();
-    let config_digest = put(config.as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": format!("sha256:{config_digest}"), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": format!("sha256:{layer_digest}"), "size": layer_bytes.len()}],
-    })
-    .to_string();
-    let manifest_digest = put(manifest.as_bytes());
-    fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": format!("sha256:{manifest_digest}"), "size": manifest.len(),
-                       "annotations": {"io.containerd.image.name": name,
-                                       "org.opencontainers.image.ref.name": "latest"}}],
-    });
-    fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    let tar = dir.join("image.tar");
-    let o = run_command(
-        {
-            let mut c = Command::new("tar");
-            c.arg("-C").arg(&layout).arg("-cf").arg(&tar).arg(".");
-            c
-        },
-        T,
-    );
-    assert_eq!(o.code(), 0, "tar: {o:?}");
-    tar
-}
-
-/// containerd (started here) runs an image with kata-snap as its runc binary (`ctr run
-/// --runc-binary`): the output and the exit status come back through the runc shim.
-#[test]
-fn test_containerd_runs_an_image_through_kata_snap() {
-    let Some(art) = setup() else { return };
-    let bins = [
-        "/usr/bin/containerd",
-        "/usr/bin/ctr",
-        "/usr/bin/containerd-shim-runc-v2",
-    ];
-    if let Some(missing) = bins.iter().find(|b| !Path::new(b).exists()) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide containerd in the rig (scripts/rig/rung4.sh packs it)"
-        );
-        println!("SKIPPED: {missing} missing (apt-get install containerd)");
-        return;
-    }
-    let e = env(&art);
-    let dir = tempfile::tempdir_in(&e.dir).unwrap();
-    let state = dir.path().join("state");
-    let sock = state.join("containerd.sock");
-    let config = dir.path().join("containerd.toml");
-    fs::write(
-        &config,
-        format!(
-            "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n",
-            dir.path().join("root").display(),
-            state.display(),
-            sock.display()
-        ),
-    )
-    .unwrap();
-    step("start containerd");
-    let mut daemon = Command::new(bins[0])
-        .arg("--config")
-        .arg(&config)
-        .env("KATA_SNAP_CONFIG", &e.config)
-        .env("KATA_SNAP_DATA_DIR", &e.data)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(dir.path().join("containerd.log")).unwrap())
-        .stderr(fs::File::create(dir.path().join("containerd.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let ctr = |args: &[&str]| -> Output {
-        let mut c = Command::new(bins[1]);
-        c.arg("--address").arg(&sock).args(args);
-        run_it(c, &[])
-    };
-    let end = Instant::now() + T;
-    while ctr(&["version"]).code() != 0 {
-        assert!(
-            Instant::now() < end,
-            "containerd did not come up: {}",
-            fs::read_to_string(dir.path().join("containerd.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let rootfs = busybox_tree(&dir.path().join("image-rootfs"));
-    let tar = oci_image_tar(dir.path(), &rootfs, "docker.io/library/ks-busybox:latest");
-    let o = ctr(&[
-        "image",
-        "import",
-        "--snapshotter",
-        "native",
-        tar.to_str().unwrap(),
-    ]);
-    assert_eq!(o.code(), 0, "import: {o:?}");
-    let t0 = Instant::now();
-    let o = ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "native",
-        "--runc-binary",
-        BIN,
-        "docker.io/library/ks-busybox:latest",
-        "ctr1",
-        "sh",
-        "-c",
-        "echo from containerd; echo err >&2; exit 3",
-    ]);
-    measure("ctr_run_through_kata-snap", ms_since(t0));
-    let logs = || {
-        format!(
-            "\ncontainerd: {}",
-            fs::read_to_string(dir.path().join("containerd.err")).unwrap_or_default()
-        )
-    };
-    assert_eq!(o.stdout, "from containerd\n", "{o:?}{}", logs());
-    assert_eq!(o.code(), 3, "{o:?}{}", logs());
-    assert!(o.stderr.contains("err"), "{o:?}");
-    // `--rm` deleted it through kata-snap: nothing is left in the runtime's state.
-    let ls = ctr(&["containers", "list", "-q"]);
-    assert_eq!(ls.stdout.trim(), "", "{ls:?}");
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[(v.len() - 1) / 2]
-}
-
-/// `kata-snap run` against `runc run` of the same bundle, alternating, and where kata-snap's
-/// time goes (the supervisor's `--debug` timing line). Emulated timings: the ratio is the figure.
-#[test]
-fn test_bench_run_against_runc() {
-    let Some(art) = setup() else { return };
-    if !runc_present() {
-        return;
-    }
-    let e = env(&art);
-    let dir = tempfile::tempdir_in(&e.dir).unwrap();
-    let b = bundle(dir.path(), "bench", "echo hi", false);
-    // Warm the template and the image first.
-    let w = run_it(
-        ks_cmd(e, &dir.path().join("ks")),
-        &["run", "--bundle", b.to_str().unwrap(), "w"],
-    );
-    assert_eq!(w.stdout, "hi\n", "{w:?}");
-    let (mut ours, mut theirs, mut mapped) = (Vec::new(), Vec::new(), Vec::new());
-    let other = if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
-        "mmap"
-    } else {
-        "mmap-prefetch"
-    };
-    let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for i in 0..5 {
-        let log = dir.path().join(format!("log{i}"));
-        let mut c = ks_cmd(e, &dir.path().join("ks"));
-        c.arg("--log").arg(&log).arg("--debug");
-        let t0 = Instant::now();
-        let o = run_it(
-            c,
-            &["run", "--bundle", b.to_str().unwrap(), &format!("k{i}")],
-        );
-        ours.push(ms_since(t0));
-        assert_eq!(o.stdout, "hi\n", "{o:?}");
-        // The other mapped mode than the default (mmap-prefetch with a spare CPU, mmap without).
-        let t0 = Instant::now();
-        let o = run_it(
-            ks_cmd(e, &dir.path().join("ks")),
-            &[
-                "run",
-                "--restore-mode",
-                other,
-                "--bundle",
-                b.to_str().unwrap(),
-                &format!("m{i}"),
-            ],
-        );
-        mapped.push(ms_since(t0));
-        assert_eq!(o.stdout, "hi\n", "{o:?}");
-        let t0 = Instant::now();
-        let o = run_it(
-            runc_cmd(&dir.path().join("runc")),
-            &[
-                "run",
-                "--no-pivot",
-                "--bundle",
-                b.to_str().unwrap(),
-                &format!("r{i}"),
-            ],
-        );
-        theirs.push(ms_since(t0));
-        assert_eq!(o.stdout, "hi\n", "{o:?}");
-        let text = fs::read_to_string(&log).unwrap();
-        let line = text
-            .lines()
-            .find_map(|l| l.split_once("timing: ").map(|(_, t)| t.to_string()))
-            .unwrap_or_else(|| panic!("no timing line in {text}"));
-        // "supervisor 1.0, restore 12.1, ... ms (total 40.2 ms)"
-        for part in line.split(" ms (total").next().unwrap().split(", ") {
-            let (name, v) = part.rsplit_once(' ').unwrap();
-            phases
-                .entry(name.replace(' ', "_"))
-                .or_default()
-                .push(v.parse().unwrap());
-        }
-    }
-    for (i, (k, r)) in ours.iter().zip(&theirs).enumerate() {
-        println!("RIG-INFO bench run {i}: kata-snap {k:.0} ms, runc {r:.0} ms");
-    }
-    let (k, r) = (median(ours.clone()), median(theirs.clone()));
-    for v in &ours {
-        measure("bench_kata-snap_run", *v);
-    }
-    for v in &theirs {
-        measure("bench_runc_run", *v);
-    }
-    for v in &mapped {
-        measure(&format!("bench_kata-snap_run_{other}"), *v);
-    }
-    println!(
-        "RIG-INFO kata-snap run, default mode / {other}: {:.2} ({k:.0} / {:.0} ms, emulated)",
-        k / median(mapped.clone()),
-        median(mapped.clone())
-    );
-    for (name, v) in &phases {
-        for x in v {
-            measure(&format!("bench_kata-snap_phase_{name}"), *x);
-        }
-    }
-    println!(
-        "RIG-INFO kata-snap run / runc run of one bundle: {:.2} (medians of 5 alternating runs: {k:.0} / {r:.0} ms, emulated)",
-        k / r
-    );
 }
 
 /// `run` in the foreground, then `kill -9` of the container: the shell sees 137 from both
@@ -811,107 +434,4 @@ fn test_run_killed_with_sigkill_gives_137_as_runc() {
         let _ = run_it(cmd(), &["delete", "--force", "k1"]);
         assert!(!dir.path().join("ks").join("k1").exists() || *name == "runc");
     }
-}
-
-/// With a pool running (`kata-snap pool start`), containers restore in its pre-started VMMs
-/// and behave as cold ones; a container whose supervisor is killed takes its pooled VM with it.
-#[test]
-fn test_containers_restore_in_a_running_pool() {
-    let Some(art) = setup() else { return };
-    let e = env(&art);
-    let dir = tempfile::tempdir_in(&e.dir).unwrap();
-    let pool = dir.path().join("pool");
-    let ks = || {
-        let mut c = ks_cmd(e, &dir.path().join("ks"));
-        c.env("KATA_SNAP_POOL_DIR", &pool);
-        c
-    };
-    let b = bundle(dir.path(), "p", "echo pooled; cat /etc/hostname", false);
-    // The template first (cold), so that the pool's shells match its shape.
-    let w = run_it(ks(), &["run", "--bundle", b.to_str().unwrap(), "w"]);
-    assert_eq!(w.stdout, "pooled\nimage\n", "{w:?}");
-    let p = run_it(
-        ks(),
-        &[
-            "pool",
-            "start",
-            "--size",
-            "2",
-            "--vcpus",
-            "1",
-            "--mem-mib",
-            "256",
-        ],
-    );
-    assert_eq!(p.code(), 0, "{p:?}");
-    let end = Instant::now() + T;
-    while fs::read_dir(pool.join("ready"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(Instant::now() < end, "the pool never got ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for i in 0..2 {
-        let log = dir.path().join(format!("pool{i}.log"));
-        let mut c = ks();
-        c.arg("--log").arg(&log).arg("--debug");
-        let t0 = Instant::now();
-        let o = run_it(
-            c,
-            &["run", "--bundle", b.to_str().unwrap(), &format!("p{i}")],
-        );
-        measure("run_through_pool", ms_since(t0));
-        assert_eq!(o.stdout, "pooled\nimage\n", "{o:?}");
-        assert_eq!(o.code(), 0, "{o:?}");
-        let text = fs::read_to_string(&log).unwrap();
-        assert!(text.contains("restore path: pool"), "{text}");
-    }
-    // A pooled container whose supervisor dies of SIGKILL: its VMM goes too.
-    let end = Instant::now() + T;
-    while fs::read_dir(pool.join("ready"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-        < 1
-    {
-        assert!(Instant::now() < end, "the pool did not refill");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let log = dir.path().join("kill.log");
-    let slow = bundle(dir.path(), "slow", "echo up; sleep 600", false);
-    let out = dir.path().join("kill.out");
-    let mut c = ks();
-    c.arg("--log").arg(&log).arg("--debug");
-    c.args(["run", "--bundle", slow.to_str().unwrap(), "k"])
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out).unwrap())
-        .stderr(Stdio::null());
-    let mut child = c.spawn().unwrap();
-    while fs::read_to_string(&out).unwrap_or_default() != "up\n" {
-        assert!(Instant::now() < end, "no output from the pooled container");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let text = fs::read_to_string(&log).unwrap();
-    let vmm_pid: i32 = text
-        .lines()
-        .find_map(|l| l.split_once("pre-started VMM pid ").map(|(_, p)| p))
-        .and_then(|p| p.trim_end_matches(')').trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pooled VMM in {text}"));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let end = Instant::now() + T;
-    while Path::new(&format!("/proc/{vmm_pid}")).exists()
-        && !fs::read_to_string(format!("/proc/{vmm_pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z")
-    {
-        assert!(
-            Instant::now() < end,
-            "the pooled VMM {vmm_pid} outlived its killed supervisor"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(run_it(ks(), &["delete", "--force", "k"]).code(), 0);
-    assert_eq!(run_it(ks(), &["pool", "stop"]).code(), 0);
 }
