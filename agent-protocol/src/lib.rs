@@ -64,8 +64,8 @@ pub use frame::{
     read_message, write_frame, write_message,
 };
 pub use messages::{
-    AgentMessage, ErrorKind, FsType, HostMessage, Mount, Rlimit, RlimitKind, RootfsSource,
-    RootfsSpec, RunRequest, User,
+    AgentMessage, ErrorKind, ExecRequest, FsType, HostMessage, Mount, Process, Rlimit, RlimitKind,
+    RootfsSource, RootfsSpec, RunRequest, User,
 };
 pub use validate::{
     MAX_ARGS, MAX_ENV, MAX_GROUPS, MAX_MOUNTS, MAX_TEXT, MIN_REALTIME_NS, SUPPORTED_MOUNT_TYPES,
@@ -75,7 +75,9 @@ pub use validate::{
 /// Version of this protocol. Peers with different versions refuse to talk.
 ///
 /// 2: `Create` / `Start` / `Created` (runc's `create` and `start`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `Exec` (runc's `exec`), `Process` apart from the container's fields,
+/// `umask`.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest payload of one frame, in bytes (the 4-byte length prefix excluded).
 pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;

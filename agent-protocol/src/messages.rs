@@ -46,6 +46,13 @@ pub enum HostMessage {
     /// Exec the created process (runc's `start`). Answered as `Run` is:
     /// `Started`, or `Error` then `Exited{126|127}` when the exec fails.
     Start,
+    /// Run another process in the container that a `Create` on another
+    /// connection made (runc's `exec`). Answered as `Run` is: `Started`, or
+    /// `Error` then `Exited{126|127}`; `Error{NoContainer | ContainerStopped |
+    /// InvalidRequest}` alone (the connection may try again) when there is no
+    /// container to run it in or the id is in use. At most one process per
+    /// connection.
+    Exec(Box<ExecRequest>),
 }
 
 /// A message from the agent to the host.
@@ -108,31 +115,57 @@ pub enum ErrorKind {
     Restore,
     /// An internal agent failure.
     Internal,
+    /// `Exec` found no container (no `Create` was made).
+    NoContainer,
+    /// `Exec` came after the container's init process exited.
+    ContainerStopped,
 }
 
-/// Everything the agent needs to start the container process.
+/// A process to run: what OCI `process` says about it (the container's
+/// init, or one run by `Exec`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunRequest {
+pub struct Process {
     /// argv; `args[0]` is looked up in `PATH` (from `env`) unless it has a `/`.
     pub args: Vec<String>,
-    /// Environment, `KEY=VALUE` entries.
+    /// Environment, `KEY=VALUE` entries. Without `HOME` the agent sets it
+    /// from the container's `/etc/passwd` (`/` when the user has no entry),
+    /// as runc does.
     pub env: Vec<String>,
     /// Absolute working directory inside the container.
     pub cwd: String,
     /// Credentials the process runs with.
     pub user: User,
-    /// Hostname to set, if any.
-    pub hostname: Option<String>,
     /// Resource limits to set.
     pub rlimits: Vec<Rlimit>,
-    /// OCI mounts, applied in order after the rootfs.
-    pub mounts: Vec<Mount>,
     /// Give the process a pseudo-terminal as stdin/stdout/stderr.
     pub terminal: bool,
     /// Set `PR_SET_NO_NEW_PRIVS` before exec.
     pub no_new_privileges: bool,
+    /// The umask to exec with (OCI `process.user.umask`); `None` keeps 0o022.
+    pub umask: Option<u32>,
+}
+
+/// Everything the agent needs to create the container and its init process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRequest {
+    /// The init process.
+    pub process: Process,
+    /// Hostname to set, if any.
+    pub hostname: Option<String>,
+    /// OCI mounts, applied in order after the rootfs.
+    pub mounts: Vec<Mount>,
     /// Where the root filesystem comes from.
     pub rootfs: RootfsSpec,
+}
+
+/// Another process in the running container (runc's `exec`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Names the process while it runs: 1..=64 bytes of letters, digits,
+    /// `-`, `_` and `.`, unique among the container's running execs.
+    pub id: String,
+    /// The process.
+    pub process: Process,
 }
 
 /// Process credentials.

@@ -8,7 +8,9 @@ use std::collections::HashSet;
 
 use thiserror::Error;
 
-use crate::messages::{AgentMessage, HostMessage, Mount, RootfsSource, RunRequest};
+use crate::messages::{
+    AgentMessage, ExecRequest, HostMessage, Mount, Process, RootfsSource, RunRequest,
+};
 use crate::{MAX_STDIO_CHUNK, PROTOCOL_VERSION};
 
 /// Most argv entries in a `Run`.
@@ -36,6 +38,8 @@ pub const MAX_REALTIME_NS: u64 = 7_258_118_400 * 1_000_000_000;
 pub const SUPPORTED_MOUNT_TYPES: &[&str] = &[
     "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup2", "bind",
 ];
+/// Longest exec id, in bytes.
+pub const MAX_EXEC_ID: usize = 64;
 /// Highest signal number (`SIGRTMAX` on Linux).
 pub const MAX_SIGNAL: i32 = 64;
 
@@ -131,6 +135,13 @@ pub enum ValidationError {
     /// A pid of 0.
     #[error("pid must not be 0")]
     BadPid,
+    /// A umask with bits outside 0o777.
+    #[error("umask {0:#o} has bits outside 0o777")]
+    BadUmask(u32),
+    /// An exec id that is empty, too long, or has characters other than
+    /// letters, digits, '-', '_', '.'.
+    #[error("exec id {0:?} must be 1..={MAX_EXEC_ID} letters, digits, '-', '_' or '.'")]
+    BadExecId(String),
     /// A `Hello` with a version other than ours. Reported separately so that
     /// callers can tell a version mismatch from other errors.
     #[error("protocol version mismatch: peer speaks version {peer}, this side speaks {ours}")]
@@ -231,7 +242,7 @@ fn validate_mount(m: &Mount) -> Result<(), ValidationError> {
     Ok(())
 }
 
-impl Validate for RunRequest {
+impl Validate for Process {
     fn validate(&self) -> Result<(), ValidationError> {
         if self.args.is_empty() {
             return Err(ValidationError::EmptyArgs);
@@ -261,9 +272,6 @@ impl Validate for RunRequest {
             self.user.additional_gids.len(),
             MAX_GROUPS,
         )?;
-        if let Some(h) = &self.hostname {
-            validate_hostname(h)?;
-        }
         count("rlimits", self.rlimits.len(), 16)?;
         let mut seen = HashSet::new();
         for r in &self.rlimits {
@@ -278,6 +286,19 @@ impl Validate for RunRequest {
                 });
             }
         }
+        match self.umask {
+            Some(m) if m > 0o777 => Err(ValidationError::BadUmask(m)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Validate for RunRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        self.process.validate()?;
+        if let Some(h) = &self.hostname {
+            validate_hostname(h)?;
+        }
         count("mounts", self.mounts.len(), MAX_MOUNTS)?;
         for m in &self.mounts {
             validate_mount(m)?;
@@ -289,11 +310,24 @@ impl Validate for RunRequest {
     }
 }
 
+impl Validate for ExecRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if self.id.is_empty() || self.id.len() > MAX_EXEC_ID || !self.id.chars().all(ok_char) {
+            return Err(ValidationError::BadExecId(
+                self.id.chars().take(MAX_EXEC_ID * 2).collect(),
+            ));
+        }
+        self.process.validate()
+    }
+}
+
 impl Validate for HostMessage {
     fn validate(&self) -> Result<(), ValidationError> {
         match self {
             HostMessage::Hello { version: v } => version(*v),
             HostMessage::Run(run) | HostMessage::Create(run) => run.validate(),
+            HostMessage::Exec(exec) => exec.validate(),
             HostMessage::Start => Ok(()),
             HostMessage::Stdin(b) => chunk("stdin chunk", b),
             HostMessage::CloseStdin => Ok(()),
@@ -371,8 +405,8 @@ mod tests {
     use super::*;
     use crate::messages::{RootfsSpec, User};
 
-    fn run() -> RunRequest {
-        RunRequest {
+    fn process() -> Process {
+        Process {
             args: vec!["sh".into()],
             env: vec!["PATH=/bin".into()],
             cwd: "/".into(),
@@ -381,11 +415,18 @@ mod tests {
                 gid: 0,
                 additional_gids: vec![],
             },
-            hostname: Some("h".into()),
             rlimits: vec![],
-            mounts: vec![],
             terminal: false,
             no_new_privileges: true,
+            umask: None,
+        }
+    }
+
+    fn run() -> RunRequest {
+        RunRequest {
+            process: process(),
+            hostname: Some("h".into()),
+            mounts: vec![],
             rootfs: RootfsSpec {
                 source: RootfsSource::Block {
                     device: "/dev/vdb".into(),
@@ -402,18 +443,41 @@ mod tests {
     }
 
     #[test]
+    fn test_validate_exec_id_and_umask_checked() {
+        let exec = |id: &str| ExecRequest {
+            id: id.into(),
+            process: process(),
+        };
+        exec("exec-1.a_b").validate().unwrap();
+        for bad in ["", "a/b", "a b", &"x".repeat(MAX_EXEC_ID + 1)] {
+            assert!(
+                matches!(exec(bad).validate(), Err(ValidationError::BadExecId(_))),
+                "{bad:?}"
+            );
+        }
+        let mut e = exec("x");
+        e.process.args.clear();
+        assert_eq!(e.validate(), Err(ValidationError::EmptyArgs));
+        let mut r = run();
+        r.process.umask = Some(0o027);
+        r.validate().unwrap();
+        r.process.umask = Some(0o1000);
+        assert_eq!(r.validate(), Err(ValidationError::BadUmask(0o1000)));
+    }
+
+    #[test]
     fn test_validate_limits_enforced() {
         let mut r = run();
-        r.args = vec!["x".into(); MAX_ARGS + 1];
+        r.process.args = vec!["x".into(); MAX_ARGS + 1];
         assert!(matches!(
             r.validate(),
             Err(ValidationError::TooMany { field: "args", .. })
         ));
         let mut r = run();
-        r.cwd = format!("/{}", "a".repeat(MAX_TEXT));
+        r.process.cwd = format!("/{}", "a".repeat(MAX_TEXT));
         assert!(matches!(r.validate(), Err(ValidationError::TooLong { .. })));
         let mut r = run();
-        r.user.additional_gids = vec![1; MAX_GROUPS + 1];
+        r.process.user.additional_gids = vec![1; MAX_GROUPS + 1];
         assert!(r.validate().is_err());
         let mut r = run();
         r.hostname = Some("a".repeat(65));
@@ -428,7 +492,7 @@ mod tests {
             soft: 1,
             hard: 1,
         };
-        r.rlimits = vec![l, l];
+        r.process.rlimits = vec![l, l];
         assert!(matches!(
             r.validate(),
             Err(ValidationError::DuplicateRlimit(_))
@@ -508,13 +572,13 @@ mod tests {
     fn test_validate_create_checks_request_like_run() {
         HostMessage::Create(Box::new(run())).validate().unwrap();
         let mut r = run();
-        r.args.clear();
+        r.process.args.clear();
         assert_eq!(
             HostMessage::Create(Box::new(r)).validate(),
             Err(ValidationError::EmptyArgs)
         );
         let mut r = run();
-        r.cwd = "relative".into();
+        r.process.cwd = "relative".into();
         assert!(matches!(
             HostMessage::Create(Box::new(r)).validate(),
             Err(ValidationError::BadPath { field: "cwd", .. })

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use agent_protocol::{
     AgentClient, AgentMessage, ClientError, FrameError, HostMessage, MAX_MESSAGE_SIZE,
-    PROTOCOL_VERSION, ProtocolError, RootfsSource, RootfsSpec, RunRequest, User, read_message,
-    write_message,
+    PROTOCOL_VERSION, Process, ProtocolError, RootfsSource, RootfsSpec, RunRequest, User,
+    read_message, write_message,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -33,19 +33,22 @@ fn with_fake_agent(
 
 fn request() -> RunRequest {
     RunRequest {
-        args: vec!["true".into()],
-        env: vec![],
-        cwd: "/".into(),
-        user: User {
-            uid: 0,
-            gid: 0,
-            additional_gids: vec![],
+        process: Process {
+            args: vec!["true".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: User {
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![],
+            },
+            rlimits: vec![],
+            terminal: false,
+            no_new_privileges: false,
+            umask: None,
         },
         hostname: None,
-        rlimits: vec![],
         mounts: vec![],
-        terminal: false,
-        no_new_privileges: false,
         rootfs: RootfsSpec {
             source: RootfsSource::Directory { path: "/".into() },
             readonly: true,

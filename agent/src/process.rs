@@ -305,7 +305,7 @@ fn child_setup(
     if let Some(h) = &req.hostname {
         nix::unistd::sethostname(h).map_err(|e| ChildFailure::setup("sethostname", e))?;
     }
-    for r in &req.rlimits {
+    for r in &req.process.rlimits {
         let lim = libc::rlimit {
             rlim_cur: r.soft,
             rlim_max: r.hard,
@@ -318,7 +318,7 @@ fn child_setup(
             ));
         }
     }
-    let u = &req.user;
+    let u = &req.process.user;
     let groups: Vec<nix::unistd::Gid> = u
         .additional_gids
         .iter()
@@ -329,16 +329,19 @@ fn child_setup(
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| ChildFailure::setup("setgid", e))?;
     let uid = nix::unistd::Uid::from_raw(u.uid);
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| ChildFailure::setup("setuid", e))?;
-    nix::unistd::chdir(req.cwd.as_str()).map_err(|e| {
+    nix::unistd::chdir(req.process.cwd.as_str()).map_err(|e| {
         ChildFailure::setup(
-            &format!("chdir to cwd ({:?}) set in config.json failed", req.cwd),
+            &format!(
+                "chdir to cwd ({:?}) set in config.json failed",
+                req.process.cwd
+            ),
             errno_reason(e),
         )
     })?;
-    let name = &req.args[0];
+    let name = &req.process.args[0];
     let path = look_path(name, &plan.path_env).map_err(|(kind, m)| ChildFailure::new(kind, m))?;
     let path_c = CString::new(path).map_err(|_| ChildFailure::setup("path", "NUL byte"))?;
-    if req.no_new_privileges {
+    if req.process.no_new_privileges {
         // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
             return Err(ChildFailure::setup(
@@ -352,7 +355,7 @@ fn child_setup(
 
 /// Execs `path`; returns only on failure, with the runc-style reason.
 fn child_exec(plan: &ChildPlan<'_>, path: &CString) -> ChildFailure {
-    let name = &plan.req.args[0];
+    let name = &plan.req.process.args[0];
     let err = nix::unistd::execve(path, &plan.args, &plan.env).unwrap_err();
     match err {
         nix::Error::EACCES => ChildFailure::new(
@@ -384,7 +387,7 @@ fn child_wait_for_go(go: &OwnedFd) -> bool {
 
 /// The child after fork: set up, report, wait, exec. Never returns.
 fn child_main(plan: &ChildPlan<'_>, stdio: [i32; 3], report: OwnedFd, go: OwnedFd) -> ! {
-    let failure = match child_setup(plan, stdio, plan.req.terminal) {
+    let failure = match child_setup(plan, stdio, plan.req.process.terminal) {
         Err(f) => f,
         Ok(path) => {
             if nix::unistd::write(&report, &[REPORT_READY]) != Ok(1) || !child_wait_for_go(&go) {
@@ -537,16 +540,19 @@ pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
         req,
         root: cstring("rootfs path", root.as_os_str().as_bytes())?,
         env: req
+            .process
             .env
             .iter()
             .map(|e| cstring("env", e.as_bytes()))
             .collect::<Result<_, _>>()?,
         args: req
+            .process
             .args
             .iter()
             .map(|a| cstring("arg", a.as_bytes()))
             .collect::<Result<_, _>>()?,
         path_env: req
+            .process
             .env
             .iter()
             .find_map(|e| e.strip_prefix("PATH="))
@@ -555,7 +561,7 @@ pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
     };
     // (parent's fds, child's fds [stdin, stdout, stderr])
     let (stdin, stdout, stderr, child_fds): (OwnedFd, OwnedFd, Option<OwnedFd>, Vec<OwnedFd>) =
-        if req.terminal {
+        if req.process.terminal {
             let (master, slave) = open_pty(root)?;
             let master2 = master
                 .try_clone()
@@ -567,7 +573,7 @@ pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
             let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(setup_err("pipe"))?;
             (in_w, out_r, Some(err_r), vec![in_r, out_w, err_w])
         };
-    let stdio_raw: [i32; 3] = if req.terminal {
+    let stdio_raw: [i32; 3] = if req.process.terminal {
         let s = child_fds[0].as_raw_fd();
         [s, s, s]
     } else {
@@ -599,7 +605,7 @@ pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
                         stdin,
                         stdout,
                         stderr,
-                        terminal: req.terminal,
+                        terminal: req.process.terminal,
                     },
                     gate: ExecGate {
                         pid: child,

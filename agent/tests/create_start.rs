@@ -155,7 +155,7 @@ fn test_create_bad_cwd_error_and_nothing_left() {
     let agent = Agent::start();
     let mut c = agent.client();
     let mut req = agent.request(&["true"]);
-    req.cwd = "/no/such/dir".into();
+    req.process.cwd = "/no/such/dir".into();
     match c.create(req) {
         Err(ClientError::Agent { kind, message }) => {
             assert_eq!(kind, ErrorKind::ExecFailed);
@@ -287,7 +287,7 @@ fn test_create_with_terminal_then_start_has_a_tty() {
     let agent = Agent::start();
     let mut c = agent.client();
     let mut req = agent.request(&["sh", "-c", "test -t 0 && test -t 1 && echo is-a-tty"]);
-    req.terminal = true;
+    req.process.terminal = true;
     c.create(req).expect("create");
     c.start_created().expect("start");
     let (out, _, code) = wait_exit(&mut c);

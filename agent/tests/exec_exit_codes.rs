@@ -86,7 +86,7 @@ fn test_exec_bad_cwd_126_with_message() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["true"]);
-    req.cwd = "/does/not/exist".into();
+    req.process.cwd = "/does/not/exist".into();
     let o = agent.run_req(req, None).unwrap();
     assert_eq!(o.code, 126);
     let (kind, msg) = o.error.unwrap();

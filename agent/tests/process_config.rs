@@ -11,7 +11,7 @@ fn test_config_env_exactly_as_requested() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["env"]);
-    req.env = vec!["PATH=/bin".into(), "FOO=bar baz".into(), "EMPTY=".into()];
+    req.process.env = vec!["PATH=/bin".into(), "FOO=bar baz".into(), "EMPTY=".into()];
     let o = agent.run_req(req, None).unwrap();
     let text = out(&o);
     let mut lines: Vec<&str> = text.lines().collect();
@@ -24,7 +24,7 @@ fn test_config_path_from_env_used_for_lookup() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["echo", "x"]);
-    req.env = vec!["PATH=/nonexistent".into()];
+    req.process.env = vec!["PATH=/nonexistent".into()];
     let o = agent.run_req(req, None).unwrap();
     assert_eq!(o.code, 127);
     assert_eq!(o.error.unwrap().0, ErrorKind::ExecNotFound);
@@ -35,7 +35,7 @@ fn test_config_cwd_applied() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["pwd"]);
-    req.cwd = "/tmp".into();
+    req.process.cwd = "/tmp".into();
     assert_eq!(out(&agent.run_req(req, None).unwrap()), "/tmp\n");
 }
 
@@ -44,7 +44,7 @@ fn test_config_uid_gid_groups_applied() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["sh", "-c", "id -u; id -g; id -G"]);
-    req.user = User {
+    req.process.user = User {
         uid: 1000,
         gid: 1000,
         additional_gids: vec![2000, 3000],
@@ -65,7 +65,7 @@ fn test_config_non_root_cannot_write_root_owned_dir() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["sh", "-c", "touch /etc/x"]);
-    req.user = User {
+    req.process.user = User {
         uid: 1000,
         gid: 1000,
         additional_gids: vec![],
@@ -91,7 +91,7 @@ fn test_config_rlimits_soft_and_hard_applied() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -Sc"]);
-    req.rlimits = vec![
+    req.process.rlimits = vec![
         Rlimit {
             kind: RlimitKind::Nofile,
             soft: 123,
@@ -112,12 +112,12 @@ fn test_config_no_new_privileges_set_only_when_asked() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["grep", "NoNewPrivs", "/proc/self/status"]);
-    req.no_new_privileges = true;
+    req.process.no_new_privileges = true;
     assert_eq!(
         out(&agent.run_req(req.clone(), None).unwrap()),
         "NoNewPrivs:\t1\n"
     );
-    req.no_new_privileges = false;
+    req.process.no_new_privileges = false;
     assert_eq!(out(&agent.run_req(req, None).unwrap()), "NoNewPrivs:\t0\n");
 }
 

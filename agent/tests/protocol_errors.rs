@@ -113,7 +113,7 @@ fn test_protocol_malformed_payload_answered_and_session_continues() {
     expect_error(&mut s, ErrorKind::Protocol);
     // The same connection can still run a process.
     let mut run = common::Agent::request(&agent, &["sh", "-c", "exit 9"]);
-    run.env.push("X=1".into());
+    run.process.env.push("X=1".into());
     s.write_all(&raw_frame(&HostMessage::Run(Box::new(run))))
         .unwrap();
     s.write_all(&raw_frame(&HostMessage::CloseStdin)).unwrap();
@@ -133,7 +133,7 @@ fn test_protocol_invalid_fields_rejected_each_with_reason() {
         (
             HostMessage::Run(Box::new({
                 let mut r = base.clone();
-                r.args.clear();
+                r.process.args.clear();
                 r
             })),
             "args must not be empty",
@@ -141,7 +141,7 @@ fn test_protocol_invalid_fields_rejected_each_with_reason() {
         (
             HostMessage::Run(Box::new({
                 let mut r = base.clone();
-                r.cwd = "relative".into();
+                r.process.cwd = "relative".into();
                 r
             })),
             "absolute path",
@@ -149,7 +149,7 @@ fn test_protocol_invalid_fields_rejected_each_with_reason() {
         (
             HostMessage::Run(Box::new({
                 let mut r = base.clone();
-                r.env = vec!["NOEQUALS".into()];
+                r.process.env = vec!["NOEQUALS".into()];
                 r
             })),
             "KEY=VALUE",
@@ -157,7 +157,7 @@ fn test_protocol_invalid_fields_rejected_each_with_reason() {
         (
             HostMessage::Run(Box::new({
                 let mut r = base.clone();
-                r.args[0] = "a\0b".into();
+                r.process.args[0] = "a\0b".into();
                 r
             })),
             "NUL",
@@ -189,7 +189,7 @@ fn test_protocol_invalid_fields_rejected_each_with_reason() {
         (
             HostMessage::Run(Box::new({
                 let mut r = base.clone();
-                r.rlimits = vec![agent_protocol::Rlimit {
+                r.process.rlimits = vec![agent_protocol::Rlimit {
                     kind: agent_protocol::RlimitKind::Nofile,
                     soft: 10,
                     hard: 5,

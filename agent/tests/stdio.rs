@@ -123,7 +123,7 @@ fn test_stdio_terminal_allocated_when_requested() {
         "-c",
         "test -t 0 && test -t 1 && tty && echo to-stderr >&2",
     ]);
-    req.terminal = true;
+    req.process.terminal = true;
     req.mounts.push(agent_protocol::Mount {
         destination: "/dev/pts".into(),
         fs_type: "devpts".into(),
@@ -160,7 +160,7 @@ fn test_stdio_terminal_resize_applied() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["sh", "-c", "read x; stty size"]);
-    req.terminal = true;
+    req.process.terminal = true;
     let mut c = agent.client();
     c.start(req).unwrap();
     c.send(&agent_protocol::HostMessage::Resize {

@@ -10,8 +10,8 @@ use oci_spec::runtime::{Hook, Hooks, Linux, Process, Spec};
 use crate::error::ConfigError;
 use crate::{BundleConfig, ConsoleSize, ProcessConfig, Resources, mounts, resources};
 
-/// The umask a guest process gets: the kernel's initial one, which the agent
-/// never changes.
+/// The umask a guest process gets when `process.user.umask` is not set: the
+/// kernel's initial one, as with runc.
 pub const GUEST_UMASK: u32 = 0o022;
 
 /// Device nodes the agent gives every container (as runc does); listing them
@@ -132,11 +132,10 @@ fn process(p: &Process, ignored: &mut Vec<String>) -> Result<ProcessConfig, Conf
         return Err(ConfigError::RelativeCwd(cwd));
     }
     let u = p.user();
-    if let Some(umask) = u.umask()
-        && umask != GUEST_UMASK
-    {
-        return Err(ConfigError::Umask(umask));
-    }
+    let umask = match u.umask() {
+        Some(m) if m > 0o777 => return Err(ConfigError::Umask(m)),
+        m => m,
+    };
     if u.username().is_some() {
         ignored.push("process.user.username: Windows only".into());
     }
@@ -214,6 +213,7 @@ fn process(p: &Process, ignored: &mut Vec<String>) -> Result<ProcessConfig, Conf
         console_size,
         rlimits,
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
+        umask,
     })
 }
 

@@ -126,10 +126,8 @@ pub enum ConfigError {
         /// The value, lossily converted.
         value: String,
     },
-    /// `process.user.umask` other than the agent's 0022.
-    #[error(
-        "process.user.umask {0:#o} is not supported: the guest runs the process with umask 0o22"
-    )]
+    /// `process.user.umask` with bits outside 0o777.
+    #[error("process.user.umask {0:#o} is not a umask (bits outside 0o777)")]
     Umask(u32),
     /// An rlimit the agent does not know.
     #[error("process.rlimits: {0} is not a supported rlimit")]

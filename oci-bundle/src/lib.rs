@@ -82,7 +82,9 @@ mod spec;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use agent_protocol::{Mount, Rlimit, RootfsSource, RootfsSpec, RunRequest, User, Validate};
+use agent_protocol::{
+    Mount, Process, Rlimit, RootfsSource, RootfsSpec, RunRequest, User, Validate,
+};
 
 pub use convert::GUEST_UMASK;
 pub use error::{BundleError, ConfigError};
@@ -151,6 +153,24 @@ pub struct ProcessConfig {
     pub rlimits: Vec<Rlimit>,
     /// Set `PR_SET_NO_NEW_PRIVS`.
     pub no_new_privileges: bool,
+    /// `process.user.umask`, if set.
+    pub umask: Option<u32>,
+}
+
+impl ProcessConfig {
+    /// The process as the agent runs it.
+    pub fn agent_process(&self) -> Process {
+        Process {
+            args: self.args.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            user: self.user.clone(),
+            rlimits: self.rlimits.clone(),
+            terminal: self.terminal,
+            no_new_privileges: self.no_new_privileges,
+            umask: self.umask,
+        }
+    }
 }
 
 /// A terminal size.
@@ -165,17 +185,10 @@ pub struct ConsoleSize {
 impl BundleConfig {
     /// The agent request that runs this container on `rootfs`.
     pub fn run_request(&self, rootfs: RootfsSource) -> RunRequest {
-        let p = &self.process;
         RunRequest {
-            args: p.args.clone(),
-            env: p.env.clone(),
-            cwd: p.cwd.clone(),
-            user: p.user.clone(),
+            process: self.process.agent_process(),
             hostname: self.hostname.clone(),
-            rlimits: p.rlimits.clone(),
             mounts: self.mounts.clone(),
-            terminal: p.terminal,
-            no_new_privileges: p.no_new_privileges,
             rootfs: RootfsSpec {
                 source: rootfs,
                 readonly: self.readonly,

@@ -81,13 +81,17 @@ fn test_user_and_groups_honoured() {
 }
 
 #[test]
-fn test_umask_default_accepted_other_refused() {
-    let (b, _) = load_with(|c| c["process"]["user"]["umask"] = 0o022.into());
-    b.load().unwrap();
+fn test_umask_carried_to_the_agent_and_out_of_range_refused() {
     let (b, _) = load_with(|c| c["process"]["user"]["umask"] = 0o077.into());
+    let p = b.load().unwrap().config.process;
+    assert_eq!(p.umask, Some(0o077));
+    assert_eq!(p.agent_process().umask, Some(0o077));
+    let (b, _) = load_with(|_| {});
+    assert_eq!(b.load().unwrap().config.process.umask, None);
+    let (b, _) = load_with(|c| c["process"]["user"]["umask"] = 0o1777.into());
     let e = b.refused();
-    assert!(matches!(e, ConfigError::Umask(0o077)));
-    assert!(e.to_string().contains("0o77"), "{e}");
+    assert!(matches!(e, ConfigError::Umask(0o1777)));
+    assert!(e.to_string().contains("0o1777"), "{e}");
 }
 
 #[test]

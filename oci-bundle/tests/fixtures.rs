@@ -235,7 +235,7 @@ fn test_fixtures_run_request_round_trips_through_validate() {
             req.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(req.rootfs.source, source);
             assert_eq!(req.rootfs.readonly, c.readonly);
-            assert_eq!(req.args, c.process.args);
+            assert_eq!(req.process.args, c.process.args);
             assert_eq!(req.mounts, c.mounts);
             assert_eq!(req.hostname, c.hostname);
             // Through the wire format and back.

@@ -179,7 +179,7 @@ impl<R: RestoreOps> Session<'_, '_, R> {
         ) {
             tracing::warn!(error = %e, "cannot make stdin non-blocking");
         }
-        tracing::info!(pid = pid.as_raw(), args = ?req.args, "process created");
+        tracing::info!(pid = pid.as_raw(), args = ?req.process.args, "process created");
         self.phase = Phase::Created(
             Box::new(Running {
                 pid,

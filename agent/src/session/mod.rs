@@ -522,6 +522,10 @@ impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
             HostMessage::Create(req) if matches!(self.phase, Phase::Idle) => {
                 self.create_and_reply(&req)
             }
+            HostMessage::Exec(_) => self.reply(error(
+                ErrorKind::NoContainer,
+                "exec is not supported by this agent yet",
+            )),
             HostMessage::Run(_) | HostMessage::Create(_) => {
                 let message = match self.phase {
                     Phase::Created(..) => {

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    AgentClient, ClientError, Mount, RootfsSource, RootfsSpec, RunOutcome, RunRequest, User,
+    AgentClient, ClientError, Mount, Process, RootfsSource, RootfsSpec, RunOutcome, RunRequest,
+    User,
 };
 
 /// Where Debian's busybox-static installs the binary.
@@ -176,24 +177,27 @@ impl Agent {
     /// A run request for `args` with the usual container defaults.
     pub fn request(&self, args: &[&str]) -> RunRequest {
         RunRequest {
-            args: args.iter().map(|s| s.to_string()).collect(),
-            env: vec!["PATH=/bin".into(), "HOME=/root".into()],
-            cwd: "/".into(),
-            user: User {
-                uid: 0,
-                gid: 0,
-                additional_gids: vec![],
+            process: Process {
+                args: args.iter().map(|s| s.to_string()).collect(),
+                env: vec!["PATH=/bin".into(), "HOME=/root".into()],
+                cwd: "/".into(),
+                user: User {
+                    uid: 0,
+                    gid: 0,
+                    additional_gids: vec![],
+                },
+                rlimits: vec![],
+                terminal: false,
+                no_new_privileges: false,
+                umask: None,
             },
             hostname: None,
-            rlimits: vec![],
             mounts: vec![Mount {
                 destination: "/proc".into(),
                 fs_type: "proc".into(),
                 source: "proc".into(),
                 options: vec!["nosuid".into(), "noexec".into(), "nodev".into()],
             }],
-            terminal: false,
-            no_new_privileges: false,
             rootfs: RootfsSpec {
                 source: RootfsSource::Directory {
                     path: self.rootfs.display().to_string(),

@@ -314,7 +314,7 @@ impl Supervisor {
         }
         phases.mark("process prepared");
 
-        let terminal = if launch.request.terminal {
+        let terminal = if launch.request.process.terminal {
             Some(match &launch.console_socket {
                 Some(sock) => HostTerminal::for_console_socket(sock, launch.console_size)?,
                 None => HostTerminal::foreground()?,

@@ -10,7 +10,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    AgentClient, FsType, Mount, RootfsSource, RootfsSpec, RunOutcome, RunRequest, User,
+    AgentClient, FsType, Mount, Process, RootfsSource, RootfsSpec, RunOutcome, RunRequest, User,
 };
 
 use crate::common::{BIN, Output, run, run_command, wait_deadline};
@@ -581,19 +581,22 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
     }];
     mounts.extend(extra_mounts);
     RunRequest {
-        args: args.iter().map(|s| s.to_string()).collect(),
-        env: vec!["PATH=/bin".into(), "HOME=/root".into()],
-        cwd: "/".into(),
-        user: User {
-            uid: 0,
-            gid: 0,
-            additional_gids: vec![],
+        process: Process {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/bin".into(), "HOME=/root".into()],
+            cwd: "/".into(),
+            user: User {
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![],
+            },
+            rlimits: vec![],
+            terminal: false,
+            no_new_privileges: false,
+            umask: None,
         },
         hostname: None,
-        rlimits: vec![],
         mounts,
-        terminal: false,
-        no_new_privileges: false,
         rootfs: RootfsSpec {
             source: RootfsSource::Block {
                 device: device.into(),
