@@ -135,20 +135,34 @@ fn init_logging(level: &str, file: Option<&std::path::Path>) {
     }
 }
 
-/// `--version` in the shape go-runc parses (`runc version X` / `commit: Y` / `spec: Z`).
+/// `--version` in the shape go-runc and runc's own tests parse (`runc version X` / `commit: Y` /
+/// `spec: Z`), then kata-snap's own line.
 fn print_version() {
-    println!("kata-snap version {}", env!("CARGO_PKG_VERSION"));
+    let v = env!("CARGO_PKG_VERSION");
+    println!("runc version {v}");
     println!(
         "commit: {}",
-        option_env!("KATA_SNAP_COMMIT").unwrap_or("unknown")
+        option_env!("KATA_SNAP_COMMIT").unwrap_or(concat!("kata-snap-", env!("CARGO_PKG_VERSION")))
     );
     println!("spec: {}", oci::state::OCI_VERSION);
+    println!("kata-snap: {v} (runc's command line; each container runs in its own VM)");
+}
+
+/// Sets what a write to a closed pipe does. Commands that only print (state, list, `--version`,
+/// help...) die of SIGPIPE as any Unix tool does (`kata-snap list | head -1`), instead of the
+/// panic Rust's println! gives on EPIPE; commands that hold sockets, children or a VM ignore it
+/// and see EPIPE on the one write that failed.
+fn set_sigpipe(die: bool) {
+    let handler = if die { libc::SIG_DFL } else { libc::SIG_IGN };
+    // SAFETY: SIG_DFL and SIG_IGN install no handler code.
+    unsafe { libc::signal(libc::SIGPIPE, handler) };
 }
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
     vmm::seccomp::prepare_process();
     ensure_std_fds();
+    set_sigpipe(true);
     let cli = Cli::parse();
     if cli.version {
         print_version();
@@ -158,6 +172,11 @@ fn main() -> ExitCode {
         eprintln!("kata-snap: no command given (see kata-snap --help)");
         return ExitCode::from(1);
     };
+    set_sigpipe(match &command {
+        Command::Check => true,
+        Command::Oci(c) => c.only_prints(),
+        _ => false,
+    });
     // The demo draws a progress display, and the runtime's commands share the container's
     // stderr: keep per-VM info logs out of them unless asked for.
     let level = match &command {

@@ -124,14 +124,53 @@ fn test_errors_go_to_the_log_file_as_json_for_containerd() {
 }
 
 #[test]
-fn test_version_has_the_shape_go_runc_parses() {
-    let o = common::run(&["--version"], T);
-    assert_eq!(o.code(), 0);
-    let lines: Vec<&str> = o.stdout.lines().collect();
-    assert_eq!(lines.len(), 3, "{o:?}");
-    assert!(lines[0].starts_with("kata-snap version 0."), "{o:?}");
-    assert!(lines[1].starts_with("commit: "), "{o:?}");
-    assert!(lines[2].starts_with("spec: 1."), "{o:?}");
+fn test_version_has_the_shape_go_runc_and_runcs_tests_parse() {
+    for flag in ["--version", "-v"] {
+        let o = common::run(&[flag], T);
+        assert_eq!(o.code(), 0);
+        let lines: Vec<&str> = o.stdout.lines().collect();
+        // runc's version.bats: `runc version [0-9]+.[0-9]+.[0-9]+`, `commit:`, `spec: X.Y.Z`.
+        let semver = |s: &str| {
+            let v: Vec<&str> = s.split(['.', '-', '+', ' ']).take(3).collect();
+            v.len() == 3 && v.iter().all(|p| p.parse::<u32>().is_ok())
+        };
+        assert!(
+            lines[0].strip_prefix("runc version ").is_some_and(semver),
+            "{o:?}"
+        );
+        assert!(lines[1].starts_with("commit: "), "{o:?}");
+        assert!(lines[2].strip_prefix("spec: ").is_some_and(semver), "{o:?}");
+        assert!(lines[3].starts_with("kata-snap: 0."), "{o:?}");
+    }
+}
+
+#[test]
+fn test_a_closed_pipe_on_stdout_ends_quietly_without_a_panic() {
+    // `kata-snap --version | head -1` once panicked ("failed printing to stdout") with 101.
+    for args in [
+        &["--version"][..],
+        &["features"],
+        &["--help"],
+        &["spec", "--help"],
+    ] {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        // The reader is gone before the first byte is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            out.status.success()
+                || std::os::unix::process::ExitStatusExt::signal(&out.status)
+                    == Some(libc::SIGPIPE),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+    }
 }
 
 #[test]
@@ -240,6 +279,11 @@ fn test_state_machine_follows_the_supervisor_process() {
         "cannot delete container web that is not stopped: running"
     );
 
+    // Signal 0 only asks whether it runs (runc passes it to kill(2)).
+    let k = ks(&root, &["kill", "web", "0"]);
+    assert_eq!(k.code(), 0, "{k:?}");
+    assert!(sup.try_wait().unwrap().is_none(), "signal 0 must not hurt");
+
     // kill sends the signal to the supervisor; once it is gone the container reads stopped.
     let k = ks(&root, &["kill", "web", "KILL"]);
     assert_eq!(k.code(), 0, "{k:?}");
@@ -251,9 +295,11 @@ fn test_state_machine_follows_the_supervisor_process() {
     let v: serde_json::Value = serde_json::from_str(&ks(&root, &["state", "web"]).stdout).unwrap();
     assert_eq!(v["status"], "stopped");
     assert_eq!(v["pid"], 0);
-    let k = ks(&root, &["kill", "web"]);
-    assert_eq!(k.code(), 1);
-    assert_eq!(msg(&k), "container not running");
+    for sig in [None, Some("0")] {
+        let k = ks(&root, &[&["kill", "web"][..], sig.as_slice()].concat());
+        assert_eq!(k.code(), 1);
+        assert_eq!(msg(&k), "container not running");
+    }
     let s = ks(&root, &["start", "web"]);
     assert_eq!(msg(&s), "cannot start a container that has stopped");
 

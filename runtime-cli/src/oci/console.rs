@@ -3,8 +3,9 @@
 //! With `--console-socket`, as runc does: a new pseudo-terminal whose master is sent over the
 //! socket (SCM_RIGHTS, the message being the pty's name); the supervisor keeps the other end,
 //! in raw mode (the guest's pty does the line discipline), as its controlling terminal so that a
-//! resize by the engine arrives as SIGWINCH. Without a socket (`run` in the foreground), the
-//! supervisor's own stdin is the terminal, in raw mode until it exits.
+//! resize by the engine arrives as SIGWINCH. Without a socket (`run` or `exec` in the
+//! foreground), as runc does: input from the caller's stdin (in raw mode until exit when it is a
+//! terminal) and output to its stdout, so the output can be captured like any other.
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -22,8 +23,10 @@ nix::ioctl_write_int_bad!(set_ctty, libc::TIOCSCTTY);
 /// The terminal the supervisor bridges to the guest's.
 #[derive(Debug)]
 pub struct HostTerminal {
-    /// The end the supervisor reads input from and writes output to.
-    pub fd: OwnedFd,
+    /// Where the terminal's input is read.
+    pub input: OwnedFd,
+    /// Where the terminal's output is written.
+    pub output: OwnedFd,
     /// The settings to put back on exit (the foreground case: the user's terminal).
     restore: Option<Termios>,
 }
@@ -59,44 +62,58 @@ impl HostTerminal {
         .with_context(|| format!("cannot send the terminal over {}", socket.display()))?;
         // The engine has its copy; this process keeps the other end only.
         drop(pty.master);
+        let output = pty
+            .slave
+            .try_clone()
+            .context("cannot duplicate the terminal")?;
         Ok(Self {
-            fd: pty.slave,
+            input: pty.slave,
+            output,
             restore: None,
         })
     }
 
-    /// The supervisor's own stdin as the terminal (when it is one), in raw mode until dropped.
+    /// The caller's stdin (in raw mode until dropped, when it is a terminal) and stdout.
     pub fn foreground() -> Result<Self> {
-        let stdin = std::io::stdin();
-        let fd = stdin
+        let input = std::io::stdin()
             .as_fd()
             .try_clone_to_owned()
             .context("cannot duplicate stdin")?;
-        let restore = termios::tcgetattr(fd.as_fd()).ok();
+        let output = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot duplicate stdout")?;
+        let restore = termios::tcgetattr(input.as_fd()).ok();
         if restore.is_some() {
-            raw(fd.as_fd())?;
+            raw(input.as_fd())?;
         }
-        Ok(Self { fd, restore })
+        Ok(Self {
+            input,
+            output,
+            restore,
+        })
     }
 
-    /// The terminal's size (rows, cols), if it has one.
+    /// The terminal's size (rows, cols), if its input or output is a terminal.
     pub fn size(&self) -> Option<(u16, u16)> {
-        let mut ws = libc::winsize {
-            ws_row: 0,
-            ws_col: 0,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which outlives the call.
-        unsafe { get_winsize(self.fd.as_raw_fd(), &mut ws) }.ok()?;
-        (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+        [&self.input, &self.output].into_iter().find_map(|fd| {
+            let mut ws = libc::winsize {
+                ws_row: 0,
+                ws_col: 0,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which outlives the call.
+            unsafe { get_winsize(fd.as_raw_fd(), &mut ws) }.ok()?;
+            (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+        })
     }
 }
 
 impl Drop for HostTerminal {
     fn drop(&mut self) {
         if let Some(t) = &self.restore {
-            let _ = termios::tcsetattr(self.fd.as_fd(), SetArg::TCSANOW, t);
+            let _ = termios::tcsetattr(self.input.as_fd(), SetArg::TCSANOW, t);
         }
     }
 }

@@ -3,6 +3,7 @@
 //! restored from a template. See docs/runtime.md.
 
 pub mod assets;
+pub mod bridge;
 mod caches;
 pub mod console;
 pub mod control;
@@ -196,6 +197,20 @@ pub enum OciCommand {
     },
 }
 
+impl OciCommand {
+    /// The command only prints (no socket, child or VM of its own).
+    pub fn only_prints(&self) -> bool {
+        matches!(
+            self,
+            OciCommand::State { .. }
+                | OciCommand::List { .. }
+                | OciCommand::Ps { .. }
+                | OciCommand::Spec { .. }
+                | OciCommand::Features
+        )
+    }
+}
+
 /// Runs an OCI command; errors are reported as runc reports them and give exit status 1.
 pub fn run(cmd: OciCommand, global: &GlobalOpts, seccomp: SeccompMode, start: Instant) -> i32 {
     match dispatch(cmd, global, seccomp, start) {
@@ -382,7 +397,12 @@ pub fn parse_signal(s: &str) -> Result<i32> {
 }
 
 fn kill(store: &Store, id: &str, signal: &str) -> Result<()> {
-    let sig = parse_signal(signal)?;
+    // Signal 0 asks only whether the container runs, as kill(2) does (runc passes it on).
+    let sig = if signal == "0" {
+        0
+    } else {
+        parse_signal(signal)?
+    };
     let r = store.load(id)?;
     if r.current_status() == Status::Stopped {
         bail!("container not running");

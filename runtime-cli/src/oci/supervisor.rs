@@ -14,15 +14,12 @@
 //! 137 as for runc. The exit status is the process's: its code, or 128+N for signal N.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use agent_protocol::{
-    AGENT_VSOCK_PORT, AgentClient, AgentMessage, ClientError, FrameDecoder, HostMessage,
-    RunRequest, decode_message,
-};
+use agent_protocol::{AGENT_VSOCK_PORT, AgentClient, ClientError, HostMessage, RunRequest};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
@@ -30,6 +27,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde::{Deserialize, Serialize};
 use vmm::seccomp::SeccompMode;
 
+use super::bridge::{AgentEvent, Bridge, HostStdio};
 use super::console::HostTerminal;
 use super::control::{self, Reply, Request};
 use super::state::{Record, Status, process_start_time, write_record};
@@ -217,12 +215,11 @@ struct Supervisor {
     record: Record,
     vm: Option<ContainerVm>,
     signals: SignalFd,
-    agent: AgentClient<UnixStream>,
-    /// A second handle on the agent's connection, read by the loop.
-    agent_rx: UnixStream,
+    /// The init process's stdio, signals and exit status, through the agent's connection.
+    bridge: Bridge,
     listener: UnixListener,
-    terminal: Option<HostTerminal>,
-    exit_code: Option<i32>,
+    /// The `start` request waiting for the agent's answer to `Start`.
+    starting: Option<UnixStream>,
 }
 
 impl Supervisor {
@@ -301,7 +298,6 @@ impl Supervisor {
         agent
             .reseed(host_random()?)
             .context("cannot reseed the guest's entropy")?;
-        let agent_rx = agent.try_clone_stream()?;
         phases.mark("clock and entropy");
         // The process is prepared now (mounts, user, cwd, the executable looked up) and waits
         // for `start`: what cannot run fails `create`, as with runc.
@@ -314,14 +310,17 @@ impl Supervisor {
         }
         phases.mark("process prepared");
 
-        let terminal = if launch.request.process.terminal {
-            Some(match &launch.console_socket {
+        let stdio = if launch.request.process.terminal {
+            HostStdio::Terminal(match &launch.console_socket {
                 Some(sock) => HostTerminal::for_console_socket(sock, launch.console_size)?,
                 None => HostTerminal::foreground()?,
             })
         } else {
-            None
+            HostStdio::Inherited
         };
+        // From here on the loop owns the connection.
+        let bridge = Bridge::new(agent.try_clone_stream()?, stdio)?;
+        drop(agent);
         let listener = control::listen(Path::new(control::SOCKET))?;
 
         let mut record = launch.record.clone();
@@ -338,11 +337,9 @@ impl Supervisor {
             record,
             vm: Some(vm),
             signals,
-            agent,
-            agent_rx,
+            bridge,
             listener,
-            terminal,
-            exit_code: None,
+            starting: None,
         })
     }
 
@@ -353,7 +350,7 @@ impl Supervisor {
         }
     }
 
-    /// Sends `Run` and waits for `Started`.
+    /// Sends `Start`; the agent's answer comes back through the loop ([`Self::on_started`]).
     fn start(&mut self) -> Result<()> {
         if self.record.status != Status::Created {
             bail!(
@@ -363,26 +360,30 @@ impl Supervisor {
         }
         self.set_status(Status::Running);
         self.phases.mark("until start");
-        match self.agent.start_created() {
-            Ok(pid) => {
-                self.phases.mark("exec");
-                self.install_workingset();
-                tracing::debug!("process started, guest pid {pid}");
-                if let (Some(t), true) = (&self.terminal, self.launch.console_socket.is_none()) {
-                    if let Some((rows, cols)) = t.size() {
-                        let _ = self.agent.send(&HostMessage::Resize { rows, cols });
-                    }
-                } else if let Some((rows, cols)) = self.launch.console_size {
-                    let _ = self.agent.send(&HostMessage::Resize { rows, cols });
-                }
-                Ok(())
-            }
-            // The agent says why (the exec itself failed) and reports the exit status next; the
-            // loop reads it.
-            Err(ClientError::Agent { message, .. }) => {
-                Err(anyhow!("unable to start container process: {message}"))
-            }
-            Err(e) => Err(anyhow!(e).context("cannot start the container process")),
+        self.bridge.send(&HostMessage::Start);
+        Ok(())
+    }
+
+    /// The process runs: stdin flows, the terminal gets its size, `start` is answered.
+    fn on_started(&mut self, pid: u32) {
+        self.phases.mark("exec");
+        self.install_workingset();
+        tracing::debug!("process started, guest pid {pid}");
+        self.bridge.set_started();
+        let size = match (self.bridge.terminal(), &self.launch.console_socket) {
+            (Some(t), None) => t.size(),
+            _ => self.launch.console_size,
+        };
+        if let Some((rows, cols)) = size {
+            self.bridge.send(&HostMessage::Resize { rows, cols });
+        }
+        self.answer_start(Reply::Ok);
+    }
+
+    /// Answers a waiting `start`, if there is one.
+    fn answer_start(&mut self, reply: Reply) {
+        if let Some(mut conn) = self.starting.take() {
+            let _ = control::write_reply(&mut conn, &reply);
         }
     }
 
@@ -413,22 +414,12 @@ impl Supervisor {
         {
             super::log::error(&crate::error_line(&e));
         }
-        let mut decoder = FrameDecoder::new();
-        let mut stdin_open = true;
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            if let Some(code) = self.exit_code {
+            if let Some(code) = self.bridge.exit() {
                 return code;
             }
-            let started = matches!(self.record.status, Status::Running | Status::Paused);
-            let stdin = std::io::stdin();
-            let input: Option<BorrowedFd<'_>> = match &self.terminal {
-                Some(t) => Some(t.fd.as_fd()),
-                None => Some(stdin.as_fd()),
-            }
-            .filter(|_| started && stdin_open);
             let mut fds = vec![
-                PollFd::new(self.agent_rx.as_fd(), PollFlags::POLLIN),
+                self.bridge.agent_fd(),
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
                 PollFd::new(
@@ -439,7 +430,7 @@ impl Supervisor {
                     PollFlags::POLLIN,
                 ),
             ];
-            if let Some(fd) = input {
+            if let Some(fd) = self.bridge.input_fd() {
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
             }
             match poll(&mut fds, PollTimeout::NONE) {
@@ -450,133 +441,71 @@ impl Supervisor {
                     return 1;
                 }
             }
-            let ready: Vec<bool> = fds
+            let revents: Vec<PollFlags> = fds
                 .iter()
-                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .map(|f| f.revents().unwrap_or(PollFlags::empty()))
                 .collect();
             drop(fds);
-            if ready[0] {
-                match self.agent_rx.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        tracing::error!("the agent closed its connection before the exit status");
-                        return VM_LOST;
-                    }
-                    Ok(n) => {
-                        decoder.feed(&buf[..n]);
-                        if let Err(code) = self.on_agent_bytes(&mut decoder) {
-                            return code;
+            if !revents[0].is_empty() {
+                match self.bridge.on_agent(revents[0]) {
+                    Ok(events) => {
+                        for ev in events {
+                            self.on_agent_event(ev);
                         }
                     }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        self.answer_start(Reply::Err(format!(
+                            "unable to start container process: {e}"
+                        )));
+                        return VM_LOST;
+                    }
                 }
             }
-            if ready[1] {
-                self.on_signals();
+            if !revents[1].is_empty() {
+                while let Ok(Some(info)) = self.signals.read_signal() {
+                    // Created (the process waits for `start`), running or paused: to the
+                    // process, as runc's kill reaches its init; its death comes back as
+                    // Exited{128+N}.
+                    self.bridge.forward_signal(info.ssi_signo as i32);
+                }
             }
-            if ready[2] {
+            if !revents[2].is_empty() {
                 self.on_control();
             }
-            if ready[3] && self.exit_code.is_none() {
+            if !revents[3].is_empty() && self.bridge.exit().is_none() {
                 tracing::error!("the container's VM stopped before its process exited");
+                self.answer_start(Reply::Err(
+                    "unable to start container process: the VM stopped".into(),
+                ));
                 return VM_LOST;
             }
-            if ready.get(4) == Some(&true) {
-                stdin_open = self.on_input(&mut buf);
+            if revents.get(4).is_some_and(|r| !r.is_empty()) {
+                self.bridge.on_input();
             }
         }
     }
 
-    fn on_agent_bytes(&mut self, decoder: &mut FrameDecoder) -> Result<(), i32> {
-        loop {
-            let frame = match decoder.next_frame() {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    tracing::error!("bad frame from the agent: {e}");
-                    return Err(VM_LOST);
+    fn on_agent_event(&mut self, ev: AgentEvent) {
+        match ev {
+            AgentEvent::Started(pid) => self.on_started(pid),
+            // The agent says why (the exec itself failed) and reports the exit status next.
+            AgentEvent::Error(kind, message) if self.record.status == Status::Running => {
+                tracing::debug!("agent: {kind:?}: {message}");
+                let msg = format!("unable to start container process: {message}");
+                if self.starting.is_some() {
+                    self.answer_start(Reply::Err(msg));
+                } else if self.launch.foreground {
+                    // `run` in the foreground: nobody else to tell.
+                    super::log::error(&msg);
                 }
-            };
-            let msg: AgentMessage = match decode_message(&frame) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::error!("bad message from the agent: {e}");
-                    return Err(VM_LOST);
-                }
-            };
-            match msg {
-                AgentMessage::Stdout(b) => self.output(1, &b),
-                AgentMessage::Stderr(b) => self.output(2, &b),
-                AgentMessage::Exited { code } => {
-                    self.phases.mark("process");
-                    self.exit_code = Some(code);
-                    return Ok(());
-                }
-                AgentMessage::Error { kind, message } => {
-                    tracing::warn!("agent: {kind:?}: {message}");
-                }
-                other => tracing::debug!("agent: {other:?}"),
             }
-        }
-    }
-
-    fn output(&self, fd: i32, bytes: &[u8]) {
-        let res = match &self.terminal {
-            Some(t) => write_all_fd(t.fd.as_fd(), bytes),
-            None if fd == 1 => std::io::stdout().lock().write_all(bytes),
-            None => std::io::stderr().lock().write_all(bytes),
-        };
-        if let Err(e) = res {
-            tracing::debug!("writing the container's output: {e}");
-        }
-    }
-
-    /// Reads stdin (or the terminal) and sends it on; false once it is closed.
-    fn on_input(&mut self, buf: &mut [u8]) -> bool {
-        let stdin = std::io::stdin();
-        let fd = match &self.terminal {
-            Some(t) => t.fd.as_fd(),
-            None => stdin.as_fd(),
-        };
-        let len = agent_protocol::MAX_STDIO_CHUNK.min(buf.len());
-        let n = match nix::unistd::read(fd, &mut buf[..len]) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => return true,
-            Err(_) => 0,
-        };
-        if n == 0 {
-            let _ = self.agent.send(&HostMessage::CloseStdin);
-            return false;
-        }
-        if self
-            .agent
-            .send(&HostMessage::Stdin(buf[..n].to_vec()))
-            .is_err()
-        {
-            return false;
-        }
-        true
-    }
-
-    fn on_signals(&mut self) {
-        while let Ok(Some(info)) = self.signals.read_signal() {
-            let signo = info.ssi_signo as i32;
-            let Ok(sig) = Signal::try_from(signo) else {
-                continue;
-            };
-            match sig {
-                Signal::SIGCHLD | Signal::SIGPIPE => {}
-                Signal::SIGWINCH => {
-                    if let Some((rows, cols)) = self.terminal.as_ref().and_then(|t| t.size()) {
-                        let _ = self.agent.send(&HostMessage::Resize { rows, cols });
-                    }
-                }
-                // Created (the process waits for `start`), running or paused: to the process, as
-                // runc's kill reaches its init; its death comes back as Exited{128+N}.
-                _ => {
-                    tracing::debug!("forwarding {sig}");
-                    if let Err(e) = self.agent.send(&HostMessage::Signal(signo)) {
-                        tracing::warn!("cannot forward {sig}: {e}");
-                    }
-                }
+            AgentEvent::Error(kind, message) => tracing::warn!("agent: {kind:?}: {message}"),
+            AgentEvent::Exited(code) => {
+                self.phases.mark("process");
+                self.answer_start(Reply::Err(format!(
+                    "unable to start container process: it exited with status {code}"
+                )));
             }
         }
     }
@@ -587,7 +516,11 @@ impl Supervisor {
         };
         let reply = match control::read_request(&mut conn) {
             Ok(Request::Start) => match self.start() {
-                Ok(()) => Reply::Ok,
+                // Answered once the agent says the process runs (or why it does not).
+                Ok(()) => {
+                    self.starting = Some(conn);
+                    return;
+                }
                 Err(e) => Reply::Err(crate::error_line(&e)),
             },
             Ok(Request::Pause) => self.pause(true),
@@ -633,20 +566,8 @@ impl Supervisor {
         self.record.exit_code = Some(code);
         self.set_status(Status::Stopped);
         let _ = std::fs::remove_file(control::SOCKET);
-        drop(self.terminal.take());
         code
     }
-}
-
-fn write_all_fd(fd: BorrowedFd<'_>, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        match nix::unistd::write(fd, bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 /// Connects to the agent through the VM's vsock socket (hybrid vsock: `CONNECT <port>\n`,
