@@ -122,7 +122,10 @@ fn rootfs(dir: &Path, path: &Path) -> Result<PathBuf, ConfigError> {
         })
 }
 
-fn process(p: &Process, ignored: &mut Vec<String>) -> Result<ProcessConfig, ConfigError> {
+pub(crate) fn process(
+    p: &Process,
+    ignored: &mut Vec<String>,
+) -> Result<ProcessConfig, ConfigError> {
     let args = p.args().clone().unwrap_or_default();
     if args.is_empty() {
         return Err(ConfigError::EmptyArgs);

@@ -197,6 +197,28 @@ impl BundleConfig {
     }
 }
 
+/// Loads and checks a process.json (`runc exec --process FILE`): an OCI
+/// `process` object, read and bounded as config.json is, converted with the
+/// same rules, and validated as the agent will.
+pub fn load_process(path: &Path) -> Result<ProcessConfig, BundleError> {
+    let bytes = read::read_config(path)?;
+    let process: oci_spec::runtime::Process =
+        serde_json::from_slice(&bytes).map_err(|source| BundleError::ConfigSyntax {
+            path: path.into(),
+            source,
+        })?;
+    let config_err = |error| BundleError::Config {
+        path: path.into(),
+        error,
+    };
+    let mut ignored = Vec::new();
+    let p = convert::process(&process, &mut ignored).map_err(config_err)?;
+    p.agent_process()
+        .validate()
+        .map_err(|e| config_err(e.into()))?;
+    Ok(p)
+}
+
 /// Loads and checks the bundle in `bundle_dir`: reads config.json, converts
 /// it, and validates the resulting request as the agent will.
 pub fn load(bundle_dir: &Path) -> Result<Bundle, BundleError> {

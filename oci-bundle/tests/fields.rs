@@ -335,3 +335,44 @@ fn test_cpuset_sizes_vcpus() {
     let (b, _) = load_with(|c| c["linux"]["resources"]["cpu"] = json!({"cpus": "0-3,6"}));
     assert_eq!(b.load().unwrap().config.resources.vcpus, Some(5));
 }
+
+#[test]
+fn test_load_process_converts_as_config_json_and_refuses_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("process.json");
+    let mut p = minimal(&["sh", "-c", "id"])["process"].clone();
+    p["env"] = json!(["PATH=/bin", "A=b"]);
+    p["cwd"] = json!("/tmp");
+    p["user"] = json!({"uid": 1000, "gid": 100, "umask": 0o027});
+    p["terminal"] = json!(true);
+    std::fs::write(&good, serde_json::to_vec(&p).unwrap()).unwrap();
+    let got = oci_bundle::load_process(&good).unwrap();
+    assert_eq!(got.args, ["sh", "-c", "id"]);
+    assert_eq!(got.env, ["PATH=/bin", "A=b"]);
+    assert_eq!(got.cwd, "/tmp");
+    assert_eq!((got.user.uid, got.user.gid), (1000, 100));
+    assert_eq!(got.umask, Some(0o027));
+    assert!(got.terminal);
+
+    p["args"] = json!([]);
+    std::fs::write(&good, serde_json::to_vec(&p).unwrap()).unwrap();
+    let e = oci_bundle::load_process(&good).unwrap_err().to_string();
+    assert!(e.contains("args must not be empty"), "{e}");
+
+    std::fs::write(&good, b"{not json").unwrap();
+    assert!(oci_bundle::load_process(&good).is_err());
+
+    // A FIFO is refused without blocking on it; a directory too.
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let e = oci_bundle::load_process(&fifo).unwrap_err().to_string();
+    assert!(
+        e.contains("not a regular file") || e.contains("FIFO") || e.contains("fifo"),
+        "{e}"
+    );
+    assert!(oci_bundle::load_process(dir.path()).is_err());
+}

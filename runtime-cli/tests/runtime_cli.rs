@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{BIN, Output, run_command};
+use common::{BIN, Output, plant, run_command};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -201,32 +200,6 @@ fn test_spec_writes_a_config_and_refuses_to_overwrite_it() {
     let again = common::run(&["spec", "--bundle", dir.path().to_str().unwrap()], T);
     assert_eq!(again.code(), 1);
     assert!(msg(&again).contains("exists. Remove it first"), "{again:?}");
-}
-
-/// A container record as the runtime writes it, whose "supervisor" is `pid`.
-fn plant(root: &Path, id: &str, pid: i32, status: &str) -> PathBuf {
-    let dir = root.join(id);
-    fs::create_dir_all(&dir).unwrap();
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let start: u64 = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .nth(19)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let record = serde_json::json!({
-        "id": id,
-        "bundle": "/bundles/x",
-        "rootfs": "/bundles/x/rootfs",
-        "created": "2026-11-27T19:25:34.000000000Z",
-        "annotations": BTreeMap::from([("k", "v")]),
-        "pid": pid,
-        "pid_start": start,
-        "status": status,
-        "exit_code": null,
-    });
-    fs::write(dir.join("state.json"), record.to_string()).unwrap();
-    dir
 }
 
 #[test]

@@ -73,18 +73,24 @@ pub fn write_reply(conn: &mut UnixStream, reply: &Reply) -> Result<()> {
     Ok(())
 }
 
-/// Sends `req` to the supervisor of the container in `dir` and waits up to `timeout` for its
-/// reply. The socket is reached through an `O_PATH` descriptor of `dir`, so a deep state root
-/// does not run into the 107-byte limit of socket paths.
-pub fn call(dir: &Path, req: Request, timeout: Duration) -> Result<Reply> {
+/// Connects to the socket `name` in `dir` through an `O_PATH` descriptor of `dir`, so a deep
+/// state root does not run into the 107-byte limit of socket paths.
+pub fn connect_in(dir: &Path, name: &str) -> Result<UnixStream> {
     let dirfd = nix::fcntl::open(
         dir,
         nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )
     .with_context(|| format!("cannot open {}", dir.display()))?;
-    let path = format!("/proc/self/fd/{}/{SOCKET}", dirfd.as_raw_fd());
-    let mut conn = UnixStream::connect(&path).with_context(|| {
+    let path = format!("/proc/self/fd/{}/{name}", dirfd.as_raw_fd());
+    UnixStream::connect(&path)
+        .with_context(|| format!("cannot connect to {}", dir.join(name).display()))
+}
+
+/// Sends `req` to the supervisor of the container in `dir` and waits up to `timeout` for its
+/// reply.
+pub fn call(dir: &Path, req: Request, timeout: Duration) -> Result<Reply> {
+    let mut conn = connect_in(dir, SOCKET).with_context(|| {
         format!(
             "cannot reach the container's supervisor in {}",
             dir.display()

@@ -147,24 +147,26 @@ pub(super) fn create(
     Ok(0)
 }
 
-/// Starts `kata-snap _supervise` as a daemon (its own session; stdio inherited: the container's),
-/// hands it the launch over a socket pair and waits for it to say the container is created.
+/// Starts `kata-snap _supervise` as a daemon (its own process group; stdio inherited: the
+/// container's), hands it the launch over a socket pair and waits for it to say the container is
+/// created.
 fn spawn_supervisor(g: &GlobalOpts, launch: &Launch, seccomp: SeccompMode) -> Result<i32> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-    use std::io::{BufRead, Write};
-    use std::os::unix::process::CommandExt;
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
+    let mut cmd = self_command(g, seccomp)?;
+    let sync = SyncPair::new()?;
+    cmd.arg("_supervise")
+        .arg("--sync-fd")
+        .arg(sync.child_fd().to_string());
+    // A process group of its own: the engine's terminal signals and process group are not its.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    sync.hand_over(
+        cmd,
+        &serde_json::to_vec(launch)?,
+        "the container's supervisor",
     )
-    .context("cannot create a socket pair")?;
-    // Only the child's end crosses exec.
-    nix::fcntl::fcntl(
-        &theirs,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-    )?;
+}
+
+/// This executable with the global flags of this invocation (root, log, debug, seccomp).
+pub(super) fn self_command(g: &GlobalOpts, seccomp: SeccompMode) -> Result<std::process::Command> {
     let exe = std::fs::read_link("/proc/self/exe").context("cannot find this executable")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--root").arg(g.root());
@@ -183,38 +185,78 @@ fn spawn_supervisor(g: &GlobalOpts, launch: &Launch, seccomp: SeccompMode) -> Re
         SeccompMode::Log => "log",
         SeccompMode::Kill => "kill",
     });
-    cmd.arg("_supervise")
-        .arg("--sync-fd")
-        .arg(theirs.as_raw_fd().to_string());
-    // A session of its own: the engine's terminal signals and process group are not its.
-    cmd.process_group(0);
-    let child = cmd.spawn().context("cannot start the supervisor")?;
-    drop(theirs);
-    let pid = child.id() as i32;
-    // The supervisor outlives this command; whoever reaps orphans (the engine's shim, a
-    // subreaper) reaps it.
-    drop(child);
-    let mut sock = std::os::unix::net::UnixStream::from(ours);
-    sock.write_all(&serde_json::to_vec(launch)?)?;
-    sock.shutdown(std::net::Shutdown::Write)?;
-    sock.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let mut line = String::new();
-    std::io::BufReader::new(sock.take(1 << 20))
-        .read_line(&mut line)
-        .context("waiting for the container's supervisor")?;
-    let why = match serde_json::from_str::<Created>(&line) {
-        Ok(Created::Ok(p)) => return Ok(p),
-        Ok(Created::Err(e)) => e,
-        Err(_) => "the container's supervisor ended before the container was created".into(),
-    };
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    bail!("{why}")
+    Ok(cmd)
 }
 
-fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
+/// The socket pair between a command and the daemon it starts (a container's or an exec's
+/// supervisor): the plan goes one way, one [`Created`] line comes back.
+pub(super) struct SyncPair {
+    ours: std::os::fd::OwnedFd,
+    theirs: std::os::fd::OwnedFd,
+}
+
+impl SyncPair {
+    pub(super) fn new() -> Result<Self> {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .context("cannot create a socket pair")?;
+        // Only the child's end crosses exec.
+        nix::fcntl::fcntl(
+            &theirs,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )?;
+        Ok(Self { ours, theirs })
+    }
+
+    /// The descriptor number the child finds its end at.
+    pub(super) fn child_fd(&self) -> i32 {
+        self.theirs.as_raw_fd()
+    }
+
+    /// Spawns `cmd`, sends it `plan` and waits for its one-line answer: its pid, or the error
+    /// (then it is killed). `what` names it in errors.
+    pub(super) fn hand_over(
+        self,
+        mut cmd: std::process::Command,
+        plan: &[u8],
+        what: &str,
+    ) -> Result<i32> {
+        use std::io::{BufRead, Write};
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {what}"))?;
+        drop(self.theirs);
+        let pid = child.id() as i32;
+        // The daemon outlives this command; whoever reaps orphans (the engine's shim, a
+        // subreaper) reaps it.
+        drop(child);
+        let mut sock = std::os::unix::net::UnixStream::from(self.ours);
+        sock.write_all(plan)?;
+        sock.shutdown(std::net::Shutdown::Write)?;
+        sock.set_read_timeout(Some(Duration::from_secs(600)))?;
+        let mut line = String::new();
+        std::io::BufReader::new(sock.take(1 << 20))
+            .read_line(&mut line)
+            .with_context(|| format!("waiting for {what}"))?;
+        let why = match serde_json::from_str::<Created>(&line) {
+            Ok(Created::Ok(p)) => return Ok(p),
+            Ok(Created::Err(e)) => e,
+            Err(_) => format!("{what} ended before it was ready"),
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        bail!("{why}")
+    }
+}
+
+pub(super) fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
     // runc writes it through a temporary name too, so a reader never sees it half-written.
     write_file_synced(path, pid.to_string().as_bytes())
 }

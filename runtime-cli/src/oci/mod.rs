@@ -8,6 +8,7 @@ mod caches;
 pub mod console;
 pub mod control;
 mod create;
+pub mod exec;
 pub mod log;
 pub mod state;
 pub mod supervisor;
@@ -123,6 +124,9 @@ pub enum OciCommand {
     /// Create and start a container and wait for it: exits with its status (128+N for signal
     /// N), as `runc run` does.
     Run(RunArgs),
+    /// Run one more process in a running container (runc's `exec`): exits with its status, or
+    /// with --detach once it runs. A failure before it runs is `exec failed: ...`, status 255.
+    Exec(Box<exec::ExecArgs>),
     /// Print a container's state as OCI state JSON.
     State {
         /// The container id.
@@ -195,6 +199,13 @@ pub enum OciCommand {
         #[arg(long)]
         sync_fd: i32,
     },
+    /// The supervisor of one detached exec (started by `exec --detach`).
+    #[command(name = "_exec-supervise", hide = true)]
+    ExecSupervise {
+        /// The socket `exec` waits on.
+        #[arg(long)]
+        sync_fd: i32,
+    },
 }
 
 impl OciCommand {
@@ -235,6 +246,14 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             create::create(g, args.create, seccomp, t0, mode)
         }
         OciCommand::Start { id } => start(&store(), &id).map(|()| 0),
+        OciCommand::Exec(args) => match exec::exec(g, *args, seccomp) {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                log::error(&format!("exec failed: {}", crate::error_line(&e)));
+                Ok(exec::EXEC_FAILED)
+            }
+        },
+        OciCommand::ExecSupervise { sync_fd } => exec::supervise(supervisor::sync_socket(sync_fd)?),
         OciCommand::State { id } => {
             let r = store().load(&id)?;
             println!("{}", serde_json::to_string_pretty(&r.oci_state())?);

@@ -85,8 +85,8 @@ pub enum Created {
     Err(String),
 }
 
-/// Signals the supervisor takes from its signalfd.
-fn forwarded_signals() -> SigSet {
+/// Signals the supervisor (and `exec`) takes from its signalfd.
+pub(super) fn forwarded_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in Signal::iterator() {
         // Faults stay synchronous (a crash stays a crash); SIGSYS is how seccomp reports;
@@ -164,7 +164,7 @@ fn detach_stdio() {
     }
 }
 
-fn send_created(s: &mut UnixStream, c: Created) -> std::io::Result<()> {
+pub(super) fn send_created(s: &mut UnixStream, c: Created) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(&c).map_err(std::io::Error::other)?;
     line.push(b'\n');
     s.write_all(&line)
@@ -580,7 +580,10 @@ fn connect_agent(vm: &ContainerVm) -> Result<AgentClient<UnixStream>> {
         if !vm.alive() {
             bail!("the VM stopped before its agent answered ({last})");
         }
-        match connect_port(Path::new(VSOCK), AGENT_VSOCK_PORT) {
+        let conn = UnixStream::connect(VSOCK)
+            .with_context(|| format!("connect {VSOCK}"))
+            .and_then(|s| vsock_connect(s, AGENT_VSOCK_PORT));
+        match conn {
             Ok(s) => {
                 return AgentClient::handshake(s, AGENT_READ_TIMEOUT)
                     .context("Hello with the agent failed");
@@ -595,8 +598,9 @@ fn connect_agent(vm: &ContainerVm) -> Result<AgentClient<UnixStream>> {
     )
 }
 
-fn connect_port(sock: &Path, port: u32) -> Result<UnixStream> {
-    let mut s = UnixStream::connect(sock).with_context(|| format!("connect {}", sock.display()))?;
+/// The hybrid vsock handshake on a connection to a VM's vsock socket: `CONNECT <port>\n`,
+/// answered `OK <port>\n`.
+pub(super) fn vsock_connect(mut s: UnixStream, port: u32) -> Result<UnixStream> {
     s.set_read_timeout(Some(AGENT_READ_TIMEOUT))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())?;
     let mut line = Vec::new();

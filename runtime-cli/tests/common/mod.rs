@@ -245,3 +245,35 @@ pub fn last_tick(serial: &str) -> u64 {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A container record as the runtime writes it, whose "supervisor" is `pid` (a stand-in
+/// process: the runtime follows its pid and start time).
+pub fn plant(root: &Path, id: &str, pid: i32, status: &str) -> PathBuf {
+    plant_with_bundle(root, id, pid, status, Path::new("/bundles/x"))
+}
+
+/// As [`plant`], for the bundle in `bundle`.
+pub fn plant_with_bundle(root: &Path, id: &str, pid: i32, status: &str, bundle: &Path) -> PathBuf {
+    let dir = root.join(id);
+    fs::create_dir_all(&dir).unwrap();
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let start: u64 = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let record = serde_json::json!({
+        "id": id,
+        "bundle": bundle,
+        "rootfs": bundle.join("rootfs"),
+        "created": "2026-11-27T19:25:34.000000000Z",
+        "annotations": std::collections::BTreeMap::from([("k", "v")]),
+        "pid": pid,
+        "pid_start": start,
+        "status": status,
+        "exit_code": null,
+    });
+    fs::write(dir.join("state.json"), record.to_string()).unwrap();
+    dir
+}
