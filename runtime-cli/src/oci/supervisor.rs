@@ -274,7 +274,7 @@ impl Supervisor {
             record_workingset: recorder.as_ref().map(|r| r.file.clone()),
             record_for: None,
             vsock: Some(PathBuf::from(VSOCK)),
-            vsock_max_conns: 16,
+            vsock_max_conns: 64,
             prefetch_before: false,
             disk_slot: vec![(
                 super::template::ROOTFS_SLOT.to_string(),

@@ -32,9 +32,44 @@ pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodules quie
 
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "sleep", "true", "false", "dd", "head", "od", "date", "mount", "umount",
-    "sync", "mkdir", "ls", "wc", "yes", "cmp", "seq", "taskset", "awk", "grep", "sed", "rm", "mv",
-    "nproc", "tr", "test", "[", "id", "hostname", "pwd", "tty", "stty",
+    "sh",
+    "echo",
+    "cat",
+    "sleep",
+    "true",
+    "false",
+    "dd",
+    "head",
+    "od",
+    "date",
+    "mount",
+    "umount",
+    "sync",
+    "mkdir",
+    "ls",
+    "wc",
+    "yes",
+    "cmp",
+    "seq",
+    "taskset",
+    "awk",
+    "grep",
+    "sed",
+    "rm",
+    "mv",
+    "nproc",
+    "tr",
+    "test",
+    "[",
+    "id",
+    "hostname",
+    "pwd",
+    "tty",
+    "stty",
+    "sha256sum",
+    "env",
+    "touch",
+    "stat",
 ];
 
 /// The guest kernel and initramfs.
@@ -133,7 +168,11 @@ pub fn busybox_tree(root: &Path) -> PathBuf {
     for a in APPLETS {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
     }
-    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+    )
+    .unwrap();
     fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
     fs::write(root.join("etc/hostname"), "image\n").unwrap();
     root.to_owned()

@@ -25,5 +25,6 @@ mod live_snapshot;
 mod restore;
 mod runtime;
 mod runtime_containerd;
+mod runtime_contract;
 mod runtime_start;
 mod smp;

@@ -9,6 +9,9 @@ use crate::common::{BIN, Output, run_command};
 use crate::guest::*;
 use crate::runtime::*;
 
+/// The image the tests import.
+const IMAGE: &str = "docker.io/library/ks-busybox:latest";
+
 /// An OCI image layout tar of `rootfs` (one layer), named `name` for `ctr image import`.
 fn oci_image_tar(dir: &Path, rootfs: &Path, name: &str) -> PathBuf {
     use sha2::{Digest, Sha256};
@@ -134,7 +137,7 @@ fn test_containerd_runs_an_image_through_kata_snap() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let rootfs = busybox_tree(&dir.path().join("image-rootfs"));
-    let tar = oci_image_tar(dir.path(), &rootfs, "docker.io/library/ks-busybox:latest");
+    let tar = oci_image_tar(dir.path(), &rootfs, IMAGE);
     let o = ctr(&[
         "image",
         "import",
@@ -151,7 +154,7 @@ fn test_containerd_runs_an_image_through_kata_snap() {
         "native",
         "--runc-binary",
         BIN,
-        "docker.io/library/ks-busybox:latest",
+        IMAGE,
         "ctr1",
         "sh",
         "-c",
@@ -170,6 +173,68 @@ fn test_containerd_runs_an_image_through_kata_snap() {
     // `--rm` deleted it through kata-snap: nothing is left in the runtime's state.
     let ls = ctr(&["containers", "list", "-q"]);
     assert_eq!(ls.stdout.trim(), "", "{ls:?}");
+
+    // stdin through the shim: `echo hi | ctr run ... cat` prints hi, as with runc.
+    let mut c = Command::new(bins[1]);
+    c.arg("--address").arg(&sock).args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runc-binary",
+        BIN,
+        IMAGE,
+        "ctr-stdin",
+        "cat",
+    ]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"hi\n").unwrap();
+    }
+    let o = crate::common::collect(child, T, "ctr run cat");
+    assert_eq!(o.stdout, "hi\n", "{o:?}{}", logs());
+    assert_eq!(o.code(), 0, "{o:?}{}", logs());
+
+    // `ctr task exec` into a running task: output and status come back; the task then stops.
+    let o = ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "native",
+        "--runc-binary",
+        BIN,
+        IMAGE,
+        "ctr2",
+        "sleep",
+        "600",
+    ]);
+    assert_eq!(o.code(), 0, "{o:?}{}", logs());
+    let t0 = Instant::now();
+    let o = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "x1",
+        "ctr2",
+        "sh",
+        "-c",
+        "echo from exec; exit 4",
+    ]);
+    measure("ctr_task_exec_through_kata-snap", ms_since(t0));
+    assert_eq!(o.stdout, "from exec\n", "{o:?}{}", logs());
+    assert_eq!(o.code(), 4, "{o:?}{}", logs());
+    assert_eq!(ctr(&["task", "kill", "-s", "KILL", "ctr2"]).code(), 0);
+    let end = Instant::now() + T;
+    while ctr(&["task", "delete", "ctr2"]).code() != 0 {
+        assert!(Instant::now() < end, "task ctr2 did not stop{}", logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ctr(&["containers", "rm", "ctr2"]).code(), 0);
     let _ = daemon.kill();
     let _ = daemon.wait();
 }

@@ -1,0 +1,325 @@
+//! runc's contract, point by point, beside runc on the same bundles: `exec` (output, status,
+//! failures, detach with a pid file, a terminal, several at once, after the container stopped),
+//! stdin with EOF and in bulk, a foreground terminal, HOME and umask, a mount point missing from
+//! a read-only root, and the formats (`--version`, `kill 0`). Each test runs both runtimes and
+//! compares; runc's figures are the expectation.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::common::{Output, collect, wait_deadline};
+use crate::guest::*;
+use crate::runtime::*;
+
+/// The runtimes under test: kata-snap, and runc when present.
+fn runtimes<'a>(e: &'a Env, dir: &'a Path) -> Vec<(&'static str, CommandMaker<'a>)> {
+    let mut r: Vec<(&str, CommandMaker<'_>)> =
+        vec![("kata-snap", Box::new(move || ks_cmd(e, &dir.join("ks"))))];
+    if runc_present() {
+        r.push(("runc", Box::new(move || runc_cmd(&dir.join("runc")))));
+    }
+    r
+}
+
+/// `run` of `bundle` with `stdin` piped in.
+fn run_with_stdin(mut c: Command, bundle: &Path, id: &str, stdin: Vec<u8>) -> Output {
+    c.args(["run", "--no-pivot", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || input.write_all(&stdin));
+    let o = collect(child, T, id);
+    // The process may exit before reading everything: a closed pipe is not a failure here.
+    let _ = writer.join();
+    o
+}
+
+/// Starts `args` as a detached container `id` (`create` + `start`) with file stdio.
+fn start_detached(mut cmd: impl FnMut() -> Command, dir: &Path, bundle: &Path, id: &str) {
+    let mut c = cmd();
+    c.args(["create", "--no-pivot", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(dir.join(format!("{id}.out"))).unwrap())
+        .stderr(fs::File::create(dir.join(format!("{id}.err"))).unwrap());
+    let mut child = c.spawn().unwrap();
+    let status = wait_deadline(&mut child, T).expect("create did not finish");
+    assert!(
+        status.success(),
+        "create {id}: {}",
+        fs::read_to_string(dir.join(format!("{id}.err"))).unwrap_or_default()
+    );
+    assert_eq!(run_it(cmd(), &["start", id]).code(), 0);
+}
+
+#[test]
+fn test_exec_matches_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    subreaper();
+    let b = bundle(dir.path(), "ex", "sleep 600", false);
+    let mut seen = Vec::new();
+    for (name, cmd) in &runtimes(e, dir.path()) {
+        start_detached(cmd, dir.path(), &b, "e1");
+        let t0 = Instant::now();
+        let out = run_it(
+            cmd(),
+            &["exec", "e1", "sh", "-c", "echo out; echo err >&2; exit 3"],
+        );
+        measure(&format!("{name}_exec"), ms_since(t0));
+        let env = run_it(
+            cmd(),
+            &[
+                "exec",
+                "--env",
+                "A=b",
+                "--cwd",
+                "/tmp",
+                "--user",
+                "1000:1000",
+                "e1",
+                "sh",
+                "-c",
+                "echo $A $PWD $(id -u):$(id -g) $HOME",
+            ],
+        );
+        let missing = run_it(cmd(), &["exec", "e1", "no-such-command"]);
+        let tty = run_it(cmd(), &["exec", "--tty", "e1", "tty"]);
+        // Detached, with a pid file: the status reaches the subreaper (here, as the shim).
+        let pid_file = dir.path().join(format!("{name}.exec.pid"));
+        let detached = run_it(
+            cmd(),
+            &[
+                "exec",
+                "--detach",
+                "--pid-file",
+                pid_file.to_str().unwrap(),
+                "e1",
+                "sh",
+                "-c",
+                "sleep 1; exit 5",
+            ],
+        );
+        let pid: i32 = fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
+        // Three at once, each its own output and status.
+        let many: Vec<_> = (0..3)
+            .map(|i| {
+                let mut c = cmd();
+                c.args([
+                    "exec",
+                    "e1",
+                    "sh",
+                    "-c",
+                    &format!("sleep 1; echo n{i}; exit {i}"),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+                c.spawn().unwrap()
+            })
+            .collect();
+        let many: Vec<String> = many
+            .into_iter()
+            .map(|c| {
+                let o = collect(c, T, "exec");
+                format!("{}:{}", o.code(), o.stdout.trim())
+            })
+            .collect();
+        // The container stops: exec is refused with runc's words.
+        assert_eq!(run_it(cmd(), &["kill", "e1", "KILL"]).code(), 0);
+        wait_status(cmd, "e1", "stopped");
+        let after = run_it(cmd(), &["exec", "e1", "true"]);
+        let tail = |o: &Output| {
+            o.stderr
+                .split_once("exec failed: ")
+                .map(|(_, t)| t.trim().trim_end_matches('"').to_string())
+                .unwrap_or_else(|| o.stderr.clone())
+        };
+        let _ = run_it(cmd(), &["delete", "--force", "e1"]);
+        seen.push((
+            *name,
+            vec![
+                out.stdout.clone(),
+                out.stderr.clone(),
+                out.code().to_string(),
+                env.stdout.clone(),
+                missing.code().to_string(),
+                tail(&missing),
+                tty.code().to_string(),
+                tty.stdout.starts_with("/dev/pts/").to_string(),
+                detached.code().to_string(),
+                format!("{status:?}").replace(&pid.to_string(), "PID"),
+                many.join(","),
+                after.code().to_string(),
+                tail(&after),
+            ],
+        ));
+    }
+    let ours = &seen[0].1;
+    assert_eq!(ours[0], "out\n");
+    assert_eq!(ours[2], "3");
+    assert_eq!(ours[3], "b /tmp 1000:1000 /home/app\n");
+    assert_eq!(ours[4], "255");
+    assert_eq!(ours[7], "true");
+    assert_eq!(ours[10], "0:n0,1:n1,2:n2");
+    assert_eq!(ours[12], "cannot exec in a stopped container");
+    if seen.len() == 2 {
+        assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    }
+}
+
+#[test]
+fn test_stdin_streams_with_eof_as_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let cat = bundle_args(dir.path(), "cat", &["cat"], false);
+    let sum = bundle_args(dir.path(), "sum", &["sha256sum"], false);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut seen = Vec::new();
+    for (name, cmd) in &runtimes(e, dir.path()) {
+        let hi = run_with_stdin(cmd(), &cat, "s1", b"hi\n".to_vec());
+        let t0 = Instant::now();
+        let big = run_with_stdin(cmd(), &sum, "s2", data.clone());
+        measure(&format!("{name}_stdin_3MB_sha256sum"), ms_since(t0));
+        let code = hi.code().to_string();
+        seen.push((*name, [hi.stdout, code, big.stdout]));
+    }
+    assert_eq!(seen[0].1[0], "hi\n");
+    assert!(seen[0].1[2].len() > 64, "{:?}", seen[0].1);
+    if seen.len() == 2 {
+        assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    }
+}
+
+#[test]
+fn test_foreground_terminal_output_goes_to_stdout_as_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let b = bundle(dir.path(), "fg", "echo hello from a tty; tty", true);
+    let mut seen = Vec::new();
+    for (name, cmd) in &runtimes(e, dir.path()) {
+        let o = run_it(
+            cmd(),
+            &["run", "--no-pivot", "--bundle", b.to_str().unwrap(), "t1"],
+        );
+        assert_eq!(o.code(), 0, "{name}: {o:?}");
+        // The terminal's line discipline turns \n into \r\n, for both.
+        let first = o.stdout.lines().next().unwrap_or_default().to_string();
+        let has_pts = o.stdout.contains("/dev/pts/");
+        seen.push((*name, (first, has_pts)));
+    }
+    assert_eq!(seen[0].1, ("hello from a tty\r".to_string(), true));
+    if seen.len() == 2 {
+        assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    }
+}
+
+#[test]
+fn test_home_umask_and_mount_points_on_a_read_only_root_as_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let b = bundle(
+        dir.path(),
+        "hu",
+        "echo $HOME; umask; touch /scratch/f; stat -c %a /scratch/f; ls -d /new/dir; touch /x 2>/dev/null || echo ro",
+        false,
+    );
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(b.join("config.json")).unwrap()).unwrap();
+    spec["process"]["user"]["umask"] = 0o027.into();
+    spec["root"]["readonly"] = true.into();
+    let mounts = spec["mounts"].as_array_mut().unwrap();
+    for dest in ["/scratch", "/new/dir"] {
+        // Mount points missing from the read-only image: runc creates them.
+        mounts.push(serde_json::json!({
+            "destination": dest, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]
+        }));
+    }
+    fs::write(b.join("config.json"), spec.to_string()).unwrap();
+    let user = bundle(dir.path(), "home", "echo $HOME", false);
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(user.join("config.json")).unwrap()).unwrap();
+    spec["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+    fs::write(user.join("config.json"), spec.to_string()).unwrap();
+    let mut seen = Vec::new();
+    for (name, cmd) in &runtimes(e, dir.path()) {
+        let o = run_it(
+            cmd(),
+            &["run", "--no-pivot", "--bundle", b.to_str().unwrap(), "h1"],
+        );
+        let u = run_it(
+            cmd(),
+            &[
+                "run",
+                "--no-pivot",
+                "--bundle",
+                user.to_str().unwrap(),
+                "h2",
+            ],
+        );
+        let code = o.code().to_string();
+        seen.push((*name, [o.stdout, code, u.stdout]));
+    }
+    assert_eq!(
+        seen[0].1,
+        [
+            "/root\n0027\n640\n/new/dir\nro\n".to_string(),
+            "0".into(),
+            "/home/app\n".into()
+        ]
+    );
+    if seen.len() == 2 {
+        assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    }
+}
+
+#[test]
+fn test_formats_version_and_kill_0_as_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    subreaper();
+    let b = bundle(dir.path(), "fm", "sleep 600", false);
+    let mut seen = Vec::new();
+    for (name, cmd) in &runtimes(e, dir.path()) {
+        let v = run_it(cmd(), &["--version"]);
+        let first = v.stdout.lines().next().unwrap_or_default();
+        start_detached(cmd, dir.path(), &b, "f1");
+        let k0 = run_it(cmd(), &["kill", "f1", "0"]);
+        let running = wait_status(cmd, "f1", "running");
+        assert_eq!(run_it(cmd(), &["kill", "f1", "KILL"]).code(), 0);
+        wait_status(cmd, "f1", "stopped");
+        let k0_stopped = run_it(cmd(), &["kill", "f1", "0"]);
+        let _ = run_it(cmd(), &["delete", "f1"]);
+        seen.push((
+            *name,
+            [
+                first.starts_with("runc version ").to_string(),
+                k0.code().to_string(),
+                running["status"].to_string(),
+                k0_stopped.code().to_string(),
+            ],
+        ));
+    }
+    assert_eq!(seen[0].1, ["true", "0", "\"running\"", "1"]);
+    if seen.len() == 2 {
+        assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    }
+}
