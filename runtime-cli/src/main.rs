@@ -105,7 +105,13 @@ fn ensure_std_fds() {
     }
 }
 
-fn init_logging(level: &str, file: Option<&std::path::Path>) {
+/// The log: to `file` (the runtime's --log) or stderr; `runc_format` gives runc's logrus lines
+/// (the OCI commands, which engines and runc's users parse), else tracing's own.
+fn init_logging(
+    level: &str,
+    file: Option<&std::path::Path>,
+    runc_format: Option<oci::log::LogFormat>,
+) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -116,19 +122,26 @@ fn init_logging(level: &str, file: Option<&std::path::Path>) {
             .open(p)
             .ok()
     });
-    match file {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match (file, runc_format) {
         // The runtime's --log: the VMM's log goes there with the errors, off the container's
         // stderr.
-        Some(f) => tracing_subscriber::fmt()
-            .with_env_filter(filter)
+        (Some(f), Some(format)) => builder
             .with_writer(std::sync::Mutex::new(f))
-            .with_target(false)
+            .event_format(oci::log::RuncFormat(format))
+            .init(),
+        (Some(f), None) => builder
+            .with_writer(std::sync::Mutex::new(f))
             .with_ansi(false)
             .init(),
-        None => tracing_subscriber::fmt()
-            .with_env_filter(filter)
+        (None, Some(format)) => builder
             .with_writer(std::io::stderr)
-            .with_target(false)
+            .event_format(oci::log::RuncFormat(format))
+            .init(),
+        (None, None) => builder
+            .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .without_time()
             .init(),
@@ -187,7 +200,8 @@ fn main() -> ExitCode {
         _ => cli.log_level.as_str(),
     };
     oci::log::init(cli.oci.log.clone(), cli.oci.log_format);
-    init_logging(level, cli.oci.log.as_deref());
+    let runc_format = matches!(command, Command::Oci(_)).then_some(cli.oci.log_format);
+    init_logging(level, cli.oci.log.as_deref(), runc_format);
     let seccomp = match cli.seccomp {
         SeccompArg::Off => vmm::seccomp::SeccompMode::Off,
         SeccompArg::Log => vmm::seccomp::SeccompMode::Log,
