@@ -159,13 +159,17 @@ pub enum OciCommand {
         #[arg(long, short = 'q')]
         quiet: bool,
     },
-    /// List the container's host processes (its VMM).
+    /// List the container's host processes (its VMM), as runc does: `ps` (default `-ef`, or
+    /// the arguments after the id) filtered to them, or their pids as JSON.
     Ps {
         /// table or json.
         #[arg(long, short = 'f', default_value = "table", value_parser = ["table", "json"])]
         format: String,
         /// The container id.
         id: String,
+        /// Arguments for ps(1) [default: -ef].
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ps_args: Vec<String>,
     },
     /// Pause the container's VM.
     Pause {
@@ -264,7 +268,11 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
         }
         OciCommand::Delete { force, id } => delete(&store(), &id, force).map(|()| 0),
         OciCommand::List { format, quiet } => list(&store(), &format, quiet).map(|()| 0),
-        OciCommand::Ps { format, id } => {
+        OciCommand::Ps {
+            format,
+            id,
+            ps_args,
+        } => {
             let r = store().load(&id)?;
             let pids: Vec<i32> = match r.current_status() {
                 Status::Stopped => vec![],
@@ -273,10 +281,7 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             if format == "json" {
                 println!("{}", serde_json::to_string(&pids)?);
             } else {
-                println!("PID");
-                for p in pids {
-                    println!("{p}");
-                }
+                print!("{}", ps_table(&pids, &ps_args)?);
             }
             Ok(0)
         }
@@ -319,6 +324,47 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             Ok(supervisor::supervise(launch, Some(sync), t0, seccomp))
         }
     }
+}
+
+/// runc's `ps` table: ps(1) run with `args` (default `-ef`), its header, and the lines whose PID
+/// column is one of `pids`.
+fn ps_table(pids: &[i32], args: &[String]) -> Result<String> {
+    let default = ["-ef".to_string()];
+    let args = if args.is_empty() { &default[..] } else { args };
+    let out = std::process::Command::new("ps")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot run ps")?;
+    if !out.status.success() {
+        bail!(
+            "ps {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    filter_ps(&String::from_utf8_lossy(&out.stdout), pids)
+}
+
+fn filter_ps(text: &str, pids: &[i32]) -> Result<String> {
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    let column = header
+        .split_whitespace()
+        .position(|c| c == "PID")
+        .context("couldn't find PID field in ps output")?;
+    let mut table = format!("{header}\n");
+    for line in lines {
+        let pid = line
+            .split_whitespace()
+            .nth(column)
+            .and_then(|p| p.parse::<i32>().ok());
+        if pid.is_some_and(|p| pids.contains(&p)) {
+            table.push_str(line);
+            table.push('\n');
+        }
+    }
+    Ok(table)
 }
 
 /// Reads a small regular file without blocking on a FIFO; a file over `max` bytes is refused.
@@ -567,6 +613,21 @@ fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_ps_keeps_the_header_and_the_containers_lines() {
+        let text = "UID PID PPID C STIME TTY TIME CMD\n\
+                    root 1 0 0 10:00 ? 00:00:01 init\n\
+                    root 42 1 0 10:01 ? 00:00:00 kata-snap _supervise\n\
+                    root 420 1 0 10:01 ? 00:00:00 other 42\n";
+        assert_eq!(
+            filter_ps(text, &[42]).unwrap(),
+            "UID PID PPID C STIME TTY TIME CMD\nroot 42 1 0 10:01 ? 00:00:00 kata-snap _supervise\n"
+        );
+        let bsd = "  PID TTY      STAT   TIME COMMAND\n   42 ?        Sl     0:00 kata-snap\n";
+        assert_eq!(filter_ps(bsd, &[42]).unwrap(), bsd);
+        assert!(filter_ps("NO COLUMNS\n", &[1]).is_err());
+    }
 
     #[test]
     fn test_signals_parse_as_runc_parses_them() {
