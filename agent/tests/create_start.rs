@@ -316,6 +316,12 @@ fn test_create_failures_and_kill_leak_no_descriptors() {
     require_harness!();
     let agent = Agent::start();
     let mut c = agent.client();
+    // Connections are served concurrently: a round trip lets the agent
+    // finish with the probe connections of Agent::start first.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    c.sync_time(now.as_nanos() as u64).expect("sync_time");
     let base = agent_fds(&agent);
     for _ in 0..3 {
         assert!(c.create(agent.request(&["no-such-command"])).is_err());

