@@ -18,7 +18,7 @@
 //! group's leader, `setsid` in the child).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use agent_protocol::ErrorKind;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -161,11 +161,6 @@ impl Containers {
         }
     }
 
-    /// Number of running execs of `container`.
-    pub fn exec_count(&self, container: u64) -> usize {
-        self.map.get(&container).map_or(0, |c| c.execs.len())
-    }
-
     /// Bookkeeping for a process that exited (called before it is reaped):
     /// an init's exit SIGKILLs the container's execs; the rootfs is torn down
     /// once init and every exec are gone.
@@ -199,12 +194,5 @@ impl Containers {
             }
         }
         Role::Unknown
-    }
-
-    /// The root of container `id`, while it is mounted.
-    pub fn root(&self, id: u64) -> Option<&Path> {
-        self.map
-            .get(&id)
-            .and_then(|c| c.rootfs.as_ref().map(|r| r.root.as_path()))
     }
 }

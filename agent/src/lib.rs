@@ -18,6 +18,7 @@ pub mod container;
 pub mod exit_status;
 pub mod harness;
 pub mod init;
+pub mod lookup;
 pub mod mounts;
 pub mod passwd;
 pub mod process;

@@ -27,7 +27,6 @@
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -40,13 +39,13 @@ use nix::unistd::{ForkResult, Pid, fork, pipe2};
 use thiserror::Error;
 
 use crate::exit_status::{EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND};
+use crate::lookup::{errno_reason, look_path};
 use crate::passwd::home_dir;
+
+pub use crate::lookup::DEFAULT_PATH;
 
 /// The umask a process gets when its request has none (runc's default).
 pub const DEFAULT_UMASK: u32 = 0o022;
-
-/// `PATH` used when the process environment has none (runc's default).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Longest wait for the child's report, after fork (set-up) and after the go
 /// byte (exec). Both are local work; a child that takes longer (a hung disk)
@@ -164,46 +163,6 @@ fn cstring(what: &str, s: &[u8]) -> Result<CString, SpawnError> {
 
 fn setup_err(what: &str) -> impl Fn(nix::Error) -> SpawnError + '_ {
     move |e| SpawnError::Setup(format!("{what}: {e}"))
-}
-
-/// Finds `name` the way runc (Go's `exec.LookPath`) does and returns the path
-/// to exec, or the runc-style error.
-pub fn look_path(name: &str, path_env: &str) -> Result<String, (ErrorKind, String)> {
-    if name.contains('/') {
-        return match std::fs::metadata(name) {
-            Ok(_) => Ok(name.to_owned()),
-            Err(e) => Err((
-                ErrorKind::ExecNotFound,
-                format!("exec: {name:?}: stat {name}: {}", io_reason(&e)),
-            )),
-        };
-    }
-    for dir in path_env.split(':') {
-        let dir = if dir.is_empty() { "." } else { dir };
-        let candidate = format!("{dir}/{name}");
-        if let Ok(meta) = std::fs::metadata(&candidate)
-            && meta.is_file()
-            && meta.permissions().mode() & 0o111 != 0
-        {
-            return Ok(candidate);
-        }
-    }
-    Err((
-        ErrorKind::ExecNotFound,
-        format!("exec: {name:?}: executable file not found in $PATH"),
-    ))
-}
-
-/// Go-style lower-case reason ("no such file or directory").
-fn io_reason(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(n) => nix::Error::from_raw(n).desc().to_lowercase(),
-        None => e.to_string(),
-    }
-}
-
-fn errno_reason(e: nix::Error) -> String {
-    e.desc().to_lowercase()
 }
 
 /// Opens a pseudo-terminal pair. The container's own devpts instance
@@ -776,35 +735,5 @@ mod tests {
             read_report(&r, Duration::from_secs(5), false),
             Report::Eof(b) if b.is_empty()
         ));
-    }
-
-    #[test]
-    fn test_look_path_missing_command_runc_message() {
-        let err = look_path("definitely-not-a-command", "/nonexistent-dir").unwrap_err();
-        assert_eq!(err.0, ErrorKind::ExecNotFound);
-        assert_eq!(
-            err.1,
-            "exec: \"definitely-not-a-command\": executable file not found in $PATH"
-        );
-    }
-
-    #[test]
-    fn test_look_path_missing_absolute_path_stat_message() {
-        let err = look_path("/nonexistent/x", DEFAULT_PATH).unwrap_err();
-        assert_eq!(
-            err.1,
-            "exec: \"/nonexistent/x\": stat /nonexistent/x: no such file or directory"
-        );
-    }
-
-    #[test]
-    fn test_look_path_finds_executable_in_path() {
-        assert_eq!(look_path("sh", "/nonexistent:/bin").unwrap(), "/bin/sh");
-    }
-
-    #[test]
-    fn test_look_path_non_executable_file_skipped() {
-        // /etc/passwd exists but is not executable.
-        assert!(look_path("passwd", "/etc").is_err());
     }
 }

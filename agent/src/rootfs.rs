@@ -132,6 +132,24 @@ pub fn prepare(
         mounts: Vec::new(),
         readonly: spec.readonly,
     };
+    match mount_layers(&mut prepared, &base, spec) {
+        Ok(()) => Ok(prepared),
+        Err(e) => {
+            // Nothing half-mounted is left behind.
+            prepared.teardown();
+            Err(e)
+        }
+    }
+}
+
+/// The lower layer, the overlay's tmpfs and the overlay, each recorded in
+/// `prepared` as soon as it is mounted.
+fn mount_layers(
+    prepared: &mut PreparedRootfs,
+    base: &Path,
+    spec: &RootfsSpec,
+) -> Result<(), RootfsError> {
+    let root = prepared.root.clone();
     let lower = match &spec.source {
         RootfsSource::Block { device, fs } => {
             let lower = base.join("lower");
@@ -180,8 +198,8 @@ pub fn prepare(
         Some(data.as_str()),
     )
     .map_err(err("overlay", &root))?;
-    prepared.mounts.push(root.clone());
-    Ok(prepared)
+    prepared.mounts.push(root);
+    Ok(())
 }
 
 impl PreparedRootfs {
