@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::frame::{FrameError, ProtocolError, read_message, write_message};
-use crate::messages::{AgentMessage, ErrorKind, HostMessage, RunRequest};
+use crate::messages::{AgentMessage, ErrorKind, ExecRequest, HostMessage, RunRequest};
 use crate::validate::ValidationError;
 use crate::{MAX_STDIO_CHUNK, PROTOCOL_VERSION};
 
@@ -187,6 +187,24 @@ impl<S: Connection> AgentClient<S> {
         }
     }
 
+    /// Sends `Exec` (runc's `exec`: another process in the container a
+    /// `Create` or `Run` made on another connection) and waits for
+    /// `Started`. An `Error` answer is [`ClientError::Agent`]: with kind
+    /// `NoContainer`, `ContainerStopped` or `InvalidRequest` (the id is in
+    /// use) nothing follows and the connection may `exec` again; with an
+    /// exec failure kind (`ExecNotFound`, `ExecPermissionDenied`,
+    /// `ExecFailed`) an `Exited` message follows, as after [`Self::start`].
+    pub fn exec(&mut self, req: ExecRequest) -> Result<u32, ClientError> {
+        self.send(&HostMessage::Exec(Box::new(req)))?;
+        match self.recv()? {
+            AgentMessage::Started { pid } => Ok(pid),
+            AgentMessage::Error { kind, message } => Err(ClientError::Agent { kind, message }),
+            other => Err(ClientError::Unexpected(format!(
+                "{other:?} instead of Started"
+            ))),
+        }
+    }
+
     /// Sends `Create` and waits for `Created`: the process is set up (its
     /// executable found) and waits for [`Self::start_created`]. An `Error`
     /// answer (for instance, command not found) is [`ClientError::Agent`];
@@ -231,6 +249,59 @@ impl<S: Connection> AgentClient<S> {
     ) -> Result<RunOutcome, ClientError> {
         let end = Instant::now() + deadline;
         self.send(&HostMessage::Run(Box::new(req)))?;
+        self.collect(stdin, end, deadline, RunOutcome::default())
+    }
+
+    /// Runs a process in the container to completion, as [`Self::run`] does
+    /// for the init: sends `Exec`, then (once `Started` came) writes `stdin`
+    /// and collects every message until `Exited`. A refusal that leaves no
+    /// process (`NoContainer`, `ContainerStopped`, `InvalidRequest`,
+    /// `Protocol`) is [`ClientError::Agent`]; an exec failure is in the
+    /// outcome (`error`, then `code` 126 or 127).
+    pub fn run_exec(
+        &mut self,
+        req: ExecRequest,
+        stdin: Option<Vec<u8>>,
+        deadline: Duration,
+    ) -> Result<RunOutcome, ClientError> {
+        let end = Instant::now() + deadline;
+        self.send(&HostMessage::Exec(Box::new(req)))?;
+        let mut out = RunOutcome::default();
+        let first = self.recv()?;
+        out.events.push(first.clone());
+        match first {
+            AgentMessage::Started { pid } => out.pid = Some(pid),
+            AgentMessage::Error {
+                kind:
+                    kind @ (ErrorKind::ExecNotFound
+                    | ErrorKind::ExecPermissionDenied
+                    | ErrorKind::ExecFailed),
+                message,
+            } => {
+                out.error = Some((kind, message));
+                return self.collect(None, end, deadline, out);
+            }
+            AgentMessage::Error { kind, message } => {
+                return Err(ClientError::Agent { kind, message });
+            }
+            other => {
+                return Err(ClientError::Unexpected(format!(
+                    "{other:?} instead of Started"
+                )));
+            }
+        }
+        self.collect(stdin, end, deadline, out)
+    }
+
+    /// Writes `stdin` (then `CloseStdin`) from a second thread when given,
+    /// and adds every message to `out` until `Exited`.
+    fn collect(
+        &mut self,
+        stdin: Option<Vec<u8>>,
+        end: Instant,
+        deadline: Duration,
+        mut out: RunOutcome,
+    ) -> Result<RunOutcome, ClientError> {
         let writer = match stdin {
             Some(data) => {
                 let mut w = self.stream.try_clone_conn()?;
@@ -243,7 +314,6 @@ impl<S: Connection> AgentClient<S> {
             }
             None => None,
         };
-        let mut out = RunOutcome::default();
         loop {
             if Instant::now() >= end {
                 return Err(ClientError::Timeout(deadline));

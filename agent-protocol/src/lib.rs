@@ -39,6 +39,27 @@
 //! `Started{pid}`, or by `Error{..}` then `Exited{126|127}` (a set-up failure
 //! ends the connection, unlike after `Create`).
 //!
+//! The agent serves many connections at once. Another process in the
+//! container (runc's `exec`) runs on a connection of its own:
+//!
+//! ```text
+//!  host (2nd connection)               agent
+//!   | -- Hello{version} -------------->  |
+//!   | <------------- Hello{version} ---  |
+//!   | -- Exec{id, process} ----------->  |   chrooted in the container's root;
+//!   | <--------------- Started{pid} ---  |   or Error{NoContainer | ContainerStopped |
+//!   |                                    |    InvalidRequest} alone (may Exec again),
+//!   |                                    |    or Error{..} then Exited{126|127}
+//!   | -- Stdin / CloseStdin / Signal / Resize -->
+//!   | <------- Stdout / Stderr ---------  |
+//!   | <-------------- Exited{code} ----  |   then the agent closes the connection
+//! ```
+//!
+//! When the container's init exits, its execs are SIGKILLed (their
+//! connections get `Exited{137}`), as the kernel does in runc's pid
+//! namespace. On every connection `Exited` comes after all the output the
+//! process wrote, and is the last message.
+//!
 //! Out of order (`Start` without a created process, a second `Create` or
 //! `Run`, `Stdin` or `CloseStdin` before `Start`...) is answered by
 //! `Error{Protocol, ..}`; the connection and its process carry on. Stdin is

@@ -2,8 +2,10 @@
 //!
 //! In the VM the agent is PID 1 (`/init` of the initramfs): it mounts the
 //! pseudo filesystems, listens on vsock, tells the VMM it is ready (port
-//! `0xf4`), and then serves one connection at a time; each connection may run
-//! one container process (see [`session`]).
+//! `0xf4`), and then serves many connections at once from one single-threaded
+//! poll loop ([`server`]); each connection may run one process: the
+//! container's init (`Create`/`Run`) or another process in it (`Exec`, see
+//! [`container`] and [`session`]).
 //!
 //! In harness mode (`--listen unix:PATH`, design section 9) the same code runs
 //! as a host process in new mount/pid/uts/ipc namespaces, listening on a Unix
@@ -12,10 +14,13 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod container;
 pub mod exit_status;
 pub mod harness;
 pub mod init;
+pub mod lookup;
 pub mod mounts;
+pub mod passwd;
 pub mod process;
 pub mod ready;
 pub mod restore;

@@ -179,9 +179,10 @@ pub fn apply_mount(rootfs: &Path, m: &Mount) -> Result<(), MountError> {
     Ok(())
 }
 
-/// A read-only rootfs cannot take the default device nodes: unless the OCI
-/// mounts provide a `/dev`, a tmpfs is mounted there first (as the default
-/// OCI spec does). Call before applying the OCI mounts.
+/// A read-only rootfs gets its own `/dev`: unless the OCI mounts provide
+/// one, a tmpfs is mounted there first (as the default OCI spec does), so
+/// the default device nodes do not land in the root that is sealed
+/// read-only afterwards. Call before applying the OCI mounts.
 pub fn prepare_dev(rootfs: &Path, mounts: &[Mount], readonly: bool) -> Result<(), MountError> {
     if !readonly
         || mounts

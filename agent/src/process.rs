@@ -5,13 +5,17 @@
 //! ```text
 //!  agent (parent)                       child
 //!   prepare: fork ------------------->  set-up: setsid, stdio, chroot,
-//!                                        hostname, rlimits, user, cwd,
+//!                                        hostname (init only), rlimits,
+//!                                        umask, HOME, user, cwd,
 //!                                        PATH lookup, no_new_privs
 //!   <-- report: READY ---------------    (or: kind byte + message, _exit)
 //!   ... Created ...                      blocked reading the go pipe
 //!   open: write go byte ------------->  execve
 //!   <-- report: EOF (exec succeeded) -   (or: kind byte + message, _exit)
 //! ```
+//!
+//! One code path serves the container's init (`Create`/`Run`, with its
+//! hostname) and the processes `Exec` runs in it (no hostname, no mounts).
 //!
 //! The agent is single-threaded, so the child may allocate between `fork` and
 //! `exec`. Both pipes are close-on-exec. The parent waits for each report at
@@ -23,11 +27,10 @@
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agent_protocol::{ErrorKind, RlimitKind, RunRequest};
+use agent_protocol::{ErrorKind, Process, RlimitKind};
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
@@ -36,9 +39,13 @@ use nix::unistd::{ForkResult, Pid, fork, pipe2};
 use thiserror::Error;
 
 use crate::exit_status::{EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND};
+use crate::lookup::{errno_reason, look_path};
+use crate::passwd::home_dir;
 
-/// `PATH` used when the process environment has none (runc's default).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use crate::lookup::DEFAULT_PATH;
+
+/// The umask a process gets when its request has none (runc's default).
+pub const DEFAULT_UMASK: u32 = 0o022;
 
 /// Longest wait for the child's report, after fork (set-up) and after the go
 /// byte (exec). Both are local work; a child that takes longer (a hung disk)
@@ -158,46 +165,6 @@ fn setup_err(what: &str) -> impl Fn(nix::Error) -> SpawnError + '_ {
     move |e| SpawnError::Setup(format!("{what}: {e}"))
 }
 
-/// Finds `name` the way runc (Go's `exec.LookPath`) does and returns the path
-/// to exec, or the runc-style error.
-pub fn look_path(name: &str, path_env: &str) -> Result<String, (ErrorKind, String)> {
-    if name.contains('/') {
-        return match std::fs::metadata(name) {
-            Ok(_) => Ok(name.to_owned()),
-            Err(e) => Err((
-                ErrorKind::ExecNotFound,
-                format!("exec: {name:?}: stat {name}: {}", io_reason(&e)),
-            )),
-        };
-    }
-    for dir in path_env.split(':') {
-        let dir = if dir.is_empty() { "." } else { dir };
-        let candidate = format!("{dir}/{name}");
-        if let Ok(meta) = std::fs::metadata(&candidate)
-            && meta.is_file()
-            && meta.permissions().mode() & 0o111 != 0
-        {
-            return Ok(candidate);
-        }
-    }
-    Err((
-        ErrorKind::ExecNotFound,
-        format!("exec: {name:?}: executable file not found in $PATH"),
-    ))
-}
-
-/// Go-style lower-case reason ("no such file or directory").
-fn io_reason(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(n) => nix::Error::from_raw(n).desc().to_lowercase(),
-        None => e.to_string(),
-    }
-}
-
-fn errno_reason(e: nix::Error) -> String {
-    e.desc().to_lowercase()
-}
-
 /// Opens a pseudo-terminal pair. The container's own devpts instance
 /// (`<root>/dev/pts/ptmx`, from an OCI `devpts` mount) is preferred so the
 /// slave has a name inside the container, as with runc; otherwise the
@@ -248,7 +215,8 @@ fn open_pty(root: &Path) -> Result<(OwnedFd, OwnedFd), SpawnError> {
 
 /// Everything the child needs, prepared before fork.
 struct ChildPlan<'a> {
-    req: &'a RunRequest,
+    process: &'a Process,
+    hostname: Option<&'a str>,
     root: CString,
     env: Vec<CString>,
     args: Vec<CString>,
@@ -271,12 +239,79 @@ fn reset_signals() {
     }
 }
 
-/// Every set-up step of the child, in order; returns the path to exec.
+/// What the child execs once set up.
+struct ExecTarget {
+    path: CString,
+    /// The request's environment, with `HOME` added when it had none.
+    env: Vec<CString>,
+}
+
+/// The environment with `HOME` set from the container's `/etc/passwd` when
+/// the request has none (or an empty one), as runc does. Runs in the child
+/// after chroot and before the credentials change.
+fn env_with_home(plan: &ChildPlan<'_>) -> Result<Vec<CString>, ChildFailure> {
+    let has_home = plan
+        .process
+        .env
+        .iter()
+        .any(|e| e.strip_prefix("HOME=").is_some_and(|v| !v.is_empty()));
+    let mut env: Vec<CString> = plan
+        .env
+        .iter()
+        .filter(|e| has_home || !e.as_bytes().starts_with(b"HOME="))
+        .cloned()
+        .collect();
+    if !has_home {
+        let home = home_dir(Path::new("/etc/passwd"), plan.process.user.uid);
+        env.push(
+            CString::new(format!("HOME={home}"))
+                .map_err(|_| ChildFailure::setup("HOME", "NUL byte in /etc/passwd"))?,
+        );
+    }
+    Ok(env)
+}
+
+/// Closes every descriptor from 3 up except `keep` (the report and go
+/// pipes). The agent's descriptors are close-on-exec, but a child that waits
+/// for `Start` would otherwise hold the other sessions' connections and
+/// pipes open meanwhile (a `cat` exec'd on another connection would never
+/// see its stdin's EOF).
+fn close_inherited(keep: [i32; 2]) {
+    let mut keep = keep.map(|k| k as libc::c_uint);
+    keep.sort_unstable();
+    let mut from: libc::c_uint = 3;
+    for k in keep {
+        if k >= from {
+            close_span(from, k);
+            from = k + 1;
+        }
+    }
+    close_span(from, libc::c_uint::MAX);
+}
+
+/// Closes descriptors `from..end` (`end` excluded).
+fn close_span(from: libc::c_uint, end: libc::c_uint) {
+    if end <= from {
+        return;
+    }
+    // SAFETY: close_range(2) takes plain integers and closes only
+    // descriptors of this (child) process.
+    if unsafe { libc::syscall(libc::SYS_close_range, from, end - 1, 0) } != 0 {
+        // Kernels before 5.9: close one by one up to a sane bound.
+        for fd in from..end.min(4096) {
+            // SAFETY: closing a descriptor number; EBADF is harmless.
+            unsafe { libc::close(fd as i32) };
+        }
+    }
+}
+
+/// Every set-up step of the child, in order; returns what to exec.
 fn child_setup(
     plan: &ChildPlan<'_>,
     stdio: [i32; 3],
+    keep: [i32; 2],
     terminal: bool,
-) -> Result<CString, ChildFailure> {
+) -> Result<ExecTarget, ChildFailure> {
     reset_signals();
     nix::unistd::setsid().map_err(|e| ChildFailure::setup("setsid", e))?;
     if terminal {
@@ -297,15 +332,16 @@ fn child_setup(
             ));
         }
     }
-    let req = plan.req;
+    close_inherited(keep);
+    let process = plan.process;
     nix::unistd::chdir(plan.root.as_c_str())
         .map_err(|e| ChildFailure::setup("chdir to rootfs", e))?;
     nix::unistd::chroot(".").map_err(|e| ChildFailure::setup("chroot", e))?;
     nix::unistd::chdir("/").map_err(|e| ChildFailure::setup("chdir /", e))?;
-    if let Some(h) = &req.hostname {
+    if let Some(h) = plan.hostname {
         nix::unistd::sethostname(h).map_err(|e| ChildFailure::setup("sethostname", e))?;
     }
-    for r in &req.process.rlimits {
+    for r in &process.rlimits {
         let lim = libc::rlimit {
             rlim_cur: r.soft,
             rlim_max: r.hard,
@@ -318,7 +354,12 @@ fn child_setup(
             ));
         }
     }
-    let u = &req.process.user;
+    let umask = process.umask.unwrap_or(DEFAULT_UMASK) & 0o777;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+        umask as libc::mode_t,
+    ));
+    let env = env_with_home(plan)?;
+    let u = &process.user;
     let groups: Vec<nix::unistd::Gid> = u
         .additional_gids
         .iter()
@@ -329,19 +370,16 @@ fn child_setup(
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| ChildFailure::setup("setgid", e))?;
     let uid = nix::unistd::Uid::from_raw(u.uid);
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| ChildFailure::setup("setuid", e))?;
-    nix::unistd::chdir(req.process.cwd.as_str()).map_err(|e| {
+    nix::unistd::chdir(process.cwd.as_str()).map_err(|e| {
         ChildFailure::setup(
-            &format!(
-                "chdir to cwd ({:?}) set in config.json failed",
-                req.process.cwd
-            ),
+            &format!("chdir to cwd ({:?}) set in config.json failed", process.cwd),
             errno_reason(e),
         )
     })?;
-    let name = &req.process.args[0];
+    let name = &process.args[0];
     let path = look_path(name, &plan.path_env).map_err(|(kind, m)| ChildFailure::new(kind, m))?;
     let path_c = CString::new(path).map_err(|_| ChildFailure::setup("path", "NUL byte"))?;
-    if req.process.no_new_privileges {
+    if process.no_new_privileges {
         // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
             return Err(ChildFailure::setup(
@@ -350,13 +388,13 @@ fn child_setup(
             ));
         }
     }
-    Ok(path_c)
+    Ok(ExecTarget { path: path_c, env })
 }
 
-/// Execs `path`; returns only on failure, with the runc-style reason.
-fn child_exec(plan: &ChildPlan<'_>, path: &CString) -> ChildFailure {
-    let name = &plan.req.process.args[0];
-    let err = nix::unistd::execve(path, &plan.args, &plan.env).unwrap_err();
+/// Execs the target; returns only on failure, with the runc-style reason.
+fn child_exec(plan: &ChildPlan<'_>, target: &ExecTarget) -> ChildFailure {
+    let name = &plan.process.args[0];
+    let err = nix::unistd::execve(&target.path, &plan.args, &target.env).unwrap_err();
     match err {
         nix::Error::EACCES => ChildFailure::new(
             ErrorKind::ExecPermissionDenied,
@@ -387,16 +425,17 @@ fn child_wait_for_go(go: &OwnedFd) -> bool {
 
 /// The child after fork: set up, report, wait, exec. Never returns.
 fn child_main(plan: &ChildPlan<'_>, stdio: [i32; 3], report: OwnedFd, go: OwnedFd) -> ! {
-    let failure = match child_setup(plan, stdio, plan.req.process.terminal) {
+    let keep = [report.as_raw_fd(), go.as_raw_fd()];
+    let failure = match child_setup(plan, stdio, keep, plan.process.terminal) {
         Err(f) => f,
-        Ok(path) => {
+        Ok(target) => {
             if nix::unistd::write(&report, &[REPORT_READY]) != Ok(1) || !child_wait_for_go(&go) {
                 // The agent is gone or gave up on this process: never exec.
                 // SAFETY: _exit ends the child without running the parent's
                 // atexit handlers or flushing its duplicated buffers.
                 unsafe { libc::_exit(EXIT_CANNOT_INVOKE) }
             }
-            child_exec(plan, &path)
+            child_exec(plan, &target)
         }
     };
     let mut msg = vec![kind_to_byte(failure.kind)];
@@ -531,28 +570,30 @@ pub struct Prepared {
     pub gate: ExecGate,
 }
 
-/// Forks the process for `req` chrooted into `root` and runs every set-up
-/// step in the child up to exec. Returns once the child waits for
-/// [`ExecGate::open`], or with the child's runc-style error (the failed
-/// child is reaped here).
-pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
+/// Forks `process` chrooted into `root` (setting `hostname` when given: the
+/// container's init) and runs every set-up step in the child up to exec.
+/// Returns once the child waits for [`ExecGate::open`], or with the child's
+/// runc-style error (the failed child is reaped here).
+pub fn prepare(
+    root: &Path,
+    process: &Process,
+    hostname: Option<&str>,
+) -> Result<Prepared, SpawnError> {
     let plan = ChildPlan {
-        req,
+        process,
+        hostname,
         root: cstring("rootfs path", root.as_os_str().as_bytes())?,
-        env: req
-            .process
+        env: process
             .env
             .iter()
             .map(|e| cstring("env", e.as_bytes()))
             .collect::<Result<_, _>>()?,
-        args: req
-            .process
+        args: process
             .args
             .iter()
             .map(|a| cstring("arg", a.as_bytes()))
             .collect::<Result<_, _>>()?,
-        path_env: req
-            .process
+        path_env: process
             .env
             .iter()
             .find_map(|e| e.strip_prefix("PATH="))
@@ -561,7 +602,7 @@ pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
     };
     // (parent's fds, child's fds [stdin, stdout, stderr])
     let (stdin, stdout, stderr, child_fds): (OwnedFd, OwnedFd, Option<OwnedFd>, Vec<OwnedFd>) =
-        if req.process.terminal {
+        if process.terminal {
             let (master, slave) = open_pty(root)?;
             let master2 = master
                 .try_clone()
@@ -573,7 +614,7 @@ pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
             let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(setup_err("pipe"))?;
             (in_w, out_r, Some(err_r), vec![in_r, out_w, err_w])
         };
-    let stdio_raw: [i32; 3] = if req.process.terminal {
+    let stdio_raw: [i32; 3] = if process.terminal {
         let s = child_fds[0].as_raw_fd();
         [s, s, s]
     } else {
@@ -605,7 +646,7 @@ pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
                         stdin,
                         stdout,
                         stderr,
-                        terminal: req.process.terminal,
+                        terminal: process.terminal,
                     },
                     gate: ExecGate {
                         pid: child,
@@ -633,11 +674,15 @@ pub fn prepare(root: &Path, req: &RunRequest) -> Result<Prepared, SpawnError> {
     }
 }
 
-/// Starts `req` chrooted into `root` at once: [`prepare`] then
+/// Starts `process` chrooted into `root` at once: [`prepare`] then
 /// [`ExecGate::open`]. Returns once the exec succeeded or the child reported
 /// why it failed (the failed child is reaped here).
-pub fn spawn(root: &Path, req: &RunRequest) -> Result<Spawned, SpawnError> {
-    let Prepared { process, gate } = prepare(root, req)?;
+pub fn spawn(
+    root: &Path,
+    process: &Process,
+    hostname: Option<&str>,
+) -> Result<Spawned, SpawnError> {
+    let Prepared { process, gate } = prepare(root, process, hostname)?;
     gate.open()?;
     Ok(process)
 }
@@ -690,35 +735,5 @@ mod tests {
             read_report(&r, Duration::from_secs(5), false),
             Report::Eof(b) if b.is_empty()
         ));
-    }
-
-    #[test]
-    fn test_look_path_missing_command_runc_message() {
-        let err = look_path("definitely-not-a-command", "/nonexistent-dir").unwrap_err();
-        assert_eq!(err.0, ErrorKind::ExecNotFound);
-        assert_eq!(
-            err.1,
-            "exec: \"definitely-not-a-command\": executable file not found in $PATH"
-        );
-    }
-
-    #[test]
-    fn test_look_path_missing_absolute_path_stat_message() {
-        let err = look_path("/nonexistent/x", DEFAULT_PATH).unwrap_err();
-        assert_eq!(
-            err.1,
-            "exec: \"/nonexistent/x\": stat /nonexistent/x: no such file or directory"
-        );
-    }
-
-    #[test]
-    fn test_look_path_finds_executable_in_path() {
-        assert_eq!(look_path("sh", "/nonexistent:/bin").unwrap(), "/bin/sh");
-    }
-
-    #[test]
-    fn test_look_path_non_executable_file_skipped() {
-        // /etc/passwd exists but is not executable.
-        assert!(look_path("passwd", "/etc").is_err());
     }
 }

@@ -7,8 +7,14 @@
 //! ```text
 //! <state>/c<N>/lower    the mounted image (block device case)
 //! <state>/c<N>/rw       tmpfs holding upper/ and work/
-//! <state>/c<N>/rootfs   the overlay (or a read-only bind for root.readonly)
+//! <state>/c<N>/rootfs   the overlay
 //! ```
+//!
+//! A read-only root (`root.readonly`) is the same overlay, made read-only
+//! by [`PreparedRootfs::seal`] once the OCI mounts are applied: mount points
+//! missing from the image are created in the overlay's upper layer (as runc
+//! creates them), then the root's mount is remounted read-only, so the
+//! container sees a read-only root while its mounts keep their own flags.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -62,6 +68,7 @@ pub struct PreparedRootfs {
     /// The directory the container is chrooted into.
     pub root: PathBuf,
     mounts: Vec<PathBuf>,
+    readonly: bool,
 }
 
 fn mkdir(path: &Path) -> Result<(), RootfsError> {
@@ -123,7 +130,26 @@ pub fn prepare(
     let mut prepared = PreparedRootfs {
         root: root.clone(),
         mounts: Vec::new(),
+        readonly: spec.readonly,
     };
+    match mount_layers(&mut prepared, &base, spec) {
+        Ok(()) => Ok(prepared),
+        Err(e) => {
+            // Nothing half-mounted is left behind.
+            prepared.teardown();
+            Err(e)
+        }
+    }
+}
+
+/// The lower layer, the overlay's tmpfs and the overlay, each recorded in
+/// `prepared` as soon as it is mounted.
+fn mount_layers(
+    prepared: &mut PreparedRootfs,
+    base: &Path,
+    spec: &RootfsSpec,
+) -> Result<(), RootfsError> {
+    let root = prepared.root.clone();
     let lower = match &spec.source {
         RootfsSource::Block { device, fs } => {
             let lower = base.join("lower");
@@ -144,59 +170,60 @@ pub fn prepare(
         let path = path.to_path_buf();
         move |source| RootfsError::Mount { what, path, source }
     };
-    if spec.readonly {
+    let rw = base.join("rw");
+    mkdir(&rw)?;
+    mount(
+        Some("tmpfs"),
+        &rw,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(err("overlay tmpfs", &rw))?;
+    prepared.mounts.push(rw.clone());
+    let (upper, work) = (rw.join("upper"), rw.join("work"));
+    mkdir(&upper)?;
+    mkdir(&work)?;
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        overlay_safe(&lower)?,
+        overlay_safe(&upper)?,
+        overlay_safe(&work)?
+    );
+    mount(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(err("overlay", &root))?;
+    prepared.mounts.push(root);
+    Ok(())
+}
+
+impl PreparedRootfs {
+    /// Makes the root read-only when the spec asks for it; call after the
+    /// OCI mounts and the default devices are in place. The remount only
+    /// changes the root's own mount: the mounts under it keep their flags.
+    pub fn seal(&self) -> Result<(), RootfsError> {
+        if !self.readonly {
+            return Ok(());
+        }
         mount(
-            Some(&lower),
-            &root,
             None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(err("rootfs bind", &root))?;
-        prepared.mounts.push(root.clone());
-        mount(
-            None::<&str>,
-            &root,
+            &self.root,
             None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
             None::<&str>,
         )
-        .map_err(err("read-only remount", &root))?;
-    } else {
-        let rw = base.join("rw");
-        mkdir(&rw)?;
-        mount(
-            Some("tmpfs"),
-            &rw,
-            Some("tmpfs"),
-            MsFlags::empty(),
-            Some("mode=0755"),
-        )
-        .map_err(err("overlay tmpfs", &rw))?;
-        prepared.mounts.push(rw.clone());
-        let (upper, work) = (rw.join("upper"), rw.join("work"));
-        mkdir(&upper)?;
-        mkdir(&work)?;
-        let data = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            overlay_safe(&lower)?,
-            overlay_safe(&upper)?,
-            overlay_safe(&work)?
-        );
-        mount(
-            Some("overlay"),
-            &root,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(data.as_str()),
-        )
-        .map_err(err("overlay", &root))?;
-        prepared.mounts.push(root.clone());
+        .map_err(|source| RootfsError::Mount {
+            what: "read-only remount",
+            path: self.root.clone(),
+            source,
+        })
     }
-    Ok(prepared)
-}
 
-impl PreparedRootfs {
     /// Lazily unmounts everything under the rootfs and the rootfs itself.
     pub fn teardown(self) {
         // The container's own mounts sit under root; MNT_DETACH takes them

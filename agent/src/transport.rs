@@ -54,6 +54,7 @@ impl Listener {
                 )
                 .map_err(err)?;
                 bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port)).map_err(err)?;
+                set_nonblocking(&fd).map_err(err)?;
                 listen(&fd, Backlog::new(16).map_err(err)?).map_err(err)?;
                 Ok(Self { fd })
             }
@@ -68,6 +69,7 @@ impl Listener {
                     Err(e) => return Err(err(e)),
                 }
                 let l = UnixListener::bind(path).map_err(err)?;
+                l.set_nonblocking(true).map_err(err)?;
                 Ok(Self {
                     fd: OwnedFd::from(l),
                 })
@@ -75,16 +77,21 @@ impl Listener {
         }
     }
 
-    /// Waits for the next connection.
-    pub fn accept(&self) -> io::Result<Conn> {
+    /// Takes the next pending connection without blocking (`None` when
+    /// there is none). The connection is non-blocking and close-on-exec.
+    pub fn accept(&self) -> io::Result<Option<Conn>> {
         loop {
-            match accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            match accept4(
+                self.fd.as_raw_fd(),
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            ) {
                 Ok(fd) => {
                     // SAFETY: accept4 returned a new descriptor that nothing else owns.
                     let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-                    return Ok(Conn(owned));
+                    return Ok(Some(Conn(owned)));
                 }
                 Err(nix::Error::EINTR) | Err(nix::Error::ECONNABORTED) => continue,
+                Err(nix::Error::EAGAIN) => return Ok(None),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -97,8 +104,14 @@ impl AsFd for Listener {
     }
 }
 
-/// One accepted connection (vsock or Unix), read and written with plain
-/// `read(2)`/`write(2)`.
+fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
+}
+
+/// One accepted connection (vsock or Unix), non-blocking, read and written
+/// with plain `read(2)`/`write(2)`.
 #[derive(Debug)]
 pub struct Conn(pub OwnedFd);
 

@@ -43,31 +43,6 @@ fn expect_closed(c: &mut Client) {
     }
 }
 
-/// Host pids and command names of the agent's children (its processes).
-fn agent_children(agent: &Agent) -> Vec<(u32, String)> {
-    let inner = agent.inner_pid();
-    std::fs::read_to_string(format!("/proc/{inner}/task/{inner}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| {
-            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).ok()?;
-            Some((p.parse().ok()?, comm.trim().to_owned()))
-        })
-        .collect()
-}
-
-/// Mount points under the agent's state directory (containers' rootfs).
-fn state_mounts(agent: &Agent) -> Vec<String> {
-    let mounts = std::fs::read_to_string(format!("/proc/{}/mounts", agent.inner_pid())).unwrap();
-    let state = format!("{}/", agent.dir.path.join("state").display());
-    mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1))
-        .filter(|m| m.starts_with(&state))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Number of open descriptors of the agent.
 fn agent_fds(agent: &Agent) -> usize {
     std::fs::read_dir(format!("/proc/{}/fd", agent.inner_pid()))
@@ -79,7 +54,7 @@ fn agent_fds(agent: &Agent) -> usize {
 fn assert_no_children_soon(agent: &Agent) {
     let end = Instant::now() + Duration::from_secs(5);
     loop {
-        let children = agent_children(agent);
+        let children = agent.children();
         if children.is_empty() {
             return;
         }
@@ -110,13 +85,13 @@ fn test_create_child_waits_without_exec_until_start() {
     c.create(agent.request(&["sh", "-c", "read x; echo got $x"]))
         .expect("create");
     // The child is still the agent's fork, not yet `sh`.
-    let children = agent_children(&agent);
+    let children = agent.children();
     assert_eq!(children.len(), 1, "{children:?}");
     assert_eq!(children[0].1, "kata-agent", "exec'd before Start");
     c.start_created().expect("start");
     let end = Instant::now() + Duration::from_secs(5);
-    while agent_children(&agent).first().map(|c| c.1.as_str()) != Some("sh") {
-        assert!(Instant::now() < end, "{:?}", agent_children(&agent));
+    while agent.children().first().map(|c| c.1.as_str()) != Some("sh") {
+        assert!(Instant::now() < end, "{:?}", agent.children());
         std::thread::sleep(Duration::from_millis(10));
     }
     c.send(&HostMessage::Stdin(b"yes\n".to_vec())).unwrap();
@@ -165,7 +140,7 @@ fn test_create_bad_cwd_error_and_nothing_left() {
     }
     assert_no_children_soon(&agent);
     // The state directory holds no mount of the failed attempt either.
-    assert_eq!(state_mounts(&agent), Vec::<String>::new());
+    assert_eq!(agent.state_mounts(), Vec::<String>::new());
 }
 
 #[test]
@@ -272,11 +247,11 @@ fn test_disconnect_while_created_kills_child() {
     let agent = Agent::start();
     let mut c = agent.client();
     c.create(agent.request(&["sleep", "30"])).expect("create");
-    assert_eq!(agent_children(&agent).len(), 1);
-    assert!(!state_mounts(&agent).is_empty(), "no rootfs mounted");
+    assert_eq!(agent.children().len(), 1);
+    assert!(!agent.state_mounts().is_empty(), "no rootfs mounted");
     drop(c);
     assert_no_children_soon(&agent);
-    assert_eq!(state_mounts(&agent), Vec::<String>::new());
+    assert_eq!(agent.state_mounts(), Vec::<String>::new());
     // The agent serves the next connection.
     assert_eq!(agent.run(&["sh", "-c", "exit 8"]).code, 8);
 }
@@ -316,6 +291,12 @@ fn test_create_failures_and_kill_leak_no_descriptors() {
     require_harness!();
     let agent = Agent::start();
     let mut c = agent.client();
+    // Connections are served concurrently: a round trip lets the agent
+    // finish with the probe connections of Agent::start first.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    c.sync_time(now.as_nanos() as u64).expect("sync_time");
     let base = agent_fds(&agent);
     for _ in 0..3 {
         assert!(c.create(agent.request(&["no-such-command"])).is_err());

@@ -7,7 +7,7 @@ use agent_protocol::{ErrorKind, Mount, Rlimit, RlimitKind, User};
 use common::{Agent, err, out};
 
 #[test]
-fn test_config_env_exactly_as_requested() {
+fn test_config_env_exactly_as_requested_plus_home() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["env"]);
@@ -16,7 +16,11 @@ fn test_config_env_exactly_as_requested() {
     let text = out(&o);
     let mut lines: Vec<&str> = text.lines().collect();
     lines.sort();
-    assert_eq!(lines, vec!["EMPTY=", "FOO=bar baz", "PATH=/bin"]);
+    // Without HOME in the request, runc adds it from /etc/passwd.
+    assert_eq!(
+        lines,
+        vec!["EMPTY=", "FOO=bar baz", "HOME=/root", "PATH=/bin"]
+    );
 }
 
 #[test]
@@ -158,6 +162,104 @@ fn test_rootfs_readonly_refuses_writes() {
     let o = agent.run_req(req, None).unwrap();
     assert_ne!(o.code, 0);
     assert!(err(&o).contains("Read-only file system"), "{}", err(&o));
+}
+
+#[test]
+fn test_rootfs_readonly_tmpfs_at_missing_dir_works_root_stays_readonly() {
+    require_harness!();
+    let agent = Agent::start();
+    assert!(!agent.rootfs.join("data").exists());
+    let mut req = agent.request(&[
+        "sh",
+        "-c",
+        "echo kept > /data/new/f && cat /data/new/f; touch /x || echo touch-failed",
+    ]);
+    req.rootfs.readonly = true;
+    req.mounts.push(Mount {
+        destination: "/data/new".into(),
+        fs_type: "tmpfs".into(),
+        source: "tmpfs".into(),
+        options: vec!["size=1m".into()],
+    });
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(
+        (o.code, out(&o).as_str()),
+        (0, "kept\ntouch-failed\n"),
+        "{o:?}"
+    );
+    assert!(err(&o).contains("Read-only file system"), "{}", err(&o));
+    assert!(
+        !agent.rootfs.join("data").exists(),
+        "mount point leaked into the image"
+    );
+}
+
+/// The `HOME` a process of `uid` sees with `env`.
+fn home_of(agent: &Agent, uid: u32, env: &[&str]) -> String {
+    let mut req = agent.request(&["sh", "-c", "echo \"$HOME\""]);
+    req.process.env = env.iter().map(|s| s.to_string()).collect();
+    req.process.user = User {
+        uid,
+        gid: uid,
+        additional_gids: vec![],
+    };
+    out(&agent.run_req(req, None).unwrap())
+}
+
+#[test]
+fn test_home_from_passwd_when_env_has_none() {
+    require_harness!();
+    let agent = Agent::start();
+    assert_eq!(home_of(&agent, 0, &["PATH=/bin"]), "/root\n");
+    assert_eq!(home_of(&agent, 1001, &["PATH=/bin"]), "/home/app\n");
+    assert_eq!(home_of(&agent, 4242, &["PATH=/bin"]), "/\n");
+    // An empty HOME counts as none, as in runc.
+    assert_eq!(
+        home_of(&agent, 1001, &["PATH=/bin", "HOME="]),
+        "/home/app\n"
+    );
+}
+
+#[test]
+fn test_home_explicit_kept() {
+    require_harness!();
+    let agent = Agent::start();
+    assert_eq!(
+        home_of(&agent, 1001, &["PATH=/bin", "HOME=/custom"]),
+        "/custom\n"
+    );
+}
+
+#[test]
+fn test_home_without_passwd_file_is_slash() {
+    require_harness!();
+    let agent = Agent::start();
+    std::fs::remove_file(agent.rootfs.join("etc/passwd")).unwrap();
+    assert_eq!(home_of(&agent, 0, &["PATH=/bin"]), "/\n");
+}
+
+#[test]
+fn test_umask_027_files_created_0640_default_0644() {
+    require_harness!();
+    let agent = Agent::start();
+    let script = "umask; touch /tmp/f; stat -c %a /tmp/f";
+    let mut req = agent.request(&["sh", "-c", script]);
+    req.process.umask = Some(0o027);
+    assert_eq!(out(&agent.run_req(req, None).unwrap()), "0027\n640\n");
+    assert_eq!(out(&agent.run(&["sh", "-c", script])), "0022\n644\n");
+}
+
+#[test]
+fn test_home_and_umask_applied_to_exec_too() {
+    require_harness!();
+    let agent = Agent::start();
+    let _init = agent.start_init(&["sleep", "300"]);
+    let mut req = agent.exec_request("e", &["sh", "-c", "echo $HOME; umask"]);
+    req.process.env = vec!["PATH=/bin".into()];
+    req.process.user.uid = 1001;
+    req.process.umask = Some(0o077);
+    let o = agent.exec_req(req, None).unwrap();
+    assert_eq!(out(&o), "/home/app\n0077\n");
 }
 
 #[test]

@@ -1,13 +1,14 @@
-//! Creating and starting the session's process: `Create`, `Start`, and
-//! `Run` (= `Create` then `Start`, one code path), with the answers each
-//! gets on success and failure.
+//! Creating and starting the session's process: `Create`, `Start`, `Run`
+//! (= `Create` then `Start`) for the container's init, and `Exec` for
+//! another process in it, with the answers each gets on success and failure.
+//! One code path ([`prepare`]) sets up every process.
 
 use std::time::Instant;
 
-use agent_protocol::{AgentMessage, ErrorKind, RunRequest};
+use agent_protocol::{AgentMessage, ErrorKind, ExecRequest, RunRequest};
 use nix::unistd::Pid;
 
-use super::{Flow, Phase, Running, Session, SessionEnd, error};
+use super::{Phase, Proc, Session, SessionContext, SessionEnd, error};
 use crate::exit_status::EXIT_CANNOT_INVOKE;
 use crate::mounts::{apply_mount, populate_dev, prepare_dev};
 use crate::process::{Prepared, SpawnError, Spawned, prepare};
@@ -57,30 +58,62 @@ fn wire_pid(pid: Pid) -> u32 {
     u32::try_from(pid.as_raw()).unwrap_or(u32::MAX)
 }
 
-impl<R: RestoreOps> Session<'_, '_, R> {
-    /// Ends a `Run` or `Start` that failed: `Error`, then `Exited{code}`.
-    fn fail_run(&mut self, f: Failure) -> Flow {
+/// The session's record of a freshly set-up process.
+fn proc_of(spawned: Spawned) -> Box<Proc> {
+    let Spawned {
+        pid,
+        stdin,
+        stdout,
+        stderr,
+        terminal,
+    } = spawned;
+    if let Err(e) = nix::fcntl::fcntl(
+        &stdin,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    ) {
+        tracing::warn!(error = %e, "cannot make stdin non-blocking");
+    }
+    Box::new(Proc {
+        pid,
+        stdin: Some(stdin),
+        stdin_queue: Vec::new(),
+        stdin_close: false,
+        stdout: Some(stdout),
+        stderr,
+        terminal,
+        exit: None,
+    })
+}
+
+impl Session {
+    /// Ends a `Run`, `Start` or `Exec` that failed: `Error`, then
+    /// `Exited{code}`, then the connection closes.
+    fn fail_run(&mut self, f: Failure) {
         let Failure {
             kind,
             message,
             code,
         } = f;
         tracing::warn!(?kind, %message, code, "run failed");
-        let _ = self.send(&error(kind, message));
-        let _ = self.send(&AgentMessage::Exited { code });
-        Flow::End(SessionEnd::Exited(code))
+        self.reply(error(kind, message));
+        self.reply(AgentMessage::Exited { code });
+        self.end(SessionEnd::Exited(code), true);
     }
 
     /// `Run`: `Create` then `Start`, answered by `Started` alone.
-    pub(super) fn run(&mut self, req: &RunRequest) -> Flow {
-        match self.create(req).and_then(|_| self.start_created()) {
+    pub(super) fn run<R: RestoreOps>(&mut self, req: &RunRequest, ctx: &mut SessionContext<'_, R>) {
+        match self.create(req, ctx).and_then(|_| self.start_created(ctx)) {
             Ok(pid) => self.reply(AgentMessage::Started { pid }),
             Err(f) => self.fail_run(f),
         }
     }
 
-    pub(super) fn create_and_reply(&mut self, req: &RunRequest) -> Flow {
-        match self.create(req) {
+    pub(super) fn create_and_reply<R: RestoreOps>(
+        &mut self,
+        req: &RunRequest,
+        ctx: &mut SessionContext<'_, R>,
+    ) {
+        match self.create(req, ctx) {
             Ok(pid) => self.reply(AgentMessage::Created { pid }),
             Err(f) => {
                 // Nothing is left of the attempt: the host may Create again.
@@ -90,18 +123,22 @@ impl<R: RestoreOps> Session<'_, '_, R> {
         }
     }
 
-    pub(super) fn start_and_reply(&mut self) -> Flow {
-        match self.start_created() {
+    pub(super) fn start_and_reply<R: RestoreOps>(&mut self, ctx: &mut SessionContext<'_, R>) {
+        match self.start_created(ctx) {
             Ok(pid) => self.reply(AgentMessage::Started { pid }),
             Err(f) => self.fail_run(f),
         }
     }
 
     /// Lets the created process exec. On success the phase is `Running`; on
-    /// failure the child is reaped, the rootfs torn down, the phase `Idle`.
-    fn start_created(&mut self) -> Result<u32, Failure> {
-        let (mut run, gate) = match std::mem::replace(&mut self.phase, Phase::Idle) {
-            Phase::Created(run, gate) => (run, gate),
+    /// failure the child has been reaped, and the container learns its init
+    /// is gone (killing its execs, tearing the rootfs down).
+    fn start_created<R: RestoreOps>(
+        &mut self,
+        ctx: &mut SessionContext<'_, R>,
+    ) -> Result<u32, Failure> {
+        let (p, gate) = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Created(p, gate) => (p, gate),
             other => {
                 self.phase = other;
                 return Err(Failure {
@@ -111,89 +148,105 @@ impl<R: RestoreOps> Session<'_, '_, R> {
                 });
             }
         };
+        let pid = p.pid;
         match gate.open() {
             Ok(()) => {
-                let pid = run.pid;
                 tracing::info!(pid = pid.as_raw(), "process started");
-                self.phase = Phase::Running(run);
+                self.phase = Phase::Running(p);
                 Ok(wire_pid(pid))
             }
             Err(e) => {
-                if let Some(r) = run.rootfs.take() {
-                    r.teardown();
-                }
+                // `open` reaped the child: the reaper will never see it.
+                ctx.containers.process_exited(pid);
                 Err(e.into())
             }
         }
     }
 
-    /// Mounts the rootfs and the OCI mounts and prepares the process. On
-    /// success the phase is `Created`; on failure nothing is left (no child,
-    /// no mounts) and the phase stays `Idle`.
-    fn create(&mut self, req: &RunRequest) -> Result<u32, Failure> {
-        let id = *self.ctx.next_id;
-        *self.ctx.next_id += 1;
+    /// Mounts the rootfs and the OCI mounts, prepares the init process and
+    /// records the container. On success the phase is `Created`; on failure
+    /// nothing is left (no child, no mounts) and the phase stays `Idle`.
+    fn create<R: RestoreOps>(
+        &mut self,
+        req: &RunRequest,
+        ctx: &mut SessionContext<'_, R>,
+    ) -> Result<u32, Failure> {
+        let id = ctx.next_id;
+        ctx.next_id += 1;
         let t0 = Instant::now();
-        let rootfs =
-            prepare_rootfs(self.ctx.state_dir, id, &req.rootfs).map_err(Failure::rootfs)?;
+        let rootfs = prepare_rootfs(ctx.state_dir, id, &req.rootfs).map_err(Failure::rootfs)?;
         let t_rootfs = t0.elapsed();
         let mounted = prepare_dev(&rootfs.root, &req.mounts, req.rootfs.readonly)
+            .map_err(Failure::rootfs)
             .and_then(|()| {
                 req.mounts
                     .iter()
                     .try_for_each(|m| apply_mount(&rootfs.root, m))
+                    .map_err(Failure::rootfs)
             })
-            .and_then(|()| populate_dev(&rootfs.root));
+            .and_then(|()| populate_dev(&rootfs.root).map_err(Failure::rootfs))
+            .and_then(|()| rootfs.seal().map_err(Failure::rootfs));
         if let Err(e) = mounted {
             rootfs.teardown();
-            return Err(Failure::rootfs(e));
+            return Err(e);
         }
         let t_mounts = t0.elapsed();
-        let prepared = prepare(&rootfs.root, req);
+        let prepared = prepare(&rootfs.root, &req.process, req.hostname.as_deref());
         tracing::debug!(
             rootfs_us = t_rootfs.as_micros() as u64,
             mounts_us = (t_mounts - t_rootfs).as_micros() as u64,
             prepare_us = (t0.elapsed() - t_mounts).as_micros() as u64,
             "create timing"
         );
-        let Prepared {
-            process:
-                Spawned {
-                    pid,
-                    stdin,
-                    stdout,
-                    stderr,
-                    terminal,
-                },
-            gate,
-        } = match prepared {
+        let Prepared { process, gate } = match prepared {
             Ok(p) => p,
             Err(e) => {
                 rootfs.teardown();
                 return Err(e.into());
             }
         };
-        if let Err(e) = nix::fcntl::fcntl(
-            &stdin,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        ) {
-            tracing::warn!(error = %e, "cannot make stdin non-blocking");
-        }
-        tracing::info!(pid = pid.as_raw(), args = ?req.process.args, "process created");
-        self.phase = Phase::Created(
-            Box::new(Running {
-                pid,
-                stdin: Some(stdin),
-                stdin_queue: Vec::new(),
-                stdin_close: false,
-                stdout: Some(stdout),
-                stderr,
-                terminal,
-                exit: None,
-                rootfs: Some(rootfs),
-            }),
-            gate,
-        );
+        let pid = process.pid;
+        tracing::info!(pid = pid.as_raw(), container = id, args = ?req.process.args, "process created");
+        ctx.containers.add(id, rootfs, pid);
+        self.phase = Phase::Created(proc_of(process), gate);
         Ok(wire_pid(pid))
+    }
+
+    /// `Exec`: runs another process in the newest container, chrooted in
+    /// its root, without a hostname change or mounts, answered as `Run`.
+    /// A refusal (no container, stopped, id in use) is `Error` alone and
+    /// the session stays idle.
+    pub(super) fn exec<R: RestoreOps>(
+        &mut self,
+        req: &ExecRequest,
+        ctx: &mut SessionContext<'_, R>,
+    ) {
+        let target = match ctx.containers.exec_target(&req.id) {
+            Ok(t) => t,
+            Err(refused) => {
+                tracing::info!(exec_id = %req.id, reason = %refused, "exec refused");
+                return self.reply(error(refused.kind(), refused.to_string()));
+            }
+        };
+        let spawned = prepare(&target.root, &req.process, None).and_then(|p| {
+            let Prepared { process, gate } = p;
+            gate.open().map(|()| process)
+        });
+        match spawned {
+            Ok(process) => {
+                let pid = process.pid;
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    container = target.container,
+                    exec_id = %req.id,
+                    args = ?req.process.args,
+                    "exec started"
+                );
+                ctx.containers.add_exec(target.container, &req.id, pid);
+                self.phase = Phase::Running(proc_of(process));
+                self.reply(AgentMessage::Started { pid: wire_pid(pid) });
+            }
+            Err(e) => self.fail_run(e.into()),
+        }
     }
 }

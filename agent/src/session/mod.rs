@@ -1,75 +1,106 @@
 //! One host connection: the handshake, restore requests, and at most one
-//! container process whose stdio is relayed until it exits.
+//! process (the container's init, or one `Exec` runs in it) whose stdio is
+//! relayed until it exits.
 //!
 //! ```text
 //!  Handshake --Hello--> Idle --Create ok--> Created --Start ok--> Running
 //!                        ^  |                  |                     |
-//!                        +--+ Create failed    | exits (a Signal)    | exits
-//!                           |                  v                     v
-//!                           +--Run = Create+Start-------------> Exited sent, end
+//!                        +--+ Create failed,   | exits (a Signal)    | exits, output
+//!                           | Exec refused     v                     v  drained
+//!                           +--Run / Exec ------------------> Closing: Exited queued,
+//!                                                              flushed, then closed
 //! ```
 //!
-//! `Created` and `Running` share the process's state (`Running`); in
-//! `Created` the child waits on its [`ExecGate`], signals and resizes reach
-//! it, stdin is refused, and its death (a signal) ends the session with
-//! `Exited` as in `Running`.
+//! A session never blocks and owns no loop: the server's single poll(2) loop
+//! asks it which descriptors to watch ([`Session::register`]), hands it the
+//! events ([`Session::on_event`]), tells it when its process exited
+//! ([`Session::process_exited`], reaping is central), and lets it act on
+//! time ([`Session::tick`]).
 //!
-//! The loop is single-threaded around `poll(2)`: the connection, the
-//! process's stdout/stderr (or pty master), its stdin when bytes are queued,
-//! and a signalfd for SIGCHLD. Host frames are decoded incrementally
-//! ([`FrameDecoder`]) so a slow or hostile host cannot stall output relaying
-//! with half a frame. Writes to the host block (back-pressure); the host must
-//! read while it writes (the client does, with a writer thread).
+//! Flow control, both ways and bounded:
+//! - everything for the host goes through an outbound queue written when
+//!   the connection is writable; while the queue holds more than
+//!   [`OUTPUT_QUEUE_LIMIT`] bytes the process's stdout/stderr are not read
+//!   (the process blocks on its pipe), and past [`QUEUE_HARD_LIMIT`] host
+//!   frames wait too (a host that sends without reading cannot grow the
+//!   queue with replies). Below that, a `Signal` still gets through to a
+//!   process whose output the host stopped reading.
+//! - stdin bytes wait in a queue of at most [`STDIN_QUEUE_LIMIT`]; while it
+//!   is full, host frames wait (the host's writes then block).
 //!
 //! Errors: a frame that does not decode or validate is answered with `Error`
-//! and the session goes on; an oversized frame, a bad handshake, or EOF in the
-//! middle of a frame end the session (a running process is killed).
+//! and the session goes on; an oversized frame, a bad handshake, or no
+//! `Hello` in time are answered with `Error` and the connection is closed
+//! once it is flushed; EOF (even mid-frame) or a broken connection ends the
+//! session at once. A process whose session ends before it exited is
+//! SIGKILLed.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agent_protocol::{
-    AgentMessage, ErrorKind, FrameDecoder, HostMessage, MAX_STDIO_CHUNK, MAX_TEXT,
-    PROTOCOL_VERSION, ProtocolError, ValidationError, decode_message, write_message,
-};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use agent_protocol::{AgentMessage, ErrorKind, FrameDecoder, MAX_TEXT, PROTOCOL_VERSION};
+use nix::poll::{PollFd, PollFlags};
 use nix::sys::signal::{Signal, kill};
-use nix::sys::signalfd::SignalFd;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::exit_status::exit_code;
+use crate::container::Containers;
 use crate::process::ExecGate;
 use crate::restore::RestoreOps;
-use crate::rootfs::PreparedRootfs;
 use crate::transport::Conn;
 
+mod io;
 mod lifecycle;
+mod messages;
+
+pub use io::OutQueue;
 
 /// How long a connection may take to send its `Hello`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for stdout/stderr EOF after the process exited (a
-/// background child may hold them open).
+/// background child may hold them open). Time during which the host is not
+/// reading (the outbound queue is over its bound) does not count.
 pub const EXIT_DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// Longest drain after an exit, however slowly the host reads: bounds a
+/// background child that keeps writing to the pipes.
+pub const EXIT_DRAIN_MAX: Duration = Duration::from_secs(30);
+/// How long a closing session waits for the host to read what is queued,
+/// counted from the last write that made progress.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(30);
 /// Most stdin bytes queued before the agent stops reading from the host.
 pub const STDIN_QUEUE_LIMIT: usize = 1024 * 1024;
+/// Outbound bytes above which the process's output is no longer read.
+pub const OUTPUT_QUEUE_LIMIT: usize = 256 * 1024;
+/// Outbound bytes above which host frames are no longer processed.
+pub const QUEUE_HARD_LIMIT: usize = 512 * 1024;
 
-/// Shared state the sessions of one agent use.
+/// State the sessions of one agent share.
 #[derive(Debug)]
 pub struct SessionContext<'a, R: RestoreOps> {
     /// Applies SyncTime / Reseed.
     pub restore: &'a mut R,
     /// Per-container mount points go here.
     pub state_dir: &'a Path,
-    /// SIGCHLD (blocked) as a non-blocking signalfd.
-    pub sigchld: &'a SignalFd,
     /// Number of the next container (names its state directory).
-    pub next_id: &'a mut u64,
+    pub next_id: u64,
+    /// Every container and its processes.
+    pub containers: Containers,
+}
+
+impl<'a, R: RestoreOps> SessionContext<'a, R> {
+    /// A context with no container yet.
+    pub fn new(restore: &'a mut R, state_dir: &'a Path) -> Self {
+        Self {
+            restore,
+            state_dir,
+            next_id: 0,
+            containers: Containers::new(),
+        }
+    }
 }
 
 /// How a session ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionEnd {
     /// The process ran and exited with this status (sent to the host).
     Exited(i32),
@@ -77,9 +108,25 @@ pub enum SessionEnd {
     Disconnected,
     /// The host broke the protocol; the agent said why and closed.
     ProtocolViolation,
+    /// The host did not read what was queued for it in time.
+    Stalled,
 }
 
-struct Running {
+/// Which of a session's descriptors an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// The host connection.
+    Conn,
+    /// The process's stdout (or pty master).
+    Stdout,
+    /// The process's stderr.
+    Stderr,
+    /// The process's stdin (or pty master), written from the queue.
+    Stdin,
+}
+
+/// The session's process, created or running.
+struct Proc {
     pid: Pid,
     stdin: Option<OwnedFd>,
     stdin_queue: Vec<u8>,
@@ -87,38 +134,45 @@ struct Running {
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
     terminal: bool,
-    exit: Option<(i32, Instant)>,
-    rootfs: Option<PreparedRootfs>,
+    exit: Option<Exit>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    code: i32,
+    /// When the drain gives up on stdout/stderr EOF (pushed back while the
+    /// host is not reading).
+    grace_end: Instant,
+    /// When it gives up however slow the host is.
+    hard_end: Instant,
 }
 
 enum Phase {
     Handshake,
     Idle,
     /// `Create` succeeded: the child finished set-up and waits for `Start`.
-    Created(Box<Running>, ExecGate),
-    Running(Box<Running>),
+    Created(Box<Proc>, ExecGate),
+    Running(Box<Proc>),
+    /// The last message is queued: flush, then close.
+    Closing(SessionEnd),
+    /// Nothing more can be sent: close now.
+    Gone(SessionEnd),
 }
 
 impl Phase {
-    /// The session's process, created or running.
-    fn process(&self) -> Option<&Running> {
+    fn process(&self) -> Option<&Proc> {
         match self {
-            Phase::Created(run, _) | Phase::Running(run) => Some(run),
-            Phase::Handshake | Phase::Idle => None,
+            Phase::Created(p, _) | Phase::Running(p) => Some(p),
+            _ => None,
         }
     }
 
-    fn process_mut(&mut self) -> Option<&mut Running> {
+    fn process_mut(&mut self) -> Option<&mut Proc> {
         match self {
-            Phase::Created(run, _) | Phase::Running(run) => Some(run),
-            Phase::Handshake | Phase::Idle => None,
+            Phase::Created(p, _) | Phase::Running(p) => Some(p),
+            _ => None,
         }
     }
-}
-
-enum Flow {
-    Continue,
-    End(SessionEnd),
 }
 
 fn truncate(mut s: String) -> String {
@@ -139,509 +193,272 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> AgentMessage {
     }
 }
 
-/// Serves one connection to its end.
-pub struct Session<'c, 'a, R: RestoreOps> {
+/// One host connection and its process.
+pub struct Session {
     conn: Conn,
     decoder: FrameDecoder,
-    ctx: &'c mut SessionContext<'a, R>,
+    out: OutQueue,
     phase: Phase,
+    handshake_end: Instant,
+    /// Complete host frames wait in the decoder: processing paused at a bound.
+    backlog: bool,
+    /// Last time a write to the host made progress (or the session began).
+    last_progress: Instant,
+    span: tracing::Span,
 }
 
-impl<R: RestoreOps> std::fmt::Debug for Session<'_, '_, R> {
+impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("conn", &self.conn)
+            .field("queued", &self.out.len())
             .finish_non_exhaustive()
     }
 }
 
-/// Reads once from `fd` into a fresh buffer; `None` on EOF (or EIO, which a
-/// pty master returns once the terminal is closed).
-fn read_chunk(fd: BorrowedFd<'_>) -> Option<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; MAX_STDIO_CHUNK];
-    match nix::unistd::read(fd, &mut buf) {
-        Ok(0) | Err(nix::Error::EIO) => Some(None),
-        Ok(n) => {
-            buf.truncate(n);
-            Some(Some(buf))
-        }
-        Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => None,
-        Err(e) => {
-            tracing::warn!(error = %e, "read from process failed");
-            Some(None)
-        }
-    }
-}
-
-impl<'c, 'a, R: RestoreOps> Session<'c, 'a, R> {
-    /// A session on a freshly accepted connection.
-    pub fn new(conn: Conn, ctx: &'c mut SessionContext<'a, R>) -> Self {
+impl Session {
+    /// A session on a freshly accepted (non-blocking) connection; our
+    /// `Hello` is queued at once.
+    pub fn new(conn: Conn, number: u64) -> Self {
+        let now = Instant::now();
+        let mut out = OutQueue::default();
+        out.push(&AgentMessage::Hello {
+            version: PROTOCOL_VERSION,
+        });
         Self {
             conn,
             decoder: FrameDecoder::new(),
-            ctx,
+            out,
             phase: Phase::Handshake,
+            handshake_end: now + HANDSHAKE_TIMEOUT,
+            backlog: false,
+            last_progress: now,
+            span: tracing::info_span!("session", n = number),
         }
     }
 
-    fn send(&mut self, msg: &AgentMessage) -> Result<(), ProtocolError> {
-        write_message(&mut self.conn, msg)
+    /// The tracing span of this session (enter it around calls).
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
-    /// Runs the session until the connection ends.
-    pub fn serve(mut self) -> SessionEnd {
-        let end = match self.send(&AgentMessage::Hello {
-            version: PROTOCOL_VERSION,
-        }) {
-            Ok(()) => self.event_loop(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot send Hello");
-                SessionEnd::Disconnected
-            }
-        };
-        self.cleanup();
-        end
+    /// Pid of the session's process while it has not been reaped.
+    pub fn live_pid(&self) -> Option<Pid> {
+        self.phase
+            .process()
+            .filter(|p| p.exit.is_none())
+            .map(|p| p.pid)
     }
 
-    fn cleanup(&mut self) {
-        if let Some(run) = self.phase.process_mut() {
-            if run.exit.is_none() {
-                tracing::warn!(
-                    pid = run.pid.as_raw(),
-                    "session ended with the process running; killing it"
-                );
-                let _ = kill(run.pid, Signal::SIGKILL);
-                let _ = waitpid(run.pid, None);
-            }
-            if let Some(r) = run.rootfs.take() {
-                r.teardown();
-            }
-        }
+    /// Whether host frames are read and processed now.
+    fn accepts_frames(&self) -> bool {
+        let stdin_room = self
+            .phase
+            .process()
+            .is_none_or(|p| p.stdin_queue.len() < STDIN_QUEUE_LIMIT);
+        !matches!(self.phase, Phase::Closing(_) | Phase::Gone(_))
+            && self.out.len() < QUEUE_HARD_LIMIT
+            && stdin_room
     }
 
-    fn event_loop(&mut self) -> SessionEnd {
-        let started = Instant::now();
-        loop {
-            let (timeout, ready) = match self.poll_once(started) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "poll failed");
-                    return SessionEnd::Disconnected;
-                }
-            };
-            if timeout && matches!(self.phase, Phase::Handshake) {
-                tracing::warn!("no Hello within {HANDSHAKE_TIMEOUT:?}; closing");
-                let _ = self.send(&error(ErrorKind::Protocol, "no Hello received in time"));
-                return SessionEnd::ProtocolViolation;
-            }
-            match self.handle_ready(ready) {
-                Flow::Continue => {}
-                Flow::End(end) => return end,
-            }
-            if let Some(end) = self.check_exit() {
-                return end;
-            }
+    /// Adds the descriptors to watch, tagged with `(index, slot)`.
+    pub fn register<'a>(
+        &'a self,
+        index: usize,
+        fds: &mut Vec<PollFd<'a>>,
+        tags: &mut Vec<(usize, Slot)>,
+    ) {
+        if matches!(self.phase, Phase::Gone(_)) {
+            return;
         }
-    }
-
-    fn poll_once(&mut self, started: Instant) -> nix::Result<(bool, Ready)> {
-        let mut ready = Ready::default();
-        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(5);
-        let mut slots: Vec<Slot> = Vec::with_capacity(5);
-        let mut timeout = PollTimeout::NONE;
-        let read_host = match self.phase.process() {
-            Some(run) => run.stdin_queue.len() < STDIN_QUEUE_LIMIT,
-            None => true,
-        };
-        if read_host {
-            fds.push(PollFd::new(self.conn.as_fd(), PollFlags::POLLIN));
-            slots.push(Slot::Conn);
+        let mut conn = PollFlags::empty();
+        if self.accepts_frames() && !self.backlog {
+            conn |= PollFlags::POLLIN;
         }
-        match &self.phase {
-            Phase::Handshake => {
-                let left = HANDSHAKE_TIMEOUT.saturating_sub(started.elapsed());
-                timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-            }
-            Phase::Idle => {}
-            // A created child writes nothing and is given no stdin, but its
-            // death (a host signal) must be seen.
-            Phase::Created(run, _) | Phase::Running(run) => {
-                fds.push(PollFd::new(self.ctx.sigchld.as_fd(), PollFlags::POLLIN));
-                slots.push(Slot::Sigchld);
-                if let Some(fd) = &run.stdout {
-                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-                    slots.push(Slot::Stdout);
-                }
-                if let Some(fd) = &run.stderr {
-                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-                    slots.push(Slot::Stderr);
-                }
-                if let Some(fd) = &run.stdin
-                    && !run.stdin_queue.is_empty()
-                {
-                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLOUT));
-                    slots.push(Slot::Stdin);
-                }
-                if let Some((_, at)) = run.exit {
-                    let left = EXIT_DRAIN_GRACE.saturating_sub(at.elapsed());
-                    timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-                }
-            }
+        if !self.out.is_empty() {
+            conn |= PollFlags::POLLOUT;
         }
-        let n = match poll(&mut fds, timeout) {
-            Ok(n) => n,
-            Err(nix::Error::EINTR) => return Ok((false, ready)),
-            Err(e) => return Err(e),
-        };
-        for (fd, slot) in fds.iter().zip(slots) {
-            let ev = fd.revents().unwrap_or(PollFlags::empty());
-            if ev.is_empty() {
-                continue;
-            }
-            match slot {
-                Slot::Conn => ready.conn = true,
-                Slot::Sigchld => ready.sigchld = true,
-                Slot::Stdout => ready.stdout = true,
-                Slot::Stderr => ready.stderr = true,
-                Slot::Stdin => ready.stdin = true,
-            }
-        }
-        Ok((n == 0, ready))
-    }
-
-    fn handle_ready(&mut self, ready: Ready) -> Flow {
-        if ready.sigchld {
-            self.reap();
-        }
-        if ready.stdout && self.relay_output(false).is_err() {
-            return Flow::End(SessionEnd::Disconnected);
-        }
-        if ready.stderr && self.relay_output(true).is_err() {
-            return Flow::End(SessionEnd::Disconnected);
-        }
-        if ready.stdin {
-            self.write_stdin();
-        }
-        if ready.conn {
-            return self.read_host();
-        }
-        Flow::Continue
-    }
-
-    fn reap(&mut self) {
-        while let Ok(Some(_)) = self.ctx.sigchld.read_signal() {}
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(status) => {
-                    if let Some(run) = self.phase.process_mut()
-                        && status.pid() == Some(run.pid)
-                        && let Some(code) = exit_code(status)
-                    {
-                        tracing::info!(pid = run.pid.as_raw(), code, "process exited");
-                        run.exit = Some((code, Instant::now()));
-                        // Keep reading output, but stop writing input.
-                        run.stdin_queue.clear();
-                        if !run.terminal {
-                            run.stdin = None;
-                        }
-                    } else {
-                        tracing::debug!(?status, "reaped");
-                    }
-                }
-            }
-        }
-    }
-
-    fn relay_output(&mut self, is_stderr: bool) -> Result<(), ProtocolError> {
-        let Some(run) = self.phase.process_mut() else {
-            return Ok(());
-        };
-        let slot = if is_stderr {
-            &mut run.stderr
-        } else {
-            &mut run.stdout
-        };
-        let Some(fd) = slot.as_ref() else {
-            return Ok(());
-        };
-        match read_chunk(fd.as_fd()) {
-            None => Ok(()),
-            Some(None) => {
-                *slot = None;
-                Ok(())
-            }
-            Some(Some(bytes)) => {
-                let msg = if is_stderr {
-                    AgentMessage::Stderr(bytes)
-                } else {
-                    AgentMessage::Stdout(bytes)
-                };
-                self.send(&msg)
-            }
-        }
-    }
-
-    fn write_stdin(&mut self) {
-        let Phase::Running(run) = &mut self.phase else {
+        // Even with no flags, poll reports POLLHUP/POLLERR: a host gone
+        // while nothing is exchanged is still noticed.
+        fds.push(PollFd::new(self.conn.as_fd(), conn));
+        tags.push((index, Slot::Conn));
+        let Some(p) = self.phase.process() else {
             return;
         };
-        let Some(fd) = &run.stdin else { return };
-        match nix::unistd::write(fd, &run.stdin_queue) {
-            Ok(n) => {
-                run.stdin_queue.drain(..n);
-            }
-            Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => {}
-            Err(e) => {
-                tracing::debug!(error = %e, "stdin closed by the process");
-                run.stdin_queue.clear();
-                run.stdin = None;
+        if self.out.len() < OUTPUT_QUEUE_LIMIT {
+            for (fd, slot) in [(&p.stdout, Slot::Stdout), (&p.stderr, Slot::Stderr)] {
+                if let Some(fd) = fd {
+                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                    tags.push((index, slot));
+                }
             }
         }
-        if run.stdin_queue.is_empty() && run.stdin_close && !run.terminal {
-            run.stdin = None;
+        if let Some(fd) = &p.stdin
+            && !p.stdin_queue.is_empty()
+        {
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLOUT));
+            tags.push((index, Slot::Stdin));
         }
     }
 
-    fn check_exit(&mut self) -> Option<SessionEnd> {
-        let run = self.phase.process_mut()?;
-        let (code, at) = run.exit?;
-        let drained = run.stdout.is_none() && run.stderr.is_none();
-        if !drained && at.elapsed() < EXIT_DRAIN_GRACE {
-            return None;
+    /// Handles readiness of one of the session's descriptors.
+    pub fn on_event<R: RestoreOps>(
+        &mut self,
+        slot: Slot,
+        events: PollFlags,
+        ctx: &mut SessionContext<'_, R>,
+    ) {
+        if matches!(self.phase, Phase::Gone(_)) {
+            return;
         }
-        if !drained {
-            tracing::warn!("output still open {EXIT_DRAIN_GRACE:?} after exit; not waiting longer");
-        }
-        if let Err(e) = self.send(&AgentMessage::Exited { code }) {
-            tracing::warn!(error = %e, "cannot send Exited");
-        }
-        Some(SessionEnd::Exited(code))
-    }
-
-    fn read_host(&mut self) -> Flow {
-        let mut buf = vec![0u8; 64 * 1024];
-        let n = match nix::unistd::read(self.conn.as_fd(), &mut buf) {
-            Ok(n) => n,
-            Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => return Flow::Continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "connection read failed");
-                return Flow::End(SessionEnd::Disconnected);
-            }
-        };
-        if n == 0 {
-            if let Err(e) = self.decoder.finish() {
-                tracing::warn!(error = %e, "host closed the connection mid-frame");
-            } else {
-                tracing::info!("host closed the connection");
-            }
-            return Flow::End(SessionEnd::Disconnected);
-        }
-        self.decoder.feed(&buf[..n]);
-        loop {
-            match self.decoder.next_frame() {
-                Ok(None) => return Flow::Continue,
-                Ok(Some(payload)) => {
-                    if let Flow::End(e) = self.handle_frame(&payload) {
-                        return Flow::End(e);
-                    }
+        match slot {
+            Slot::Conn => {
+                if events.contains(PollFlags::POLLOUT) {
+                    self.flush();
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "bad frame; closing");
-                    let _ = self.send(&error(ErrorKind::Protocol, e.to_string()));
-                    return Flow::End(SessionEnd::ProtocolViolation);
+                if matches!(self.phase, Phase::Gone(_)) {
+                    return;
                 }
-            }
-        }
-    }
-
-    fn reply(&mut self, msg: AgentMessage) -> Flow {
-        match self.send(&msg) {
-            Ok(()) => Flow::Continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot reply");
-                Flow::End(SessionEnd::Disconnected)
-            }
-        }
-    }
-
-    fn handle_frame(&mut self, payload: &[u8]) -> Flow {
-        let handshake = matches!(self.phase, Phase::Handshake);
-        let msg = match decode_message::<HostMessage>(payload) {
-            Ok(m) => m,
-            Err(ProtocolError::Invalid(e @ ValidationError::VersionMismatch { .. })) => {
-                tracing::warn!(error = %e, "version mismatch; closing");
-                let _ = self.send(&error(ErrorKind::VersionMismatch, e.to_string()));
-                return Flow::End(SessionEnd::ProtocolViolation);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "rejected host message");
-                let kind = match e {
-                    ProtocolError::Invalid(_) => ErrorKind::InvalidRequest,
-                    _ => ErrorKind::Protocol,
-                };
-                if handshake {
-                    let _ = self.send(&error(kind, format!("during handshake: {e}")));
-                    return Flow::End(SessionEnd::ProtocolViolation);
-                }
-                return self.reply(error(kind, e.to_string()));
-            }
-        };
-        if handshake {
-            if let HostMessage::Hello { .. } = msg {
-                self.phase = Phase::Idle;
-                return Flow::Continue;
-            }
-            let _ = self.send(&error(
-                ErrorKind::Protocol,
-                "the first message must be Hello",
-            ));
-            return Flow::End(SessionEnd::ProtocolViolation);
-        }
-        self.handle_message(msg)
-    }
-
-    fn handle_message(&mut self, msg: HostMessage) -> Flow {
-        match msg {
-            HostMessage::Hello { .. } => self.reply(error(ErrorKind::Protocol, "duplicate Hello")),
-            HostMessage::SyncTime { realtime_ns } => {
-                let r = self.ctx.restore.step_clock(realtime_ns);
-                self.reply(match r {
-                    Ok(()) => AgentMessage::Ack,
-                    Err(e) => error(ErrorKind::Restore, e.to_string()),
-                })
-            }
-            HostMessage::Reseed { bytes } => {
-                let r = self.ctx.restore.reseed(&bytes);
-                self.reply(match r {
-                    Ok(()) => AgentMessage::Ack,
-                    Err(e) => error(ErrorKind::Restore, e.to_string()),
-                })
-            }
-            HostMessage::Run(req) if matches!(self.phase, Phase::Idle) => self.run(&req),
-            HostMessage::Create(req) if matches!(self.phase, Phase::Idle) => {
-                self.create_and_reply(&req)
-            }
-            HostMessage::Exec(_) => self.reply(error(
-                ErrorKind::NoContainer,
-                "exec is not supported by this agent yet",
-            )),
-            HostMessage::Run(_) | HostMessage::Create(_) => {
-                let message = match self.phase {
-                    Phase::Created(..) => {
-                        "a process was already created on this connection (send Start)"
-                    }
-                    _ => "a process was already started on this connection",
-                };
-                self.reply(error(ErrorKind::Protocol, message))
-            }
-            HostMessage::Start => match &self.phase {
-                Phase::Created(run, _) if run.exit.is_some() => self.reply(error(
-                    ErrorKind::Protocol,
-                    "the created process has already exited",
-                )),
-                Phase::Created(..) => self.start_and_reply(),
-                Phase::Running(_) => self.reply(error(
-                    ErrorKind::Protocol,
-                    "the process was already started",
-                )),
-                Phase::Handshake | Phase::Idle => self.reply(error(
-                    ErrorKind::Protocol,
-                    "no process was created on this connection (send Create first)",
-                )),
-            },
-            HostMessage::Stdin(bytes) => self.with_started(|run| {
-                if run.stdin.is_some() && !run.stdin_close {
-                    run.stdin_queue.extend_from_slice(&bytes);
-                }
-            }),
-            HostMessage::CloseStdin => self.with_started(|run| {
-                if run.terminal && !run.stdin_close {
-                    // A terminal has no half-close: send EOF (^D) instead.
-                    run.stdin_queue.push(0x04);
-                } else if run.stdin_queue.is_empty() {
-                    run.stdin = None;
-                }
-                run.stdin_close = true;
-            }),
-            HostMessage::Signal(n) => self.with_process(|run| {
-                if run.exit.is_none() {
-                    // Raw numbers so real-time signals (34..=64) work too;
-                    // validation bounded n to 1..=64.
-                    // SAFETY: kill(2) takes plain integers.
-                    if unsafe { libc::kill(run.pid.as_raw(), n) } != 0 {
-                        tracing::debug!(error = %std::io::Error::last_os_error(), "kill failed");
-                    }
-                }
-            }),
-            HostMessage::Resize { rows, cols } => self.with_process(|run| {
-                if run.terminal
-                    && let Some(fd) = &run.stdout
+                let hup = PollFlags::POLLHUP | PollFlags::POLLERR;
+                if events.contains(PollFlags::POLLIN)
+                    || (events.intersects(hup) && self.accepts_frames() && !self.backlog)
                 {
-                    resize(fd.as_raw_fd(), rows, cols);
+                    self.read_host(ctx);
+                } else if events.intersects(hup) {
+                    tracing::info!("host connection closed");
+                    self.end(SessionEnd::Disconnected, false);
                 }
-            }),
-        }
-    }
-
-    /// Applies `f` to the process, created or running, or answers that
-    /// there is none.
-    fn with_process(&mut self, f: impl FnOnce(&mut Running)) -> Flow {
-        match self.phase.process_mut() {
-            Some(run) => {
-                f(run);
-                Flow::Continue
             }
-            None => self.reply(error(ErrorKind::Protocol, "no process is running")),
+            Slot::Stdout => self.relay_output(false),
+            Slot::Stderr => self.relay_output(true),
+            Slot::Stdin => self.write_stdin(),
         }
     }
 
-    /// Applies `f` to the started process, or answers why there is none.
-    /// Stdin is refused before `Start`: see the crate doc of agent-protocol.
-    fn with_started(&mut self, f: impl FnOnce(&mut Running)) -> Flow {
+    /// Records the exit of the session's process (the server reaped it).
+    pub fn process_exited(&mut self, code: i32) {
+        let Some(p) = self.phase.process_mut() else {
+            return;
+        };
+        tracing::info!(pid = p.pid.as_raw(), code, "process exited");
+        let now = Instant::now();
+        p.exit = Some(Exit {
+            code,
+            grace_end: now + EXIT_DRAIN_GRACE,
+            hard_end: now + EXIT_DRAIN_MAX,
+        });
+        // Keep reading output, but stop writing input.
+        p.stdin_queue.clear();
+        if !p.terminal {
+            p.stdin = None;
+        }
+    }
+
+    /// Time-driven work after the events of one loop turn: process host
+    /// frames held back by a bound, send `Exited` once output is drained,
+    /// enforce the handshake and linger timeouts.
+    pub fn tick<R: RestoreOps>(&mut self, now: Instant, ctx: &mut SessionContext<'_, R>) {
+        if self.backlog && self.accepts_frames() {
+            self.process_frames(ctx);
+        }
         match &mut self.phase {
-            Phase::Running(run) => {
-                f(run);
-                Flow::Continue
+            Phase::Handshake if now >= self.handshake_end => {
+                tracing::warn!("no Hello within {HANDSHAKE_TIMEOUT:?}; closing");
+                self.out
+                    .push(&error(ErrorKind::Protocol, "no Hello received in time"));
+                self.end(SessionEnd::ProtocolViolation, true);
             }
-            Phase::Created(..) => self.reply(error(
-                ErrorKind::Protocol,
-                "the process is created but not started: stdin is accepted after Start",
-            )),
-            Phase::Handshake | Phase::Idle => {
-                self.reply(error(ErrorKind::Protocol, "no process is running"))
+            Phase::Created(p, _) | Phase::Running(p) => {
+                let Some(exit) = &mut p.exit else { return };
+                if self.out.len() >= OUTPUT_QUEUE_LIMIT {
+                    // The host is behind: the grace waits for it.
+                    exit.grace_end = exit.grace_end.max(now + EXIT_DRAIN_GRACE);
+                }
+                let drained = p.stdout.is_none() && p.stderr.is_none();
+                let code = exit.code;
+                if drained || now >= exit.grace_end.min(exit.hard_end) {
+                    if !drained {
+                        tracing::warn!("output still open after the exit; not waiting longer");
+                    }
+                    self.out.push(&AgentMessage::Exited { code });
+                    self.end(SessionEnd::Exited(code), true);
+                }
             }
+            Phase::Closing(_) if now.duration_since(self.last_progress) >= CLOSE_LINGER => {
+                tracing::warn!(
+                    queued = self.out.len(),
+                    "the host read nothing for {CLOSE_LINGER:?}; closing"
+                );
+                self.end(SessionEnd::Stalled, false);
+            }
+            _ => {}
+        }
+        if let Phase::Closing(end) = self.phase
+            && self.out.is_empty()
+        {
+            self.phase = Phase::Gone(end);
         }
     }
-}
 
-fn resize(master: i32, rows: u16, cols: u16) {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads a winsize that lives across the call.
-    if unsafe { libc::ioctl(master, libc::TIOCSWINSZ, &ws) } != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "TIOCSWINSZ failed");
+    /// The next instant [`Self::tick`] has work to do, if any.
+    pub fn deadline(&self) -> Option<Instant> {
+        if self.backlog && self.accepts_frames() {
+            return Some(Instant::now());
+        }
+        match &self.phase {
+            Phase::Handshake => Some(self.handshake_end),
+            Phase::Created(p, _) | Phase::Running(p) => {
+                let exit = p.exit?;
+                if p.stdout.is_none() && p.stderr.is_none() {
+                    Some(Instant::now())
+                } else {
+                    Some(exit.grace_end.min(exit.hard_end))
+                }
+            }
+            Phase::Closing(_) if self.out.is_empty() => Some(Instant::now()),
+            Phase::Closing(_) => Some(self.last_progress + CLOSE_LINGER),
+            _ => None,
+        }
+    }
+
+    /// How the session ended, once it has nothing more to do; the server
+    /// then drops it (closing the connection).
+    pub fn finished(&self) -> Option<SessionEnd> {
+        match self.phase {
+            Phase::Gone(end) => Some(end),
+            _ => None,
+        }
+    }
+
+    /// Ends the session: closing after a flush (`flush`), or at once. A
+    /// process that has not exited is SIGKILLed; its exit is still reaped
+    /// centrally (the container's bookkeeping sees it).
+    fn end(&mut self, end: SessionEnd, flush: bool) {
+        let next = if flush {
+            Phase::Closing(end)
+        } else {
+            Phase::Gone(end)
+        };
+        let old = std::mem::replace(&mut self.phase, next);
+        if let Some(p) = old.process()
+            && p.exit.is_none()
+        {
+            tracing::warn!(
+                pid = p.pid.as_raw(),
+                ?end,
+                "session ended with the process running; killing it"
+            );
+            let _ = kill(p.pid, Signal::SIGKILL);
+        }
+        // Dropping `old` closes the stdio ends and, for a created process,
+        // the exec gate (the child then exits without exec).
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct Ready {
-    conn: bool,
-    sigchld: bool,
-    stdout: bool,
-    stderr: bool,
-    stdin: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Slot {
-    Conn,
-    Sigchld,
-    Stdout,
-    Stderr,
-    Stdin,
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.live_pid().is_some() {
+            self.end(SessionEnd::Disconnected, false);
+        }
+    }
 }

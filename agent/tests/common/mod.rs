@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    AgentClient, ClientError, Mount, Process, RootfsSource, RootfsSpec, RunOutcome, RunRequest,
-    User,
+    AgentClient, ClientError, ExecRequest, Mount, Process, RootfsSource, RootfsSpec, RunOutcome,
+    RunRequest, User,
 };
 
 /// Where Debian's busybox-static installs the binary.
@@ -25,9 +25,39 @@ pub const RUN_DEADLINE: Duration = Duration::from_secs(20);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "sleep", "kill", "id", "hostname", "env", "pwd", "true", "false", "dd",
-    "head", "yes", "printf", "ps", "ls", "wc", "tr", "od", "seq", "trap", "test", "mkdir", "tty",
-    "stty", "ulimit", "touch", "grep", "ln",
+    "sh",
+    "echo",
+    "cat",
+    "sleep",
+    "kill",
+    "id",
+    "hostname",
+    "env",
+    "pwd",
+    "true",
+    "false",
+    "dd",
+    "head",
+    "yes",
+    "printf",
+    "ps",
+    "ls",
+    "wc",
+    "tr",
+    "od",
+    "seq",
+    "trap",
+    "test",
+    "mkdir",
+    "tty",
+    "stty",
+    "ulimit",
+    "touch",
+    "grep",
+    "ln",
+    "sha256sum",
+    "stat",
+    "rm",
 ];
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -102,7 +132,9 @@ pub fn build_rootfs(dir: &Path) -> PathBuf {
     }
     fs::write(
         root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+        "root:x:0:0:root:/root:/bin/sh\n\
+         user:x:1000:1000::/home/user:/bin/sh\n\
+         app:x:1001:1001::/home/app:/bin/sh\n",
     )
     .unwrap();
     fs::write(
@@ -205,6 +237,68 @@ impl Agent {
                 readonly: false,
             },
         }
+    }
+
+    /// An exec request named `id` for `args` with the usual defaults.
+    pub fn exec_request(&self, id: &str, args: &[&str]) -> ExecRequest {
+        ExecRequest {
+            id: id.into(),
+            process: self.request(args).process,
+        }
+    }
+
+    /// Starts the container's init (`args`) on a new connection and returns
+    /// that connection (the init lives while it is open).
+    pub fn start_init(&self, args: &[&str]) -> AgentClient<UnixStream> {
+        let mut c = self.client();
+        if let Err(e) = c.start(self.request(args)) {
+            panic!("init {args:?} failed: {e}; agent log:\n{}", self.log());
+        }
+        c
+    }
+
+    /// Runs `req` in the container to completion on a new connection,
+    /// closing stdin at once unless `stdin` is given.
+    pub fn exec_req(
+        &self,
+        req: ExecRequest,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<RunOutcome, ClientError> {
+        let mut c = self.client();
+        c.run_exec(req, Some(stdin.unwrap_or_default()), RUN_DEADLINE)
+    }
+
+    /// Runs `args` in the container; panics (with the agent log) on errors.
+    pub fn exec(&self, id: &str, args: &[&str]) -> RunOutcome {
+        match self.exec_req(self.exec_request(id, args), None) {
+            Ok(o) => o,
+            Err(e) => panic!("exec {args:?} failed: {e}; agent log:\n{}", self.log()),
+        }
+    }
+
+    /// Host pids and command names of the agent's children (its processes).
+    pub fn children(&self) -> Vec<(u32, String)> {
+        let inner = self.inner_pid();
+        fs::read_to_string(format!("/proc/{inner}/task/{inner}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| {
+                let comm = fs::read_to_string(format!("/proc/{p}/comm")).ok()?;
+                Some((p.parse().ok()?, comm.trim().to_owned()))
+            })
+            .collect()
+    }
+
+    /// Mount points under the agent's state directory (containers' rootfs).
+    pub fn state_mounts(&self) -> Vec<String> {
+        let mounts = fs::read_to_string(format!("/proc/{}/mounts", self.inner_pid())).unwrap();
+        let state = format!("{}/", self.dir.path.join("state").display());
+        mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| m.starts_with(&state))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Runs `req` to completion on a new connection, closing stdin at once
