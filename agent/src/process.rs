@@ -27,6 +27,7 @@
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -213,10 +214,23 @@ fn open_pty(root: &Path) -> Result<(OwnedFd, OwnedFd), SpawnError> {
     Ok((master, slave))
 }
 
+/// Which process of the container is started: its init, or one more (`Exec`).
+#[derive(Debug, Clone, Copy)]
+pub enum Role<'a> {
+    /// The container's init: sets the hostname (when given) and, as runc's
+    /// `prepareRootfs` does, creates a missing working directory.
+    Init {
+        /// The container's hostname.
+        hostname: Option<&'a str>,
+    },
+    /// Another process in the running container.
+    Exec,
+}
+
 /// Everything the child needs, prepared before fork.
 struct ChildPlan<'a> {
     process: &'a Process,
-    hostname: Option<&'a str>,
+    role: Role<'a>,
     root: CString,
     env: Vec<CString>,
     args: Vec<CString>,
@@ -338,8 +352,16 @@ fn child_setup(
         .map_err(|e| ChildFailure::setup("chdir to rootfs", e))?;
     nix::unistd::chroot(".").map_err(|e| ChildFailure::setup("chroot", e))?;
     nix::unistd::chdir("/").map_err(|e| ChildFailure::setup("chdir /", e))?;
-    if let Some(h) = plan.hostname {
-        nix::unistd::sethostname(h).map_err(|e| ChildFailure::setup("sethostname", e))?;
+    if let Role::Init { hostname } = plan.role {
+        if let Some(h) = hostname {
+            nix::unistd::sethostname(h).map_err(|e| ChildFailure::setup("sethostname", e))?;
+        }
+        // runc creates the init's working directory when the image lacks it (as root, before
+        // the user is set); where it cannot (a read-only root), the chdir below says why.
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&process.cwd);
     }
     for r in &process.rlimits {
         let lim = libc::rlimit {
@@ -368,14 +390,25 @@ fn child_setup(
     nix::unistd::setgroups(&groups).map_err(|e| ChildFailure::setup("setgroups", e))?;
     let gid = nix::unistd::Gid::from_raw(u.gid);
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| ChildFailure::setup("setgid", e))?;
-    let uid = nix::unistd::Uid::from_raw(u.uid);
-    nix::unistd::setresuid(uid, uid, uid).map_err(|e| ChildFailure::setup("setuid", e))?;
-    nix::unistd::chdir(process.cwd.as_str()).map_err(|e| {
+    // As runc: the working directory first as root, which may reach a directory the user
+    // cannot (a 0700 home of another user); on a permission error again as the user, who may
+    // reach what root cannot (a root-squashed mount).
+    let cwd_err = |e| {
         ChildFailure::setup(
             &format!("chdir to cwd ({:?}) set in config.json failed", process.cwd),
             errno_reason(e),
         )
-    })?;
+    };
+    let chdir_later = match nix::unistd::chdir(process.cwd.as_str()) {
+        Ok(()) => false,
+        Err(nix::Error::EACCES | nix::Error::EPERM) => true,
+        Err(e) => return Err(cwd_err(e)),
+    };
+    let uid = nix::unistd::Uid::from_raw(u.uid);
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| ChildFailure::setup("setuid", e))?;
+    if chdir_later {
+        nix::unistd::chdir(process.cwd.as_str()).map_err(cwd_err)?;
+    }
     let name = &process.args[0];
     let path = look_path(name, &plan.path_env).map_err(|(kind, m)| ChildFailure::new(kind, m))?;
     let path_c = CString::new(path).map_err(|_| ChildFailure::setup("path", "NUL byte"))?;
@@ -570,18 +603,14 @@ pub struct Prepared {
     pub gate: ExecGate,
 }
 
-/// Forks `process` chrooted into `root` (setting `hostname` when given: the
-/// container's init) and runs every set-up step in the child up to exec.
+/// Forks `process` chrooted into `root` as `role` (the container's init, or an
+/// exec) and runs every set-up step in the child up to exec.
 /// Returns once the child waits for [`ExecGate::open`], or with the child's
 /// runc-style error (the failed child is reaped here).
-pub fn prepare(
-    root: &Path,
-    process: &Process,
-    hostname: Option<&str>,
-) -> Result<Prepared, SpawnError> {
+pub fn prepare(root: &Path, process: &Process, role: Role<'_>) -> Result<Prepared, SpawnError> {
     let plan = ChildPlan {
         process,
-        hostname,
+        role,
         root: cstring("rootfs path", root.as_os_str().as_bytes())?,
         env: process
             .env
@@ -677,12 +706,8 @@ pub fn prepare(
 /// Starts `process` chrooted into `root` at once: [`prepare`] then
 /// [`ExecGate::open`]. Returns once the exec succeeded or the child reported
 /// why it failed (the failed child is reaped here).
-pub fn spawn(
-    root: &Path,
-    process: &Process,
-    hostname: Option<&str>,
-) -> Result<Spawned, SpawnError> {
-    let Prepared { process, gate } = prepare(root, process, hostname)?;
+pub fn spawn(root: &Path, process: &Process, role: Role<'_>) -> Result<Spawned, SpawnError> {
+    let Prepared { process, gate } = prepare(root, process, role)?;
     gate.open()?;
     Ok(process)
 }

@@ -130,7 +130,8 @@ fn test_create_bad_cwd_error_and_nothing_left() {
     let agent = Agent::start();
     let mut c = agent.client();
     let mut req = agent.request(&["true"]);
-    req.process.cwd = "/no/such/dir".into();
+    // Not a directory, and cannot become one (runc creates a missing cwd).
+    req.process.cwd = "/etc/passwd/sub".into();
     match c.create(req) {
         Err(ClientError::Agent { kind, message }) => {
             assert_eq!(kind, ErrorKind::ExecFailed);

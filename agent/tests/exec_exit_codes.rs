@@ -86,12 +86,13 @@ fn test_exec_bad_cwd_126_with_message() {
     require_harness!();
     let agent = Agent::start();
     let mut req = agent.request(&["true"]);
-    req.process.cwd = "/does/not/exist".into();
+    // Not a directory, and cannot become one (runc creates a missing cwd).
+    req.process.cwd = "/etc/passwd/sub".into();
     let o = agent.run_req(req, None).unwrap();
     assert_eq!(o.code, 126);
     let (kind, msg) = o.error.unwrap();
     assert_eq!(kind, ErrorKind::ExecFailed);
-    assert!(msg.contains("chdir to cwd (\"/does/not/exist\")"), "{msg}");
+    assert!(msg.contains("chdir to cwd (\"/etc/passwd/sub\")"), "{msg}");
 }
 
 #[test]

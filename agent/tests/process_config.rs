@@ -44,6 +44,35 @@ fn test_config_cwd_applied() {
 }
 
 #[test]
+fn test_config_cwd_missing_created_and_private_dir_entered_before_the_user_as_runc() {
+    require_harness!();
+    let agent = Agent::start();
+    // A working directory the image lacks is created (runc's prepareRootfs).
+    let mut req = agent.request(&["pwd"]);
+    req.process.cwd = "/work/new/dir".into();
+    assert_eq!(out(&agent.run_req(req, None).unwrap()), "/work/new/dir\n");
+    // A root-only directory as the cwd of another user: entered as root before the user is
+    // set, as runc does (the process then runs there, unable to list it).
+    let private = agent.rootfs.join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let mut req = agent.request(&["sh", "-c", "pwd; ls . >/dev/null 2>&1 || echo denied"]);
+    req.process.cwd = "/private".into();
+    req.process.user = User {
+        uid: 1000,
+        gid: 1000,
+        additional_gids: vec![],
+    };
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(o.code, 0, "{}", err(&o));
+    assert_eq!(out(&o), "/private\ndenied\n");
+}
+
+#[test]
 fn test_config_uid_gid_groups_applied() {
     require_harness!();
     let agent = Agent::start();

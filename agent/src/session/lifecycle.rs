@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 use super::{Phase, Proc, Session, SessionContext, SessionEnd, error};
 use crate::exit_status::EXIT_CANNOT_INVOKE;
 use crate::mounts::{apply_mount, populate_dev, prepare_dev};
-use crate::process::{Prepared, SpawnError, Spawned, prepare};
+use crate::process::{Prepared, Role, SpawnError, Spawned, prepare};
 use crate::restore::RestoreOps;
 use crate::rootfs::prepare as prepare_rootfs;
 
@@ -191,7 +191,13 @@ impl Session {
             return Err(e);
         }
         let t_mounts = t0.elapsed();
-        let prepared = prepare(&rootfs.root, &req.process, req.hostname.as_deref());
+        let prepared = prepare(
+            &rootfs.root,
+            &req.process,
+            Role::Init {
+                hostname: req.hostname.as_deref(),
+            },
+        );
         tracing::debug!(
             rootfs_us = t_rootfs.as_micros() as u64,
             mounts_us = (t_mounts - t_rootfs).as_micros() as u64,
@@ -228,7 +234,7 @@ impl Session {
                 return self.reply(error(refused.kind(), refused.to_string()));
             }
         };
-        let spawned = prepare(&target.root, &req.process, None).and_then(|p| {
+        let spawned = prepare(&target.root, &req.process, Role::Exec).and_then(|p| {
             let Prepared { process, gate } = p;
             gate.open().map(|()| process)
         });
