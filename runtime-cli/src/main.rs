@@ -171,12 +171,40 @@ fn set_sigpipe(die: bool) {
     unsafe { libc::signal(libc::SIGPIPE, handler) };
 }
 
+/// Help in the shape of runc's (urfave/cli: `NAME:` then `BIN - what it does`), which runc's users
+/// and tests read, under the name this binary was invoked by (`runc` when installed as one).
+fn parse_command_line() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let invoked = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "kata-snap".into());
+    let mut cmd = Cli::command().bin_name(&invoked).help_template(format!(
+        "NAME:\n   {invoked} - Open Container Initiative runtime (kata-snap: each container in its \
+         own VM)\n\nUSAGE:\n   {{usage}}\n\nDESCRIPTION:\n{{about-with-newline}}\n{{all-args}}{{after-help}}"
+    ));
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    for name in names {
+        let template = format!(
+            "NAME:\n   {invoked} {name} - {{about-with-newline}}\nUSAGE:\n   {{usage}}\n\n{{all-args}}{{after-help}}"
+        );
+        cmd = cmd.mut_subcommand(name, |c| c.help_template(template));
+    }
+    let matches = cmd.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
     let process_start = Instant::now();
     vmm::seccomp::prepare_process();
     ensure_std_fds();
     set_sigpipe(true);
-    let cli = Cli::parse();
+    let cli = parse_command_line();
     if cli.version {
         print_version();
         return ExitCode::SUCCESS;

@@ -473,3 +473,37 @@ fn test_image_cache_list_prune_rm() {
     assert_eq!(again.code(), 1, "{again:?}");
     assert_eq!(image(&["list"]).stdout.lines().count(), 1);
 }
+
+#[test]
+fn test_help_has_runcs_shape_under_the_invoked_name() {
+    // runc's help.bats reads line 1 of `runc -h` and of `runc CMD -h`; installed as `runc`
+    // (a link), kata-snap answers under that name.
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("runc");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    for (args, want) in [
+        (&["-h"][..], "runc - Open Container Initiative runtime"),
+        (&["--help"], "runc - Open Container Initiative runtime"),
+        (&["exec", "-h"], "runc exec - "),
+        (&["list", "--help"], "runc list - "),
+        (&["delete", "-h"], "runc delete - "),
+    ] {
+        let mut c = Command::new(&link);
+        c.args(args);
+        let o = run_command(c, T);
+        assert_eq!(o.code(), 0, "{args:?}: {o:?}");
+        let lines: Vec<&str> = o.stdout.lines().collect();
+        assert_eq!(lines[0], "NAME:", "{args:?}: {o:?}");
+        assert!(lines[1].trim_start().starts_with(want), "{args:?}: {o:?}");
+    }
+    // Under its own name it says so.
+    let o = common::run(&["-h"], T);
+    assert!(
+        o.stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim_start()
+            .starts_with("kata-snap - ")
+    );
+}
