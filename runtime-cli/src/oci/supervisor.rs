@@ -218,7 +218,9 @@ struct Supervisor {
     /// The init process's stdio, signals and exit status, through the agent's connection.
     bridge: Bridge,
     listener: UnixListener,
-    /// The `start` request waiting for the agent's answer to `Start`.
+    /// `Start` was sent and the agent has not answered yet.
+    awaiting_start: bool,
+    /// The `start` request waiting for that answer (none for `run` in the foreground).
     starting: Option<UnixStream>,
 }
 
@@ -339,6 +341,7 @@ impl Supervisor {
             signals,
             bridge,
             listener,
+            awaiting_start: false,
             starting: None,
         })
     }
@@ -361,6 +364,7 @@ impl Supervisor {
         self.set_status(Status::Running);
         self.phases.mark("until start");
         self.bridge.send(&HostMessage::Start);
+        self.awaiting_start = true;
         Ok(())
     }
 
@@ -380,10 +384,25 @@ impl Supervisor {
         self.answer_start(Reply::Ok);
     }
 
-    /// Answers a waiting `start`, if there is one.
+    /// The agent answered `Start`: tells whoever waits (`start`, or for `run` in the foreground,
+    /// the log when it failed).
     fn answer_start(&mut self, reply: Reply) {
-        if let Some(mut conn) = self.starting.take() {
-            let _ = control::write_reply(&mut conn, &reply);
+        self.awaiting_start = false;
+        match (self.starting.take(), reply) {
+            (Some(mut conn), reply) => {
+                let _ = control::write_reply(&mut conn, &reply);
+            }
+            (None, Reply::Err(e)) if self.launch.foreground => super::log::error(&e),
+            (None, _) => {}
+        }
+    }
+
+    /// `Start` failed (when one is waiting for its answer): says why, as runc words it.
+    fn fail_start(&mut self, why: &str) {
+        if self.awaiting_start {
+            self.answer_start(Reply::Err(format!(
+                "unable to start container process: {why}"
+            )));
         }
     }
 
@@ -455,9 +474,7 @@ impl Supervisor {
                     }
                     Err(e) => {
                         tracing::error!("{e}");
-                        self.answer_start(Reply::Err(format!(
-                            "unable to start container process: {e}"
-                        )));
+                        self.fail_start(&e.to_string());
                         return VM_LOST;
                     }
                 }
@@ -475,9 +492,7 @@ impl Supervisor {
             }
             if !revents[3].is_empty() && self.bridge.exit().is_none() {
                 tracing::error!("the container's VM stopped before its process exited");
-                self.answer_start(Reply::Err(
-                    "unable to start container process: the VM stopped".into(),
-                ));
+                self.fail_start("the VM stopped");
                 return VM_LOST;
             }
             if revents.get(4).is_some_and(|r| !r.is_empty()) {
@@ -490,22 +505,15 @@ impl Supervisor {
         match ev {
             AgentEvent::Started(pid) => self.on_started(pid),
             // The agent says why (the exec itself failed) and reports the exit status next.
-            AgentEvent::Error(kind, message) if self.record.status == Status::Running => {
+            AgentEvent::Error(kind, message) if self.awaiting_start => {
                 tracing::debug!("agent: {kind:?}: {message}");
-                let msg = format!("unable to start container process: {message}");
-                if self.starting.is_some() {
-                    self.answer_start(Reply::Err(msg));
-                } else if self.launch.foreground {
-                    // `run` in the foreground: nobody else to tell.
-                    super::log::error(&msg);
-                }
+                self.fail_start(&message);
             }
             AgentEvent::Error(kind, message) => tracing::warn!("agent: {kind:?}: {message}"),
             AgentEvent::Exited(code) => {
                 self.phases.mark("process");
-                self.answer_start(Reply::Err(format!(
-                    "unable to start container process: it exited with status {code}"
-                )));
+                // A created process killed before it could exec (a signal before `start`).
+                self.fail_start(&format!("it exited with status {code}"));
             }
         }
     }
