@@ -265,7 +265,8 @@ impl Store {
         self.usable()?;
         validate_id(id)?;
         let dir = self.dir(id);
-        match fs::DirBuilder::new().mode(0o711).create(&dir) {
+        // 0700: nothing of another user needs to reach into it (runc makes 0711).
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 bail!("container with given ID already exists")
@@ -505,6 +506,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("root")).unwrap();
         let d = store.claim("c1").unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
         let e = store.claim("c1").unwrap_err().to_string();
         assert_eq!(e, "container with given ID already exists");
         // A claimed directory without a record is not listed and does not exist yet.
