@@ -122,7 +122,15 @@ fn write_memo(dir: &Path, memo: &Path, identity: &str, version: &str) -> io::Res
         std::process::id(),
         unique()
     ));
-    std::fs::write(&tmp, format!("{identity}\n{version}\n"))?;
+    // A new file (O_EXCL|O_NOFOLLOW): nothing planted under its name is written through.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    io::Write::write_all(&mut f, format!("{identity}\n{version}\n").as_bytes())?;
+    drop(f);
     std::fs::rename(&tmp, memo).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })

@@ -6,7 +6,8 @@
 //! size class (`--mem-mib`), then listens on a Unix socket `ready/v<V>-m<M>-<pid>.sock`.
 //!
 //! A restore claims a shell by renaming its socket into `claimed/` (rename is atomic: two clients
-//! never get one shell), connects, and hands over its request with its stdin, stdout and stderr
+//! never get one shell), connects, checks that the shell runs as the caller or root
+//! (`SO_PEERCRED`), and hands over its request with its stdin, stdout and stderr
 //! (`SCM_RIGHTS`). The shell restores the snapshot into itself (a snapshot of another memory size
 //! re-slots: its memslots are deleted and made again), answers `started`, runs the VM with the
 //! client's stdio, and sends the exit status, which the client exits with; termination signals
@@ -19,6 +20,11 @@
 //! kata-snap pool status
 //! kata-snap pool stop
 //! ```
+//!
+//! The directory must be private to the caller (owned by them, writable by no one else: see
+//! [`crate::oci::assets::private_dir`]), or every command refuses it: sockets planted there by
+//! another user would receive the caller's stdio. Its sockets are mode 0600, its subdirectories
+//! 0700.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -68,8 +74,8 @@ enum PoolAction {
 
 #[derive(Debug, Clone, Args)]
 struct DirArg {
-    /// The pool directory [default: $KATA_SNAP_POOL_DIR, else /run/kata-snap/pool as root, else
-    /// /tmp/kata-snap-UID/pool].
+    /// The pool directory, private to the caller [default: $KATA_SNAP_POOL_DIR, else
+    /// /run/kata-snap/pool as root, else $XDG_RUNTIME_DIR/kata-snap/pool].
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 }
@@ -113,21 +119,56 @@ struct Forward {
     signal: i32,
 }
 
-/// The pool directory to use.
-pub fn pool_dir(explicit: Option<&Path>) -> PathBuf {
+/// What a pool directory is called in errors.
+const WHAT: &str = "pool directory";
+
+/// The pool directory to use: `explicit`, else `$KATA_SNAP_POOL_DIR`, else
+/// `/run/kata-snap/pool` as root, else `$XDG_RUNTIME_DIR/kata-snap/pool`; an error saying what
+/// to set without any of them.
+pub fn pool_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(d) = explicit {
-        return d.to_path_buf();
+        return Ok(d.to_path_buf());
     }
-    if let Some(d) = std::env::var_os("KATA_SNAP_POOL_DIR") {
-        return PathBuf::from(d);
+    if let Some(d) = std::env::var_os("KATA_SNAP_POOL_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
     }
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    if uid == 0 {
-        PathBuf::from("/run/kata-snap/pool")
-    } else {
-        PathBuf::from(format!("/tmp/kata-snap-{uid}/pool"))
+    if nix::unistd::geteuid().is_root() {
+        return Ok(PathBuf::from("/run/kata-snap/pool"));
     }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => Ok(PathBuf::from(d).join("kata-snap/pool")),
+        None => bail!(
+            "no pool directory: pass --dir DIR or set KATA_SNAP_POOL_DIR or XDG_RUNTIME_DIR \
+             (kata-snap keeps no pool in /tmp)"
+        ),
+    }
+}
+
+/// Whether the process `uid` runs as may serve or be served by this one: the same user, or root.
+fn trusted_peer(uid: u32) -> bool {
+    uid == nix::unistd::geteuid().as_raw() || uid == 0
+}
+
+/// The uid of the process at the other end of `stream` (for a listening socket's connection:
+/// the process that listened), from `SO_PEERCRED`.
+fn peer_uid(stream: &UnixStream) -> Result<u32> {
+    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .context("SO_PEERCRED")?;
+    Ok(cred.uid())
+}
+
+/// Opens `name` in the pool directory for writing, truncated, mode 0600, without following a
+/// symbolic link.
+fn create_private(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))
 }
 
 fn monotonic_ns() -> u64 {
@@ -148,14 +189,18 @@ fn instant_of(ns: u64) -> Instant {
     now.checked_sub(Duration::from_nanos(ago)).unwrap_or(now)
 }
 
+/// The manager's pid and start time (`manager.json`, which the manager writes), when that
+/// process still runs: a pid reused by another process does not count.
+fn manager(dir: &Path) -> Option<(i32, u64)> {
+    let text = crate::oci::read_small_file(&dir.join("manager.json"), 64 << 10).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pid = i32::try_from(v.get("pid")?.as_i64()?).ok()?;
+    let start = v.get("pid_start")?.as_u64()?;
+    crate::oci::state::process_alive(pid, start).then_some((pid, start))
+}
+
 fn manager_pid(dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(dir.join("manager.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    // SAFETY: kill with signal 0 only checks the process exists.
-    (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    manager(dir).map(|(pid, _)| pid)
 }
 
 fn ready_sockets(dir: &Path) -> Vec<PathBuf> {
@@ -169,29 +214,30 @@ fn ready_sockets(dir: &Path) -> Vec<PathBuf> {
 pub fn run(args: PoolArgs, seccomp: SeccompMode) -> Result<i32> {
     match args.action {
         PoolAction::Start(c) => start(c),
-        PoolAction::Status(d) => status(&pool_dir(d.dir.as_deref())),
-        PoolAction::Stop(d) => stop(&pool_dir(d.dir.as_deref())),
+        PoolAction::Status(d) => status(&pool_dir(d.dir.as_deref())?),
+        PoolAction::Stop(d) => stop(&pool_dir(d.dir.as_deref())?),
         PoolAction::Run(c) => manage(c, seccomp),
         PoolAction::Shell(c) => shell(c, seccomp),
     }
 }
 
 fn start(c: PoolConfig) -> Result<i32> {
-    let dir = pool_dir(c.dir.dir.as_deref());
+    let dir = pool_dir(c.dir.dir.as_deref())?;
+    crate::oci::assets::private_dir(&dir, true, WHAT)?;
     if let Some(pid) = manager_pid(&dir) {
         bail!(
             "a pool is already running in {} (manager pid {pid}): `kata-snap pool stop` first",
             dir.display()
         );
     }
-    std::fs::create_dir_all(dir.join("ready"))
-        .and_then(|()| std::fs::create_dir_all(dir.join("claimed")))
-        .with_context(|| format!("cannot create the pool directory {}", dir.display()))?;
     // Only the pool's owner may hand its VMMs requests (they run with its privileges).
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    }
+    for sub in ["ready", "claimed"] {
+        crate::oci::assets::private_dir(&dir.join(sub), true, WHAT)?;
     }
     // Sockets left by a pool that was killed lead nowhere.
     for sub in ["ready", "claimed"] {
@@ -199,8 +245,7 @@ fn start(c: PoolConfig) -> Result<i32> {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    let log = std::fs::File::create(dir.join("manager.log"))
-        .with_context(|| format!("cannot create {}", dir.join("manager.log").display()))?;
+    let log = create_private(&dir.join("manager.log"))?;
     let exe = std::env::current_exe().context("cannot find the kata-snap binary")?;
     let mut cmd = Command::new(exe);
     cmd.args(["pool", "run", "--dir"])
@@ -242,6 +287,7 @@ fn start(c: PoolConfig) -> Result<i32> {
 }
 
 fn status(dir: &Path) -> Result<i32> {
+    crate::oci::assets::private_dir(dir, false, WHAT)?;
     let ready = ready_sockets(dir);
     let config = std::fs::read_to_string(dir.join("manager.json")).ok();
     let status = serde_json::json!({
@@ -256,11 +302,14 @@ fn status(dir: &Path) -> Result<i32> {
 }
 
 fn stop(dir: &Path) -> Result<i32> {
-    let Some(pid) = manager_pid(dir) else {
+    crate::oci::assets::private_dir(dir, false, WHAT)?;
+    // The manager's pid and start time: a pid since reused by another process is not signalled.
+    let Some((pid, start)) = manager(dir) else {
         bail!("no pool is running in {}", dir.display());
     };
-    // SAFETY: sending SIGTERM to the manager process.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    if !crate::oci::state::signal_process(pid, start, libc::SIGTERM)? {
+        bail!("no pool is running in {}", dir.display());
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while manager_pid(dir).is_some() {
         if Instant::now() > deadline {
@@ -279,12 +328,19 @@ struct Member {
 
 /// The manager: keeps `size` unclaimed shells alive until SIGTERM.
 fn manage(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
-    let dir = pool_dir(c.dir.dir.as_deref());
+    let dir = pool_dir(c.dir.dir.as_deref())?;
     let signals = vmm::vm::termination_signalfd()?;
-    std::fs::write(dir.join("manager.pid"), std::process::id().to_string())?;
-    std::fs::write(
-        dir.join("manager.json"),
-        serde_json::json!({"size": c.size, "vcpus": c.vcpus, "mem_mib": c.mem_mib}).to_string(),
+    let pid = std::process::id() as i32;
+    let pid_start = crate::oci::state::process_start_time(pid).unwrap_or(0);
+    crate::oci::write_file_synced(&dir.join("manager.pid"), pid.to_string().as_bytes())?;
+    crate::oci::write_file_synced(
+        &dir.join("manager.json"),
+        serde_json::json!({
+            "size": c.size, "vcpus": c.vcpus, "mem_mib": c.mem_mib,
+            "pid": pid, "pid_start": pid_start,
+        })
+        .to_string()
+        .as_bytes(),
     )?;
     let exe = std::env::current_exe()?;
     let seccomp_arg = match seccomp {
@@ -359,7 +415,7 @@ fn manage(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
 
 /// One pre-started VMM: builds its shell, waits to be claimed, restores its client's snapshot.
 fn shell(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
-    let dir = pool_dir(c.dir.dir.as_deref());
+    let dir = pool_dir(c.dir.dir.as_deref())?;
     let vm_shell = VmShell::new(ShellConfig {
         vcpus: c.vcpus,
         api_sock: None,
@@ -372,6 +428,11 @@ fn shell(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
     let name = format!("v{}-m{}-{pid}.sock", c.vcpus, c.mem_mib);
     let starting = dir.join(format!(".starting-{pid}.sock"));
     let listener = UnixListener::bind(&starting)?;
+    {
+        // Only the owner may connect; set before the socket appears in ready/.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&starting, std::fs::Permissions::from_mode(0o600))?;
+    }
     let ready = dir.join("ready").join(&name);
     std::fs::rename(&starting, &ready)?;
     let claimed = dir.join("claimed").join(&name);
@@ -395,7 +456,14 @@ fn shell(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
         // SAFETY: polling two valid fds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 500) };
         if n > 0 && fds[0].revents != 0 {
-            break listener.accept()?.0;
+            let (conn, _) = listener.accept()?;
+            // The client's request runs with this shell's privileges.
+            match peer_uid(&conn) {
+                Ok(uid) if trusted_peer(uid) => break conn,
+                Ok(uid) => tracing::warn!("pool shell: refusing a client running as uid {uid}"),
+                Err(e) => tracing::warn!("pool shell: refusing a client: {e:#}"),
+            }
+            continue;
         }
         if n > 0 && fds[1].revents != 0 && matches!(signals.read_signal(), Ok(Some(_))) {
             let _ = std::fs::remove_file(&ready);
@@ -416,13 +484,18 @@ fn shell(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
 }
 
 /// Test hook: `KATA_SNAP_POOL_FAULT=die-after-request` makes a shell die right after it received
-/// its client's request, as a crash mid-hand-off would.
+/// its client's request, as a crash mid-hand-off would. Debug builds only: a release binary
+/// reads no such variable.
+#[cfg(debug_assertions)]
 fn fault(point: &str) {
     if std::env::var("KATA_SNAP_POOL_FAULT").is_ok_and(|v| v == point) {
         // SAFETY: ending the process at once, as a crash would.
         unsafe { libc::_exit(9) };
     }
 }
+
+#[cfg(not(debug_assertions))]
+fn fault(_point: &str) {}
 
 fn send_reply(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
@@ -549,7 +622,21 @@ fn claim(dir: &Path, vcpus: u8, mem_mib: u64) -> Option<(PathBuf, UnixStream)> {
             continue; // another client was first
         }
         match UnixStream::connect(&claimed) {
-            Ok(s) => return Some((claimed, s)),
+            // The shell gets the caller's stdio: it must run as the caller (or root).
+            Ok(s) => match peer_uid(&s) {
+                Ok(uid) if trusted_peer(uid) => return Some((claimed, s)),
+                Ok(uid) => {
+                    tracing::warn!(
+                        "refusing pool shell {}: it runs as uid {uid}, not as you or root",
+                        claimed.display()
+                    );
+                    let _ = std::fs::remove_file(&claimed);
+                }
+                Err(e) => {
+                    tracing::warn!("refusing pool shell {}: {e:#}", claimed.display());
+                    let _ = std::fs::remove_file(&claimed);
+                }
+            },
             Err(e) => {
                 tracing::warn!(
                     "pool shell {} is gone ({e}); trying another",
@@ -611,10 +698,16 @@ pub fn claim_and_start(
     process_start: Instant,
     stdio: [RawFd; 3],
 ) -> Result<Option<PooledVm>> {
-    let dir = pool_dir(args.pool_dir.as_deref());
-    if !dir.join("ready").is_dir() {
+    // No pool directory can be named: no pool can have been started by this user.
+    let Ok(dir) = pool_dir(args.pool_dir.as_deref()) else {
+        return Ok(None);
+    };
+    // A missing directory holds no pool; one that is not private is refused.
+    if !crate::oci::assets::private_dir(&dir, false, WHAT)? || !dir.join("ready").is_dir() {
         return Ok(None);
     }
+    crate::oci::assets::private_dir(&dir.join("ready"), false, WHAT)?;
+    crate::oci::assets::private_dir(&dir.join("claimed"), false, WHAT)?;
     let Ok((vcpus, mem_mib)) = vmm::vm::snapshot_shape(&args.snapshot) else {
         return Ok(None); // the cold path reports what is wrong with the snapshot
     };

@@ -68,8 +68,9 @@ pub struct RestoreArgs {
     /// Never use a pre-started VMM from a running pool (`kata-snap pool start`).
     #[arg(long)]
     pub no_pool: bool,
-    /// The pool directory [default: $KATA_SNAP_POOL_DIR, else /run/kata-snap/pool as root, else
-    /// /tmp/kata-snap-UID/pool].
+    /// The pool directory, private to the caller [default: $KATA_SNAP_POOL_DIR, else
+    /// /run/kata-snap/pool as root, else $XDG_RUNTIME_DIR/kata-snap/pool; with none of them no
+    /// pool is used].
     #[arg(long, value_name = "DIR")]
     pub pool_dir: Option<PathBuf>,
 }

@@ -170,29 +170,34 @@ fn test_pool_that_dies_loses_no_restore() {
     let (snap, before, uninterrupted) = compute_snapshot(root.path());
 
     // Shells that die right after taking the request (mid-hand-off): the client starts cold.
-    let crash_dir = root.path().join("crash");
-    let crash = Pool::start(
-        &crash_dir,
-        1,
-        &[("KATA_SNAP_POOL_FAULT", "die-after-request")],
-    );
-    let out = kata(
-        crash.0,
-        &["restore", "--timing", "--snapshot", snap.to_str().unwrap()],
-    );
-    assert_eq!(out.code(), 0, "{}", out.stderr);
-    assert!(
-        out.stderr.contains("ended during the hand-off"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("restore path: cold start"),
-        "{}",
-        out.stderr
-    );
-    assert_eq!(format!("{before}{}", out.stdout), uninterrupted);
-    drop(crash);
+    // The fault is injected through a hook that only debug builds have.
+    if cfg!(debug_assertions) {
+        let crash_dir = root.path().join("crash");
+        let crash = Pool::start(
+            &crash_dir,
+            1,
+            &[("KATA_SNAP_POOL_FAULT", "die-after-request")],
+        );
+        let out = kata(
+            crash.0,
+            &["restore", "--timing", "--snapshot", snap.to_str().unwrap()],
+        );
+        assert_eq!(out.code(), 0, "{}", out.stderr);
+        assert!(
+            out.stderr.contains("ended during the hand-off"),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("restore path: cold start"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(format!("{before}{}", out.stdout), uninterrupted);
+        drop(crash);
+    } else {
+        println!("SKIPPED (crash part): KATA_SNAP_POOL_FAULT exists in debug builds only");
+    }
 
     // A pool whose manager and shells were killed: the dead sockets are skipped.
     let dead_dir = root.path().join("dead");

@@ -127,7 +127,9 @@ impl SnapshotWriter {
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io("cannot remove stale", &tmp))?;
         }
-        fs::create_dir_all(&tmp).map_err(io("cannot create", &tmp))?;
+        fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
+        // A new directory (mkdir fails on anything in its place, a planted link included).
+        fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
         Ok(Self {
             tmp,
             dest: dest.to_path_buf(),

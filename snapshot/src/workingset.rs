@@ -120,8 +120,29 @@ pub fn write(path: &Path, id: &SnapshotId, pages: &[u64]) -> Result<(), WorkingS
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(io("create"))?;
+    // A new file (O_EXCL|O_NOFOLLOW): nothing in its place (a link, a FIFO) is written
+    // through; a name that is taken (left by a dead process with this pid) gives way to another.
+    let (tmp, mut f) = {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut n = 0u32;
+        loop {
+            let tmp = match n {
+                0 => path.with_file_name(format!(".{name}.tmp-{}", std::process::id())),
+                n => path.with_file_name(format!(".{name}.tmp-{}.{n}", std::process::id())),
+            };
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)
+            {
+                Ok(f) => break (tmp, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 16 => n += 1,
+                Err(e) => return Err(io("create")(e)),
+            }
+        }
+    };
     let written = f
         .write_all(&encode(id, pages))
         .and_then(|()| f.sync_all())
@@ -190,6 +211,22 @@ mod tests {
         assert_eq!(read(&p, &ID, 1000).unwrap(), None);
         write(&p, &ID, &pages).unwrap();
         assert_eq!(read(&p, &ID, 1000).unwrap(), Some(pages));
+    }
+
+    #[test]
+    fn test_workingset_write_does_not_follow_a_planted_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"keep").unwrap();
+        let p = dir.path().join("workingset");
+        let planted = dir
+            .path()
+            .join(format!(".workingset.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&outside, &planted).unwrap();
+        write(&p, &ID, &[1, 2]).unwrap();
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+        assert_eq!(read(&p, &ID, 10).unwrap(), Some(vec![1, 2]));
+        assert!(std::fs::symlink_metadata(&planted).unwrap().is_symlink());
     }
 
     #[test]

@@ -198,7 +198,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlSocketError> {
     let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
+    // Only the owner may connect; set before the socket appears under its name.
+    let private = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+    };
+    if let Err(e) = private.and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(bind_err(e));
     }

@@ -49,6 +49,30 @@ pub enum ThreadKind {
     Supervisor,
 }
 
+impl ThreadKind {
+    /// Every kind, in `ThreadKind as u8` order.
+    pub const ALL: [ThreadKind; 6] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Vmm,
+        ThreadKind::PageServer,
+        ThreadKind::Prefetch,
+        ThreadKind::Main,
+        ThreadKind::Supervisor,
+    ];
+
+    /// The name the SIGSYS report gives a thread of this kind.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Vmm => "vmm",
+            ThreadKind::PageServer => "page-server",
+            ThreadKind::Prefetch => "prefetch",
+            ThreadKind::Main => "main",
+            ThreadKind::Supervisor => "supervisor",
+        }
+    }
+}
+
 /// Errors building or installing a filter.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -367,14 +391,9 @@ extern "C" fn refused_syscall(_: libc::c_int, info: *mut libc::siginfo_t, _: *mu
     let at = info.cast::<u8>().wrapping_add(24).cast::<i32>();
     // SAFETY: as above: `at` points at the syscall number inside the kernel's siginfo.
     let nr = unsafe { at.read_unaligned() };
-    let name: &[u8] = match FILTERED_AS.with(std::cell::Cell::get) {
-        0 => b"vcpu",
-        1 => b"vmm",
-        2 => b"page-server",
-        3 => b"prefetch",
-        4 => b"main",
-        _ => b"?",
-    };
+    let name: &[u8] = ThreadKind::ALL
+        .get(usize::from(FILTERED_AS.with(std::cell::Cell::get)))
+        .map_or(b"?", |k| k.name().as_bytes());
     let mut line = [0u8; 128];
     let mut n = 0;
     let mut put = |bytes: &[u8]| {
@@ -446,14 +465,7 @@ impl Filters {
             install_refusal_handler();
         }
         let mut programs = BTreeMap::new();
-        for kind in [
-            ThreadKind::Vcpu,
-            ThreadKind::Vmm,
-            ThreadKind::PageServer,
-            ThreadKind::Prefetch,
-            ThreadKind::Main,
-            ThreadKind::Supervisor,
-        ] {
+        for kind in ThreadKind::ALL {
             if let Some(p) = program(kind, mode)? {
                 programs.insert(key(kind), p);
             }
@@ -523,5 +535,70 @@ mod tests {
         // The SIGSYS handler names the syscall on stderr and exits with 128 + SIGSYS.
         assert!(libc::WIFEXITED(status), "status {status:#x}");
         assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS);
+    }
+
+    #[test]
+    fn test_every_kind_has_its_own_name_in_order() {
+        for (i, kind) in ThreadKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i, "{kind:?} is out of order in ALL");
+        }
+        let mut names: Vec<&str> = ThreadKind::ALL.iter().map(|k| k.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ThreadKind::ALL.len(), "{names:?}");
+    }
+
+    /// The report of a refused syscall names the thread kind, for every kind (the supervisor's
+    /// used to read `?`).
+    #[test]
+    fn test_refusal_report_names_every_thread_kind() {
+        let filters = Filters::new(SeccompMode::Kill).unwrap();
+        for kind in ThreadKind::ALL {
+            // sysinfo(2) only reads; no list allows it.
+            assert!(!allowed(kind).contains(&libc::SYS_sysinfo), "{kind:?}");
+            let mut pipe = [0i32; 2];
+            // SAFETY: pipe(2) fills the two-element array.
+            assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+            // SAFETY: fork in a test; the child only redirects stderr, installs a filter and
+            // makes one refused syscall (the handler ends it).
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                // SAFETY: dup2 of the pipe's write end onto stderr, in the child only.
+                unsafe { libc::dup2(pipe[1], 2) };
+                if filters.apply(kind).is_err() {
+                    // SAFETY: leaving the child at once.
+                    unsafe { libc::_exit(2) };
+                }
+                // SAFETY: all-zero is a valid `sysinfo` (integers and a padding array).
+                let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+                // SAFETY: sysinfo(2) writes the struct we pass; the filter refuses it first.
+                unsafe { libc::syscall(libc::SYS_sysinfo, &mut info) };
+                // SAFETY: leaving the child.
+                unsafe { libc::_exit(0) };
+            }
+            // SAFETY: closing our copy of the write end, which we own.
+            unsafe { libc::close(pipe[1]) };
+            let mut out = Vec::new();
+            let mut buf = [0u8; 256];
+            loop {
+                // SAFETY: reading into a local buffer from the pipe's read end.
+                let n = unsafe { libc::read(pipe[0], buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n as usize]);
+            }
+            // SAFETY: closing the read end, which we own.
+            unsafe { libc::close(pipe[0]) };
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert!(libc::WIFEXITED(status), "{kind:?}: status {status:#x}");
+            assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS, "{kind:?}");
+            let line = String::from_utf8_lossy(&out);
+            let expected = format!("syscall {} on thread {} (", libc::SYS_sysinfo, kind.name());
+            assert!(line.contains(&expected), "{kind:?}: {line:?}");
+        }
     }
 }

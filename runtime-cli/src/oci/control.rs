@@ -35,11 +35,15 @@ pub enum Reply {
     Err(String),
 }
 
-/// Binds the control socket (non-blocking, so the supervisor's loop never waits on it).
+/// Binds the control socket (non-blocking, so the supervisor's loop never waits on it), mode
+/// 0600: only its owner may connect (the state root around it is private too).
 pub fn listen(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(path);
     let l = UnixListener::bind(path)
         .with_context(|| format!("cannot bind the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict the control socket {}", path.display()))?;
     l.set_nonblocking(true)?;
     Ok(l)
 }

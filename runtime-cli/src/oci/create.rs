@@ -51,7 +51,7 @@ pub(super) fn create(
             args.preserve_fds
         );
     }
-    let store = Store::open(&g.root())?;
+    let store = Store::open(&g.root()?)?;
     if store.dir(&args.id).exists() {
         bail!("container with given ID already exists");
     }
@@ -169,7 +169,7 @@ fn spawn_supervisor(g: &GlobalOpts, launch: &Launch, seccomp: SeccompMode) -> Re
 pub(super) fn self_command(g: &GlobalOpts, seccomp: SeccompMode) -> Result<std::process::Command> {
     let exe = std::fs::read_link("/proc/self/exe").context("cannot find this executable")?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--root").arg(g.root());
+    cmd.arg("--root").arg(g.root()?);
     if let Some(l) = &g.log {
         cmd.arg("--log").arg(l);
     }

@@ -127,7 +127,7 @@ pub(super) fn exec(g: &GlobalOpts, args: ExecArgs, seccomp: SeccompMode) -> Resu
     if args.process.is_none() && args.command.is_empty() {
         bail!("exec: no command given (ARGS or --process)");
     }
-    let store = Store::at(&g.root());
+    let store = Store::lookup(g.root());
     let record = store.load(&args.id)?;
     match record.current_status() {
         Status::Stopped => bail!("cannot exec in a stopped container"),

@@ -31,8 +31,8 @@ use supervisor::Launch;
 /// runc's global flags (they come before the command, as go-runc passes them).
 #[derive(Debug, Clone, Args)]
 pub struct GlobalOpts {
-    /// Directory for the containers' state [default: /run/kata-snap/containers as root, else
-    /// $XDG_RUNTIME_DIR/kata-snap/containers].
+    /// Directory for the containers' state, private to the caller [default:
+    /// /run/kata-snap/containers as root, else $XDG_RUNTIME_DIR/kata-snap/containers].
     #[arg(long, global = true, value_name = "DIR")]
     pub root: Option<PathBuf>,
     /// Append errors (and the VMM's log) to this file instead of stderr only.
@@ -53,8 +53,11 @@ pub struct GlobalOpts {
 }
 
 impl GlobalOpts {
-    fn root(&self) -> PathBuf {
-        self.root.clone().unwrap_or_else(assets::default_root)
+    fn root(&self) -> Result<PathBuf> {
+        match &self.root {
+            Some(r) => Ok(r.clone()),
+            None => assets::default_root(),
+        }
     }
 }
 
@@ -238,7 +241,7 @@ pub fn run(cmd: OciCommand, global: &GlobalOpts, seccomp: SeccompMode, start: In
 }
 
 fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) -> Result<i32> {
-    let store = || Store::at(&g.root());
+    let store = || Store::lookup(g.root());
     match cmd {
         OciCommand::Create(args) => create::create(g, args, seccomp, t0, create::Mode::Create),
         OciCommand::Run(args) => {
@@ -389,34 +392,56 @@ pub(crate) fn read_small_file(path: &Path, max: u64) -> Result<String> {
 
 /// Writes `bytes` to `path` (mode 0644) through a temporary name in the same directory: written,
 /// fsynced, renamed, then the directory fsynced, so a reader sees the old file or the new one
-/// and a crash loses neither.
+/// and a crash loses neither. The temporary is a new file (`O_EXCL|O_NOFOLLOW`, a name not
+/// used before): nothing planted under its name (a symbolic link, a FIFO) is written through.
 pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_file_name(format!(
-        ".{}.{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
     let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        let (tmp, mut f) = {
+            let mut attempt = 0;
+            loop {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0);
+                let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let tmp = dir.join(format!(
+                    ".{name}.{}.{serial}.{nanos:08x}",
+                    std::process::id()
+                ));
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&tmp)
+                {
+                    Ok(f) => break (tmp, f),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                        attempt += 1
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let written = (|| {
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
         std::fs::File::open(dir)?.sync_all()
     })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
     res.with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -473,15 +498,9 @@ fn kill(store: &Store, id: &str, signal: &str) -> Result<()> {
         bail!("container not running");
     }
     // The supervisor forwards what it can catch to the process in the guest; SIGKILL ends it,
-    // and so the VM.
-    // SAFETY: kill(2) with a pid the record names and whose start time was just checked.
-    let rc = unsafe { libc::kill(r.pid, sig) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ESRCH) {
-            bail!("container not running");
-        }
-        return Err(e).context("kill");
+    // and so the VM. Only the process the record names, with its start time.
+    if !state::signal_process(r.pid, r.pid_start, sig).context("kill")? {
+        bail!("container not running");
     }
     Ok(())
 }
@@ -489,8 +508,10 @@ fn kill(store: &Store, id: &str, signal: &str) -> Result<()> {
 fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
     let r = match store.load(id) {
         Ok(r) => r,
-        Err(e) if force && e.to_string() == "container does not exist" => {
-            // runc --force succeeds on a missing container, cleaning up what it can.
+        // runc --force succeeds on a missing container, cleaning up what it can: here also
+        // whatever is in the place of one whose record cannot be read (a FIFO, a symbolic link,
+        // garbage), without signalling anything.
+        Err(_) if force => {
             state::validate_id(id)?;
             return store.remove(id);
         }
@@ -513,8 +534,11 @@ fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
 }
 
 fn kill_and_wait(r: &Record) -> Result<()> {
-    // SAFETY: kill(2) with a pid whose start time matches the record (current_status checked).
-    unsafe { libc::kill(r.pid, libc::SIGKILL) };
+    // Only the process the record names, with its start time (gone already: nothing to wait
+    // for).
+    if !state::signal_process(r.pid, r.pid_start, libc::SIGKILL)? {
+        return Ok(());
+    }
     let end = Instant::now() + Duration::from_secs(10);
     while state::process_alive(r.pid, r.pid_start) {
         if Instant::now() > end {

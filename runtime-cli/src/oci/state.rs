@@ -127,15 +127,56 @@ impl Record {
     }
 }
 
-/// Whether `pid` runs and started at `start` (0: any start time).
+/// Whether `pid` runs and started at `start`. A record without a start time (0) names no process
+/// that can be told apart from a later one with its pid: it never matches.
 pub fn process_alive(pid: i32, start: u64) -> bool {
-    if pid <= 0 {
+    if pid <= 0 || start == 0 {
         return false;
     }
-    match process_start_time(pid) {
-        Some(s) => start == 0 || s == start,
-        None => false,
+    process_start_time(pid) == Some(start)
+}
+
+/// Sends `sig` to `pid` if it is the process that started at `start`, through a pidfd: the start
+/// time is checked on the process the pidfd holds, so a pid reused between the check and the
+/// signal is not hit. Ok(false) when no such process runs.
+pub fn signal_process(pid: i32, start: u64, sig: i32) -> Result<bool> {
+    if pid <= 0 || start == 0 {
+        return Ok(false);
     }
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(false);
+        }
+        return Err(e).with_context(|| format!("pidfd_open({pid})"));
+    }
+    // SAFETY: the descriptor was just returned to us and nothing else owns it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // The pidfd holds one process: if the pid was reused before pidfd_open, the start time now
+    // read is the new process's and does not match.
+    if process_start_time(pid) != Some(start) {
+        return Ok(false);
+    }
+    // SAFETY: pidfd_send_signal(2) with our pidfd, a signal number, no siginfo and no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(false);
+        }
+        return Err(e).with_context(|| format!("cannot signal pid {pid}"));
+    }
+    Ok(true)
 }
 
 /// Field 22 of /proc/PID/stat (the start time in clock ticks since boot); None for a process
@@ -162,32 +203,55 @@ pub fn validate_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The state root (`--root`).
+/// The state root (`--root`). It must be private to the caller (see
+/// [`super::assets::private_dir`]): a root another user can write to would let them plant
+/// records, symbolic links or sockets that the caller's commands then act on.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Why the root cannot be used, for every command that needs it.
+    unusable: Option<String>,
 }
 
 impl Store {
-    /// The store at `root`, created (mode 0700) if missing.
+    /// The store at `root`, created (mode 0700) if missing and checked.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.is_absolute() {
             bail!("--root must be an absolute path, not {}", root.display());
         }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(root)
-            .with_context(|| format!("cannot create the state root {}", root.display()))?;
+        super::assets::private_dir(root, true, "state root")?;
         Ok(Self {
             root: root.to_owned(),
+            unusable: None,
         })
     }
 
-    /// The store at `root`, without creating it (for commands that only read).
-    pub fn at(root: &Path) -> Self {
-        Self {
-            root: root.to_owned(),
+    /// The store at `root`, checked but not created (for commands that do not create
+    /// containers). A root that cannot be named or fails the check makes every command that
+    /// uses the store fail with that reason.
+    pub fn lookup(root: Result<PathBuf>) -> Self {
+        let checked = root.and_then(|r| {
+            if !r.is_absolute() {
+                bail!("--root must be an absolute path, not {}", r.display());
+            }
+            super::assets::private_dir(&r, false, "state root").map(|_| r)
+        });
+        match checked {
+            Ok(root) => Self {
+                root,
+                unusable: None,
+            },
+            Err(e) => Self {
+                root: PathBuf::new(),
+                unusable: Some(crate::error_line(&e)),
+            },
+        }
+    }
+
+    fn usable(&self) -> Result<()> {
+        match &self.unusable {
+            Some(why) => bail!("{why}"),
+            None => Ok(()),
         }
     }
 
@@ -198,9 +262,11 @@ impl Store {
 
     /// Claims `id`: makes its directory. An existing one is refused as runc refuses it.
     pub fn claim(&self, id: &str) -> Result<PathBuf> {
+        self.usable()?;
         validate_id(id)?;
         let dir = self.dir(id);
-        match fs::DirBuilder::new().mode(0o711).create(&dir) {
+        // 0700: nothing of another user needs to reach into it (runc makes 0711).
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 bail!("container with given ID already exists")
@@ -209,12 +275,28 @@ impl Store {
         }
     }
 
-    /// The record of `id`; "container does not exist" as runc says it.
+    /// The record of `id`; "container does not exist" as runc says it. The container's
+    /// directory must be a directory (not a symbolic link) and its record must name `id`: the
+    /// directory's name is the container's, whatever the record says.
     pub fn load(&self, id: &str) -> Result<Record> {
+        self.usable()?;
         validate_id(id)?;
-        let path = self.dir(id).join(RECORD);
-        match read_record(&path) {
-            Ok(r) => Ok(r),
+        let dir = self.dir(id);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!("{} is not a directory", dir.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("container does not exist")
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        }
+        match read_record(&dir.join(RECORD)) {
+            Ok(r) if r.id == id => Ok(r),
+            Ok(r) => bail!(
+                "{} names container {:?}, not {id:?}",
+                dir.join(RECORD).display(),
+                r.id
+            ),
             Err(e)
                 if e.downcast_ref::<std::io::Error>()
                     .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
@@ -226,9 +308,10 @@ impl Store {
     }
 
     /// Every container with a readable record, sorted by id. A directory whose record is
-    /// missing or unreadable (a `create` that is still starting, or was killed before it wrote
-    /// one) is skipped.
+    /// missing, unreadable or names another container (a `create` that is still starting, or
+    /// was killed before it wrote one) is skipped.
     pub fn list(&self) -> Result<Vec<Record>> {
+        self.usable()?;
         let entries = match fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
@@ -240,10 +323,13 @@ impl Store {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(id) = name.to_str() else { continue };
+            // file_type() does not follow a symbolic link.
             if validate_id(id).is_err() || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            if let Ok(r) = read_record(&entry.path().join(RECORD)) {
+            if let Ok(r) = read_record(&entry.path().join(RECORD))
+                && r.id == id
+            {
                 out.push(r);
             }
         }
@@ -251,11 +337,20 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes the directory of `id` and everything in it.
+    /// Removes the entry of `id` in the root, whatever it is: a directory and everything in it
+    /// (symbolic links inside are removed, never followed), or a symbolic link or file planted
+    /// in its place (removed itself).
     pub fn remove(&self, id: &str) -> Result<()> {
+        self.usable()?;
         validate_id(id)?;
         let dir = self.dir(id);
-        match fs::remove_dir_all(&dir) {
+        let res = match fs::symlink_metadata(&dir) {
+            // remove_dir_all does not follow symbolic links, at the top or inside.
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&dir),
+            Ok(_) => fs::remove_file(&dir),
+            Err(e) => Err(e),
+        };
+        match res {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot remove {}", dir.display())),
@@ -411,6 +506,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("root")).unwrap();
         let d = store.claim("c1").unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
         let e = store.claim("c1").unwrap_err().to_string();
         assert_eq!(e, "container with given ID already exists");
         // A claimed directory without a record is not listed and does not exist yet.
@@ -429,6 +526,110 @@ mod tests {
             store.load("c1").unwrap_err().to_string(),
             "container does not exist"
         );
+    }
+
+    #[test]
+    fn test_signals_reach_only_the_process_with_the_recorded_start() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let start = process_start_time(pid).unwrap();
+        // Another start time (a reused pid), or none recorded: no signal.
+        assert!(!signal_process(pid, start + 1, libc::SIGKILL).unwrap());
+        assert!(!signal_process(pid, 0, libc::SIGKILL).unwrap());
+        assert!(!process_alive(pid, 0));
+        assert!(child.try_wait().unwrap().is_none(), "signalled anyway");
+        assert!(!signal_process(-1, start, libc::SIGKILL).unwrap());
+        assert!(!signal_process(0, start, libc::SIGKILL).unwrap());
+        assert!(signal_process(pid, start, libc::SIGKILL).unwrap());
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        // Gone (reaped): nothing to signal.
+        assert!(!signal_process(pid, start, libc::SIGKILL).unwrap());
+    }
+
+    #[test]
+    fn test_records_are_written_without_following_planted_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("root")).unwrap();
+        let d = store.claim("c1").unwrap();
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"keep").unwrap();
+        // The record's name and the temporary name the old writer used, both links out.
+        std::os::unix::fs::symlink(&outside, d.join(RECORD)).unwrap();
+        std::os::unix::fs::symlink(
+            &outside,
+            d.join(format!(".{RECORD}.{}", std::process::id())),
+        )
+        .unwrap();
+        let r = record("c1", 1, 0, Status::Created);
+        write_record(&d, &r).unwrap();
+        assert_eq!(fs::read(&outside).unwrap(), b"keep");
+        assert!(fs::symlink_metadata(d.join(RECORD)).unwrap().is_file());
+        assert_eq!(store.load("c1").unwrap(), r);
+        // No temporary is left behind.
+        let names: Vec<String> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn test_the_directory_name_is_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = store.claim("c1").unwrap();
+        write_record(&d, &record("../c2", 1, 0, Status::Created)).unwrap();
+        let e = store.load("c1").unwrap_err().to_string();
+        assert!(e.ends_with("names container \"../c2\", not \"c1\""), "{e}");
+        assert!(store.list().unwrap().is_empty());
+        // A link in a container's place is not followed, and removing it removes the link.
+        let elsewhere = dir.path().join("elsewhere");
+        store.claim("elsewhere").unwrap();
+        write_record(&elsewhere, &record("elsewhere", 1, 0, Status::Created)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("link")).unwrap();
+        let e = store.load("link").unwrap_err().to_string();
+        assert!(e.ends_with("is not a directory"), "{e}");
+        assert_eq!(store.list().unwrap().len(), 1);
+        store.remove("link").unwrap();
+        assert!(fs::symlink_metadata(dir.path().join("link")).is_err());
+        assert!(elsewhere.join(RECORD).is_file());
+    }
+
+    #[test]
+    fn test_a_root_that_is_not_private_is_refused_by_every_command() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let store = Store::lookup(Ok(dir.path().to_owned()));
+        for e in [
+            store.load("c1").unwrap_err(),
+            store.list().unwrap_err(),
+            store.remove("c1").unwrap_err(),
+            store.claim("c1").unwrap_err(),
+        ] {
+            assert!(
+                e.to_string().contains("is writable by group or others"),
+                "{e}"
+            );
+        }
+        assert!(Store::open(dir.path()).is_err());
+        let store = Store::lookup(Err(anyhow::anyhow!("no state root: set it")));
+        assert_eq!(
+            store.list().unwrap_err().to_string(),
+            "no state root: set it"
+        );
+        let e = Store::lookup(Ok("rel".into()))
+            .list()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be an absolute path"), "{e}");
     }
 
     #[test]

@@ -76,20 +76,24 @@ pub enum VsockError {
     Io(#[from] std::io::Error),
 }
 
-/// Binds `path`, replacing a stale socket file nobody listens on any more.
+/// Binds `path`, replacing a stale socket file nobody listens on any more; mode 0600, so only
+/// its owner may reach the guest.
 pub(super) fn bind(path: &Path) -> Result<UnixListener, VsockError> {
+    use std::os::unix::fs::PermissionsExt;
     let err = |source| VsockError::Bind {
         path: path.to_owned(),
         source,
     };
-    match UnixListener::bind(path) {
-        Ok(l) => Ok(l),
+    let listener = match UnixListener::bind(path) {
+        Ok(l) => l,
         Err(e) if e.kind() == ErrorKind::AddrInUse && UnixStream::connect(path).is_err() => {
             std::fs::remove_file(path).map_err(err)?;
-            UnixListener::bind(path).map_err(err)
+            UnixListener::bind(path).map_err(err)?
         }
-        Err(e) => Err(err(e)),
-    }
+        Err(e) => return Err(err(e)),
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
 }
 
 pub(super) fn front(cid: u64) -> impl FnOnce(HandoffTx) -> Front {
