@@ -152,6 +152,8 @@ impl Container {
         };
         init.create(req).unwrap();
         init.start_created().unwrap();
+        // As the supervisor does when the engine gave the container no stdin.
+        init.send(&agent_protocol::HostMessage::CloseStdin).unwrap();
         Self {
             dir,
             root,

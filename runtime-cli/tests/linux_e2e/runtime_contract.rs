@@ -109,6 +109,7 @@ fn test_exec_matches_runc() {
                 "sleep 1; exit 5",
             ],
         );
+        assert_eq!(detached.code(), 0, "{name}: {detached:?}");
         let pid: i32 = fs::read_to_string(&pid_file)
             .unwrap()
             .trim()
@@ -193,6 +194,7 @@ fn test_stdin_streams_with_eof_as_runc() {
     let mut seen = Vec::new();
     for (name, cmd) in &runtimes(e, dir.path()) {
         let hi = run_with_stdin(cmd(), &cat, "s1", b"hi\n".to_vec());
+        assert_eq!(hi.code(), 0, "{name}: {hi:?}");
         let t0 = Instant::now();
         let big = run_with_stdin(cmd(), &sum, "s2", data.clone());
         measure(&format!("{name}_stdin_3MB_sha256sum"), ms_since(t0));
@@ -206,6 +208,37 @@ fn test_stdin_streams_with_eof_as_runc() {
     }
 }
 
+/// `run` under a controlling terminal (its stdin), stdout and stderr captured: as from a shell
+/// with `| cat` (runc needs the terminal: it opens /dev/tty).
+fn run_on_a_terminal(mut c: Command, bundle: &Path, id: &str) -> Output {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = pty.slave.as_raw_fd();
+    c.args(["run", "--no-pivot", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid and TIOCSCTTY are async-signal-safe; the child only makes the pty its
+    // controlling terminal before exec.
+    unsafe {
+        c.pre_exec(move || {
+            nix::unistd::setsid()?;
+            if libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = c.spawn().unwrap();
+    drop(pty.slave);
+    let o = collect(child, T, id);
+    drop(pty.master);
+    o
+}
+
 #[test]
 fn test_foreground_terminal_output_goes_to_stdout_as_runc() {
     let Some(art) = setup() else { return };
@@ -214,10 +247,7 @@ fn test_foreground_terminal_output_goes_to_stdout_as_runc() {
     let b = bundle(dir.path(), "fg", "echo hello from a tty; tty", true);
     let mut seen = Vec::new();
     for (name, cmd) in &runtimes(e, dir.path()) {
-        let o = run_it(
-            cmd(),
-            &["run", "--no-pivot", "--bundle", b.to_str().unwrap(), "t1"],
-        );
+        let o = run_on_a_terminal(cmd(), &b, "t1");
         assert_eq!(o.code(), 0, "{name}: {o:?}");
         // The terminal's line discipline turns \n into \r\n, for both.
         let first = o.stdout.lines().next().unwrap_or_default().to_string();
@@ -274,6 +304,8 @@ fn test_home_umask_and_mount_points_on_a_read_only_root_as_runc() {
                 "h2",
             ],
         );
+        assert_eq!(o.code(), 0, "{name}: {o:?}");
+        assert_eq!(u.code(), 0, "{name}: {u:?}");
         let code = o.code().to_string();
         seen.push((*name, [o.stdout, code, u.stdout]));
     }
