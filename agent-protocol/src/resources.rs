@@ -387,7 +387,10 @@ mod tests {
         let f = encode_message(&up).unwrap();
         assert_eq!(decode_message::<HostMessage>(&f[4..]).unwrap(), up);
         let f = encode_message(&HostMessage::Stats).unwrap();
-        assert_eq!(decode_message::<HostMessage>(&f[4..]).unwrap(), HostMessage::Stats);
+        assert_eq!(
+            decode_message::<HostMessage>(&f[4..]).unwrap(),
+            HostMessage::Stats
+        );
         let mut stats = ContainerStats::default();
         stats.memory.limit = u64::MAX;
         stats.memory.raw = vec![("anon".into(), 4096)];
