@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::frame::{FrameError, ProtocolError, read_message, write_message};
 use crate::messages::{AgentMessage, ErrorKind, ExecRequest, HostMessage, RunRequest};
+use crate::resources::{ContainerStats, Resources};
 use crate::validate::ValidationError;
 use crate::{MAX_STDIO_CHUNK, PROTOCOL_VERSION};
 
@@ -171,6 +172,27 @@ impl<S: Connection> AgentClient<S> {
     pub fn reseed(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
         self.send(&HostMessage::Reseed { bytes })?;
         self.expect_ack()
+    }
+
+    /// Sends `Update` (runc's `update`) and waits for `Ack`. A refusal (no
+    /// container, stopped, a memory limit above the guest's, a cgroup write
+    /// that failed) is [`ClientError::Agent`]; the connection stays usable.
+    pub fn update(&mut self, resources: Resources) -> Result<(), ClientError> {
+        self.send(&HostMessage::Update(Box::new(resources)))?;
+        self.expect_ack()
+    }
+
+    /// Sends `Stats` (runc's `events`) and returns the container's cgroup
+    /// figures. A refusal is [`ClientError::Agent`], as for [`Self::update`].
+    pub fn stats(&mut self) -> Result<ContainerStats, ClientError> {
+        self.send(&HostMessage::Stats)?;
+        match self.recv()? {
+            AgentMessage::Stats(s) => Ok(*s),
+            AgentMessage::Error { kind, message } => Err(ClientError::Agent { kind, message }),
+            other => Err(ClientError::Unexpected(format!(
+                "{other:?} instead of Stats"
+            ))),
+        }
     }
 
     /// Sends `Run` and waits for `Started`. When the agent answers with an

@@ -66,6 +66,19 @@
 //! refused, not buffered, before `Start`: the host reads its input only once
 //! the process runs, and a terminal would echo early bytes before `Started`.
 //!
+//! The container's cgroup (runc's `update` and `events`) is asked about on
+//! any connection, typically one of its own, and each request is answered
+//! in order:
+//!
+//! ```text
+//!  host (any connection)               agent
+//!   | -- Update(Resources) ----------->  |   cgroup v2 files of the newest container
+//!   | <-------------- Ack | Error -----  |   (NoContainer, ContainerStopped,
+//!   |                                    |    InvalidRequest, Cgroup)
+//!   | -- Stats ----------------------->  |
+//!   | <------- Stats(ContainerStats) ---  |   or Error as for Update
+//! ```
+//!
 //! [`HostMessage::Hello`] and [`AgentMessage::Hello`] are variant 0 of their
 //! enums and hold a single `u32`; that layout is frozen across versions so
 //! that any two versions can at least tell each other apart.
@@ -77,6 +90,7 @@
 mod client;
 mod frame;
 mod messages;
+pub mod resources;
 pub mod validate;
 
 pub use client::{AgentClient, ClientError, RunOutcome};
@@ -88,6 +102,7 @@ pub use messages::{
     AgentMessage, ErrorKind, ExecRequest, FsType, HostMessage, Mount, Process, Rlimit, RlimitKind,
     RootfsSource, RootfsSpec, RunRequest, User,
 };
+pub use resources::{ContainerStats, CpuStats, MemoryEvents, MemoryStats, PidsStats, Resources};
 pub use validate::{
     MAX_ARGS, MAX_ENV, MAX_GROUPS, MAX_MOUNTS, MAX_TEXT, MIN_REALTIME_NS, SUPPORTED_MOUNT_TYPES,
     Validate, ValidationError,
@@ -98,7 +113,9 @@ pub use validate::{
 /// 2: `Create` / `Start` / `Created` (runc's `create` and `start`).
 /// 3: `Exec` (runc's `exec`), `Process` apart from the container's fields,
 /// `umask`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `Update` / `Stats` and `AgentMessage::Stats` (runc's `update` and
+/// `events`), `ErrorKind::Cgroup`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest payload of one frame, in bytes (the 4-byte length prefix excluded).
 pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;

@@ -53,6 +53,16 @@ pub enum HostMessage {
     /// container to run it in or the id is in use. At most one process per
     /// connection.
     Exec(Box<ExecRequest>),
+    /// Change the cgroup limits of the newest container (runc's `update`).
+    /// Answered by `Ack` once every file is written, or by `Error`
+    /// (`NoContainer`, `ContainerStopped` "container not running",
+    /// `InvalidRequest` for a memory limit above the guest's memory,
+    /// `Cgroup` when a write fails). Allowed on any connection, in any phase
+    /// after `Hello`.
+    Update(Box<crate::Resources>),
+    /// Read the newest container's cgroup (runc's `events --stats`).
+    /// Answered by `AgentMessage::Stats` or by `Error` as `Update` is.
+    Stats,
 }
 
 /// A message from the agent to the host.
@@ -92,6 +102,8 @@ pub enum AgentMessage {
         /// Its pid in the guest.
         pid: u32,
     },
+    /// The answer to `Stats`.
+    Stats(Box<crate::ContainerStats>),
 }
 
 /// The class of an [`AgentMessage::Error`].
@@ -119,6 +131,9 @@ pub enum ErrorKind {
     NoContainer,
     /// `Exec` came after the container's init process exited.
     ContainerStopped,
+    /// Reading or writing the container's cgroup failed, or the guest has
+    /// no cgroups (`Update`, `Stats`).
+    Cgroup,
 }
 
 /// A process to run: what OCI `process` says about it (the container's

@@ -142,6 +142,27 @@ pub enum ValidationError {
     /// letters, digits, '-', '_', '.'.
     #[error("exec id {0:?} must be 1..={MAX_EXEC_ID} letters, digits, '-', '_' or '.'")]
     BadExecId(String),
+    /// A number outside the range its field allows.
+    #[error("{field} {value} is out of range (allowed: {allowed})")]
+    OutOfRange {
+        /// Field name.
+        field: &'static str,
+        /// The value, as text.
+        value: String,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// A cpuset list that is not comma-separated numbers and ranges.
+    #[error("{field} {value:?} is not a list of CPUs or nodes such as 0-2,4")]
+    BadCpuset {
+        /// Field name.
+        field: &'static str,
+        /// The list (truncated).
+        value: String,
+    },
+    /// A `memory.stat` key that is not 1..=64 lower-case letters, digits, '_'.
+    #[error("memory.stat key {0:?} is not 1..=64 lower-case letters, digits or '_'")]
+    BadStatKey(String),
     /// A `Hello` with a version other than ours. Reported separately so that
     /// callers can tell a version mismatch from other errors.
     #[error("protocol version mismatch: peer speaks version {peer}, this side speaks {ours}")]
@@ -328,7 +349,8 @@ impl Validate for HostMessage {
             HostMessage::Hello { version: v } => version(*v),
             HostMessage::Run(run) | HostMessage::Create(run) => run.validate(),
             HostMessage::Exec(exec) => exec.validate(),
-            HostMessage::Start => Ok(()),
+            HostMessage::Update(r) => r.validate(),
+            HostMessage::Start | HostMessage::Stats => Ok(()),
             HostMessage::Stdin(b) => chunk("stdin chunk", b),
             HostMessage::CloseStdin => Ok(()),
             HostMessage::Signal(s) => {
@@ -396,6 +418,7 @@ impl Validate for AgentMessage {
                 }
             }
             AgentMessage::Error { message, .. } => text("error message", message),
+            AgentMessage::Stats(s) => s.validate(),
         }
     }
 }

@@ -40,6 +40,9 @@ impl FromStr for Listen {
     }
 }
 
+/// Where the VM's cgroup v2 tree is mounted.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 /// How the agent runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -60,6 +63,11 @@ pub struct AgentConfig {
     pub mode: Mode,
     /// Directory for per-container mount points (a tmpfs is mounted on it).
     pub state_dir: PathBuf,
+    /// Root of the cgroup v2 tree the containers' groups go in; `None`
+    /// runs containers without cgroups (the harness's default: the host's
+    /// cgroups are not the agent's to change). In the VM cgroup2 is mounted
+    /// there when it is not already.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -69,11 +77,21 @@ impl AgentConfig {
             Listen::Vsock(_) => Mode::Vm,
             Listen::Unix(_) => Mode::Harness,
         };
+        let cgroup_root = (mode == Mode::Vm).then(|| PathBuf::from(DEFAULT_CGROUP_ROOT));
         Self {
             listen,
             mode,
             state_dir,
+            cgroup_root,
         }
+    }
+
+    /// Puts the containers' cgroups under `root` instead of the default.
+    pub fn with_cgroup_root(mut self, root: Option<PathBuf>) -> Self {
+        if root.is_some() {
+            self.cgroup_root = root;
+        }
+        self
     }
 }
 
@@ -102,7 +120,11 @@ mod tests {
     fn test_config_unix_listen_selects_harness_mode() {
         let c = AgentConfig::new(Listen::Unix("/x".into()), "/s".into());
         assert_eq!(c.mode, Mode::Harness);
+        assert_eq!(c.cgroup_root, None);
         let c = AgentConfig::new(Listen::Vsock(1), "/s".into());
         assert_eq!(c.mode, Mode::Vm);
+        assert_eq!(c.cgroup_root, Some(DEFAULT_CGROUP_ROOT.into()));
+        let c = c.with_cgroup_root(Some("/t/cg".into()));
+        assert_eq!(c.cgroup_root, Some("/t/cg".into()));
     }
 }

@@ -24,12 +24,15 @@ use agent_protocol::ErrorKind;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
+use crate::cgroup::{CgroupError, Group};
 use crate::rootfs::PreparedRootfs;
 
 /// runc's text for an exec into a stopped container.
 pub const STOPPED_MESSAGE: &str = "cannot exec in a stopped container";
 /// The text for an exec before any container exists.
 pub const NO_CONTAINER_MESSAGE: &str = "container does not exist";
+/// runc's text (`ErrNotRunning`) for an update of a stopped container.
+pub const NOT_RUNNING_MESSAGE: &str = "container not running";
 
 /// Why an `Exec` cannot run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,10 +68,14 @@ struct Container {
     init: Pid,
     init_exited: bool,
     execs: HashMap<String, Pid>,
+    /// Its cgroup, `None` without cgroups (or once removed).
+    cgroup: Option<Group>,
 }
 
 impl Container {
-    fn teardown_if_empty(&mut self, id: u64) {
+    /// Tears the rootfs down and removes the cgroup once every process is
+    /// gone; a cgroup still busy goes to `lingering`.
+    fn teardown_if_empty(&mut self, id: u64, lingering: &mut Vec<Group>) {
         if self.init_exited
             && self.execs.is_empty()
             && let Some(r) = self.rootfs.take()
@@ -78,6 +85,11 @@ impl Container {
                 "every process gone; tearing the rootfs down"
             );
             r.teardown();
+            if let Some(g) = self.cgroup.take()
+                && !g.remove()
+            {
+                lingering.push(g);
+            }
         }
     }
 }
@@ -106,6 +118,8 @@ pub struct ExecTarget {
 #[derive(Debug, Default)]
 pub struct Containers {
     map: BTreeMap<u64, Container>,
+    /// Groups of torn-down containers still busy, removed on later reaps.
+    lingering: Vec<Group>,
 }
 
 impl Containers {
@@ -114,10 +128,11 @@ impl Containers {
         Self::default()
     }
 
-    /// Records container `id`, mounted at `rootfs`, whose init is `init`.
-    /// Stopped containers that are fully torn down are forgotten (the newest
-    /// one is kept until then, so `Exec` can say it stopped).
-    pub fn add(&mut self, id: u64, rootfs: PreparedRootfs, init: Pid) {
+    /// Records container `id`, mounted at `rootfs`, whose init is `init`,
+    /// in `cgroup` (already holding `init`). Stopped containers that are
+    /// fully torn down are forgotten (the newest one is kept until then, so
+    /// `Exec` can say it stopped).
+    pub fn add(&mut self, id: u64, rootfs: PreparedRootfs, init: Pid, cgroup: Option<Group>) {
         self.map
             .retain(|_, c| !(c.init_exited && c.execs.is_empty() && c.rootfs.is_none()));
         self.map.insert(
@@ -128,8 +143,35 @@ impl Containers {
                 init,
                 init_exited: false,
                 execs: HashMap::new(),
+                cgroup,
             },
         );
+    }
+
+    /// Moves `pid` (an exec waiting for its go byte) into the cgroup of
+    /// `container`; nothing to do without one.
+    pub fn attach(&self, container: u64, pid: Pid) -> Result<(), CgroupError> {
+        match self.map.get(&container).and_then(|c| c.cgroup.as_ref()) {
+            Some(g) => g.attach(pid),
+            None => Ok(()),
+        }
+    }
+
+    /// The cgroup `Update` and `Stats` act on: the newest container's,
+    /// while its init runs (runc refuses both on a stopped container).
+    pub fn cgroup(&self) -> Result<&Group, (ErrorKind, String)> {
+        let (_, c) = self
+            .map
+            .iter()
+            .next_back()
+            .ok_or((ErrorKind::NoContainer, NO_CONTAINER_MESSAGE.to_owned()))?;
+        if c.init_exited {
+            return Err((ErrorKind::ContainerStopped, NOT_RUNNING_MESSAGE.to_owned()));
+        }
+        c.cgroup.as_ref().ok_or((
+            ErrorKind::Cgroup,
+            "the container has no cgroup (the guest has no cgroup v2)".to_owned(),
+        ))
     }
 
     /// Where an exec named `exec_id` would run, or why it cannot.
@@ -165,6 +207,8 @@ impl Containers {
     /// an init's exit SIGKILLs the container's execs; the rootfs is torn down
     /// once init and every exec are gone.
     pub fn process_exited(&mut self, pid: Pid) -> Role {
+        self.lingering.retain(|g| !g.remove());
+        let lingering = &mut self.lingering;
         for (&id, c) in self.map.iter_mut() {
             if c.init == pid && !c.init_exited {
                 c.init_exited = true;
@@ -180,7 +224,7 @@ impl Containers {
                     let _ = killpg(p, Signal::SIGKILL);
                     let _ = kill(p, Signal::SIGKILL);
                 }
-                c.teardown_if_empty(id);
+                c.teardown_if_empty(id, lingering);
                 return Role::Init(id);
             }
             if let Some(exec_id) = c
@@ -189,7 +233,7 @@ impl Containers {
                 .find_map(|(k, &p)| (p == pid).then(|| k.clone()))
             {
                 c.execs.remove(&exec_id);
-                c.teardown_if_empty(id);
+                c.teardown_if_empty(id, lingering);
                 return Role::Exec(id);
             }
         }

@@ -17,6 +17,11 @@ struct Cli {
     /// Directory for per-container mount points.
     #[arg(long, default_value = "/run/kata-snap")]
     state_dir: PathBuf,
+    /// Root of the cgroup v2 tree the containers' groups go in [default:
+    /// /sys/fs/cgroup in the VM (cgroup2 mounted there if it is not); none
+    /// in harness mode]. A plain directory works too (tests).
+    #[arg(long, value_name = "DIR")]
+    cgroup_root: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -38,7 +43,7 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    let config = AgentConfig::new(cli.listen, cli.state_dir);
+    let config = AgentConfig::new(cli.listen, cli.state_dir).with_cgroup_root(cli.cgroup_root);
     match run(&config) {
         Ok(code) => code,
         Err(e) => {

@@ -17,7 +17,6 @@
 //! its container's mounts are still there.
 
 use std::os::fd::AsFd;
-use std::path::Path;
 use std::time::Instant;
 
 use agent_protocol::{AgentMessage, ErrorKind, encode_message};
@@ -27,6 +26,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use thiserror::Error;
 
+use crate::cgroup::Cgroups;
 use crate::config::{AgentConfig, Mode};
 use crate::container::Role;
 use crate::exit_status::exit_code;
@@ -66,6 +66,14 @@ pub fn run(config: &AgentConfig) -> Result<(), ServerError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| ServerError::StateDir(config.state_dir.display().to_string(), e))?;
 
+    // Before READY: every clone of a template starts with the tree ready.
+    let cgroups = match &config.cgroup_root {
+        None => Err("no cgroup root configured (--cgroup-root)".to_owned()),
+        Some(root) => Cgroups::setup(root, config.mode == Mode::Vm).map_err(|e| {
+            tracing::warn!(error = %e, "cgroups unavailable; containers run without limits");
+            e.to_string()
+        }),
+    };
     let listener = Listener::bind(&config.listen)?;
     tracing::info!(listen = ?config.listen, mode = ?config.mode, "agent listening");
     if let Err(e) = signal_ready(config.mode) {
@@ -74,14 +82,12 @@ pub fn run(config: &AgentConfig) -> Result<(), ServerError> {
     match config.mode {
         Mode::Vm => serve_forever(
             &listener,
-            &mut KernelRestoreOps,
-            &config.state_dir,
+            SessionContext::new(&mut KernelRestoreOps, &config.state_dir, cgroups),
             &sigchld,
         ),
         Mode::Harness => serve_forever(
             &listener,
-            &mut DryRunRestoreOps::default(),
-            &config.state_dir,
+            SessionContext::new(&mut DryRunRestoreOps::default(), &config.state_dir, cgroups),
             &sigchld,
         ),
     }
@@ -161,11 +167,9 @@ fn accept_all(listener: &Listener, sessions: &mut Vec<Session>, counter: &mut u6
 
 fn serve_forever<R: RestoreOps>(
     listener: &Listener,
-    restore: &mut R,
-    state_dir: &Path,
+    mut ctx: SessionContext<'_, R>,
     sigchld: &SignalFd,
 ) -> Result<(), ServerError> {
-    let mut ctx = SessionContext::new(restore, state_dir);
     let mut sessions: Vec<Session> = Vec::new();
     let mut counter = 0u64;
     loop {

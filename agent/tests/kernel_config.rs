@@ -41,6 +41,13 @@ const REQUIRED: &[&str] = &[
     "IPC_NS",
     "PID_NS",
     "CGROUPS",
+    // The controllers of the containers' groups (runc update / events).
+    "MEMCG",
+    "CGROUP_SCHED",
+    "FAIR_GROUP_SCHED",
+    "CFS_BANDWIDTH",
+    "CPUSETS",
+    "CGROUP_PIDS",
     "OVERLAY_FS",
     "EROFS_FS",
     "EXT4_FS",

@@ -31,6 +31,14 @@ impl Failure {
             code: EXIT_CANNOT_INVOKE,
         }
     }
+
+    fn cgroup(e: impl std::fmt::Display) -> Self {
+        Self {
+            kind: ErrorKind::Cgroup,
+            message: format!("cannot put the process in the container's cgroup: {e}"),
+            code: EXIT_CANNOT_INVOKE,
+        }
+    }
 }
 
 impl From<SpawnError> for Failure {
@@ -191,6 +199,16 @@ impl Session {
             return Err(e);
         }
         let t_mounts = t0.elapsed();
+        let group = match &ctx.cgroups {
+            Ok(cg) => match cg.create_group(id) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    rootfs.teardown();
+                    return Err(Failure::cgroup(e));
+                }
+            },
+            Err(_) => None,
+        };
         let prepared = prepare(
             &rootfs.root,
             &req.process,
@@ -204,16 +222,28 @@ impl Session {
             prepare_us = (t0.elapsed() - t_mounts).as_micros() as u64,
             "create timing"
         );
-        let Prepared { process, gate } = match prepared {
+        // The child waits for its go byte: into the cgroup before it can exec.
+        let attached = prepared.map_err(Failure::from).and_then(|p| match &group {
+            Some(g) => match g.attach(p.process.pid) {
+                Ok(()) => Ok(p),
+                // Dropping `p` closes the go pipe: the child exits without exec.
+                Err(e) => Err(Failure::cgroup(e)),
+            },
+            None => Ok(p),
+        });
+        let Prepared { process, gate } = match attached {
             Ok(p) => p,
-            Err(e) => {
+            Err(f) => {
+                if let Some(g) = &group {
+                    g.remove();
+                }
                 rootfs.teardown();
-                return Err(e.into());
+                return Err(f);
             }
         };
         let pid = process.pid;
         tracing::info!(pid = pid.as_raw(), container = id, args = ?req.process.args, "process created");
-        ctx.containers.add(id, rootfs, pid);
+        ctx.containers.add(id, rootfs, pid, group);
         self.phase = Phase::Created(proc_of(process), gate);
         Ok(wire_pid(pid))
     }
@@ -234,10 +264,17 @@ impl Session {
                 return self.reply(error(refused.kind(), refused.to_string()));
             }
         };
-        let spawned = prepare(&target.root, &req.process, Role::Exec).and_then(|p| {
-            let Prepared { process, gate } = p;
-            gate.open().map(|()| process)
-        });
+        let spawned = prepare(&target.root, &req.process, Role::Exec)
+            .map_err(Failure::from)
+            .and_then(|p| {
+                let Prepared { process, gate } = p;
+                // Into the container's cgroup before the go byte; on failure
+                // the dropped gate makes the child exit without exec.
+                ctx.containers
+                    .attach(target.container, process.pid)
+                    .map_err(Failure::cgroup)?;
+                gate.open().map(|()| process).map_err(Failure::from)
+            });
         match spawned {
             Ok(process) => {
                 let pid = process.pid;
@@ -252,7 +289,7 @@ impl Session {
                 self.phase = Phase::Running(proc_of(process));
                 self.reply(AgentMessage::Started { pid: wire_pid(pid) });
             }
-            Err(e) => self.fail_run(e.into()),
+            Err(f) => self.fail_run(f),
         }
     }
 }

@@ -7,6 +7,7 @@ use agent_protocol::{
 };
 
 use super::{Phase, Proc, Session, SessionContext, SessionEnd, error};
+use crate::cgroup::{CgroupError, Group, mem_total};
 use crate::restore::RestoreOps;
 
 impl Session {
@@ -85,6 +86,13 @@ impl Session {
                 };
                 self.reply(error(ErrorKind::Protocol, message))
             }
+            HostMessage::Update(r) => self.on_cgroup(ctx, |g| {
+                g.update(&r, mem_total()?)?;
+                Ok(AgentMessage::Ack)
+            }),
+            HostMessage::Stats => {
+                self.on_cgroup(ctx, |g| Ok(AgentMessage::Stats(Box::new(g.stats()?))))
+            }
             HostMessage::Start => match &self.phase {
                 Phase::Created(p, _) if p.exit.is_some() => self.reply(error(
                     ErrorKind::Protocol,
@@ -133,6 +141,36 @@ impl Session {
                 }
             }),
         }
+    }
+
+    /// Answers `Update` / `Stats`: `f` on the newest running container's
+    /// cgroup, or why there is none. A request the agent refuses as asked
+    /// (memory above the guest's, an impossible swap value) is
+    /// `InvalidRequest`; a failed read or write is `Cgroup`.
+    fn on_cgroup<R: RestoreOps>(
+        &mut self,
+        ctx: &SessionContext<'_, R>,
+        f: impl FnOnce(&Group) -> Result<AgentMessage, CgroupError>,
+    ) {
+        let reply = match ctx.containers.cgroup() {
+            Err((ErrorKind::Cgroup, m)) => match &ctx.cgroups {
+                Err(reason) => error(
+                    ErrorKind::Cgroup,
+                    format!("the guest has no cgroups: {reason}"),
+                ),
+                Ok(_) => error(ErrorKind::Cgroup, m),
+            },
+            Err((kind, m)) => error(kind, m),
+            Ok(g) => match f(g) {
+                Ok(m) => m,
+                Err(CgroupError::Refused(m)) => error(ErrorKind::InvalidRequest, m),
+                Err(e) => error(ErrorKind::Cgroup, e.to_string()),
+            },
+        };
+        if let AgentMessage::Error { kind, message } = &reply {
+            tracing::info!(?kind, %message, "cgroup request refused");
+        }
+        self.reply(reply);
     }
 
     /// Applies `f` to the process, created or running, or answers that

@@ -44,6 +44,7 @@ use nix::poll::{PollFd, PollFlags};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::cgroup::Cgroups;
 use crate::container::Containers;
 use crate::process::ExecGate;
 use crate::restore::RestoreOps;
@@ -85,16 +86,19 @@ pub struct SessionContext<'a, R: RestoreOps> {
     pub next_id: u64,
     /// Every container and its processes.
     pub containers: Containers,
+    /// The cgroup tree containers are put in, or why there is none.
+    pub cgroups: Result<Cgroups, String>,
 }
 
 impl<'a, R: RestoreOps> SessionContext<'a, R> {
     /// A context with no container yet.
-    pub fn new(restore: &'a mut R, state_dir: &'a Path) -> Self {
+    pub fn new(restore: &'a mut R, state_dir: &'a Path, cgroups: Result<Cgroups, String>) -> Self {
         Self {
             restore,
             state_dir,
             next_id: 0,
             containers: Containers::new(),
+            cgroups,
         }
     }
 }

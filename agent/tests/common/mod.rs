@@ -157,7 +157,14 @@ pub struct Agent {
 impl Agent {
     /// Builds a rootfs and starts the agent; waits until it accepts.
     pub fn start() -> Self {
+        Self::start_with(|_| vec![])
+    }
+
+    /// As [`Self::start`], with more agent arguments made from the test
+    /// directory (e.g. `--cgroup-root DIR/cg`).
+    pub fn start_with(extra: impl FnOnce(&Path) -> Vec<String>) -> Self {
         let dir = TestDir::new();
+        let extra = extra(&dir.path);
         let rootfs = build_rootfs(&dir.path);
         let socket = dir.path.join("agent.sock");
         let log = fs::File::create(dir.path.join("agent.log")).unwrap();
@@ -166,6 +173,7 @@ impl Agent {
             .arg(format!("unix:{}", socket.display()))
             .arg("--state-dir")
             .arg(dir.path.join("state"))
+            .args(&extra)
             .env("KATA_AGENT_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

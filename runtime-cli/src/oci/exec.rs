@@ -320,7 +320,7 @@ fn start(plan: &ExecPlan) -> Result<(Bridge, SignalFd)> {
 
 /// Reaches the agent through the container's vsock socket. The VMM answers a CONNECT only
 /// while the guest is responsive, so a refused one is tried again for a while.
-fn connect(dir: &Path) -> Result<AgentClient<UnixStream>> {
+pub(super) fn connect(dir: &Path) -> Result<AgentClient<UnixStream>> {
     let end = Instant::now() + AGENT_TIMEOUT;
     loop {
         let attempt = control::connect_in(dir, VSOCK)

@@ -13,6 +13,7 @@ pub mod log;
 pub mod state;
 pub mod supervisor;
 pub mod template;
+pub mod update;
 pub mod vm_handle;
 
 use std::io::Read;
@@ -130,6 +131,13 @@ pub enum OciCommand {
     /// Run one more process in a running container (runc's `exec`): exits with its status, or
     /// with --detach once it runs. A failure before it runs is `exec failed: ...`, status 255.
     Exec(Box<exec::ExecArgs>),
+    /// Change the container's resource limits (its cgroup in the VM), as `runc update`.
+    Update(Box<update::UpdateArgs>),
+    /// Print the container's stats (--stats) or stats and OOM events until it stops, as
+    /// `runc events`.
+    Events(update::EventsArgs),
+    /// Refused: checkpoint/restore is not supported by kata-snap.
+    Checkpoint(update::CheckpointArgs),
     /// Print a container's state as OCI state JSON.
     State {
         /// The container id.
@@ -260,6 +268,9 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
                 Ok(exec::EXEC_FAILED)
             }
         },
+        OciCommand::Update(args) => update::update(g, *args).map(|()| 0),
+        OciCommand::Events(args) => update::events(g, args),
+        OciCommand::Checkpoint(_) => update::checkpoint(),
         OciCommand::ExecSupervise { sync_fd } => exec::supervise(supervisor::sync_socket(sync_fd)?),
         OciCommand::State { id } => {
             let r = store().load(&id)?;

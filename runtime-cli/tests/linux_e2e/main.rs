@@ -27,4 +27,5 @@ mod runtime;
 mod runtime_containerd;
 mod runtime_contract;
 mod runtime_start;
+mod runtime_update;
 mod smp;
