@@ -221,17 +221,17 @@ fn run_on_a_terminal(mut c: Command, bundle: &Path, id: &str) -> Output {
         .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setsid and TIOCSCTTY are async-signal-safe; the child only makes the pty its
-    // controlling terminal before exec.
-    unsafe {
-        c.pre_exec(move || {
-            nix::unistd::setsid()?;
-            if libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let become_ctty = move || -> std::io::Result<()> {
+        nix::unistd::setsid()?;
+        // SAFETY: TIOCSCTTY takes an integer; `slave` is the pty the child inherited.
+        if unsafe { libc::ioctl(slave, libc::TIOCSCTTY, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the child between fork and exec and only calls setsid and
+    // ioctl, which are async-signal-safe.
+    unsafe { c.pre_exec(become_ctty) };
     let child = c.spawn().unwrap();
     drop(pty.slave);
     let o = collect(child, T, id);
