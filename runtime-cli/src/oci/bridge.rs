@@ -64,6 +64,25 @@ pub enum HostStdio {
     Terminal(HostTerminal),
 }
 
+impl HostStdio {
+    /// The stdio of a process: with a terminal, a new pty whose master goes to `console_socket`
+    /// (sized `size`), or the caller's stdin/stdout as runc does without a socket; else the
+    /// caller's own stdio.
+    pub fn new(
+        terminal: bool,
+        console_socket: Option<&std::path::Path>,
+        size: Option<(u16, u16)>,
+    ) -> anyhow::Result<Self> {
+        if !terminal {
+            return Ok(Self::Inherited);
+        }
+        Ok(Self::Terminal(match console_socket {
+            Some(sock) => HostTerminal::for_console_socket(sock, size)?,
+            None => HostTerminal::foreground()?,
+        }))
+    }
+}
+
 /// One process's bridge.
 #[derive(Debug)]
 pub struct Bridge {

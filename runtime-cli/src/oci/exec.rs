@@ -25,16 +25,15 @@ use agent_protocol::{
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signalfd::SignalFd;
 use serde::{Deserialize, Serialize};
 use vmm::seccomp::SeccompMode;
 
 use super::GlobalOpts;
 use super::bridge::{AgentEvent, Bridge, BridgeError, HostStdio};
-use super::console::HostTerminal;
 use super::control;
 use super::state::{Status, Store};
-use super::supervisor::{Created, VSOCK, forwarded_signals, send_created, vsock_connect};
+use super::supervisor::{Created, VSOCK, forwarding_signalfd, send_created, vsock_connect};
 
 /// Exit status of `exec` when the process could not be run (runc's).
 pub const EXEC_FAILED: i32 = 255;
@@ -277,19 +276,13 @@ fn run(plan: &ExecPlan, mut sync: Option<UnixStream>) -> Result<i32> {
 /// Connects to the agent, sends `Exec` and waits until the process runs.
 fn start(plan: &ExecPlan) -> Result<(Bridge, SignalFd)> {
     // Before anything else, so that no signal for the process is lost in between.
-    let set = forwarded_signals();
-    set.thread_block().context("cannot block signals")?;
-    let signals = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .context("cannot create a signalfd")?;
+    let signals = forwarding_signalfd()?;
     let mut agent = connect(&plan.dir)?;
-    let stdio = if plan.request.process.terminal {
-        HostStdio::Terminal(match &plan.console_socket {
-            Some(sock) => HostTerminal::for_console_socket(sock, plan.console_size)?,
-            None => HostTerminal::foreground()?,
-        })
-    } else {
-        HostStdio::Inherited
-    };
+    let stdio = HostStdio::new(
+        plan.request.process.terminal,
+        plan.console_socket.as_deref(),
+        plan.console_size,
+    )?;
     agent.send(&HostMessage::Exec(Box::new(plan.request.clone())))?;
     let pid = match agent.recv()? {
         AgentMessage::Started { pid } => pid,

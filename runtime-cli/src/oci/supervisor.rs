@@ -28,7 +28,6 @@ use serde::{Deserialize, Serialize};
 use vmm::seccomp::SeccompMode;
 
 use super::bridge::{AgentEvent, Bridge, HostStdio};
-use super::console::HostTerminal;
 use super::control::{self, Reply, Request};
 use super::state::{Record, Status, process_start_time, write_record};
 use super::vm_handle::ContainerVm;
@@ -86,7 +85,7 @@ pub enum Created {
 }
 
 /// Signals the supervisor (and `exec`) takes from its signalfd.
-pub(super) fn forwarded_signals() -> SigSet {
+fn forwarded_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in Signal::iterator() {
         // Faults stay synchronous (a crash stays a crash); SIGSYS is how seccomp reports;
@@ -107,6 +106,15 @@ pub(super) fn forwarded_signals() -> SigSet {
         }
     }
     set
+}
+
+/// Blocks the signals a process's host side forwards (in this thread: call it before any other
+/// thread exists, so that every thread inherits the mask) and returns the signalfd they arrive on.
+pub(super) fn forwarding_signalfd() -> Result<SignalFd> {
+    let set = forwarded_signals();
+    set.thread_block().context("cannot block signals")?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .context("cannot create a signalfd")
 }
 
 /// The supervisor of `launch`: restores the VM, prepares the process, says so on `sync` (for
@@ -228,10 +236,7 @@ impl Supervisor {
     fn prepare(launch: Launch, process_start: Instant, seccomp: SeccompMode) -> Result<Self> {
         let mut phases = Phases::new(process_start);
         // Before any thread exists, so that every thread inherits the mask.
-        let set = forwarded_signals();
-        set.thread_block().context("cannot block signals")?;
-        let signals = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-            .context("cannot create a signalfd")?;
+        let signals = forwarding_signalfd()?;
         // SAFETY: SIG_IGN for SIGPIPE: a closed stdout gives EPIPE on write instead of killing
         // the container's supervisor.
         unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }
@@ -312,14 +317,11 @@ impl Supervisor {
         }
         phases.mark("process prepared");
 
-        let stdio = if launch.request.process.terminal {
-            HostStdio::Terminal(match &launch.console_socket {
-                Some(sock) => HostTerminal::for_console_socket(sock, launch.console_size)?,
-                None => HostTerminal::foreground()?,
-            })
-        } else {
-            HostStdio::Inherited
-        };
+        let stdio = HostStdio::new(
+            launch.request.process.terminal,
+            launch.console_socket.as_deref(),
+            launch.console_size,
+        )?;
         // From here on the loop owns the connection.
         let bridge = Bridge::new(agent.try_clone_stream()?, stdio)?;
         drop(agent);
