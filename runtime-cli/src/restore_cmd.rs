@@ -73,6 +73,10 @@ pub struct RestoreArgs {
     /// pool is used].
     #[arg(long, value_name = "DIR")]
     pub pool_dir: Option<PathBuf>,
+    /// Do not feed this process's stdin to the guest's serial port (it belongs to someone
+    /// else: a container's stdin goes to its process through the agent).
+    #[arg(long)]
+    pub no_serial_stdin: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -167,7 +171,7 @@ pub fn start_restore(
             }),
         )?;
         let host = HostResources {
-            forward_stdin: true,
+            forward_stdin: !args.no_serial_stdin,
             disk_slots: args.disk_slot.iter().cloned().collect(),
             vsock: args.vsock.clone().map(|path| VsockHost {
                 path,

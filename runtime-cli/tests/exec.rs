@@ -378,6 +378,18 @@ fn test_exec_detached_pid_file_signals_and_status_for_a_subreaper() {
     }
     become_subreaper();
     let c = Container::new(&["sleep", "100"]);
+    // With pipes for stdio (as a test harness or an engine gives): `exec` returns, and the
+    // pipes reach EOF once the process (and its exec supervisor) exits.
+    let o = c.exec(&[
+        "--detach",
+        "--pid-file",
+        c.dir.path().join("p.pid").to_str().unwrap(),
+        &c.id,
+        "sh",
+        "-c",
+        "sleep 0.3; echo piped",
+    ]);
+    assert_eq!((o.code(), o.stdout.as_str()), (0, "piped\n"), "{o:?}");
     let pid = c.exec_detached(&[&c.id, "sh", "-c", "sleep 0.3; echo done; exit 5"]);
     assert_eq!(wait_status(pid), 5);
     assert_eq!(

@@ -261,10 +261,12 @@ impl Bridge {
             Err(_) => 0,
         };
         if n == 0 {
+            tracing::debug!("stdin closed: closing the process's stdin");
             self.input_open = false;
             self.send(&HostMessage::CloseStdin);
             return;
         }
+        tracing::trace!("{n} bytes of stdin");
         buf.truncate(n);
         self.send(&HostMessage::Stdin(buf));
     }

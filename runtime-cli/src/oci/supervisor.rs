@@ -290,6 +290,9 @@ impl Supervisor {
             timing: false,
             no_pool: !launch.use_pool,
             pool_dir: None,
+            // The container's stdin goes to its process through the agent, never to the
+            // guest's console.
+            no_serial_stdin: true,
         };
         let vm = ContainerVm::restore(&launch.dir, &args, launch.use_pool, process_start, seccomp)?;
         phases.mark(if vm.is_pooled() {

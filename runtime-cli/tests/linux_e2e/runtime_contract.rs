@@ -94,22 +94,23 @@ fn test_exec_matches_runc() {
         );
         let missing = run_it(cmd(), &["exec", "e1", "no-such-command"]);
         let tty = run_it(cmd(), &["exec", "--tty", "e1", "tty"]);
-        // Detached, with a pid file: the status reaches the subreaper (here, as the shim).
+        // Detached, with a pid file: the status reaches the subreaper (here, as the shim). Its
+        // stdio are files: the process keeps them until it exits.
         let pid_file = dir.path().join(format!("{name}.exec.pid"));
-        let detached = run_it(
-            cmd(),
-            &[
-                "exec",
-                "--detach",
-                "--pid-file",
-                pid_file.to_str().unwrap(),
-                "e1",
-                "sh",
-                "-c",
-                "sleep 1; exit 5",
-            ],
+        let mut c = cmd();
+        c.args(["exec", "--detach", "--pid-file"])
+            .arg(&pid_file)
+            .args(["e1", "sh", "-c", "sleep 1; echo bg; exit 5"])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.path().join(format!("{name}.exec.out"))).unwrap())
+            .stderr(fs::File::create(dir.path().join(format!("{name}.exec.err"))).unwrap());
+        let mut child = c.spawn().unwrap();
+        let detached = wait_deadline(&mut child, T).expect("exec --detach did not return");
+        assert!(
+            detached.success(),
+            "{name}: {detached:?} {}",
+            fs::read_to_string(dir.path().join(format!("{name}.exec.err"))).unwrap_or_default()
         );
-        assert_eq!(detached.code(), 0, "{name}: {detached:?}");
         let pid: i32 = fs::read_to_string(&pid_file)
             .unwrap()
             .trim()
@@ -162,7 +163,7 @@ fn test_exec_matches_runc() {
                 tail(&missing),
                 tty.code().to_string(),
                 tty.stdout.starts_with("/dev/pts/").to_string(),
-                detached.code().to_string(),
+                fs::read_to_string(dir.path().join(format!("{name}.exec.out"))).unwrap_or_default(),
                 format!("{status:?}").replace(&pid.to_string(), "PID"),
                 many.join(","),
                 after.code().to_string(),
@@ -176,6 +177,8 @@ fn test_exec_matches_runc() {
     assert_eq!(ours[3], "b /tmp 1000:1000 /home/app\n");
     assert_eq!(ours[4], "255");
     assert_eq!(ours[7], "true");
+    assert_eq!(ours[8], "bg\n");
+    assert!(ours[9].contains("Exited(PID, 5)"), "{}", ours[9]);
     assert_eq!(ours[10], "0:n0,1:n1,2:n2");
     assert_eq!(ours[12], "cannot exec in a stopped container");
     if seen.len() == 2 {
