@@ -8,7 +8,7 @@
 # Exit status: the tests' (0 = all passed); 125 when the rig itself failed.
 #
 # Usage: scripts/rig/rung4.sh [TEST-BINARY ARGS...]   e.g. scripts/rig/rung4.sh restore
-# Env:   RIG_TIMEOUT   bound on each L1 run, QEMU start to exit (default 480 s; a run takes ~110 s;
+# Env:   RIG_TIMEOUT   bound on each L1 run, QEMU start to exit (default 1200 s; a run takes ~400 s;
 #                      a run with no verdict, exit 125, is tried once more)
 #        RIG_LOG       where to keep the L1 console log (default: a temp file)
 #        RIG_MODE      auto (default) | direct | l1
@@ -55,7 +55,7 @@ else
     # An L1 that never reaches its verdict (exit 125: the emulator froze, seen rarely even with
     # one L1 vCPU) is the rig failing, not a test: it is run once more. A test failure is not.
     for attempt in 1 2; do
-    "$root/scripts/rig/l1.sh" --timeout "${RIG_TIMEOUT:-480}" --log "$log" \
+    "$root/scripts/rig/l1.sh" --timeout "${RIG_TIMEOUT:-1200}" --log "$log" \
         ${RIG_CPU:+--cpu "$RIG_CPU"} ${RIG_KVM_AMD:+--kvm-amd "$RIG_KVM_AMD"} ${RIG_SMP:+--smp "$RIG_SMP"} \
         ${RIG_ACCEL:+--accel "$RIG_ACCEL"} \
         ${RIG_REPEAT:+--env "RIG_REPEAT=$RIG_REPEAT"} \
