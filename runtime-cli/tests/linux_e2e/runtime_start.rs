@@ -59,7 +59,8 @@ fn test_first_container_warms_the_template_and_the_next_restores_it() {
     let want = if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
         "restore mode MmapPrefetch"
     } else {
-        "restore mode Mmap\n"
+        // The logrus line's message ends with its closing quote.
+        "restore mode Mmap\""
     };
     assert!(logs[1].contains(want), "{want}: {}", logs[1]);
     assert!(logs[2].contains(want), "{want}: {}", logs[2]);
@@ -201,7 +202,13 @@ fn test_containers_restore_in_a_running_pool() {
     let vmm_pid: i32 = text
         .lines()
         .find_map(|l| l.split_once("pre-started VMM pid ").map(|(_, p)| p))
-        .and_then(|p| p.trim_end_matches(')').trim().parse().ok())
+        .and_then(|p| {
+            p.trim_end_matches('"')
+                .trim_end_matches(')')
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("no pooled VMM in {text}"));
     child.kill().unwrap();
     child.wait().unwrap();
