@@ -88,6 +88,38 @@ enum Command {
     Oci(oci::OciCommand),
 }
 
+/// Marks every descriptor this process inherited above stdio close-on-exec, as runc closes them:
+/// the daemons kata-snap starts (a container's or an exec's supervisor) must not keep a caller's
+/// pipe open, or whoever waits for its end (a test harness, an engine) waits for the container.
+/// Descriptors handed on on purpose (a supervisor's sync socket) are made inheritable again by
+/// their owner.
+fn inherited_fds_cloexec() {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC takes plain integers and only sets a flag.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return;
+    }
+    // Before Linux 5.11: one descriptor at a time.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_SETFD on a descriptor number; one that is not open fails with EBADF.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
 /// Makes sure fds 0-2 are open, so no file the VMM opens lands on them by accident.
 fn ensure_std_fds() {
     for fd in 0..3 {
@@ -203,6 +235,7 @@ fn main() -> ExitCode {
     let process_start = Instant::now();
     vmm::seccomp::prepare_process();
     ensure_std_fds();
+    inherited_fds_cloexec();
     set_sigpipe(true);
     let cli = parse_command_line();
     if cli.version {

@@ -477,3 +477,65 @@ fn test_exec_with_a_terminal_and_after_the_container_stopped() {
         "{o:?}"
     );
 }
+
+#[test]
+fn test_exec_detached_does_not_keep_the_callers_other_descriptors() {
+    if skip().is_some() {
+        return;
+    }
+    become_subreaper();
+    let c = Container::new(&["sleep", "100"]);
+    // A pipe whose write end the caller passes on by accident (not close-on-exec), as a test
+    // harness's fd 3: runc closes such descriptors, and so must the exec's supervisor, or the
+    // reader waits for the exec's process to end.
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let w_raw = std::os::fd::AsRawFd::as_raw_fd(&w);
+    let mut cmd = c.cmd(&[
+        "exec",
+        "--detach",
+        "--pid-file",
+        c.dir.path().join("fd.pid").to_str().unwrap(),
+        &c.id,
+        "sleep",
+        "30",
+    ]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 onto fd 3 in the child before exec, async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::dup2(w_raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    assert!(cmd.status().unwrap().success());
+    drop(w);
+    let pid: i32 = fs::read_to_string(c.dir.path().join("fd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The read end reaches EOF while the exec still runs, not when `sleep 30` ends.
+    let mut f = fs::File::from(r);
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).unwrap();
+    let still_running = nix::sys::wait::waitpid(
+        nix::unistd::Pid::from_raw(pid),
+        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+    )
+    .unwrap();
+    assert_eq!(
+        still_running,
+        nix::sys::wait::WaitStatus::StillAlive,
+        "the exec's supervisor kept the caller's pipe open until it ended"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_status(pid);
+}
