@@ -502,15 +502,15 @@ fn test_exec_detached_does_not_keep_the_callers_other_descriptors() {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: dup2 onto fd 3 in the child before exec, async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::dup2(w_raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let onto_fd3 = move || -> std::io::Result<()> {
+        // SAFETY: dup2 of a descriptor the child inherited onto fd 3.
+        if unsafe { libc::dup2(w_raw, 3) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only calls dup2, async-signal-safe, between fork and exec.
+    unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, onto_fd3) };
     assert!(cmd.status().unwrap().success());
     drop(w);
     let pid: i32 = fs::read_to_string(c.dir.path().join("fd.pid"))
