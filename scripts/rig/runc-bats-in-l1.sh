@@ -68,7 +68,7 @@ for f in $RB_FILES; do
     # Under a terminal of its own (script(1)'s pty, the controlling terminal), as runc's CI runs
     # the suite: a foreground `runc run` with terminal: true needs one.
     timeout -k 10 "${RB_FILE_TIMEOUT:-1200}" script -qefc "bats --tap $f" /dev/null 2>&1 < /dev/null |
-        tr -d '\r' | sed -u "s#^#RB|$RB_RUNTIME|$f|#"
+        sed -u "s#\r\$##; s#^#RB|$RB_RUNTIME|$f|#"
     echo "RB|$RB_RUNTIME|$f|# end after $(awk -v s="$t0" '{printf "%.1f", $1 - s}' /proc/uptime) s"
     echo "RB|$RB_RUNTIME|$f|# processes left: $(ps -eo comm= | grep -c -e kata-snap -e runc) runtime, L1 memory free $(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo) MiB"
 done

@@ -135,24 +135,27 @@ EOF
     rm -rf "$bb"
 fi
 
+work="$(mktemp -d "${TMPDIR:-/tmp}/runc-bats.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
 # --- kata-snap and its guest --------------------------------------------------------------------
 if [[ " $runtimes " == *" kata-snap "* ]]; then
     step "guest kernel (guest/kernel/build.sh, skipped when cached)"
     kernel_dir="$(JOBS="${JOBS:-$(nproc)}" nice -n 10 guest/kernel/build.sh | tail -n 1)"
     step "agent initramfs (guest/initramfs/build.sh)"
     initramfs="$(guest/initramfs/build.sh 2>/dev/null | tail -n 1)" || { guest/initramfs/build.sh >&2; exit 125; }
+    # The cache's copy is rewritten by any checkout's build: keep this one's.
+    cp "$initramfs" "$work/initramfs.cpio" && initramfs="$work/initramfs.cpio"
     if [ -z "$kata_snap" ]; then
         step "kata-snap (cargo build --release)"
         nice -n 10 cargo build --release --locked --bin kata-snap >&2
         kata_snap="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/kata-snap"
-        kata_snap_rev=" (built from $(git log -1 --format='%h %cs')$(git diff --quiet HEAD -- . ':!scripts' ':!docs' || echo ', with local changes'))"
+        kata_snap_rev=" (built at $(git rev-parse --short HEAD), code of $(git log -1 --format='%h %cs' -- . ':!scripts' ':!docs')$(git diff --quiet HEAD -- . ':!scripts' ':!docs' || echo ', with local changes'))"
     fi
     [ -x "$kata_snap" ] || { step "no kata-snap binary at $kata_snap"; exit 125; }
 fi
 
 # --- the staged suite ---------------------------------------------------------------------------
-work="$(mktemp -d "${TMPDIR:-/tmp}/runc-bats.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/integration"
 cp -a "$src/tests/integration/." "$work/integration/"
 # The only change to runc's suite: images are local (no download, no `go env`).
@@ -196,6 +199,7 @@ run_one() { # run_one RUNTIME: one L1 boot, the suite with RUNC=that runtime
         --dir "$work/integration=/rig/runc-src/tests/integration" \
         --bin "$helpers/recvtty=/rig/runc-src/contrib/cmd/recvtty/recvtty" \
         --bin "$helpers/seccompagent=/rig/runc-src/contrib/cmd/seccompagent/seccompagent" \
+        --file "$src/contrib/cmd/seccompagent/gen-seccomp-example-cfg.sh=/rig/runc-src/contrib/cmd/seccompagent/gen-seccomp-example-cfg.sh" \
         --file "$image=/rig/images/busybox.tar" \
         --env "RB_RUNTIME=$rt" --env "RB_REAL=$real" --env "RB_FILES=$files" \
         --env "RB_TEST_TIMEOUT=${RB_TEST_TIMEOUT:-180}" --env "RB_FILE_TIMEOUT=${RB_FILE_TIMEOUT:-1500}" \
