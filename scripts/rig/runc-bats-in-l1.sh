@@ -50,6 +50,24 @@ done
 exec -a "$0" "$real" "${args[@]}"
 EOF
 chmod +x /rig/rt/runc
+cat > /rig/rt/leftovers <<'EOF'
+#!/rig/tools/bin/bash
+# Kills the processes other than this one that hold this terminal open (runc-bats).
+tty=$(readlink /proc/$$/fd/1)
+for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [ "$p" = $$ ] || [ "$p" = "$PPID" ] && continue
+    for fd in "$d"/fd/*; do
+        if [ "$(readlink "$fd" 2>/dev/null)" = "$tty" ]; then
+            echo "# left running after the file: $(tr '\0' ' ' < "$d/cmdline" 2>/dev/null | cut -c1-150)"
+            kill -9 "$p" 2>/dev/null
+            break
+        fi
+    done
+done
+exit 0
+EOF
+chmod +x /rig/rt/leftovers
 export RUNC=/rig/rt/runc
 # kata-snap's guest, named in its config file as an installation would (the rung-4 artefacts).
 if [ -n "${KATA_SNAP_GUEST_KERNEL:-}" ]; then
@@ -67,7 +85,10 @@ for f in $RB_FILES; do
     echo "RB|$RB_RUNTIME|$f|# begin"
     # Under a terminal of its own (script(1)'s pty, the controlling terminal), as runc's CI runs
     # the suite: a foreground `runc run` with terminal: true needs one.
-    timeout -k 10 "${RB_FILE_TIMEOUT:-1200}" script -qefc "bats --tap $f" /dev/null 2>&1 < /dev/null |
+    # script(1) reads its terminal until every process holding it has closed it: whatever a file
+    # left running with the terminal open (a container whose delete failed, a helper) is named
+    # and killed after bats, or the file would never end.
+    timeout -k 10 "${RB_FILE_TIMEOUT:-1200}" script -qefc "bats --tap $f; /rig/rt/leftovers" /dev/null 2>&1 < /dev/null |
         sed -u "s#\r\$##; s#^#RB|$RB_RUNTIME|$f|#"
     echo "RB|$RB_RUNTIME|$f|# end after $(awk -v s="$t0" '{printf "%.1f", $1 - s}' /proc/uptime) s"
     echo "RB|$RB_RUNTIME|$f|# processes left: $(ps -eo comm= | grep -c -e kata-snap -e runc) runtime, L1 memory free $(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo) MiB"
