@@ -26,7 +26,7 @@
 #        RIG_TIMEOUT       bound on each L1 run, QEMU start to exit (default 3600 s)
 #        RIG_MEM           L1 memory in MiB (default 6144)
 #        RUNC_BATS_PARALLEL=1  both L1 runs at once (each takes one host core)
-#        RB_TEST_TIMEOUT   bound on each test (default 180 s), RB_FILE_TIMEOUT on each file (1500 s)
+#        RB_TEST_TIMEOUT   bound on each test (default 180 s), RB_FILE_TIMEOUT on each file (900 s)
 #        RUNC_DEB_VERSION  the Debian source version to fetch (default 1.1.5+ds1-1+deb12u1)
 # Exit status: 0 when every runtime asked for produced results; 125 when the rig failed.
 # Prints "SKIPPED: reason" and exits 0 when the rig cannot run here (no QEMU, no L1 kernel).
@@ -202,7 +202,7 @@ run_one() { # run_one RUNTIME: one L1 boot, the suite with RUNC=that runtime
         --file "$src/contrib/cmd/seccompagent/gen-seccomp-example-cfg.sh=/rig/runc-src/contrib/cmd/seccompagent/gen-seccomp-example-cfg.sh" \
         --file "$image=/rig/images/busybox.tar" \
         --env "RB_RUNTIME=$rt" --env "RB_REAL=$real" --env "RB_FILES=$files" \
-        --env "RB_TEST_TIMEOUT=${RB_TEST_TIMEOUT:-180}" --env "RB_FILE_TIMEOUT=${RB_FILE_TIMEOUT:-1500}" \
+        --env "RB_TEST_TIMEOUT=${RB_TEST_TIMEOUT:-180}" --env "RB_FILE_TIMEOUT=${RB_FILE_TIMEOUT:-900}" \
         scripts/rig/runc-bats-in-l1.sh
 }
 for rt in $runtimes; do
