@@ -7,6 +7,7 @@
 # Usage: scripts/rig/l1.sh [options] SCRIPT [ARG...]
 #   --file SRC[=DEST]   copy SRC into the L1 filesystem at DEST (default: the same absolute path)
 #   --bin SRC[=DEST]    as --file, plus the shared libraries and loader `ldd SRC` names
+#   --dir SRC[=DEST]    copy the directory tree SRC (symbolic links kept) to DEST (default: the same)
 #   --env NAME=VALUE    environment for SCRIPT (repeatable)
 #   --timeout SECS      whole-run bound, QEMU start to exit (default 600); SCRIPT gets 30 s less
 #   --mem MIB           L1 memory (default 4096)
@@ -30,12 +31,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 cache="${KATA_SNAP_CACHE:-$HOME/.cache/kata-snap}"
 
-files=() bins=() envs=()
+files=() bins=() envs=() dirs=()
 timeout=600 mem=4096 smp=1 cpu="EPYC-v3,+svm,+npt" log="" quiet=0 kvm_amd="" accel=tcg
 while [ $# -gt 0 ]; do
     case "$1" in
         --file) files+=("$2"); shift 2 ;;
         --bin) bins+=("$2"); shift 2 ;;
+        --dir) dirs+=("$2"); shift 2 ;;
         --env) envs+=("$2"); shift 2 ;;
         --timeout) timeout="$2"; shift 2 ;;
         --mem) mem="$2"; shift 2 ;;
@@ -107,6 +109,12 @@ done
 for f in "${bins[@]+"${bins[@]}"}"; do
     read -r src dest < <(split "$f")
     add_bin "$src" "$dest"
+done
+for f in "${dirs[@]+"${dirs[@]}"}"; do
+    read -r src dest < <(split "$f")
+    [ -d "$src" ] || fail "no such directory: $src"
+    mkdir -p "$stage$dest"
+    cp -a "$src/." "$stage$dest/"
 done
 cp "$script" "$stage/rig/script.sh"
 {
