@@ -18,6 +18,7 @@
 #   --kvm-amd PARAMS    module parameters for kvm-amd.ko (e.g. "vgif=0 avic=0")
 #   --log FILE          keep the L1 console log there (default: a temp file, printed at the end)
 #   --quiet             do not copy the console to stdout while it runs
+#   (env RIG_STALL=SECS: stop a run whose console has been silent that long, default 300)
 #
 # SCRIPT runs as root under busybox sh in L1, in /rig, with /dev/kvm present, /tmp a tmpfs, and
 # the busybox applets, /sbin/{mke2fs,mkfs.ext4,e2fsck,debugfs} on PATH. Its exit status becomes
@@ -164,6 +165,29 @@ chmod +x "$stage/init" "$stage/bin/busybox"
 [ -n "$log" ] || log="$(mktemp "${TMPDIR:-/tmp}/kata-snap-l1-log.XXXXXX")"
 : > "$log"
 echo "l1.sh: L1 initramfs $(( $(stat -c %s "$work/l1.cpio") / 1048576 )) MiB; console log: $log" >&2
+# A frozen emulator (seen under load with nested SVM in TCG: L1 goes idle and never reaches its
+# verdict) is stopped once the console has been silent for RIG_STALL seconds (default 300; every
+# test prints a step line far more often), instead of at the end of --timeout.
+stall="${RIG_STALL:-300}"
+watchdog() {
+    local last=-1 quiet_for=0 size
+    while sleep 10; do
+        size=$(stat -c %s "$log" 2>/dev/null || echo 0)
+        if [ "$size" != "$last" ]; then
+            last=$size quiet_for=0
+        else
+            quiet_for=$((quiet_for + 10))
+        fi
+        if [ "$quiet_for" -ge "$stall" ]; then
+            echo "l1.sh: no console output for $stall s: the emulator froze; stopping it" >&2
+            : > "$work/stalled"
+            pkill -f -- "$work/l1.cpio" || true
+            return
+        fi
+    done
+}
+watchdog &
+watchdog_pid=$!
 start=$(date +%s.%N)
 set +e
 if [ "$quiet" = 1 ]; then
@@ -177,12 +201,16 @@ else
         -append "console=ttyS0 panic=-1 quiet ${L1_APPEND:-}" </dev/null 2>&1 | tee "$log"
     qstatus=${PIPESTATUS[0]}
 fi
+kill "$watchdog_pid" 2>/dev/null
+wait "$watchdog_pid" 2>/dev/null
 set -e
 end=$(date +%s.%N)
 secs=$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')
 verdict=$(tr -d '\r' < "$log" | sed -n 's/^RIG-VERDICT exit=\([0-9]*\)$/\1/p' | tail -n 1)
 if [ -z "$verdict" ]; then
-    if [ "$qstatus" = 124 ]; then
+    if [ -e "$work/stalled" ]; then
+        echo "l1.sh: L1 froze (no console output for $stall s, no verdict); log: $log" >&2
+    elif [ "$qstatus" = 124 ]; then
         echo "l1.sh: QEMU did not finish within $timeout s (no verdict); log: $log" >&2
     else
         echo "l1.sh: L1 ended without a verdict (QEMU status $qstatus); log: $log" >&2
