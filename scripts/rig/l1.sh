@@ -18,7 +18,7 @@
 #   --kvm-amd PARAMS    module parameters for kvm-amd.ko (e.g. "vgif=0 avic=0")
 #   --log FILE          keep the L1 console log there (default: a temp file, printed at the end)
 #   --quiet             do not copy the console to stdout while it runs
-#   (env RIG_STALL=SECS: stop a run whose console has been silent that long, default 300)
+#   (env RIG_STALL=SECS: stop a run whose console has been silent that long, default 180)
 #
 # SCRIPT runs as root under busybox sh in L1, in /rig, with /dev/kvm present, /tmp a tmpfs, and
 # the busybox applets, /sbin/{mke2fs,mkfs.ext4,e2fsck,debugfs} on PATH. Its exit status becomes
@@ -166,9 +166,9 @@ chmod +x "$stage/init" "$stage/bin/busybox"
 : > "$log"
 echo "l1.sh: L1 initramfs $(( $(stat -c %s "$work/l1.cpio") / 1048576 )) MiB; console log: $log" >&2
 # A frozen emulator (seen under load with nested SVM in TCG: L1 goes idle and never reaches its
-# verdict) is stopped once the console has been silent for RIG_STALL seconds (default 300; every
+# verdict) is stopped once the console has been silent for RIG_STALL seconds (default 180; every
 # test prints a step line far more often), instead of at the end of --timeout.
-stall="${RIG_STALL:-300}"
+stall="${RIG_STALL:-180}"
 watchdog() {
     local last=-1 quiet_for=0 size
     while sleep 10; do

@@ -9,7 +9,7 @@
 #
 # Usage: scripts/rig/rung4.sh [TEST-BINARY ARGS...]   e.g. scripts/rig/rung4.sh restore
 # Env:   RIG_TIMEOUT   bound on each L1 run, QEMU start to exit (default 1200 s; a run takes ~400 s;
-#                      a run with no verdict, exit 125, is tried up to three times in all; a
+#                      a run with no verdict, exit 125, is tried up to five times in all; a
 #                      frozen L1 is stopped after RIG_STALL s of console silence, see l1.sh)
 #        RIG_LOG       where to keep the L1 console log (default: a temp file)
 #        RIG_MODE      auto (default) | direct | l1
@@ -55,8 +55,8 @@ else
     step "no hardware KVM here: running the tests in the L1 rig (QEMU TCG, emulated timings)"
     # An L1 that never reaches its verdict (exit 125: the emulator froze; seen several times a
     # day under load with one L1 vCPU, before and after the guest kernel gained cgroups) is the
-    # rig failing, not a test: it is run again, up to three times. A test failure is not.
-    for attempt in 1 2 3; do
+    # rig failing, not a test: it is run again, up to five times. A test failure is not.
+    for attempt in 1 2 3 4 5; do
     "$root/scripts/rig/l1.sh" --timeout "${RIG_TIMEOUT:-1200}" --log "$log" \
         ${RIG_CPU:+--cpu "$RIG_CPU"} ${RIG_KVM_AMD:+--kvm-amd "$RIG_KVM_AMD"} ${RIG_SMP:+--smp "$RIG_SMP"} \
         ${RIG_ACCEL:+--accel "$RIG_ACCEL"} \
@@ -76,7 +76,7 @@ else
         ${KATA_SNAP_TEST_LOG:+--env "KATA_SNAP_TEST_LOG=$KATA_SNAP_TEST_LOG"} \
         "$root/scripts/rig/in-l1.sh" --test-threads=1 --nocapture "$@"
     status=$?
-    [ "$status" = 125 ] && [ "$attempt" -lt 3 ] || break
+    [ "$status" = 125 ] && [ "$attempt" -lt 5 ] || break
     step "the L1 rig gave no verdict (exit 125): running it again"
     done
 fi
