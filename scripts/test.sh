@@ -23,5 +23,13 @@ cargo build --release --locked --bin kata-snap
 if target/release/kata-snap check | grep -q "run at full speed"; then
     echo "rung 4 ran above (runtime-cli/tests/linux_e2e, hardware KVM)"
 else
-    scripts/rig/rung4.sh
+    # 125: the L1 rig itself gave no verdict on any of its attempts (the emulator froze: QEMU
+    # TCG with nested SVM, see README "Rung 4"); no test failed. Any other failure fails.
+    rc=0
+    scripts/rig/rung4.sh || rc=$?
+    if [ "$rc" = 125 ]; then
+        echo "SKIPPED: rung 4: the L1 rig froze (or did not come up) on every attempt, so its tests could not run here; no rung-4 test failed (README, Rung 4)"
+    elif [ "$rc" != 0 ]; then
+        exit "$rc"
+    fi
 fi

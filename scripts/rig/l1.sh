@@ -152,6 +152,9 @@ done
 [ -c /dev/kvm ] || { echo "RIG-ERROR: no /dev/kvm after loading kvm-amd"; dmesg | tail -n 20; verdict 125; }
 echo "RIG: /dev/kvm ready after \$(cut -d' ' -f1 /proc/uptime) s"
 cd /rig
+# A heartbeat on the console: a test that waits silently keeps L1 talking, so the host's
+# watchdog (RIG_STALL) only stops an L1 that froze itself.
+(while sleep 30; do echo "RIG-ALIVE \$(cut -d' ' -f1 /proc/uptime)"; done) &
 . /rig/env
 timeout $script_timeout sh /rig/script.sh "\$@"
 rc=\$?
@@ -166,8 +169,8 @@ chmod +x "$stage/init" "$stage/bin/busybox"
 : > "$log"
 echo "l1.sh: L1 initramfs $(( $(stat -c %s "$work/l1.cpio") / 1048576 )) MiB; console log: $log" >&2
 # A frozen emulator (seen under load with nested SVM in TCG: L1 goes idle and never reaches its
-# verdict) is stopped once the console has been silent for RIG_STALL seconds (default 180; every
-# test prints a step line far more often), instead of at the end of --timeout.
+# verdict) is stopped once the console has been silent for RIG_STALL seconds (default 180; L1
+# prints a heartbeat every 30 s while it runs), instead of at the end of --timeout.
 stall="${RIG_STALL:-180}"
 watchdog() {
     local last=-1 quiet_for=0 size

@@ -5,7 +5,8 @@
 #   - on a host whose KVM runs guest code at hardware speed: runs the tests directly;
 #   - otherwise (the nested paravirtual kvm_pvm of this project's machines): runs the same test
 #     binary inside an L1 VM (scripts/rig/l1.sh: QEMU TCG with SVM, kvm-amd inside).
-# Exit status: the tests' (0 = all passed); 125 when the rig itself failed.
+# Exit status: the tests' (0 = all passed); 1 when what the tests need could not be built; 125
+# when the rig itself failed (L1 froze or did not come up) on every attempt.
 #
 # Usage: scripts/rig/rung4.sh [TEST-BINARY ARGS...]   e.g. scripts/rig/rung4.sh restore
 # Env:   RIG_TIMEOUT   bound on each L1 run, QEMU start to exit (default 1200 s; a run takes ~400 s;
@@ -28,7 +29,7 @@ step "guest kernel (guest/kernel/build.sh, skipped when cached)"
 kernel_dir="$(JOBS="${JOBS:-$(nproc)}" nice -n 10 guest/kernel/build.sh | tail -n 1)"
 step "agent initramfs (guest/initramfs/build.sh)"
 initramfs="$(guest/initramfs/build.sh 2>/dev/null | tail -n 1)" || {
-    guest/initramfs/build.sh >&2; exit 125; }
+    guest/initramfs/build.sh >&2; exit 1; }
 step "kata-snap and the rung-4 test binary (release)"
 cargo build --release --locked --bin kata-snap >&2
 testbin="$(cargo test --release --locked -p runtime-cli --test linux_e2e --no-run --message-format=json 2>/dev/null |
@@ -37,7 +38,7 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "linux_e2e":
         print(m["executable"])' | tail -n 1)"
-[ -x "$testbin" ] || { step "could not build the linux_e2e test binary"; exit 125; }
+[ -x "$testbin" ] || { step "could not build the linux_e2e test binary"; exit 1; }
 kata_snap="$root/target/release/kata-snap"
 
 mode="${RIG_MODE:-auto}"
