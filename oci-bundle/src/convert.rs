@@ -64,6 +64,14 @@ pub fn convert(dir: &Path, spec: &Spec, notes: Vec<String>) -> Result<BundleConf
         Some(linux) => self::linux(linux, &mut ignored)?,
         None => Resources::default(),
     };
+    let cgroups_path = match spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+    {
+        Some(p) => Some(utf8("linux.cgroupsPath", p)?),
+        None => None,
+    };
     let annotations: BTreeMap<String, String> = spec
         .annotations()
         .as_ref()
@@ -78,6 +86,7 @@ pub fn convert(dir: &Path, spec: &Spec, notes: Vec<String>) -> Result<BundleConf
         mounts,
         annotations,
         resources,
+        cgroups_path,
         ignored,
     })
 }
@@ -310,11 +319,6 @@ fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<Resources, ConfigError>
             "gidMappings",
             l.gid_mappings().is_some(),
             "the VM is the isolation boundary",
-        ),
-        (
-            "cgroupsPath",
-            l.cgroups_path().is_some(),
-            "the VM's size is its limit",
         ),
         (
             "seccomp",

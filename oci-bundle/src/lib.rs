@@ -55,7 +55,7 @@
 //! | `linux.resources.memory.limit` | honoured: VM memory (see [`resources`]); above the largest VM refused |
 //! | `linux.resources.cpu.quota`/`period`/`cpus` | honoured: vCPUs (see [`resources`]) |
 //! | `linux.resources` anything else | ignored: no host cgroup for the container |
-//! | `linux.cgroupsPath` | ignored |
+//! | `linux.cgroupsPath` | honoured: the VM's host process is placed there (cgroup v2); the container's limits apply in the guest |
 //! | `linux.seccomp` | ignored: the VM is the boundary |
 //! | `linux.maskedPaths`, `readonlyPaths` | ignored: they would hide the guest's /proc and /sys, not the host's |
 //! | `linux.sysctl` | ignored, each key recorded (Docker always sends two network ones) |
@@ -130,6 +130,8 @@ pub struct BundleConfig {
     pub annotations: BTreeMap<String, String>,
     /// The VM's size from `linux.resources`.
     pub resources: Resources,
+    /// `linux.cgroupsPath` as written (runc's syntax; resolved by the runtime).
+    pub cgroups_path: Option<String>,
     /// What was accepted but has no effect in a VM, one line each.
     pub ignored: Vec<String>,
 }

@@ -116,9 +116,9 @@ fn test_containerd_spec_resources_and_mounts() {
             .map(String::as_str),
         Some("docker.io/library/busybox:latest")
     );
+    assert_eq!(c.cgroups_path.as_deref(), Some("/default/demo"));
     for field in [
         "linux.seccomp",
-        "linux.cgroupsPath",
         "linux.resources.cpu.shares",
         "process.capabilities",
     ] {
@@ -141,6 +141,10 @@ fn test_docker_spec_loaded_with_network_parts_ignored() {
     assert_eq!(c.process.cwd, "/home/app");
     assert_eq!((c.process.user.uid, c.process.user.gid), (1000, 1000));
     assert_eq!(c.hostname.as_deref(), Some("4e1f0a2b3c4d"));
+    assert_eq!(
+        c.cgroups_path.as_deref(),
+        Some("system.slice:docker:4e1f0a2b3c4d5e6f")
+    );
     assert!(
         !c.mounts.iter().any(|m| m.destination.starts_with("/etc/")),
         "{:?}",

@@ -12,7 +12,7 @@ use vmm::seccomp::SeccompMode;
 
 use super::state::{self, Record, Status, Store};
 use super::supervisor::{self, Created, Launch};
-use super::{CreateArgs, GlobalOpts, assets, log, start, template, write_file_synced};
+use super::{CreateArgs, GlobalOpts, assets, host_cgroup, log, start, template, write_file_synced};
 
 /// What the command does once the container is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,8 @@ pub(super) fn create(
         image.key_time.as_secs_f64() * 1e3
     );
 
+    let cgroup =
+        host_cgroup::Placement::plan(config.cgroups_path.as_deref(), &args.id, g.systemd_cgroup)?;
     let dir = store.claim(&args.id)?;
     let mut guard = ClaimGuard {
         store: &store,
@@ -107,6 +109,7 @@ pub(super) fn create(
         pid_start: state::process_start_time(std::process::id() as i32).unwrap_or(0),
         status: Status::Creating,
         exit_code: None,
+        cgroup: cgroup.as_ref().map(|c| c.dir.clone()),
     };
     state::write_record(&dir, &record)?;
     let launch = Launch {
@@ -124,14 +127,24 @@ pub(super) fn create(
         console_size: config.process.console_size.map(|c| (c.rows, c.cols)),
         foreground: matches!(mode, Mode::RunForeground { .. }),
         use_pool: !args.no_pool,
+        cgroup,
     };
     if let Mode::RunForeground { keep } = mode {
         if let Some(p) = &args.pid_file {
             write_pid_file(p, std::process::id() as i32)?;
         }
         guard.armed = false;
+        // This process becomes the VM's: it leaves the container's cgroup before removing it.
+        let origin = host_cgroup::own_cgroup();
+        let cgroup = launch.cgroup.clone();
         let code = supervisor::supervise(launch, None, t0, seccomp);
         if !keep {
+            if let Some(c) = cgroup
+                && let Err(e) =
+                    host_cgroup::leave(&origin).and_then(|()| host_cgroup::remove(&c.dir))
+            {
+                tracing::warn!("{e:#}");
+            }
             let _ = store.remove(&args.id);
         }
         return Ok(code);

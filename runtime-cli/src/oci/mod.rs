@@ -9,6 +9,7 @@ pub mod console;
 pub mod control;
 mod create;
 pub mod exec;
+pub mod host_cgroup;
 pub mod log;
 pub mod state;
 pub mod supervisor;
@@ -528,6 +529,13 @@ fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
+    let remove_cgroup = |r: &Record| {
+        if let Some(dir) = &r.cgroup
+            && let Err(e) = host_cgroup::remove(dir)
+        {
+            tracing::warn!("{e:#}");
+        }
+    };
     match r.current_status() {
         Status::Stopped => {}
         // runc deletes a created container without --force.
@@ -541,6 +549,7 @@ fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
             s.as_str()
         ),
     }
+    remove_cgroup(&r);
     store.remove(id)
 }
 

@@ -78,6 +78,9 @@ pub struct Record {
     pub status: Status,
     /// The container process's exit status, once known.
     pub exit_code: Option<i32>,
+    /// The host cgroup the VM was placed in (removed by `delete`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// The OCI state JSON of `runc state`, in runc's field order.
@@ -470,6 +473,7 @@ mod tests {
             pid_start: start,
             status,
             exit_code: None,
+            cgroup: None,
         }
     }
 

@@ -73,6 +73,9 @@ pub struct Launch {
     pub foreground: bool,
     /// Restore in a pre-started VMM when a pool of the template's shape runs.
     pub use_pool: bool,
+    /// The host cgroup the VM goes in (`linux.cgroupsPath`).
+    #[serde(default)]
+    pub cgroup: Option<super::host_cgroup::Placement>,
 }
 
 /// The supervisor's answer to `create`, one JSON line on the sync socket.
@@ -243,6 +246,11 @@ impl Supervisor {
             .context("cannot ignore SIGPIPE")?;
         std::env::set_current_dir(&launch.dir)
             .with_context(|| format!("cannot enter {}", launch.dir.display()))?;
+        // Into the container's cgroup before the VM exists, so that its memory is charged
+        // there; a pooled VMM joins it once claimed.
+        if let Some(c) = &launch.cgroup {
+            c.enter(std::process::id() as i32)?;
+        }
 
         // The template's first container records its start-up working set; later ones map
         // the template and prefetch that set (clean pages shared with every clone).
@@ -295,6 +303,9 @@ impl Supervisor {
             no_serial_stdin: true,
         };
         let vm = ContainerVm::restore(&launch.dir, &args, launch.use_pool, process_start, seccomp)?;
+        if let (Some(c), Some(pid)) = (&launch.cgroup, vm.pooled_pid()) {
+            c.enter(pid)?;
+        }
         phases.mark(if vm.is_pooled() {
             "restore (pool)"
         } else {

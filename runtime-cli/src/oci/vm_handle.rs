@@ -112,6 +112,14 @@ impl ContainerVm {
         matches!(self, Self::Pooled { .. })
     }
 
+    /// The pre-started VMM's pid, when the restore took one.
+    pub fn pooled_pid(&self) -> Option<i32> {
+        match self {
+            Self::Local { .. } => None,
+            Self::Pooled { vm, .. } => Some(vm.pid as i32),
+        }
+    }
+
     /// Readable once the VM has stopped.
     pub fn stopped_fd(&self) -> BorrowedFd<'_> {
         match self {

@@ -366,3 +366,49 @@ fn test_formats_version_and_kill_0_as_runc() {
         assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
     }
 }
+
+/// `linux.cgroupsPath`: the container's host process is in that cgroup while it runs (for
+/// kata-snap the VM's process, which `state` names), and `delete` removes the cgroup.
+#[test]
+fn test_cgroups_path_places_the_container_on_the_host_as_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").is_file() {
+        println!("SKIPPED: no cgroup v2 hierarchy at /sys/fs/cgroup");
+        return;
+    }
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    subreaper();
+    let b = bundle(dir.path(), "cg", "sleep 600", false);
+    let mut seen = Vec::new();
+    for (name, cmd) in &runtimes(e, dir.path()) {
+        let rel = format!("kata-snap-contract/{name}-{}", std::process::id());
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(b.join("config.json")).unwrap()).unwrap();
+        spec["linux"]["cgroupsPath"] = format!("/{rel}").into();
+        fs::write(b.join("config.json"), spec.to_string()).unwrap();
+        let cg = Path::new("/sys/fs/cgroup").join(&rel);
+        start_detached(cmd, dir.path(), &b, "c1");
+        let state = wait_status(cmd, "c1", "running");
+        let pid = state["pid"].as_i64().unwrap();
+        let procs = fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        let own = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert_eq!(run_it(cmd(), &["kill", "c1", "KILL"]).code(), 0);
+        wait_status(cmd, "c1", "stopped");
+        assert_eq!(run_it(cmd(), &["delete", "c1"]).code(), 0);
+        seen.push((
+            *name,
+            [
+                procs.lines().any(|l| l == pid.to_string()).to_string(),
+                own.trim().ends_with(&rel).to_string(),
+                cg.exists().to_string(),
+            ],
+        ));
+        let _ = fs::remove_dir(&cg);
+        let _ = fs::remove_dir(cg.parent().unwrap());
+    }
+    assert_eq!(seen[0].1, ["true", "true", "false"], "{seen:?}");
+    if seen.len() == 2 {
+        assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    }
+}
