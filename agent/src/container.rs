@@ -150,10 +150,11 @@ impl Containers {
 
     /// Moves `pid` (an exec waiting for its go byte) into the cgroup of
     /// `container`; nothing to do without one.
-    pub fn attach(&self, container: u64, pid: Pid) -> Result<(), CgroupError> {
+    /// Whether it went in: false when the container has no cgroup.
+    pub fn attach(&self, container: u64, pid: Pid) -> Result<bool, CgroupError> {
         match self.map.get(&container).and_then(|c| c.cgroup.as_ref()) {
-            Some(g) => g.attach(pid),
-            None => Ok(()),
+            Some(g) => g.attach(pid).map(|()| true),
+            None => Ok(false),
         }
     }
 

@@ -444,14 +444,19 @@ fn child_exec(plan: &ChildPlan<'_>, target: &ExecTarget) -> ChildFailure {
     }
 }
 
-/// Blocks until the agent writes the go byte (true) or drops its end (false).
-fn child_wait_for_go(go: &OwnedFd) -> bool {
+/// The go byte: exec.
+const GO: u8 = 1;
+/// The go byte: a new cgroup namespace, then exec.
+const GO_CGROUP_NAMESPACE: u8 = 2;
+
+/// Blocks until the agent writes the go byte (Some) or drops its end (None).
+fn child_wait_for_go(go: &OwnedFd) -> Option<u8> {
     let mut byte = [0u8; 1];
     loop {
         match nix::unistd::read(go, &mut byte) {
-            Ok(1) => return true,
+            Ok(1) => return Some(byte[0]),
             Err(nix::Error::EINTR) => continue,
-            Ok(_) | Err(_) => return false,
+            Ok(_) | Err(_) => return None,
         }
     }
 }
@@ -462,13 +467,26 @@ fn child_main(plan: &ChildPlan<'_>, stdio: [i32; 3], report: OwnedFd, go: OwnedF
     let failure = match child_setup(plan, stdio, keep, plan.process.terminal) {
         Err(f) => f,
         Ok(target) => {
-            if nix::unistd::write(&report, &[REPORT_READY]) != Ok(1) || !child_wait_for_go(&go) {
+            let go = match nix::unistd::write(&report, &[REPORT_READY]) {
+                Ok(1) => child_wait_for_go(&go),
+                _ => None,
+            };
+            match go {
                 // The agent is gone or gave up on this process: never exec.
                 // SAFETY: _exit ends the child without running the parent's
                 // atexit handlers or flushing its duplicated buffers.
-                unsafe { libc::_exit(EXIT_CANNOT_INVOKE) }
+                None => unsafe { libc::_exit(EXIT_CANNOT_INVOKE) },
+                Some(GO_CGROUP_NAMESPACE) => {
+                    match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP) {
+                        Ok(()) => child_exec(plan, &target),
+                        Err(e) => ChildFailure::new(
+                            ErrorKind::ExecFailed,
+                            format!("cannot create the cgroup namespace: {e}"),
+                        ),
+                    }
+                }
+                Some(_) => child_exec(plan, &target),
             }
-            child_exec(plan, &target)
         }
     };
     let mut msg = vec![kind_to_byte(failure.kind)];
@@ -567,15 +585,29 @@ pub struct ExecGate {
     pid: Pid,
     go: OwnedFd,
     report: OwnedFd,
+    cgroup_namespace: bool,
 }
 
 impl ExecGate {
+    /// The child enters a cgroup namespace of its own before it execs, rooted at the cgroup it
+    /// was put in: the container sees its group as `/` (`/proc/self/cgroup` reads `0::/`), as
+    /// with runc's cgroup namespace on a cgroup v2 host.
+    pub fn with_cgroup_namespace(mut self) -> Self {
+        self.cgroup_namespace = true;
+        self
+    }
+
     /// Lets the child exec and waits (at most [`CHILD_REPORT_TIMEOUT`]) for
     /// the outcome. On error the child has exited and is reaped. A child
     /// killed while it waited (a host signal) counts as started: its exit is
     /// reaped by the caller's SIGCHLD handling as for any process.
     pub fn open(self) -> Result<(), SpawnError> {
-        if let Err(e) = nix::unistd::write(&self.go, &[1]) {
+        let go = if self.cgroup_namespace {
+            GO_CGROUP_NAMESPACE
+        } else {
+            GO
+        };
+        if let Err(e) = nix::unistd::write(&self.go, &[go]) {
             // EPIPE: the child is gone already; the report pipe says more.
             tracing::debug!(error = %e, "cannot write the go byte");
         }
@@ -681,6 +713,7 @@ pub fn prepare(root: &Path, process: &Process, role: Role<'_>) -> Result<Prepare
                         pid: child,
                         go: go_w,
                         report: report_r,
+                        cgroup_namespace: false,
                     },
                 }),
                 Report::Eof(r) if !r.is_empty() => Err(failed(child, &r)),

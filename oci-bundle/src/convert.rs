@@ -23,6 +23,7 @@ const DEFAULT_DEVICES: &[&str] = &[
     "/dev/random",
     "/dev/urandom",
     "/dev/tty",
+    "/dev/ptmx",
 ];
 
 /// Converts a parsed config. `dir` is the absolute bundle directory.

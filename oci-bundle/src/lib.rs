@@ -59,7 +59,7 @@
 //! | `linux.seccomp` | ignored: the VM is the boundary |
 //! | `linux.maskedPaths`, `readonlyPaths` | ignored: they would hide the guest's /proc and /sys, not the host's |
 //! | `linux.sysctl` | ignored, each key recorded (Docker always sends two network ones) |
-//! | `linux.devices` | the default devices (null, zero, full, random, urandom, tty) ignored, the guest has them; any other refused |
+//! | `linux.devices` | the default devices (null, zero, full, random, urandom, tty, ptmx) ignored, the guest has them; any other refused |
 //! | `linux.rootfsPropagation` | ignored |
 //! | `linux.intelRdt`, `memoryPolicy` | ignored |
 //! | `linux.personality`, `timeOffsets`, `netDevices` | refused |

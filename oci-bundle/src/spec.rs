@@ -9,7 +9,7 @@ pub const SPEC_VERSION: &str = "1.0.2";
 /// Oldest OCI runtime spec version accepted.
 pub const OCI_VERSION_MIN: &str = "1.0.0";
 
-/// The config `kata-snap spec` writes: runc's `runc spec` (1.1) with its
+/// The config `kata-snap spec` writes: runc's `runc spec` (1.1, on a cgroup v2 host: with a cgroup namespace) with its
 /// hostname. Every part of it is something kata-snap honours or ignores
 /// harmlessly, and runc itself runs it unchanged.
 pub fn default_spec() -> Value {
@@ -66,7 +66,7 @@ pub fn default_spec() -> Value {
             "resources": { "devices": [{ "allow": false, "access": "rwm" }] },
             "namespaces": [
                 { "type": "pid" }, { "type": "network" }, { "type": "ipc" },
-                { "type": "uts" }, { "type": "mount" }
+                { "type": "uts" }, { "type": "mount" }, { "type": "cgroup" }
             ],
             "maskedPaths": [
                 "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",

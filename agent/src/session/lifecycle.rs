@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use agent_protocol::{AgentMessage, ErrorKind, ExecRequest, RunRequest};
+use agent_protocol::{AgentMessage, ErrorKind, ExecRequest, Mount, RunRequest};
 use nix::unistd::Pid;
 
 use super::{Phase, Proc, Session, SessionContext, SessionEnd, error};
@@ -184,21 +184,7 @@ impl Session {
         let t0 = Instant::now();
         let rootfs = prepare_rootfs(ctx.state_dir, id, &req.rootfs).map_err(Failure::rootfs)?;
         let t_rootfs = t0.elapsed();
-        let mounted = prepare_dev(&rootfs.root, &req.mounts, req.rootfs.readonly)
-            .map_err(Failure::rootfs)
-            .and_then(|()| {
-                req.mounts
-                    .iter()
-                    .try_for_each(|m| apply_mount(&rootfs.root, m))
-                    .map_err(Failure::rootfs)
-            })
-            .and_then(|()| populate_dev(&rootfs.root).map_err(Failure::rootfs))
-            .and_then(|()| rootfs.seal().map_err(Failure::rootfs));
-        if let Err(e) = mounted {
-            rootfs.teardown();
-            return Err(e);
-        }
-        let t_mounts = t0.elapsed();
+        // The group first: a cgroup2 mount in the container shows it (below).
         let group = match &ctx.cgroups {
             Ok(cg) => match cg.create_group(id) {
                 Ok(g) => Some(g),
@@ -209,6 +195,29 @@ impl Session {
             },
             Err(_) => None,
         };
+        let mounts: Vec<Mount> = req
+            .mounts
+            .iter()
+            .map(|m| cgroup_view(m, group.as_ref()))
+            .collect();
+        let mounted = prepare_dev(&rootfs.root, &mounts, req.rootfs.readonly)
+            .map_err(Failure::rootfs)
+            .and_then(|()| {
+                mounts
+                    .iter()
+                    .try_for_each(|m| apply_mount(&rootfs.root, m))
+                    .map_err(Failure::rootfs)
+            })
+            .and_then(|()| populate_dev(&rootfs.root).map_err(Failure::rootfs))
+            .and_then(|()| rootfs.seal().map_err(Failure::rootfs));
+        if let Err(e) = mounted {
+            rootfs.teardown();
+            if let Some(g) = &group {
+                g.remove();
+            }
+            return Err(e);
+        }
+        let t_mounts = t0.elapsed();
         let prepared = prepare(
             &rootfs.root,
             &req.process,
@@ -225,7 +234,10 @@ impl Session {
         // The child waits for its go byte: into the cgroup before it can exec.
         let attached = prepared.map_err(Failure::from).and_then(|p| match &group {
             Some(g) => match g.attach(p.process.pid) {
-                Ok(()) => Ok(p),
+                Ok(()) => Ok(Prepared {
+                    process: p.process,
+                    gate: p.gate.with_cgroup_namespace(),
+                }),
                 // Dropping `p` closes the go pipe: the child exits without exec.
                 Err(e) => Err(Failure::cgroup(e)),
             },
@@ -270,9 +282,11 @@ impl Session {
                 let Prepared { process, gate } = p;
                 // Into the container's cgroup before the go byte; on failure
                 // the dropped gate makes the child exit without exec.
-                ctx.containers
-                    .attach(target.container, process.pid)
-                    .map_err(Failure::cgroup)?;
+                let gate = match ctx.containers.attach(target.container, process.pid) {
+                    Ok(true) => gate.with_cgroup_namespace(),
+                    Ok(false) => gate,
+                    Err(e) => return Err(Failure::cgroup(e)),
+                };
                 gate.open().map(|()| process).map_err(Failure::from)
             });
         match spawned {
@@ -291,5 +305,29 @@ impl Session {
             }
             Err(f) => self.fail_run(f),
         }
+    }
+}
+
+/// A cgroup2 mount in a container that has a group is a bind mount of that group (with the
+/// mount's own flags): the container sees its cgroup as the hierarchy's root, as in runc's
+/// cgroup namespace, where a cgroup2 mount made inside the namespace is rooted there.
+fn cgroup_view(m: &Mount, group: Option<&crate::cgroup::Group>) -> Mount {
+    match group {
+        Some(g) if m.fs_type == "cgroup2" => {
+            let mut options: Vec<String> = m
+                .options
+                .iter()
+                .filter(|o| !matches!(o.as_str(), "bind" | "rbind"))
+                .cloned()
+                .collect();
+            options.push("bind".into());
+            Mount {
+                destination: m.destination.clone(),
+                fs_type: "bind".into(),
+                source: g.path().to_string_lossy().into_owned(),
+                options,
+            }
+        }
+        _ => m.clone(),
     }
 }

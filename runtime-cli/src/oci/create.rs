@@ -93,6 +93,9 @@ pub(super) fn create(
 
     let cgroup =
         host_cgroup::Placement::plan(config.cgroups_path.as_deref(), &args.id, g.systemd_cgroup)?;
+    if let Some(c) = &cgroup {
+        c.check()?;
+    }
     let dir = store.claim(&args.id)?;
     let mut guard = ClaimGuard {
         store: &store,

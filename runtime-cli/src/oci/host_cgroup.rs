@@ -59,6 +59,21 @@ impl Placement {
         }))
     }
 
+    /// What runc checks before it uses an existing cgroup: a frozen one is refused (the VM
+    /// would stop as it enters), one with processes in it gets a warning.
+    pub fn check(&self) -> Result<()> {
+        let read =
+            |f: &str| crate::oci::read_small_file(&self.dir.join(f), 1 << 20).unwrap_or_default();
+        if read("cgroup.freeze").trim() == "1" {
+            bail!("container's cgroup unexpectedly frozen");
+        }
+        let procs = read("cgroup.procs").lines().count();
+        if procs > 0 {
+            tracing::warn!("container's cgroup is not empty: {procs} process(es) found");
+        }
+        Ok(())
+    }
+
     /// Moves process `pid` in; whether it is in.
     pub fn enter(&self, pid: i32) -> Result<bool> {
         match enter(&self.dir, pid) {
@@ -179,6 +194,7 @@ pub fn enter(dir: &Path, pid: i32) -> Result<()> {
         .mode(0o755)
         .create(dir)
         .with_context(|| format!("cannot create the cgroup {}", dir.display()))?;
+    enable_controllers(dir);
     let procs = dir.join("cgroup.procs");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -187,6 +203,27 @@ pub fn enter(dir: &Path, pid: i32) -> Result<()> {
         .with_context(|| format!("cannot open {}", procs.display()))?;
     f.write_all(pid.to_string().as_bytes())
         .with_context(|| format!("cannot move pid {pid} into the cgroup {}", dir.display()))
+}
+
+/// As runc does: every controller a level has is enabled for its children, from the root down
+/// to `dir`'s parent, so the container's cgroup has them all (the engine's limits on a level
+/// need its controllers). Best effort: a level with processes of its own refuses, and keeps
+/// what it had.
+fn enable_controllers(dir: &Path) {
+    let mut level = PathBuf::from(CGROUP2_ROOT);
+    let Ok(rest) = dir.strip_prefix(CGROUP2_ROOT) else {
+        return;
+    };
+    for c in rest.components() {
+        let have = std::fs::read_to_string(level.join("cgroup.controllers")).unwrap_or_default();
+        for ctl in have.split_whitespace() {
+            if let Err(e) = std::fs::write(level.join("cgroup.subtree_control"), format!("+{ctl}"))
+            {
+                tracing::debug!("controller {ctl} of {} not enabled: {e}", level.display());
+            }
+        }
+        level.push(c);
+    }
 }
 
 /// Removes the cgroup `dir` once its processes are gone (they may still be exiting); a cgroup

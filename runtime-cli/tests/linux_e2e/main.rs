@@ -26,6 +26,7 @@ mod restore;
 mod runtime;
 mod runtime_containerd;
 mod runtime_contract;
+mod runtime_docker;
 mod runtime_start;
 mod runtime_update;
 mod smp;

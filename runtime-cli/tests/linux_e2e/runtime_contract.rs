@@ -412,3 +412,38 @@ fn test_cgroups_path_places_the_container_on_the_host_as_runc() {
         assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
     }
 }
+
+/// The container's cgroup view (`kata-snap spec` has a cgroup namespace, as runc's on a
+/// cgroup v2 host): `/proc/self/cgroup` reads `0::/` for the init and for an exec, and the
+/// cgroup2 mount shows the container's group alone.
+#[test]
+fn test_cgroup_namespace_and_mount_show_the_container_group_as_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    subreaper();
+    let script = "cat /proc/self/cgroup; find /sys/fs/cgroup/ -type d | wc -l";
+    let once = bundle(dir.path(), "cgv", script, false);
+    let long = bundle(dir.path(), "cgl", "sleep 600", false);
+    let mut seen = Vec::new();
+    for (name, cmd) in &runtimes(e, dir.path()) {
+        let init = run_with_stdin(cmd(), &once, "cv1", Vec::new());
+        start_detached(cmd, dir.path(), &long, "cv2");
+        let exec = run_it(cmd(), &["exec", "cv2", "cat", "/proc/self/cgroup"]);
+        assert_eq!(run_it(cmd(), &["kill", "cv2", "KILL"]).code(), 0);
+        wait_status(cmd, "cv2", "stopped");
+        let _ = run_it(cmd(), &["delete", "cv2"]);
+        seen.push((
+            *name,
+            [
+                init.code().to_string(),
+                init.stdout.split_whitespace().collect::<Vec<_>>().join(" "),
+                exec.stdout.trim().to_string(),
+            ],
+        ));
+    }
+    assert_eq!(seen[0].1, ["0", "0::/ 1", "0::/"], "{seen:?}");
+    if seen.len() == 2 {
+        assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    }
+}
