@@ -195,6 +195,18 @@ impl<S: Connection> AgentClient<S> {
         }
     }
 
+    /// Sends `Processes` (runc's `ps`) and returns the container's processes.
+    pub fn processes(&mut self) -> Result<Vec<crate::ProcessEntry>, ClientError> {
+        self.send(&HostMessage::Processes)?;
+        match self.recv()? {
+            AgentMessage::Processes(list) => Ok(list),
+            AgentMessage::Error { kind, message } => Err(ClientError::Agent { kind, message }),
+            other => Err(ClientError::Unexpected(format!(
+                "{other:?} instead of Processes"
+            ))),
+        }
+    }
+
     /// Sends `Run` and waits for `Started`. When the agent answers with an
     /// error (for instance, command not found), returns it as
     /// [`ClientError::Agent`]; an `Exited` message follows on the connection.

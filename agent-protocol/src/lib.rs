@@ -77,6 +77,8 @@
 //!   |                                    |    InvalidRequest, Cgroup)
 //!   | -- Stats ----------------------->  |
 //!   | <------- Stats(ContainerStats) ---  |   or Error as for Update
+//!   | -- Processes ------------------->  |
+//!   | <------- Processes(list) ---------  |   or Error as for Update
 //! ```
 //!
 //! [`HostMessage::Hello`] and [`AgentMessage::Hello`] are variant 0 of their
@@ -99,13 +101,13 @@ pub use frame::{
     read_message, write_frame, write_message,
 };
 pub use messages::{
-    AgentMessage, ErrorKind, ExecRequest, FsType, HostMessage, Mount, Process, Rlimit, RlimitKind,
-    RootfsSource, RootfsSpec, RunRequest, User,
+    AgentMessage, ErrorKind, ExecRequest, FsType, HostMessage, Mount, Process, ProcessEntry,
+    Rlimit, RlimitKind, RootfsSource, RootfsSpec, RunRequest, User,
 };
 pub use resources::{ContainerStats, CpuStats, MemoryEvents, MemoryStats, PidsStats, Resources};
 pub use validate::{
-    MAX_ARGS, MAX_ENV, MAX_GROUPS, MAX_MOUNTS, MAX_TEXT, MIN_REALTIME_NS, SUPPORTED_MOUNT_TYPES,
-    Validate, ValidationError,
+    MAX_ARGS, MAX_ENV, MAX_GROUPS, MAX_MOUNTS, MAX_PROCESSES, MAX_TEXT, MIN_REALTIME_NS,
+    SUPPORTED_MOUNT_TYPES, Validate, ValidationError,
 };
 
 /// Version of this protocol. Peers with different versions refuse to talk.

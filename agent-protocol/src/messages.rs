@@ -63,6 +63,10 @@ pub enum HostMessage {
     /// Read the newest container's cgroup (runc's `events --stats`).
     /// Answered by `AgentMessage::Stats` or by `Error` as `Update` is.
     Stats,
+    /// List the newest container's processes (runc's `ps`): those in its
+    /// cgroup. Answered by `AgentMessage::Processes` or by `Error` as
+    /// `Update` is.
+    Processes,
 }
 
 /// A message from the agent to the host.
@@ -104,6 +108,33 @@ pub enum AgentMessage {
     },
     /// The answer to `Stats`.
     Stats(Box<crate::ContainerStats>),
+    /// The answer to `Processes`, in pid order.
+    Processes(Vec<ProcessEntry>),
+}
+
+/// One process of a container, as the guest's /proc shows it (what ps(1)
+/// prints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessEntry {
+    /// Its pid in the guest.
+    pub pid: u32,
+    /// Its parent's pid in the guest.
+    pub ppid: u32,
+    /// Real uid.
+    pub uid: u32,
+    /// The state letter of /proc/PID/stat (`R`, `S`, `Z`, ...).
+    pub state: char,
+    /// Its controlling terminal (`pts/0`), if any.
+    pub tty: Option<String>,
+    /// When it started, seconds since the Unix epoch (the guest's clock).
+    pub started: u64,
+    /// CPU time used (user + system), milliseconds.
+    pub cpu_ms: u64,
+    /// Seconds it has run for (for ps's `C`, its CPU use in percent).
+    pub elapsed: u64,
+    /// Its command line, arguments joined by spaces; `[comm]` when it has
+    /// none (a kernel thread or a zombie).
+    pub cmd: String,
 }
 
 /// The class of an [`AgentMessage::Error`].

@@ -350,7 +350,7 @@ impl Validate for HostMessage {
             HostMessage::Run(run) | HostMessage::Create(run) => run.validate(),
             HostMessage::Exec(exec) => exec.validate(),
             HostMessage::Update(r) => r.validate(),
-            HostMessage::Start | HostMessage::Stats => Ok(()),
+            HostMessage::Start | HostMessage::Stats | HostMessage::Processes => Ok(()),
             HostMessage::Stdin(b) => chunk("stdin chunk", b),
             HostMessage::CloseStdin => Ok(()),
             HostMessage::Signal(s) => {
@@ -419,9 +419,31 @@ impl Validate for AgentMessage {
             }
             AgentMessage::Error { message, .. } => text("error message", message),
             AgentMessage::Stats(s) => s.validate(),
+            AgentMessage::Processes(list) => {
+                if list.len() > MAX_PROCESSES {
+                    return Err(ValidationError::TooMany {
+                        field: "processes",
+                        len: list.len(),
+                        max: MAX_PROCESSES,
+                    });
+                }
+                for p in list {
+                    text("process command", &p.cmd)?;
+                    if let Some(t) = &p.tty {
+                        text("process tty", t)?;
+                    }
+                    if p.pid == 0 {
+                        return Err(ValidationError::BadPid);
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
+
+/// Most processes one `Processes` answer lists (the agent truncates).
+pub const MAX_PROCESSES: usize = 1024;
 
 #[cfg(test)]
 mod tests {

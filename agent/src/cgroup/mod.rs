@@ -30,6 +30,7 @@ use nix::unistd::Pid;
 use thiserror::Error;
 
 pub mod parse;
+pub mod procs;
 
 use parse::{keyed, parse_err, read_bounded};
 

@@ -93,6 +93,11 @@ impl Session {
             HostMessage::Stats => {
                 self.on_cgroup(ctx, |g| Ok(AgentMessage::Stats(Box::new(g.stats()?))))
             }
+            HostMessage::Processes => self.on_cgroup(ctx, |g| {
+                Ok(AgentMessage::Processes(crate::cgroup::procs::list(
+                    g.path(),
+                )?))
+            }),
             HostMessage::Start => match &self.phase {
                 Phase::Created(p, _) if p.exit.is_some() => self.reply(error(
                     ErrorKind::Protocol,

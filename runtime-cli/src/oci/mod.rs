@@ -11,6 +11,7 @@ mod create;
 pub mod exec;
 pub mod host_cgroup;
 pub mod log;
+pub mod ps;
 pub mod state;
 pub mod supervisor;
 pub mod template;
@@ -288,16 +289,30 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             id,
             ps_args,
         } => {
-            let r = store().load(&id)?;
-            let pids: Vec<i32> = match r.current_status() {
-                Status::Stopped => vec![],
-                _ => vec![r.pid],
-            };
+            let store = store();
+            let r = store.load(&id)?;
+            let running = r.current_status() != Status::Stopped;
             if format == "json" {
+                // The container's process on the host: the VM's (engines run host tools on it).
+                let pids: Vec<i32> = if running { vec![r.pid] } else { vec![] };
                 println!("{}", serde_json::to_string(&pids)?);
-            } else {
-                print!("{}", ps_table(&pids, &ps_args)?);
+                return Ok(0);
             }
+            let shape = ps::shape(&ps_args)?;
+            if !running {
+                println!("{}", ps::header(shape));
+                return Ok(0);
+            }
+            if r.current_status() == Status::Paused {
+                bail!("container {id} is paused: its VM cannot answer (resume it first)");
+            }
+            let procs = exec::connect(&store.dir(&id))?
+                .processes()
+                .map_err(|e| match e {
+                    agent_protocol::ClientError::Agent { message, .. } => anyhow::anyhow!(message),
+                    e => anyhow::anyhow!(e),
+                })?;
+            print!("{}", ps::table(shape, &procs, ps::now(), &ps::host_user));
             Ok(0)
         }
         OciCommand::Pause { id } => {
@@ -339,47 +354,6 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             Ok(supervisor::supervise(launch, Some(sync), t0, seccomp))
         }
     }
-}
-
-/// runc's `ps` table: ps(1) run with `args` (default `-ef`), its header, and the lines whose PID
-/// column is one of `pids`.
-fn ps_table(pids: &[i32], args: &[String]) -> Result<String> {
-    let default = ["-ef".to_string()];
-    let args = if args.is_empty() { &default[..] } else { args };
-    let out = std::process::Command::new("ps")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .context("cannot run ps")?;
-    if !out.status.success() {
-        bail!(
-            "ps {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    filter_ps(&String::from_utf8_lossy(&out.stdout), pids)
-}
-
-fn filter_ps(text: &str, pids: &[i32]) -> Result<String> {
-    let mut lines = text.lines();
-    let header = lines.next().unwrap_or_default();
-    let column = header
-        .split_whitespace()
-        .position(|c| c == "PID")
-        .context("couldn't find PID field in ps output")?;
-    let mut table = format!("{header}\n");
-    for line in lines {
-        let pid = line
-            .split_whitespace()
-            .nth(column)
-            .and_then(|p| p.parse::<i32>().ok());
-        if pid.is_some_and(|p| pids.contains(&p)) {
-            table.push_str(line);
-            table.push('\n');
-        }
-    }
-    Ok(table)
 }
 
 /// Reads a small regular file without blocking on a FIFO; a file over `max` bytes is refused.
@@ -657,21 +631,6 @@ fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_ps_keeps_the_header_and_the_containers_lines() {
-        let text = "UID PID PPID C STIME TTY TIME CMD\n\
-                    root 1 0 0 10:00 ? 00:00:01 init\n\
-                    root 42 1 0 10:01 ? 00:00:00 kata-snap _supervise\n\
-                    root 420 1 0 10:01 ? 00:00:00 other 42\n";
-        assert_eq!(
-            filter_ps(text, &[42]).unwrap(),
-            "UID PID PPID C STIME TTY TIME CMD\nroot 42 1 0 10:01 ? 00:00:00 kata-snap _supervise\n"
-        );
-        let bsd = "  PID TTY      STAT   TIME COMMAND\n   42 ?        Sl     0:00 kata-snap\n";
-        assert_eq!(filter_ps(bsd, &[42]).unwrap(), bsd);
-        assert!(filter_ps("NO COLUMNS\n", &[1]).is_err());
-    }
 
     #[test]
     fn test_signals_parse_as_runc_parses_them() {

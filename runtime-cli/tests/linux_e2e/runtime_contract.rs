@@ -447,3 +447,51 @@ fn test_cgroup_namespace_and_mount_show_the_container_group_as_runc() {
         assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
     }
 }
+
+/// `ps` lists the container's processes in ps's columns (kata-snap's from the guest, through
+/// its agent), `-e -x` in the BSD ones, and only the header once the container stopped.
+#[test]
+fn test_ps_lists_the_container_processes_as_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    subreaper();
+    let b = bundle(dir.path(), "ps", "sleep 600", false);
+    let mut seen = Vec::new();
+    for (name, cmd) in &runtimes(e, dir.path()) {
+        start_detached(cmd, dir.path(), &b, "p1");
+        wait_status(cmd, "p1", "running");
+        let summary = |o: &Output| {
+            let mut lines = o.stdout.lines();
+            let head = lines
+                .next()
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>();
+            let sleeping = lines.any(|l| l.trim_end().ends_with("sleep 600"));
+            format!("{} {} {sleeping}", o.code(), head.join(","))
+        };
+        let full = run_it(cmd(), &["ps", "p1"]);
+        let bsd = run_it(cmd(), &["ps", "p1", "-e", "-x"]);
+        assert_eq!(run_it(cmd(), &["kill", "p1", "KILL"]).code(), 0);
+        wait_status(cmd, "p1", "stopped");
+        let after = run_it(cmd(), &["ps", "p1"]);
+        let _ = run_it(cmd(), &["delete", "p1"]);
+        seen.push((
+            *name,
+            [summary(&full), summary(&bsd), after.code().to_string()],
+        ));
+    }
+    assert_eq!(
+        seen[0].1,
+        [
+            "0 UID,PID,PPID,C,STIME,TTY,TIME,CMD true",
+            "0 PID,TTY,STAT,TIME,COMMAND true",
+            "0"
+        ],
+        "{seen:?}"
+    );
+    if seen.len() == 2 {
+        assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    }
+}
