@@ -88,6 +88,23 @@ enum Command {
     Oci(oci::OciCommand),
 }
 
+/// No core dumps, from any kata-snap process: a VMM's core would hold its guest's memory (and a
+/// supervisor's, the container's stdio), written wherever the host's core pattern says. The
+/// limit is inherited by everything started from here (mkfs.erofs too).
+fn no_core_dumps() {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads one rlimit that lives across the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) } != 0 {
+        eprintln!(
+            "kata-snap: cannot turn core dumps off: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Marks every descriptor this process inherited above stdio close-on-exec, as runc closes them:
 /// the daemons kata-snap starts (a container's or an exec's supervisor) must not keep a caller's
 /// pipe open, or whoever waits for its end (a test harness, an engine) waits for the container.
@@ -236,6 +253,7 @@ fn main() -> ExitCode {
     vmm::seccomp::prepare_process();
     ensure_std_fds();
     inherited_fds_cloexec();
+    no_core_dumps();
     set_sigpipe(true);
     let cli = parse_command_line();
     if cli.version {
