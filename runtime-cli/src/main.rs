@@ -244,7 +244,18 @@ fn parse_command_line() -> Cli {
         );
         cmd = cmd.mut_subcommand(name, |c| c.help_template(template));
     }
-    let matches = cmd.get_matches();
+    let matches = cmd.try_get_matches().unwrap_or_else(|e| {
+        // runc (urfave/cli) answers help for a command it does not know with this line.
+        if e.kind() == clap::error::ErrorKind::InvalidSubcommand
+            && let Some(clap::error::ContextValue::String(name)) =
+                e.get(clap::error::ContextKind::InvalidSubcommand)
+            && std::env::args().any(|a| a == "-h" || a == "--help")
+        {
+            eprintln!("No help topic for '{name}'");
+            std::process::exit(3);
+        }
+        e.exit()
+    });
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 

@@ -237,6 +237,15 @@ fn test_state_machine_follows_the_supervisor_process() {
     let arr: serde_json::Value = serde_json::from_str(&l.stdout).unwrap();
     assert_eq!(arr[0]["id"], "web");
     assert_eq!(arr[0]["status"], "running");
+    // runc's field order, which its own tests match textually.
+    assert!(
+        l.stdout.starts_with(&format!(
+            "[{{\"ociVersion\":\"1.0.2\",\"id\":\"web\",\"pid\":{pid},\"status\":\"running\",\"bundle\":"
+        )),
+        "{}",
+        l.stdout
+    );
+    assert!(l.stdout.contains("},\"owner\":\""), "{}", l.stdout);
     assert_eq!(ks(&root, &["list", "-q"]).stdout, "web\n");
     let ps = ks(&root, &["ps", "--format", "json", "web"]);
     assert_eq!(ps.stdout.trim(), format!("[{pid}]"));
@@ -273,6 +282,9 @@ fn test_state_machine_follows_the_supervisor_process() {
         assert_eq!(k.code(), 1);
         assert_eq!(msg(&k), "container not running");
     }
+    // `--all` signals what is left of a stopped container: nothing, and succeeds (runc).
+    let k = ks(&root, &["kill", "-a", "web", "0"]);
+    assert_eq!(k.code(), 0, "{k:?}");
     let s = ks(&root, &["start", "web"]);
     assert_eq!(msg(&s), "cannot start a container that has stopped");
 
@@ -506,4 +518,13 @@ fn test_help_has_runcs_shape_under_the_invoked_name() {
             .trim_start()
             .starts_with("kata-snap - ")
     );
+}
+
+#[test]
+fn test_help_for_an_unknown_command_is_refused_as_runc_does() {
+    let o = common::run(&["foo", "-h"], T);
+    assert_eq!(o.code(), 3, "{o:?}");
+    assert!(o.stderr.contains("No help topic for 'foo'"), "{o:?}");
+    // Without -h it is clap's usage error.
+    assert_eq!(common::run(&["foo"], T).code(), 2);
 }

@@ -279,8 +279,8 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             println!("{}", serde_json::to_string_pretty(&r.oci_state())?);
             Ok(0)
         }
-        OciCommand::Kill { all: _, id, signal } => {
-            kill(&store(), &id, signal.as_deref().unwrap_or("TERM")).map(|()| 0)
+        OciCommand::Kill { all, id, signal } => {
+            kill(&store(), &id, signal.as_deref().unwrap_or("TERM"), all).map(|()| 0)
         }
         OciCommand::Delete { force, id } => delete(&store(), &id, force).map(|()| 0),
         OciCommand::List { format, quiet } => list(&store(), &format, quiet).map(|()| 0),
@@ -472,7 +472,7 @@ pub fn parse_signal(s: &str) -> Result<i32> {
         .map_err(|_| anyhow::anyhow!("unknown signal {s:?}"))
 }
 
-fn kill(store: &Store, id: &str, signal: &str) -> Result<()> {
+fn kill(store: &Store, id: &str, signal: &str, all: bool) -> Result<()> {
     // Signal 0 asks only whether the container runs, as kill(2) does (runc passes it on).
     let sig = if signal == "0" {
         0
@@ -481,6 +481,11 @@ fn kill(store: &Store, id: &str, signal: &str) -> Result<()> {
     };
     let r = store.load(id)?;
     if r.current_status() == Status::Stopped {
+        // runc: `--all` signals every process left in the container's cgroup, none once it
+        // stopped, and succeeds.
+        if all {
+            return Ok(());
+        }
         bail!("container not running");
     }
     // The supervisor forwards what it can catch to the process in the guest; SIGKILL ends it,
@@ -568,13 +573,15 @@ fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
         return Ok(());
     }
     if format == "json" {
-        let states: Vec<serde_json::Value> = records
+        // runc's field order (ociVersion, id, pid, status, ...): a struct, not a sorted map.
+        let owners: Vec<String> = records
             .iter()
-            .map(|r| {
-                let mut v = serde_json::to_value(r.oci_state()).unwrap_or_default();
-                v["owner"] = owner_name(&store.dir(&r.id)).into();
-                v
-            })
+            .map(|r| owner_name(&store.dir(&r.id)))
+            .collect();
+        let states: Vec<state::OciState<'_>> = records
+            .iter()
+            .zip(&owners)
+            .map(|(r, o)| r.oci_state().with_owner(o))
             .collect();
         // runc prints `null` for no containers.
         if states.is_empty() {

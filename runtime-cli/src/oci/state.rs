@@ -99,6 +99,14 @@ pub struct OciState<'a> {
     owner: &'a str,
 }
 
+impl<'a> OciState<'a> {
+    /// With the owner's name, as `list` prints it (`state` leaves it empty, as runc does).
+    pub fn with_owner(mut self, owner: &'a str) -> Self {
+        self.owner = owner;
+        self
+    }
+}
+
 impl Record {
     /// The status as it is now: a live record whose process is gone reads as stopped.
     pub fn current_status(&self) -> Status {
