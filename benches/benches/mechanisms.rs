@@ -1,5 +1,7 @@
 //! Criterion benches of the VMM core's hot mechanisms: bus dispatch of a PIO access (every vCPU
-//! exit goes through it) and the event loop's wake-up on an eventfd (every notification does).
+//! exit goes through it), the event loop's wake-up on an eventfd (every notification does), and
+//! what a VM's start pays for its seccomp filters (compiled per VM before, built into the binary
+//! now).
 
 use std::hint::black_box;
 use std::os::fd::AsRawFd;
@@ -80,5 +82,19 @@ fn event_loop_wake(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bus_dispatch, event_loop_wake);
+/// Side by side: compiling every thread kind's filter (what each VM's start paid before) and
+/// getting the programs compiled at build time (what it pays now).
+fn seccomp_filters(c: &mut Criterion) {
+    use vmm::seccomp::{Filters, SeccompMode};
+    c.bench_function(
+        "seccomp: compile every kind's filter (per VM, before)",
+        |b| b.iter(|| black_box(Filters::compile_uncached(SeccompMode::Kill).unwrap())),
+    );
+    c.bench_function(
+        "seccomp: Filters::new, built into the binary (per VM, now)",
+        |b| b.iter(|| black_box(Filters::new(SeccompMode::Kill).unwrap())),
+    );
+}
+
+criterion_group!(benches, bus_dispatch, event_loop_wake, seccomp_filters);
 criterion_main!(benches);

@@ -110,6 +110,64 @@ pub enum ImageError {
         /// The start of its standard error (bounded).
         stderr: String,
     },
+    /// The rootfs holds more file data than an image may.
+    #[error(
+        "container rootfs {} holds {bytes} bytes of file data, more than the {limit} bytes an image may hold",
+        rootfs.display()
+    )]
+    RootfsTooLarge {
+        /// The rootfs directory.
+        rootfs: PathBuf,
+        /// Its file data (apparent sizes).
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The rootfs's sparse files hold more holes than an image may expand (an erofs image
+    /// stores a hole as data).
+    #[error(
+        "container rootfs {} has {holes} bytes of holes in sparse files, more than the {limit} bytes an image may expand (most in {}: {size} bytes long, {allocated} allocated)",
+        rootfs.display(),
+        file.display()
+    )]
+    SparseRootfs {
+        /// The rootfs directory.
+        rootfs: PathBuf,
+        /// Bytes of holes in all its sparse files.
+        holes: u64,
+        /// The limit.
+        limit: u64,
+        /// The file with the most holes.
+        file: PathBuf,
+        /// Its apparent size.
+        size: u64,
+        /// Its allocated bytes.
+        allocated: u64,
+    },
+    /// The image grew past its size limit (mkfs.erofs's `RLIMIT_FSIZE`).
+    #[error(
+        "the image of container rootfs {} would be larger than the limit of {limit} bytes (mkfs.erofs stopped)",
+        rootfs.display()
+    )]
+    ImageTooLarge {
+        /// The rootfs directory.
+        rootfs: PathBuf,
+        /// The limit.
+        limit: u64,
+    },
+    /// mkfs.erofs ran past its time limit (wall clock, or `RLIMIT_CPU`) and was stopped.
+    #[error(
+        "mkfs.erofs on container rootfs {} ran past its {what} limit of {seconds} s and was stopped",
+        rootfs.display()
+    )]
+    MkfsTimeLimit {
+        /// The rootfs directory.
+        rootfs: PathBuf,
+        /// "time" (wall clock) or "CPU time".
+        what: &'static str,
+        /// The limit in seconds.
+        seconds: u64,
+    },
     /// Writing, checking or installing an image file failed.
     #[error("image file {}: {what}", path.display())]
     ImageIo {

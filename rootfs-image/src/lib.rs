@@ -47,6 +47,22 @@
 //!   size a positive multiple of 512, erofs magic): the directory must be writable by its owner
 //!   only, which [`ImageCache::open`] enforces.
 //!
+//! # Bounded builds
+//! A build is bounded ([`BuildLimits`]): the tree is measured first (one `lstat` per entry) and
+//! refused with one error if its file data or the holes of its sparse files pass their budgets
+//! (an uncompressed erofs image stores a hole as data: a 2 GiB sparse file made a 2 GiB image);
+//! a tree with holes under the budget is built in chunk mode, where all-zero chunks share one
+//! block. mkfs.erofs then runs with `RLIMIT_FSIZE` (the image's size), `RLIMIT_CPU` and a
+//! wall-clock timeout, and, for a root caller, as an unprivileged user (`nobody`) keeping only
+//! `CAP_DAC_READ_SEARCH` to read the tree; it writes only the image it is handed. A build that
+//! fails leaves no image and no temporary file.
+//!
+//! # Pruning and leases
+//! Whoever uses an image holds an [`ImageLease`] (a shared `flock` on the image file) for as long
+//! as a VM may read it; [`ImageCache::get_or_build`] hands one out with the image.
+//! [`ImageCache::prune`] removes least recently used images until the cache fits a budget, and
+//! never one that is leased (its exclusive non-blocking `flock` fails) or being built.
+//!
 //! # Layout of the cache directory
 //! `<key>.erofs` the images (mtime = last use), `<key>.lock` the per-key build locks (`flock`),
 //! `.<key>.<pid>.<n>.partial` images being built, `mkfs-erofs-version` the tool's version memo.
@@ -58,11 +74,12 @@ mod error;
 mod image;
 mod key;
 mod mountinfo;
+mod scan;
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, info, warn};
@@ -100,8 +117,96 @@ impl Default for WalkLimits {
     }
 }
 
+/// Bounds of one image build (see the crate docs, "Bounded builds").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildLimits {
+    /// Largest image in bytes: mkfs.erofs's `RLIMIT_FSIZE`.
+    pub max_image_bytes: u64,
+    /// Most bytes of regular-file data (apparent sizes, a hard link once) a rootfs may hold.
+    pub max_data_bytes: u64,
+    /// Most bytes of holes in the rootfs's sparse files (each file with at least 1 MiB of
+    /// holes counts).
+    pub max_hole_bytes: u64,
+    /// mkfs.erofs's `RLIMIT_CPU`, in seconds.
+    pub cpu_seconds: u64,
+    /// Wall-clock bound of one mkfs.erofs run.
+    pub timeout: Duration,
+    /// The uid and gid mkfs.erofs runs as when this process is root; `None` keeps root.
+    pub run_as: Option<(u32, u32)>,
+}
+
+/// The `nobody` user and `nogroup` group of Debian and most distributions.
+pub const NOBODY: (u32, u32) = (65534, 65534);
+
+impl Default for BuildLimits {
+    fn default() -> Self {
+        Self {
+            max_image_bytes: 16 << 30,
+            max_data_bytes: 16 << 30,
+            max_hole_bytes: 256 << 20,
+            cpu_seconds: 300,
+            timeout: Duration::from_secs(600),
+            run_as: Some(NOBODY),
+        }
+    }
+}
+
+/// A shared `flock` on a cached image, held while a VM may read it: [`ImageCache::prune`] skips
+/// a leased image. Clones share the lock; it is released when the last one is dropped (or the
+/// process ends).
+#[derive(Debug, Clone)]
+pub struct ImageLease(Arc<File>);
+
+impl ImageLease {
+    /// Leases the image at `path` (as handed out by [`ImageCache::get_or_build`], to a process
+    /// that got only the path): opens it read-only without following a symlink and takes a
+    /// shared lock, waiting while a prune removes it. Fails if it is gone.
+    pub fn take(path: &Path) -> Result<Self, ImageError> {
+        let io = |what| {
+            let path = path.to_path_buf();
+            move |source| ImageError::ImageIo { path, what, source }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io("cannot open it to lease it"))?;
+        let lease = Self::lock(file).map_err(io("cannot lock it"))?;
+        if !lease.linked() {
+            return Err(io("it was removed from the cache")(std::io::Error::from(
+                std::io::ErrorKind::NotFound,
+            )));
+        }
+        Ok(lease)
+    }
+
+    fn lock(file: File) -> std::io::Result<Self> {
+        file.lock_shared()?;
+        Ok(Self(Arc::new(file)))
+    }
+
+    /// Whether the leased file is still in the cache (a prune may have removed it between
+    /// the open and the lock).
+    fn linked(&self) -> bool {
+        self.0.metadata().is_ok_and(|m| m.nlink() > 0)
+    }
+}
+
+/// What [`ImageCache::prune`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Keys of the images removed, least recently used first.
+    pub removed: Vec<String>,
+    /// Bytes freed.
+    pub freed: u64,
+    /// Images spared because they are leased (in use) or being built.
+    pub in_use: usize,
+    /// Bytes of images left in the cache.
+    pub total: u64,
+}
+
 /// An image handed out by [`ImageCache::get_or_build`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CachedImage {
     /// The image file (`<cache>/<key>.erofs`), to be opened read-only.
     pub path: PathBuf,
@@ -118,6 +223,9 @@ pub struct CachedImage {
     pub build_time: Option<Duration>,
     /// Image size in bytes, a multiple of [`SECTOR_SIZE`].
     pub size: u64,
+    /// The lease on the image: keep it (or take one of your own with [`ImageLease::take`]) for
+    /// as long as a VM may read the image.
+    pub lease: ImageLease,
 }
 
 /// A cached image, as [`ImageCache::list`] shows it.
@@ -139,6 +247,7 @@ pub struct ImageCache {
     dir: PathBuf,
     mkfs: Option<PathBuf>,
     limits: WalkLimits,
+    build_limits: BuildLimits,
     tool: OnceLock<Tool>,
 }
 
@@ -174,6 +283,7 @@ impl ImageCache {
             dir: dir.to_path_buf(),
             mkfs: None,
             limits: WalkLimits::default(),
+            build_limits: BuildLimits::default(),
             tool: OnceLock::new(),
         })
     }
@@ -188,6 +298,12 @@ impl ImageCache {
     /// Uses these bounds for the tree walk instead of [`WalkLimits::default`].
     pub fn with_limits(mut self, limits: WalkLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Builds within these bounds instead of [`BuildLimits::default`].
+    pub fn with_build_limits(mut self, limits: BuildLimits) -> Self {
+        self.build_limits = limits;
         self
     }
 
@@ -206,12 +322,22 @@ impl ImageCache {
         let (key, key_kind) = self.key(&rootfs, &root_md, tool)?;
         let key_time = start.elapsed();
         let path = self.image_path(&key);
-        let hit = |file: File, size| {
+        // A hit: leased, then checked to be still in the cache (a prune removes an image while
+        // it holds the exclusive lock, which the shared one waits for).
+        let hit = |file: File, size| -> Result<Option<CachedImage>, ImageError> {
             if let Err(e) = image::touch(&file) {
                 warn!(image = %path.display(), error = %e, "cannot mark the image as used");
             }
+            let lease = ImageLease::lock(file).map_err(|source| ImageError::ImageIo {
+                path: path.clone(),
+                what: "cannot lock it",
+                source,
+            })?;
+            if !lease.linked() {
+                return Ok(None);
+            }
             debug!(rootfs = %rootfs.display(), key, ?key_kind, ?key_time, "rootfs image cache hit");
-            CachedImage {
+            Ok(Some(CachedImage {
                 path: path.clone(),
                 key: key.clone(),
                 hit: true,
@@ -219,17 +345,23 @@ impl ImageCache {
                 key_time,
                 build_time: None,
                 size,
-            }
+                lease,
+            }))
         };
-        match image::check_image(&path) {
-            ImageState::Good(file, size) => return Ok(hit(file, size)),
-            ImageState::Missing | ImageState::Bad(_) => {}
+        if let ImageState::Good(file, size) = image::check_image(&path)
+            && let Some(found) = hit(file, size)?
+        {
+            return Ok(found);
         }
 
         let _lock = self.lock(&key)?;
         match image::check_image(&path) {
             // Built by another caller while this one waited for the lock.
-            ImageState::Good(file, size) => return Ok(hit(file, size)),
+            ImageState::Good(file, size) => {
+                if let Some(found) = hit(file, size)? {
+                    return Ok(found);
+                }
+            }
             ImageState::Bad(reason) => {
                 warn!(image = %path.display(), reason, "cached image is bad, rebuilding it");
                 match std::fs::remove_file(&path) {
@@ -248,7 +380,8 @@ impl ImageCache {
         }
         build::remove_stale_temps(&self.dir, &key);
         let build_start = Instant::now();
-        let temp = build::build_temp(tool, &rootfs, &self.dir, &key)?;
+        let sparse = self.check_tree(&rootfs)?;
+        let temp = build::build_temp(tool, &rootfs, &self.dir, &key, &self.build_limits, sparse)?;
         // mkfs.erofs read the tree while it may have been changing: the image is the key's
         // only if the key is still the same.
         let (_, root_md) = open_rootfs(&rootfs)?;
@@ -256,6 +389,8 @@ impl ImageCache {
             return Err(ImageError::RootfsChanged { path: rootfs });
         }
         let size = temp.install(&path)?;
+        // Leased before the key's lock is released: no prune can take it from under us.
+        let lease = ImageLease::take(&path)?;
         let build_time = build_start.elapsed();
         info!(
             rootfs = %rootfs.display(), key, ?key_kind, ?key_time, ?build_time, size,
@@ -269,7 +404,114 @@ impl ImageCache {
             key_time,
             build_time: Some(build_time),
             size,
+            lease,
         })
+    }
+
+    /// Measures the tree mkfs.erofs is about to read and refuses it if it passes the build's
+    /// budgets; returns whether it has sparse files (then it is built in chunk mode).
+    fn check_tree(&self, rootfs: &Path) -> Result<bool, ImageError> {
+        let limits = &self.build_limits;
+        let data = scan::scan(rootfs, &self.limits)?;
+        if data.data_bytes > limits.max_data_bytes {
+            return Err(ImageError::RootfsTooLarge {
+                rootfs: rootfs.to_path_buf(),
+                bytes: data.data_bytes,
+                limit: limits.max_data_bytes,
+            });
+        }
+        if data.hole_bytes > limits.max_hole_bytes {
+            let (file, size, allocated) = data.most_holes.unwrap_or_default();
+            return Err(ImageError::SparseRootfs {
+                rootfs: rootfs.to_path_buf(),
+                holes: data.hole_bytes,
+                limit: limits.max_hole_bytes,
+                file,
+                size,
+                allocated,
+            });
+        }
+        Ok(data.hole_bytes > 0)
+    }
+
+    /// Removes least recently used images until the cache holds at most `budget` bytes, sparing
+    /// every image that is leased (in use by a VM) or being built, and every image used less
+    /// than `min_age` ago.
+    pub fn prune(&self, budget: u64, min_age: Duration) -> Result<PruneReport, ImageError> {
+        let images = self.list()?;
+        let mut report = PruneReport {
+            total: images.iter().map(|i| i.size).sum(),
+            ..PruneReport::default()
+        };
+        let cutoff = SystemTime::now()
+            .checked_sub(min_age)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        for i in images {
+            if report.total <= budget {
+                break;
+            }
+            if i.last_used > cutoff {
+                continue;
+            }
+            if self.remove_unused(&i.key)? {
+                report.total -= i.size;
+                report.freed += i.size;
+                report.removed.push(i.key);
+            } else {
+                report.in_use += 1;
+            }
+        }
+        if !report.removed.is_empty() {
+            build::sync_dir(&self.dir)?;
+            info!(
+                removed = report.removed.len(),
+                freed = report.freed,
+                total = report.total,
+                budget,
+                "pruned the rootfs image cache"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Removes the image `key` unless it is leased or being built; `false` when it was spared.
+    fn remove_unused(&self, key: &str) -> Result<bool, ImageError> {
+        let Some(lock) = self.try_lock(key)? else {
+            return Ok(false);
+        };
+        let path = self.image_path(key);
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(ImageError::ImageIo {
+                    path,
+                    what: "cannot open it",
+                    source,
+                });
+            }
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(ImageError::Lock { path, source });
+            }
+        }
+        std::fs::remove_file(&path).map_err(|source| ImageError::ImageIo {
+            path: path.clone(),
+            what: "cannot remove it",
+            source,
+        })?;
+        let _ = std::fs::remove_file(self.lock_path(key));
+        drop(file);
+        drop(lock);
+        debug!(key, "pruned rootfs image");
+        Ok(true)
     }
 
     /// The cached images, least recently used first.
@@ -366,6 +608,28 @@ impl ImageCache {
         file.lock()
             .map_err(|source| ImageError::Lock { path, source })?;
         Ok(file)
+    }
+
+    /// Takes the exclusive `flock` of `key` if no one holds it.
+    fn try_lock(&self, key: &str) -> Result<Option<File>, ImageError> {
+        let path = self.lock_path(key);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|source| ImageError::Lock {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(source)) => Err(ImageError::Lock { path, source }),
+        }
     }
 
     /// mkfs.erofs and its version, found once per cache.

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 
 use common::{make_cache, make_tree, script, stray_files};
-use rootfs_image::{ImageCache, ImageError};
+use rootfs_image::{BuildLimits, ImageCache, ImageError};
 
 fn cache_and_tmp() -> (tempfile::TempDir, ImageCache) {
     make_cache()
@@ -182,7 +182,12 @@ for last; do :; done
 mkfs.erofs "$@" || exit $?
 echo late > "$last/late-file""#,
     );
-    let cache = cache.with_mkfs_erofs(&fake);
+    // The fake writes into the rootfs as the caller would: it keeps the caller's uid (a root
+    // caller's build runs as nobody by default, who may not write there).
+    let cache = cache.with_mkfs_erofs(&fake).with_build_limits(BuildLimits {
+        run_as: None,
+        ..BuildLimits::default()
+    });
     let err = cache.get_or_build(tree.path()).unwrap_err();
     assert!(matches!(err, ImageError::RootfsChanged { .. }), "{err}");
     assert!(cache.list().unwrap().is_empty());

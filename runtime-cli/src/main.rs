@@ -38,22 +38,18 @@ struct Cli {
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
 
-    /// Seccomp filters on the VMM's threads: `kill` (a syscall outside a thread's allow-list
-    /// kills the VMM), `log` (allowed, and logged to the kernel log: for debugging), `off`.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "kill",
-        env = "KATA_SNAP_SECCOMP"
-    )]
-    seccomp: SeccompArg,
+    /// Seccomp filters on the VMM's threads, always `kill` (a syscall outside a thread's
+    /// allow-list kills the VMM) in a release build. `log` (allowed, and logged to the kernel
+    /// log) and `off` are for tests and debugging: only a debug build accepts them, from this
+    /// flag or `$KATA_SNAP_SECCOMP`.
+    #[arg(long, global = true, value_enum, hide = true)]
+    seccomp: Option<SeccompArg>,
 
     #[command(subcommand)]
     command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum SeccompArg {
     Off,
     Log,
@@ -292,10 +288,13 @@ fn main() -> ExitCode {
     oci::log::init(cli.oci.log.clone(), cli.oci.log_format);
     let runc_format = matches!(command, Command::Oci(_)).then_some(cli.oci.log_format);
     init_logging(level, cli.oci.log.as_deref(), runc_format);
-    let seccomp = match cli.seccomp {
-        SeccompArg::Off => vmm::seccomp::SeccompMode::Off,
-        SeccompArg::Log => vmm::seccomp::SeccompMode::Log,
-        SeccompArg::Kill => vmm::seccomp::SeccompMode::Kill,
+    let env = std::env::var_os("KATA_SNAP_SECCOMP");
+    let seccomp = match seccomp_mode(cli.seccomp, env.as_deref(), cfg!(debug_assertions)) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("kata-snap: error: {e}");
+            return ExitCode::from(1);
+        }
     };
     let result = match command {
         Command::Oci(cmd) => {
@@ -322,6 +321,52 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The seccomp mode: `--seccomp`, else `$KATA_SNAP_SECCOMP`, else `kill`, in a debug build
+/// (tests turn filters off or to `log` this way). A release build reads no environment variable
+/// for it and refuses anything but `kill`: nothing in a container engine's environment, and no
+/// flag, turns the filters off in production.
+fn seccomp_mode(
+    flag: Option<SeccompArg>,
+    env: Option<&std::ffi::OsStr>,
+    debug_build: bool,
+) -> Result<vmm::seccomp::SeccompMode, String> {
+    use vmm::seccomp::SeccompMode;
+    let from_env = || -> Result<Option<SeccompArg>, String> {
+        let Some(v) = env.filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        match v.to_str() {
+            Some("off") => Ok(Some(SeccompArg::Off)),
+            Some("log") => Ok(Some(SeccompArg::Log)),
+            Some("kill") => Ok(Some(SeccompArg::Kill)),
+            _ => Err(format!(
+                "KATA_SNAP_SECCOMP={}: expected off, log or kill",
+                v.to_string_lossy()
+            )),
+        }
+    };
+    let arg = match (flag, debug_build) {
+        (Some(a), true) => a,
+        (None, true) => from_env()?.unwrap_or(SeccompArg::Kill),
+        (None | Some(SeccompArg::Kill), false) => SeccompArg::Kill,
+        (Some(a), false) => {
+            return Err(format!(
+                "--seccomp {}: only a debug build (tests) runs without the seccomp filters",
+                if matches!(a, SeccompArg::Off) {
+                    "off"
+                } else {
+                    "log"
+                }
+            ));
+        }
+    };
+    Ok(match arg {
+        SeccompArg::Off => SeccompMode::Off,
+        SeccompArg::Log => SeccompMode::Log,
+        SeccompArg::Kill => SeccompMode::Kill,
+    })
 }
 
 /// The error and its causes on one line, each cause once: library errors often name their cause
@@ -353,6 +398,35 @@ mod tests {
     fn test_command_line_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// A release build ignores `KATA_SNAP_SECCOMP` and refuses `--seccomp off|log`; a debug
+    /// build (the tests) takes the flag, then the variable.
+    #[test]
+    fn test_seccomp_mode_release_ignores_env_and_refuses_off() {
+        use vmm::seccomp::SeccompMode;
+        let off = Some(std::ffi::OsStr::new("off"));
+        assert_eq!(seccomp_mode(None, off, false), Ok(SeccompMode::Kill));
+        assert_eq!(
+            seccomp_mode(None, Some(std::ffi::OsStr::new("log")), false),
+            Ok(SeccompMode::Kill)
+        );
+        assert_eq!(
+            seccomp_mode(Some(SeccompArg::Kill), off, false),
+            Ok(SeccompMode::Kill)
+        );
+        for a in [SeccompArg::Off, SeccompArg::Log] {
+            let e = seccomp_mode(Some(a), None, false).unwrap_err();
+            assert!(e.contains("only a debug build"), "{e}");
+        }
+        // Debug builds: the flag wins, then the variable, then kill.
+        assert_eq!(seccomp_mode(None, off, true), Ok(SeccompMode::Off));
+        assert_eq!(
+            seccomp_mode(Some(SeccompArg::Log), off, true),
+            Ok(SeccompMode::Log)
+        );
+        assert_eq!(seccomp_mode(None, None, true), Ok(SeccompMode::Kill));
+        assert!(seccomp_mode(None, Some(std::ffi::OsStr::new("nope")), true).is_err());
     }
 
     #[test]

@@ -582,9 +582,15 @@ fn serve(vm_shell: VmShell, mut stream: UnixStream) -> Result<i32> {
     // SIGKILL) closes the connection: its VM must not outlive it.
     let reader = stream.try_clone()?;
     let stopper = vm.stop_handle();
+    let filters = vm.seccomp().clone();
     std::thread::Builder::new()
         .name("pool-client".into())
         .spawn(move || {
+            if let Err(e) = filters.apply(vmm::seccomp::ThreadKind::PoolClient) {
+                tracing::error!("pool-client: {e}");
+                stopper.stop_by_signal(libc::SIGKILL);
+                return;
+            }
             let reader = BufReader::new(reader.take(1 << 20));
             for line in reader.lines() {
                 let Ok(line) = line else { break };

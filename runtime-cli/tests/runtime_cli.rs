@@ -431,6 +431,12 @@ fn test_bad_bundles_are_one_line_and_create_nothing() {
     assert!(!data.join("images").exists());
 }
 
+/// An image's key and path, without its lease.
+struct Img {
+    key: String,
+    path: std::path::PathBuf,
+}
+
 #[test]
 fn test_image_cache_list_prune_rm() {
     if !Path::new("/usr/bin/mkfs.erofs").exists() {
@@ -474,9 +480,25 @@ fn test_image_cache_list_prune_rm() {
             .starts_with(&keys[2].key),
         "{list:?}"
     );
+    // A container still holds the second old one (its lease); the others are unused.
+    let held = keys[1].lease.clone();
+    let keys: Vec<Img> = keys
+        .into_iter()
+        .map(|k| Img {
+            key: k.key,
+            path: k.path,
+        })
+        .collect();
     let prune = image(&["prune", "--keep-mib", "0", "--unused-for", "60"]);
     assert_eq!(prune.code(), 0, "{prune:?}");
-    assert!(prune.stdout.starts_with("removed 2 images"), "{prune:?}");
+    assert!(
+        prune.stdout.starts_with("removed 1 images") && prune.stdout.contains("spared 1 in use"),
+        "{prune:?}"
+    );
+    assert!(!keys[0].path.exists() && keys[1].path.exists());
+    drop(held);
+    let prune = image(&["prune", "--keep-mib", "0", "--unused-for", "60"]);
+    assert!(prune.stdout.starts_with("removed 1 images"), "{prune:?}");
     assert!(!keys[0].path.exists() && !keys[1].path.exists());
     assert!(keys[2].path.exists(), "a recently used image is spared");
     assert_eq!(image(&["rm", &keys[2].key]).code(), 0);

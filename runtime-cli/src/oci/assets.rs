@@ -215,9 +215,22 @@ pub struct RuntimeConfig {
     pub default_mem_mib: Option<u64>,
     /// vCPUs when the bundle sets none.
     pub default_vcpus: Option<u8>,
+    /// Most MiB of rootfs images the cache keeps: after each build the least recently used
+    /// images not in use are removed until it fits [default: [`DEFAULT_IMAGE_CACHE_MIB`]].
+    pub image_cache_mib: Option<u64>,
 }
 
+/// The image cache's budget when the config file sets none: 10 GiB.
+pub const DEFAULT_IMAGE_CACHE_MIB: u64 = 10 * 1024;
+
 impl RuntimeConfig {
+    /// The image cache's budget in bytes.
+    pub fn image_cache_bytes(&self) -> u64 {
+        self.image_cache_mib
+            .unwrap_or(DEFAULT_IMAGE_CACHE_MIB)
+            .saturating_mul(1 << 20)
+    }
+
     /// Reads the config file, if there is one (a missing file is an empty config).
     pub fn load() -> Result<Self> {
         let path = std::env::var_os("KATA_SNAP_CONFIG")

@@ -54,7 +54,8 @@ pub enum ImageCommand {
         key: String,
     },
     /// Remove least recently used images until the cache holds at most --keep-mib, sparing
-    /// those used in the last --unused-for minutes (a container may be starting with them).
+    /// those in use by a container and those used in the last --unused-for minutes. `create`
+    /// prunes to `imageCacheMib` of the config file (default 10 GiB) after each build.
     Prune {
         /// Most MiB of images to keep.
         #[arg(long, value_name = "MIB", default_value_t = 0)]
@@ -91,29 +92,16 @@ pub(super) fn image_cmd(cmd: ImageCommand) -> Result<i32> {
             keep_mib,
             unused_for,
         } => {
-            let images = cache.list()?;
-            let mut total: u64 = images.iter().map(|i| i.size).sum();
-            let cutoff = std::time::SystemTime::now()
-                .checked_sub(Duration::from_secs(unused_for.saturating_mul(60)))
-                .unwrap_or(std::time::UNIX_EPOCH);
-            let (mut removed, mut freed) = (0, 0);
-            // Least recently used first.
-            for i in images {
-                if total <= keep_mib << 20 {
-                    break;
-                }
-                if i.last_used > cutoff {
-                    continue;
-                }
-                cache.remove(&i.key)?;
-                total -= i.size;
-                freed += i.size;
-                removed += 1;
-            }
+            let r = cache.prune(
+                keep_mib.saturating_mul(1 << 20),
+                Duration::from_secs(unused_for.saturating_mul(60)),
+            )?;
             println!(
-                "removed {removed} images ({:.1} MiB); the cache holds {:.1} MiB",
-                freed as f64 / 1048576.0,
-                total as f64 / 1048576.0
+                "removed {} images ({:.1} MiB); spared {} in use; the cache holds {:.1} MiB",
+                r.removed.len(),
+                r.freed as f64 / 1048576.0,
+                r.in_use,
+                r.total as f64 / 1048576.0
             );
         }
     }

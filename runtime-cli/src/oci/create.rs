@@ -84,6 +84,21 @@ pub(super) fn create(
     }
     let cache = rootfs_image::ImageCache::open(&data.join("images"))?;
     let image = cache.get_or_build(&config.root)?;
+    if !image.hit {
+        // The cache grows only by builds: keep it within its budget, least recently used
+        // images first, never one a container holds (this one is leased already).
+        let budget = assets::RuntimeConfig::load()?.image_cache_bytes();
+        match cache.prune(budget, std::time::Duration::ZERO) {
+            Ok(r) if !r.removed.is_empty() => tracing::info!(
+                "image cache over its budget of {} MiB: removed {} images ({} MiB)",
+                budget >> 20,
+                r.removed.len(),
+                r.freed >> 20
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot prune the image cache: {e}"),
+        }
+    }
     tracing::debug!(
         "rootfs image {} ({}, key {:.1} ms)",
         image.path.display(),

@@ -221,6 +221,8 @@ struct Supervisor {
     seccomp: SeccompMode,
     /// Recording the template's working set (until the process has started).
     recorder: Option<super::template::Recorder>,
+    /// The rootfs image's lease: the image cache's pruning spares it while the container lives.
+    _image_lease: rootfs_image::ImageLease,
     phases: Phases,
     launch: Launch,
     record: Record,
@@ -252,6 +254,10 @@ impl Supervisor {
             c.enter(std::process::id() as i32)?;
         }
 
+        // Before the VM opens it; `create` holds its own lease until this process says it is
+        // created, so the image cannot be pruned in between.
+        let image_lease = rootfs_image::ImageLease::take(&launch.image)
+            .context("cannot lease the container's rootfs image")?;
         // The template's first container records its start-up working set; later ones map
         // the template and prefetch that set (clean pages shared with every clone).
         let has_ws = super::template::workingset_path(&launch.template).is_file();
@@ -350,6 +356,7 @@ impl Supervisor {
         Ok(Self {
             seccomp,
             recorder,
+            _image_lease: image_lease,
             phases,
             launch,
             record,

@@ -455,6 +455,27 @@ pub fn remove(data: &Path, key: &str) -> Result<()> {
     Ok(())
 }
 
+/// The memory size classes of templates, in MiB: 128, 192, 256, 384, 512, 768, ... 16384, each
+/// power of two and the midpoint 1.5 times it. A container's VM gets the smallest class at least
+/// the memory it asks for (at most 1.5 times that), so containers whose limits differ by a MiB
+/// share one template (and one pool of shells) instead of warming one each: 15 classes at most.
+/// Past the last class, sizes round up to a multiple of 4 GiB.
+pub fn memory_class(mib: u64) -> u64 {
+    let mut class = 128u64;
+    while class < mib && class < 16384 {
+        let mid = class + class / 2;
+        if mid >= mib {
+            return mid;
+        }
+        class *= 2;
+    }
+    if mib <= class {
+        class
+    } else {
+        mib.div_ceil(4096).saturating_mul(4096)
+    }
+}
+
 /// The template a container of this shape restores: the host must run Linux guests at speed,
 /// and the guest kernel and agent must exist; the config file's defaults fill what is not given.
 pub fn spec_for(vcpus: Option<u8>, mem_mib: Option<u64>) -> Result<TemplateSpec> {
@@ -469,8 +490,36 @@ pub fn spec_for(vcpus: Option<u8>, mem_mib: Option<u64>) -> Result<TemplateSpec>
     Ok(TemplateSpec {
         assets: assets::guest_assets(&rc)?,
         vcpus: vcpus.or(rc.default_vcpus).unwrap_or(assets::DEFAULT_VCPUS),
-        mem_mib: mem_mib
-            .or(rc.default_mem_mib)
-            .unwrap_or(assets::DEFAULT_MEM_MIB),
+        mem_mib: memory_class(
+            mem_mib
+                .or(rc.default_mem_mib)
+                .unwrap_or(assets::DEFAULT_MEM_MIB),
+        ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory_class;
+
+    #[test]
+    fn test_memory_class_rounds_up_to_few_classes() {
+        assert_eq!(memory_class(1), 128);
+        assert_eq!(memory_class(128), 128);
+        assert_eq!(memory_class(129), 192);
+        assert_eq!(memory_class(255), 256);
+        assert_eq!(memory_class(256), 256);
+        assert_eq!(memory_class(257), 384);
+        assert_eq!(memory_class(320), 384);
+        assert_eq!(memory_class(1000), 1024);
+        assert_eq!(memory_class(16384), 16384);
+        assert_eq!(memory_class(16385), 20480);
+        let mut classes: Vec<u64> = (1..=16384).map(memory_class).collect();
+        classes.dedup();
+        assert_eq!(classes.len(), 15, "{classes:?}");
+        for mib in 1..=16384u64 {
+            let c = memory_class(mib);
+            assert!(c >= mib && (mib < 128 || c * 2 <= mib * 3), "{mib} -> {c}");
+        }
+    }
 }

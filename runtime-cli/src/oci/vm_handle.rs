@@ -58,9 +58,17 @@ impl ContainerVm {
         let (stopped, stop_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
         let events = vm.events();
+        let filters = vm.seccomp().clone();
         std::thread::Builder::new()
             .name("vm-watch".into())
             .spawn(move || {
+                // Filtered before it waits: it only reads a channel and writes to the pipe. A
+                // filter that cannot be installed ends the container (the pipe says "stopped").
+                if let Err(e) = filters.apply(vmm::seccomp::ThreadKind::VmWatch) {
+                    tracing::error!("vm-watch: {e}");
+                    let _ = nix::unistd::write(&stop_w, b"x");
+                    return;
+                }
                 while let Ok(ev) = events.recv() {
                     if matches!(ev, VmEvent::Stopping(_)) {
                         break;

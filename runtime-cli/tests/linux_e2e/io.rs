@@ -129,8 +129,17 @@ fn test_virtio_blk_reads_with_seccomp_on_and_off() {
     let rootfs = rootfs_image(dir.path(), "rootfs", 16);
     let raw = dir.path().join("raw.img");
     fs::File::create(&raw).unwrap().set_len(32 << 20).unwrap();
+    // A release build (the rig's) refuses `--seccomp off`: only a debug build measures the pair.
+    let modes: &[&str] = if cfg!(debug_assertions) {
+        &["kill", "off"]
+    } else {
+        println!(
+            "SKIPPED: seccomp off in a release build (only debug builds accept --seccomp off)"
+        );
+        &["kill"]
+    };
     for round in 0..2 {
-        for mode in ["kill", "off"] {
+        for &mode in modes {
             let mut g = Guest::boot(
                 &art,
                 &BootOpts {

@@ -364,6 +364,11 @@ impl LazyMemory {
             .is_some_and(PageServerHandle::is_finished)
     }
 
+    /// Whether a working set is being recorded (the loop writes its file at the end).
+    pub fn is_recording(&self) -> bool {
+        self.record.is_some()
+    }
+
     /// How long recording may last.
     pub fn recording_limit(&self) -> Option<Duration> {
         self.record.as_ref().and_then(|(r, _)| r.limit)

@@ -82,6 +82,12 @@ impl RunningVm {
         self.seccomp.apply(crate::seccomp::ThreadKind::Main)
     }
 
+    /// The VM's seccomp filters, for a helper thread of the caller's that must install its own
+    /// (a thread that watches the VM or forwards signals to it).
+    pub fn seccomp(&self) -> &crate::seccomp::Filters {
+        &self.seccomp
+    }
+
     /// Carries out one control request (the same requests as the control socket's).
     pub fn request(&self, req: ControlRequest) -> Result<ControlResponse, RequestError> {
         let (tx, rx) = mpsc::channel();

@@ -21,6 +21,7 @@ use super::{AfterSnapshot, MemoryBacking, PageServerReport, SnapshotOnReady};
 use crate::control::{ControlHandler, ControlRequest, ControlResponse, VmState, VmStatus};
 use crate::host::HostCheck;
 use crate::layout::MemoryLayout;
+use crate::seccomp::ThreadKind;
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu::{ExitCounts, HaltStatus, VcpuHandle};
 
@@ -60,6 +61,8 @@ pub struct VmRuntime {
     pub virtio: Vec<super::virtio::Attached>,
     paused: bool,
     halted_rounds: u32,
+    /// Whether the loop may write files (snapshots, working sets): false under the sealed filter.
+    writes_files: bool,
     /// Host addresses guest memory was placed in (a pre-slotted shell): declared last so it is
     /// unmapped after `mem` and the VM are gone.
     _reservation: Option<snapshot::memory_source::Reservation>,
@@ -106,7 +109,24 @@ impl VmRuntime {
             virtio: p.virtio,
             paused: false,
             halted_rounds: 0,
+            writes_files: true,
             _reservation: p.reservation,
+        }
+    }
+
+    /// The seccomp filter of this VM's loop: [`ThreadKind::Vmm`] when it may write files (a
+    /// control socket that can ask for a snapshot, a snapshot at READY, a working-set
+    /// recording), else [`ThreadKind::VmmSealed`], and snapshot requests through the running
+    /// VM's handle are refused from then on.
+    pub(super) fn loop_filter(&mut self, control_socket: bool) -> ThreadKind {
+        let writes = control_socket
+            || self.snapshot_on_ready.is_some()
+            || self.lazy.as_ref().is_some_and(LazyMemory::is_recording);
+        self.writes_files = writes;
+        if writes {
+            ThreadKind::Vmm
+        } else {
+            ThreadKind::VmmSealed
         }
     }
 
@@ -290,6 +310,10 @@ impl ControlHandler for VmRuntime {
                     ControlResponse::error("no working set is being recorded")
                 }
             }
+            ControlRequest::Snapshot { .. } if !self.writes_files => ControlResponse::error(
+                "this VM was started without a control socket or snapshot at READY: its loop \
+                 may not write files (sealed seccomp filter)",
+            ),
             ControlRequest::Snapshot { path } if !std::path::Path::new(&path).is_absolute() => {
                 ControlResponse::error(format!("the snapshot path must be absolute, not {path:?}"))
             }

@@ -27,7 +27,7 @@ use crate::control::{self, ControlListener};
 use crate::host::{self, HostCheck};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::persist;
-use crate::seccomp::{Filters, SeccompMode, ThreadKind};
+use crate::seccomp::{Filters, SeccompMode};
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu;
 use snapshot::memory_source::Reservation;
@@ -504,6 +504,7 @@ fn run_vm(
     for source in runtime::loop_sources(&stop, signals, stdin, wake.clone(), req_rx) {
         event_loop.add(Box::new(source), &mut rt);
     }
+    let loop_filter = rt.loop_filter(listener.is_some());
     if let Some(l) = listener {
         event_loop.add(Box::new(ControlListener::new(l)), &mut rt);
     }
@@ -533,7 +534,7 @@ fn run_vm(
         &mut rt,
     );
     // Everything this thread sets up is done: from here on it only serves the guest.
-    if let Err(e) = seccomp.apply(ThreadKind::Vmm) {
+    if let Err(e) = seccomp.apply(loop_filter) {
         stop.stop(StopReason::LoopError {
             error: e.to_string(),
         });
