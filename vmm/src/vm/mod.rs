@@ -18,6 +18,7 @@
 //! [`run`] and [`restore`] are the whole sequence for `kata-snap boot` and `kata-snap restore`.
 
 mod capture;
+mod kvm_system;
 mod load_kernel;
 mod load_snapshot;
 mod running;
@@ -43,6 +44,7 @@ use crate::stop::StopNotifier;
 use crate::vcpu::Vcpu;
 
 pub use capture::{SnapshotError, SnapshotInfo};
+pub use kvm_system::KvmSystem;
 pub use load_kernel::{BootSpec, check_boot, check_kernel_file};
 pub use load_snapshot::{
     CheckedSnapshot, RecordWorkingSet, RestoreError, RestoreMode, SnapshotSpec, SnapshotState,
@@ -50,7 +52,9 @@ pub use load_snapshot::{
 };
 pub use running::{RequestError, RunningVm, StopHandle, VmEvent};
 pub use runtime::VmRuntime;
-pub use shell::{LoadedVm, ShellConfig, VmShell, block_termination_signals, termination_signalfd};
+pub use shell::{
+    LoadedVm, PreloadedVm, ShellConfig, VmShell, block_termination_signals, termination_signalfd,
+};
 
 use crate::arch::mptable;
 use crate::boot::BootError;
@@ -555,6 +559,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         seccomp: config.seccomp,
         memory_class: None,
         stop_on_signals: true,
+        kvm: None,
     })?;
     let host = HostResources {
         forward_stdin: config.forward_stdin,
@@ -568,7 +573,8 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
 
 /// Restores a VM from a snapshot and runs it until it stops: check, shell, load, start, wait.
 pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
-    let snapshot = CheckedSnapshot::open(&config.snapshot, config.mode)?;
+    let kvm = Arc::new(KvmSystem::open()?);
+    let snapshot = CheckedSnapshot::open(&config.snapshot, config.mode, &kvm)?;
     let spec = SnapshotSpec::new(
         snapshot,
         config.fault_around,
@@ -582,6 +588,7 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
         seccomp: config.seccomp,
         memory_class: None,
         stop_on_signals: true,
+        kvm: Some(kvm),
     })?;
     shell
         .load(Guest::Snapshot(Box::new(spec)), config.host)?
