@@ -256,6 +256,16 @@ fn manager(dir: &Path) -> Option<(i32, u64)> {
     crate::oci::state::process_alive(pid, start).then_some((pid, start))
 }
 
+/// Whether the pool in `dir` runs and keeps pre-loaded shells.
+fn manager_preloads(dir: &Path) -> bool {
+    let preloads = || -> Option<bool> {
+        let text = crate::oci::read_small_file(&dir.join("manager.json"), 64 << 10).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(v.get("preload_size")?.as_u64()? > 0)
+    };
+    preloads().unwrap_or(false) && manager(dir).is_some()
+}
+
 fn manager_pid(dir: &Path) -> Option<i32> {
     manager(dir).map(|(pid, _)| pid)
 }
@@ -624,6 +634,8 @@ pub struct PooledVm {
     pub pid: u32,
     /// Whether it had pre-loaded the template.
     pub preloaded: bool,
+    /// Process start to the request sent.
+    pub handed_off_after: Duration,
 }
 
 impl PooledVm {
@@ -680,26 +692,33 @@ pub fn claim_and_start(
     let Ok(dir) = pool_dir(args.pool_dir.as_deref()) else {
         return Ok(Claim::Cold(None));
     };
-    // A missing directory holds no pool; one that is not private is refused.
-    if !crate::oci::assets::private_dir(&dir, false, WHAT)? || !dir.join("ready").is_dir() {
+    // A missing directory holds no pool; one that is not private is refused. Its
+    // subdirectories are checked below it (the path above was checked once).
+    use crate::oci::assets::{private_dir, private_subdir};
+    if !private_dir(&dir, false, WHAT)?
+        || !private_subdir(&dir, "ready", WHAT)?
+        || !private_subdir(&dir, "claimed", WHAT)?
+    {
         return Ok(Claim::Cold(None));
     }
-    crate::oci::assets::private_dir(&dir.join("ready"), false, WHAT)?;
-    crate::oci::assets::private_dir(&dir.join("claimed"), false, WHAT)?;
     let template = Wanted::of(args).and_then(|w| w.key().map(|k| (w, k)));
+    let mut after_hand_off = None;
     let preloaded = template
         .as_ref()
         .and_then(|(_, key)| claim_preloaded(&dir, key));
     let (claimed, stream, state) = match preloaded {
         Some((claimed, stream)) => (claimed, stream, None),
         None => {
-            // Next time this template is pre-loaded (the manager learns it from here).
-            if let Some((w, _)) = &template
-                && manager_pid(&dir).is_some()
-                && let Err(e) = preload::want(&dir, w)
-            {
-                tracing::warn!("cannot name the pool's template: {e:#}");
-            }
+            // Next time this template is pre-loaded: the manager learns it from here (after
+            // the hand-off, off this restore's path).
+            let learn = || {
+                if let Some((w, _)) = &template
+                    && manager_preloads(&dir)
+                    && let Err(e) = preload::want(&dir, w)
+                {
+                    tracing::warn!("cannot name the pool's template: {e:#}");
+                }
+            };
             let Ok(state) = SnapshotState::read(&args.snapshot) else {
                 return Ok(Claim::Cold(None)); // the cold path reports what is wrong
             };
@@ -707,8 +726,10 @@ pub fn claim_and_start(
                 return Ok(Claim::Cold(None));
             };
             let Some((claimed, stream)) = claim(&dir, vcpus, mem_mib) else {
+                learn();
                 return Ok(Claim::Cold(Some(Box::new(state))));
             };
+            after_hand_off = Some(learn);
             (claimed, stream, Some(Box::new(state)))
         }
     };
@@ -739,11 +760,15 @@ pub fn claim_and_start(
         );
         return Ok(Claim::Cold(state));
     }
+    let handed_off_after = process_start.elapsed();
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut text = String::new();
     if reader.read_line(&mut text)? == 0 {
         tracing::warn!("the pre-started VMM ended during the hand-off: starting cold");
         return Ok(Claim::Cold(state));
+    }
+    if let Some(learn) = after_hand_off {
+        learn();
     }
     match serde_json::from_str::<Reply>(text.trim_end()) {
         Ok(Reply::Started { pid }) => Ok(Claim::Started(PooledVm {
@@ -751,6 +776,7 @@ pub fn claim_and_start(
             reader,
             pid,
             preloaded,
+            handed_off_after,
         })),
         Ok(Reply::Error { message }) => bail!("{message}"),
         Ok(Reply::Exit { .. }) => bail!("the pre-started VMM exited before it started"),
@@ -779,6 +805,10 @@ pub fn restore_through_pool(
                 ""
             },
             vm.pid
+        );
+        eprintln!(
+            "kata-snap: process start -> pool hand-off: {:.2} ms",
+            vm.handed_off_after.as_secs_f64() * 1e3
         );
     }
     loop {

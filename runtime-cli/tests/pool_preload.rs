@@ -79,6 +79,16 @@ impl Drop for Pool {
     }
 }
 
+/// A client killed with the test if an assertion fails first.
+struct Client(Child);
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Whether process `pid` is gone (or a zombie of another parent).
 fn gone(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -293,7 +303,7 @@ fn test_two_preloaded_claims_listen_on_their_own_sockets() {
     let tmpl = spin_template(root.path());
     let pool = Pool::start(&root.path().join("pool"), &tmpl, "mmap", 2);
     pool.wait_preloaded(2, |_| true);
-    let clones: Vec<(Child, PathBuf, PathBuf, PathBuf)> = ["a", "b"]
+    let clones: Vec<(Client, PathBuf, PathBuf, PathBuf)> = ["a", "b"]
         .iter()
         .map(|n| {
             let vsock = root.path().join(format!("{n}.vsock"));
@@ -316,7 +326,7 @@ fn test_two_preloaded_claims_listen_on_their_own_sockets() {
                 .stderr(std::fs::File::create(&err).unwrap())
                 .spawn()
                 .unwrap();
-            (child, vsock, api, err)
+            (Client(child), vsock, api, err)
         })
         .collect();
     let end = Instant::now() + T;
@@ -349,9 +359,8 @@ fn test_two_preloaded_claims_listen_on_their_own_sockets() {
         !root.path().join("template-vsock.sock").exists(),
         "no clone binds the template's own socket"
     );
-    for (mut child, vsock, api, _) in clones {
-        child.kill().unwrap();
-        child.wait().unwrap();
+    for (child, vsock, api, _) in clones {
+        drop(child);
         let end = Instant::now() + T;
         while vsock.exists() || api.exists() {
             assert!(Instant::now() < end, "a clone's sockets outlived it");
@@ -436,7 +445,7 @@ fn test_a_failed_attach_leaves_no_shell_behind() {
     // The pool refills, and the next claim runs.
     let (_, next) = pool.wait_preloaded(1, |&(_, pid)| pid != shell)[0].clone();
     let api = root.path().join("clone.api");
-    let mut child = pool
+    let child = pool
         .command(&[
             "restore",
             "--mode",
@@ -452,6 +461,7 @@ fn test_a_failed_attach_leaves_no_shell_behind() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let _client = Client(child);
     let end = Instant::now() + T;
     while !(vsock.exists() && api.exists()) {
         assert!(Instant::now() < end, "the next claim did not start");
@@ -462,6 +472,4 @@ fn test_a_failed_attach_leaves_no_shell_behind() {
         !pool.preloaded().iter().any(|&(_, pid)| pid == next),
         "claimed"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
 }

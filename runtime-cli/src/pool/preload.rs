@@ -95,11 +95,31 @@ pub fn wanted(dir: &Path) -> Option<Wanted> {
 }
 
 /// Names `w` as the template the pool in `dir` pre-loads (unless it is already).
+///
+/// Written to a temporary name and renamed (a reader sees the old file or the new one) but not
+/// fsynced: it is a hint that a crash may lose at the cost of one pre-load, in a directory that
+/// is normally a tmpfs, and a client writes it on its restore's path.
 pub fn want(dir: &Path, w: &Wanted) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     if wanted(dir).as_ref() == Some(w) {
         return Ok(());
     }
-    crate::oci::write_file_synced(&dir.join(WANTED), &serde_json::to_vec(w)?)
+    let tmp = dir.join(format!(".{WANTED}.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(w)?)?;
+        std::fs::rename(&tmp, dir.join(WANTED))
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::from(e).context(format!("cannot write {}", dir.join(WANTED).display()))
+    })
 }
 
 #[cfg(test)]

@@ -175,5 +175,6 @@ pub(super) fn load(
         lazy: None,
         virtio,
         reservation,
+        parked: Vec::new(),
     })
 }

@@ -39,7 +39,7 @@ use super::{
 use crate::layout::MemoryLayout;
 use crate::persist::{self, VmState};
 use crate::seccomp::ThreadKind;
-use crate::vcpu::Vcpu;
+use crate::vcpu::{ParkedVcpuThread, Vcpu};
 
 /// How guest memory is restored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -485,6 +485,8 @@ pub(super) struct GuestLoaded {
     serial_trigger: devices::legacy::EventFdTrigger,
     serial: devices::legacy::serial::SerialSnapshot,
     slots: Vec<super::virtio::PreparedSlot>,
+    /// The vCPU threads, started with their seccomp filter installed, waiting for their vCPU.
+    parked: Vec<ParkedVcpuThread>,
 }
 
 impl GuestLoaded {
@@ -642,6 +644,14 @@ pub(super) fn load_guest(
         persist::restore_vcpu(&fd, vs)?;
         vcpus.push((fd, vs.id, vs.tsc()));
     }
+    let parked = vcpus
+        .iter()
+        .map(|(_, id, _)| ParkedVcpuThread::spawn(*id, &shell.seccomp))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| BuildVmError::Thread {
+            what: "vCPU",
+            source,
+        })?;
     Ok(GuestLoaded {
         id,
         vcpus,
@@ -655,6 +665,7 @@ pub(super) fn load_guest(
         serial_trigger,
         serial: state.devices.serial,
         slots,
+        parked,
     })
 }
 
@@ -679,6 +690,7 @@ pub(super) fn attach(
         serial_trigger,
         serial,
         slots,
+        parked,
     } = guest;
     let serial =
         Serial::restore(serial_trigger, host.serial, &serial).map_err(RestoreError::Serial)?;
@@ -723,6 +735,7 @@ pub(super) fn attach(
         lazy,
         virtio,
         reservation,
+        parked,
     })
 }
 

@@ -9,7 +9,10 @@
 //! 3. **load** ([`VmShell::load`], on the VMM thread): guest memory and its memslots (fresh, or from
 //!    a [`snapshot::memory_source::MemorySource`] with its page server), VM state, legacy and
 //!    virtio devices with the host resources the caller gives ([`HostResources`]), then the guest
-//!    image and vCPU state (boot protocol, or saved state);
+//!    image and vCPU state (boot protocol, or saved state). A restore's load is two halves: the
+//!    guest state, which needs no host resource ([`VmShell::preload`] stops there and returns a
+//!    [`PreloadedVm`]), and the attach of the host resources with the clocks set last
+//!    ([`PreloadedVm::attach`]);
 //! 4. **start** ([`LoadedVm::start`]): vCPU threads, the runtime on the loop; returns a
 //!    [`RunningVm`] handle (pause, resume, snapshot, stop, wait, READY and stop events);
 //! 5. **stop**: every vCPU joined, the page server stopped, a recorded working set written, the
@@ -426,6 +429,8 @@ pub(super) struct Loaded {
     lazy: Option<load_snapshot::LazyMemory>,
     virtio: Vec<virtio::Attached>,
     reservation: Option<snapshot::memory_source::Reservation>,
+    /// vCPU threads started ahead, in vCPU order (a restore's); the others are spawned at start.
+    parked: Vec<crate::vcpu::ParkedVcpuThread>,
 }
 
 /// Step 3, on the VMM thread: fills the shell with the guest.

@@ -538,8 +538,13 @@ fn run_vm(
     let vcpus_started_after = process_start.elapsed();
     let run_start = Instant::now();
     let mut handles = Vec::with_capacity(l.vcpus.len());
+    let mut parked = l.parked.into_iter();
     for v in l.vcpus {
-        match v.spawn() {
+        let started = match parked.next() {
+            Some(thread) => v.start_on(thread),
+            None => v.spawn(),
+        };
+        match started {
             Ok(h) => handles.push(h),
             Err(source) => {
                 stop.stop(StopReason::LoopError {
