@@ -198,6 +198,8 @@ pub fn start_restore(
         }
         None => {
             let vcpus = state.vcpus()?;
+            // The memslots are made with the VM, before its vCPUs (see `ShellConfig`).
+            let mem_mib = state.mem_mib();
             vmm::vm::block_termination_signals()?;
             let api_sock = args.api_sock.clone();
             Err(std::thread::spawn(move || {
@@ -214,7 +216,7 @@ pub fn start_restore(
                     api_sock,
                     process_start,
                     seccomp,
-                    memory_class: None,
+                    memory_class: Some(mem_mib),
                     stop_on_signals,
                     kvm: Some(kvm),
                 })

@@ -186,6 +186,11 @@ fn create_vm(
         None => Arc::new(KvmSystem::open()?),
     };
     let vm = system.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    // Memslots first: on this nested KVM registering one in a VM that has its irqchip and PIT
+    // costs up to several milliseconds (measured 4-5.6 ms), in a bare VM a fraction of one.
+    let reserved = memory_class
+        .map(|mib| reserve_memory(&vm, mib))
+        .transpose()?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
@@ -201,9 +206,6 @@ fn create_vm(
                 .map_err(kvm_err("KVM_CREATE_VCPU"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let reserved = memory_class
-        .map(|mib| reserve_memory(&vm, mib))
-        .transpose()?;
     Ok(KvmParts {
         system,
         vm,
