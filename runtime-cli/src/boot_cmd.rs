@@ -379,6 +379,7 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Resu
         seccomp,
         memory_class: None,
         stop_on_signals: true,
+        kvm: None,
     })?;
     let host = HostResources {
         forward_stdin: true,

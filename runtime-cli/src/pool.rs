@@ -14,9 +14,14 @@
 //! the client gets are forwarded. If the shell dies before `started` the client falls back to a
 //! cold start; the manager refills the pool in the background.
 //!
+//! Beside them the manager keeps `--preload-size` shells that have *pre-loaded* the pool's
+//! template ([`preload`]): its guest state is in them before any client comes, so a restore of
+//! that template only attaches the clone's host resources and starts the vCPUs. A client tries
+//! those first (by the template's key in the socket name), then a plain shell, then starts cold.
+//!
 //! ```text
-//! kata-snap pool start --size 4 --vcpus 1 --mem-mib 256
-//! kata-snap restore --snapshot DIR --timing     # "restore path: pool ..."
+//! kata-snap pool start --size 4 --vcpus 1 --mem-mib 256 [--template DIR --template-mode MODE]
+//! kata-snap restore --snapshot DIR --timing     # "restore path: pool[, template pre-loaded] ..."
 //! kata-snap pool status
 //! kata-snap pool stop
 //! ```
@@ -28,9 +33,9 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -40,10 +45,19 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 use serde::{Deserialize, Serialize};
 use std::os::fd::AsFd;
 use vmm::seccomp::SeccompMode;
-use vmm::vm::{ShellConfig, VmShell};
+use vmm::vm::SnapshotState;
 
 use crate::boot_cmd::finish;
-use crate::restore_cmd::{RestoreArgs, start_restore};
+use crate::restore_cmd::{ModeArg, RestoreArgs, attach_restore, start_restore};
+
+mod claim;
+mod manager;
+mod preload;
+mod shell;
+use claim::{claim, claim_preloaded};
+use manager::manage;
+use preload::Wanted;
+use shell::{ShellVm, shell};
 
 /// Longest request line a shell accepts.
 const MAX_REQUEST: usize = 64 << 10;
@@ -69,7 +83,7 @@ enum PoolAction {
     Run(PoolConfig),
     /// One pre-started VMM (what the manager runs).
     #[command(hide = true)]
-    Shell(PoolConfig),
+    Shell(ShellArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -94,6 +108,48 @@ struct PoolConfig {
     /// (other sizes re-slot at restore).
     #[arg(long, default_value_t = 256)]
     mem_mib: u64,
+    /// Pre-loaded VMMs kept ready for the pool's template [default: --size]: each has loaded
+    /// the template's guest state, so a restore of it only attaches the clone's console, disks
+    /// and sockets. The template is --template, else the last one restored through the pool
+    /// that found none pre-loaded.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
+    preload_size: Option<u32>,
+    /// The template (snapshot directory) to pre-load from the start.
+    #[arg(long, value_name = "DIR")]
+    template: Option<PathBuf>,
+    /// The memory mode of --template's restores.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "mmap-prefetch",
+        requires = "template"
+    )]
+    template_mode: ModeArg,
+}
+
+impl PoolConfig {
+    fn preload_size(&self) -> u32 {
+        self.preload_size.unwrap_or(self.size)
+    }
+}
+
+/// What the manager tells a shell.
+#[derive(Debug, Clone, Args)]
+struct ShellArgs {
+    #[command(flatten)]
+    pool: PoolConfig,
+    /// Pre-load this template (its snapshot directory) ...
+    #[arg(long, value_name = "DIR", requires = "key")]
+    preload: Option<PathBuf>,
+    /// ... in this memory mode ...
+    #[arg(long, value_enum, default_value = "mmap-prefetch")]
+    preload_mode: ModeArg,
+    /// ... with this fault-around ...
+    #[arg(long, default_value_t = 16)]
+    preload_fault_around: u64,
+    /// ... as the manager found it (its key).
+    #[arg(long)]
+    key: Option<String>,
 }
 
 /// What a client sends a shell.
@@ -102,6 +158,9 @@ struct Request {
     args: RestoreArgs,
     /// The client's process start, CLOCK_MONOTONIC nanoseconds.
     client_start_ns: u64,
+    /// The key of the template the client expects pre-loaded (when it claimed such a shell).
+    #[serde(default)]
+    template_key: Option<String>,
 }
 
 /// What a shell answers.
@@ -199,6 +258,16 @@ fn manager(dir: &Path) -> Option<(i32, u64)> {
     crate::oci::state::process_alive(pid, start).then_some((pid, start))
 }
 
+/// Whether the pool in `dir` runs and keeps pre-loaded shells.
+fn manager_preloads(dir: &Path) -> bool {
+    let preloads = || -> Option<bool> {
+        let text = crate::oci::read_small_file(&dir.join("manager.json"), 64 << 10).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(v.get("preload_size")?.as_u64()? > 0)
+    };
+    preloads().unwrap_or(false) && manager(dir).is_some()
+}
+
 fn manager_pid(dir: &Path) -> Option<i32> {
     manager(dir).map(|(pid, _)| pid)
 }
@@ -245,6 +314,31 @@ fn start(c: PoolConfig) -> Result<i32> {
             let _ = std::fs::remove_file(e.path());
         }
     }
+    if let Some(t) = &c.template {
+        let w = Wanted {
+            snapshot: std::path::absolute(t)?,
+            mode: c.template_mode,
+            fault_around: 16,
+        };
+        if w.key().is_none() {
+            bail!(
+                "{} is not a template that can be pre-loaded in {:?} mode (state, memory{} needed)",
+                t.display(),
+                c.template_mode,
+                if matches!(
+                    c.template_mode,
+                    ModeArg::MmapPrefetch | ModeArg::UffdPrefetch
+                ) {
+                    " and workingset"
+                } else {
+                    ""
+                }
+            );
+        }
+        preload::want(&dir, &w)?;
+    } else {
+        let _ = std::fs::remove_file(dir.join("preload.json"));
+    }
     let log = create_private(&dir.join("manager.log"))?;
     let exe = std::env::current_exe().context("cannot find the kata-snap binary")?;
     let mut cmd = Command::new(exe);
@@ -253,6 +347,7 @@ fn start(c: PoolConfig) -> Result<i32> {
         .args(["--size", &c.size.to_string()])
         .args(["--vcpus", &c.vcpus.to_string()])
         .args(["--mem-mib", &c.mem_mib.to_string()])
+        .args(["--preload-size", &c.preload_size().to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
@@ -260,7 +355,14 @@ fn start(c: PoolConfig) -> Result<i32> {
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().context("cannot start the pool manager")?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while ready_sockets(&dir).len() < c.size as usize {
+    // Pre-loaded shells of a --template are ready too before this returns.
+    let want_ready = c.size as usize
+        + if c.template.is_some() {
+            c.preload_size() as usize
+        } else {
+            0
+        };
+    while ready_sockets(&dir).len() < want_ready {
         if let Some(status) = child.try_wait()? {
             bail!(
                 "the pool manager exited ({status}); see {}",
@@ -296,6 +398,7 @@ fn status(dir: &Path) -> Result<i32> {
         "config": config.and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok()),
         "ready": ready.len(),
         "ready_sockets": ready,
+        "template": preload::wanted(dir),
     });
     println!("{status}");
     Ok(if manager_pid(dir).is_some() { 0 } else { 1 })
@@ -321,168 +424,6 @@ fn stop(dir: &Path) -> Result<i32> {
     Ok(0)
 }
 
-struct Member {
-    child: Child,
-    ready: Option<PathBuf>,
-}
-
-/// The manager: keeps `size` unclaimed shells alive until SIGTERM.
-fn manage(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
-    let dir = pool_dir(c.dir.dir.as_deref())?;
-    let signals = vmm::vm::termination_signalfd()?;
-    let pid = std::process::id() as i32;
-    let pid_start = crate::oci::state::process_start_time(pid).unwrap_or(0);
-    crate::oci::write_file_synced(&dir.join("manager.pid"), pid.to_string().as_bytes())?;
-    crate::oci::write_file_synced(
-        &dir.join("manager.json"),
-        serde_json::json!({
-            "size": c.size, "vcpus": c.vcpus, "mem_mib": c.mem_mib,
-            "pid": pid, "pid_start": pid_start,
-        })
-        .to_string()
-        .as_bytes(),
-    )?;
-    let exe = std::env::current_exe()?;
-    let seccomp_arg = match seccomp {
-        SeccompMode::Off => "off",
-        SeccompMode::Log => "log",
-        SeccompMode::Kill => "kill",
-    };
-    let mut members: Vec<Member> = Vec::new();
-    // Claimed shells run their client's VM; reaped when they end.
-    let mut busy: Vec<Child> = Vec::new();
-    let mut spawned = 0u64;
-    loop {
-        if let Ok(Some(sig)) = signals.read_signal() {
-            tracing::info!("pool manager: signal {}, stopping", sig.ssi_signo);
-            break;
-        }
-        // Forget shells that exited; a shell whose socket was claimed now runs a VM for its
-        // client and no longer counts.
-        busy.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
-        let mut kept = Vec::with_capacity(members.len());
-        for mut m in members.drain(..) {
-            if matches!(m.child.try_wait(), Ok(Some(_))) {
-                continue;
-            }
-            match &m.ready {
-                Some(p) if !p.exists() => busy.push(m.child),
-                Some(_) => kept.push(m),
-                None => {
-                    m.ready = ready_sockets(&dir).into_iter().find(|p| {
-                        p.to_string_lossy()
-                            .ends_with(&format!("-{}.sock", m.child.id()))
-                    });
-                    kept.push(m);
-                }
-            }
-        }
-        members = kept;
-        while members.len() < c.size as usize {
-            let child = Command::new(&exe)
-                .args(["--seccomp", seccomp_arg, "pool", "shell", "--dir"])
-                .arg(&dir)
-                .args(["--vcpus", &c.vcpus.to_string()])
-                .args(["--mem-mib", &c.mem_mib.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()?;
-            spawned += 1;
-            members.push(Member { child, ready: None });
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    for m in &mut members {
-        // SAFETY: SIGTERM to a shell this manager started and has not reaped.
-        unsafe { libc::kill(m.child.id() as i32, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for m in &mut members {
-        while matches!(m.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = m.child.kill();
-        let _ = m.child.wait();
-        if let Some(p) = &m.ready {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-    let _ = std::fs::remove_file(dir.join("manager.pid"));
-    tracing::info!("pool manager stopped after starting {spawned} shells");
-    Ok(0)
-}
-
-/// One pre-started VMM: builds its shell, waits to be claimed, restores its client's snapshot.
-fn shell(c: PoolConfig, seccomp: SeccompMode) -> Result<i32> {
-    let dir = pool_dir(c.dir.dir.as_deref())?;
-    let vm_shell = VmShell::new(ShellConfig {
-        vcpus: c.vcpus,
-        api_sock: None,
-        process_start: Instant::now(),
-        seccomp,
-        memory_class: Some(c.mem_mib),
-        stop_on_signals: true,
-    })?;
-    let pid = std::process::id();
-    let name = format!("v{}-m{}-{pid}.sock", c.vcpus, c.mem_mib);
-    let starting = dir.join(format!(".starting-{pid}.sock"));
-    let listener = UnixListener::bind(&starting)?;
-    {
-        // Only the owner may connect; set before the socket appears in ready/.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&starting, std::fs::Permissions::from_mode(0o600))?;
-    }
-    let ready = dir.join("ready").join(&name);
-    std::fs::rename(&starting, &ready)?;
-    let claimed = dir.join("claimed").join(&name);
-    // Until a client comes, a termination signal ends this shell (the VM's loop, which reads
-    // them later, does not run yet).
-    let signals = vmm::vm::termination_signalfd()?;
-    let mut claimed_at: Option<Instant> = None;
-    let stream = loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: signals.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: polling two valid fds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 500) };
-        if n > 0 && fds[0].revents != 0 {
-            let (conn, _) = listener.accept()?;
-            // The client's request runs with this shell's privileges.
-            match peer_uid(&conn) {
-                Ok(uid) if trusted_peer(uid) => break conn,
-                Ok(uid) => tracing::warn!("pool shell: refusing a client running as uid {uid}"),
-                Err(e) => tracing::warn!("pool shell: refusing a client: {e:#}"),
-            }
-            continue;
-        }
-        if n > 0 && fds[1].revents != 0 && matches!(signals.read_signal(), Ok(Some(_))) {
-            let _ = std::fs::remove_file(&ready);
-            return Ok(0);
-        }
-        if !ready.exists() {
-            let at = *claimed_at.get_or_insert_with(Instant::now);
-            if !claimed.exists() || at.elapsed() > CLAIM_TIMEOUT {
-                // Claimed by a client that went away, or the pool was stopped.
-                let _ = std::fs::remove_file(&claimed);
-                return Ok(0);
-            }
-        }
-    };
-    drop(listener);
-    let _ = std::fs::remove_file(&claimed);
-    serve(vm_shell, stream)
-}
-
 /// Test hook: `KATA_SNAP_POOL_FAULT=die-after-request` makes a shell die right after it received
 /// its client's request, as a crash mid-hand-off would. Debug builds only: a release binary
 /// reads no such variable.
@@ -504,7 +445,7 @@ fn send_reply(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
 }
 
 /// Receives the request and the client's stdio, restores, runs, reports.
-fn serve(vm_shell: VmShell, mut stream: UnixStream) -> Result<i32> {
+fn serve(vm: ShellVm, mut stream: UnixStream) -> Result<i32> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut cmsg = nix::cmsg_space!([RawFd; 3]);
     let (n, fds) = {
@@ -560,7 +501,25 @@ fn serve(vm_shell: VmShell, mut stream: UnixStream) -> Result<i32> {
     drop(fds);
     let start = instant_of(req.client_start_ns);
     let timing = req.args.timing;
-    let vm = match start_restore(&req.args, Some(vm_shell), start, SeccompMode::Off, true) {
+    let started = match vm {
+        ShellVm::Plain(vm_shell) => start_restore(
+            &req.args,
+            Some(vm_shell),
+            None,
+            start,
+            SeccompMode::Off,
+            true,
+        ),
+        // The client chose this shell by the key of its template as it found it: the guest
+        // loaded here is what it asked for.
+        ShellVm::Preloaded(vm, key) if req.template_key.as_ref() == Some(&key) => {
+            attach_restore(&req.args, vm, start)
+        }
+        ShellVm::Preloaded(_, key) => Err(anyhow::anyhow!(
+            "this pool shell pre-loaded template {key}, not the one asked for"
+        )),
+    };
+    let vm = match started {
         Ok(vm) => vm,
         Err(e) => {
             send_reply(
@@ -607,54 +566,6 @@ fn serve(vm_shell: VmShell, mut stream: UnixStream) -> Result<i32> {
     Ok(code)
 }
 
-/// Claims a ready shell of the snapshot's shape: exact size class first, else one that re-slots.
-fn claim(dir: &Path, vcpus: u8, mem_mib: u64) -> Option<(PathBuf, UnixStream)> {
-    let exact = format!("v{vcpus}-m{mem_mib}-");
-    let any = format!("v{vcpus}-m");
-    let mut candidates = ready_sockets(dir);
-    candidates.sort_by_key(|p| {
-        !p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with(&exact))
-    });
-    for ready in candidates {
-        let Some(name) = ready.file_name().map(|n| n.to_os_string()) else {
-            continue;
-        };
-        if !name.to_string_lossy().starts_with(&any) {
-            continue;
-        }
-        let claimed = dir.join("claimed").join(&name);
-        if std::fs::rename(&ready, &claimed).is_err() {
-            continue; // another client was first
-        }
-        match UnixStream::connect(&claimed) {
-            // The shell gets the caller's stdio: it must run as the caller (or root).
-            Ok(s) => match peer_uid(&s) {
-                Ok(uid) if trusted_peer(uid) => return Some((claimed, s)),
-                Ok(uid) => {
-                    tracing::warn!(
-                        "refusing pool shell {}: it runs as uid {uid}, not as you or root",
-                        claimed.display()
-                    );
-                    let _ = std::fs::remove_file(&claimed);
-                }
-                Err(e) => {
-                    tracing::warn!("refusing pool shell {}: {e:#}", claimed.display());
-                    let _ = std::fs::remove_file(&claimed);
-                }
-            },
-            Err(e) => {
-                tracing::warn!(
-                    "pool shell {} is gone ({e}); trying another",
-                    claimed.display()
-                );
-                let _ = std::fs::remove_file(&claimed);
-            }
-        }
-    }
-    None
-}
-
 /// A VM running in a pre-started VMM of the pool, for a client that holds it.
 #[derive(Debug)]
 pub struct PooledVm {
@@ -662,6 +573,10 @@ pub struct PooledVm {
     reader: BufReader<UnixStream>,
     /// The pre-started VMM's pid.
     pub pid: u32,
+    /// Whether it had pre-loaded the template.
+    pub preloaded: bool,
+    /// Process start to the request sent.
+    pub handed_off_after: Duration,
 }
 
 impl PooledVm {
@@ -696,35 +611,79 @@ impl PooledVm {
     }
 }
 
-/// Claims a pre-started VMM of the snapshot's shape when a pool runs, hands it `args` with
-/// `stdio` (stdin, stdout, stderr of its VM) and waits until its VM runs. `None` when there is
-/// none to use, or it died during the hand-off: the caller starts cold.
+/// What a claim of a pre-started VMM came to.
+#[derive(Debug)]
+pub enum Claim {
+    /// A pre-started VMM runs the VM.
+    Started(PooledVm),
+    /// None to use, or it died during the hand-off: the caller starts cold, with the snapshot's
+    /// state file when the claim read it already (nothing is read twice).
+    Cold(Option<Box<SnapshotState>>),
+}
+
+/// Claims a pre-started VMM for `args` when a pool runs: one that pre-loaded the template, else
+/// one of the snapshot's shape. Hands it `args` with `stdio` (stdin, stdout, stderr of its VM)
+/// and waits until its VM runs.
 pub fn claim_and_start(
     args: &RestoreArgs,
     process_start: Instant,
     stdio: [RawFd; 3],
-) -> Result<Option<PooledVm>> {
+) -> Result<Claim> {
     // No pool directory can be named: no pool can have been started by this user.
     let Ok(dir) = pool_dir(args.pool_dir.as_deref()) else {
-        return Ok(None);
+        return Ok(Claim::Cold(None));
     };
-    // A missing directory holds no pool; one that is not private is refused.
-    if !crate::oci::assets::private_dir(&dir, false, WHAT)? || !dir.join("ready").is_dir() {
-        return Ok(None);
+    // A missing directory holds no pool; one that is not private is refused. Its
+    // subdirectories are checked below it (the path above was checked once).
+    use crate::oci::assets::{private_dir, private_subdir};
+    if !private_dir(&dir, false, WHAT)?
+        || !private_subdir(&dir, "ready", WHAT)?
+        || !private_subdir(&dir, "claimed", WHAT)?
+    {
+        return Ok(Claim::Cold(None));
     }
-    crate::oci::assets::private_dir(&dir.join("ready"), false, WHAT)?;
-    crate::oci::assets::private_dir(&dir.join("claimed"), false, WHAT)?;
-    let Ok((vcpus, mem_mib)) = vmm::vm::snapshot_shape(&args.snapshot) else {
-        return Ok(None); // the cold path reports what is wrong with the snapshot
-    };
-    let Some((claimed, stream)) = claim(&dir, vcpus, mem_mib) else {
-        return Ok(None);
+    let template = Wanted::of(args).and_then(|w| w.key().map(|k| (w, k)));
+    let mut after_hand_off = None;
+    let preloaded = template
+        .as_ref()
+        .and_then(|(_, key)| claim_preloaded(&dir, key));
+    let (claimed, stream, state) = match preloaded {
+        Some((claimed, stream)) => (claimed, stream, None),
+        None => {
+            // Next time this template is pre-loaded: the manager learns it from here (after
+            // the hand-off, off this restore's path).
+            let learn = || {
+                if let Some((w, _)) = &template
+                    && manager_preloads(&dir)
+                    && let Err(e) = preload::want(&dir, w)
+                {
+                    tracing::warn!("cannot name the pool's template: {e:#}");
+                }
+            };
+            let Ok(state) = SnapshotState::read(&args.snapshot) else {
+                return Ok(Claim::Cold(None)); // the cold path reports what is wrong
+            };
+            let (Ok(vcpus), mem_mib) = (state.vcpus(), state.mem_mib()) else {
+                return Ok(Claim::Cold(None));
+            };
+            let Some((claimed, stream)) = claim(&dir, vcpus, mem_mib) else {
+                learn();
+                return Ok(Claim::Cold(Some(Box::new(state))));
+            };
+            after_hand_off = Some(learn);
+            (claimed, stream, Some(Box::new(state)))
+        }
     };
     let started_ago = process_start.elapsed();
     let req = Request {
         args: args.clone(),
         client_start_ns: monotonic_ns().saturating_sub(started_ago.as_nanos() as u64),
+        template_key: state
+            .is_none()
+            .then(|| template.as_ref().map(|(_, k)| k.clone()))
+            .flatten(),
     };
+    let preloaded = req.template_key.is_some();
     let mut line = serde_json::to_vec(&req)?;
     line.push(b'\n');
     let iov = [std::io::IoSlice::new(&line)];
@@ -740,19 +699,25 @@ pub fn claim_and_start(
             "pool hand-off to {} failed ({e}); starting cold",
             claimed.display()
         );
-        return Ok(None);
+        return Ok(Claim::Cold(state));
     }
+    let handed_off_after = process_start.elapsed();
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut text = String::new();
     if reader.read_line(&mut text)? == 0 {
         tracing::warn!("the pre-started VMM ended during the hand-off: starting cold");
-        return Ok(None);
+        return Ok(Claim::Cold(state));
+    }
+    if let Some(learn) = after_hand_off {
+        learn();
     }
     match serde_json::from_str::<Reply>(text.trim_end()) {
-        Ok(Reply::Started { pid }) => Ok(Some(PooledVm {
+        Ok(Reply::Started { pid }) => Ok(Claim::Started(PooledVm {
             stream,
             reader,
             pid,
+            preloaded,
+            handed_off_after,
         })),
         Ok(Reply::Error { message }) => bail!("{message}"),
         Ok(Reply::Exit { .. }) => bail!("the pre-started VMM exited before it started"),
@@ -760,18 +725,31 @@ pub fn claim_and_start(
     }
 }
 
-/// Restores through a pre-started VMM when a pool runs; `None` when there is none to use (or
+/// Restores through a pre-started VMM when a pool runs; `Cold` when there is none to use (or
 /// it died during the hand-off), so the caller starts cold.
-pub fn restore_through_pool(args: &RestoreArgs, process_start: Instant) -> Result<Option<i32>> {
+pub fn restore_through_pool(
+    args: &RestoreArgs,
+    process_start: Instant,
+) -> Result<Result<i32, Option<Box<SnapshotState>>>> {
     // Signals are taken before the hand-off, so none is lost while the VM starts.
     let signals = vmm::vm::termination_signalfd()?;
-    let Some(mut vm) = claim_and_start(args, process_start, [0, 1, 2])? else {
-        return Ok(None);
+    let mut vm = match claim_and_start(args, process_start, [0, 1, 2])? {
+        Claim::Started(vm) => vm,
+        Claim::Cold(state) => return Ok(Err(state)),
     };
     if args.timing {
         eprintln!(
-            "kata-snap: restore path: pool (pre-started VMM pid {})",
+            "kata-snap: restore path: pool{} (pre-started VMM pid {})",
+            if vm.preloaded {
+                ", template pre-loaded"
+            } else {
+                ""
+            },
             vm.pid
+        );
+        eprintln!(
+            "kata-snap: process start -> pool hand-off: {:.2} ms",
+            vm.handed_off_after.as_secs_f64() * 1e3
         );
     }
     loop {
@@ -791,7 +769,7 @@ pub fn restore_through_pool(args: &RestoreArgs, process_start: Instant) -> Resul
             vm.stop_by_signal(sig.ssi_signo as i32);
         }
         if exit_ready {
-            return vm.read_exit().map(Some);
+            return vm.read_exit().map(Ok);
         }
     }
 }

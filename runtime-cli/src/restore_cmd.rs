@@ -1,15 +1,16 @@
 //! `kata-snap restore`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use vmm::seccomp::SeccompMode;
 use vmm::vm::virtio::VsockHost;
 use vmm::vm::{
-    Guest, HostResources, RecordWorkingSet, RestoreMode, RunningVm, ShellConfig, SnapshotSpec,
-    SnapshotState, VmShell,
+    CheckedSnapshot, Guest, HostResources, KvmSystem, PreloadedVm, RecordWorkingSet, RestoreMode,
+    RunningVm, ShellConfig, SnapshotSpec, SnapshotState, VmShell,
 };
 
 use crate::boot_cmd::{finish, serial_output_capped};
@@ -79,7 +80,7 @@ pub struct RestoreArgs {
     pub no_serial_stdin: bool,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum ModeArg {
     /// Read the whole memory file before resuming (the baseline).
     Eager,
@@ -107,82 +108,128 @@ fn parse_slot(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 pub fn run(args: RestoreArgs, process_start: Instant, seccomp: SeccompMode) -> Result<i32> {
-    if !args.no_pool
-        && let Some(code) = crate::pool::restore_through_pool(&args, process_start)?
-    {
-        return Ok(code);
+    let mut state = None;
+    if !args.no_pool {
+        match crate::pool::restore_through_pool(&args, process_start)? {
+            Ok(code) => return Ok(code),
+            Err(read) => state = read.map(|s| *s),
+        }
     }
     if args.timing {
         eprintln!("kata-snap: restore path: cold start (no pre-started VMM)");
     }
-    let vm = start_restore(&args, None, process_start, seccomp, true)?;
+    let vm = start_restore(&args, None, state, process_start, seccomp, true)?;
     vm.restrict_caller()?;
     let report = vm.wait()?;
     Ok(finish(&report, args.timing))
 }
 
-/// The restore lifecycle: check (everything about the snapshot, before any guest is loaded),
-/// shell (a fresh one, or `shell` from a pool), load, start. `stop_on_signals`: SIGINT, SIGTERM
-/// and SIGHUP stop the VM (false: the caller reads them itself).
-pub fn start_restore(
-    args: &RestoreArgs,
-    shell: Option<VmShell>,
-    process_start: Instant,
-    seccomp: SeccompMode,
-    stop_on_signals: bool,
-) -> Result<RunningVm> {
-    let mode = match args.mode {
+/// The memory mode `args` ask for.
+pub fn restore_mode(args: &RestoreArgs) -> RestoreMode {
+    restore_mode_of(args.mode)
+}
+
+/// The memory mode of `mode`.
+pub fn restore_mode_of(mode: ModeArg) -> RestoreMode {
+    match mode {
         ModeArg::Eager => RestoreMode::Eager,
         ModeArg::Mmap => RestoreMode::Mmap,
         ModeArg::Uffd => RestoreMode::Uffd,
         ModeArg::UffdPrefetch => RestoreMode::UffdPrefetch,
         ModeArg::MmapPrefetch => RestoreMode::MmapPrefetch,
-    };
+    }
+}
+
+/// What a restore of `args` loads, from its checked snapshot.
+pub fn snapshot_spec(args: &RestoreArgs, snapshot: CheckedSnapshot) -> Result<SnapshotSpec> {
+    Ok(SnapshotSpec::new(
+        snapshot,
+        args.fault_around as usize,
+        args.prefetch_before,
+        args.record_workingset.clone().map(|path| RecordWorkingSet {
+            path,
+            limit: args.record_for.map(std::time::Duration::from_millis),
+        }),
+    )?)
+}
+
+/// The VM's host resources `args` give: console, stdin, spare disk slots, vsock socket.
+fn host_resources(args: &RestoreArgs) -> Result<HostResources> {
+    Ok(HostResources {
+        forward_stdin: !args.no_serial_stdin,
+        disk_slots: args.disk_slot.iter().cloned().collect(),
+        vsock: args.vsock.clone().map(|path| VsockHost {
+            path,
+            max_connections: args.vsock_max_conns as usize,
+        }),
+        ..HostResources::new(serial_output_capped(
+            args.serial_log.as_ref(),
+            args.serial_log_max,
+        )?)
+    })
+}
+
+/// The restore lifecycle: check (everything about the snapshot, before any guest is loaded),
+/// shell (a fresh one, or `shell` from a pool), load, start. `stop_on_signals`: SIGINT, SIGTERM
+/// and SIGHUP stop the VM (false: the caller reads them itself).
+///
+/// `state`: the snapshot's state file when the caller read it already.
+pub fn start_restore(
+    args: &RestoreArgs,
+    shell: Option<VmShell>,
+    state: Option<SnapshotState>,
+    process_start: Instant,
+    seccomp: SeccompMode,
+    stop_on_signals: bool,
+) -> Result<RunningVm> {
+    let mode = restore_mode(args);
     // Cold: build the shell (KVM VM, vCPUs, rings) on a thread while this one checks the
-    // snapshot; a snapshot that fails its checks drops the shell before any guest state is in it.
-    let state = SnapshotState::read(&args.snapshot)?;
+    // snapshot; a snapshot that fails its checks drops the shell before any guest state is in
+    // it. /dev/kvm is opened once, by that thread, which hands it over for the check.
+    let state = match state {
+        Some(s) => s,
+        None => SnapshotState::read(&args.snapshot)?,
+    };
+    let (kvm_tx, kvm_rx) = std::sync::mpsc::channel::<Option<Arc<KvmSystem>>>();
     let shell = match shell {
-        Some(shell) => Ok(shell),
+        Some(shell) => {
+            let _ = kvm_tx.send(Some(shell.kvm().clone()));
+            Ok(shell)
+        }
         None => {
             let vcpus = state.vcpus()?;
+            // The memslots are made with the VM, before its vCPUs (see `ShellConfig`).
+            let mem_mib = state.mem_mib();
             vmm::vm::block_termination_signals()?;
             let api_sock = args.api_sock.clone();
             Err(std::thread::spawn(move || {
+                let kvm = match KvmSystem::open() {
+                    Ok(k) => Arc::new(k),
+                    Err(e) => {
+                        let _ = kvm_tx.send(None);
+                        return Err(e);
+                    }
+                };
+                let _ = kvm_tx.send(Some(kvm.clone()));
                 VmShell::new(ShellConfig {
                     vcpus,
                     api_sock,
                     process_start,
                     seccomp,
-                    memory_class: None,
+                    memory_class: Some(mem_mib),
                     stop_on_signals,
+                    kvm: Some(kvm),
                 })
             }))
         }
     };
-    let checked = (|| -> Result<(SnapshotSpec, HostResources)> {
-        let snapshot = state.check(mode)?;
-        let spec = SnapshotSpec::new(
-            snapshot,
-            args.fault_around as usize,
-            args.prefetch_before,
-            args.record_workingset.clone().map(|path| RecordWorkingSet {
-                path,
-                limit: args.record_for.map(std::time::Duration::from_millis),
-            }),
-        )?;
-        let host = HostResources {
-            forward_stdin: !args.no_serial_stdin,
-            disk_slots: args.disk_slot.iter().cloned().collect(),
-            vsock: args.vsock.clone().map(|path| VsockHost {
-                path,
-                max_connections: args.vsock_max_conns as usize,
-            }),
-            ..HostResources::new(serial_output_capped(
-                args.serial_log.as_ref(),
-                args.serial_log_max,
-            )?)
+    // `None`: KVM could not be opened; the shell's error says why.
+    let checked = (|| -> Result<Option<(SnapshotSpec, HostResources)>> {
+        let Ok(Some(kvm)) = kvm_rx.recv() else {
+            return Ok(None);
         };
-        Ok((spec, host))
+        let spec = snapshot_spec(args, state.check(mode, &kvm)?)?;
+        Ok(Some((spec, host_resources(args)?)))
     })();
     let shell = match shell {
         Ok(shell) => {
@@ -197,12 +244,28 @@ pub fn start_restore(
                 .join()
                 .map_err(|_| anyhow::anyhow!("the VM set-up thread panicked"))?;
             // The snapshot's own error comes first: it is what the user must fix.
-            let (spec, host) = checked?;
-            return Ok(built?
-                .load(Guest::Snapshot(Box::new(spec)), host)?
-                .start()?);
+            let checked = checked?;
+            let built = built?;
+            let (spec, host) = checked.context("KVM could not be opened")?;
+            return Ok(built.load(Guest::Snapshot(Box::new(spec)), host)?.start()?);
         }
     };
-    let (spec, host) = checked?;
+    let (spec, host) = checked?.context("KVM could not be opened")?;
     Ok(shell.load(Guest::Snapshot(Box::new(spec)), host)?.start()?)
+}
+
+/// Finishes a restore in a VM whose template `args.snapshot` a pool shell has loaded already:
+/// only the host resources are attached (console, disks, vsock, control socket), then the
+/// vCPUs start.
+pub fn attach_restore(
+    args: &RestoreArgs,
+    vm: PreloadedVm,
+    process_start: Instant,
+) -> Result<RunningVm> {
+    vm.set_process_start(process_start);
+    let host = host_resources(args)?;
+    if let Some(path) = &args.api_sock {
+        vm.listen(path)?;
+    }
+    Ok(vm.attach(host)?.start()?)
 }

@@ -67,6 +67,16 @@ impl Drop for Pool<'_> {
     }
 }
 
+/// The pre-started VMM's pid in a `--timing` restore's "restore path: pool" line (a plain or a
+/// pre-loaded shell).
+fn pooled_pid(stderr: &str) -> Option<i32> {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("kata-snap: restore path: pool"))?;
+    let (_, pid) = line.split_once("pre-started VMM pid ")?;
+    pid.trim_end_matches(')').parse().ok()
+}
+
 fn compute_snapshot(dir: &Path) -> (std::path::PathBuf, String, String) {
     let iters = 30_000u64;
     let cmdline = format!("iters={iters} ready_at=50");
@@ -254,11 +264,8 @@ fn test_pool_never_hands_one_shell_out_twice() {
         } = collect(child, T, "a restore");
         assert!(status.success(), "{stderr}");
         assert_eq!(format!("{before}{stdout}"), uninterrupted, "{stderr}");
-        if let Some(pid) = stderr
-            .lines()
-            .find_map(|l| l.strip_prefix("kata-snap: restore path: pool (pre-started VMM pid "))
-        {
-            pids.push(pid.trim_end_matches(')').to_string());
+        if let Some(pid) = pooled_pid(&stderr) {
+            pids.push(pid.to_string());
         }
     }
     assert!(!pids.is_empty(), "some restores went through the pool");
@@ -307,11 +314,8 @@ fn test_a_killed_client_takes_its_pooled_vm_with_it() {
     let end = std::time::Instant::now() + T;
     let vmm: i32 = loop {
         let text = std::fs::read_to_string(&err).unwrap_or_default();
-        if let Some(pid) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("kata-snap: restore path: pool (pre-started VMM pid "))
-        {
-            break pid.trim_end_matches(')').parse().unwrap();
+        if let Some(pid) = pooled_pid(&text) {
+            break pid;
         }
         assert!(std::time::Instant::now() < end, "no pooled restore: {text}");
         std::thread::sleep(Duration::from_millis(20));

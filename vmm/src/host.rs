@@ -63,6 +63,17 @@ pub fn classify(cpu_flags: &str, pvm_module_loaded: bool, kvm_accessible: bool) 
 
 /// Checks this host.
 pub fn check_host() -> HostCheck {
+    let kvm_accessible = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    check_host_with_kvm(kvm_accessible)
+}
+
+/// Checks this host, given whether `/dev/kvm` opens read-write (known to a caller that has it
+/// open, which need not open it again).
+pub fn check_host_with_kvm(kvm_accessible: bool) -> HostCheck {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flags = cpuinfo
         .lines()
@@ -71,11 +82,6 @@ pub fn check_host() -> HostCheck {
         .map(|(_, f)| f.to_string())
         .unwrap_or_default();
     let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    let kvm_accessible = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
     classify(&flags, pvm, kvm_accessible)
 }
 

@@ -293,7 +293,8 @@ pub fn save_vm(vm: &VmFd) -> Result<KvmVmState, PersistError> {
     })
 }
 
-/// Writes the VM-wide state into a VM whose irqchip and PIT exist.
+/// Writes the VM-wide state into a VM whose irqchip and PIT exist: interrupt controllers and
+/// PIT. The clock is [`restore_clock`]'s, set just before the vCPUs start.
 pub fn restore_vm(vm: &VmFd, state: &KvmVmState) -> Result<(), PersistError> {
     for (chip, id) in [
         (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
@@ -309,9 +310,54 @@ pub fn restore_vm(vm: &VmFd, state: &KvmVmState) -> Result<(), PersistError> {
         vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
     }
     vm.set_pit2(&state.pit).map_err(kvm("KVM_SET_PIT2"))?;
+    Ok(())
+}
+
+/// The TSC MSR.
+const MSR_IA32_TSC: u32 = 0x10;
+
+impl VcpuState {
+    /// The saved TSC, if KVM let it be read.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs
+            .iter()
+            .find(|m| m.index == MSR_IA32_TSC)
+            .map(|m| m.data)
+    }
+}
+
+/// Sets the guest's clocks to their saved values: each vCPU's TSC (`vcpus`: its fd and saved
+/// TSC) and kvmclock. Both run on from the moment they are set, whether a vCPU runs or not, so
+/// this is done right before the vCPUs start: a VM loaded ahead of time (a pre-loaded pool
+/// shell) resumes with the clocks the snapshot stopped at, as a restore that starts at once
+/// does.
+pub fn restore_clock(
+    vm: &VmFd,
+    clock: &kvm_clock_data,
+    vcpus: &[(&VcpuFd, Option<u64>)],
+) -> Result<(), PersistError> {
+    for (fd, tsc) in vcpus {
+        let Some(data) = *tsc else { continue };
+        let entry = kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            data,
+            ..Default::default()
+        };
+        let msrs = Msrs::from_entries(&[entry]).map_err(|_| PersistError::TooMany {
+            what: "MSRs",
+            len: 1,
+        })?;
+        if fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS (TSC)"))? != 1 {
+            return Err(PersistError::MsrsRefused {
+                set: 0,
+                total: 1,
+                refused: MSR_IA32_TSC,
+            });
+        }
+    }
     // Only the clock value is restored; flags such as TSC_STABLE are KVM's to report, not ours.
     let clock = kvm_clock_data {
-        clock: state.clock.clock,
+        clock: clock.clock,
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;

@@ -325,21 +325,36 @@ enum Flow {
     Stop(StopReason),
 }
 
+/// A vCPU thread started ahead of its vCPU: it has installed the vCPU seccomp filter and waits
+/// for [`Vcpu::start_on`] (a pre-loaded VM starts its vCPUs without creating threads or
+/// installing filters on the claim's path). Dropping it ends the thread.
+#[derive(Debug)]
+pub struct ParkedVcpuThread {
+    tx: std::sync::mpsc::Sender<(Vcpu, Arc<VcpuShared>)>,
+    thread: JoinHandle<()>,
+}
+
+impl ParkedVcpuThread {
+    /// Starts the thread of vCPU `id`: it installs `seccomp`'s vCPU filter, then waits.
+    pub fn spawn(id: u8, seccomp: &crate::seccomp::Filters) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<(Vcpu, Arc<VcpuShared>)>();
+        let filters = seccomp.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let applied = filters.apply(crate::seccomp::ThreadKind::Vcpu);
+                if let Ok((vcpu, shared)) = rx.recv() {
+                    vcpu.run_filtered(&shared, applied);
+                }
+            })?;
+        Ok(Self { tx, thread })
+    }
+}
+
 impl Vcpu {
     /// Starts the vCPU's thread. The caller must have called [`install_kick_handler`].
     pub fn spawn(self) -> std::io::Result<VcpuHandle> {
-        let shared = Arc::new(VcpuShared {
-            id: self.id,
-            control: Mutex::new(Control {
-                request: Request::Run,
-                state: RunState::Starting,
-                save_requested: false,
-                saved: None,
-            }),
-            cv: Condvar::new(),
-            halt: AtomicU8::new(HaltStatus::Unknown as u8),
-            counters: ExitCounters::default(),
-        });
+        let shared = self.shared();
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
@@ -350,10 +365,49 @@ impl Vcpu {
         })
     }
 
-    fn run(mut self, shared: &VcpuShared) {
+    /// Runs the vCPU on `parked`, a thread started ahead for it; a thread that is gone is
+    /// replaced by a new one ([`Vcpu::spawn`]). The caller must have called
+    /// [`install_kick_handler`].
+    pub fn start_on(self, parked: ParkedVcpuThread) -> std::io::Result<VcpuHandle> {
+        let shared = self.shared();
+        match parked.tx.send((self, shared.clone())) {
+            Ok(()) => Ok(VcpuHandle {
+                shared,
+                thread: Some(parked.thread),
+            }),
+            Err(std::sync::mpsc::SendError((vcpu, _))) => vcpu.spawn(),
+        }
+    }
+
+    fn shared(&self) -> Arc<VcpuShared> {
+        Arc::new(VcpuShared {
+            id: self.id,
+            control: Mutex::new(Control {
+                request: Request::Run,
+                state: RunState::Starting,
+                save_requested: false,
+                saved: None,
+            }),
+            cv: Condvar::new(),
+            halt: AtomicU8::new(HaltStatus::Unknown as u8),
+            counters: ExitCounters::default(),
+        })
+    }
+
+    fn run(self, shared: &VcpuShared) {
+        let applied = self.seccomp.apply(crate::seccomp::ThreadKind::Vcpu);
+        self.run_filtered(shared, applied);
+    }
+
+    /// The vCPU loop, on a thread whose filter install came to `applied`.
+    fn run_filtered(
+        mut self,
+        shared: &VcpuShared,
+        applied: Result<(), crate::seccomp::SeccompError>,
+    ) {
         let exit_ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(exit_ptr));
-        if let Err(e) = self.seccomp.apply(crate::seccomp::ThreadKind::Vcpu) {
+        if let Err(e) = applied {
             self.stop.stop(StopReason::VcpuError {
                 vcpu: self.id,
                 error: e.to_string(),

@@ -3,7 +3,9 @@
 //! 1. process start -> the guest's first output after restore, at 256 MiB and 4 GiB: the *floor*
 //!    (this program's `floor` subcommand: KVM VM, one memslot per RAM region mapped privately from
 //!    the memory file, one vCPU with the saved registers, run to the first serial byte), kata-snap
-//!    cold, and kata-snap through a pool of pre-started VMMs; ratio to the floor;
+//!    cold, kata-snap through a pool of pre-started VMMs, and through a pool shell that
+//!    pre-loaded the template (only the clone's host resources attached at the claim); ratio to
+//!    the floor;
 //! 2. process start -> the guest has read back its working set, per restore mode;
 //! 3. 32 and 64 clones of one template at once: proportional memory per clone (sum of `Pss` over
 //!    the clones / their number, once all have read their data back), wall time, restores/s;
@@ -212,12 +214,62 @@ fn start_pool(bin: &Path, pool: &Path, size: usize, mem: u64) -> Result<f64> {
             &size.to_string(),
             "--mem-mib",
             &mem.to_string(),
+            // Plain shells only: the pre-loaded row has its own pool.
+            "--preload-size",
+            "0",
         ])
         .output()?;
     if !out.status.success() {
         bail!("pool start: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// A pool whose shells pre-load `snap` (mmap-prefetch); waits until they are ready.
+fn start_preloaded_pool(bin: &Path, pool: &Path, snap: &Path, mem: u64) -> Result<()> {
+    let out = kata(bin, pool)
+        .args(["pool", "start", "--size", "1", "--preload-size", "2"])
+        .args(["--mem-mib", &mem.to_string(), "--template"])
+        .arg(snap)
+        .args(["--template-mode", "mmap-prefetch"])
+        .output()?;
+    if !out.status.success() {
+        bail!("pool start: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// One restore through a pre-loaded shell (waits for one to be ready first, as a pool that
+/// keeps up with its clients has one).
+fn restore_preloaded(bin: &Path, pool: &Path, snap: &Path) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(pool.join("ready"))?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with('t'))
+    {
+        if Instant::now() > deadline {
+            bail!("no pre-loaded shell got ready in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut c = kata(bin, pool);
+    c.args([
+        "restore",
+        "--timing",
+        "--mode",
+        "mmap-prefetch",
+        "--snapshot",
+    ])
+    .arg(snap);
+    let out = c.output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success()
+        || !String::from_utf8_lossy(&out.stdout).contains("memtouch: OK")
+        || !stderr.contains("restore path: pool, template pre-loaded")
+    {
+        bail!("pre-loaded restore: {stderr}");
+    }
+    timing(&stderr, "process start -> first serial byte").context("first byte")
 }
 
 fn stop_pool(bin: &Path, pool: &Path) {
@@ -237,12 +289,15 @@ fn first_output_section(args: &Args, bin: &Path, work: &Path) -> Result<()> {
         make_template(bin, &snap, mem, 8, false)?;
         let pool = work.join(format!("pool-{mem}"));
         start_pool(bin, &pool, 2, mem)?;
+        let pre_pool = work.join(format!("pool-pre-{mem}"));
+        start_preloaded_pool(bin, &pre_pool, &snap, mem)?;
         let me = std::env::current_exe()?;
         let mut rows: Vec<(String, Vec<f64>)> = vec![("floor".into(), Vec::new())];
         for mode in ["uffd", "mmap-prefetch"] {
             rows.push((format!("kata-snap cold, {mode}"), Vec::new()));
             rows.push((format!("kata-snap pool, {mode}"), Vec::new()));
         }
+        rows.push(("pre-loaded pool, mmap-prefetch".into(), Vec::new()));
         for _ in 0..args.runs {
             // Alternate every path within each round: shared-machine noise hits all alike.
             let out = Command::new(&me)
@@ -265,8 +320,10 @@ fn first_output_section(args: &Args, bin: &Path, work: &Path) -> Result<()> {
                     .1
                     .push(restore_once(bin, &pool, &snap, mode, true)?.0);
             }
+            rows[5].1.push(restore_preloaded(bin, &pre_pool, &snap)?);
         }
         stop_pool(bin, &pool);
+        stop_pool(bin, &pre_pool);
         let floor_median = summarize(&rows[0].1).map(|s| s.median).unwrap_or(f64::NAN);
         for (name, v) in &rows {
             let s = summarize(v);

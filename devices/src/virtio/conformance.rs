@@ -46,7 +46,11 @@ fn test_conformance_rng_save_restore_continues() {
     use super::rng::{Rng, RngArgs, RngConfig};
     check_device(
         |mem| Rng::new_rng(RngConfig::default(), mem).unwrap(),
-        |mem| RngArgs { mem },
+        |mem| RngArgs {
+            mem,
+            // Channels made ahead, as the VMM makes them for a pre-loaded template.
+            parts: Some(super::front::Parts::new(1).unwrap()),
+        },
         super::rng::tests::rng_io,
     );
 }
@@ -69,6 +73,7 @@ fn test_conformance_block_save_restore_continues() {
             mem,
             file: Some(open()),
             backend: BackendKind::IoUring,
+            parts: None,
         },
         super::block::tests::persist::blk_io,
     );
@@ -95,6 +100,7 @@ fn test_conformance_vsock_save_restore_continues() {
             mem,
             uds_path: restored_path.clone(),
             max_connections: super::vsock::DEFAULT_MAX_CONNECTIONS,
+            parts: None,
         },
         super::vsock::tests::vsock_io,
     );

@@ -224,16 +224,31 @@ impl<H: QueueHandler + 'static> MmioDevice<H> {
 
 /// Builds a device from a snapshot: the worker first (with its saved queue positions), then the
 /// transport, whose restore re-sends the activation the worker will pick up on its first round.
+///
+/// `parts` are the device's channels and `EventFd`s when the VMM made them ahead (it registers
+/// their ioeventfds and irqfd with KVM before the device's host resources are known); `None`
+/// makes fresh ones. Given parts must have one notification `EventFd` per saved queue.
 pub fn restore_device<H: QueueHandler + 'static>(
     front: impl FnOnce(HandoffTx) -> Front,
     handler: H,
     mem: GuestMemoryMmap,
+    parts: Option<Parts>,
     transport: &super::mmio::MmioTransportState,
     positions: &[super::worker::QueuePosition],
 ) -> Result<MmioDevice<H>, super::mmio::RestoreTransportError> {
     use crate::persist::Persist;
-    let parts = Parts::new(transport.queue_max_sizes.len())
-        .map_err(|_| super::mmio::RestoreTransportError::Activate(ActivateError::WorkerGone))?;
+    let queues = transport.queue_max_sizes.len();
+    let parts = match parts {
+        Some(p) if p.queue_evts.len() == queues && p.worker_evts.len() == queues => p,
+        Some(p) => {
+            return Err(super::mmio::RestoreTransportError::Queues {
+                saved: transport.queue_max_sizes.clone(),
+                device: vec![0; p.queue_evts.len()],
+            });
+        }
+        None => Parts::new(queues)
+            .map_err(|_| super::mmio::RestoreTransportError::Activate(ActivateError::WorkerGone))?,
+    };
     // No positions: the activation had not reached the worker when the state was saved, so the
     // queues start at 0 like any fresh activation.
     if !positions.is_empty() && positions.len() != transport.queues.len() {

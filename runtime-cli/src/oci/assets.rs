@@ -132,6 +132,29 @@ pub fn private_dir(path: &Path, create: bool, what: &str) -> Result<bool> {
 }
 
 /// One directory of [`private_dir`]'s walk: `leaf` is the directory itself, else one above it.
+/// [`private_dir`] for `parent/name`, where `parent` passed [`private_dir`] already: only the
+/// leaf is checked (a real directory, the caller's, writable by no one else), since every
+/// directory above it was. Returns whether it exists.
+pub fn private_subdir(parent: &Path, name: &str, what: &str) -> Result<bool> {
+    let path = parent.join(name);
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read the {what} {}", path.display()));
+        }
+    };
+    check_dir(
+        &path,
+        what,
+        &path,
+        &meta,
+        true,
+        nix::unistd::geteuid().as_raw(),
+    )?;
+    Ok(true)
+}
+
 fn check_dir(
     path: &Path,
     what: &str,

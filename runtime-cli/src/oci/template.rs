@@ -326,6 +326,7 @@ fn warm_into(
         seccomp,
         memory_class: None,
         stop_on_signals: true,
+        kvm: None,
     })?;
     let serial = fs::File::create(&console)
         .with_context(|| format!("cannot create {}", console.display()))?;

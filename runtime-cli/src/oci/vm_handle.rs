@@ -13,9 +13,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use vmm::control::{ControlRequest, ControlResponse, send_request};
 use vmm::seccomp::SeccompMode;
-use vmm::vm::{RunningVm, VmEvent};
+use vmm::vm::{RunningVm, SnapshotState, VmEvent};
 
-use crate::pool::PooledVm;
+use crate::pool::{Claim, PooledVm};
 use crate::restore_cmd::{RestoreArgs, start_restore};
 
 /// The longest socket path a pooled VM is given (the kernel's limit is 107 bytes).
@@ -50,10 +50,14 @@ impl ContainerVm {
         process_start: Instant,
         seccomp: SeccompMode,
     ) -> Result<Self> {
-        if use_pool && let Some(vm) = Self::pooled(dir, args, process_start)? {
-            return Ok(vm);
+        let mut state = None;
+        if use_pool {
+            match Self::pooled(dir, args, process_start)? {
+                Ok(vm) => return Ok(vm),
+                Err(read) => state = read.map(|s| *s),
+            }
         }
-        let vm = start_restore(args, None, process_start, seccomp, false)
+        let vm = start_restore(args, None, state, process_start, seccomp, false)
             .context("cannot restore the container's VM from its template")?;
         let (stopped, stop_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
@@ -82,7 +86,13 @@ impl ContainerVm {
         Ok(Self::Local { vm, stopped })
     }
 
-    fn pooled(dir: &Path, args: &RestoreArgs, process_start: Instant) -> Result<Option<Self>> {
+    /// The VM in a pre-started VMM, else (`Err`) nothing, with the snapshot's state file when
+    /// the claim read it.
+    fn pooled(
+        dir: &Path,
+        args: &RestoreArgs,
+        process_start: Instant,
+    ) -> Result<Result<Self, Option<Box<SnapshotState>>>> {
         // The pool's VMM has another cwd: every path it gets is absolute.
         let abs = |p: &Option<PathBuf>| p.as_ref().map(|p| dir.join(p));
         let api = dir.join("a.sock");
@@ -99,7 +109,7 @@ impl ContainerVm {
                 "socket paths under {} are too long for the pool",
                 dir.display()
             );
-            return Ok(None);
+            return Ok(Err(None));
         }
         // The VM's stdio is not the container's: the agent carries that.
         let null = std::fs::OpenOptions::new()
@@ -108,11 +118,20 @@ impl ContainerVm {
             .open("/dev/null")
             .context("cannot open /dev/null")?;
         let fd = null.as_raw_fd();
-        let Some(vm) = crate::pool::claim_and_start(&pooled, process_start, [fd, fd, fd])? else {
-            return Ok(None);
+        let vm = match crate::pool::claim_and_start(&pooled, process_start, [fd, fd, fd])? {
+            Claim::Started(vm) => vm,
+            Claim::Cold(state) => return Ok(Err(state)),
         };
-        tracing::debug!("restore path: pool (pre-started VMM pid {})", vm.pid);
-        Ok(Some(Self::Pooled { vm, api }))
+        tracing::debug!(
+            "restore path: pool (pre-started VMM pid {}{})",
+            vm.pid,
+            if vm.preloaded {
+                ", template pre-loaded"
+            } else {
+                ""
+            }
+        );
+        Ok(Ok(Self::Pooled { vm, api }))
     }
 
     /// Whether the restore took a pre-started VMM.

@@ -11,7 +11,8 @@ use snapshot::memory::file_layout;
 use snapshot::memory_source::anonymous;
 use vm_memory::GuestMemoryMmap;
 
-use super::shell::{ShellParts, check_snapshot_dest, kvm_system};
+use super::kvm_system::KvmSystem;
+use super::shell::{ShellParts, check_snapshot_dest};
 use super::{
     BuildVmError, HostResources, KernelImage, Loaded, MemoryBacking, SnapshotOnReady, pio_bus,
     place_memory, serial_trigger, validate_shape, virtio,
@@ -59,7 +60,7 @@ pub fn check_boot(spec: &BootSpec, vcpus: u8) -> Result<(), BuildVmError> {
     }
     if let Some(on_ready) = &spec.snapshot_on_ready {
         check_snapshot_dest(&on_ready.dir)?;
-        persist::check_xsave_size(&kvm_system()?)?;
+        persist::check_xsave_size(KvmSystem::open()?.kvm())?;
     }
     Ok(())
 }
@@ -138,13 +139,13 @@ pub(super) fn load(
     let serial = Arc::new(Mutex::new(Serial::new(trigger, host.serial)));
     let pio = pio_bus(&serial, &shell.stop)?;
     let mmio = Arc::new(mmio);
-    let tsc_deadline = shell.kvm.check_extension(Cap::TscDeadlineTimer);
+    let tsc_deadline = shell.system.kvm().check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for (id, fd) in std::mem::take(&mut shell.vcpu_fds).into_iter().enumerate() {
         let id = id as u8;
         vcpu::configure_vcpu(
             &fd,
-            &shell.supported_cpuid,
+            shell.system.supported_cpuid(),
             VcpuTopology {
                 id,
                 count,
@@ -158,7 +159,7 @@ pub(super) fn load(
             pio: pio.clone(),
             mmio: mmio.clone(),
             stop: shell.stop.clone(),
-            msr_indices: shell.msr_indices.clone(),
+            msr_indices: shell.system.msr_indices().clone(),
             seccomp: shell.seccomp.clone(),
         });
     }
@@ -174,5 +175,6 @@ pub(super) fn load(
         lazy: None,
         virtio,
         reservation,
+        parked: Vec::new(),
     })
 }

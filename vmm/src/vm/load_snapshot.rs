@@ -30,7 +30,8 @@ use snapshot::prefetch::{self, PrefetchStats};
 use snapshot::source::FileSource;
 use snapshot::workingset::{self, WorkingSetError};
 
-use super::shell::{ShellParts, kvm_system};
+use super::kvm_system::KvmSystem;
+use super::shell::ShellParts;
 use super::{
     BuildVmError, HostResources, Loaded, MemoryBacking, PageServerReport, pio_bus, place_memory,
     serial_trigger, validate_shape,
@@ -38,7 +39,7 @@ use super::{
 use crate::layout::MemoryLayout;
 use crate::persist::{self, VmState};
 use crate::seccomp::ThreadKind;
-use crate::vcpu::Vcpu;
+use crate::vcpu::{ParkedVcpuThread, Vcpu};
 
 /// How guest memory is restored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +111,9 @@ pub enum RestoreError {
     /// Recording asked for in a mode that does not serve faults.
     #[error("--record-workingset needs --mode uffd")]
     RecordNeedsUffd,
+    /// A recording restore was asked to be pre-loaded.
+    #[error("a restore that records its working set cannot be pre-loaded")]
+    RecordPreload,
     /// The working-set destination cannot be written.
     #[error("cannot record the working set to {0}: its directory does not exist")]
     RecordDest(PathBuf),
@@ -164,10 +168,14 @@ impl SnapshotState {
         self.state.mem_mib
     }
 
-    /// Checks every other part of the snapshot for a restore in `mode` (see
-    /// [`CheckedSnapshot::open`]).
-    pub fn check(self, mode: RestoreMode) -> Result<CheckedSnapshot, BuildVmError> {
-        CheckedSnapshot::from_state(self, mode)
+    /// Checks every other part of the snapshot for a restore in `mode` on the host whose KVM
+    /// is `kvm` (see [`CheckedSnapshot::open`]).
+    pub fn check(
+        self,
+        mode: RestoreMode,
+        kvm: &KvmSystem,
+    ) -> Result<CheckedSnapshot, BuildVmError> {
+        CheckedSnapshot::from_state(self, mode, kvm)
     }
 }
 
@@ -208,12 +216,16 @@ fn validate_state(state: &VmState) -> Result<MemoryLayout, BuildVmError> {
 
 impl CheckedSnapshot {
     /// Step 1 of a restore, before any VM exists: opens `dir` and checks every part of it for a
-    /// restore in `mode`, and this host's KVM against the snapshotting host's.
-    pub fn open(dir: &Path, mode: RestoreMode) -> Result<Self, BuildVmError> {
-        SnapshotState::read(dir)?.check(mode)
+    /// restore in `mode`, and this host's KVM (`kvm`) against the snapshotting host's.
+    pub fn open(dir: &Path, mode: RestoreMode, kvm: &KvmSystem) -> Result<Self, BuildVmError> {
+        SnapshotState::read(dir)?.check(mode, kvm)
     }
 
-    fn from_state(read: SnapshotState, mode: RestoreMode) -> Result<Self, BuildVmError> {
+    fn from_state(
+        read: SnapshotState,
+        mode: RestoreMode,
+        kvm: &KvmSystem,
+    ) -> Result<Self, BuildVmError> {
         let SnapshotState { snap, id, state } = read;
         let layout = validate_state(&state)?;
         let (file, holes) = memory::open_memory_file(&snap.memory(), &state.memory, &id)
@@ -227,12 +239,8 @@ impl CheckedSnapshot {
             ),
             _ => None,
         };
-        let kvm = kvm_system()?;
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(super::kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        persist::check_cpuid_compatible(&state.host_cpuid, supported.as_slice())?;
-        persist::check_xsave_size(&kvm)?;
+        persist::check_cpuid_compatible(&state.host_cpuid, kvm.supported_cpuid().as_slice())?;
+        persist::check_xsave_size(kvm.kvm())?;
         let memory: Box<dyn MemorySource> = match mode {
             RestoreMode::Eager => Box::new(EagerMemory::new(file, holes)),
             RestoreMode::Mmap | RestoreMode::MmapPrefetch => Box::new(MmapMemory::new(file)),
@@ -333,6 +341,12 @@ impl SnapshotSpec {
     /// The checked snapshot.
     pub fn snapshot(&self) -> &CheckedSnapshot {
         &self.snapshot
+    }
+
+    /// Whether the restore records its start-up working set (it cannot be pre-loaded: a
+    /// recording starts with the guest).
+    pub fn records(&self) -> bool {
+        self.record.is_some()
     }
 }
 
@@ -457,12 +471,51 @@ impl LazyMemory {
     }
 }
 
-/// Step 3 for a restore, on the VMM thread.
+/// A snapshot's guest loaded into a shell before any host resource of the VM is known: guest
+/// memory (with its page server and prefetch), the interrupt controllers and PIT, every device
+/// slot's ioeventfds and irqfds, every vCPU's state. [`attach`] finishes the load with the host
+/// resources; a pool shell holds a `GuestLoaded` until it is claimed.
+#[derive(Debug)]
+pub(super) struct GuestLoaded {
+    id: SnapshotId,
+    /// Each vCPU's fd, id and saved TSC.
+    vcpus: Vec<(kvm_ioctls::VcpuFd, u8, Option<u64>)>,
+    clock: kvm_bindings::kvm_clock_data,
+    mem: vm_memory::GuestMemoryMmap,
+    layout: MemoryLayout,
+    backing: MemoryBacking,
+    mem_mib: u64,
+    lazy: Option<LazyMemory>,
+    reservation: Option<memory_source::Reservation>,
+    serial_trigger: devices::legacy::EventFdTrigger,
+    serial: devices::legacy::serial::SerialSnapshot,
+    slots: Vec<super::virtio::PreparedSlot>,
+    /// The vCPU threads, started with their seccomp filter installed, waiting for their vCPU.
+    parked: Vec<ParkedVcpuThread>,
+}
+
+impl GuestLoaded {
+    /// The loaded snapshot's id.
+    pub fn id(&self) -> SnapshotId {
+        self.id
+    }
+}
+
+/// Step 3 for a restore, on the VMM thread: [`load_guest`], then [`attach`].
 pub(super) fn load(
     shell: &mut ShellParts,
     spec: SnapshotSpec,
     host: HostResources,
 ) -> Result<Loaded, BuildVmError> {
+    let guest = load_guest(shell, spec)?;
+    attach(shell, guest, host)
+}
+
+/// The template half of step 3: everything of the snapshot that needs no host resource.
+pub(super) fn load_guest(
+    shell: &mut ShellParts,
+    spec: SnapshotSpec,
+) -> Result<GuestLoaded, BuildVmError> {
     let SnapshotSpec {
         snapshot,
         fault_around,
@@ -589,46 +642,114 @@ pub(super) fn load(
         MemoryBacking::Lazy
     };
     persist::restore_vm(&shell.vm, &state.vm)?;
+    let serial_trigger = serial_trigger(&shell.vm)?;
+    let slots = super::virtio::prepare_slots(&shell.vm, &state.virtio)?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (vs, fd) in state.vcpus.iter().zip(std::mem::take(&mut shell.vcpu_fds)) {
+        persist::restore_vcpu(&fd, vs)?;
+        vcpus.push((fd, vs.id, vs.tsc()));
+    }
+    let parked = vcpus
+        .iter()
+        .map(|(_, id, _)| ParkedVcpuThread::spawn(*id, &shell.seccomp))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| BuildVmError::Thread {
+            what: "vCPU",
+            source,
+        })?;
+    Ok(GuestLoaded {
+        id,
+        vcpus,
+        clock: state.vm.clock,
+        mem,
+        layout,
+        backing,
+        mem_mib: state.mem_mib,
+        lazy,
+        reservation,
+        serial_trigger,
+        serial: state.devices.serial,
+        slots,
+        parked,
+    })
+}
 
-    let trigger = serial_trigger(&shell.vm)?;
-    let serial = Serial::restore(trigger, host.serial, &state.devices.serial)
-        .map_err(RestoreError::Serial)?;
+/// The attach half of step 3: the VM's host resources (console, spare disk slots, vsock
+/// socket) given to its devices, and the clocks set to the snapshot's. Quick: every KVM
+/// registration and vCPU state was done by [`load_guest`].
+pub(super) fn attach(
+    shell: &mut ShellParts,
+    guest: GuestLoaded,
+    host: HostResources,
+) -> Result<Loaded, BuildVmError> {
+    let GuestLoaded {
+        id: _,
+        vcpus: fds,
+        clock,
+        mem,
+        layout,
+        backing,
+        mem_mib,
+        lazy,
+        reservation,
+        serial_trigger,
+        serial,
+        slots,
+        parked,
+    } = guest;
+    let serial =
+        Serial::restore(serial_trigger, host.serial, &serial).map_err(RestoreError::Serial)?;
     let serial = Arc::new(Mutex::new(serial));
     let pio = pio_bus(&serial, &shell.stop)?;
     let mut mmio = devices::Bus::new();
     let virtio = super::virtio::restore_devices(
-        &shell.vm,
         &mem,
         &mut mmio,
-        &state.virtio,
+        slots,
         &host.disk_slots,
         host.vsock.as_ref(),
     )?;
     let mmio = Arc::new(mmio);
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (vs, fd) in state.vcpus.iter().zip(std::mem::take(&mut shell.vcpu_fds)) {
-        persist::restore_vcpu(&fd, vs)?;
-        vcpus.push(Vcpu {
+    let clocks: Vec<_> = fds.iter().map(|(fd, _, tsc)| (fd, *tsc)).collect();
+    if let Err(e) = persist::restore_clock(&shell.vm, &clock, &clocks) {
+        // The devices are dropped with this error; their vsock sockets with them.
+        remove_vsock_sockets(&virtio);
+        return Err(e.into());
+    }
+    let vcpus = fds
+        .into_iter()
+        .map(|(fd, id, _)| Vcpu {
             fd,
-            id: vs.id,
+            id,
             pio: pio.clone(),
             mmio: mmio.clone(),
             stop: shell.stop.clone(),
-            msr_indices: shell.msr_indices.clone(),
+            msr_indices: shell.system.msr_indices().clone(),
             seccomp: shell.seccomp.clone(),
-        });
-    }
+        })
+        .collect();
     Ok(Loaded {
         vcpus,
         mem,
         layout,
         backing,
-        mem_mib: state.mem_mib,
+        mem_mib,
         serial,
         forward_stdin: host.forward_stdin,
         snapshot_on_ready: None,
         lazy,
         virtio,
         reservation,
+        parked,
     })
+}
+
+/// Removes the host sockets of `devices`' vsock devices (an attach that failed after binding
+/// them leaves nothing behind).
+fn remove_vsock_sockets(devices: &[super::virtio::Attached]) {
+    for d in devices {
+        if let (super::virtio::VirtioDevice::Vsock(_), Some(p)) = (&d.device, &d.path) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }

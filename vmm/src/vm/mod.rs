@@ -9,7 +9,10 @@
 //! 3. **load** ([`VmShell::load`], on the VMM thread): guest memory and its memslots (fresh, or from
 //!    a [`snapshot::memory_source::MemorySource`] with its page server), VM state, legacy and
 //!    virtio devices with the host resources the caller gives ([`HostResources`]), then the guest
-//!    image and vCPU state (boot protocol, or saved state);
+//!    image and vCPU state (boot protocol, or saved state). A restore's load is two halves: the
+//!    guest state, which needs no host resource ([`VmShell::preload`] stops there and returns a
+//!    [`PreloadedVm`]), and the attach of the host resources with the clocks set last
+//!    ([`PreloadedVm::attach`]);
 //! 4. **start** ([`LoadedVm::start`]): vCPU threads, the runtime on the loop; returns a
 //!    [`RunningVm`] handle (pause, resume, snapshot, stop, wait, READY and stop events);
 //! 5. **stop**: every vCPU joined, the page server stopped, a recorded working set written, the
@@ -18,6 +21,7 @@
 //! [`run`] and [`restore`] are the whole sequence for `kata-snap boot` and `kata-snap restore`.
 
 mod capture;
+mod kvm_system;
 mod load_kernel;
 mod load_snapshot;
 mod running;
@@ -43,6 +47,7 @@ use crate::stop::StopNotifier;
 use crate::vcpu::Vcpu;
 
 pub use capture::{SnapshotError, SnapshotInfo};
+pub use kvm_system::KvmSystem;
 pub use load_kernel::{BootSpec, check_boot, check_kernel_file};
 pub use load_snapshot::{
     CheckedSnapshot, RecordWorkingSet, RestoreError, RestoreMode, SnapshotSpec, SnapshotState,
@@ -50,7 +55,9 @@ pub use load_snapshot::{
 };
 pub use running::{RequestError, RunningVm, StopHandle, VmEvent};
 pub use runtime::VmRuntime;
-pub use shell::{LoadedVm, ShellConfig, VmShell, block_termination_signals, termination_signalfd};
+pub use shell::{
+    LoadedVm, PreloadedVm, ShellConfig, VmShell, block_termination_signals, termination_signalfd,
+};
 
 use crate::arch::mptable;
 use crate::boot::BootError;
@@ -422,6 +429,8 @@ pub(super) struct Loaded {
     lazy: Option<load_snapshot::LazyMemory>,
     virtio: Vec<virtio::Attached>,
     reservation: Option<snapshot::memory_source::Reservation>,
+    /// vCPU threads started ahead, in vCPU order (a restore's); the others are spawned at start.
+    parked: Vec<crate::vcpu::ParkedVcpuThread>,
 }
 
 /// Step 3, on the VMM thread: fills the shell with the guest.
@@ -555,6 +564,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
         seccomp: config.seccomp,
         memory_class: None,
         stop_on_signals: true,
+        kvm: None,
     })?;
     let host = HostResources {
         forward_stdin: config.forward_stdin,
@@ -568,7 +578,8 @@ pub fn run(config: VmConfig) -> Result<VmReport, BuildVmError> {
 
 /// Restores a VM from a snapshot and runs it until it stops: check, shell, load, start, wait.
 pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
-    let snapshot = CheckedSnapshot::open(&config.snapshot, config.mode)?;
+    let kvm = Arc::new(KvmSystem::open()?);
+    let snapshot = CheckedSnapshot::open(&config.snapshot, config.mode, &kvm)?;
     let spec = SnapshotSpec::new(
         snapshot,
         config.fault_around,
@@ -582,6 +593,7 @@ pub fn restore(config: RestoreConfig) -> Result<VmReport, BuildVmError> {
         seccomp: config.seccomp,
         memory_class: None,
         stop_on_signals: true,
+        kvm: Some(kvm),
     })?;
     shell
         .load(Guest::Snapshot(Box::new(spec)), config.host)?

@@ -16,20 +16,22 @@ use std::time::{Duration, Instant};
 
 use event_loop::{EventLoop, Ticker};
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuFd, VmFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use super::kvm_system::KvmSystem;
+use super::load_snapshot::{self, SnapshotSpec};
 use super::running::{Request, RunningVm};
 use super::runtime::{self, RuntimeParts, VmRuntime};
 use super::{BuildVmError, Guest, HostResources, VmReport, kvm_err};
 use crate::control::{self, ControlListener};
 use crate::host::{self, HostCheck};
 use crate::layout::KVM_TSS_ADDRESS;
-use crate::persist;
 use crate::seccomp::{Filters, SeccompMode};
 use crate::stop::{StopNotifier, StopReason};
 use crate::vcpu;
+use snapshot::SnapshotId;
 use snapshot::memory_source::Reservation;
 
 /// Period of the halt watchdog.
@@ -54,6 +56,9 @@ pub struct ShellConfig {
     /// A caller that forwards signals elsewhere (the container runtime sends them to the process
     /// in the guest) sets this false and reads them itself.
     pub stop_on_signals: bool,
+    /// The host's KVM, when the caller opened it already (a restore checks its snapshot against
+    /// it meanwhile); `None` opens it.
+    pub kvm: Option<Arc<KvmSystem>>,
 }
 
 /// Removes the control socket file when the VM ends.
@@ -72,13 +77,11 @@ pub(super) struct ShellParts {
     pub signals: SignalFd,
     pub listener: Option<UnixListener>,
     sock_guard: Option<RemoveOnDrop>,
-    pub kvm: Kvm,
+    pub system: Arc<KvmSystem>,
     pub vm: VmFd,
     pub vcpu_fds: Vec<VcpuFd>,
     pub stop: Arc<StopNotifier>,
     pub host: HostCheck,
-    pub supported_cpuid: kvm_bindings::CpuId,
-    pub msr_indices: Arc<Vec<u32>>,
     pub seccomp: Filters,
     /// Host addresses reserved for guest memory, with their memslots registered.
     pub reserved: Option<Reservation>,
@@ -88,6 +91,8 @@ pub(super) struct ShellParts {
 enum Job {
     Listen(PathBuf, Sender<Result<(), BuildVmError>>),
     Load(Box<Guest>, HostResources, Sender<Result<(), BuildVmError>>),
+    Preload(Box<SnapshotSpec>, Sender<Result<SnapshotId, BuildVmError>>),
+    Attach(HostResources, Sender<Result<(), BuildVmError>>),
     Start(Sender<Result<StartInfo, BuildVmError>>),
 }
 
@@ -100,6 +105,7 @@ struct StartInfo {
 /// A VM before its guest is known.
 #[derive(Debug)]
 pub struct VmShell {
+    kvm: Arc<KvmSystem>,
     jobs: Sender<Job>,
     thread: JoinHandle<Result<Option<VmReport>, BuildVmError>>,
     stop: Arc<StopNotifier>,
@@ -111,6 +117,15 @@ pub struct VmShell {
 #[derive(Debug)]
 pub struct LoadedVm {
     shell: VmShell,
+}
+
+/// A VM with a snapshot's guest state loaded but none of its host resources: what a pool keeps
+/// ready for a template ([`VmShell::preload`]). [`PreloadedVm::attach`] gives it its console,
+/// disks and vsock socket; dropping it ends the VM.
+#[derive(Debug)]
+pub struct PreloadedVm {
+    shell: VmShell,
+    id: SnapshotId,
 }
 
 /// Blocks the termination signals (SIGINT, SIGTERM, SIGHUP) in the calling thread and every
@@ -140,36 +155,11 @@ pub fn termination_signalfd() -> Result<SignalFd, BuildVmError> {
         .map_err(BuildVmError::Signals)
 }
 
-fn open_kvm() -> Result<Kvm, BuildVmError> {
-    let kvm = Kvm::new().map_err(BuildVmError::OpenKvm)?;
-    for (cap, name) in [
-        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-        (Cap::Pit2, "KVM_CAP_PIT2"),
-        (Cap::Irqfd, "KVM_CAP_IRQFD"),
-        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
-        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-    ] {
-        if !kvm.check_extension(cap) {
-            return Err(BuildVmError::MissingCap(name));
-        }
-    }
-    Ok(kvm)
-}
-
-/// Opens /dev/kvm and checks the capabilities the VMM needs (for checks before a VM exists).
-pub(super) fn kvm_system() -> Result<Kvm, BuildVmError> {
-    open_kvm()
-}
-
 /// The shell's parts that are `Send`, built on the caller's thread.
 struct KvmParts {
-    kvm: Kvm,
+    system: Arc<KvmSystem>,
     vm: VmFd,
     vcpu_fds: Vec<VcpuFd>,
-    supported_cpuid: kvm_bindings::CpuId,
-    msr_indices: Arc<Vec<u32>>,
     reserved: Option<Reservation>,
 }
 
@@ -186,9 +176,21 @@ fn reserve_memory(vm: &VmFd, mib: u64) -> Result<Reservation, BuildVmError> {
     Ok(reservation)
 }
 
-fn create_vm(vcpus: u8, memory_class: Option<u64>) -> Result<KvmParts, BuildVmError> {
-    let kvm = open_kvm()?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+fn create_vm(
+    system: Option<Arc<KvmSystem>>,
+    vcpus: u8,
+    memory_class: Option<u64>,
+) -> Result<KvmParts, BuildVmError> {
+    let system = match system {
+        Some(s) => s,
+        None => Arc::new(KvmSystem::open()?),
+    };
+    let vm = system.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    // Memslots first: on this nested KVM registering one in a VM that has its irqchip and PIT
+    // costs up to several milliseconds (measured 4-5.6 ms), in a bare VM a fraction of one.
+    let reserved = memory_class
+        .map(|mib| reserve_memory(&vm, mib))
+        .transpose()?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
@@ -204,19 +206,10 @@ fn create_vm(vcpus: u8, memory_class: Option<u64>) -> Result<KvmParts, BuildVmEr
                 .map_err(kvm_err("KVM_CREATE_VCPU"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let supported_cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let msr_indices = Arc::new(persist::msr_index_list(&kvm)?);
-    let reserved = memory_class
-        .map(|mib| reserve_memory(&vm, mib))
-        .transpose()?;
     Ok(KvmParts {
-        kvm,
+        system,
         vm,
         vcpu_fds,
-        supported_cpuid,
-        msr_indices,
         reserved,
     })
 }
@@ -230,7 +223,10 @@ impl VmShell {
             return Err(BuildVmError::VcpuCount(config.vcpus));
         }
         let filters = Filters::new(config.seccomp)?;
-        let host = host::check_host();
+        // /dev/kvm is opened once, here or by the caller, and is accessible if that worked.
+        let parts = create_vm(config.kvm.clone(), config.vcpus, config.memory_class)?;
+        let host = host::check_host_with_kvm(true);
+        let kvm = parts.system.clone();
         let signals = if config.stop_on_signals {
             termination_signalfd()?
         } else {
@@ -243,7 +239,6 @@ impl VmShell {
         };
         let listener = config.api_sock.as_deref().map(control::bind).transpose()?;
         let sock_guard = config.api_sock.clone().map(RemoveOnDrop);
-        let parts = create_vm(config.vcpus, config.memory_class)?;
         let stop =
             Arc::new(StopNotifier::new(config.process_start).map_err(BuildVmError::EventFd)?);
         let (jobs_tx, jobs_rx) = mpsc::channel();
@@ -267,13 +262,11 @@ impl VmShell {
                     signals,
                     listener,
                     sock_guard,
-                    kvm: parts.kvm,
+                    system: parts.system,
                     vm: parts.vm,
                     vcpu_fds: parts.vcpu_fds,
                     stop: thread_stop,
                     host,
-                    supported_cpuid: parts.supported_cpuid,
-                    msr_indices: parts.msr_indices,
                     seccomp: filters,
                     reserved: parts.reserved,
                 };
@@ -289,12 +282,18 @@ impl VmShell {
             Err(_) => return Err(BuildVmError::VmmThreadGone),
         }
         Ok(Self {
+            kvm,
             jobs: jobs_tx,
             thread,
             stop,
             vcpus: config.vcpus,
             seccomp: caller_filters,
         })
+    }
+
+    /// The host's KVM the shell was made with (to check a snapshot against it).
+    pub fn kvm(&self) -> &Arc<KvmSystem> {
+        &self.kvm
     }
 
     /// The number of vCPUs.
@@ -336,12 +335,64 @@ impl VmShell {
         }
     }
 
+    /// Loads a snapshot's guest state, the part of a restore that needs no host resource of
+    /// the VM (on the VMM thread): guest memory with its page server and the working set
+    /// installed, interrupt controllers, PIT, every device slot's ioeventfds and irqfd, every
+    /// vCPU's state. A recording restore cannot be pre-loaded (it records from the start).
+    pub fn preload(self, spec: SnapshotSpec) -> Result<PreloadedVm, BuildVmError> {
+        if spec.records() {
+            return Err(load_snapshot::RestoreError::RecordPreload.into());
+        }
+        let (tx, rx) = mpsc::channel();
+        if self.jobs.send(Job::Preload(Box::new(spec), tx)).is_err() {
+            return Err(self.gone());
+        }
+        match rx.recv() {
+            Ok(Ok(id)) => Ok(PreloadedVm { shell: self, id }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.gone()),
+        }
+    }
+
     /// The VMM thread ended: its own error if it returned one.
     fn gone(self) -> BuildVmError {
         drop(self.jobs);
         match self.thread.join() {
             Ok(Err(e)) => e,
             _ => BuildVmError::VmmThreadGone,
+        }
+    }
+}
+
+impl PreloadedVm {
+    /// The id of the snapshot loaded.
+    pub fn snapshot_id(&self) -> SnapshotId {
+        self.id
+    }
+
+    /// See [`VmShell::set_process_start`].
+    pub fn set_process_start(&self, start: Instant) {
+        self.shell.set_process_start(start);
+    }
+
+    /// See [`VmShell::listen`].
+    pub fn listen(&self, path: &Path) -> Result<(), BuildVmError> {
+        self.shell.listen(path)
+    }
+
+    /// Finishes the load with the VM's host resources (on the VMM thread): console, spare disk
+    /// slots, vsock socket; then sets the guest's clocks to the snapshot's. On an error the VM
+    /// ends, and nothing the attach opened or bound is left.
+    pub fn attach(self, host: HostResources) -> Result<LoadedVm, BuildVmError> {
+        let shell = self.shell;
+        let (tx, rx) = mpsc::channel();
+        if shell.jobs.send(Job::Attach(host, tx)).is_err() {
+            return Err(shell.gone());
+        }
+        match rx.recv() {
+            Ok(Ok(())) => Ok(LoadedVm { shell }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(shell.gone()),
         }
     }
 }
@@ -374,6 +425,7 @@ fn vmm_thread(
     jobs: Receiver<Job>,
 ) -> Result<Option<VmReport>, BuildVmError> {
     let mut loaded = None;
+    let mut preloaded = None;
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Listen(path, reply) => {
@@ -391,8 +443,38 @@ fn vmm_thread(
                 };
                 let _ = reply.send(bound);
             }
+            Job::Preload(spec, reply) => {
+                if loaded.is_some() || preloaded.is_some() {
+                    return Ok(None);
+                }
+                match load_snapshot::load_guest(&mut shell, *spec) {
+                    Ok(g) => {
+                        let _ = reply.send(Ok(g.id()));
+                        preloaded = Some(g);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(None);
+                    }
+                }
+            }
+            Job::Attach(host, reply) => {
+                let Some(g) = preloaded.take() else {
+                    return Ok(None);
+                };
+                match load_snapshot::attach(&mut shell, g, host) {
+                    Ok(l) => {
+                        loaded = Some(l);
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(None);
+                    }
+                }
+            }
             Job::Load(guest, host, reply) => {
-                if loaded.is_some() {
+                if loaded.is_some() || preloaded.is_some() {
                     return Ok(None);
                 }
                 match super::load(&mut shell, *guest, host) {
@@ -431,10 +513,8 @@ fn run_vm(
         vm,
         stop,
         host,
-        kvm: _kvm,
+        system,
         vcpu_fds: _,
-        supported_cpuid,
-        msr_indices: _,
         seccomp,
         reserved: _,
     } = shell;
@@ -460,8 +540,13 @@ fn run_vm(
     let vcpus_started_after = process_start.elapsed();
     let run_start = Instant::now();
     let mut handles = Vec::with_capacity(l.vcpus.len());
+    let mut parked = l.parked.into_iter();
     for v in l.vcpus {
-        match v.spawn() {
+        let started = match parked.next() {
+            Some(thread) => v.start_on(thread),
+            None => v.spawn(),
+        };
+        match started {
             Ok(h) => handles.push(h),
             Err(source) => {
                 stop.stop(StopReason::LoopError {
@@ -490,7 +575,7 @@ fn run_vm(
         backing: l.backing,
         snapshot_on_ready: l.snapshot_on_ready,
         lazy: l.lazy,
-        host_cpuid: supported_cpuid.as_slice().to_vec(),
+        host_cpuid: system.supported_cpuid().as_slice().to_vec(),
         virtio: l.virtio,
         reservation: l.reservation,
     });

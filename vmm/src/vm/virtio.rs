@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use devices::Bus;
 use devices::virtio::block::{BackendKind, Block, BlockConfig};
+use devices::virtio::front::Parts;
 use devices::virtio::kernel_cmdline_fragment;
 use devices::virtio::mmio::{MMIO_WINDOW_SIZE, NOTIFY_OFFSET};
 use devices::virtio::rng::{Rng, RngConfig};
@@ -23,6 +24,7 @@ use devices::virtio::vsock::{Vsock, VsockConfig};
 use event_loop::BoxedSource;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::BuildVmError;
 use crate::layout::{MMIO_GAP_END, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
@@ -336,8 +338,8 @@ fn open_disk(path: &std::path::Path, read_only: bool) -> Result<std::fs::File, B
         .map_err(|e| DeviceSetupError::from(e).into())
 }
 
-/// Puts a device in its slot: on the MMIO bus, its queue notifications as ioeventfds, its
-/// interrupt as an irqfd.
+/// Puts a device in its slot: its queue notifications as ioeventfds and its interrupt as an
+/// irqfd ([`register_slot`]), its transport on the MMIO bus.
 fn place(
     vm: &VmFd,
     mmio: &mut Bus,
@@ -346,25 +348,40 @@ fn place(
     gsi: u32,
     path: Option<PathBuf>,
 ) -> Result<Attached, BuildVmError> {
+    let (queue_evts, irqfd) = match &device {
+        VirtioDevice::Block(d) => (d.queue_evts(), d.irqfd()),
+        VirtioDevice::Vsock(d) => (d.queue_evts(), d.irqfd()),
+        VirtioDevice::Rng(d) => (d.queue_evts(), d.irqfd()),
+    };
+    register_slot(
+        vm,
+        base,
+        gsi,
+        &queue_evts.map_err(DeviceSetupError::EventFd)?,
+        &irqfd.map_err(DeviceSetupError::EventFd)?,
+    )?;
+    insert(mmio, device, base, gsi, path)
+}
+
+/// Checks a slot against the virtio window and the GSIs, then registers its queue notifications
+/// as ioeventfds (at the window's notify register, datamatch = queue index) and its interrupt as
+/// an irqfd for its GSI. The KVM half of placing a device: done before the device itself exists
+/// when a template is pre-loaded.
+fn register_slot(
+    vm: &VmFd,
+    base: u64,
+    gsi: u32,
+    queue_evts: &[EventFd],
+    irqfd: &EventFd,
+) -> Result<(), BuildVmError> {
     if base < VIRTIO_MMIO_START
         || base + MMIO_WINDOW_SIZE > MMIO_GAP_END
         || !(FIRST_GSI..=LAST_GSI).contains(&gsi)
     {
         return Err(DeviceSetupError::BadSlot { base, gsi }.into());
     }
-    let (transport, queue_evts, irqfd) = match &device {
-        VirtioDevice::Block(d) => (d.transport(), d.queue_evts(), d.irqfd()),
-        VirtioDevice::Vsock(d) => (d.transport(), d.queue_evts(), d.irqfd()),
-        VirtioDevice::Rng(d) => (d.transport(), d.queue_evts(), d.irqfd()),
-    };
-    mmio.insert(transport, base, MMIO_WINDOW_SIZE)
-        .map_err(DeviceSetupError::from)?;
     let kvm = |what| move |source| DeviceSetupError::Kvm { what, base, source };
-    for (queue, evt) in queue_evts
-        .map_err(DeviceSetupError::EventFd)?
-        .iter()
-        .enumerate()
-    {
+    for (queue, evt) in queue_evts.iter().enumerate() {
         vm.register_ioevent(
             evt,
             &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
@@ -372,8 +389,25 @@ fn place(
         )
         .map_err(kvm("KVM_IOEVENTFD"))?;
     }
-    vm.register_irqfd(&irqfd.map_err(DeviceSetupError::EventFd)?, gsi)
-        .map_err(kvm("KVM_IRQFD"))?;
+    vm.register_irqfd(irqfd, gsi).map_err(kvm("KVM_IRQFD"))?;
+    Ok(())
+}
+
+/// The bus half of placing a device: its transport at `base`.
+fn insert(
+    mmio: &mut Bus,
+    device: VirtioDevice,
+    base: u64,
+    gsi: u32,
+    path: Option<PathBuf>,
+) -> Result<Attached, BuildVmError> {
+    let transport = match &device {
+        VirtioDevice::Block(d) => d.transport(),
+        VirtioDevice::Vsock(d) => d.transport(),
+        VirtioDevice::Rng(d) => d.transport(),
+    };
+    mmio.insert(transport, base, MMIO_WINDOW_SIZE)
+        .map_err(DeviceSetupError::from)?;
     Ok(Attached {
         device,
         base,
@@ -382,29 +416,80 @@ fn place(
     })
 }
 
-/// Rebuilds the devices of a snapshot in their slots, with the host resources the restorer gives:
-/// `slots` is the backing file of each spare disk slot by name (`--disk-slot NAME=PATH`; a slot
-/// left out stays empty), `vsock` the vsock device's host socket (required when the snapshot
-/// has a vsock device: a restore never binds the snapshotted VM's socket, so clones of one
-/// template each get their own).
-pub fn restore_devices(
+/// A device slot of a snapshot made ready before its host resources are known: the device's
+/// channels and `EventFd`s made and registered with KVM as ioeventfds and irqfd.
+#[derive(Debug)]
+pub struct PreparedSlot {
+    saved: VirtioSnapshot,
+    parts: Parts,
+}
+
+/// Step one of restoring a snapshot's devices, which needs no host resource: each saved slot
+/// checked, its `EventFd`s made and registered with KVM.
+pub fn prepare_slots(
     vm: &VmFd,
+    saved: &[VirtioSnapshot],
+) -> Result<Vec<PreparedSlot>, BuildVmError> {
+    saved
+        .iter()
+        .map(|s| {
+            let queues = match &s.state {
+                VirtioState::Block(d) => d.transport.queue_max_sizes.len(),
+                VirtioState::Vsock(d) => d.transport.queue_max_sizes.len(),
+                VirtioState::Rng(d) => d.transport.queue_max_sizes.len(),
+            };
+            let parts = Parts::new(queues).map_err(DeviceSetupError::EventFd)?;
+            register_slot(
+                vm,
+                s.base,
+                s.gsi,
+                &parts.queue_evts,
+                parts.interrupt.irqfd(),
+            )?;
+            Ok(PreparedSlot {
+                saved: s.clone(),
+                parts,
+            })
+        })
+        .collect()
+}
+
+/// Removes the vsock sockets a failed attach bound, so that it leaves nothing behind.
+struct BoundSockets(Vec<PathBuf>);
+
+impl Drop for BoundSockets {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Step two: the devices of `prepared` rebuilt in their slots with the host resources the
+/// restorer gives: `slots` is the backing file of each spare disk slot by name
+/// (`--disk-slot NAME=PATH`; a slot left out stays empty), `vsock` the vsock device's host
+/// socket (required when the snapshot has a vsock device: a restore never binds the
+/// snapshotted VM's socket, so clones of one template each get their own). On an error nothing
+/// it opened or bound is left.
+pub fn restore_devices(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
-    saved: &[VirtioSnapshot],
+    prepared: Vec<PreparedSlot>,
     slots: &HashMap<String, PathBuf>,
     vsock: Option<&VsockHost>,
 ) -> Result<Vec<Attached>, BuildVmError> {
     if vsock.is_some()
-        && !saved
+        && !prepared
             .iter()
-            .any(|s| matches!(s.state, VirtioState::Vsock(_)))
+            .any(|s| matches!(s.saved.state, VirtioState::Vsock(_)))
     {
         return Err(DeviceSetupError::NoVsockDevice.into());
     }
-    let mut attached = Vec::with_capacity(saved.len());
+    let mut attached = Vec::with_capacity(prepared.len());
     let mut used = Vec::new();
-    for s in saved {
+    let mut bound = BoundSockets(Vec::new());
+    for PreparedSlot { saved: s, parts } in prepared {
+        let parts = Some(parts);
         let (device, path) = match &s.state {
             VirtioState::Block(state) => {
                 let path = match &state.disk.spare_slot {
@@ -422,6 +507,7 @@ pub fn restore_devices(
                     mem: mem.clone(),
                     file,
                     backend: BackendKind::IoUring,
+                    parts,
                 };
                 (
                     VirtioDevice::Block(
@@ -439,27 +525,33 @@ pub fn restore_devices(
                     mem: mem.clone(),
                     uds_path: path.clone(),
                     max_connections: host.max_connections,
+                    parts,
                 };
-                (
-                    VirtioDevice::Vsock(
-                        Vsock::restore(args, state).map_err(DeviceSetupError::from)?,
-                    ),
-                    Some(path),
-                )
+                let device = Vsock::restore(args, state).map_err(DeviceSetupError::from)?;
+                bound.0.push(path.clone());
+                (VirtioDevice::Vsock(device), Some(path))
             }
             VirtioState::Rng(state) => (
                 VirtioDevice::Rng(
-                    Rng::restore(RngArgs { mem: mem.clone() }, state)
-                        .map_err(DeviceSetupError::from)?,
+                    Rng::restore(
+                        RngArgs {
+                            mem: mem.clone(),
+                            parts,
+                        },
+                        state,
+                    )
+                    .map_err(DeviceSetupError::from)?,
                 ),
                 None,
             ),
         };
-        attached.push(place(vm, mmio, device, s.base, s.gsi, path)?);
+        attached.push(insert(mmio, device, s.base, s.gsi, path)?);
     }
     if let Some(unknown) = slots.keys().find(|k| !used.contains(k)) {
         return Err(DeviceSetupError::UnknownSlot(unknown.clone()).into());
     }
+    // Attached: the sockets are the VM's now (removed when it ends).
+    bound.0.clear();
     Ok(attached)
 }
 

@@ -9,7 +9,7 @@ use super::device::{Block, front, id_bytes};
 use super::queue_handler::BlockHandler;
 use super::request::DiskGeometry;
 use crate::persist::Persist;
-use crate::virtio::front::restore_device;
+use crate::virtio::front::{Parts, restore_device};
 use crate::virtio::mmio::{MmioTransportState, RestoreTransportError};
 use crate::virtio::worker::QueuePosition;
 
@@ -51,6 +51,9 @@ pub struct BlockArgs {
     pub file: Option<File>,
     /// How I/O is done on the restored device.
     pub backend: BackendKind,
+    /// The device's channels and `EventFd`s, when made ahead (see
+    /// [`crate::virtio::front::restore_device`]); `None` makes fresh ones.
+    pub parts: Option<Parts>,
 }
 
 /// Why a virtio-blk state was refused.
@@ -141,6 +144,7 @@ impl Persist for Block {
             front(geo),
             handler,
             args.mem,
+            args.parts,
             &state.transport,
             &state.queues,
         )?)

@@ -3,7 +3,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{Rng, RngHandler, device::front};
 use crate::persist::Persist;
-use crate::virtio::front::restore_device;
+use crate::virtio::front::{Parts, restore_device};
 use crate::virtio::mmio::{MmioTransportState, RestoreTransportError};
 use crate::virtio::worker::QueuePosition;
 
@@ -21,6 +21,9 @@ pub struct RngState {
 pub struct RngArgs {
     /// Guest memory.
     pub mem: GuestMemoryMmap,
+    /// The device's channels and `EventFd`s, when made ahead (see
+    /// [`crate::virtio::front::restore_device`]); `None` makes fresh ones.
+    pub parts: Option<Parts>,
 }
 
 impl Persist for Rng {
@@ -40,6 +43,7 @@ impl Persist for Rng {
             front,
             RngHandler::default(),
             args.mem,
+            args.parts,
             &state.transport,
             &state.queues,
         )

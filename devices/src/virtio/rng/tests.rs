@@ -66,3 +66,31 @@ fn test_rng_before_driver_ok_does_nothing() {
     );
     assert!(!h.run_until_irq(Duration::from_millis(30)));
 }
+
+#[test]
+fn test_rng_restore_with_parts_of_another_queue_count_is_refused() {
+    use super::RngArgs;
+    use crate::persist::Persist;
+    use crate::virtio::front::Parts;
+    let h = harness();
+    let state = h.device.save();
+    let refused = Rng::restore(
+        RngArgs {
+            mem: test_memory(),
+            parts: Some(Parts::new(3).unwrap()),
+        },
+        &state,
+    );
+    assert!(matches!(
+        refused,
+        Err(crate::virtio::mmio::RestoreTransportError::Queues { .. })
+    ));
+    Rng::restore(
+        RngArgs {
+            mem: test_memory(),
+            parts: Some(Parts::new(1).unwrap()),
+        },
+        &state,
+    )
+    .unwrap();
+}

@@ -6,7 +6,7 @@ use vm_memory::GuestMemoryMmap;
 use super::VsockHandler;
 use super::device::{Vsock, VsockError, bind, front, max_connections_here};
 use crate::persist::Persist;
-use crate::virtio::front::restore_device;
+use crate::virtio::front::{Parts, restore_device};
 use crate::virtio::mmio::{MmioTransportState, RestoreTransportError};
 use crate::virtio::worker::QueuePosition;
 
@@ -31,6 +31,9 @@ pub struct VsockArgs {
     pub uds_path: PathBuf,
     /// Most connections at once (see [`super::VsockConfig::max_connections`]).
     pub max_connections: usize,
+    /// The device's channels and `EventFd`s, when made ahead (see
+    /// [`crate::virtio::front::restore_device`]); `None` makes fresh ones.
+    pub parts: Option<Parts>,
 }
 
 /// Why a vsock state was refused.
@@ -74,6 +77,7 @@ impl Persist for Vsock {
             front(state.guest_cid),
             handler,
             args.mem,
+            args.parts,
             &state.transport,
             &state.queues,
         )?)

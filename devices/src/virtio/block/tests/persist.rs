@@ -60,6 +60,7 @@ fn test_blk_snapshot_with_requests_pending_completes_after_restore() {
             mem: mem2.clone(),
             file: Some(file),
             backend: BackendKind::IoUring,
+            parts: None,
         },
         &state,
     )
@@ -127,6 +128,7 @@ fn test_blk_spare_slot_restore_announces_new_capacity() {
             mem: mem2.clone(),
             file: Some(file),
             backend: BackendKind::IoUring,
+            parts: None,
         },
         &state,
     )
@@ -157,6 +159,7 @@ fn test_blk_restore_resized_plain_disk_is_refused() {
             mem: test_memory(),
             file: Some(File::open(other.path()).unwrap()),
             backend: BackendKind::IoUring,
+            parts: None,
         },
         &state,
     );

@@ -130,6 +130,7 @@ fn test_vsock_restore_sends_transport_reset_event() {
             mem: mem2.clone(),
             uds_path: socket_path(&dir2),
             max_connections: crate::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
+            parts: None,
         },
         &state,
     )
@@ -174,6 +175,7 @@ fn test_vsock_after_restore_nothing_reaches_rx_until_the_guest_handled_the_reset
             mem: mem2.clone(),
             uds_path: socket_path(&dir2),
             max_connections: crate::virtio::vsock::DEFAULT_MAX_CONNECTIONS,
+            parts: None,
         },
         &state,
     )
