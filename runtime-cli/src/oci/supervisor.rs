@@ -237,6 +237,30 @@ struct Supervisor {
     starting: Option<UnixStream>,
 }
 
+/// The VM while the supervisor prepares: stopped and waited for when dropped.
+struct VmGuard(Option<ContainerVm>);
+
+impl VmGuard {
+    fn take(mut self) -> Option<ContainerVm> {
+        self.0.take()
+    }
+}
+
+impl std::ops::Deref for VmGuard {
+    type Target = ContainerVm;
+    fn deref(&self) -> &ContainerVm {
+        self.0.as_ref().expect("the guard holds the VM until taken")
+    }
+}
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        if let Some(vm) = self.0.take() {
+            vm.shutdown();
+        }
+    }
+}
+
 impl Supervisor {
     fn prepare(launch: Launch, process_start: Instant, seccomp: SeccompMode) -> Result<Self> {
         let mut phases = Phases::new(process_start);
@@ -309,6 +333,9 @@ impl Supervisor {
             no_serial_stdin: true,
         };
         let vm = ContainerVm::restore(&launch.dir, &args, launch.use_pool, process_start, seccomp)?;
+        // A failure from here on stops the VM before `prepare` returns (its KVM worker threads
+        // hold the container's cgroup until it is gone).
+        let vm = VmGuard(Some(vm));
         if let (Some(c), Some(pid)) = (&launch.cgroup, vm.pooled_pid()) {
             c.enter(pid)?;
         }
@@ -360,7 +387,7 @@ impl Supervisor {
             phases,
             launch,
             record,
-            vm: Some(vm),
+            vm: vm.take(),
             signals,
             bridge,
             listener,
