@@ -19,6 +19,7 @@ const GUESTS: &[&str] = &[
     "virtioblk",
     "vsock",
     "hostile",
+    "agent",
 ];
 
 /// Further sources (and headers) of a guest split over several files, besides `<name>.c`.
