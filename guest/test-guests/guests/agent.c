@@ -5,10 +5,14 @@
  *
  * Boot: finds the virtio-vsock device among the `virtio_mmio.device=` entries of the command
  * line (the template also has a virtio-blk spare slot), sets up its three queues, posts rx and
- * event buffers, prints `agent: listening on <port>` and signals READY (the template is taken
- * there). Then it polls, interrupts off: the event queue (a TRANSPORT_RESET after a restore:
- * the buffer is posted again, which lets the device deliver rx), the rx queue (a REQUEST to port
- * 1024 is accepted, replacing any earlier connection; RW data is reassembled into frames).
+ * event buffers, routes the device's interrupt (its GSI from the command line) through the
+ * IOAPIC to a vector whose handler only sends the LAPIC an EOI (the 8259s masked, every other
+ * IOAPIC pin left masked), prints `agent: listening on <port>` and signals READY (the template
+ * is taken there). Then it serves: the event queue (a TRANSPORT_RESET after a restore: the
+ * buffer is posted again, which lets the device deliver rx), the rx queue (a REQUEST to port
+ * 1024 is accepted, replacing any earlier connection; RW data is reassembled into frames); with
+ * nothing to do it halts until the next interrupt (`sti; hlt`), so an idle guest costs the
+ * host no CPU, as an idle Linux agent does.
  *
  * Protocol, per connection: Hello -> Hello{4}; SyncTime, Reseed -> Ack; Create -> Created{pid}
  * or Error{ExecNotFound}; Signal(N) before Start -> Exited{128+N}; Start -> Started{pid},
@@ -98,6 +102,31 @@ _Static_assert(sizeof(struct hdr) == 44, "vsock header");
 
 typedef u64 __attribute__((may_alias, aligned(1))) u64_unaligned;
 
+/* Interrupts: the device's GSI through the IOAPIC to IRQ_VECTOR on the boot CPU. */
+#define IRQ_VECTOR 0x40
+#define LAPIC_BASE 0xfee00000ULL
+#define LAPIC_TPR 0x80
+#define LAPIC_EOI 0xb0
+#define LAPIC_SVR 0xf0
+#define IOAPIC_BASE 0xfec00000ULL
+#define IOAPIC_PINS 24
+#define PIC1_DATA 0x21
+#define PIC2_DATA 0xa1
+
+struct idt_gate {
+	u16 off_lo;
+	u16 sel;
+	u8 ist;
+	u8 type_attr;
+	u16 off_mid;
+	u32 off_hi;
+	u32 zero;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct idt_gate) == 16, "IDT gate");
+
+static struct idt_gate idt[256] __attribute__((aligned(16)));
+
 static struct virtq rings[3];
 static u16 next_avail[3];
 static u16 last_used[3];
@@ -143,6 +172,80 @@ static void copy(u8 *d, const u8 *s, u32 n)
 		*(u64_unaligned *)d = *(const u64_unaligned *)s;
 	while (n--)
 		*d++ = *s++;
+}
+
+/* ---- interrupts ---- */
+
+struct interrupt_frame;
+
+/* Every vector from 32 up: the interrupt only wakes the `hlt`; the main loop does the work. */
+__attribute__((interrupt)) static void on_irq(struct interrupt_frame *frame)
+{
+	(void)frame;
+	*(volatile u32 *)(LAPIC_BASE + LAPIC_EOI) = 0;
+}
+
+static void ioapic_write(u32 reg, u32 v)
+{
+	*(volatile u32 *)(IOAPIC_BASE + 0x00) = reg;
+	*(volatile u32 *)(IOAPIC_BASE + 0x10) = v;
+}
+
+/* The GSI after the ':' of the `index`-th "virtio_mmio.device=<size>@0x<base>:<gsi>"; 0 if
+ * absent or malformed. */
+static u64 announced_gsi(const u8 *bp, u64 index)
+{
+	usize len;
+	const char *c = cmdline_get(bp, &len);
+	for (usize i = virtio_mmio_next_arg(c, len, 0); i < len;
+	     i = virtio_mmio_next_arg(c, len, i + 1)) {
+		if (index-- != 0)
+			continue;
+		usize j = i + VIRTIO_MMIO_ARG_LEN;
+		while (j < len && c[j] != ':' && c[j] != ' ')
+			j++;
+		if (j >= len || c[j] != ':')
+			return 0;
+		u64 v = 0;
+		for (j++; j < len && c[j] >= '0' && c[j] <= '9' && v < 1000; j++)
+			v = v * 10 + (u64)(c[j] - '0');
+		return v;
+	}
+	return 0;
+}
+
+static void setup_interrupts(u64 gsi)
+{
+	u16 cs;
+	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	u64 h = (u64)on_irq;
+	for (int v = 32; v < 256; v++) {
+		idt[v].off_lo = (u16)h;
+		idt[v].sel = cs;
+		idt[v].ist = 0;
+		idt[v].type_attr = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
+		idt[v].off_mid = (u16)(h >> 16);
+		idt[v].off_hi = (u32)(h >> 32);
+	}
+	struct {
+		u16 limit;
+		u64 base;
+	} __attribute__((packed)) idtr = { sizeof(idt) - 1, (u64)idt };
+	__asm__ volatile("lidt %0" : : "m"(idtr) : "memory");
+	outb(PIC1_DATA, 0xff);
+	outb(PIC2_DATA, 0xff);
+	*(volatile u32 *)(LAPIC_BASE + LAPIC_TPR) = 0;
+	*(volatile u32 *)(LAPIC_BASE + LAPIC_SVR) = 0x100 | 0xff; /* enabled, spurious 0xff */
+	/* Physical destination APIC 0, then vector, fixed, edge, active high, unmasked. */
+	ioapic_write(0x10 + 2 * (u32)gsi + 1, 0);
+	ioapic_write(0x10 + 2 * (u32)gsi, IRQ_VECTOR);
+}
+
+/* Sleeps until an interrupt (one that came since the last look at the rings is taken at once:
+ * `sti` holds interrupts off until after `hlt` has begun). */
+static void wait_for_interrupt(void)
+{
+	__asm__ volatile("sti; hlt; cli" : : : "memory");
 }
 
 /* ---- virtio-vsock ---- */
@@ -623,7 +726,7 @@ static void on_packet(const struct hdr *h, const u8 *payload, u32 n)
 	}
 }
 
-static void poll_rx(void)
+static int poll_rx(void)
 {
 	struct virtq *r = &rings[RXQ];
 	int posted = 0;
@@ -639,15 +742,14 @@ static void poll_rx(void)
 		post_rx((u16)e.id);
 		posted = 1;
 	}
-	if (posted) {
+	if (posted)
 		virtq_publish(base, RXQ, &r->avail, next_avail[RXQ]);
-		virtio_mmio_ack_interrupts(base);
-	}
+	return posted;
 }
 
 /* A TRANSPORT_RESET (after a restore): connections are gone; the buffer goes back, which tells
  * the device the event was handled. */
-static void poll_evt(void)
+static int poll_evt(void)
 {
 	struct virtq *r = &rings[EVQ];
 	int posted = 0;
@@ -661,17 +763,24 @@ static void poll_evt(void)
 	}
 	if (posted)
 		virtq_publish(base, EVQ, &r->avail, next_avail[EVQ]);
+	return posted;
 }
 
 void guest_main(const u8 *bp)
 {
+	u64 gsi = 0;
 	for (u64 i = 0; base == 0; i++) {
 		u64 b = virtio_mmio_announced_base(bp, i);
 		if (b == 0)
 			fail("no virtio-vsock device on the command line");
-		if (virtio_mmio_probe(b) == VIRTIO_ID_VSOCK)
+		if (virtio_mmio_probe(b) == VIRTIO_ID_VSOCK) {
 			base = b;
+			gsi = announced_gsi(bp, i);
+		}
 	}
+	if (gsi == 0 || gsi >= IOAPIC_PINS)
+		fail("no interrupt for the vsock device on the command line");
+	setup_interrupts(gsi);
 	virtio_mmio_begin(base);
 	if (!(virtio_mmio_device_features(base, 1) & VIRTIO_F_VERSION_1_HI))
 		fail("device does not offer VIRTIO_F_VERSION_1");
@@ -697,8 +806,11 @@ void guest_main(const u8 *bp)
 	put_char('\n');
 	signal_ready();
 	for (;;) {
-		poll_evt();
-		poll_rx();
-		cpu_relax();
+		int work = poll_evt();
+		work |= poll_rx();
+		if (work)
+			virtio_mmio_ack_interrupts(base);
+		else
+			wait_for_interrupt();
 	}
 }
