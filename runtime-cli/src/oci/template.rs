@@ -3,8 +3,8 @@
 //!
 //! A template is keyed by what its guest state depends on: the kernel and initramfs files (path,
 //! device, inode, size, mtime and ctime: a rebuilt file is a new template, and nothing is read
-//! from them to make the key; a built-in test guest by its name and bytes), the vCPU count, the memory size, the command line and this
-//! kata-snap's version and snapshot format. It lives in `DATA/templates/KEY/` and is warmed on
+//! from them to make the key; a built-in test guest by its name and bytes), the vCPU count, the
+//! memory size, the command line and this kata-snap's version and snapshot format. It lives in `DATA/templates/KEY/` and is warmed on
 //! first use: a cold boot to READY that snapshots into a temporary directory, synced and renamed
 //! into place, then made read-only. Concurrent first uses warm once: an exclusive `flock` on
 //! `DATA/templates/KEY.lock`, the template looked for again once the lock is held.
