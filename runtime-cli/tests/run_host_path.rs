@@ -22,6 +22,22 @@ struct Env {
     dir: tempfile::TempDir,
 }
 
+/// On drop (a test that failed half-way too), `delete --force` of every container in the state
+/// root: no supervisor (and its VM) outlives the test.
+impl Drop for Env {
+    fn drop(&mut self) {
+        let Ok(entries) = fs::read_dir(self.root()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let mut c = self.ks();
+            c.args(["delete", "--force", &id]);
+            let _ = run_command(c, T);
+        }
+    }
+}
+
 impl Env {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
