@@ -2,6 +2,8 @@
 
 #![deny(missing_docs)]
 
+pub mod run_bench;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -19,13 +19,17 @@ const GUESTS: &[&str] = &[
     "virtioblk",
     "vsock",
     "hostile",
+    "agent",
 ];
 
 /// Further sources (and headers) of a guest split over several files, besides `<name>.c`.
-const GUEST_EXTRA_FILES: &[(&str, &[&str])] = &[(
-    "hostile",
-    &["hostile.h", "hostile_virtio.c", "hostile_requests.c"],
-)];
+const GUEST_EXTRA_FILES: &[(&str, &[&str])] = &[
+    (
+        "hostile",
+        &["hostile.h", "hostile_virtio.c", "hostile_requests.c"],
+    ),
+    ("agent", &["agent.h", "agent_protocol.c"]),
+];
 
 /// Sources linked into every guest.
 const COMMON_SOURCES: &[&str] = &["start.S", "lib.c"];

@@ -9,7 +9,9 @@
 //! 2. process start -> the guest has read back its working set, per restore mode;
 //! 3. 32 and 64 clones of one template at once: proportional memory per clone (sum of `Pss` over
 //!    the clones / their number, once all have read their data back), wall time, restores/s;
-//! 4. a pool shell at rest (RSS, fds) and the pool's refill rate.
+//! 4. a pool shell at rest (RSS, fds) and the pool's refill rate;
+//! 5. `kata-snap run` against `runc run` of one bundle (`benches::run_bench`, also alone as
+//!    `run-bench`).
 //!
 //!   cargo build --release --bin kata-snap && cargo run --release -p benches --bin startup-bench
 
@@ -505,5 +507,6 @@ fn main() -> Result<()> {
     first_output_section(&args, &bin, work.path())?;
     readback_section(&args, &bin, work.path())?;
     density_section(&args, &bin, work.path())?;
-    pool_section(&bin, work.path())
+    pool_section(&bin, work.path())?;
+    benches::run_bench::section(&bin, work.path(), args.runs)
 }

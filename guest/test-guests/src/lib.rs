@@ -232,6 +232,29 @@ pub const VSOCK: TestGuest = test_guest!("vsock");
 /// when there is no device or the scratch area (16..32 MiB) is not RAM.
 pub const HOSTILE: TestGuest = test_guest!("hostile");
 
+/// `agent`: a stand-in for the guest agent that speaks enough of the agent protocol for
+/// `kata-snap run`, `create` and `start` to complete against it (the runtime's config key
+/// `testGuest`), so the host path can be run and timed where KVM cannot boot Linux at speed. It
+/// runs no process and mounts nothing.
+///
+/// Finds the virtio-vsock device among the `virtio_mmio.device=` entries, sets it up (polled,
+/// interrupts off), prints `agent: listening on 1024`, signals READY, then serves one connection
+/// at a time on vsock port 1024 (a new REQUEST replaces the old one; a TRANSPORT_RESET after a
+/// restore drops it): `Hello` is answered `Hello{4}`, `SyncTime` and `Reseed` `Ack`, `Create`
+/// `Created{pid}` (pids from 100) or `Error{ExecNotFound}` with `exec: "NAME": executable file
+/// not found in $PATH`, `Signal(N)` before `Start` `Exited{128+N}`, `Start` `Started{pid}`,
+/// `Stdout`, `Stderr`, `Exited{status}` then a vsock SHUTDOWN; `Stdin`, `CloseStdin` and
+/// `Resize` are ignored, anything else is `Error{Protocol}`; a frame over 16 KiB is skipped and
+/// answered `Error{InvalidRequest}`.
+///
+/// The "process", by the basename of `args[0]`: `echo W...` prints the words joined by spaces
+/// and a newline (status 0); `true`, `false` give 0 and 1; `sh -c SCRIPT` runs `;`-separated
+/// commands split on spaces (no quoting): `echo`, `true`, `false`, `exit [N]`, anything else
+/// prints `sh: CMD: not found` on stderr with status 127; `sh` alone gives 0; any other name is
+/// not found. Output is cut at 1 KiB per stream. `agent: FAIL <why>` and an i8042 exit on a
+/// driver error.
+pub const AGENT: TestGuest = test_guest!("agent");
+
 /// Every test guest.
 pub const ALL: &[TestGuest] = &[
     HELLO,
@@ -246,6 +269,7 @@ pub const ALL: &[TestGuest] = &[
     VIRTIOBLK,
     VSOCK,
     HOSTILE,
+    AGENT,
 ];
 
 /// Finds a test guest by its [`TestGuest::name`].
@@ -557,6 +581,15 @@ mod tests {
                 &["virtio_mmio.device=", "virtioblk: done\n", "write_sector"],
             ),
             (&VSOCK, &["virtio_mmio.device=", "vsock: sent ", "conns"]),
+            (
+                &AGENT,
+                &[
+                    "agent: listening on ",
+                    "executable file not found in $PATH",
+                    ": not found\n",
+                    "virtio_mmio.device=",
+                ],
+            ),
             (
                 &HOSTILE,
                 &[

@@ -10,6 +10,11 @@
 //!   (`$KATA_SNAP_CONFIG`, else `/etc/kata-snap/config.json`), else where the project's build
 //!   scripts put them (`$KATA_SNAP_CACHE`, else `~/.cache/kata-snap`: `kernel/latest/vmlinux`,
 //!   `initramfs/initramfs.cpio`).
+//! - For tests and benchmarks of the host path only: the config file's `testGuest` names a
+//!   built-in test guest that speaks the agent protocol (`agent`, guest/test-guests) to run
+//!   instead of the kernel and initramfs. It runs no container process (it answers from the
+//!   request's argv), so the host check, which is about booting Linux, does not apply to it.
+//!   It needs the `builtin-guests` feature, and every command that uses it says so on stderr.
 
 use std::path::{Path, PathBuf};
 
@@ -241,6 +246,9 @@ pub struct RuntimeConfig {
     /// Most MiB of rootfs images the cache keeps: after each build the least recently used
     /// images not in use are removed until it fits [default: [`DEFAULT_IMAGE_CACHE_MIB`]].
     pub image_cache_mib: Option<u64>,
+    /// A built-in test guest instead of the kernel and initramfs (tests and benchmarks of the
+    /// host path only; see the module's doc).
+    pub test_guest: Option<String>,
 }
 
 /// The image cache's budget when the config file sets none: 10 GiB.
@@ -273,18 +281,38 @@ impl RuntimeConfig {
     }
 }
 
+/// The built-in test guests that speak the agent protocol (config `testGuest`).
+pub const AGENT_TEST_GUESTS: &[&str] = &["agent"];
+
 /// The guest a container's VM runs.
 #[derive(Debug, Clone)]
-pub struct GuestAssets {
-    /// The kernel.
-    pub kernel: PathBuf,
-    /// The agent initramfs.
-    pub initramfs: PathBuf,
+pub enum GuestAssets {
+    /// The guest kernel and the agent initramfs.
+    Linux {
+        /// The kernel.
+        kernel: PathBuf,
+        /// The agent initramfs.
+        initramfs: PathBuf,
+    },
+    /// A built-in test guest that speaks the agent protocol (config `testGuest`): no
+    /// initramfs, no container process.
+    TestGuest {
+        /// Its name (`agent`).
+        name: &'static str,
+        /// Its ELF image.
+        elf: &'static [u8],
+    },
 }
 
 /// Finds the guest kernel and initramfs; when one is missing, the error names the command that
-/// builds it.
+/// builds it. With `testGuest` in the config, the built-in test guest of that name.
 pub fn guest_assets(config: &RuntimeConfig) -> Result<GuestAssets> {
+    if let Some(name) = &config.test_guest {
+        if config.kernel.is_some() || config.initramfs.is_some() {
+            bail!("the config file names both a testGuest and a kernel or initramfs: choose one");
+        }
+        return test_guest(name);
+    }
     let cache = std::env::var_os("KATA_SNAP_CACHE")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
@@ -300,7 +328,39 @@ pub fn guest_assets(config: &RuntimeConfig) -> Result<GuestAssets> {
     for (what, path) in [("kernel", &kernel), ("agent initramfs", &initramfs)] {
         check_file(what, path)?;
     }
-    Ok(GuestAssets { kernel, initramfs })
+    Ok(GuestAssets::Linux { kernel, initramfs })
+}
+
+#[cfg(feature = "builtin-guests")]
+fn test_guest(name: &str) -> Result<GuestAssets> {
+    let guest = AGENT_TEST_GUESTS
+        .contains(&name)
+        .then(|| test_guests::by_name(name))
+        .flatten()
+        .with_context(|| {
+            format!(
+                "testGuest {name:?} in the config file: no built-in guest of that name speaks the \
+                 agent protocol (there is: {})",
+                AGENT_TEST_GUESTS.join(", ")
+            )
+        })?;
+    tracing::warn!(
+        "the guest is the built-in test guest {:?} (config testGuest): it runs no container \
+         process, for tests and benchmarks of the host path only",
+        guest.name
+    );
+    Ok(GuestAssets::TestGuest {
+        name: guest.name,
+        elf: guest.elf,
+    })
+}
+
+#[cfg(not(feature = "builtin-guests"))]
+fn test_guest(name: &str) -> Result<GuestAssets> {
+    bail!(
+        "testGuest {name:?} in the config file: this kata-snap was built without the built-in \
+         test guests (feature builtin-guests)"
+    )
 }
 
 fn check_file(what: &str, path: &Path) -> Result<()> {

@@ -61,6 +61,7 @@ pub(super) fn create(
     };
     let bundle = oci_bundle::load(&bundle_dir)?;
     let config = &bundle.config;
+    let mut marks = vec![("bundle", t0.elapsed())];
     if config.process.terminal
         && args.console_socket.is_none()
         && !matches!(mode, Mode::RunForeground { .. })
@@ -82,6 +83,7 @@ pub(super) fn create(
             tmpl.elapsed.as_secs_f64() * 1e3
         );
     }
+    marks.push(("template", t0.elapsed()));
     let cache = rootfs_image::ImageCache::open(&data.join("images"))?;
     let image = cache.get_or_build(&config.root)?;
     if !image.hit {
@@ -99,6 +101,7 @@ pub(super) fn create(
             Err(e) => tracing::warn!("cannot prune the image cache: {e}"),
         }
     }
+    marks.push(("rootfs image", t0.elapsed()));
     tracing::debug!(
         "rootfs image {} ({}, key {:.1} ms)",
         image.path.display(),
@@ -146,6 +149,11 @@ pub(super) fn create(
         foreground: matches!(mode, Mode::RunForeground { .. }),
         use_pool: !args.no_pool,
         cgroup,
+        marks: if matches!(mode, Mode::RunForeground { .. }) {
+            marks
+        } else {
+            vec![]
+        },
     };
     if let Mode::RunForeground { keep } = mode {
         if let Some(p) = &args.pid_file {

@@ -76,6 +76,11 @@ pub struct Launch {
     /// The host cgroup the VM goes in (`linux.cgroupsPath`).
     #[serde(default)]
     pub cgroup: Option<super::host_cgroup::Placement>,
+    /// When `run` in the foreground finished each step before the supervisor (bundle,
+    /// template, rootfs image), from the process start: the first marks of the `--debug`
+    /// timing line. Not sent to a daemon supervisor, whose clock starts with its own process.
+    #[serde(skip)]
+    pub marks: Vec<(&'static str, Duration)>,
 }
 
 /// The supervisor's answer to `create`, one JSON line on the sync socket.
@@ -189,11 +194,11 @@ struct Phases {
 }
 
 impl Phases {
-    fn new(zero: Instant) -> Self {
-        Self {
-            zero,
-            marks: vec![("supervisor", zero.elapsed())],
-        }
+    /// Starts with the steps made before (`run` in the foreground), then `supervisor`.
+    fn new(zero: Instant, before: &[(&'static str, Duration)]) -> Self {
+        let mut marks = before.to_vec();
+        marks.push(("supervisor", zero.elapsed()));
+        Self { zero, marks }
     }
 
     fn mark(&mut self, what: &'static str) {
@@ -263,7 +268,7 @@ impl Drop for VmGuard {
 
 impl Supervisor {
     fn prepare(launch: Launch, process_start: Instant, seccomp: SeccompMode) -> Result<Self> {
-        let mut phases = Phases::new(process_start);
+        let mut phases = Phases::new(process_start, &launch.marks);
         // Before any thread exists, so that every thread inherits the mask.
         let signals = forwarding_signalfd()?;
         // SAFETY: SIG_IGN for SIGPIPE: a closed stdout gives EPIPE on write instead of killing
@@ -344,7 +349,10 @@ impl Supervisor {
         } else {
             "restore (cold)"
         });
-        let mut agent = connect_agent(&vm)?;
+        let conn = connect_agent(&vm)?;
+        phases.mark("vsock connect");
+        let mut agent = AgentClient::handshake(conn, AGENT_READ_TIMEOUT)
+            .context("Hello with the agent failed")?;
         phases.mark("agent hello");
         agent
             .sync_time(now_ns())
@@ -629,9 +637,9 @@ impl Supervisor {
 }
 
 /// Connects to the agent through the VM's vsock socket (hybrid vsock: `CONNECT <port>\n`,
-/// answered `OK <port>\n`) and completes `Hello`. A guest that is slow to answer (a loaded host)
-/// makes the VMM close the CONNECT: that is retried until [`AGENT_TIMEOUT`].
-fn connect_agent(vm: &ContainerVm) -> Result<AgentClient<UnixStream>> {
+/// answered `OK <port>\n`); the caller says `Hello`. A guest that is slow to answer (a loaded
+/// host) makes the VMM close the CONNECT: that is retried until [`AGENT_TIMEOUT`].
+fn connect_agent(vm: &ContainerVm) -> Result<UnixStream> {
     let end = Instant::now() + AGENT_TIMEOUT;
     let mut last = String::new();
     while Instant::now() < end {
@@ -642,10 +650,7 @@ fn connect_agent(vm: &ContainerVm) -> Result<AgentClient<UnixStream>> {
             .with_context(|| format!("connect {VSOCK}"))
             .and_then(|s| vsock_connect(s, AGENT_VSOCK_PORT));
         match conn {
-            Ok(s) => {
-                return AgentClient::handshake(s, AGENT_READ_TIMEOUT)
-                    .context("Hello with the agent failed");
-            }
+            Ok(s) => return Ok(s),
             Err(e) => last = format!("{e:#}"),
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -3,8 +3,8 @@
 //!
 //! A template is keyed by what its guest state depends on: the kernel and initramfs files (path,
 //! device, inode, size, mtime and ctime: a rebuilt file is a new template, and nothing is read
-//! from them to make the key), the vCPU count, the memory size, the command line and this
-//! kata-snap's version and snapshot format. It lives in `DATA/templates/KEY/` and is warmed on
+//! from them to make the key; a built-in test guest by its name and bytes), the vCPU count, the
+//! memory size, the command line and this kata-snap's version and snapshot format. It lives in `DATA/templates/KEY/` and is warmed on
 //! first use: a cold boot to READY that snapshots into a temporary directory, synced and renamed
 //! into place, then made read-only. Concurrent first uses warm once: an exclusive `flock` on
 //! `DATA/templates/KEY.lock`, the template looked for again once the lock is held.
@@ -195,8 +195,19 @@ pub fn key(spec: &TemplateSpec) -> Result<String> {
     h.update(TEMPLATE_FORMAT.to_le_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update([0]);
-    file_identity(&mut h, &spec.assets.kernel)?;
-    file_identity(&mut h, &spec.assets.initramfs)?;
+    match &spec.assets {
+        GuestAssets::Linux { kernel, initramfs } => {
+            file_identity(&mut h, kernel)?;
+            file_identity(&mut h, initramfs)?;
+        }
+        GuestAssets::TestGuest { name, elf } => {
+            // A few KiB built into this binary: its bytes are its identity.
+            h.update(b"test-guest\0");
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(elf);
+        }
+    }
     h.update([spec.vcpus]);
     h.update(spec.mem_mib.to_le_bytes());
     h.update(CMDLINE.as_bytes());
@@ -296,9 +307,15 @@ fn warm_into(
 ) -> Result<TemplateMeta> {
     let t0 = Instant::now();
     let console = tmp.join("console.log");
+    let (kernel, initrd) = match &spec.assets {
+        GuestAssets::Linux { kernel, initramfs } => {
+            (KernelImage::Path(kernel.clone()), Some(initramfs.clone()))
+        }
+        GuestAssets::TestGuest { name, elf } => (KernelImage::Builtin { name, bytes: elf }, None),
+    };
     let boot = BootSpec {
-        kernel: KernelImage::Path(spec.assets.kernel.clone()),
-        initrd: Some(spec.assets.initramfs.clone()),
+        kernel,
+        initrd,
         cmdline: CMDLINE.into(),
         mem_mib: spec.mem_mib,
         virtio: VirtioSpecs {
@@ -347,10 +364,16 @@ fn warm_into(
         ),
         (reason, Some(_)) => bail!("warming the template failed: {reason}{}", tail()),
     }
+    let (kernel, initramfs) = match &spec.assets {
+        GuestAssets::Linux { kernel, initramfs } => (kernel.clone(), initramfs.clone()),
+        GuestAssets::TestGuest { name, .. } => {
+            (PathBuf::from(format!("builtin:{name}")), PathBuf::new())
+        }
+    };
     Ok(TemplateMeta {
         key: key.into(),
-        kernel: spec.assets.kernel.clone(),
-        initramfs: spec.assets.initramfs.clone(),
+        kernel,
+        initramfs,
         vcpus: spec.vcpus,
         mem_mib: spec.mem_mib,
         created: super::state::rfc3339_now(),
@@ -479,15 +502,18 @@ pub fn memory_class(mib: u64) -> u64 {
 
 /// The template a container of this shape restores: the host must run Linux guests at speed,
 /// and the guest kernel and agent must exist; the config file's defaults fill what is not given.
+/// A built-in test guest (config `testGuest`) is no Linux guest: the host check is not made.
 pub fn spec_for(vcpus: Option<u8>, mem_mib: Option<u64>) -> Result<TemplateSpec> {
-    let host = vmm::host::check_host();
-    if !host.can_boot_linux {
-        bail!(
-            "this host cannot run Linux guests at speed: {}",
-            host.summary
-        );
-    }
     let rc = assets::RuntimeConfig::load()?;
+    if rc.test_guest.is_none() {
+        let host = vmm::host::check_host();
+        if !host.can_boot_linux {
+            bail!(
+                "this host cannot run Linux guests at speed: {}",
+                host.summary
+            );
+        }
+    }
     Ok(TemplateSpec {
         assets: assets::guest_assets(&rc)?,
         vcpus: vcpus.or(rc.default_vcpus).unwrap_or(assets::DEFAULT_VCPUS),

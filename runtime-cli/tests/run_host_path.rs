@@ -1,0 +1,323 @@
+//! The runtime's whole host path on this host, with the built-in test guest `agent` as the
+//! template's guest (config `testGuest`): bundle, template warm and restore, rootfs image,
+//! supervisor, vsock, the agent protocol (Hello, SyncTime, Reseed, Create, Start, output,
+//! exit), teardown. The guest runs no process (it answers from argv, see
+//! `test_guests::AGENT`), so this checks the host side, never what rung 4 checks in a Linux
+//! guest. Where runc works, the same bundles run under it must give the same stdout and status.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Output, kvm_usable, run_command};
+
+const T: Duration = Duration::from_secs(120);
+const RUNC: &str = "/usr/sbin/runc";
+
+/// A data directory, config and state root of their own.
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+/// On drop (a test that failed half-way too), `delete --force` of every container in the state
+/// root: no supervisor (and its VM) outlives the test.
+impl Drop for Env {
+    fn drop(&mut self) {
+        let Ok(entries) = fs::read_dir(self.root()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let mut c = self.ks();
+            c.args(["delete", "--force", &id]);
+            let _ = run_command(c, T);
+        }
+    }
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("config.json"), r#"{"testGuest": "agent"}"#).unwrap();
+        Self { dir }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn ks(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("KATA_SNAP_CONFIG", self.dir.path().join("config.json"))
+            .env("KATA_SNAP_DATA_DIR", self.dir.path().join("data"))
+            .env("KATA_SNAP_POOL_DIR", self.dir.path().join("no-pool"))
+            .arg("--root")
+            .arg(self.root());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut c = self.ks();
+        c.args(args);
+        run_command(c, T)
+    }
+
+    /// A bundle (busybox rootfs, as rung 4's) whose process is `args`.
+    fn bundle(&self, name: &str, args: &[&str]) -> PathBuf {
+        let b = self.dir.path().join(name);
+        let bin = b.join("rootfs/bin");
+        fs::create_dir_all(&bin).unwrap();
+        fs::create_dir_all(b.join("rootfs/etc")).unwrap();
+        fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+        for a in ["sh", "echo", "true", "false"] {
+            std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
+        }
+        let o = common::run(&["spec", "--bundle", b.to_str().unwrap()], T);
+        assert_eq!(o.code(), 0, "{o:?}");
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(b.join("config.json")).unwrap()).unwrap();
+        spec["process"]["args"] = serde_json::json!(args);
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+        fs::write(b.join("config.json"), spec.to_string()).unwrap();
+        b
+    }
+
+    /// Nothing of container `id` is left: no state directory.
+    fn assert_gone(&self, id: &str) {
+        assert!(
+            !self.root().join(id).exists(),
+            "the state of {id} is left in {}",
+            self.root().display()
+        );
+    }
+}
+
+fn usable() -> bool {
+    kvm_usable() && Path::new("/bin/busybox").exists() && {
+        let ok = Path::new("/usr/bin/mkfs.erofs").exists();
+        if !ok {
+            println!("SKIPPED: mkfs.erofs missing (scripts/install-deps.sh)");
+        }
+        ok
+    }
+}
+
+/// Whether runc can run containers here (as root, with its binary).
+fn runc_usable() -> bool {
+    let ok = Path::new(RUNC).exists() && nix::unistd::geteuid().is_root();
+    if !ok {
+        println!("SKIPPED (runc part): {RUNC} missing or not root");
+    }
+    ok
+}
+
+fn runc_run(root: &Path, bundle: &Path, id: &str) -> Output {
+    let mut c = Command::new(RUNC);
+    c.arg("--root")
+        .arg(root)
+        .args(["run", "--bundle", bundle.to_str().unwrap(), id]);
+    run_command(c, T)
+}
+
+/// The error message of a runc-style log line (`time=".." level=error msg="..."`).
+fn error_msg(o: &Output) -> String {
+    o.stderr
+        .lines()
+        .filter(|l| l.contains("level=error"))
+        .find_map(|l| l.split_once("msg=").map(|(_, m)| m.to_string()))
+        .and_then(|m| serde_json::from_str::<String>(&m).ok())
+        .unwrap_or_default()
+}
+
+/// `create` with the container's stdio in files (the supervisor keeps them: no pipe to wait on);
+/// returns the supervisor's pid and the container's stdout file.
+fn create(env: &Env, bundle: &Path, id: &str) -> (i32, PathBuf) {
+    let out = env.dir.path().join(format!("{id}.stdout"));
+    let err = env.dir.path().join(format!("{id}.stderr"));
+    let pid_file = env.dir.path().join(format!("{id}.pid"));
+    let mut c = env.ks();
+    c.args(["create", "--bundle", bundle.to_str().unwrap(), "--pid-file"])
+        .arg(&pid_file)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(&err).unwrap());
+    let status = common::wait_deadline(&mut c.spawn().unwrap(), T).expect("create finishes");
+    let stderr = fs::read_to_string(&err).unwrap();
+    assert_eq!(status.code(), Some(0), "create {id}: {stderr}");
+    let pid = fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    (pid, out)
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie is dead for this purpose: its state letter is Z.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn test_run_agent_test_guest_gives_stdout_and_status_as_runc() {
+    if !usable() {
+        return;
+    }
+    let env = Env::new();
+    let runc = runc_usable();
+    let cases: &[(&str, &[&str], &str, i32)] = &[
+        (
+            "script",
+            &["sh", "-c", "echo hello world; exit 3"],
+            "hello world\n",
+            3,
+        ),
+        ("echo", &["/bin/echo", "a", "b c"], "a b c\n", 0),
+        ("false", &["false"], "", 1),
+        (
+            "not-found-in-sh",
+            &["sh", "-c", "no-such-command; echo after"],
+            "after\n",
+            0,
+        ),
+        (
+            "exit-status",
+            &["sh", "-c", "echo x;  echo  y  z ; no-such"],
+            "x\ny z\n",
+            127,
+        ),
+    ];
+    for (i, (name, args, stdout, code)) in cases.iter().enumerate() {
+        let b = env.bundle(name, args);
+        let o = env.run(&["run", "--bundle", b.to_str().unwrap(), name]);
+        assert_eq!(o.stdout, *stdout, "{name}: {o:?}");
+        assert_eq!(o.code(), *code, "{name}: {o:?}");
+        if i == 0 {
+            // The first run warmed the template; every run says which guest it is.
+            let t = fs::read_dir(env.dir.path().join("data/templates"))
+                .unwrap()
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().contains('.'))
+                .count();
+            assert_eq!(t, 1, "one template");
+        }
+        assert!(o.stderr.contains("built-in test guest"), "{o:?}");
+        if name.contains("not-found") || *code == 127 {
+            assert!(o.stderr.contains("sh: no-such"), "{o:?}");
+        }
+        env.assert_gone(name);
+        if runc {
+            let r = runc_run(&env.dir.path().join("runc"), &b, name);
+            assert_eq!(r.stdout, o.stdout, "{name}: runc {r:?}\nours {o:?}");
+            assert_eq!(r.code(), o.code(), "{name}: runc {r:?}\nours {o:?}");
+        }
+    }
+    // Not found by create itself: exit 1 and runc's message.
+    let b = env.bundle("missing", &["no-such-command"]);
+    let o = env.run(&["run", "--bundle", b.to_str().unwrap(), "missing"]);
+    assert_eq!(o.code(), 1, "{o:?}");
+    assert_eq!(
+        error_msg(&o),
+        "unable to start container process: exec: \"no-such-command\": executable file not \
+         found in $PATH",
+        "{o:?}"
+    );
+    env.assert_gone("missing");
+    assert_eq!(
+        fs::read_dir(env.root()).unwrap().count(),
+        0,
+        "the state root is empty"
+    );
+}
+
+#[test]
+fn test_create_start_state_delete_agent_test_guest_leaves_nothing() {
+    if !usable() {
+        return;
+    }
+    let env = Env::new();
+    let b = env.bundle("b", &["sh", "-c", "echo from the test agent; exit 5"]);
+    let (pid, out) = create(&env, &b, "c1");
+    assert!(process_alive(pid), "the supervisor runs");
+    let state = |id: &str| -> serde_json::Value {
+        let o = env.run(&["state", id]);
+        assert_eq!(o.code(), 0, "{o:?}");
+        serde_json::from_str(&o.stdout).unwrap()
+    };
+    let s = state("c1");
+    assert_eq!(s["status"], "created", "{s}");
+    assert_eq!(s["pid"], pid, "{s}");
+    let o = env.run(&["start", "c1"]);
+    assert_eq!(o.code(), 0, "{o:?}");
+    let end = Instant::now() + T;
+    while state("c1")["status"] != "stopped" {
+        assert!(Instant::now() < end, "c1 never stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let end = Instant::now() + T;
+    while process_alive(pid) {
+        assert!(Instant::now() < end, "the supervisor {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read_to_string(&out).unwrap(), "from the test agent\n");
+    let o = env.run(&["delete", "c1"]);
+    assert_eq!(o.code(), 0, "{o:?}");
+    env.assert_gone("c1");
+
+    // A created container that is killed: the signal reaches the "process" waiting for start.
+    let (pid, _) = create(&env, &b, "c2");
+    let o = env.run(&["kill", "c2", "TERM"]);
+    assert_eq!(o.code(), 0, "{o:?}");
+    let end = Instant::now() + T;
+    while state("c2")["status"] != "stopped" {
+        assert!(Instant::now() < end, "c2 never stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = env.run(&["start", "c2"]);
+    assert_ne!(o.code(), 0, "a stopped container does not start: {o:?}");
+    let o = env.run(&["delete", "c2"]);
+    assert_eq!(o.code(), 0, "{o:?}");
+    env.assert_gone("c2");
+    let end = Instant::now() + T;
+    while process_alive(pid) {
+        assert!(Instant::now() < end, "the supervisor {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        fs::read_dir(env.root()).unwrap().count(),
+        0,
+        "the state root is empty"
+    );
+}
+
+#[test]
+fn test_test_guest_with_a_kernel_in_the_config_is_refused() {
+    let env = Env::new();
+    fs::write(
+        env.dir.path().join("config.json"),
+        r#"{"testGuest": "agent", "kernel": "/boot/vmlinuz"}"#,
+    )
+    .unwrap();
+    let b = env.bundle("b", &["true"]);
+    let o = env.run(&["run", "--bundle", b.to_str().unwrap(), "x"]);
+    assert_eq!(o.code(), 1, "{o:?}");
+    assert!(
+        error_msg(&o).contains("both a testGuest and a kernel"),
+        "{o:?}"
+    );
+    fs::write(
+        env.dir.path().join("config.json"),
+        r#"{"testGuest": "memtouch"}"#,
+    )
+    .unwrap();
+    let o = env.run(&["run", "--bundle", b.to_str().unwrap(), "x"]);
+    assert_eq!(o.code(), 1, "{o:?}");
+    assert!(
+        error_msg(&o).contains("no built-in guest of that name speaks the agent protocol"),
+        "{o:?}"
+    );
+    env.assert_gone("x");
+}
