@@ -336,6 +336,13 @@ fn child_setup(
                 std::io::Error::last_os_error(),
             ));
         }
+        // The terminal belongs to the process's user, as runc's does (its group stays the
+        // devpts mount's, `gid=5` in the default config).
+        let uid = nix::unistd::Uid::from_raw(plan.process.user.uid);
+        // SAFETY: stdio[0] is the pty slave this child holds open for the whole call.
+        let slave = unsafe { std::os::fd::BorrowedFd::borrow_raw(stdio[0]) };
+        nix::unistd::fchown(slave, Some(uid), None)
+            .map_err(|e| ChildFailure::setup("chown the terminal", e))?;
     }
     for (target, fd) in stdio.iter().enumerate() {
         // SAFETY: dup2 on descriptors this process owns; target is 0, 1 or 2.

@@ -383,3 +383,19 @@ fn test_rootfs_missing_directory_reported() {
     assert_eq!(o.code, 126);
     assert_eq!(o.error.unwrap().0, ErrorKind::Rootfs);
 }
+
+#[test]
+fn test_terminal_belongs_to_the_process_user() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["sh", "-c", "stat -L -c %u /proc/self/fd/0"]);
+    req.process.terminal = true;
+    req.process.user = User {
+        uid: 1000,
+        gid: 100,
+        additional_gids: vec![],
+    };
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(o.code, 0, "{} {}", err(&o), out(&o));
+    assert_eq!(out(&o).trim(), "1000");
+}

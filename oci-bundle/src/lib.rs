@@ -200,10 +200,11 @@ impl BundleConfig {
 }
 
 /// Loads and checks a process.json (`runc exec --process FILE`): an OCI
-/// `process` object, read and bounded as config.json is, converted with the
+/// `process` object, read and bounded as config.json is (but a link is followed
+/// and a pipe read: see [`read::read_process_file`]), converted with the
 /// same rules, and validated as the agent will.
 pub fn load_process(path: &Path) -> Result<ProcessConfig, BundleError> {
-    let bytes = read::read_config(path)?;
+    let bytes = read::read_process_file(path)?;
     let process: oci_spec::runtime::Process =
         serde_json::from_slice(&bytes).map_err(|source| BundleError::ConfigSyntax {
             path: path.into(),

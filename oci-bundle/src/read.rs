@@ -98,6 +98,80 @@ pub fn read_config(path: &Path) -> Result<Vec<u8>, BundleError> {
     Ok(bytes)
 }
 
+/// How long a process file that is a pipe may take to reach its end.
+pub const PROCESS_PIPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads an `exec --process` file: the caller names it, so a symbolic link is followed (a
+/// shell's `<(...)` is `/dev/fd/63`), and it may be a regular file or a pipe (FIFO), read to its
+/// end within [`PROCESS_PIPE_TIMEOUT`]; at most [`MAX_CONFIG_BYTES`] either way. Anything else
+/// (a directory, a device, a socket) is refused without being read.
+pub fn read_process_file(path: &Path) -> Result<Vec<u8>, BundleError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ENOENT) => BundleError::ConfigMissing { path: path.into() },
+            _ => BundleError::ConfigRead {
+                path: path.into(),
+                source,
+            },
+        })?;
+    let read_err = |source| BundleError::ConfigRead {
+        path: path.into(),
+        source,
+    };
+    let ft = file.metadata().map_err(read_err)?.file_type();
+    if ft.is_file() {
+        drop(file);
+        // The open above followed the link; read what it names as config.json is read.
+        let real = std::fs::canonicalize(path).map_err(read_err)?;
+        return read_config(&real);
+    }
+    if !ft.is_fifo() {
+        return Err(BundleError::ConfigNotRegular {
+            path: path.into(),
+            kind: kind_of(ft),
+        });
+    }
+    let deadline = std::time::Instant::now() + PROCESS_PIPE_TIMEOUT;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let mut file = file;
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => {
+                bytes.extend_from_slice(&chunk[..n]);
+                if bytes.len() as u64 > MAX_CONFIG_BYTES {
+                    return Err(BundleError::ConfigTooLarge {
+                        path: path.into(),
+                        max: MAX_CONFIG_BYTES,
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(read_err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the pipe did not end within {PROCESS_PIPE_TIMEOUT:?}"),
+                    )));
+                }
+                use std::os::fd::AsFd;
+                let mut fds = [nix::poll::PollFd::new(
+                    file.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let ms = left.as_millis().min(1000) as u16;
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+            }
+            Err(e) => return Err(read_err(e)),
+        }
+    }
+}
+
 /// Parses config.json into oci-spec's [`Spec`]. Also returns notes for the
 /// ignored list when a lenient section had to be dropped to parse.
 pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<(Spec, Vec<String>), BundleError> {

@@ -362,7 +362,17 @@ fn test_load_process_converts_as_config_json_and_refuses_bad_files() {
     std::fs::write(&good, b"{not json").unwrap();
     assert!(oci_bundle::load_process(&good).is_err());
 
-    // A FIFO is refused without blocking on it; a directory too.
+    // A pipe is read to its end, as a shell's `-p <(...)` gives it (`/dev/fd/63`, a link to
+    // the pipe); a FIFO with no writer reads empty (not JSON) instead of blocking.
+    p["args"] = json!(["echo", "piped"]);
+    let (r, w) = std::io::pipe().unwrap();
+    let mut w = w;
+    std::io::Write::write_all(&mut w, &serde_json::to_vec(&p).unwrap()).unwrap();
+    drop(w);
+    let via = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&r));
+    let got = oci_bundle::load_process(std::path::Path::new(&via)).unwrap();
+    assert_eq!(got.args, ["echo", "piped"]);
+    drop(r);
     let fifo = dir.path().join("fifo");
     let made = std::process::Command::new("mkfifo")
         .arg(&fifo)
@@ -370,9 +380,11 @@ fn test_load_process_converts_as_config_json_and_refuses_bad_files() {
         .unwrap();
     assert!(made.success());
     let e = oci_bundle::load_process(&fifo).unwrap_err().to_string();
-    assert!(
-        e.contains("not a regular file") || e.contains("FIFO") || e.contains("fifo"),
-        "{e}"
-    );
+    assert!(e.contains("EOF") || e.contains("expected"), "{e}");
+    // A device and a directory are refused without being read.
+    let e = oci_bundle::load_process(std::path::Path::new("/dev/zero"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("character device"), "{e}");
     assert!(oci_bundle::load_process(dir.path()).is_err());
 }
