@@ -18,7 +18,7 @@
 //! group's leader, `setsid` in the child).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use agent_protocol::ErrorKind;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -112,6 +112,8 @@ pub struct ExecTarget {
     pub container: u64,
     /// Its root directory (chroot target).
     pub root: PathBuf,
+    /// Its cgroup's directory, if it has one.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Every container of this agent, by number.
@@ -150,11 +152,10 @@ impl Containers {
 
     /// Moves `pid` (an exec waiting for its go byte) into the cgroup of
     /// `container`; nothing to do without one.
-    /// Whether it went in: false when the container has no cgroup.
-    pub fn attach(&self, container: u64, pid: Pid) -> Result<bool, CgroupError> {
+    pub fn attach(&self, container: u64, pid: Pid) -> Result<(), CgroupError> {
         match self.map.get(&container).and_then(|c| c.cgroup.as_ref()) {
-            Some(g) => g.attach(pid).map(|()| true),
-            None => Ok(false),
+            Some(g) => g.attach(pid),
+            None => Ok(()),
         }
     }
 
@@ -191,6 +192,11 @@ impl Containers {
         Ok(ExecTarget {
             container: id,
             root: c.root.clone(),
+            cgroup: c
+                .cgroup
+                .as_ref()
+                .and_then(|g| g.joinable())
+                .map(Path::to_path_buf),
         })
     }
 

@@ -231,6 +231,9 @@ pub enum Role<'a> {
 struct ChildPlan<'a> {
     process: &'a Process,
     role: Role<'a>,
+    /// The container's group: the child moves itself in and enters a cgroup namespace of its
+    /// own there before anything else (while it still has the privileges for both).
+    cgroup_procs: Option<CString>,
     root: CString,
     env: Vec<CString>,
     args: Vec<CString>,
@@ -319,6 +322,23 @@ fn close_span(from: libc::c_uint, end: libc::c_uint) {
     }
 }
 
+/// Moves the calling child into the group whose `cgroup.procs` is `procs`, then into a cgroup
+/// namespace of its own rooted there: the container sees its group as `/` (`/proc/self/cgroup`
+/// reads `0::/`, as with runc's cgroup namespace on a cgroup v2 host).
+fn join_cgroup(procs: &std::ffi::CStr) -> Result<(), ChildFailure> {
+    let fd = nix::fcntl::open(
+        procs,
+        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| ChildFailure::setup("open the container's cgroup", e))?;
+    let pid = nix::unistd::getpid().to_string();
+    nix::unistd::write(&fd, pid.as_bytes())
+        .map_err(|e| ChildFailure::setup("join the container's cgroup", e))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|e| ChildFailure::setup("create the cgroup namespace", e))
+}
+
 /// Every set-up step of the child, in order; returns what to exec.
 fn child_setup(
     plan: &ChildPlan<'_>,
@@ -327,6 +347,9 @@ fn child_setup(
     terminal: bool,
 ) -> Result<ExecTarget, ChildFailure> {
     reset_signals();
+    if let Some(procs) = &plan.cgroup_procs {
+        join_cgroup(procs)?;
+    }
     nix::unistd::setsid().map_err(|e| ChildFailure::setup("setsid", e))?;
     if terminal {
         // SAFETY: TIOCSCTTY takes an integer argument; stdio[0] is the pty slave.
@@ -453,8 +476,6 @@ fn child_exec(plan: &ChildPlan<'_>, target: &ExecTarget) -> ChildFailure {
 
 /// The go byte: exec.
 const GO: u8 = 1;
-/// The go byte: a new cgroup namespace, then exec.
-const GO_CGROUP_NAMESPACE: u8 = 2;
 
 /// Blocks until the agent writes the go byte (Some) or drops its end (None).
 fn child_wait_for_go(go: &OwnedFd) -> Option<u8> {
@@ -483,15 +504,6 @@ fn child_main(plan: &ChildPlan<'_>, stdio: [i32; 3], report: OwnedFd, go: OwnedF
                 // SAFETY: _exit ends the child without running the parent's
                 // atexit handlers or flushing its duplicated buffers.
                 None => unsafe { libc::_exit(EXIT_CANNOT_INVOKE) },
-                Some(GO_CGROUP_NAMESPACE) => {
-                    match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP) {
-                        Ok(()) => child_exec(plan, &target),
-                        Err(e) => ChildFailure::new(
-                            ErrorKind::ExecFailed,
-                            format!("cannot create the cgroup namespace: {e}"),
-                        ),
-                    }
-                }
                 Some(_) => child_exec(plan, &target),
             }
         }
@@ -592,29 +604,15 @@ pub struct ExecGate {
     pid: Pid,
     go: OwnedFd,
     report: OwnedFd,
-    cgroup_namespace: bool,
 }
 
 impl ExecGate {
-    /// The child enters a cgroup namespace of its own before it execs, rooted at the cgroup it
-    /// was put in: the container sees its group as `/` (`/proc/self/cgroup` reads `0::/`), as
-    /// with runc's cgroup namespace on a cgroup v2 host.
-    pub fn with_cgroup_namespace(mut self) -> Self {
-        self.cgroup_namespace = true;
-        self
-    }
-
     /// Lets the child exec and waits (at most [`CHILD_REPORT_TIMEOUT`]) for
     /// the outcome. On error the child has exited and is reaped. A child
     /// killed while it waited (a host signal) counts as started: its exit is
     /// reaped by the caller's SIGCHLD handling as for any process.
     pub fn open(self) -> Result<(), SpawnError> {
-        let go = if self.cgroup_namespace {
-            GO_CGROUP_NAMESPACE
-        } else {
-            GO
-        };
-        if let Err(e) = nix::unistd::write(&self.go, &[go]) {
+        if let Err(e) = nix::unistd::write(&self.go, &[GO]) {
             // EPIPE: the child is gone already; the report pipe says more.
             tracing::debug!(error = %e, "cannot write the go byte");
         }
@@ -646,10 +644,18 @@ pub struct Prepared {
 /// exec) and runs every set-up step in the child up to exec.
 /// Returns once the child waits for [`ExecGate::open`], or with the child's
 /// runc-style error (the failed child is reaped here).
-pub fn prepare(root: &Path, process: &Process, role: Role<'_>) -> Result<Prepared, SpawnError> {
+pub fn prepare(
+    root: &Path,
+    process: &Process,
+    role: Role<'_>,
+    cgroup: Option<&Path>,
+) -> Result<Prepared, SpawnError> {
     let plan = ChildPlan {
         process,
         role,
+        cgroup_procs: cgroup
+            .map(|g| cstring("cgroup path", g.join("cgroup.procs").as_os_str().as_bytes()))
+            .transpose()?,
         root: cstring("rootfs path", root.as_os_str().as_bytes())?,
         env: process
             .env
@@ -720,7 +726,6 @@ pub fn prepare(root: &Path, process: &Process, role: Role<'_>) -> Result<Prepare
                         pid: child,
                         go: go_w,
                         report: report_r,
-                        cgroup_namespace: false,
                     },
                 }),
                 Report::Eof(r) if !r.is_empty() => Err(failed(child, &r)),
@@ -747,7 +752,7 @@ pub fn prepare(root: &Path, process: &Process, role: Role<'_>) -> Result<Prepare
 /// [`ExecGate::open`]. Returns once the exec succeeded or the child reported
 /// why it failed (the failed child is reaped here).
 pub fn spawn(root: &Path, process: &Process, role: Role<'_>) -> Result<Spawned, SpawnError> {
-    let Prepared { process, gate } = prepare(root, process, role)?;
+    let Prepared { process, gate } = prepare(root, process, role, None)?;
     gate.open()?;
     Ok(process)
 }

@@ -236,6 +236,12 @@ impl Group {
         &self.path
     }
 
+    /// The directory a process joins itself (on a real cgroup2 mount; a test tree of plain
+    /// files is joined by [`Group::attach`] only).
+    pub fn joinable(&self) -> Option<&Path> {
+        self.cgroupfs.then_some(self.path.as_path())
+    }
+
     /// Moves `pid` into the group.
     pub fn attach(&self, pid: Pid) -> Result<(), CgroupError> {
         write_file(self.cgroupfs, &self.path, "cgroup.procs", &pid.to_string())

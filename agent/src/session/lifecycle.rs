@@ -224,6 +224,7 @@ impl Session {
             Role::Init {
                 hostname: req.hostname.as_deref(),
             },
+            group.as_ref().and_then(|g| g.joinable()),
         );
         tracing::debug!(
             rootfs_us = t_rootfs.as_micros() as u64,
@@ -231,13 +232,10 @@ impl Session {
             prepare_us = (t0.elapsed() - t_mounts).as_micros() as u64,
             "create timing"
         );
-        // The child waits for its go byte: into the cgroup before it can exec.
+        // The child joined its group itself; this makes sure before its go byte.
         let attached = prepared.map_err(Failure::from).and_then(|p| match &group {
             Some(g) => match g.attach(p.process.pid) {
-                Ok(()) => Ok(Prepared {
-                    process: p.process,
-                    gate: p.gate.with_cgroup_namespace(),
-                }),
+                Ok(()) => Ok(p),
                 // Dropping `p` closes the go pipe: the child exits without exec.
                 Err(e) => Err(Failure::cgroup(e)),
             },
@@ -276,19 +274,22 @@ impl Session {
                 return self.reply(error(refused.kind(), refused.to_string()));
             }
         };
-        let spawned = prepare(&target.root, &req.process, Role::Exec)
-            .map_err(Failure::from)
-            .and_then(|p| {
-                let Prepared { process, gate } = p;
-                // Into the container's cgroup before the go byte; on failure
-                // the dropped gate makes the child exit without exec.
-                let gate = match ctx.containers.attach(target.container, process.pid) {
-                    Ok(true) => gate.with_cgroup_namespace(),
-                    Ok(false) => gate,
-                    Err(e) => return Err(Failure::cgroup(e)),
-                };
-                gate.open().map(|()| process).map_err(Failure::from)
-            });
+        let spawned = prepare(
+            &target.root,
+            &req.process,
+            Role::Exec,
+            target.cgroup.as_deref(),
+        )
+        .map_err(Failure::from)
+        .and_then(|p| {
+            let Prepared { process, gate } = p;
+            // Into the container's cgroup before the go byte; on failure
+            // the dropped gate makes the child exit without exec.
+            ctx.containers
+                .attach(target.container, process.pid)
+                .map_err(Failure::cgroup)?;
+            gate.open().map(|()| process).map_err(Failure::from)
+        });
         match spawned {
             Ok(process) => {
                 let pid = process.pid;

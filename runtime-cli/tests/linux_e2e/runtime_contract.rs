@@ -254,12 +254,20 @@ fn test_foreground_terminal_output_goes_to_stdout_as_runc() {
             &["run", "--no-pivot", "--bundle", b.to_str().unwrap(), "t1"],
         );
         assert_eq!(o.code(), 0, "{name}: {o:?}");
-        // The terminal's line discipline ends lines with \r\n: kept, to be compared.
-        let first = o.stdout.split('\n').next().unwrap_or_default().to_string();
+        // runc clears ONLCR on the container's terminal in the foreground (its lines end with
+        // \n); kata-snap's guest terminal keeps it (\r\n): compared without the \r
+        // (docs/runtime.md, "Differences from runc").
+        let first = o
+            .stdout
+            .split('\n')
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('\r')
+            .to_string();
         let has_pts = o.stdout.contains("/dev/pts/");
         seen.push((*name, (first, has_pts)));
     }
-    assert_eq!(seen[0].1, ("hello from a tty\r".to_string(), true));
+    assert_eq!(seen[0].1, ("hello from a tty".to_string(), true));
     if seen.len() == 2 {
         assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
     }
@@ -498,7 +506,14 @@ fn test_ps_lists_the_container_processes_as_runc() {
         ],
         "{seen:?}"
     );
-    if seen.len() == 2 {
+    // runc runs the host's ps(1): compared only where that is procps (the rig's is busybox's,
+    // which prints other columns and refuses -x).
+    if seen.len() == 2 && seen[1].1[0].contains("UID,PID,PPID") {
         assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    } else if seen.len() == 2 {
+        println!(
+            "runc's ps here is not procps' (it printed {:?}): not compared",
+            seen[1].1
+        );
     }
 }

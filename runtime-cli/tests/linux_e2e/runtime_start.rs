@@ -203,11 +203,8 @@ fn test_containers_restore_in_a_running_pool() {
         .lines()
         .find_map(|l| l.split_once("pre-started VMM pid ").map(|(_, p)| p))
         .and_then(|p| {
-            p.trim_end_matches('"')
-                .trim_end_matches(')')
-                .trim()
-                .parse()
-                .ok()
+            let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
         })
         .unwrap_or_else(|| panic!("no pooled VMM in {text}"));
     child.kill().unwrap();
