@@ -121,8 +121,9 @@ pub fn features() -> Value {
 }
 
 /// Capability names kata-snap recognizes (the list of runtime-spec's
-/// `features-linux.md`, through Linux 5.9's CAP_CHECKPOINT_RESTORE).
-const CAPABILITIES: &[&str] = &[
+/// `features-linux.md`, through Linux 5.9's CAP_CHECKPOINT_RESTORE), in
+/// the kernel's order: the index is the capability's number.
+pub(crate) const CAPABILITIES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_DAC_READ_SEARCH",
