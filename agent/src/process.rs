@@ -6,7 +6,8 @@
 //!  agent (parent)                       child
 //!   prepare: fork ------------------->  set-up: setsid, stdio, chroot,
 //!                                        hostname (init only), rlimits,
-//!                                        umask, HOME, user, cwd,
+//!                                        umask, HOME, bounding caps,
+//!                                        user, cwd, capset + ambient,
 //!                                        PATH lookup, no_new_privs
 //!   <-- report: READY ---------------    (or: kind byte + message, _exit)
 //!   ... Created ...                      blocked reading the go pipe
