@@ -82,9 +82,9 @@ pub fn default_spec() -> Value {
 
 /// What `kata-snap features` prints, in the shape of the OCI features
 /// document (runtime-spec `features.md`, runc's `runc features`), with values
-/// true to kata-snap: namespaces and capabilities are *recognized* (accepted,
-/// the VM standing in for them), but no hook runs and no cgroup, seccomp,
-/// AppArmor, SELinux or Intel RDT is applied.
+/// true to kata-snap: capabilities are applied in the guest, namespaces are
+/// *recognized* (accepted, the VM standing in for them), but no hook runs and
+/// no cgroup, seccomp, AppArmor, SELinux or Intel RDT is applied.
 pub fn features() -> Value {
     json!({
         "ociVersionMin": OCI_VERSION_MIN,
