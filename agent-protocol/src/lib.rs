@@ -101,13 +101,13 @@ pub use frame::{
     read_message, write_frame, write_message,
 };
 pub use messages::{
-    AgentMessage, ErrorKind, ExecRequest, FsType, HostMessage, Mount, Process, ProcessEntry,
-    Rlimit, RlimitKind, RootfsSource, RootfsSpec, RunRequest, User,
+    AgentMessage, Capabilities, ErrorKind, ExecRequest, FsType, HostMessage, Mount, Process,
+    ProcessEntry, Rlimit, RlimitKind, RootfsSource, RootfsSpec, RunRequest, User,
 };
 pub use resources::{ContainerStats, CpuStats, MemoryEvents, MemoryStats, PidsStats, Resources};
 pub use validate::{
-    MAX_ARGS, MAX_ENV, MAX_GROUPS, MAX_MOUNTS, MAX_PROCESSES, MAX_TEXT, MIN_REALTIME_NS,
-    SUPPORTED_MOUNT_TYPES, Validate, ValidationError,
+    MAX_ARGS, MAX_ENV, MAX_GROUPS, MAX_MOUNTS, MAX_PATH_LIST, MAX_PROCESSES, MAX_TEXT,
+    MIN_REALTIME_NS, SUPPORTED_MOUNT_TYPES, Validate, ValidationError,
 };
 
 /// Version of this protocol. Peers with different versions refuse to talk.
@@ -117,7 +117,10 @@ pub use validate::{
 /// `umask`.
 /// 4: `Update` / `Stats` and `AgentMessage::Stats` (runc's `update` and
 /// `events`), `ErrorKind::Cgroup`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: `Process::capabilities` (OCI `process.capabilities`), and
+/// `RunRequest::masked_paths` / `readonly_paths` (OCI `linux.maskedPaths`,
+/// `linux.readonlyPaths`), all at the end of their structs.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest payload of one frame, in bytes (the 4-byte length prefix excluded).
 pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;

@@ -189,6 +189,26 @@ pub struct Process {
     pub no_new_privileges: bool,
     /// The umask to exec with (OCI `process.user.umask`); `None` keeps 0o022.
     pub umask: Option<u32>,
+    /// The capability sets to exec with (OCI `process.capabilities`); `None`
+    /// leaves the process with the capabilities its uid gets from the agent.
+    pub capabilities: Option<Capabilities>,
+}
+
+/// Capability sets, one bit per capability: bit N is capability number N
+/// (`CAP_CHOWN` is 0, `CAP_CHECKPOINT_RESTORE` 40). Bits the guest kernel does
+/// not know are ignored in `bounding` and refused by `capset(2)` elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Capabilities kept in the bounding set; all others are dropped.
+    pub bounding: u64,
+    /// The effective set.
+    pub effective: u64,
+    /// The permitted set.
+    pub permitted: u64,
+    /// The inheritable set.
+    pub inheritable: u64,
+    /// The ambient set (raised where permitted and inheritable allow).
+    pub ambient: u64,
 }
 
 /// Everything the agent needs to create the container and its init process.
@@ -202,6 +222,13 @@ pub struct RunRequest {
     pub mounts: Vec<Mount>,
     /// Where the root filesystem comes from.
     pub rootfs: RootfsSpec,
+    /// OCI `linux.maskedPaths`: absolute container paths hidden after the
+    /// mounts (a directory under an empty read-only tmpfs, anything else
+    /// under `/dev/null`); a path that does not exist is skipped.
+    pub masked_paths: Vec<String>,
+    /// OCI `linux.readonlyPaths`: absolute container paths bind-mounted
+    /// read-only onto themselves after the mounts; a missing one is skipped.
+    pub readonly_paths: Vec<String>,
 }
 
 /// Another process in the running container (runc's `exec`).

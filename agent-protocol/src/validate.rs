@@ -38,6 +38,8 @@ pub const MAX_REALTIME_NS: u64 = 7_258_118_400 * 1_000_000_000;
 pub const SUPPORTED_MOUNT_TYPES: &[&str] = &[
     "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup2", "bind",
 ];
+/// Most entries in `masked_paths`, and in `readonly_paths`.
+pub const MAX_PATH_LIST: usize = 256;
 /// Longest exec id, in bytes.
 pub const MAX_EXEC_ID: usize = 64;
 /// Highest signal number (`SIGRTMAX` on Linux).
@@ -324,6 +326,14 @@ impl Validate for RunRequest {
         for m in &self.mounts {
             validate_mount(m)?;
         }
+        count("masked_paths", self.masked_paths.len(), MAX_PATH_LIST)?;
+        for p in &self.masked_paths {
+            abs_path("masked path", p)?;
+        }
+        count("readonly_paths", self.readonly_paths.len(), MAX_PATH_LIST)?;
+        for p in &self.readonly_paths {
+            abs_path("readonly path", p)?;
+        }
         match &self.rootfs.source {
             RootfsSource::Block { device, .. } => abs_path("rootfs device", device),
             RootfsSource::Directory { path } => abs_path("rootfs directory", path),
@@ -464,6 +474,7 @@ mod tests {
             terminal: false,
             no_new_privileges: true,
             umask: None,
+            capabilities: None,
         }
     }
 
@@ -479,6 +490,8 @@ mod tests {
                 },
                 readonly: false,
             },
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
         }
     }
 
@@ -527,6 +540,43 @@ mod tests {
         let mut r = run();
         r.hostname = Some("a".repeat(65));
         assert!(matches!(r.validate(), Err(ValidationError::BadHostname(_))));
+    }
+
+    #[test]
+    fn test_validate_masked_and_readonly_paths_checked() {
+        let mut r = run();
+        r.masked_paths = vec!["relative".into()];
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::BadPath {
+                field: "masked path",
+                ..
+            })
+        ));
+        let mut r = run();
+        r.readonly_paths = vec!["/proc/../etc".into()];
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::BadPath {
+                field: "readonly path",
+                ..
+            })
+        ));
+        let mut r = run();
+        r.masked_paths = vec!["/a".into(); MAX_PATH_LIST + 1];
+        assert!(matches!(
+            r.validate(),
+            Err(ValidationError::TooMany {
+                field: "masked_paths",
+                ..
+            })
+        ));
+        let mut r = run();
+        r.readonly_paths = vec![format!("/{}", "a".repeat(MAX_TEXT))];
+        assert!(matches!(r.validate(), Err(ValidationError::TooLong { .. })));
+        let mut r = run();
+        r.masked_paths = vec!["/a\0b".into()];
+        assert!(matches!(r.validate(), Err(ValidationError::Nul { .. })));
     }
 
     #[test]

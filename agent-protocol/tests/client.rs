@@ -46,6 +46,7 @@ fn request() -> RunRequest {
             terminal: false,
             no_new_privileges: false,
             umask: None,
+            capabilities: None,
         },
         hostname: None,
         mounts: vec![],
@@ -53,6 +54,8 @@ fn request() -> RunRequest {
             source: RootfsSource::Directory { path: "/".into() },
             readonly: true,
         },
+        masked_paths: vec![],
+        readonly_paths: vec![],
     }
 }
 

@@ -13,6 +13,7 @@
 //! write.
 #![deny(missing_docs)]
 
+pub mod caps;
 pub mod cgroup;
 pub mod config;
 pub mod container;

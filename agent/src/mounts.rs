@@ -179,6 +179,96 @@ pub fn apply_mount(rootfs: &Path, m: &Mount) -> Result<(), MountError> {
     Ok(())
 }
 
+/// `resolve_in_rootfs` for a masked or read-only path: `None` when it does
+/// not exist (runc skips it), its type otherwise.
+fn existing_in_rootfs(rootfs: &Path, path: &str) -> Result<Option<(PathBuf, bool)>, MountError> {
+    let target = resolve_in_rootfs(rootfs, path)?;
+    match fs::symlink_metadata(&target) {
+        Ok(m) => Ok(Some((target, m.is_dir()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(MountError::MountPoint {
+            path: target,
+            source,
+        }),
+    }
+}
+
+fn path_err<'a>(fs_type: &'a str, path: &'a str) -> impl Fn(nix::Error) -> MountError + 'a {
+    move |source| MountError::Mount {
+        fs_type: fs_type.into(),
+        destination: path.into(),
+        source,
+    }
+}
+
+/// OCI `linux.readonlyPaths`, as runc applies them after the mounts: each
+/// existing path is bind-mounted (recursively) onto itself, then remounted
+/// read-only, keeping its nosuid/nodev/noexec. A missing path is skipped.
+pub fn apply_readonly_paths(rootfs: &Path, paths: &[String]) -> Result<(), MountError> {
+    for p in paths {
+        let Some((target, _)) = existing_in_rootfs(rootfs, p)? else {
+            continue;
+        };
+        let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
+        mount(Some(&target), &target, None::<&str>, bind, None::<&str>)
+            .map_err(path_err("bind", p))?;
+        // A bind remount must repeat the locked flags of the mount it remounts.
+        let kept = nix::sys::statvfs::statvfs(&target)
+            .map(|st| {
+                use nix::sys::statvfs::FsFlags;
+                let f = st.flags();
+                let mut k = MsFlags::empty();
+                k.set(MsFlags::MS_NOSUID, f.contains(FsFlags::ST_NOSUID));
+                k.set(MsFlags::MS_NODEV, f.contains(FsFlags::ST_NODEV));
+                k.set(MsFlags::MS_NOEXEC, f.contains(FsFlags::ST_NOEXEC));
+                k
+            })
+            .map_err(path_err("bind", p))?;
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            bind | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | kept,
+            None::<&str>,
+        )
+        .map_err(path_err("bind", p))?;
+        tracing::debug!(path = %p, "read-only path");
+    }
+    Ok(())
+}
+
+/// OCI `linux.maskedPaths`, as runc applies them after the mounts: an
+/// existing directory gets an empty read-only tmpfs, anything else the
+/// agent's `/dev/null` bound over it. A missing path is skipped.
+pub fn apply_masked_paths(rootfs: &Path, paths: &[String]) -> Result<(), MountError> {
+    for p in paths {
+        let Some((target, is_dir)) = existing_in_rootfs(rootfs, p)? else {
+            continue;
+        };
+        if is_dir {
+            mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .map_err(path_err("tmpfs", p))?;
+        } else {
+            mount(
+                Some("/dev/null"),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(path_err("bind", p))?;
+        }
+        tracing::debug!(path = %p, "masked path");
+    }
+    Ok(())
+}
+
 /// A read-only rootfs gets its own `/dev`: unless the OCI mounts provide
 /// one, a tmpfs is mounted there first (as the default OCI spec does), so
 /// the default device nodes do not land in the root that is sealed

@@ -6,7 +6,8 @@
 //!  agent (parent)                       child
 //!   prepare: fork ------------------->  set-up: setsid, stdio, chroot,
 //!                                        hostname (init only), rlimits,
-//!                                        umask, HOME, user, cwd,
+//!                                        umask, HOME, bounding caps,
+//!                                        user, cwd, capset + ambient,
 //!                                        PATH lookup, no_new_privs
 //!   <-- report: READY ---------------    (or: kind byte + message, _exit)
 //!   ... Created ...                      blocked reading the go pipe
@@ -238,6 +239,8 @@ struct ChildPlan<'a> {
     env: Vec<CString>,
     args: Vec<CString>,
     path_env: String,
+    /// The kernel's highest capability number (read before the fork).
+    last_cap: u32,
 }
 
 fn reset_signals() {
@@ -411,6 +414,13 @@ fn child_setup(
         umask as libc::mode_t,
     ));
     let env = env_with_home(plan)?;
+    // runc's order: the bounding set while still root, the permitted set kept across the
+    // change of uid, the sets themselves once the user is set.
+    if let Some(c) = &process.capabilities {
+        crate::caps::drop_bounding(c.bounding, plan.last_cap)
+            .map_err(|e| ChildFailure::setup("drop bounding capabilities", e))?;
+        crate::caps::set_keep_caps(true).map_err(|e| ChildFailure::setup("keep caps", e))?;
+    }
     let u = &process.user;
     let groups: Vec<nix::unistd::Gid> = u
         .additional_gids
@@ -438,6 +448,11 @@ fn child_setup(
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| ChildFailure::setup("setuid", e))?;
     if chdir_later {
         nix::unistd::chdir(process.cwd.as_str()).map_err(cwd_err)?;
+    }
+    if let Some(c) = &process.capabilities {
+        crate::caps::set_keep_caps(false).map_err(|e| ChildFailure::setup("keep caps", e))?;
+        crate::caps::apply(c, plan.last_cap)
+            .map_err(|e| ChildFailure::setup("set capabilities", e))?;
     }
     let name = &process.args[0];
     let path = look_path(name, &plan.path_env).map_err(|(kind, m)| ChildFailure::new(kind, m))?;
@@ -673,6 +688,7 @@ pub fn prepare(
             .find_map(|e| e.strip_prefix("PATH="))
             .unwrap_or(DEFAULT_PATH)
             .to_owned(),
+        last_cap: crate::caps::last_cap(),
     };
     // (parent's fds, child's fds [stdin, stdout, stderr])
     let (stdin, stdout, stderr, child_fds): (OwnedFd, OwnedFd, Option<OwnedFd>, Vec<OwnedFd>) =

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use agent_protocol::{Rlimit, RlimitKind, User, validate::validate_hostname};
+use agent_protocol::{Capabilities, Rlimit, RlimitKind, User, validate::validate_hostname};
 use oci_spec::runtime::{Hook, Hooks, Linux, Process, Spec};
 
 use crate::error::ConfigError;
@@ -26,8 +26,14 @@ const DEFAULT_DEVICES: &[&str] = &[
     "/dev/ptmx",
 ];
 
-/// Converts a parsed config. `dir` is the absolute bundle directory.
-pub fn convert(dir: &Path, spec: &Spec, notes: Vec<String>) -> Result<BundleConfig, ConfigError> {
+/// Converts a parsed config. `dir` is the absolute bundle directory;
+/// `capabilities` is `process.capabilities` as written in the JSON.
+pub fn convert(
+    dir: &Path,
+    spec: &Spec,
+    notes: Vec<String>,
+    capabilities: Option<&serde_json::Value>,
+) -> Result<BundleConfig, ConfigError> {
     let mut ignored = notes;
     let oci_version = spec.version().clone();
     if oci_version.split('.').next() != Some("1") {
@@ -48,6 +54,7 @@ pub fn convert(dir: &Path, spec: &Spec, notes: Vec<String>) -> Result<BundleConf
     let readonly = root_spec.readonly().unwrap_or(false);
     let process = process(
         spec.process().as_ref().ok_or(ConfigError::NoProcess)?,
+        capabilities,
         &mut ignored,
     )?;
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
@@ -64,6 +71,11 @@ pub fn convert(dir: &Path, spec: &Spec, notes: Vec<String>) -> Result<BundleConf
     let resources = match spec.linux() {
         Some(linux) => self::linux(linux, &mut ignored)?,
         None => Resources::default(),
+    };
+    let paths = |list: &Option<Vec<String>>| list.clone().unwrap_or_default();
+    let (masked_paths, readonly_paths) = match spec.linux() {
+        Some(l) => (paths(l.masked_paths()), paths(l.readonly_paths())),
+        None => (Vec::new(), Vec::new()),
     };
     let cgroups_path = match spec
         .linux()
@@ -88,8 +100,61 @@ pub fn convert(dir: &Path, spec: &Spec, notes: Vec<String>) -> Result<BundleConf
         annotations,
         resources,
         cgroups_path,
+        masked_paths,
+        readonly_paths,
         ignored,
     })
+}
+
+/// The number of the capability named `name` (`CAP_CHOWN` is 0), if known.
+pub fn capability_number(name: &str) -> Option<u32> {
+    crate::spec::CAPABILITIES
+        .iter()
+        .position(|c| *c == name)
+        .map(|n| n as u32)
+}
+
+/// `process.capabilities` (as written in the JSON) to bit masks. An unknown
+/// name is skipped with a note, as runc skips it with a warning; a missing
+/// set is empty.
+pub(crate) fn capabilities(
+    raw: Option<&serde_json::Value>,
+    ignored: &mut Vec<String>,
+) -> Result<Option<Capabilities>, ConfigError> {
+    let Some(raw) = raw.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let Some(obj) = raw.as_object() else {
+        return Err(ConfigError::CapabilityShape("(all)".into()));
+    };
+    let mut set = |key: &str| -> Result<u64, ConfigError> {
+        let mut mask = 0u64;
+        let names = match obj.get(key) {
+            None | Some(serde_json::Value::Null) => return Ok(0),
+            Some(serde_json::Value::Array(a)) => a,
+            Some(_) => return Err(ConfigError::CapabilityShape(key.into())),
+        };
+        for n in names {
+            let name = n
+                .as_str()
+                .ok_or_else(|| ConfigError::CapabilityShape(key.into()))?;
+            match capability_number(name) {
+                Some(bit) => mask |= 1 << bit,
+                None => ignored.push(format!(
+                    "process.capabilities.{key} {}: unknown capability, skipped",
+                    name.chars().take(64).collect::<String>()
+                )),
+            }
+        }
+        Ok(mask)
+    };
+    Ok(Some(Capabilities {
+        bounding: set("bounding")?,
+        effective: set("effective")?,
+        permitted: set("permitted")?,
+        inheritable: set("inheritable")?,
+        ambient: set("ambient")?,
+    }))
 }
 
 /// The name an oci-spec enum has in config.json (its serde name, e.g.
@@ -134,6 +199,7 @@ fn rootfs(dir: &Path, path: &Path) -> Result<PathBuf, ConfigError> {
 
 pub(crate) fn process(
     p: &Process,
+    raw_capabilities: Option<&serde_json::Value>,
     ignored: &mut Vec<String>,
 ) -> Result<ProcessConfig, ConfigError> {
     let args = p.args().clone().unwrap_or_default();
@@ -176,11 +242,6 @@ pub(crate) fn process(
             cols: u16::try_from(b.width()).unwrap_or(u16::MAX),
         });
     for (name, present, why) in [
-        (
-            "capabilities",
-            p.capabilities().is_some(),
-            "the VM is the isolation boundary",
-        ),
         (
             "apparmorProfile",
             p.apparmor_profile().is_some(),
@@ -227,6 +288,7 @@ pub(crate) fn process(
         rlimits,
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
         umask,
+        capabilities: capabilities(raw_capabilities, ignored)?,
     })
 }
 
@@ -325,16 +387,6 @@ fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<Resources, ConfigError>
             "seccomp",
             l.seccomp().is_some(),
             "the VM is the isolation boundary",
-        ),
-        (
-            "maskedPaths",
-            l.masked_paths().is_some(),
-            "they mask the guest's /proc and /sys, not the host's",
-        ),
-        (
-            "readonlyPaths",
-            l.readonly_paths().is_some(),
-            "they protect the guest's /proc and /sys, not the host's",
         ),
         (
             "rootfsPropagation",

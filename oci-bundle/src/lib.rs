@@ -34,7 +34,7 @@
 //! | `process.user.umask` | 0o022 (what the guest gives) accepted; any other value refused: the agent cannot set one yet |
 //! | `process.user.username`, `commandLine` | ignored (Windows only) |
 //! | `process.rlimits` | honoured; an unknown name is refused |
-//! | `process.capabilities` | ignored: the VM is the boundary; the process has the capabilities of its uid in the guest |
+//! | `process.capabilities` | honoured: the guest process gets these bounding, effective, permitted, inheritable and ambient sets (as runc); an unknown name is skipped with a note, as runc warns |
 //! | `process.apparmorProfile`, `selinuxLabel`, `linux.mountLabel` | ignored: the guest kernel has no LSM |
 //! | `process.oomScoreAdj`, `ioPriority`, `scheduler`, `execCPUAffinity` | ignored: the process is alone in its VM |
 //! | `hostname` | honoured |
@@ -57,7 +57,7 @@
 //! | `linux.resources` anything else | ignored: no host cgroup for the container |
 //! | `linux.cgroupsPath` | honoured: the VM's host process is placed there (cgroup v2); the container's limits apply in the guest |
 //! | `linux.seccomp` | ignored: the VM is the boundary |
-//! | `linux.maskedPaths`, `readonlyPaths` | ignored: they would hide the guest's /proc and /sys, not the host's |
+//! | `linux.maskedPaths`, `readonlyPaths` | honoured in the guest, as runc: a masked directory gets an empty read-only tmpfs, anything else `/dev/null`; a read-only path is bound read-only onto itself; a missing path is skipped |
 //! | `linux.sysctl` | ignored, each key recorded (Docker always sends two network ones) |
 //! | `linux.devices` | the default devices (null, zero, full, random, urandom, tty, ptmx) ignored, the guest has them; any other refused |
 //! | `linux.rootfsPropagation` | ignored |
@@ -66,10 +66,11 @@
 //! | `solaris`, `windows`, `vm`, `zos` | refused |
 //!
 //! oci-spec's types are stricter than runc in some sections kata-snap ignores
-//! (an unknown capability or seccomp action is a parse error there, a
-//! warning in runc): when the typed parse fails, it is retried without those
-//! sections, so they cannot make a config unusable; other errors keep
-//! serde's line and column.
+//! (an unknown seccomp action is a parse error there, a warning in runc):
+//! when the typed parse fails, it is retried without those sections, so they
+//! cannot make a config unusable; other errors keep serde's line and column.
+//! `process.capabilities` is converted from the JSON itself, so an unknown
+//! name (a newer kernel's) is skipped alone.
 #![deny(missing_docs)]
 
 mod convert;
@@ -83,10 +84,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use agent_protocol::{
-    Mount, Process, Rlimit, RootfsSource, RootfsSpec, RunRequest, User, Validate,
+    Capabilities, Mount, Process, Rlimit, RootfsSource, RootfsSpec, RunRequest, User, Validate,
 };
 
-pub use convert::GUEST_UMASK;
+pub use convert::{GUEST_UMASK, capability_number};
 pub use error::{BundleError, ConfigError};
 pub use read::MAX_CONFIG_BYTES;
 pub use resources::Resources;
@@ -132,6 +133,10 @@ pub struct BundleConfig {
     pub resources: Resources,
     /// `linux.cgroupsPath` as written (runc's syntax; resolved by the runtime).
     pub cgroups_path: Option<String>,
+    /// `linux.maskedPaths`, hidden in the guest.
+    pub masked_paths: Vec<String>,
+    /// `linux.readonlyPaths`, made read-only in the guest.
+    pub readonly_paths: Vec<String>,
     /// What was accepted but has no effect in a VM, one line each.
     pub ignored: Vec<String>,
 }
@@ -157,6 +162,8 @@ pub struct ProcessConfig {
     pub no_new_privileges: bool,
     /// `process.user.umask`, if set.
     pub umask: Option<u32>,
+    /// `process.capabilities` as masks; `None` when the config has none.
+    pub capabilities: Option<Capabilities>,
 }
 
 impl ProcessConfig {
@@ -171,6 +178,7 @@ impl ProcessConfig {
             terminal: self.terminal,
             no_new_privileges: self.no_new_privileges,
             umask: self.umask,
+            capabilities: self.capabilities,
         }
     }
 }
@@ -195,6 +203,8 @@ impl BundleConfig {
                 source: rootfs,
                 readonly: self.readonly,
             },
+            masked_paths: self.masked_paths.clone(),
+            readonly_paths: self.readonly_paths.clone(),
         }
     }
 }
@@ -205,17 +215,21 @@ impl BundleConfig {
 /// same rules, and validated as the agent will.
 pub fn load_process(path: &Path) -> Result<ProcessConfig, BundleError> {
     let bytes = read::read_process_file(path)?;
-    let process: oci_spec::runtime::Process =
-        serde_json::from_slice(&bytes).map_err(|source| BundleError::ConfigSyntax {
-            path: path.into(),
-            source,
-        })?;
+    let syntax = |source| BundleError::ConfigSyntax {
+        path: path.into(),
+        source,
+    };
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(syntax)?;
+    // Capabilities are converted from the JSON (an unknown name is skipped
+    // there, where oci-spec's type would refuse the file).
+    let raw_caps = value.as_object_mut().and_then(|o| o.remove("capabilities"));
+    let process: oci_spec::runtime::Process = serde_json::from_value(value).map_err(syntax)?;
     let config_err = |error| BundleError::Config {
         path: path.into(),
         error,
     };
     let mut ignored = Vec::new();
-    let p = convert::process(&process, &mut ignored).map_err(config_err)?;
+    let p = convert::process(&process, raw_caps.as_ref(), &mut ignored).map_err(config_err)?;
     p.agent_process()
         .validate()
         .map_err(|e| config_err(e.into()))?;
@@ -238,12 +252,18 @@ pub fn load(bundle_dir: &Path) -> Result<Bundle, BundleError> {
     }
     let path = dir.join(CONFIG_FILE);
     let bytes = read::read_config(&path)?;
-    let (spec, notes) = read::parse_config(&path, &bytes)?;
+    let parsed = read::parse_config(&path, &bytes)?;
     let config_err = |error| BundleError::Config {
         path: path.clone(),
         error,
     };
-    let config = convert::convert(&dir, &spec, notes).map_err(config_err)?;
+    let config = convert::convert(
+        &dir,
+        &parsed.spec,
+        parsed.notes,
+        parsed.capabilities.as_ref(),
+    )
+    .map_err(config_err)?;
     // The runtime picks the real source; any valid one checks the rest.
     let probe = RootfsSource::Block {
         device: "/dev/vdb".into(),

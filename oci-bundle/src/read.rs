@@ -172,9 +172,20 @@ pub fn read_process_file(path: &Path) -> Result<Vec<u8>, BundleError> {
     }
 }
 
+/// A parsed config.json.
+pub struct Parsed {
+    /// oci-spec's view.
+    pub spec: Spec,
+    /// Notes for the ignored list: lenient sections dropped to parse.
+    pub notes: Vec<String>,
+    /// `process.capabilities` as written: converted from the JSON, so that
+    /// a name oci-spec does not know (a newer kernel's) is skipped alone.
+    pub capabilities: Option<Value>,
+}
+
 /// Parses config.json into oci-spec's [`Spec`]. Also returns notes for the
 /// ignored list when a lenient section had to be dropped to parse.
-pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<(Spec, Vec<String>), BundleError> {
+pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<Parsed, BundleError> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|source| BundleError::ConfigSyntax {
             path: path.into(),
@@ -188,27 +199,44 @@ pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<(Spec, Vec<String>), Bu
             ),
         });
     }
+    let capabilities = value.pointer("/process/capabilities").cloned();
     let strict_err = match serde_json::from_slice::<Spec>(bytes) {
-        Ok(spec) => return Ok((spec, Vec::new())),
+        Ok(spec) => {
+            return Ok(Parsed {
+                spec,
+                notes: Vec::new(),
+                capabilities,
+            });
+        }
         Err(e) => e,
     };
     let mut lenient = value;
     let mut notes = Vec::new();
+    let mut dropped = false;
     for (parent, key) in LENIENT_SECTIONS {
         if let Some(Value::Object(map)) = lenient.pointer_mut(parent)
             && map.remove(*key).is_some()
         {
+            dropped = true;
+            // Capabilities are converted from the JSON itself (above).
+            if (*parent, *key) == ("/process", "capabilities") {
+                continue;
+            }
             notes.push(format!(
                 "{}.{key}: ignored, dropped before parsing since oci-spec refused the config ({strict_err})",
                 parent.trim_start_matches('/').replace('/', ".")
             ));
         }
     }
-    match (notes.is_empty(), serde_json::from_value::<Spec>(lenient)) {
-        (false, Ok(spec)) => {
+    match (dropped, serde_json::from_value::<Spec>(lenient)) {
+        (true, Ok(spec)) => {
             tracing::warn!(path = %path.display(), error = %strict_err,
                 "config.json parsed only without sections kata-snap ignores");
-            Ok((spec, notes))
+            Ok(Parsed {
+                spec,
+                notes,
+                capabilities,
+            })
         }
         _ => Err(BundleError::ConfigSchema {
             path: path.into(),

@@ -82,9 +82,9 @@ pub fn default_spec() -> Value {
 
 /// What `kata-snap features` prints, in the shape of the OCI features
 /// document (runtime-spec `features.md`, runc's `runc features`), with values
-/// true to kata-snap: namespaces and capabilities are *recognized* (accepted,
-/// the VM standing in for them), but no hook runs and no cgroup, seccomp,
-/// AppArmor, SELinux or Intel RDT is applied.
+/// true to kata-snap: capabilities are applied in the guest, namespaces are
+/// *recognized* (accepted, the VM standing in for them), but no hook runs and
+/// no cgroup, seccomp, AppArmor, SELinux or Intel RDT is applied.
 pub fn features() -> Value {
     json!({
         "ociVersionMin": OCI_VERSION_MIN,
@@ -121,8 +121,9 @@ pub fn features() -> Value {
 }
 
 /// Capability names kata-snap recognizes (the list of runtime-spec's
-/// `features-linux.md`, through Linux 5.9's CAP_CHECKPOINT_RESTORE).
-const CAPABILITIES: &[&str] = &[
+/// `features-linux.md`, through Linux 5.9's CAP_CHECKPOINT_RESTORE), in
+/// the kernel's order: the index is the capability's number.
+pub(crate) const CAPABILITIES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_DAC_READ_SEARCH",

@@ -388,3 +388,73 @@ fn test_load_process_converts_as_config_json_and_refuses_bad_files() {
     assert!(e.contains("character device"), "{e}");
     assert!(oci_bundle::load_process(dir.path()).is_err());
 }
+
+#[test]
+fn test_load_process_capabilities_converted_unknown_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("process.json");
+    let mut p = minimal(&["sh"])["process"].clone();
+    p["capabilities"] = json!({
+        "bounding": ["CAP_SYS_ADMIN", "CAP_CHECKPOINT_RESTORE", "CAP_NEXT_BIG_THING"],
+        "effective": ["CAP_SYS_ADMIN"],
+        "permitted": ["CAP_SYS_ADMIN"],
+        "inheritable": [],
+        "ambient": ["CAP_CHOWN"]
+    });
+    std::fs::write(&file, serde_json::to_vec(&p).unwrap()).unwrap();
+    let c = oci_bundle::load_process(&file)
+        .unwrap()
+        .capabilities
+        .unwrap();
+    assert_eq!(c.bounding, 1 << 21 | 1 << 40);
+    assert_eq!((c.effective, c.permitted), (1 << 21, 1 << 21));
+    assert_eq!((c.inheritable, c.ambient), (0, 1));
+    // Without capabilities, none (exec then gives the container's).
+    p.as_object_mut().unwrap().remove("capabilities");
+    std::fs::write(&file, serde_json::to_vec(&p).unwrap()).unwrap();
+    assert_eq!(oci_bundle::load_process(&file).unwrap().capabilities, None);
+}
+
+#[test]
+fn test_masked_and_readonly_paths_reach_the_run_request() {
+    let (b, _) = load_with(|c| {
+        c["linux"]["maskedPaths"] = json!(["/testfile", "/testdir"]);
+        c["linux"]["readonlyPaths"] = json!(["/proc/sys"]);
+    });
+    let config = b.load().unwrap().config;
+    let req = config.run_request(agent_protocol::RootfsSource::Block {
+        device: "/dev/vdb".into(),
+        fs: None,
+    });
+    assert_eq!(req.masked_paths, ["/testfile", "/testdir"]);
+    assert_eq!(req.readonly_paths, ["/proc/sys"]);
+    assert!(
+        !config.ignored.iter().any(|i| i.contains("Paths")),
+        "{:#?}",
+        config.ignored
+    );
+}
+
+#[test]
+fn test_masked_path_relative_refused() {
+    let (b, _) = load_with(|c| c["linux"]["maskedPaths"] = json!(["testfile"]));
+    let e = b.load().unwrap_err().to_string();
+    assert!(e.contains("masked path"), "{e}");
+}
+
+#[test]
+fn test_capability_numbers_are_the_kernels() {
+    for (name, n) in [
+        ("CAP_CHOWN", 0),
+        ("CAP_KILL", 5),
+        ("CAP_NET_BIND_SERVICE", 10),
+        ("CAP_SYS_ADMIN", 21),
+        ("CAP_AUDIT_WRITE", 29),
+        ("CAP_AUDIT_READ", 37),
+        ("CAP_CHECKPOINT_RESTORE", 40),
+    ] {
+        assert_eq!(oci_bundle::capability_number(name), Some(n), "{name}");
+    }
+    assert_eq!(oci_bundle::capability_number("CAP_NOPE"), None);
+    assert_eq!(oci_bundle::capability_number("kill"), None);
+}

@@ -54,15 +54,41 @@ fn test_runc_default_spec_loaded() {
     let cg = &c.mounts[6];
     assert_eq!(cg.options, ["nosuid", "noexec", "nodev", "relatime", "ro"]);
     assert_eq!(c.resources, Resources::default());
-    for field in [
-        "process.capabilities",
-        "linux.namespaces",
-        "linux.maskedPaths",
-        "linux.readonlyPaths",
-        "linux.resources.devices",
-    ] {
+    for field in ["linux.namespaces", "linux.resources.devices"] {
         assert!(has(&c.ignored, field), "{field} not in {:#?}", c.ignored);
     }
+    // Applied in the guest now, as runc applies them.
+    for field in [
+        "process.capabilities",
+        "linux.maskedPaths",
+        "linux.readonlyPaths",
+    ] {
+        assert!(!has(&c.ignored, field), "{field} in {:#?}", c.ignored);
+    }
+    // CAP_AUDIT_WRITE (29), CAP_KILL (5), CAP_NET_BIND_SERVICE (10); no inheritable set.
+    let default = (1 << 29) | (1 << 5) | (1 << 10);
+    assert_eq!(
+        c.process.capabilities,
+        Some(agent_protocol::Capabilities {
+            bounding: default,
+            effective: default,
+            permitted: default,
+            inheritable: 0,
+            ambient: default,
+        })
+    );
+    assert_eq!(c.masked_paths.len(), 10);
+    assert_eq!(c.masked_paths[2], "/proc/kcore");
+    assert_eq!(
+        c.readonly_paths,
+        [
+            "/proc/bus",
+            "/proc/fs",
+            "/proc/irq",
+            "/proc/sys",
+            "/proc/sysrq-trigger"
+        ]
+    );
 }
 
 #[test]
@@ -117,13 +143,20 @@ fn test_containerd_spec_resources_and_mounts() {
         Some("docker.io/library/busybox:latest")
     );
     assert_eq!(c.cgroups_path.as_deref(), Some("/default/demo"));
-    for field in [
-        "linux.seccomp",
-        "linux.resources.cpu.shares",
-        "process.capabilities",
-    ] {
+    for field in ["linux.seccomp", "linux.resources.cpu.shares"] {
         assert!(has(&c.ignored, field), "{field} not in {:#?}", c.ignored);
     }
+    let caps = c.process.capabilities.expect("capabilities");
+    // Docker's default 14, bounding = effective = permitted, no ambient.
+    assert_eq!(caps.bounding.count_ones(), 14);
+    assert_eq!(caps.effective, caps.bounding);
+    assert_eq!(caps.permitted, caps.bounding);
+    assert_eq!(caps.ambient, 0);
+    // CAP_CHOWN (0), CAP_SYS_CHROOT (18), no CAP_SYS_ADMIN (21).
+    assert_eq!(
+        caps.bounding & (1 << 0 | 1 << 18 | 1 << 21),
+        1 << 0 | 1 << 18
+    );
 }
 
 /// Docker: the network identity binds and the libnetwork hook are dropped

@@ -209,23 +209,41 @@ fn test_config_unknown_rlimit_refused() {
     assert!(msg.contains("RLIMIT_BOGUS"), "{msg}");
 }
 
-/// An unknown capability (a newer kernel's) only affects a section kata-snap
-/// ignores: the config loads, and the drop is recorded.
+/// An unknown capability (a newer kernel's) is skipped alone, with a note,
+/// as runc warns: the config loads and the other names apply.
 #[test]
-fn test_config_unknown_capability_tolerated() {
+fn test_config_unknown_capability_skipped_others_kept() {
     let b = TestBundle::new();
     let mut c = minimal(&["sh"]);
-    c["process"]["capabilities"]["bounding"][0] = "CAP_FUTURE_THING".into();
+    c["process"]["capabilities"] = serde_json::json!({
+        "bounding": ["CAP_FUTURE_THING", "CAP_KILL"],
+        "effective": ["CAP_KILL"],
+    });
     b.write(&c);
     let config = b.load().unwrap().config;
     assert!(
         config
             .ignored
             .iter()
-            .any(|i| i.starts_with("process.capabilities: ignored, dropped")),
+            .any(|i| i
+                == "process.capabilities.bounding CAP_FUTURE_THING: unknown capability, skipped"),
         "{:#?}",
         config.ignored
     );
+    let caps = config.process.capabilities.unwrap();
+    assert_eq!((caps.bounding, caps.effective), (1 << 5, 1 << 5));
+    assert_eq!((caps.permitted, caps.inheritable, caps.ambient), (0, 0, 0));
+}
+
+/// `process.capabilities` of the wrong shape is refused, naming the set.
+#[test]
+fn test_config_capabilities_wrong_shape_refused() {
+    let b = TestBundle::new();
+    let mut c = minimal(&["sh"]);
+    c["process"]["capabilities"] = serde_json::json!({"bounding": "CAP_KILL"});
+    b.write(&c);
+    let msg = one_line(&b.load().unwrap_err());
+    assert!(msg.contains("capabilities"), "{msg}");
 }
 
 #[test]

@@ -135,6 +135,7 @@ impl Container {
                 terminal: false,
                 no_new_privileges: false,
                 umask: None,
+                capabilities: None,
             },
             hostname: None,
             mounts: vec![Mount {
@@ -149,6 +150,8 @@ impl Container {
                 },
                 readonly: false,
             },
+            masked_paths: vec![],
+            readonly_paths: vec![],
         };
         init.create(req).unwrap();
         init.start_created().unwrap();

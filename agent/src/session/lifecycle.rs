@@ -10,7 +10,9 @@ use nix::unistd::Pid;
 
 use super::{Phase, Proc, Session, SessionContext, SessionEnd, error};
 use crate::exit_status::EXIT_CANNOT_INVOKE;
-use crate::mounts::{apply_mount, populate_dev, prepare_dev};
+use crate::mounts::{
+    apply_masked_paths, apply_mount, apply_readonly_paths, populate_dev, prepare_dev,
+};
 use crate::process::{Prepared, Role, SpawnError, Spawned, prepare};
 use crate::restore::RestoreOps;
 use crate::rootfs::prepare as prepare_rootfs;
@@ -209,6 +211,13 @@ impl Session {
                     .map_err(Failure::rootfs)
             })
             .and_then(|()| populate_dev(&rootfs.root).map_err(Failure::rootfs))
+            // runc's order: read-only paths, then masked ones.
+            .and_then(|()| {
+                apply_readonly_paths(&rootfs.root, &req.readonly_paths).map_err(Failure::rootfs)
+            })
+            .and_then(|()| {
+                apply_masked_paths(&rootfs.root, &req.masked_paths).map_err(Failure::rootfs)
+            })
             .and_then(|()| rootfs.seal().map_err(Failure::rootfs));
         if let Err(e) = mounted {
             rootfs.teardown();

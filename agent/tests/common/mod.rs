@@ -58,6 +58,7 @@ const APPLETS: &[&str] = &[
     "sha256sum",
     "stat",
     "rm",
+    "umount",
 ];
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -230,6 +231,7 @@ impl Agent {
                 terminal: false,
                 no_new_privileges: false,
                 umask: None,
+                capabilities: None,
             },
             hostname: None,
             mounts: vec![Mount {
@@ -244,6 +246,8 @@ impl Agent {
                 },
                 readonly: false,
             },
+            masked_paths: vec![],
+            readonly_paths: vec![],
         }
     }
 

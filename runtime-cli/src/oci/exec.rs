@@ -82,8 +82,9 @@ pub struct ExecArgs {
     /// Pass N more descriptors: not possible into a VM, only 0.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preserve_fds: u32,
-    /// Accepted for runc compatibility (the VM is the boundary).
-    #[arg(long, short = 'c', hide = true, value_name = "CAP")]
+    /// Add a capability (CAP_NAME) to the process's bounding, effective and permitted sets
+    /// (and ambient when it has inheritable ones), as runc does (repeatable).
+    #[arg(long, short = 'c', value_name = "CAP")]
     pub cap: Vec<String>,
     /// Accepted for runc compatibility (no LSM in the guest).
     #[arg(long, hide = true)]
@@ -168,13 +169,21 @@ pub(super) fn exec(g: &GlobalOpts, args: ExecArgs, seccomp: SeccompMode) -> Resu
 
 /// The process: `--process FILE` whole, or the bundle's with the command line's changes.
 fn exec_process(bundle: &Path, args: &ExecArgs) -> Result<(Process, Option<(u16, u16)>)> {
+    let load_bundle = || {
+        oci_bundle::load(bundle)
+            .context("cannot read the container's bundle for the process defaults")
+    };
     let config = match &args.process {
-        Some(file) => oci_bundle::load_process(file)?,
+        Some(file) => {
+            let mut p = oci_bundle::load_process(file)?;
+            // runc: a process file without capabilities gets the container's.
+            if p.capabilities.is_none() {
+                p.capabilities = load_bundle()?.config.process.capabilities;
+            }
+            p
+        }
         None => {
-            let mut p = oci_bundle::load(bundle)
-                .context("cannot read the container's bundle for the process defaults")?
-                .config
-                .process;
+            let mut p = load_bundle()?.config.process;
             p.args = args.command.clone();
             // runc: the exec's terminal is what --tty says, not the bundle's.
             p.terminal = false;
@@ -210,7 +219,28 @@ fn exec_process(bundle: &Path, args: &ExecArgs) -> Result<(Process, Option<(u16,
     if args.no_new_privs {
         p.no_new_privileges = true;
     }
+    add_caps(&mut p, &args.cap)?;
     Ok((p, config.console_size.map(|c| (c.rows, c.cols))))
+}
+
+/// `exec --cap NAME`: runc adds each to the bounding, effective and permitted sets, and to the
+/// ambient set when the process has inheritable capabilities (ambient needs them). A process
+/// without configured capabilities keeps all of them, so there is nothing to add.
+fn add_caps(p: &mut Process, names: &[String]) -> Result<()> {
+    for name in names {
+        let bit = oci_bundle::capability_number(name)
+            .with_context(|| format!("--cap {name}: unknown capability"))?;
+        if let Some(c) = p.capabilities.as_mut() {
+            let m = 1u64 << bit;
+            c.bounding |= m;
+            c.effective |= m;
+            c.permitted |= m;
+            if c.inheritable != 0 {
+                c.ambient |= m;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An id for the exec, unique among the container's running execs.
@@ -385,5 +415,62 @@ fn bridge_loop(mut bridge: Bridge, signals: &SignalFd) -> i32 {
         if revents.get(2).is_some_and(|r| !r.is_empty()) {
             bridge.on_input();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(caps: Option<agent_protocol::Capabilities>) -> Process {
+        Process {
+            args: vec!["sh".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: agent_protocol::User {
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![],
+            },
+            rlimits: vec![],
+            terminal: false,
+            no_new_privileges: false,
+            umask: None,
+            capabilities: caps,
+        }
+    }
+
+    #[test]
+    fn test_exec_cap_added_as_runc_adds_it() {
+        let kill = 1u64 << 5;
+        let base = agent_protocol::Capabilities {
+            bounding: kill,
+            effective: kill,
+            permitted: kill,
+            inheritable: 0,
+            ambient: 0,
+        };
+        let mut p = process(Some(base));
+        add_caps(&mut p, &["CAP_SYS_ADMIN".into()]).unwrap();
+        let admin = 1u64 << 21;
+        let c = p.capabilities.unwrap();
+        assert_eq!(
+            (c.bounding, c.effective, c.permitted),
+            (kill | admin, kill | admin, kill | admin)
+        );
+        // No inheritable set: ambient stays empty (it could not be raised).
+        assert_eq!((c.inheritable, c.ambient), (0, 0));
+        let mut p = process(Some(agent_protocol::Capabilities {
+            inheritable: kill,
+            ..base
+        }));
+        add_caps(&mut p, &["CAP_SYS_ADMIN".into()]).unwrap();
+        assert_eq!(p.capabilities.unwrap().ambient, admin);
+        let e = add_caps(&mut p, &["CAP_BOGUS".into()]).unwrap_err();
+        assert!(e.to_string().contains("CAP_BOGUS"), "{e}");
+        // A process with every capability has nothing to add.
+        let mut p = process(None);
+        add_caps(&mut p, &["CAP_SYS_ADMIN".into()]).unwrap();
+        assert_eq!(p.capabilities, None);
     }
 }

@@ -633,6 +633,7 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
             terminal: false,
             no_new_privileges: false,
             umask: None,
+            capabilities: None,
         },
         hostname: None,
         mounts,
@@ -643,6 +644,8 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
             },
             readonly: false,
         },
+        masked_paths: vec![],
+        readonly_paths: vec![],
     }
 }
 

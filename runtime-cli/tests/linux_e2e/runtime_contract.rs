@@ -517,3 +517,83 @@ fn test_ps_lists_the_container_processes_as_runc() {
         );
     }
 }
+
+/// runc's `mask.bats`: a masked file reads empty and cannot be removed (the default root is
+/// read-only) nor unmounted (the default capabilities lack CAP_SYS_ADMIN), a masked directory
+/// lists empty, a read-only path refuses writes, and the process's `Cap*` lines of
+/// /proc/self/status, for `run` and for `exec`, are runc's.
+#[test]
+fn test_masked_readonly_paths_and_capabilities_as_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let script = "cat /testfile; echo end-file; ls -A /testdir; echo end-dir; \
+                  rm -f /testfile; umount /testfile; \
+                  echo h > /proc/sys/kernel/hostname || echo ro-refused; \
+                  grep Cap /proc/self/status";
+    let b = bundle(dir.path(), "mask", script, false);
+    let rootfs = b.join("rootfs");
+    fs::write(rootfs.join("testfile"), "secret\n").unwrap();
+    fs::create_dir(rootfs.join("testdir")).unwrap();
+    fs::write(rootfs.join("testdir/inside"), "hidden\n").unwrap();
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(b.join("config.json")).unwrap()).unwrap();
+    for (key, add) in [
+        ("maskedPaths", ["/testfile", "/testdir", "/no/such/path"]),
+        ("readonlyPaths", ["/proc/sys", "/no/such/ro", "/proc/bus"]),
+    ] {
+        let list = spec["linux"][key].as_array_mut().unwrap();
+        list.extend(add.iter().map(|p| serde_json::Value::from(*p)));
+    }
+    let b_exec = dir.path().join("mask-exec");
+    fs::write(b.join("config.json"), spec.to_string()).unwrap();
+    // The same bundle with a long-running process, for exec.
+    spec["process"]["args"] = serde_json::json!(["sleep", "600"]);
+    // runc refuses a rootfs that is a symlink: the same directory, by its absolute path.
+    spec["root"]["path"] = rootfs.canonicalize().unwrap().to_str().unwrap().into();
+    fs::create_dir(&b_exec).unwrap();
+    fs::write(b_exec.join("config.json"), spec.to_string()).unwrap();
+    subreaper();
+    let mut seen = Vec::new();
+    for (name, cmd) in &runtimes(e, dir.path()) {
+        let o = run_it(
+            cmd(),
+            &["run", "--no-pivot", "--bundle", b.to_str().unwrap(), "m1"],
+        );
+        start_detached(cmd, dir.path(), &b_exec, "m2");
+        let x = run_it(cmd(), &["exec", "m2", "grep", "Cap", "/proc/self/status"]);
+        let _ = run_it(cmd(), &["delete", "--force", "m2"]);
+        // The container's own complaints (a runtime may log lines of its own).
+        let complaints: Vec<&str> = o
+            .stderr
+            .lines()
+            .filter(|l| ["rm:", "umount:", "sh:"].iter().any(|p| l.starts_with(p)))
+            .collect();
+        seen.push((
+            *name,
+            [
+                o.stdout.clone(),
+                complaints.join("\n"),
+                o.code().to_string(),
+                x.stdout.clone(),
+                x.code().to_string(),
+            ],
+        ));
+    }
+    // runc's default capabilities: CAP_AUDIT_WRITE, CAP_KILL, CAP_NET_BIND_SERVICE.
+    let caps = "CapInh:\t0000000000000000\nCapPrm:\t0000000020000420\n\
+                CapEff:\t0000000020000420\nCapBnd:\t0000000020000420\n\
+                CapAmb:\t0000000000000000\n";
+    let ours = &seen[0].1;
+    assert_eq!(ours[0], format!("end-file\nend-dir\nro-refused\n{caps}"));
+    assert!(
+        ours[1].contains("Read-only file system") && ours[1].contains("Operation not permitted"),
+        "{}",
+        ours[1]
+    );
+    assert_eq!(ours[2], "0");
+    assert_eq!((ours[3].as_str(), ours[4].as_str()), (caps, "0"));
+    if seen.len() == 2 {
+        assert_eq!(seen[0].1, seen[1].1, "kata-snap vs runc");
+    }
+}
