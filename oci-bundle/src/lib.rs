@@ -223,6 +223,12 @@ pub fn load_process(path: &Path) -> Result<ProcessConfig, BundleError> {
     // Capabilities are converted from the JSON (an unknown name is skipped
     // there, where oci-spec's type would refuse the file).
     let raw_caps = value.as_object_mut().and_then(|o| o.remove("capabilities"));
+    // runc reads a process without `user` as uid 0, gid 0 (Go's zero value); oci-spec's type
+    // requires the field.
+    if let Some(o) = value.as_object_mut() {
+        o.entry("user")
+            .or_insert_with(|| serde_json::json!({"uid": 0, "gid": 0}));
+    }
     let process: oci_spec::runtime::Process = serde_json::from_value(value).map_err(syntax)?;
     let config_err = |error| BundleError::Config {
         path: path.into(),

@@ -362,6 +362,14 @@ fn test_load_process_converts_as_config_json_and_refuses_bad_files() {
     std::fs::write(&good, b"{not json").unwrap();
     assert!(oci_bundle::load_process(&good).is_err());
 
+    // runc's own tests give a process without `user`: uid 0, gid 0, as runc reads it.
+    let mut no_user = p.clone();
+    no_user.as_object_mut().unwrap().remove("user");
+    no_user["args"] = json!(["true"]);
+    std::fs::write(&good, serde_json::to_vec(&no_user).unwrap()).unwrap();
+    let got = oci_bundle::load_process(&good).unwrap();
+    assert_eq!((got.user.uid, got.user.gid), (0, 0));
+
     // A pipe is read to its end, as a shell's `-p <(...)` gives it (`/dev/fd/63`, a link to
     // the pipe); a FIFO with no writer reads empty (not JSON) instead of blocking.
     p["args"] = json!(["echo", "piped"]);
