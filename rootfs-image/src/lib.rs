@@ -590,8 +590,8 @@ impl ImageCache {
         self.dir.join(format!("{key}.lock"))
     }
 
-    /// Takes the exclusive `flock` of `key`, waiting for it. Released when the file is dropped.
-    fn lock(&self, key: &str) -> Result<File, ImageError> {
+    /// Opens (creating it, mode 0600, never through a link) the lock file of `key`.
+    fn lock_file(&self, key: &str) -> Result<(File, PathBuf), ImageError> {
         let path = self.lock_path(key);
         let file = OpenOptions::new()
             .read(true)
@@ -605,6 +605,12 @@ impl ImageCache {
                 path: path.clone(),
                 source,
             })?;
+        Ok((file, path))
+    }
+
+    /// Takes the exclusive `flock` of `key`, waiting for it. Released when the file is dropped.
+    fn lock(&self, key: &str) -> Result<File, ImageError> {
+        let (file, path) = self.lock_file(key)?;
         file.lock()
             .map_err(|source| ImageError::Lock { path, source })?;
         Ok(file)
@@ -612,19 +618,7 @@ impl ImageCache {
 
     /// Takes the exclusive `flock` of `key` if no one holds it.
     fn try_lock(&self, key: &str) -> Result<Option<File>, ImageError> {
-        let path = self.lock_path(key);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|source| ImageError::Lock {
-                path: path.clone(),
-                source,
-            })?;
+        let (file, path) = self.lock_file(key)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(file)),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),

@@ -13,7 +13,7 @@
 //! systemd for the unit).
 
 use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -198,7 +198,7 @@ pub fn enter(dir: &Path, pid: i32) -> Result<()> {
     let procs = dir.join("cgroup.procs");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .custom_flags_nofollow()
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&procs)
         .with_context(|| format!("cannot open {}", procs.display()))?;
     f.write_all(pid.to_string().as_bytes())
@@ -258,17 +258,6 @@ fn check_below_root(dir: &Path) -> Result<()> {
         bail!("{} is not a cgroup below {CGROUP2_ROOT}", dir.display());
     }
     Ok(())
-}
-
-trait NoFollow {
-    fn custom_flags_nofollow(&mut self) -> &mut Self;
-}
-
-impl NoFollow for std::fs::OpenOptions {
-    fn custom_flags_nofollow(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-    }
 }
 
 #[cfg(test)]

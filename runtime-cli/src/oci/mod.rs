@@ -308,10 +308,7 @@ fn dispatch(cmd: OciCommand, g: &GlobalOpts, seccomp: SeccompMode, t0: Instant) 
             }
             let procs = exec::connect(&store.dir(&id))?
                 .processes()
-                .map_err(|e| match e {
-                    agent_protocol::ClientError::Agent { message, .. } => anyhow::anyhow!(message),
-                    e => anyhow::anyhow!(e),
-                })?;
+                .map_err(update::agent_error)?;
             print!("{}", ps::table(shape, &procs, ps::now(), &ps::host_user));
             Ok(0)
         }

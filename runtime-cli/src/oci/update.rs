@@ -370,7 +370,7 @@ pub fn parse_go_duration(s: &str) -> std::result::Result<Duration, String> {
 }
 
 /// The agent's refusal as one line (its text is runc's where runc has one).
-fn agent_error(e: ClientError) -> anyhow::Error {
+pub(super) fn agent_error(e: ClientError) -> anyhow::Error {
     match e {
         ClientError::Agent { message, .. } => anyhow!(message),
         e => anyhow!(e),

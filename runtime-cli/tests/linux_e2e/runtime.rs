@@ -97,6 +97,16 @@ pub(crate) fn ks_cmd(e: &Env, root: &Path) -> Command {
 /// Makes a runtime's command line (its binary and `--root`).
 pub(crate) type CommandMaker<'a> = Box<dyn Fn() -> Command + 'a>;
 
+/// The runtimes under test: kata-snap, and runc when present.
+pub(crate) fn runtimes<'a>(e: &'a Env, dir: &'a Path) -> Vec<(&'static str, CommandMaker<'a>)> {
+    let mut r: Vec<(&str, CommandMaker<'_>)> =
+        vec![("kata-snap", Box::new(move || ks_cmd(e, &dir.join("ks"))))];
+    if runc_present() {
+        r.push(("runc", Box::new(move || runc_cmd(&dir.join("runc")))));
+    }
+    r
+}
+
 pub(crate) fn runc_cmd(root: &Path) -> Command {
     let mut c = Command::new(RUNC);
     c.arg("--root").arg(root);
@@ -205,11 +215,7 @@ fn test_lifecycle_goes_through_the_same_states_as_runc() {
     // A subreaper, as containerd's shim is: the daemonized container processes are reaped here.
     subreaper();
     let b = bundle(dir.path(), "life", "echo started; sleep 600", false);
-    let mut runtimes: Vec<(&str, CommandMaker<'_>)> =
-        vec![("kata-snap", Box::new(|| ks_cmd(e, &dir.path().join("ks"))))];
-    if runc_present() {
-        runtimes.push(("runc", Box::new(|| runc_cmd(&dir.path().join("runc")))));
-    }
+    let runtimes = runtimes(e, dir.path());
     let mut seen = Vec::new();
     for (name, cmd) in &runtimes {
         let out = dir.path().join(format!("{name}.out"));
@@ -419,11 +425,7 @@ fn test_run_killed_with_sigkill_gives_137_as_runc() {
     let e = env(&art);
     let dir = tempfile::tempdir_in(&e.dir).unwrap();
     let b = bundle(dir.path(), "k", "echo up; sleep 600", false);
-    let mut runtimes: Vec<(&str, CommandMaker<'_>)> =
-        vec![("kata-snap", Box::new(|| ks_cmd(e, &dir.path().join("ks"))))];
-    if runc_present() {
-        runtimes.push(("runc", Box::new(|| runc_cmd(&dir.path().join("runc")))));
-    }
+    let runtimes = runtimes(e, dir.path());
     for (name, cmd) in &runtimes {
         let out = dir.path().join(format!("{name}.out"));
         let mut c = cmd();

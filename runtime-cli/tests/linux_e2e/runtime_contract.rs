@@ -14,16 +14,6 @@ use crate::common::{Output, collect, wait_deadline};
 use crate::guest::*;
 use crate::runtime::*;
 
-/// The runtimes under test: kata-snap, and runc when present.
-fn runtimes<'a>(e: &'a Env, dir: &'a Path) -> Vec<(&'static str, CommandMaker<'a>)> {
-    let mut r: Vec<(&str, CommandMaker<'_>)> =
-        vec![("kata-snap", Box::new(move || ks_cmd(e, &dir.join("ks"))))];
-    if runc_present() {
-        r.push(("runc", Box::new(move || runc_cmd(&dir.join("runc")))));
-    }
-    r
-}
-
 /// `run` of `bundle` with `stdin` piped in.
 fn run_with_stdin(mut c: Command, bundle: &Path, id: &str, stdin: Vec<u8>) -> Output {
     c.args(["run", "--no-pivot", "--bundle"])

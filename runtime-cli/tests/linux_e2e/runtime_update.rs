@@ -55,11 +55,7 @@ fn test_update_and_events_stats_as_runc() {
     let dir = tempfile::tempdir_in(&e.dir).unwrap();
     subreaper();
     let b = bundle(dir.path(), "up", "sleep 600", false);
-    let mut runtimes: Vec<(&str, CommandMaker<'_>)> =
-        vec![("kata-snap", Box::new(|| ks_cmd(e, &dir.path().join("ks"))))];
-    if runc_present() {
-        runtimes.push(("runc", Box::new(|| runc_cmd(&dir.path().join("runc")))));
-    }
+    let runtimes = runtimes(e, dir.path());
     let mut seen = Vec::new();
     for (name, cmd) in &runtimes {
         start_detached(cmd.as_ref(), dir.path(), &b, "u1");

@@ -592,51 +592,17 @@ mod tests {
     /// used to read `?`).
     #[test]
     fn test_refusal_report_names_every_thread_kind() {
-        let filters = Filters::new(SeccompMode::Kill).unwrap();
         for kind in ThreadKind::ALL {
             // sysinfo(2) only reads; no list allows it.
             assert!(!allowed(kind).contains(&libc::SYS_sysinfo), "{kind:?}");
-            let mut pipe = [0i32; 2];
-            // SAFETY: pipe(2) fills the two-element array.
-            assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
-            // SAFETY: fork in a test; the child only redirects stderr, installs a filter and
-            // makes one refused syscall (the handler ends it).
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0);
-            if pid == 0 {
-                // SAFETY: dup2 of the pipe's write end onto stderr, in the child only.
-                unsafe { libc::dup2(pipe[1], 2) };
-                if filters.apply(kind).is_err() {
-                    // SAFETY: leaving the child at once.
-                    unsafe { libc::_exit(2) };
-                }
+            let (status, line) = in_filtered_child(kind, || {
                 // SAFETY: all-zero is a valid `sysinfo` (integers and a padding array).
                 let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
                 // SAFETY: sysinfo(2) writes the struct we pass; the filter refuses it first.
                 unsafe { libc::syscall(libc::SYS_sysinfo, &mut info) };
-                // SAFETY: leaving the child.
-                unsafe { libc::_exit(0) };
-            }
-            // SAFETY: closing our copy of the write end, which we own.
-            unsafe { libc::close(pipe[1]) };
-            let mut out = Vec::new();
-            let mut buf = [0u8; 256];
-            loop {
-                // SAFETY: reading into a local buffer from the pipe's read end.
-                let n = unsafe { libc::read(pipe[0], buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
-                    break;
-                }
-                out.extend_from_slice(&buf[..n as usize]);
-            }
-            // SAFETY: closing the read end, which we own.
-            unsafe { libc::close(pipe[0]) };
-            let mut status = 0;
-            // SAFETY: waiting for our own child.
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            });
             assert!(libc::WIFEXITED(status), "{kind:?}: status {status:#x}");
             assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS, "{kind:?}");
-            let line = String::from_utf8_lossy(&out);
             let expected = format!("syscall {} on thread {} (", libc::SYS_sysinfo, kind.name());
             assert!(line.contains(&expected), "{kind:?}: {line:?}");
         }
