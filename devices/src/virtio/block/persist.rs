@@ -2,6 +2,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 
 use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
 use vm_memory::GuestMemoryMmap;
 
 use super::backend::{BackendKind, Disk};
@@ -134,19 +135,34 @@ impl Persist for Block {
         };
         let mut handler = BlockHandler::new(disk, geo, id_bytes(&d.id), args.backend);
         handler.spare_slot = d.spare_slot.clone();
-        handler.announce_config_change = geo.sectors != d.sectors;
         for (q, s) in state.skip.iter().enumerate() {
             if let Some(set) = handler.skip.get_mut(q) {
                 *set = s.iter().copied().collect::<BTreeSet<_>>();
             }
         }
-        Ok(restore_device(
+        let device = restore_device(
             front(geo),
             handler,
             args.mem,
             args.parts,
             &state.transport,
             &state.queues,
-        )?)
+        )?;
+        // A spare slot given a disk (or a slot's disk taken away) is announced to an active
+        // driver here, before any vCPU runs, so the first thing the guest reads after the
+        // restore already shows it. (Announced from the worker's activation instead, a
+        // pre-loaded shell's vCPUs could run before the loop got to it.)
+        let t = &state.transport;
+        let active = t.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !t.needs_reset;
+        if geo.sectors != d.sectors && active {
+            tracing::info!(
+                "virtio-blk: disk changed at restore, {} sectors",
+                geo.sectors
+            );
+            let transport = device.transport();
+            let guard = transport.lock().unwrap_or_else(|e| e.into_inner());
+            guard.interrupt().signal_config_change();
+        }
+        Ok(device)
     }
 }

@@ -64,8 +64,6 @@ pub struct BlockHandler {
     pub(super) skip: Vec<BTreeSet<u16>>,
     /// The spare slot's name, when this disk is one.
     pub(super) spare_slot: Option<String>,
-    /// Raise a config-change interrupt on the restored activation (spare slot swapped).
-    pub(super) announce_config_change: bool,
 }
 
 impl BlockHandler {
@@ -81,7 +79,6 @@ impl BlockHandler {
             in_flight: 0,
             skip: vec![BTreeSet::new()],
             spare_slot: None,
-            announce_config_change: false,
         }
     }
 
@@ -207,17 +204,10 @@ impl QueueHandler for BlockHandler {
     fn activated<C>(
         &mut self,
         _active: &mut Active,
-        restored: bool,
-        irq: &Interrupt,
+        _restored: bool,
+        _irq: &Interrupt,
         _ops: &mut HandlerOps<'_, C, RequestSlot>,
     ) -> Result<(), DeviceFailure> {
-        if restored && std::mem::take(&mut self.announce_config_change) {
-            tracing::info!(
-                "virtio-blk: disk changed at restore, {} sectors",
-                self.geo.sectors
-            );
-            irq.signal_config_change();
-        }
         Ok(())
     }
 

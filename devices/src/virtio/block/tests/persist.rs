@@ -133,6 +133,14 @@ fn test_blk_spare_slot_restore_announces_new_capacity() {
         &state,
     )
     .unwrap();
+    // Shown before the device's worker is on any loop: a pre-loaded shell's vCPUs may read
+    // the interrupt status before the event loop gets to the device.
+    let isr = dev.transport().lock().unwrap().interrupt().status();
+    assert_eq!(
+        isr & crate::virtio::VIRTIO_MMIO_INT_CONFIG,
+        crate::virtio::VIRTIO_MMIO_INT_CONFIG,
+        "the config change is announced by the restore itself"
+    );
     let mut h2 = h.restored(dev, mem2);
     assert!(h2.run_until_irq(Duration::from_secs(2)));
     assert_eq!(
