@@ -105,3 +105,23 @@ fn test_conformance_vsock_save_restore_continues() {
         super::vsock::tests::vsock_io,
     );
 }
+
+#[test]
+fn test_conformance_net_save_restore_continues() {
+    use super::net::NetArgs;
+    use super::net::tests::{CONFORMANCE_HOST, datagram_pair, net_device, net_io};
+    let (first, host0) = datagram_pair();
+    let (second, host1) = datagram_pair();
+    CONFORMANCE_HOST.with(|c| *c.borrow_mut() = vec![host0, host1]);
+    let first = std::cell::RefCell::new(Some(first));
+    let second = std::cell::RefCell::new(Some(second));
+    check_device::<_, NetArgs>(
+        |mem| net_device(mem, first.borrow_mut().take()),
+        |mem| NetArgs {
+            mem,
+            backend: second.borrow_mut().take(),
+            parts: Some(super::front::Parts::new(2).unwrap()),
+        },
+        net_io,
+    );
+}

@@ -30,6 +30,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

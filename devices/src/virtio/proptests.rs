@@ -194,4 +194,36 @@ proptest! {
             &r,
         );
     }
+
+    #[test]
+    fn test_prop_net_random_tx_ring_stays_in_writable_buffers(r in ring()) {
+        let hosts = std::cell::RefCell::new(Vec::new());
+        check(
+            |mem| {
+                let (backend, host) = super::net::tests::datagram_pair();
+                hosts.borrow_mut().push(host);
+                super::net::tests::net_device(mem, Some(backend))
+            },
+            1,
+            &r,
+        );
+    }
+
+    #[test]
+    fn test_prop_net_random_rx_ring_stays_in_writable_buffers(r in ring(), len in 0usize..5000) {
+        let hosts = std::cell::RefCell::new(Vec::new());
+        check(
+            |mem| {
+                let (backend, host) = super::net::tests::datagram_pair();
+                // Frames waiting in the backend, so the device fills whatever buffers it finds.
+                for i in 0..4u8 {
+                    host.send(&super::net::tests::frame(&super::net::tests::pattern(len, i))).unwrap();
+                }
+                hosts.borrow_mut().push(host);
+                super::net::tests::net_device(mem, Some(backend))
+            },
+            0,
+            &r,
+        );
+    }
 }

@@ -202,6 +202,17 @@ pub enum DeviceFailure {
         /// The chain's head index.
         head: u16,
     },
+    /// A buffer the device can use in no way (a receive buffer the device may not write, or
+    /// one too small for the header every buffer must hold).
+    #[error("queue {queue}: unusable buffer at head {head}: {reason}")]
+    BadBuffer {
+        /// The queue.
+        queue: usize,
+        /// The chain's head index.
+        head: u16,
+        /// What was wrong.
+        reason: &'static str,
+    },
     /// Writing the used ring failed.
     #[error("queue {0}: cannot write the used ring")]
     UsedRing(usize),
