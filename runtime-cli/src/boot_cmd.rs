@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use vmm::seccomp::SeccompMode;
-use vmm::vm::virtio::{DiskSpec, SpareSlot, VirtioSpecs, VsockHost, VsockSpec};
+use vmm::vm::virtio::{DiskSpec, NetSpec, SpareSlot, VirtioSpecs, VsockHost, VsockSpec};
 
 /// Default of `--vsock-max-conns`.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = vmm::vm::virtio::DEFAULT_VSOCK_MAX_CONNECTIONS as u32;
@@ -50,8 +50,8 @@ pub struct BootArgs {
     #[arg(long, value_name = "PATH")]
     pub serial_log: Option<PathBuf>,
     /// Attach a virtio-blk disk backed by PATH; `ro` makes it read-only, `id=NAME` sets the id the
-    /// guest reads (default: the file name). Repeat for several disks. Disks, then vsock, then rng
-    /// take the virtio-mmio slots in order; each is announced as `virtio_mmio.device=` on the
+    /// guest reads (default: the file name). Repeat for several disks. Disks, then vsock, then
+    /// rng, then net devices take the virtio-mmio slots in order; each is announced as `virtio_mmio.device=` on the
     /// kernel command line.
     #[arg(long, value_name = "PATH[,ro][,id=NAME]", value_parser = parse_disk)]
     pub disk: Vec<DiskSpec>,
@@ -74,6 +74,13 @@ pub struct BootArgs {
     /// Attach virtio-rng (entropy from the host's getrandom).
     #[arg(long)]
     pub rng: bool,
+    /// Attach a virtio-net device named ID (repeatable; after every other device). `tap=NAME`
+    /// backs it with that tap (created if missing, which needs CAP_NET_ADMIN); without it the
+    /// device is a slot: link down, frames dropped, until a restore attaches a tap
+    /// (`restore --net-slot ID=TAP`). `mac=MAC` sets the guest's MAC (default: random,
+    /// locally administered).
+    #[arg(long, value_name = "ID[,tap=NAME][,mac=MAC]", value_parser = parse_net)]
+    pub net: Vec<NetSpec>,
     /// Take a snapshot into this directory (which must not exist) at the exact exit where the
     /// guest writes READY (1) to port 0xf4: how templates are made.
     #[arg(long, value_name = "DIR")]
@@ -159,6 +166,55 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
         cid,
         host: VsockHost::new(PathBuf::from(path)),
     })
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff` (unicast).
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{s} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// Parses `--net ID[,tap=NAME][,mac=MAC]`.
+pub fn parse_net(s: &str) -> Result<NetSpec, String> {
+    let mut parts = s.split(',');
+    let id = parts.next().unwrap_or_default();
+    if id.is_empty() || id.len() > 20 || !id.is_ascii() || id.contains('=') {
+        return Err("the net device id must be 1 to 20 ASCII characters, no '='".into());
+    }
+    let mut spec = NetSpec {
+        id: id.to_string(),
+        tap: None,
+        mac: None,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() && name.len() < 16 => {
+                spec.tap = Some(name.to_string())
+            }
+            Some(("tap", _)) => return Err("tap=NAME must be 1 to 15 bytes".into()),
+            Some(("mac", mac)) => spec.mac = Some(parse_mac(mac)?),
+            _ => {
+                return Err(format!(
+                    "unknown net option {opt:?} (known: tap=NAME, mac=MAC)"
+                ));
+            }
+        }
+    }
+    Ok(spec)
 }
 
 /// Resolves `--kernel` into an image, checking a file is there and looks like a kernel.
@@ -361,6 +417,7 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Resu
                 v
             }),
             rng: args.rng,
+            nets: args.net,
         },
         snapshot_on_ready: args.snapshot_on_ready.map(|dir| SnapshotOnReady {
             dir,
@@ -413,5 +470,28 @@ mod capped_tests {
             text.starts_with("0123456789\n[kata-snap: 10 more bytes"),
             "{text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod net_arg_tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_net_options_and_refusals() {
+        let n = parse_net("eth0,tap=ksn-tap1,mac=02:00:00:aa:bb:cc").unwrap();
+        assert_eq!(n.id, "eth0");
+        assert_eq!(n.tap.as_deref(), Some("ksn-tap1"));
+        assert_eq!(n.mac, Some([2, 0, 0, 0xaa, 0xbb, 0xcc]));
+        let slot = parse_net("n1").unwrap();
+        assert_eq!((slot.tap, slot.mac), (None, None));
+        assert!(parse_net("").is_err());
+        assert!(parse_net("n,tap=").is_err());
+        assert!(parse_net("n,tap=0123456789abcdef").is_err());
+        assert!(parse_net("n,mtu=1500").is_err());
+        assert!(parse_net("n,mac=01:00:00:00:00:01").is_err(), "multicast");
+        assert!(parse_mac("02:00:00:00:00").is_err());
+        assert!(parse_mac("02:00:00:00:00:zz").is_err());
+        assert!(parse_mac("002:00:00:00:00:01").is_err());
     }
 }

@@ -48,7 +48,9 @@ use vmm::seccomp::SeccompMode;
 use vmm::vm::SnapshotState;
 
 use crate::boot_cmd::finish;
-use crate::restore_cmd::{ModeArg, RestoreArgs, attach_restore, start_restore};
+use crate::restore_cmd::{
+    MAX_NET_SLOTS, ModeArg, OpenedTaps, RestoreArgs, attach_restore, start_restore,
+};
 
 mod claim;
 mod manager;
@@ -447,7 +449,7 @@ fn send_reply(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
 /// Receives the request and the client's stdio, restores, runs, reports.
 fn serve(vm: ShellVm, mut stream: UnixStream) -> Result<i32> {
     let mut buf = vec![0u8; MAX_REQUEST];
-    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+    let mut cmsg = nix::cmsg_space!([RawFd; 3 + MAX_NET_SLOTS]);
     let (n, fds) = {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(
@@ -470,7 +472,7 @@ fn serve(vm: ShellVm, mut stream: UnixStream) -> Result<i32> {
     };
     fault("die-after-request");
     let line = buf[..n].split(|&b| b == b'\n').next().unwrap_or_default();
-    let req: Request = match serde_json::from_slice(line) {
+    let mut req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => {
             send_reply(
@@ -482,15 +484,25 @@ fn serve(vm: ShellVm, mut stream: UnixStream) -> Result<i32> {
             return Ok(1);
         }
     };
-    if fds.len() != 3 {
+    if fds.len() != 3 + req.args.net_slot.len() {
         send_reply(
             &mut stream,
             &Reply::Error {
-                message: "the pool request must carry stdin, stdout and stderr".into(),
+                message: "the pool request must carry stdin, stdout, stderr and a tap per \
+                          --net-slot"
+                    .into(),
             },
         )?;
         return Ok(1);
     }
+    let mut fds = fds;
+    // The client's taps, opened in its network namespace, for its --net-slot devices.
+    req.args.net_taps = OpenedTaps(
+        fds.split_off(3)
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect(),
+    );
     // From here on the VM's console, stdin and logs are the client's.
     for (target, fd) in fds.iter().enumerate() {
         // SAFETY: dup2 onto fds 0-2 of this process, which only the VM uses from now on.
@@ -642,6 +654,11 @@ pub fn claim_and_start(
     {
         return Ok(Claim::Cold(None));
     }
+    // The taps are opened here, in the client's network namespace, before a shell is claimed,
+    // and handed over with stdio. One that does not open: the cold path reports it.
+    let Ok(taps) = crate::restore_cmd::net_taps(args) else {
+        return Ok(Claim::Cold(None));
+    };
     let template = Wanted::of(args).and_then(|w| w.key().map(|k| (w, k)));
     let mut after_hand_off = None;
     let preloaded = template
@@ -674,6 +691,8 @@ pub fn claim_and_start(
             (claimed, stream, Some(Box::new(state)))
         }
     };
+    let mut handed: Vec<RawFd> = stdio.to_vec();
+    handed.extend(taps.iter().map(|t| t.tap.as_raw_fd()));
     let started_ago = process_start.elapsed();
     let req = Request {
         args: args.clone(),
@@ -690,7 +709,7 @@ pub fn claim_and_start(
     let sent = sendmsg::<()>(
         stream.as_raw_fd(),
         &iov,
-        &[ControlMessage::ScmRights(&stdio)],
+        &[ControlMessage::ScmRights(&handed)],
         MsgFlags::empty(),
         None,
     );

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use vmm::seccomp::SeccompMode;
-use vmm::vm::virtio::VsockHost;
+use vmm::vm::virtio::{NetTap, VsockHost};
 use vmm::vm::{
     CheckedSnapshot, Guest, HostResources, KvmSystem, PreloadedVm, RecordWorkingSet, RestoreMode,
     RunningVm, ShellConfig, SnapshotSpec, SnapshotState, VmShell,
@@ -62,6 +62,17 @@ pub struct RestoreArgs {
     /// the new capacity through a config-change interrupt.
     #[arg(long = "disk-slot", value_name = "NAME=PATH", value_parser = parse_slot)]
     pub disk_slot: Vec<(String, PathBuf)>,
+    /// Attach the tap TAP (opened, or created with CAP_NET_ADMIN, in this process's network
+    /// namespace) to the snapshot's net device ID (repeatable); its link comes up with a
+    /// config-change interrupt. A net device left out has no link. The guest keeps the MAC it
+    /// read at boot: a clone gets its own through the agent.
+    #[arg(long = "net-slot", value_name = "ID=TAP", value_parser = parse_net_slot)]
+    pub net_slot: Vec<(String, String)>,
+    /// The taps of `net_slot`, in its order, when opened already (a pool shell receives them
+    /// from its client); else each is opened by name.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub net_taps: OpenedTaps,
     /// Print timing and page-server figures when the VM stops (and which path the restore
     /// took: a pre-started VMM from the pool, or a cold start).
     #[arg(long)]
@@ -93,6 +104,46 @@ pub enum ModeArg {
     /// Map the memory file privately and make the recorded working set present beside the
     /// vCPUs (MADV_POPULATE_READ): lazy, prefetched, clean pages shared between clones.
     MmapPrefetch,
+}
+
+/// Tap fds opened ahead for `--net-slot`, shared by clones of the arguments.
+#[derive(Debug, Clone, Default)]
+pub struct OpenedTaps(pub Vec<Arc<std::os::fd::OwnedFd>>);
+
+/// At most this many `--net-slot`s (the pool hand-off carries their fds in one message).
+pub const MAX_NET_SLOTS: usize = 8;
+
+fn parse_net_slot(s: &str) -> Result<(String, String), String> {
+    let (id, tap) = s.split_once('=').ok_or("expected ID=TAP")?;
+    if id.is_empty() {
+        return Err("the net device id is empty".into());
+    }
+    if tap.is_empty() || tap.len() > 15 || tap.contains('\0') {
+        return Err("the tap name must be 1 to 15 bytes".into());
+    }
+    Ok((id.to_string(), tap.to_string()))
+}
+
+/// The taps of `args.net_slot`: the ones opened ahead, else opened by name now.
+pub fn net_taps(args: &RestoreArgs) -> Result<Vec<NetTap>> {
+    if args.net_slot.len() > MAX_NET_SLOTS {
+        anyhow::bail!("at most {MAX_NET_SLOTS} --net-slot");
+    }
+    args.net_slot
+        .iter()
+        .enumerate()
+        .map(|(i, (id, tap))| {
+            let fd = match args.net_taps.0.get(i) {
+                Some(fd) => fd.try_clone().context("duplicating a tap fd")?,
+                None => vmm::vm::virtio::open_tap_fd(tap)
+                    .with_context(|| format!("--net-slot {id}={tap}"))?,
+            };
+            Ok(NetTap {
+                id: id.clone(),
+                tap: fd,
+            })
+        })
+        .collect()
 }
 
 fn parse_slot(s: &str) -> Result<(String, PathBuf), String> {
@@ -158,6 +209,7 @@ fn host_resources(args: &RestoreArgs) -> Result<HostResources> {
     Ok(HostResources {
         forward_stdin: !args.no_serial_stdin,
         disk_slots: args.disk_slot.iter().cloned().collect(),
+        net: net_taps(args)?,
         vsock: args.vsock.clone().map(|path| VsockHost {
             path,
             max_connections: args.vsock_max_conns as usize,

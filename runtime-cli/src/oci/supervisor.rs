@@ -336,6 +336,9 @@ impl Supervisor {
             // The container's stdin goes to its process through the agent, never to the
             // guest's console.
             no_serial_stdin: true,
+            // The container's network is not attached yet (issue 20's runtime side).
+            net_slot: Vec::new(),
+            net_taps: Default::default(),
         };
         let vm = ContainerVm::restore(&launch.dir, &args, launch.use_pool, process_start, seccomp)?;
         // A failure from here on stops the VM before `prepare` returns (its KVM worker threads

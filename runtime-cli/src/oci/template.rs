@@ -329,6 +329,8 @@ fn warm_into(
                 host: VsockHost::new(tmp.join("v.sock")),
             }),
             rng: false,
+            // The container's network is attached by the runtime later (not yet: issue 20).
+            nets: vec![],
         },
         snapshot_on_ready: Some(SnapshotOnReady {
             dir: tmp.join("snapshot"),

@@ -361,6 +361,10 @@ pub(crate) fn ioctls(kind: ThreadKind) -> Vec<(u64, &'static str)> {
         ),
     ];
     let fionbio = (libc::FIONBIO, "std's set_nonblocking on sockets");
+    let tun_offload = (
+        libc::TUNSETOFFLOAD,
+        "virtio-net: the tap's offloads follow what the guest driver acks (on activation)",
+    );
     let tcgets = (libc::TCGETS, "isatty (std's is_terminal, logging)");
     match kind {
         ThreadKind::Vcpu => vec![
@@ -383,8 +387,9 @@ pub(crate) fn ioctls(kind: ThreadKind) -> Vec<(u64, &'static str)> {
             (nr::KVM_GET_CLOCK, "VM state for a snapshot"),
             fionbio,
             tcgets,
+            tun_offload,
         ],
-        ThreadKind::VmmSealed => vec![fionbio, tcgets],
+        ThreadKind::VmmSealed => vec![fionbio, tcgets, tun_offload],
         ThreadKind::PageServer | ThreadKind::Prefetch => uffd.to_vec(),
         ThreadKind::Main => vec![tcgets],
         ThreadKind::Supervisor => vec![

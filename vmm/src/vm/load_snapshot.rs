@@ -708,6 +708,7 @@ pub(super) fn attach(
         slots,
         &host.disk_slots,
         host.vsock.as_ref(),
+        host.net,
     )?;
     let mmio = Arc::new(mmio);
     let clocks: Vec<_> = fds.iter().map(|(fd, _, tsc)| (fd, *tsc)).collect();

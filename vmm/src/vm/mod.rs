@@ -113,6 +113,9 @@ pub struct HostResources {
     /// Restore: the host side of the vsock device (required when the snapshot has one; the guest
     /// CID stays as snapshotted).
     pub vsock: Option<virtio::VsockHost>,
+    /// Restore: the taps of the snapshot's net devices, by device id, already opened (a net
+    /// device left out has no link).
+    pub net: Vec<virtio::NetTap>,
 }
 
 impl HostResources {
@@ -123,6 +126,7 @@ impl HostResources {
             forward_stdin: false,
             disk_slots: Default::default(),
             vsock: None,
+            net: Vec::new(),
         }
     }
 }

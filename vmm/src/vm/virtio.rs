@@ -6,10 +6,12 @@
 //! their workers are `!Send` and live there.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use devices::persist::Persist;
 use devices::virtio::block::{BlockArgs, BlockState};
+use devices::virtio::net::{Backend, Net, NetArgs, NetConfig, NetState};
 use devices::virtio::rng::{RngArgs, RngState};
 use devices::virtio::vsock::{VsockArgs, VsockState};
 use serde::{Deserialize, Serialize};
@@ -66,6 +68,8 @@ pub struct VsockSpec {
 
 pub use devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS as DEFAULT_VSOCK_MAX_CONNECTIONS;
 
+pub use devices::virtio::net::{TapError, open_tap_fd};
+
 /// The host side of a vsock device: given at boot, and again by each restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockHost {
@@ -86,6 +90,28 @@ impl VsockHost {
     }
 }
 
+/// A virtio-net device of `--net ID[,tap=NAME][,mac=MAC]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The device's id: the slot a restore attaches a tap to (`restore --net-slot ID=TAP`).
+    pub id: String,
+    /// The tap to open (created if it does not exist, which needs CAP_NET_ADMIN); `None` makes
+    /// a slot: link down, frames dropped, until a restore attaches a tap.
+    pub tap: Option<String>,
+    /// The guest's MAC (default: a random locally administered one).
+    pub mac: Option<[u8; 6]>,
+}
+
+/// A tap handed to a restore for the snapshot's net device `id`, already opened (the runtime
+/// opens it inside the container's network namespace) with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
+#[derive(Debug)]
+pub struct NetTap {
+    /// The net device's id in the snapshot.
+    pub id: String,
+    /// The tap's fd.
+    pub tap: OwnedFd,
+}
+
 /// The virtio devices a VM gets.
 #[derive(Debug, Clone, Default)]
 pub struct VirtioSpecs {
@@ -98,6 +124,8 @@ pub struct VirtioSpecs {
     pub vsock: Option<VsockSpec>,
     /// A virtio-rng device.
     pub rng: bool,
+    /// virtio-net devices, after every other device.
+    pub nets: Vec<NetSpec>,
 }
 
 /// A device in its slot.
@@ -108,6 +136,8 @@ pub enum VirtioDevice {
     Vsock(Vsock),
     /// virtio-rng.
     Rng(Rng),
+    /// virtio-net.
+    Net(Net),
 }
 
 impl std::fmt::Debug for VirtioDevice {
@@ -116,6 +146,7 @@ impl std::fmt::Debug for VirtioDevice {
             VirtioDevice::Block(_) => "virtio-blk",
             VirtioDevice::Vsock(_) => "virtio-vsock",
             VirtioDevice::Rng(_) => "virtio-rng",
+            VirtioDevice::Net(_) => "virtio-net",
         })
     }
 }
@@ -155,6 +186,8 @@ pub enum VirtioState {
     Vsock(VsockState),
     /// virtio-rng.
     Rng(RngState),
+    /// virtio-net.
+    Net(NetState),
 }
 
 impl Attached {
@@ -165,6 +198,7 @@ impl Attached {
             VirtioDevice::Block(d) => VirtioState::Block(d.save()),
             VirtioDevice::Vsock(d) => VirtioState::Vsock(d.save()),
             VirtioDevice::Rng(d) => VirtioState::Rng(d.save()),
+            VirtioDevice::Net(d) => VirtioState::Net(d.save()),
         };
         VirtioSnapshot {
             base: self.base,
@@ -182,6 +216,7 @@ impl Attached {
             VirtioDevice::Block(d) => d.event_source(),
             VirtioDevice::Vsock(d) => d.event_source(),
             VirtioDevice::Rng(d) => d.event_source(),
+            VirtioDevice::Net(d) => d.event_source(),
         }
     }
 }
@@ -210,6 +245,21 @@ pub enum DeviceSetupError {
     /// A virtio-rng device could not be restored.
     #[error("virtio-rng: {0}")]
     RngRestore(#[from] devices::virtio::mmio::RestoreTransportError),
+    /// A virtio-net device could not be built.
+    #[error("virtio-net: {0}")]
+    Net(#[from] devices::virtio::net::NetError),
+    /// A virtio-net device could not be restored.
+    #[error("virtio-net: {0}")]
+    NetRestore(#[from] devices::virtio::net::NetRestoreError),
+    /// A tap could not be opened or was not opened as virtio-net needs.
+    #[error("virtio-net: {0}")]
+    Tap(#[from] devices::virtio::net::TapError),
+    /// Two net devices (or two taps of a restore) with one id.
+    #[error("two net devices named {0:?}")]
+    DuplicateNet(String),
+    /// A restore gave a tap for a net device the snapshot does not have.
+    #[error("the snapshot has no net device named {0:?}")]
+    UnknownNetSlot(String),
     /// Placing a device on a bus failed.
     #[error(transparent)]
     Bus(#[from] devices::BusError),
@@ -316,6 +366,27 @@ pub fn attach_devices(
             None,
         ));
     }
+    for (i, n) in specs.nets.iter().enumerate() {
+        if specs.nets[..i].iter().any(|o| o.id == n.id) {
+            return Err(DeviceSetupError::DuplicateNet(n.id.clone()).into());
+        }
+        let backend = n
+            .tap
+            .as_deref()
+            .map(Backend::open_tap)
+            .transpose()
+            .map_err(DeviceSetupError::from)?;
+        let config = NetConfig {
+            id: n.id.clone(),
+            mac: n.mac.unwrap_or_else(devices::virtio::net::random_mac),
+        };
+        devices.push((
+            VirtioDevice::Net(
+                Net::new_net(config, backend, mem.clone()).map_err(DeviceSetupError::from)?,
+            ),
+            None,
+        ));
+    }
 
     let mut attached = Vec::with_capacity(devices.len());
     let mut cmdline = Vec::with_capacity(devices.len());
@@ -352,6 +423,7 @@ fn place(
         VirtioDevice::Block(d) => (d.queue_evts(), d.irqfd()),
         VirtioDevice::Vsock(d) => (d.queue_evts(), d.irqfd()),
         VirtioDevice::Rng(d) => (d.queue_evts(), d.irqfd()),
+        VirtioDevice::Net(d) => (d.queue_evts(), d.irqfd()),
     };
     register_slot(
         vm,
@@ -405,6 +477,7 @@ fn insert(
         VirtioDevice::Block(d) => d.transport(),
         VirtioDevice::Vsock(d) => d.transport(),
         VirtioDevice::Rng(d) => d.transport(),
+        VirtioDevice::Net(d) => d.transport(),
     };
     mmio.insert(transport, base, MMIO_WINDOW_SIZE)
         .map_err(DeviceSetupError::from)?;
@@ -437,6 +510,7 @@ pub fn prepare_slots(
                 VirtioState::Block(d) => d.transport.queue_max_sizes.len(),
                 VirtioState::Vsock(d) => d.transport.queue_max_sizes.len(),
                 VirtioState::Rng(d) => d.transport.queue_max_sizes.len(),
+                VirtioState::Net(d) => d.transport.queue_max_sizes.len(),
             };
             let parts = Parts::new(queues).map_err(DeviceSetupError::EventFd)?;
             register_slot(
@@ -469,15 +543,30 @@ impl Drop for BoundSockets {
 /// restorer gives: `slots` is the backing file of each spare disk slot by name
 /// (`--disk-slot NAME=PATH`; a slot left out stays empty), `vsock` the vsock device's host
 /// socket (required when the snapshot has a vsock device: a restore never binds the
-/// snapshotted VM's socket, so clones of one template each get their own). On an error nothing
-/// it opened or bound is left.
+/// snapshotted VM's socket, so clones of one template each get their own), `nets` the taps of
+/// its net devices by id (a net device left out has no link). On an error nothing it opened or
+/// bound is left.
 pub fn restore_devices(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     prepared: Vec<PreparedSlot>,
     slots: &HashMap<String, PathBuf>,
     vsock: Option<&VsockHost>,
+    nets: Vec<NetTap>,
 ) -> Result<Vec<Attached>, BuildVmError> {
+    let mut taps: HashMap<String, OwnedFd> = HashMap::new();
+    for t in nets {
+        if taps.contains_key(&t.id) {
+            return Err(DeviceSetupError::DuplicateNet(t.id).into());
+        }
+        if !prepared
+            .iter()
+            .any(|s| matches!(&s.saved.state, VirtioState::Net(n) if n.id == t.id))
+        {
+            return Err(DeviceSetupError::UnknownNetSlot(t.id).into());
+        }
+        taps.insert(t.id, t.tap);
+    }
     if vsock.is_some()
         && !prepared
             .iter()
@@ -530,6 +619,29 @@ pub fn restore_devices(
                 let device = Vsock::restore(args, state).map_err(DeviceSetupError::from)?;
                 bound.0.push(path.clone());
                 (VirtioDevice::Vsock(device), Some(path))
+            }
+            VirtioState::Net(state) => {
+                let backend = taps
+                    .remove(&state.id)
+                    .map(Backend::from_tap_fd)
+                    .transpose()
+                    .map_err(DeviceSetupError::from)?;
+                if backend.is_none() {
+                    tracing::info!(
+                        "virtio-net {}: no tap given (--net-slot {}=TAP): link down",
+                        state.id,
+                        state.id
+                    );
+                }
+                let args = NetArgs {
+                    mem: mem.clone(),
+                    backend,
+                    parts,
+                };
+                (
+                    VirtioDevice::Net(Net::restore(args, state).map_err(DeviceSetupError::from)?),
+                    None,
+                )
             }
             VirtioState::Rng(state) => (
                 VirtioDevice::Rng(

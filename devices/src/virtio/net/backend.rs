@@ -102,6 +102,30 @@ fn ifreq_name(req: &libc::ifreq) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// Opens (or creates) the tap `name` with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, non-blocking and
+/// close-on-exec, in the calling thread's network namespace. Creating a tap needs CAP_NET_ADMIN;
+/// opening one that exists needs only to be its owner.
+pub fn open_tap_fd(name: &str) -> Result<OwnedFd, TapError> {
+    let mut req = ifreq(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(TapError::OpenTun)?;
+    // SAFETY: TUNSETIFF reads (and writes back the name into) the `ifreq` we own, which lives
+    // across the call; the fd is ours.
+    let rc = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req) };
+    if rc < 0 {
+        return Err(TapError::Ioctl {
+            name: name.to_string(),
+            what: "TUNSETIFF",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(file.into())
+}
+
 const REQUIRED_FLAGS: [(i32, &str); 3] = [
     (libc::IFF_TAP, "IFF_TAP"),
     (libc::IFF_NO_PI, "IFF_NO_PI"),
@@ -109,28 +133,10 @@ const REQUIRED_FLAGS: [(i32, &str); 3] = [
 ];
 
 impl Backend {
-    /// Opens (or creates) the tap `name` with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and prepares it
-    /// ([`Backend::from_tap_fd`]). Creating a tap needs CAP_NET_ADMIN; opening one that exists
-    /// needs only to be its owner.
+    /// Opens (or creates) the tap `name` ([`open_tap_fd`]) and prepares it
+    /// ([`Backend::from_tap_fd`]).
     pub fn open_tap(name: &str) -> Result<Self, TapError> {
-        let mut req = ifreq(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)?;
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(TapError::OpenTun)?;
-        // SAFETY: TUNSETIFF reads (and writes back the name into) the `ifreq` we own, which lives
-        // across the call; the fd is ours.
-        let rc = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req) };
-        if rc < 0 {
-            return Err(TapError::Ioctl {
-                name: name.to_string(),
-                what: "TUNSETIFF",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Self::from_tap_fd(file.into())
+        Self::from_tap_fd(open_tap_fd(name)?)
     }
 
     /// Adopts a tap fd opened by someone else (the runtime opens it inside the container's

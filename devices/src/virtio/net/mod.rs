@@ -28,7 +28,7 @@ mod persist;
 mod rx;
 mod tx;
 
-pub use backend::{Backend, BackendKind, TapError};
+pub use backend::{Backend, BackendKind, TapError, open_tap_fd};
 pub use device::{Net, NetConfig, NetError, QUEUE_SIZE, random_mac};
 pub use handler::{NetHandler, NetStats, NetToken};
 pub use persist::{NetArgs, NetRestoreError, NetState};
