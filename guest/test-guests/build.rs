@@ -20,6 +20,7 @@ const GUESTS: &[&str] = &[
     "vsock",
     "hostile",
     "agent",
+    "net",
 ];
 
 /// Further sources (and headers) of a guest split over several files, besides `<name>.c`.

@@ -204,6 +204,18 @@ pub const VIRTIOBLK: TestGuest = test_guest!("virtioblk");
 /// `vsock: FAIL <why>` and an i8042 exit on a driver error.
 pub const VSOCK: TestGuest = test_guest!("vsock");
 
+/// `net`: a polled virtio-net driver over virtio-mmio that asks the host for its MAC with ARP.
+///
+/// Finds the device from the `dev_index=N`-th (default 0) `virtio_mmio.device=` on the command
+/// line, negotiates VIRTIO_F_VERSION_1, MAC and STATUS (no offloads, no mergeable buffers), sets
+/// up its two queues and posts receive buffers. Output: `net: mac=<aa:bb:..> link=<0|1>`, READY
+/// (a template is snapshotted here), then once the link is up (a restore that attaches a tap
+/// announces it) `net: link up`; then it sends ARP requests for `10.<subnet>.0.1` from
+/// `10.<subnet>.0.2` (`subnet=N`, default 77) until the reply arrives: `net: arp reply from
+/// <host mac> to <the mac the host answered> after <n> requests`, and an i8042 exit. `net: FAIL <why>` and an exit on a driver error,
+/// a link that never comes up or no reply.
+pub const NET: TestGuest = test_guest!("net");
+
 /// `hostile`: a malicious virtio-mmio driver and bus prodder for the hostile-guest campaign
 /// (`runtime-cli/tests/hostile_guest.rs`). Every choice comes from a PRNG seeded by `seed=N`.
 ///
@@ -270,6 +282,7 @@ pub const ALL: &[TestGuest] = &[
     VSOCK,
     HOSTILE,
     AGENT,
+    NET,
 ];
 
 /// Finds a test guest by its [`TestGuest::name`].
@@ -581,6 +594,15 @@ mod tests {
                 &["virtio_mmio.device=", "virtioblk: done\n", "write_sector"],
             ),
             (&VSOCK, &["virtio_mmio.device=", "vsock: sent ", "conns"]),
+            (
+                &NET,
+                &[
+                    "virtio_mmio.device=",
+                    "net: link up\n",
+                    "net: arp reply from ",
+                    "subnet",
+                ],
+            ),
             (
                 &AGENT,
                 &[
