@@ -207,3 +207,61 @@ fn test_net_restore_refuses_unknown_slot_and_non_tap() {
     assert!(out.stderr.contains("--net-slot n0=lo"), "{}", out.stderr);
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
 }
+
+/// Through a pool of pre-started VMMs (started outside the namespace): the client opens the tap
+/// in its own namespace and hands it over with its stdio.
+#[test]
+fn test_net_pool_restore_gets_the_clients_tap() {
+    let Some(net) = TestNet::new("p") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("net");
+    let snap_s = snap.to_str().unwrap();
+    let out = run(
+        &[
+            "boot",
+            "--kernel",
+            "builtin:net",
+            "--net",
+            "n0,mac=02:6b:73:00:00:03",
+            "--snapshot-on-ready",
+            snap_s,
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let pool = dir.path().join("pool");
+    let kata = |args: &[&str], in_ns: bool| {
+        let mut cmd = if in_ns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &net.ns, common::BIN]);
+            c
+        } else {
+            Command::new(common::BIN)
+        };
+        cmd.args(args).env("KATA_SNAP_POOL_DIR", &pool);
+        run_command(cmd, T)
+    };
+    let started = kata(&["pool", "start", "--size", "1", "--mem-mib", "256"], false);
+    assert_eq!(started.code(), 0, "{}", started.stderr);
+    let slot = format!("n0={}", net.tap);
+    let out = kata(
+        &[
+            "restore",
+            "--snapshot",
+            snap_s,
+            "--mode",
+            "mmap",
+            "--net-slot",
+            &slot,
+            "--timing",
+        ],
+        true,
+    );
+    let _ = kata(&["pool", "stop"], false);
+    assert!(
+        out.stderr.contains("kata-snap: restore path: pool"),
+        "{}",
+        out.stderr
+    );
+    assert_arp_answered(&out, &net, "02:6b:73:00:00:03", "pool");
+}
