@@ -1,12 +1,12 @@
-//! The hostile-guest campaign (issue 14): the `hostile` test guest drives every virtio device
-//! (a writable disk, a read-only disk, vsock, rng) and random ports and MMIO with malicious
-//! values, one VM (child process) per seed. Each run must end cleanly (exit 0, or 3 if the guest
-//! itself faulted; never a VMM error or a death by signal, which is how a seccomp kill shows),
-//! print no panic, keep the control socket answering while the guest runs, leave the read-only
-//! image byte-identical, and leave every byte of the writable image outside the sectors the guest
-//! may write (`WLO..WHI`) as it was, with the file's length unchanged. The guest itself reports
-//! device answers the virtio spec forbids (`hostile: ANOMALY`) and well-formed requests a live
-//! device left unanswered for about 10 s (`hostile: stall`), which fail the run too. Every
+//! The hostile-guest campaign (issue 14): the `hostile` test guest drives every virtio device (a
+//! writable disk, a read-only disk, vsock, rng, a net slot) and random ports and MMIO with
+//! malicious values, one VM (child process) per seed. Each run must end cleanly (exit 0, or 3 if
+//! the guest itself faulted; never a VMM error or a death by signal, which is how a seccomp kill
+//! shows), print no panic, keep the control socket answering while the guest runs, leave the
+//! read-only image byte-identical, and leave every byte of the writable image outside the sectors
+//! the guest may write (`WLO..WHI`) as it was, with the file's length unchanged. The guest itself
+//! reports device answers the virtio spec forbids (`hostile: ANOMALY`) and well-formed requests a
+//! live device left unanswered for about 10 s (`hostile: stall`), which fail the run too. Every
 //! fourth seed is also snapshotted mid-run (whatever state the guest left its devices in) and the
 //! snapshot restored (uffd, eager and mmap in turn) and run to its end under the same checks.
 //!
@@ -380,6 +380,10 @@ fn run_seed(seed: u64, iters: Option<u64>, snapshot_every: u64) -> SeedRun {
         ro_arg.as_ref(),
         "--vsock".as_ref(),
         vsock_arg.as_ref(),
+        // A net slot (no tap: no root needed): transmit chains of every kind are parsed and
+        // dropped; receive buffers are posted, broken ones too.
+        "--net".as_ref(),
+        "n0".as_ref(),
     ]);
     let mut run = SeedRun::default();
     let snapshot = (snapshot_every > 0 && seed.is_multiple_of(snapshot_every)).then(|| {
@@ -495,6 +499,7 @@ fn test_hostile_guest_seeds_no_panic_hang_or_write_outside_images() {
     for key in [
         "blk",
         "vsock_tx",
+        "net_tx",
         "rng",
         "transport",
         "pio",

@@ -11,7 +11,9 @@
  *   block requests of every type (unknown ones too) with sectors past the end, bad framing, bad
  *   discard/write-zeroes segments, tiny get-id buffers; vsock packets with bad headers, lengths,
  *   ops, CIDs and ports (and well-formed ones to the host listener at `port=P`, default 5000);
- *   rng requests with odd buffers;
+ *   rng requests with odd buffers; net transmit chains with random headers, split or short
+ *   headers, frames of any length, device-writable buffers (receive buffers are re-posted,
+ *   sometimes broken, as for vsock);
  * - a transport attack: bad queue sizes or ring addresses at DRIVER_OK, status bits out of order,
  *   unoffered features, out-of-range queue selects and notifies, config-space and register
  *   accesses of every width at every offset, a reset with a request in flight;
@@ -42,11 +44,11 @@ int attack_all;
 
 /* Figures for the summary line. */
 u64 n_vsock_rx_ops[8];
-u64 n_stalls_by_type[3];
+u64 n_stalls_by_type[4];
 u64 n_late, n_reset_under, n_quiet;
 u64 n_blk, n_blk_ok, n_blk_ioerr, n_blk_unsupp, n_vsock_tx, n_vsock_rx, n_rng,
 	n_rng_bytes, n_chain_attacks, n_transport, n_pio, n_mmio, n_regs, n_needs_reset, n_stalls,
-	n_inits, n_init_fail, n_anomalies;
+	n_inits, n_init_fail, n_anomalies, n_net_tx, n_net_rx;
 
 /* ---- PRNG (splitmix64) ---- */
 u64 prng;
@@ -214,9 +216,9 @@ static void find_devices(const u8 *bp)
 		struct dev *d = &devs[ndevs];
 		d->base = v;
 		d->type = virtio_mmio_probe(v);
-		d->nq = d->type == VIRTIO_ID_VSOCK ? 3 : 1;
+		d->nq = d->type == VIRTIO_ID_VSOCK ? 3 : d->type == VIRTIO_ID_NET ? 2 : 1;
 		if (d->type != VIRTIO_ID_BLOCK && d->type != VIRTIO_ID_VSOCK &&
-		    d->type != VIRTIO_ID_RNG)
+		    d->type != VIRTIO_ID_RNG && d->type != VIRTIO_ID_NET)
 			continue;
 		ndevs++;
 	}
@@ -365,6 +367,8 @@ void guest_main(const u8 *bp)
 	put_kv("vsock_rx_response", n_vsock_rx_ops[2]);
 	put_kv("vsock_rx_rst", n_vsock_rx_ops[3]);
 	put_kv("vsock_rx_rw", n_vsock_rx_ops[VS_OP_RW]);
+	put_kv("net_tx", n_net_tx);
+	put_kv("net_rx", n_net_rx);
 	put_kv("rng", n_rng);
 	put_kv("rng_bytes", n_rng_bytes);
 	put_kv("chain_attacks", n_chain_attacks);
@@ -380,6 +384,7 @@ void guest_main(const u8 *bp)
 	put_kv("stalls_blk", n_stalls_by_type[0]);
 	put_kv("stalls_vsock", n_stalls_by_type[1]);
 	put_kv("stalls_rng", n_stalls_by_type[2]);
+	put_kv("stalls_net", n_stalls_by_type[3]);
 	put_kv("inits", n_inits);
 	put_kv("init_fail", n_init_fail);
 	put_kv("anomalies", n_anomalies);

@@ -21,6 +21,15 @@
 #define BLK_F_DISCARD 13
 #define BLK_F_WRITE_ZEROES 14
 
+#define VIRTIO_ID_NET 1
+#define NET_HDR_LEN 12
+#define NET_F_CSUM 0
+#define NET_F_GUEST_CSUM 1
+#define NET_F_MAC 5
+#define NET_F_HOST_TSO4 11
+#define NET_F_MRG_RXBUF 15
+#define NET_F_STATUS 16
+
 #define VS_OP_REQUEST 1
 #define VS_OP_RW 5
 
@@ -38,6 +47,7 @@
 #define RX_BASE 0x1400000ULL /* vsock rx buffers: QSIZE x RX_BUF */
 #define RX_BUF 4096
 #define EVT_BASE 0x1420000ULL
+#define NET_RX_BASE 0x1440000ULL /* net rx buffers: QSIZE x RX_BUF */
 #define SCRATCH_END 0x2000000ULL
 
 #define GAP_START 0xc0000000ULL
@@ -70,6 +80,7 @@ struct dev {
 	int discard;
 	u64 capacity;
 	u64 cid;
+	int mrg; /* net: VIRTIO_NET_F_MRG_RXBUF acked */
 	u16 next_avail[MAX_QUEUES];
 	u16 last_used[MAX_QUEUES];
 };
@@ -110,11 +121,11 @@ extern int attack_all;
 
 /* Figures for the summary line. */
 extern u64 n_vsock_rx_ops[8];
-extern u64 n_stalls_by_type[3]; /* block, vsock, rng */
+extern u64 n_stalls_by_type[4]; /* block, vsock, rng, net */
 extern u64 n_late, n_reset_under, n_quiet;
 extern u64 n_blk, n_blk_ok, n_blk_ioerr, n_blk_unsupp, n_vsock_tx, n_vsock_rx, n_rng,
 	n_rng_bytes, n_chain_attacks, n_transport, n_pio, n_mmio, n_regs, n_needs_reset, n_stalls,
-	n_inits, n_init_fail, n_anomalies;
+	n_inits, n_init_fail, n_anomalies, n_net_tx, n_net_rx;
 
 /* hostile.c: PRNG, raw accesses, addresses and lengths, reports. */
 u64 rnd(void);
@@ -135,6 +146,7 @@ struct virtq_avail *avail_of(unsigned di, unsigned q);
 struct virtq_used *used_of(unsigned di, unsigned q);
 int dev_init(unsigned di);
 void drain_rx(unsigned di);
+void net_drain(unsigned di);
 u64 hdr_addr(unsigned s);
 u64 seg_addr(unsigned s);
 u64 status_addr(unsigned s);

@@ -242,6 +242,45 @@ static void rng_build(unsigned di, unsigned slot, u16 head, struct req *r)
 	n_rng++;
 }
 
+/* ---- virtio-net ---- */
+
+/* A transmit chain: the 12-byte header (sometimes split, short, or with random offload fields)
+ * and a frame; sometimes device-writable buffers, buffers outside RAM, or lengths past the cap. */
+static void net_build(unsigned di, unsigned slot, u16 head, struct req *r)
+{
+	u8 *h = (u8 *)hdr_addr(slot);
+	memset(h, 0, NET_HDR_LEN);
+	if (chance(4)) {
+		/* flags, gso_type, hdr_len, gso_size, csum_start, csum_offset: anything */
+		for (unsigned i = 0; i < 10; i++)
+			h[i] = (u8)rnd();
+	}
+	struct buf b[CHAIN_SPAN];
+	unsigned n = 0;
+	int proper = chance(3);
+	if (!proper && chance(8)) {
+		u32 cut = (u32)below(NET_HDR_LEN);
+		b[n++] = (struct buf){(u64)h, cut, 0};
+		b[n++] = (struct buf){(u64)h + cut, NET_HDR_LEN - cut, 0};
+	} else {
+		b[n++] = (struct buf){(u64)h, proper || !chance(8) ? NET_HDR_LEN : (u32)below(40), 0};
+	}
+	unsigned k = 1 + (unsigned)below(2);
+	for (unsigned i = 0; i < k && n < CHAIN_SPAN; i++) {
+		u32 len = chance(2) ? 14 + (u32)below(1500) : rnd_len();
+		if (!len_fits_slot(len))
+			len = proper ? 60 : len;
+		b[n].addr = chance(12) && !proper ? bad_addr(di) : data_addr(i);
+		b[n].len = len;
+		b[n].flags = chance(12) && !proper ? VIRTQ_DESC_F_WRITE : 0;
+		n++;
+	}
+	r->checked = 1;
+	r->attack = (u8)(!proper && chance(8));
+	place(di, 1, head, b, n, r);
+	n_net_tx++;
+}
+
 /* Builds `count` requests for device di in the batch slots, at random but disjoint places of
  * the descriptor table; returns the queue they go on. */
 unsigned build_batch(unsigned di, struct req *r, unsigned count)
@@ -254,10 +293,12 @@ unsigned build_batch(unsigned di, struct req *r, unsigned count)
 			blk_build(di, i, head, &r[i]);
 		else if (devs[di].type == VIRTIO_ID_VSOCK)
 			vsock_build(di, i, head, &r[i]);
+		else if (devs[di].type == VIRTIO_ID_NET)
+			net_build(di, i, head, &r[i]);
 		else
 			rng_build(di, i, head, &r[i]);
 	}
-	return devs[di].type == VIRTIO_ID_VSOCK ? 1 : 0;
+	return devs[di].type == VIRTIO_ID_VSOCK || devs[di].type == VIRTIO_ID_NET ? 1 : 0;
 }
 
 /* One step: a batch of 1..MAX_BATCH requests on a device, answers checked. */
@@ -267,6 +308,8 @@ void device_requests(unsigned di)
 	unsigned count = chance(3) ? 1 + (unsigned)below(MAX_BATCH) : 1;
 	if (devs[di].type == VIRTIO_ID_VSOCK)
 		drain_rx(di);
+	if (devs[di].type == VIRTIO_ID_NET)
+		net_drain(di);
 	unsigned q = build_batch(di, r, count);
 	run_batch(di, q, r, count, 1);
 	if (devs[di].type == VIRTIO_ID_VSOCK) {
@@ -274,4 +317,6 @@ void device_requests(unsigned di)
 		if (devs[di].up && chance(8))
 			vsock_event_buffer(di);
 	}
+	if (devs[di].type == VIRTIO_ID_NET)
+		net_drain(di);
 }

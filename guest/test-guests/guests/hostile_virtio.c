@@ -38,7 +38,8 @@ static u64 rx_prng = 1;
 static void post_rx(unsigned di, u16 id, u64 broken)
 {
 	struct virtq_desc *t = descs(di, 0);
-	virtq_set_desc(&t[id], RX_BASE + (u64)id * RX_BUF, RX_BUF, VIRTQ_DESC_F_WRITE, 0);
+	u64 base = devs[di].type == VIRTIO_ID_NET ? NET_RX_BASE : RX_BASE;
+	virtq_set_desc(&t[id], base + (u64)id * RX_BUF, RX_BUF, VIRTQ_DESC_F_WRITE, 0);
 	switch (broken) {
 	case 0:
 		break;
@@ -80,6 +81,44 @@ static void vsock_fill(unsigned di)
 	virtio_mmio_notify(devs[di].base, 2);
 }
 
+/* Gives the net device its rx buffers. */
+static void net_fill(unsigned di)
+{
+	for (u16 i = 0; i < QSIZE; i++)
+		post_rx(di, i, 0);
+	virtq_publish(devs[di].base, 0, avail_of(di, 0), devs[di].next_avail[0]);
+}
+
+/* Takes the frames the net device delivered (checking what the spec promises of them) and
+ * gives their buffers back, sometimes broken. */
+void net_drain(unsigned di)
+{
+	struct dev *d = &devs[di];
+	if (!d->up)
+		return;
+	struct virtq_used *u = used_of(di, 0);
+	int posted = 0;
+	while (virtq_used_idx(u) != d->last_used[0]) {
+		struct virtq_used_elem e = virtq_take_used(u, &d->last_used[0]);
+		n_net_rx++;
+		if (e.id >= QSIZE) {
+			anomaly("net_rx_used_id", di);
+			continue;
+		}
+		const u8 *h = (const u8 *)(NET_RX_BASE + (u64)e.id * RX_BUF);
+		u16 nbuf = (u16)(h[10] | (h[11] << 8));
+		if (e.len > RX_BUF || e.len < NET_HDR_LEN || (!d->mrg && nbuf != 1))
+			anomaly("net_rx_frame", di);
+		rx_prng = rx_prng * 6364136223846793005ULL + 1442695040888963407ULL;
+		u64 pick = (rx_prng >> 33) % 160;
+		post_rx(di, (u16)e.id, pick < 4 ? pick + 1 : 0);
+		posted = 1;
+	}
+	if (posted)
+		virtq_publish(d->base, 0, avail_of(di, 0), d->next_avail[0]);
+	virtio_mmio_ack_interrupts(d->base);
+}
+
 /* Resets the device and sets it up as a correct driver would, in the other ring bank. */
 int dev_init(unsigned di)
 {
@@ -100,6 +139,13 @@ int dev_init(unsigned di)
 			     (1u << BLK_F_WRITE_ZEROES));
 		d->ro = (lo >> BLK_F_RO) & 1;
 		d->discard = (lo >> BLK_F_DISCARD) & 1;
+	}
+	if (d->type == VIRTIO_ID_NET) {
+		/* A random set of what it offers: offloads, mergeable buffers or not. */
+		u32 some = (1u << NET_F_CSUM) | (1u << NET_F_GUEST_CSUM) | (1u << NET_F_MAC) |
+			   (1u << NET_F_HOST_TSO4) | (1u << NET_F_MRG_RXBUF) | (1u << NET_F_STATUS);
+		want = lo & some & (u32)rnd();
+		d->mrg = (want >> NET_F_MRG_RXBUF) & 1;
 	}
 	if (!virtio_mmio_accept_features(d->base, want)) {
 		anomaly("features_ok_refused", di);
@@ -127,6 +173,8 @@ int dev_init(unsigned di)
 		d->cid = virtio_mmio_config64(d->base, 0);
 		vsock_fill(di);
 	}
+	if (d->type == VIRTIO_ID_NET)
+		net_fill(di);
 	d->up = 1;
 	return 1;
 }
@@ -343,6 +391,10 @@ static void check_answer(unsigned di, struct req *r, u32 used_len)
 		n_rng_bytes += used_len;
 		if (used_len > r->writable)
 			anomaly("rng_used_len", di);
+	} else if (d->type == VIRTIO_ID_NET) {
+		/* The device writes nothing into a transmit chain. */
+		if (used_len != 0)
+			anomaly("net_tx_used_len", di);
 	}
 }
 
@@ -379,8 +431,10 @@ void run_batch(unsigned di, unsigned q, struct req *r, unsigned count, int wait)
 			} else {
 				/* A live device that left well-formed requests unanswered for seconds. */
 				n_stalls++;
-				n_stalls_by_type[d->type == VIRTIO_ID_BLOCK ? 0
-						 : d->type == VIRTIO_ID_VSOCK ? 1 : 2]++;
+				n_stalls_by_type[d->type == VIRTIO_ID_BLOCK	 ? 0
+						 : d->type == VIRTIO_ID_VSOCK ? 1
+						 : d->type == VIRTIO_ID_NET   ? 3
+									      : 2]++;
 				put_str("hostile: stall dev=");
 				put_dec(di);
 				put_str(" q=");

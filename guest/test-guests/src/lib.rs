@@ -219,13 +219,14 @@ pub const NET: TestGuest = test_guest!("net");
 /// `hostile`: a malicious virtio-mmio driver and bus prodder for the hostile-guest campaign
 /// (`runtime-cli/tests/hostile_guest.rs`). Every choice comes from a PRNG seeded by `seed=N`.
 ///
-/// Sets up every announced virtio device (block, vsock, rng) as a polled driver, then runs
+/// Sets up every announced virtio device (block, vsock, rng, net) as a polled driver, then runs
 /// `iters=N` (default 200) steps: requests with broken chains (loops, next or head out of range,
 /// indirect descriptors, buffers outside RAM or in MMIO, lengths 0/huge/wrapping, wrong
 /// directions, available index far ahead or back) and device-level malice (block requests of
 /// every type with sectors past the end, bad framing and segments; vsock packets with bad
 /// headers, ops, CIDs, ports and lengths, and real traffic to host port `port=P`, default 5000;
-/// rng requests with odd buffers), transport attacks (bad queue sizes or ring addresses, status
+/// rng requests with odd buffers; net transmit chains with random or broken headers and frames of
+/// any length, receive buffers re-posted sometimes broken), transport attacks (bad queue sizes or ring addresses, status
 /// bits out of order, unoffered features, bad selects and notifies, config and register accesses
 /// of every width, a reset with a request in flight), random port I/O (never the i8042 reset)
 /// and random MMIO in the 3-4 GiB gap (never the IOAPIC or LAPIC page). A device it broke is
@@ -235,8 +236,8 @@ pub const NET: TestGuest = test_guest!("net");
 /// Output: `hostile: seed=<n> iters=<n> devices=<n>`, `hostile: dev <i> type=<id> base=0x<hex>`
 /// (block: ` capacity=<sectors> ro|rw`) per device, `hostile: ANOMALY <what> dev=<i>` for each
 /// answer the virtio spec forbids (a refused write reported OK, a bad status byte, a wrong used
-/// id, more rng bytes than buffer), then `hostile: summary` with ` key=<decimal>` figures (`blk`,
-/// `blk_ok`, `blk_ioerr`, `blk_unsupp`, `vsock_tx`, `vsock_rx`, `rng`, `rng_bytes`,
+/// id, more rng bytes than buffer, a net transmit chain written to, a bad received frame), then `hostile: summary` with ` key=<decimal>` figures (`blk`,
+/// `blk_ok`, `blk_ioerr`, `blk_unsupp`, `vsock_tx`, `vsock_rx`, `net_tx`, `net_rx`, `rng`, `rng_bytes`,
 /// `chain_attacks`, `transport`, `regs`, `pio`, `mmio`, `needs_reset`, `late`, `reset_under`,
 /// `quiet`, `stalls`, `inits`, `init_fail`, `anomalies`, and more), `hostile: done`, and an i8042
 /// exit. `hostile: stall dev=<i> q=<q> ...` when a live device left well-formed requests
