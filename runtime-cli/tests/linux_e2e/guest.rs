@@ -70,6 +70,9 @@ const APPLETS: &[&str] = &[
     "env",
     "touch",
     "stat",
+    "ip",
+    "ping",
+    "nc",
 ];
 
 /// The guest kernel and initramfs.
@@ -229,6 +232,10 @@ pub struct BootOpts {
     /// The vsock's host socket [default: in the guest's temporary directory, which goes away
     /// with it: give a path for a template, whose restores bind the same path].
     pub vsock: Option<PathBuf>,
+    /// `--net` arguments.
+    pub nets: Vec<String>,
+    /// Run the VMM in this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 /// A `kata-snap boot` or `restore` of a Linux guest running in the background.
@@ -245,12 +252,30 @@ pub struct Guest {
 
 impl Guest {
     fn spawn(args: Vec<String>, dir: tempfile::TempDir, vsock: PathBuf) -> Self {
+        Self::spawn_in(None, args, dir, vsock)
+    }
+
+    /// Spawns `kata-snap ARGS`, inside network namespace `netns` when given.
+    fn spawn_in(
+        netns: Option<&str>,
+        args: Vec<String>,
+        dir: tempfile::TempDir,
+        vsock: PathBuf,
+    ) -> Self {
         let serial = dir.path().join("serial.log");
         let api = dir.path().join("api.sock");
         let stderr = dir.path().join("stderr.log");
         step(format!("kata-snap {}", args.join(" ")));
         let started = Instant::now();
-        let child = Command::new(BIN)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(&args)
             .arg("--serial-log")
             .arg(&serial)
@@ -311,15 +336,29 @@ impl Guest {
         if opts.rng {
             args.push("--rng".into());
         }
+        for n in &opts.nets {
+            args.extend(["--net".into(), n.clone()]);
+        }
         if let Some(dir) = &opts.snapshot_on_ready {
             args.extend(["--snapshot-on-ready".into(), dir.display().to_string()]);
         }
-        Self::spawn(args, dir, vsock)
+        Self::spawn_in(opts.netns.as_deref(), args, dir, vsock)
     }
 
     /// `kata-snap restore --snapshot SNAP --mode MODE --vsock VSOCK EXTRA...`: the restored
     /// guest's vsock device gets the host socket `vsock` (each clone its own).
     pub fn restore(snapshot: &Path, mode: &str, vsock: &Path, extra: &[String]) -> Self {
+        Self::restore_in(None, snapshot, mode, vsock, extra)
+    }
+
+    /// As [`Guest::restore`], the VMM in network namespace `netns` when given.
+    pub fn restore_in(
+        netns: Option<&str>,
+        snapshot: &Path,
+        mode: &str,
+        vsock: &Path,
+        extra: &[String],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut args: Vec<String> = vec![
             "restore".into(),
@@ -331,7 +370,7 @@ impl Guest {
             vsock.display().to_string(),
         ];
         args.extend(extra.iter().cloned());
-        Self::spawn(args, dir, vsock.to_owned())
+        Self::spawn_in(netns, args, dir, vsock.to_owned())
     }
 
     pub fn serial_text(&self) -> String {

@@ -22,6 +22,7 @@ mod boot;
 mod clones;
 mod io;
 mod live_snapshot;
+mod net;
 mod restore;
 mod runtime;
 mod runtime_containerd;
