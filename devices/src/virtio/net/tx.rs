@@ -83,8 +83,10 @@ impl NetHandler {
         let mut used = false;
         let mut frames = 0;
         let result = loop {
-            if frames == TX_BATCH && self.backend.is_some() {
-                // Let the loop serve others; the writable poll brings TX back at once.
+            if frames == TX_BATCH {
+                // Let the loop serve others; the writable poll brings TX back at once. A slot
+                // (no backend to poll) goes on at the guest's next notification: a guest that
+                // refills the ring as fast as it is emptied cannot hold the loop.
                 self.arm_write(ops);
                 break Ok(());
             }
