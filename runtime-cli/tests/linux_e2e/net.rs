@@ -1,29 +1,27 @@
 //! virtio-net with the Linux guest's own driver (mergeable receive buffers, checksum and TSO
-//! offloads as it acks them): the VMM runs in a test network namespace (`ksn-*`) whose tap has
-//! 10.77.0.1/24; a container in the guest configures eth0 as 10.77.0.2/24, pings the host
-//! (small and fragmented packets) and moves 8 MiB over TCP each way to servers in the namespace.
-//! A template whose net device is a slot is restored with a tap: the clone's link comes up and
-//! the MAC the container sets is the one the host sees. Needs root (netns, tap); SKIPPED
-//! otherwise.
+//! offloads as it acks them): a persistent tap (`ksn-*`) with the host's address 10.N.0.1/24; a
+//! container in the guest configures eth0 as 10.N.0.2/24, pings the host (small and fragmented
+//! packets) and moves 8 MiB over TCP each way to servers of this test. A template whose net
+//! device is a slot is restored with the tap: the clone's link comes up and the MAC the
+//! container sets is the one in the host's ARP table. Needs root (a tap); SKIPPED otherwise.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::AsFd;
-use std::path::Path;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::guest::*;
 
-const TAP_ADDR: &str = "10.77.0.1/24";
-const GUEST_IP: &str = "10.77.0.2";
 const BYTES: usize = 8 << 20;
 
-/// A network namespace with a tap holding the host's address, removed on drop.
-struct TestNet {
-    ns: String,
-    tap: String,
+/// A persistent tap in this (the test host's) network namespace with the host's address
+/// 10.`subnet`.0.1/24, removed on drop. Made with the tap ioctls and `ip addr`/`ip link`, which
+/// busybox's `ip` has too (the rig's L1 has no iproute2, so no `ip netns` or `ip tuntap`).
+struct TestTap {
+    name: String,
+    subnet: u8,
 }
 
 fn ip(args: &[&str]) -> bool {
@@ -33,54 +31,74 @@ fn ip(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-impl TestNet {
-    fn new(tag: &str) -> Option<Self> {
-        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/net/tun").exists() {
-            println!("SKIPPED: needs root and /dev/net/tun for a tap in a test netns");
+/// Sets or clears the tap's persistence (TUNSETPERSIST) on an open tap fd.
+fn set_persist(fd: &OwnedFd, on: bool) -> bool {
+    // SAFETY: TUNSETPERSIST takes its argument by value; the fd is open.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETPERSIST, libc::c_ulong::from(on)) == 0 }
+}
+
+impl TestTap {
+    fn new(tag: &str, subnet: u8) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/dev/net/tun").exists() {
+            println!("SKIPPED: needs root and /dev/net/tun for a tap");
             return None;
         }
-        let id = std::process::id() % 100_000;
-        let net = Self {
-            ns: format!("ksn-l{tag}{id}"),
-            tap: format!("ksn-lt{tag}{id}"),
-        };
-        let _ = ip(&["netns", "del", &net.ns]);
-        let ok = ip(&["netns", "add", &net.ns])
-            && ip(&[
-                "-n", &net.ns, "tuntap", "add", "dev", &net.tap, "mode", "tap", "vnet_hdr",
-            ])
-            && ip(&["-n", &net.ns, "addr", "add", TAP_ADDR, "dev", &net.tap])
-            && ip(&["-n", &net.ns, "link", "set", &net.tap, "up"])
-            && ip(&["-n", &net.ns, "link", "set", "lo", "up"]);
-        assert!(ok, "ip(8) could not make the test netns {}", net.ns);
-        Some(net)
+        let name = format!("ksn-l{tag}{}", std::process::id() % 10_000);
+        let fd = vmm::vm::virtio::open_tap_fd(&name)
+            .unwrap_or_else(|e| panic!("cannot create tap {name}: {e}"));
+        assert!(set_persist(&fd, true), "TUNSETPERSIST on {name}");
+        drop(fd);
+        let tap = Self { name, subnet };
+        let addr = format!("10.{subnet}.0.1/24");
+        assert!(
+            ip(&["addr", "add", &addr, "dev", &tap.name]) && ip(&["link", "set", &tap.name, "up"]),
+            "ip(8) could not configure {}",
+            tap.name
+        );
+        Some(tap)
     }
 
-    fn guest_neighbour(&self) -> String {
-        let out = Command::new("ip")
-            .args(["-n", &self.ns, "neigh", "show", GUEST_IP])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
+    fn host_ip(&self) -> String {
+        format!("10.{}.0.1", self.subnet)
+    }
+
+    fn guest_ip(&self) -> String {
+        format!("10.{}.0.2", self.subnet)
+    }
+
+    /// The MAC the host's ARP table holds for the guest (`/proc/net/arp`), if any.
+    fn guest_mac(&self) -> Option<String> {
+        let arp = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
+        arp.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() >= 6 && f[0] == self.guest_ip() && f[5] == self.name)
+            .map(|f| f[3].to_string())
+    }
+
+    /// The script that configures the guest's eth0 for this tap.
+    fn up(&self) -> String {
+        format!(
+            "ip link set eth0 up && ip addr add {}/24 dev eth0",
+            self.guest_ip()
+        )
     }
 }
 
-impl Drop for TestNet {
+impl Drop for TestTap {
     fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.ns]);
+        if let Ok(fd) = vmm::vm::virtio::open_tap_fd(&self.name) {
+            set_persist(&fd, false);
+        }
     }
 }
 
-/// A TCP server on 10.77.0.1:`port` inside `ns` (a thread that joins the namespace), serving one
-/// connection: `send` bytes to the client then close, or (send 0) read until `BYTES` arrived or
-/// the client closed; returns the bytes read. Returns once it listens.
-fn server(ns: &str, port: u16, send: usize) -> std::thread::JoinHandle<usize> {
+/// A TCP server on `addr`:`port` serving one connection: `send` bytes to the client then close,
+/// or (send 0) read until `BYTES` arrived or the client closed; returns the bytes read. Returns
+/// once it listens.
+fn server(addr: String, port: u16, send: usize) -> std::thread::JoinHandle<usize> {
     let (tx, rx) = mpsc::channel();
-    let path = format!("/run/netns/{ns}");
     let handle = std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let l = TcpListener::bind(("10.77.0.1", port)).unwrap();
+        let l = TcpListener::bind((addr.as_str(), port)).unwrap();
         l.set_nonblocking(true).unwrap();
         tx.send(()).unwrap();
         let end = Instant::now() + Duration::from_secs(60);
@@ -119,14 +137,12 @@ fn server(ns: &str, port: u16, send: usize) -> std::thread::JoinHandle<usize> {
     handle
 }
 
-const UP: &str = "ip link set eth0 up && ip addr add 10.77.0.2/24 dev eth0";
-
 #[test]
 fn test_linux_net_ping_and_tcp_both_ways_through_a_tap() {
     let Some(art) = setup() else {
         return;
     };
-    let Some(net) = TestNet::new("b") else {
+    let Some(tap) = TestTap::new("b", 77) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -135,23 +151,24 @@ fn test_linux_net_ping_and_tcp_both_ways_through_a_tap() {
         &art,
         &BootOpts {
             disks: vec![rootfs.display().to_string()],
-            nets: vec![format!("n0,tap={}", net.tap)],
-            netns: Some(net.ns.clone()),
+            nets: vec![format!("n0,tap={}", tap.name)],
             ..Default::default()
         },
     );
     g.wait_ready(READY_TIMEOUT);
-    let to_guest = server(&net.ns, 5001, BYTES);
-    let from_guest = server(&net.ns, 5002, 0);
+    let to_guest = server(tap.host_ip(), 5001, BYTES);
+    let from_guest = server(tap.host_ip(), 5002, 0);
     let t = Instant::now();
     let o = g.sh(
         "/dev/vda",
         &format!(
-            "{UP} && ping -c 3 -W 5 10.77.0.1 >/dev/null && echo ping-ok && \
-             ping -c 2 -W 5 -s 20000 10.77.0.1 >/dev/null && echo big-ping-ok && \
-             nc 10.77.0.1 5001 | wc -c && \
-             dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.77.0.1 5002; echo sent",
-            BYTES / 65536
+            "{up} && ping -c 3 -W 5 {h} >/dev/null && echo ping-ok && \
+             ping -c 2 -W 5 -s 20000 {h} >/dev/null && echo big-ping-ok && \
+             nc {h} 5001 | wc -c && \
+             dd if=/dev/zero bs=65536 count={n} 2>/dev/null | nc {h} 5002; echo sent",
+            up = tap.up(),
+            h = tap.host_ip(),
+            n = BYTES / 65536
         ),
         vec![],
     );
@@ -177,7 +194,7 @@ fn test_linux_net_slot_template_restored_with_a_tap_and_its_own_mac() {
     let Some(art) = setup() else {
         return;
     };
-    let Some(net) = TestNet::new("t") else {
+    let Some(tap) = TestTap::new("t", 78) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -204,17 +221,18 @@ fn test_linux_net_slot_template_restored_with_a_tap_and_its_own_mac() {
             "--disk-slot".to_string(),
             format!("rootfs={}", rootfs.display()),
             "--net-slot".to_string(),
-            format!("n0={}", net.tap),
+            format!("n0={}", tap.name),
         ];
-        let mut g = Guest::restore_in(Some(&net.ns), &template, mode, &vsock, &extra);
+        let mut g = Guest::restore(&template, mode, &vsock, &extra);
         // The clone's own MAC, set before the link is used (what the runtime will do through
         // the agent).
         let mac = format!("02:6b:73:00:01:{i:02x}");
         let o = g.sh(
             "/dev/vda",
             &format!(
-                "ip link set eth0 address {mac} && {UP} && \
-                 ping -c 3 -W 5 10.77.0.1 >/dev/null && echo ok"
+                "ip link set eth0 address {mac} && {} && ping -c 3 -W 5 {} >/dev/null && echo ok",
+                tap.up(),
+                tap.host_ip()
             ),
             vec![],
         );
@@ -225,10 +243,11 @@ fn test_linux_net_slot_template_restored_with_a_tap_and_its_own_mac() {
             "{mode}: {}",
             g.logs()
         );
-        let neigh = net.guest_neighbour();
-        assert!(
-            neigh.contains(&mac),
-            "{mode}: the host sees {neigh:?}, not the clone's MAC {mac}"
+        let seen = tap.guest_mac();
+        assert_eq!(
+            seen.as_deref(),
+            Some(mac.as_str()),
+            "{mode}: the host's ARP entry for the guest is not the clone's MAC"
         );
         g.stop();
     }
