@@ -11,6 +11,7 @@ mod create;
 pub mod exec;
 pub mod host_cgroup;
 pub mod log;
+pub mod net;
 pub mod ps;
 pub mod state;
 pub mod supervisor;

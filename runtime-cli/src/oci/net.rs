@@ -1,0 +1,302 @@
+//! The container's network for its VM (issue 20, runtime side; first step): a tap made inside
+//! the network namespace the bundle names (Docker's, a CNI plugin's) and connected to that
+//! namespace's interface by tc redirects both ways: an ingress qdisc on each and a match-all u32
+//! filter whose mirred action redirects to the other's egress, as Kata's `tcfilter` model does.
+//! The interface itself keeps its addresses; what the guest needs to take its place (MAC, MTU,
+//! addresses) is read at the same time, for the agent to configure the guest's interface.
+//!
+//! Not wired into `create` yet: the agent has no request to configure the guest's interface, so
+//! joined network namespaces are still refused there.
+
+// Nothing in the binary calls it until `create` does (see above); its test does.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use futures_util::TryStreamExt;
+use rtnetlink::LinkUnspec;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+
+/// `ETH_P_ALL`: the filters take every frame.
+const ETH_P_ALL: u16 = 0x0003;
+/// The ingress qdisc's handle, `ffff:`.
+const INGRESS_PARENT: u32 = 0xffff_0000;
+
+/// Errors connecting a tap to a container's interface.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerNetError {
+    /// The namespace could not be entered.
+    #[error("cannot enter the network namespace {path}: {reason}")]
+    Netns {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The tap could not be made.
+    #[error(transparent)]
+    Tap(#[from] vmm::vm::virtio::TapError),
+    /// A netlink request failed.
+    #[error("netlink: {what}: {reason}")]
+    Netlink {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The namespace has no interface to connect the tap to.
+    #[error("the network namespace has no interface besides loopback")]
+    NoInterface,
+    /// The helper thread failed.
+    #[error("the network set-up thread: {0}")]
+    Thread(String),
+}
+
+/// The namespace's interface, as the guest's must look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInterface {
+    /// Its name in the namespace (`eth0`).
+    pub name: String,
+    /// Its MAC (the guest's interface takes it: the network knows the container by it).
+    pub mac: Vec<u8>,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its addresses with their prefix lengths.
+    pub addrs: Vec<(IpAddr, u8)>,
+}
+
+/// A tap connected to a container's interface.
+#[derive(Debug)]
+pub struct ContainerNet {
+    /// The tap, opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (for `HostResources::net`).
+    pub tap: OwnedFd,
+    /// The interface it is connected to.
+    pub iface: ContainerInterface,
+}
+
+fn nl(what: &'static str) -> impl Fn(rtnetlink::Error) -> ContainerNetError {
+    move |e| ContainerNetError::Netlink {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// Makes tap `tap_name` inside the network namespace at `netns` and connects it with the
+/// namespace's interface (`eth0`, else the first one that is not loopback). Runs on a thread of
+/// its own, which alone enters the namespace.
+pub fn connect_tap(netns: &Path, tap_name: &str) -> Result<ContainerNet, ContainerNetError> {
+    let netns = netns.to_owned();
+    let tap_name = tap_name.to_owned();
+    std::thread::Builder::new()
+        .name("container-net".into())
+        .spawn(move || {
+            let err = |reason: String| ContainerNetError::Netns {
+                path: netns.clone(),
+                reason,
+            };
+            let f = File::open(&netns).map_err(|e| err(e.to_string()))?;
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| err(e.to_string()))?;
+            // Opened after setns: a tap belongs to the namespace its opener was in.
+            let tap = vmm::vm::virtio::open_tap_fd(&tap_name)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .map_err(|e| ContainerNetError::Thread(e.to_string()))?;
+            let iface = rt.block_on(connect(&tap_name))?;
+            Ok(ContainerNet { tap, iface })
+        })
+        .map_err(|e| ContainerNetError::Thread(e.to_string()))?
+        .join()
+        .map_err(|_| ContainerNetError::Thread("panicked".into()))?
+}
+
+fn link_name(l: &LinkMessage) -> Option<&str> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+async fn connect(tap_name: &str) -> Result<ContainerInterface, ContainerNetError> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| ContainerNetError::Netlink {
+            what: "socket",
+            reason: e.to_string(),
+        })?;
+    tokio::spawn(conn);
+    let links: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list links"))?;
+    let tap = links
+        .iter()
+        .find(|l| link_name(l) == Some(tap_name))
+        .ok_or(ContainerNetError::NoInterface)?
+        .header
+        .index;
+    let candidates: Vec<&LinkMessage> = links
+        .iter()
+        .filter(|l| l.header.index != tap && !l.header.flags.contains(LinkFlags::Loopback))
+        .collect();
+    let link = candidates
+        .iter()
+        .find(|l| link_name(l) == Some("eth0"))
+        .or(candidates.first())
+        .ok_or(ContainerNetError::NoInterface)?;
+    let index = link.header.index;
+    let mut iface = ContainerInterface {
+        name: link_name(link).unwrap_or_default().to_string(),
+        mac: Vec::new(),
+        mtu: 1500,
+        addrs: Vec::new(),
+    };
+    for a in &link.attributes {
+        match a {
+            LinkAttribute::Address(mac) => iface.mac = mac.clone(),
+            LinkAttribute::Mtu(m) => iface.mtu = *m,
+            _ => {}
+        }
+    }
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list addresses"))?;
+    for a in addrs {
+        if let Some(ip) = a.attributes.iter().find_map(|x| match x {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        }) {
+            iface.addrs.push((ip, a.header.prefix_len));
+        }
+    }
+
+    // The tap takes the interface's MTU, so frames the guest may send fit.
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(tap).mtu(iface.mtu).up().build())
+        .execute()
+        .await
+        .map_err(nl("bring the tap up"))?;
+    for (from, to) in [(index, tap), (tap, index)] {
+        handle
+            .qdisc()
+            .add(from as i32)
+            .ingress()
+            .execute()
+            .await
+            .map_err(nl("add an ingress qdisc"))?;
+        handle
+            .traffic_filter(from as i32)
+            .add()
+            .parent(INGRESS_PARENT)
+            // The kernel reads the filter's protocol in network byte order.
+            .protocol(ETH_P_ALL.to_be())
+            .redirect(to)
+            .map_err(nl("build a redirect filter"))?
+            .execute()
+            .await
+            .map_err(nl("add a redirect filter"))?;
+    }
+    Ok(iface)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    fn ip(args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    struct Ns(String);
+
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = ip(&["netns", "del", &self.0]);
+        }
+    }
+
+    /// An ARP request from the container's address (as its guest would send it) goes out
+    /// through the redirects and the host's answer comes back on the tap.
+    #[test]
+    fn test_connect_tap_redirects_both_ways() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: needs root for a netns, a veth pair and a tap");
+            return;
+        }
+        let id = std::process::id() % 100_000;
+        let ns = Ns(format!("ksn-cn{id}"));
+        let host = format!("ksn-vh{id}");
+        let ok = ip(&["netns", "add", &ns.0])
+            && ip(&[
+                "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns.0,
+            ])
+            && ip(&["addr", "add", "10.79.0.1/24", "dev", &host])
+            && ip(&["link", "set", &host, "up"])
+            && ip(&["-n", &ns.0, "addr", "add", "10.79.0.2/24", "dev", "eth0"])
+            && ip(&["-n", &ns.0, "link", "set", "eth0", "up"]);
+        if !ok {
+            println!("SKIPPED: ip(8) could not make a netns with a veth pair");
+            return;
+        }
+        let c = connect_tap(Path::new(&format!("/run/netns/{}", ns.0)), "tap0_kata").unwrap();
+        assert_eq!(c.iface.name, "eth0");
+        assert_eq!(c.iface.mac.len(), 6);
+        assert!(
+            c.iface.addrs.contains(&("10.79.0.2".parse().unwrap(), 24)),
+            "{:?}",
+            c.iface.addrs
+        );
+        // The tap's default virtio-net header is 10 bytes.
+        let mut frame = vec![0u8; 10];
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&c.iface.mac);
+        frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        frame.extend_from_slice(&c.iface.mac);
+        frame.extend_from_slice(&[10, 79, 0, 2, 0, 0, 0, 0, 0, 0, 10, 79, 0, 1]);
+        // SAFETY: write reads `frame` for its length; the fd is open.
+        let n = unsafe { libc::write(c.tap.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        assert_eq!(
+            n as usize,
+            frame.len(),
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut buf = vec![0u8; 2048];
+        let mut answered = false;
+        while !answered && Instant::now() < end {
+            // SAFETY: read writes at most `buf.len()` bytes into `buf`; the fd is open.
+            let n = unsafe { libc::read(c.tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            let f = &buf[10..n as usize];
+            answered = f.len() >= 42
+                && f[12..14] == [0x08, 0x06]
+                && f[21] == 2
+                && f[28..32] == [10, 79, 0, 1]
+                && f[32..38] == c.iface.mac[..];
+        }
+        assert!(answered, "no ARP reply came back through the tap");
+    }
+}
