@@ -44,7 +44,11 @@ impl TestNet {
             ns: format!("ksn-n{tag}{id}"),
             tap: format!("ksn-t{tag}{id}"),
         };
-        let _ = ip(&["netns", "del", &net.ns]);
+        // A namespace left by a killed run of this test (quietly: usually there is none).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &net.ns])
+            .stderr(std::process::Stdio::null())
+            .status();
         let ok = ip(&["netns", "add", &net.ns])
             && ip(&[
                 "-n", &net.ns, "tuntap", "add", "dev", &net.tap, "mode", "tap", "vnet_hdr",

@@ -329,3 +329,34 @@ fn test_net_reset_drops_held_frame_and_reactivates() {
     let got = g.wait_received(1);
     assert_eq!(&got[0][12..], &f[12..]);
 }
+
+#[test]
+fn test_net_device_with_backend_restored_without_one_links_down() {
+    let mut g = NetGuest::new(0);
+    g.run();
+    let saved = g.h.device.save();
+    assert!(saved.link_up);
+    let mem2 = copy_memory(&g.h.driver.mem);
+    let dev = Net::restore(
+        NetArgs {
+            mem: mem2.clone(),
+            backend: None,
+            parts: None,
+        },
+        &saved,
+    )
+    .unwrap();
+    let h = g.h.restored(dev, mem2);
+    let mut g2 = NetGuest::with_harness(h);
+    assert_ne!(
+        g2.h.driver.read_reg(reg::VIRTIO_MMIO_INTERRUPT_STATUS)
+            & crate::virtio::VIRTIO_MMIO_INT_CONFIG,
+        0,
+        "the link change is announced"
+    );
+    assert_eq!(link_status(&g2), 0);
+    g2.send(&frame(&pattern(64, 1)), 1);
+    let s = g2.stats();
+    assert_eq!((s.tx_frames, s.tx_dropped), (0, 1));
+    assert!(!g2.h.device.save().link_up);
+}
