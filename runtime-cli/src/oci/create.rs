@@ -114,6 +114,10 @@ pub(super) fn create(
     if let Some(c) = &cgroup {
         c.check()?;
     }
+    let jail = super::jail::Settings::from_config(
+        &assets::RuntimeConfig::load()?,
+        nix::unistd::geteuid().is_root(),
+    )?;
     let dir = store.claim(&args.id)?;
     let mut guard = ClaimGuard {
         store: &store,
@@ -149,12 +153,37 @@ pub(super) fn create(
         foreground: matches!(mode, Mode::RunForeground { .. }),
         use_pool: !args.no_pool,
         cgroup,
+        jail: Some(jail),
         marks: if matches!(mode, Mode::RunForeground { .. }) {
             marks
         } else {
             vec![]
         },
     };
+    if let Mode::RunForeground { keep } = mode
+        && jail.enabled
+        && !keep
+    {
+        // The jailed supervisor cannot remove its state: this process stays outside the jail,
+        // as runc's `run` beside its container's init, and does.
+        guard.armed = false;
+        let cgroup = launch.cgroup.clone();
+        return super::jail::supervise_in_child(
+            || supervisor::supervise(launch, None, t0, seccomp),
+            |pid| match &args.pid_file {
+                Some(p) => write_pid_file(p, pid),
+                None => Ok(()),
+            },
+            || {
+                if let Some(c) = &cgroup
+                    && let Err(e) = host_cgroup::remove(&c.dir)
+                {
+                    tracing::warn!("{e:#}");
+                }
+                let _ = store.remove(&args.id);
+            },
+        );
+    }
     if let Mode::RunForeground { keep } = mode {
         if let Some(p) = &args.pid_file {
             write_pid_file(p, std::process::id() as i32)?;

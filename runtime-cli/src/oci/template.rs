@@ -171,6 +171,64 @@ impl Recorder {
     }
 }
 
+/// Installs a working set that a jailed supervisor recorded in its container's directory
+/// (`recorded`, which the jail's uid could write: read as a hostile file, not followed, bounded;
+/// the restores that read it check it against the snapshot) into `template`, if the template has
+/// none yet. Returns whether it did.
+pub fn install_recording(template: &Path, recorded: &Path) -> Result<bool> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    /// A working set lists each page at most once: 8 bytes a page of up to 64 GiB of memory.
+    const MAX: u64 = 128 << 20;
+    let (Some(root), Some(key)) = (
+        template.parent(),
+        template.file_name().and_then(|k| k.to_str()),
+    ) else {
+        bail!("{} is not a template", template.display());
+    };
+    let into = workingset_path(template);
+    if into.exists() || !template.join("meta.json").is_file() {
+        return Ok(false);
+    }
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(recorded)
+        .with_context(|| format!("cannot open {}", recorded.display()))?;
+    if !f.metadata()?.is_file() {
+        bail!("{} is not a regular file", recorded.display());
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX {
+        bail!("{} is larger than {MAX} bytes", recorded.display());
+    }
+    let Some(lock) = lock(&root.join(format!("{key}.ws.lock")), true)? else {
+        return Ok(false);
+    };
+    if into.exists() {
+        return Ok(false);
+    }
+    let file = root.join(format!(".ws-{key}-{}", std::process::id()));
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&file)
+        .with_context(|| format!("cannot create {}", file.display()))?;
+    std::io::Write::write_all(&mut out, &bytes)?;
+    drop(out);
+    Recorder {
+        _lock: lock,
+        file,
+        lock: root.join(format!("{key}.lock")),
+        into,
+    }
+    .install()?;
+    Ok(true)
+}
+
 fn file_identity(h: &mut Sha256, path: &Path) -> Result<()> {
     let m = fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
     h.update(path.as_os_str().as_encoded_bytes());
