@@ -41,6 +41,9 @@ pub struct RunBench {
     pub runc: Vec<f64>,
     /// `kata-snap --debug run`, spawn to exit.
     pub kata_debug: Vec<f64>,
+    /// `kata-snap run` with `"jail": false` in its config (only with [`measure`]'s `jail_off`):
+    /// the jail's cost, side by side.
+    pub kata_no_jail: Vec<f64>,
     /// Each step of the `--debug` runs' timing line, in the order they come.
     pub phases: Vec<(String, Vec<f64>)>,
     /// The timing line's totals (process start to teardown).
@@ -76,8 +79,13 @@ pub fn make_bundle(bin: &Path, dir: &Path) -> Result<PathBuf> {
 
 /// `kata-snap` with the test guest, its own data directory, state root `root` and no pool.
 fn kata(bin: &Path, work: &Path, root: &Path) -> Command {
+    kata_with(bin, work, root, "config.json")
+}
+
+/// As [`kata`], with the config file `config` in `work`.
+fn kata_with(bin: &Path, work: &Path, root: &Path, config: &str) -> Command {
     let mut c = Command::new(bin);
-    c.env("KATA_SNAP_CONFIG", work.join("config.json"))
+    c.env("KATA_SNAP_CONFIG", work.join(config))
         .env("KATA_SNAP_DATA_DIR", work.join("data"))
         .env("KATA_SNAP_POOL_DIR", work.join("no-pool"))
         .arg("--root")
@@ -131,12 +139,18 @@ pub fn parse_timing(stderr: &str) -> Option<(Vec<(String, f64)>, f64)> {
     Some((steps, total))
 }
 
-/// Runs the comparison: `runs` alternating rounds after two warm-up runs, in `work`.
-pub fn measure(bin: &Path, work: &Path, runs: usize) -> Result<RunBench> {
+/// Runs the comparison: `runs` alternating rounds after two warm-up runs, in `work`; with
+/// `jail_off`, each round also runs kata-snap with its jail off (config `"jail": false`; the
+/// others run with the default, jailed as root).
+pub fn measure(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<RunBench> {
     if !Path::new(RUNC).exists() {
         bail!("{RUNC} missing: scripts/install-deps.sh installs it");
     }
     std::fs::write(work.join("config.json"), r#"{"testGuest": "agent"}"#)?;
+    std::fs::write(
+        work.join("config-no-jail.json"),
+        r#"{"testGuest": "agent", "jail": false}"#,
+    )?;
     let b = make_bundle(bin, work)?;
     let state = state_dir(work)?;
     let root = state.path();
@@ -164,6 +178,15 @@ pub fn measure(bin: &Path, work: &Path, runs: usize) -> Result<RunBench> {
             &["--debug", "run", "--bundle", bundle, &format!("d{i}")],
         )?;
         r.kata_debug.push(ms);
+        if jail_off {
+            r.kata_no_jail.push(
+                timed(
+                    kata_with(bin, work, root, "config-no-jail.json"),
+                    &["run", "--bundle", bundle, &format!("n{i}")],
+                )?
+                .0,
+            );
+        }
         let (steps, total) =
             parse_timing(&stderr).with_context(|| format!("no timing line in {stderr}"))?;
         for (order, (name, v)) in steps.into_iter().enumerate() {
@@ -196,6 +219,9 @@ fn explain(step: &str) -> &'static str {
         "template" => "config file, template key, template found",
         "rootfs image" => "rootfs keyed (tree signature), erofs image found in the cache",
         "supervisor" => "state directory claimed, record written",
+        "jail" => {
+            "stdio, image lease, uid, chown, devices opened, mount namespace, pivot_root, privileges dropped"
+        }
         s if s.starts_with("restore") => "VM created, snapshot loaded, memory mapped, vCPUs run",
         "vsock connect" => "CONNECT 1024 through the VM's vsock socket, guest accepts",
         "agent hello" => "Hello both ways",
@@ -236,6 +262,29 @@ pub fn print(r: &RunBench) {
         paired.len(),
         median(&paired)
     );
+    if !r.kata_no_jail.is_empty() {
+        let off = median(&r.kata_no_jail);
+        println!(
+            "{:<44} {:<24} {:>7.2}",
+            "kata-snap run, \"jail\": false",
+            cell(summarize(&r.kata_no_jail)),
+            off / rc
+        );
+        let rounds: Vec<f64> = r
+            .kata
+            .iter()
+            .zip(&r.kata_no_jail)
+            .map(|(a, b)| a / b)
+            .collect();
+        println!(
+            "the jail's cost: jailed / not jailed {:.3} (medians {k:.1} / {off:.1} ms, {:+.1} ms); \
+             median of the {} per-round ratios {:.3}",
+            k / off,
+            k - off,
+            rounds.len(),
+            median(&rounds)
+        );
+    }
     println!("\nwhere kata-snap run's time goes (--debug runs), ms, median (p10-p90):");
     let mut sum = 0.0;
     for (name, v) in &r.phases {
@@ -263,14 +312,14 @@ pub fn print(r: &RunBench) {
 }
 
 /// The section of startup-bench: measures and prints.
-pub fn section(bin: &Path, work: &Path, runs: usize) -> Result<()> {
+pub fn section(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<()> {
     println!(
         "\n== kata-snap run vs runc run of one busybox bundle (`sh -c 'echo hello'`), {runs} alternating rounds; \
          kata-snap's guest is the test guest `agent` (host path only, no Linux guest)"
     );
     let dir = work.join("run-bench");
     std::fs::create_dir_all(&dir)?;
-    let r = measure(bin, &dir, runs)?;
+    let r = measure(bin, &dir, runs, jail_off)?;
     print(&r);
     Ok(())
 }

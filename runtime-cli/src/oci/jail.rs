@@ -18,7 +18,6 @@
 //! namespace: the engine must see the supervisor's pid as the container's and signal it.
 //! See docs/runtime.md, "Security model", for the comparison with Firecracker's jailer.
 
-use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -234,18 +233,20 @@ fn uid_in_use(uid: u32) -> bool {
     false
 }
 
-/// Allocates a uid of the range for container `id` of `template`: the first one whose file can
-/// be created (`O_EXCL`). A file left by a container that is gone (its directory missing or not
-/// its uid's, and no process of the uid running) is taken over.
-fn allocate(root: &Path, id: &str, template: &Path, s: Settings) -> Result<u32> {
+/// Allocates a uid of the range for container `id` of `template` and gives it the container's
+/// directory `dir` (under the lock: until then a concurrent allocation would find the uid's
+/// file stale): the first uid whose file can be created (`O_EXCL`). A file left by a container
+/// that is gone (its directory missing or not its uid's, and no process of the uid running) is
+/// taken over.
+fn allocate(root: &Path, id: &str, template: &Path, dir: &Path, s: Settings) -> Result<u32> {
     let _lock = lock_root(root)?;
-    let dir = uids_dir(root)?;
+    let uids = uids_dir(root)?;
     let body = serde_json::to_vec(&UidFile {
         id: id.to_string(),
         template: template.to_owned(),
     })?;
     for uid in s.uid_base..s.uid_base + s.uid_count {
-        let path = dir.join(uid.to_string());
+        let path = uids.join(uid.to_string());
         for attempt in 0..2 {
             match fs::OpenOptions::new()
                 .write(true)
@@ -255,9 +256,15 @@ fn allocate(root: &Path, id: &str, template: &Path, s: Settings) -> Result<u32> 
                 .open(&path)
             {
                 Ok(mut f) => {
-                    f.write_all(&body)
+                    let given = f
+                        .write_all(&body)
                         .and_then(|()| f.sync_all())
-                        .with_context(|| format!("cannot write {}", path.display()))?;
+                        .with_context(|| format!("cannot write {}", path.display()))
+                        .and_then(|()| give_dir(dir, uid));
+                    if let Err(e) = given {
+                        let _ = fs::remove_file(&path);
+                        return Err(e);
+                    }
                     return Ok(uid);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt == 0 => {
@@ -299,7 +306,8 @@ pub fn release(root: &Path, id: &str, dir: &Path) -> Result<()> {
     let Ok(m) = fs::symlink_metadata(dir) else {
         return Ok(());
     };
-    if !m.is_dir() || m.uid() == 0 {
+    // Root's (not jailed) or the caller's own (rootless: no jail).
+    if !m.is_dir() || m.uid() == 0 || m.uid() == nix::unistd::geteuid().as_raw() {
         return Ok(());
     }
     let uid = m.uid();
@@ -389,6 +397,14 @@ pub fn supervise_in_child(
     };
     cleanup();
     Ok(code)
+}
+
+/// Gives the container's directory to `uid` (and its gid), mode 0700.
+fn give_dir(dir: &Path, uid: u32) -> Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(uid))
+        .with_context(|| format!("jail: cannot give {} to uid {uid}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    Ok(())
 }
 
 fn io_err(what: &str) -> impl FnOnce(nix::errno::Errno) -> anyhow::Error + '_ {
@@ -615,18 +631,14 @@ fn drop_privileges(uid: u32) -> Result<()> {
 /// thread yet). On return the process is in the jail, its cwd the container's directory
 /// ([`DIR`]).
 pub fn enter(plan: &Plan) -> Result<Jailed> {
-    let uid = allocate(plan.state_root, plan.id, plan.template, plan.settings)?;
+    let uid = allocate(
+        plan.state_root,
+        plan.id,
+        plan.template,
+        plan.dir,
+        plan.settings,
+    )?;
     let res = (|| -> Result<()> {
-        let c = CString::new(plan.dir.as_os_str().as_encoded_bytes())?;
-        // SAFETY: lchown of a NUL-terminated path that lives across the call.
-        if unsafe { libc::lchown(c.as_ptr(), uid, uid) } != 0 {
-            bail!(
-                "jail: cannot give {} to uid {uid}: {}",
-                plan.dir.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        fs::set_permissions(plan.dir, fs::Permissions::from_mode(0o700))?;
         // The jail's uid reads the image through its bind mount (the cache's directory stays
         // private: 0700, root's); the cache writes images 0600.
         let m = fs::metadata(plan.image)?;
@@ -692,34 +704,31 @@ mod tests {
             uid_count: 3,
         };
         let t = Path::new("/t");
-        let mk = |id: &str, uid: u32| {
+        let alloc = |id: &str| {
             let d = root.path().join(id);
-            fs::create_dir(&d).unwrap();
-            std::os::unix::fs::lchown(&d, Some(uid), Some(uid)).unwrap();
+            let _ = fs::create_dir(&d);
+            allocate(root.path(), id, t, &d, s)
         };
-        let a = allocate(root.path(), "a", t, s).unwrap();
-        mk("a", a);
-        let b = allocate(root.path(), "b", t, s).unwrap();
-        mk("b", b);
+        let a = alloc("a").unwrap();
+        let b = alloc("b").unwrap();
         assert_ne!(a, b);
+        let m = fs::metadata(root.path().join("b")).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (b, b, 0o700));
         // "c" allocates and its directory is gone without a delete: its uid is stale.
-        let c = allocate(root.path(), "c", t, s).unwrap();
-        assert!(
-            allocate(root.path(), "d", t, s).is_ok(),
-            "c's uid is stale (no directory)"
-        );
+        let c = alloc("c").unwrap();
+        fs::remove_dir(root.path().join("c")).unwrap();
+        assert_eq!(alloc("d").unwrap(), c, "c's uid is stale (no directory)");
         let d_file = read_uid_file(&root.path().join(UIDS_DIR).join(c.to_string())).unwrap();
         assert_eq!(d_file.id, "d");
-        mk("d", c);
         // Full: a, b, d live.
-        let e = allocate(root.path(), "e", t, s).unwrap_err();
+        let e = alloc("e").unwrap_err();
         assert!(e.to_string().contains("no free uid"), "{e}");
         // Release gives b's back; a release naming another id gives nothing.
         release(root.path(), "x", &root.path().join("b")).unwrap();
-        assert!(allocate(root.path(), "e", t, s).is_err());
+        assert!(alloc("e").is_err());
         release(root.path(), "b", &root.path().join("b")).unwrap();
         fs::remove_dir(root.path().join("b")).unwrap();
-        assert_eq!(allocate(root.path(), "e", t, s).unwrap(), b);
+        assert_eq!(alloc("e").unwrap(), b);
     }
 
     #[test]

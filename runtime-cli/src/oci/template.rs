@@ -10,7 +10,7 @@
 //! `DATA/templates/KEY.lock`, the template looked for again once the lock is held.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -103,10 +103,12 @@ pub struct Recorder {
 /// Opens (creating) the lock file `path` and takes an exclusive `flock` on it, waiting for it,
 /// or not (`None` when another process holds it) when `wait` is false.
 fn lock(path: &Path, wait: bool) -> Result<Option<Flock<fs::File>>> {
+    // Read-only (O_CREAT through custom flags: std refuses create without write): a jailed
+    // supervisor keeps the working set's lock, and no writable descriptor outside its jail.
     let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
+        .read(true)
+        .custom_flags(libc::O_CREAT | libc::O_CLOEXEC)
+        .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     let arg = if wait {
