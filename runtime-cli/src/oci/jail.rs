@@ -197,8 +197,51 @@ fn read_uid_file(path: &Path) -> Option<UidFile> {
     serde_json::from_str(&s).ok()
 }
 
-/// Whether any process runs with `uid` as its real, effective, saved or filesystem uid.
+/// Whether any process runs with `uid`: first asked of the kernel, which is quick (a child as
+/// `uid` sends signal 0 to every process it may signal: those whose real or saved uid is
+/// `uid`); only when it finds one (a zombie counts there) are the processes' status files read.
 fn uid_in_use(uid: u32) -> bool {
+    match uid_signalable(uid) {
+        Some(false) => false,
+        _ => uid_in_status(uid),
+    }
+}
+
+/// Whether a process of `uid` could signal any other process (`kill(-1, 0)` as `uid`), from a
+/// forked child; `None` when that could not be asked.
+fn uid_signalable(uid: u32) -> Option<bool> {
+    // SAFETY: the child makes raw syscalls only and exits with `_exit`.
+    match unsafe { nix::unistd::fork() }.ok()? {
+        nix::unistd::ForkResult::Child => {
+            // SAFETY: setresuid with integer arguments.
+            let became = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) } == 0;
+            let code = if became {
+                // SAFETY: kill with integer arguments (signal 0: nothing is sent).
+                match unsafe { libc::kill(-1, 0) } {
+                    0 => 1,
+                    _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) => 0,
+                    _ => 2,
+                }
+            } else {
+                2
+            };
+            // SAFETY: _exit in the forked child.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => loop {
+            match nix::sys::wait::waitpid(child, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => return Some(false),
+                Ok(nix::sys::wait::WaitStatus::Exited(_, 1)) => return Some(true),
+                Err(nix::errno::Errno::EINTR) => continue,
+                _ => return None,
+            }
+        },
+    }
+}
+
+/// Whether any process that is not a zombie runs with `uid` as its real, effective, saved or
+/// filesystem uid (from /proc/PID/status: slow, a few ms for a hundred processes).
+fn uid_in_status(uid: u32) -> bool {
     let Ok(procs) = fs::read_dir("/proc") else {
         // Cannot tell: in use.
         return true;
@@ -209,6 +252,11 @@ fn uid_in_use(uid: u32) -> bool {
             .to_str()
             .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         {
+            continue;
+        }
+        // /proc/PID is its process's effective uid's, or root's when it is not dumpable (a
+        // jailed supervisor): any other owner is neither.
+        if p.metadata().is_ok_and(|m| m.uid() != 0 && m.uid() != uid) {
             continue;
         }
         let Ok(status) = fs::read_to_string(p.path().join("status")) else {
@@ -330,10 +378,12 @@ pub fn release(root: &Path, id: &str, dir: &Path) -> Result<()> {
     }
     // A stopped container's supervisor may still be on its way out.
     let end = std::time::Instant::now() + RELEASE_WAIT;
-    while uid_in_use(uid) && std::time::Instant::now() < end {
+    let mut in_use = uid_in_use(uid);
+    while in_use && std::time::Instant::now() < end {
         std::thread::sleep(std::time::Duration::from_millis(5));
+        in_use = uid_in_use(uid);
     }
-    if uid_in_use(uid) {
+    if in_use {
         tracing::warn!("jail uid {uid} of {id} still runs a process: it stays allocated");
         return Ok(());
     }
@@ -729,6 +779,49 @@ mod tests {
         release(root.path(), "b", &root.path().join("b")).unwrap();
         fs::remove_dir(root.path().join("b")).unwrap();
         assert_eq!(alloc("e").unwrap(), b);
+    }
+
+    #[test]
+    fn test_uid_in_use_sees_a_live_process_not_a_zombie() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: needs root (to run a process as another uid)");
+            return;
+        }
+        let uid = 3_900_000_100;
+        assert!(!uid_in_use(uid));
+        let (r, w) = nix::unistd::pipe().unwrap();
+        // SAFETY: fork in a test; the child makes raw syscalls and exits.
+        let child = match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                drop(w);
+                // SAFETY: setresuid with integer arguments.
+                unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+                let mut b = [0u8; 1];
+                let _ = nix::unistd::read(&r, &mut b);
+                // SAFETY: _exit in the forked child.
+                unsafe { libc::_exit(0) }
+            }
+            nix::unistd::ForkResult::Parent { child } => child,
+        };
+        drop(r);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !uid_in_use(uid) {
+            assert!(
+                std::time::Instant::now() < end,
+                "the child's uid is not seen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(uid_in_status(uid));
+        drop(w);
+        // A zombie (not reaped yet) is not in use.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while uid_in_use(uid) {
+            assert!(std::time::Instant::now() < end, "the zombie counts");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        nix::sys::wait::waitpid(child, None).unwrap();
+        assert!(!uid_in_use(uid));
     }
 
     #[test]
