@@ -48,6 +48,27 @@ pub struct RunBench {
     pub phases: Vec<(String, Vec<f64>)>,
     /// The timing line's totals (process start to teardown).
     pub totals: Vec<f64>,
+    /// The same of `--debug` runs with the jail off (with `jail_off`).
+    pub phases_no_jail: Vec<(String, Vec<f64>)>,
+    /// Their totals.
+    pub totals_no_jail: Vec<f64>,
+    /// Their spawn-to-exit times.
+    pub kata_debug_no_jail: Vec<f64>,
+}
+
+/// Adds a timing line's steps to `phases` (name: first position seen, values).
+fn add_steps(phases: &mut BTreeMap<String, (usize, Vec<f64>)>, steps: Vec<(String, f64)>) {
+    for (order, (name, v)) in steps.into_iter().enumerate() {
+        phases.entry(name).or_insert((order, Vec::new())).1.push(v);
+    }
+}
+
+/// The steps in the order they come.
+fn ordered(phases: BTreeMap<String, (usize, Vec<f64>)>) -> Vec<(String, Vec<f64>)> {
+    let mut v: Vec<(usize, String, Vec<f64>)> =
+        phases.into_iter().map(|(k, (o, v))| (o, k, v)).collect();
+    v.sort_by_key(|(o, _, _)| *o);
+    v.into_iter().map(|(_, k, v)| (k, v)).collect()
 }
 
 /// A busybox bundle in `dir` whose process is [`ARGS`] (config.json from `kata-snap spec`).
@@ -165,6 +186,7 @@ pub fn measure(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<R
     }
     let mut r = RunBench::default();
     let mut phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
+    let mut phases_no_jail: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
     for i in 0..runs {
         let id = format!("k{i}");
         r.kata
@@ -186,18 +208,23 @@ pub fn measure(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<R
                 )?
                 .0,
             );
+            let (ms, stderr) = timed(
+                kata_with(bin, work, root, "config-no-jail.json"),
+                &["--debug", "run", "--bundle", bundle, &format!("nd{i}")],
+            )?;
+            r.kata_debug_no_jail.push(ms);
+            let (steps, total) =
+                parse_timing(&stderr).with_context(|| format!("no timing line in {stderr}"))?;
+            add_steps(&mut phases_no_jail, steps);
+            r.totals_no_jail.push(total);
         }
         let (steps, total) =
             parse_timing(&stderr).with_context(|| format!("no timing line in {stderr}"))?;
-        for (order, (name, v)) in steps.into_iter().enumerate() {
-            phases.entry(name).or_insert((order, Vec::new())).1.push(v);
-        }
+        add_steps(&mut phases, steps);
         r.totals.push(total);
     }
-    let mut ordered: Vec<(usize, String, Vec<f64>)> =
-        phases.into_iter().map(|(k, (o, v))| (o, k, v)).collect();
-    ordered.sort_by_key(|(o, _, _)| *o);
-    r.phases = ordered.into_iter().map(|(_, k, v)| (k, v)).collect();
+    r.phases = ordered(phases);
+    r.phases_no_jail = ordered(phases_no_jail);
     Ok(r)
 }
 
@@ -309,6 +336,44 @@ pub fn print(r: &RunBench) {
         "after teardown",
         wall - total
     );
+    if !r.phases_no_jail.is_empty() {
+        println!("\nthe same, jailed (above) and with the jail off, ms, median (p10-p90):");
+        let col = |phases: &[(String, Vec<f64>)], name: &str| {
+            cell(
+                phases
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, v)| summarize(v)),
+            )
+        };
+        let mut names: Vec<&String> = r.phases.iter().map(|(n, _)| n).collect();
+        for (n, _) in &r.phases_no_jail {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        for name in names {
+            println!(
+                "  {:<20} {:<24} {:<24}",
+                name,
+                col(&r.phases, name),
+                col(&r.phases_no_jail, name)
+            );
+        }
+        println!(
+            "  {:<20} {:<24} {:<24}",
+            "total (timing line)",
+            cell(summarize(&r.totals)),
+            cell(summarize(&r.totals_no_jail))
+        );
+        println!(
+            "  {:<20} {:>7.1}{:<17} {:>7.1}",
+            "after teardown",
+            wall - total,
+            "",
+            median(&r.kata_debug_no_jail) - median(&r.totals_no_jail)
+        );
+    }
 }
 
 /// The section of startup-bench: measures and prints.
