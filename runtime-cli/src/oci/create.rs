@@ -114,10 +114,14 @@ pub(super) fn create(
     if let Some(c) = &cgroup {
         c.check()?;
     }
-    let jail = super::jail::Settings::from_config(
-        &assets::RuntimeConfig::load()?,
-        nix::unistd::geteuid().is_root(),
-    )?;
+    let runtime_config = assets::RuntimeConfig::load()?;
+    let is_root = nix::unistd::geteuid().is_root();
+    let jail = super::jail::Settings::from_config(&runtime_config, is_root)?;
+    if runtime_config.jail == Some(true) && !is_root {
+        tracing::warn!(
+            "config jail: true: without root there is no jail, the supervisor runs as you"
+        );
+    }
     let dir = store.claim(&args.id)?;
     let mut guard = ClaimGuard {
         store: &store,
