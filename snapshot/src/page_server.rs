@@ -623,3 +623,78 @@ fn pipe() -> std::io::Result<(File, File)> {
     let w = unsafe { File::from_raw_fd(fds[1]) };
     Ok((r, w))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A userfaultfd made through the kept /dev/userfaultfd registers memory and answers a
+    /// fault KVM-style (from kernel mode: a `read(2)` into the registered page).
+    #[test]
+    fn test_uffd_from_the_preopened_device_handles_kernel_mode_faults() {
+        match preopen_uffd_device() {
+            Ok(true) => {}
+            Ok(false) => {
+                println!("SKIPPED: no /dev/userfaultfd on this kernel");
+                return;
+            }
+            Err(e) => {
+                println!("SKIPPED: cannot open /dev/userfaultfd: {e}");
+                return;
+            }
+        }
+        let uffd = create_uffd().unwrap();
+        // SAFETY: a fresh anonymous private mapping of one page, unmapped below.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(page, libc::MAP_FAILED);
+        uffd.register(page, PAGE_SIZE).unwrap();
+        let addr = page as usize;
+        let filler = std::thread::spawn(move || {
+            let mut fds = [libc::pollfd {
+                fd: uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: poll on one pollfd that lives across the call.
+            assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 10_000) }, 1);
+            let src = vec![7u8; PAGE_SIZE];
+            // SAFETY: copies one page from `src` into the registered, unpopulated page.
+            unsafe {
+                uffd.copy(
+                    src.as_ptr().cast(),
+                    addr as *mut libc::c_void,
+                    PAGE_SIZE,
+                    true,
+                )
+            }
+            .unwrap();
+        });
+        // A kernel-mode access: write(2) from the registered page into a pipe.
+        let mut p = [0i32; 2];
+        // SAFETY: pipe writes two descriptors into `p`.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        // SAFETY: the page is mapped for PAGE_SIZE bytes; the kernel faults it through the uffd.
+        let n = unsafe { libc::write(p[1], page, 16) };
+        assert_eq!(n, 16);
+        let mut b = [0u8; 16];
+        // SAFETY: reads at most 16 bytes into `b`.
+        assert_eq!(unsafe { libc::read(p[0], b.as_mut_ptr().cast(), 16) }, 16);
+        assert_eq!(b, [7u8; 16]);
+        for fd in p {
+            // SAFETY: closes the pipe's two descriptors made above.
+            unsafe { libc::close(fd) };
+        }
+        filler.join().unwrap();
+        // SAFETY: unmaps the mapping made above.
+        unsafe { libc::munmap(page, PAGE_SIZE) };
+    }
+}
