@@ -393,6 +393,10 @@ impl Supervisor {
                 phases.mark("jail");
                 true
             }
+            Some(settings) if settings.enabled => {
+                tracing::debug!("not jailed: the VM is in a pre-started VMM of the pool");
+                false
+            }
             _ => false,
         };
         let vm = match pooled {
