@@ -41,10 +41,34 @@ pub struct RunBench {
     pub runc: Vec<f64>,
     /// `kata-snap --debug run`, spawn to exit.
     pub kata_debug: Vec<f64>,
+    /// `kata-snap run` with `"jail": false` in its config (only with [`measure`]'s `jail_off`):
+    /// the jail's cost, side by side.
+    pub kata_no_jail: Vec<f64>,
     /// Each step of the `--debug` runs' timing line, in the order they come.
     pub phases: Vec<(String, Vec<f64>)>,
     /// The timing line's totals (process start to teardown).
     pub totals: Vec<f64>,
+    /// The same of `--debug` runs with the jail off (with `jail_off`).
+    pub phases_no_jail: Vec<(String, Vec<f64>)>,
+    /// Their totals.
+    pub totals_no_jail: Vec<f64>,
+    /// Their spawn-to-exit times.
+    pub kata_debug_no_jail: Vec<f64>,
+}
+
+/// Adds a timing line's steps to `phases` (name: first position seen, values).
+fn add_steps(phases: &mut BTreeMap<String, (usize, Vec<f64>)>, steps: Vec<(String, f64)>) {
+    for (order, (name, v)) in steps.into_iter().enumerate() {
+        phases.entry(name).or_insert((order, Vec::new())).1.push(v);
+    }
+}
+
+/// The steps in the order they come.
+fn ordered(phases: BTreeMap<String, (usize, Vec<f64>)>) -> Vec<(String, Vec<f64>)> {
+    let mut v: Vec<(usize, String, Vec<f64>)> =
+        phases.into_iter().map(|(k, (o, v))| (o, k, v)).collect();
+    v.sort_by_key(|(o, _, _)| *o);
+    v.into_iter().map(|(_, k, v)| (k, v)).collect()
 }
 
 /// A busybox bundle in `dir` whose process is [`ARGS`] (config.json from `kata-snap spec`).
@@ -76,8 +100,13 @@ pub fn make_bundle(bin: &Path, dir: &Path) -> Result<PathBuf> {
 
 /// `kata-snap` with the test guest, its own data directory, state root `root` and no pool.
 fn kata(bin: &Path, work: &Path, root: &Path) -> Command {
+    kata_with(bin, work, root, "config.json")
+}
+
+/// As [`kata`], with the config file `config` in `work`.
+fn kata_with(bin: &Path, work: &Path, root: &Path, config: &str) -> Command {
     let mut c = Command::new(bin);
-    c.env("KATA_SNAP_CONFIG", work.join("config.json"))
+    c.env("KATA_SNAP_CONFIG", work.join(config))
         .env("KATA_SNAP_DATA_DIR", work.join("data"))
         .env("KATA_SNAP_POOL_DIR", work.join("no-pool"))
         .arg("--root")
@@ -131,12 +160,18 @@ pub fn parse_timing(stderr: &str) -> Option<(Vec<(String, f64)>, f64)> {
     Some((steps, total))
 }
 
-/// Runs the comparison: `runs` alternating rounds after two warm-up runs, in `work`.
-pub fn measure(bin: &Path, work: &Path, runs: usize) -> Result<RunBench> {
+/// Runs the comparison: `runs` alternating rounds after two warm-up runs, in `work`; with
+/// `jail_off`, each round also runs kata-snap with its jail off (config `"jail": false`; the
+/// others run with the default, jailed as root).
+pub fn measure(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<RunBench> {
     if !Path::new(RUNC).exists() {
         bail!("{RUNC} missing: scripts/install-deps.sh installs it");
     }
     std::fs::write(work.join("config.json"), r#"{"testGuest": "agent"}"#)?;
+    std::fs::write(
+        work.join("config-no-jail.json"),
+        r#"{"testGuest": "agent", "jail": false}"#,
+    )?;
     let b = make_bundle(bin, work)?;
     let state = state_dir(work)?;
     let root = state.path();
@@ -151,6 +186,7 @@ pub fn measure(bin: &Path, work: &Path, runs: usize) -> Result<RunBench> {
     }
     let mut r = RunBench::default();
     let mut phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
+    let mut phases_no_jail: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
     for i in 0..runs {
         let id = format!("k{i}");
         r.kata
@@ -164,17 +200,31 @@ pub fn measure(bin: &Path, work: &Path, runs: usize) -> Result<RunBench> {
             &["--debug", "run", "--bundle", bundle, &format!("d{i}")],
         )?;
         r.kata_debug.push(ms);
+        if jail_off {
+            r.kata_no_jail.push(
+                timed(
+                    kata_with(bin, work, root, "config-no-jail.json"),
+                    &["run", "--bundle", bundle, &format!("n{i}")],
+                )?
+                .0,
+            );
+            let (ms, stderr) = timed(
+                kata_with(bin, work, root, "config-no-jail.json"),
+                &["--debug", "run", "--bundle", bundle, &format!("nd{i}")],
+            )?;
+            r.kata_debug_no_jail.push(ms);
+            let (steps, total) =
+                parse_timing(&stderr).with_context(|| format!("no timing line in {stderr}"))?;
+            add_steps(&mut phases_no_jail, steps);
+            r.totals_no_jail.push(total);
+        }
         let (steps, total) =
             parse_timing(&stderr).with_context(|| format!("no timing line in {stderr}"))?;
-        for (order, (name, v)) in steps.into_iter().enumerate() {
-            phases.entry(name).or_insert((order, Vec::new())).1.push(v);
-        }
+        add_steps(&mut phases, steps);
         r.totals.push(total);
     }
-    let mut ordered: Vec<(usize, String, Vec<f64>)> =
-        phases.into_iter().map(|(k, (o, v))| (o, k, v)).collect();
-    ordered.sort_by_key(|(o, _, _)| *o);
-    r.phases = ordered.into_iter().map(|(_, k, v)| (k, v)).collect();
+    r.phases = ordered(phases);
+    r.phases_no_jail = ordered(phases_no_jail);
     Ok(r)
 }
 
@@ -196,6 +246,9 @@ fn explain(step: &str) -> &'static str {
         "template" => "config file, template key, template found",
         "rootfs image" => "rootfs keyed (tree signature), erofs image found in the cache",
         "supervisor" => "state directory claimed, record written",
+        "jail" => {
+            "stdio, image lease, uid, chown, devices opened, mount namespace, pivot_root, privileges dropped"
+        }
         s if s.starts_with("restore") => "VM created, snapshot loaded, memory mapped, vCPUs run",
         "vsock connect" => "CONNECT 1024 through the VM's vsock socket, guest accepts",
         "agent hello" => "Hello both ways",
@@ -236,6 +289,29 @@ pub fn print(r: &RunBench) {
         paired.len(),
         median(&paired)
     );
+    if !r.kata_no_jail.is_empty() {
+        let off = median(&r.kata_no_jail);
+        println!(
+            "{:<44} {:<24} {:>7.2}",
+            "kata-snap run, \"jail\": false",
+            cell(summarize(&r.kata_no_jail)),
+            off / rc
+        );
+        let rounds: Vec<f64> = r
+            .kata
+            .iter()
+            .zip(&r.kata_no_jail)
+            .map(|(a, b)| a / b)
+            .collect();
+        println!(
+            "the jail's cost: jailed / not jailed {:.3} (medians {k:.1} / {off:.1} ms, {:+.1} ms); \
+             median of the {} per-round ratios {:.3}",
+            k / off,
+            k - off,
+            rounds.len(),
+            median(&rounds)
+        );
+    }
     println!("\nwhere kata-snap run's time goes (--debug runs), ms, median (p10-p90):");
     let mut sum = 0.0;
     for (name, v) in &r.phases {
@@ -260,17 +336,55 @@ pub fn print(r: &RunBench) {
         "after teardown",
         wall - total
     );
+    if !r.phases_no_jail.is_empty() {
+        println!("\nthe same, jailed (above) and with the jail off, ms, median (p10-p90):");
+        let col = |phases: &[(String, Vec<f64>)], name: &str| {
+            cell(
+                phases
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, v)| summarize(v)),
+            )
+        };
+        let mut names: Vec<&String> = r.phases.iter().map(|(n, _)| n).collect();
+        for (n, _) in &r.phases_no_jail {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        for name in names {
+            println!(
+                "  {:<20} {:<24} {:<24}",
+                name,
+                col(&r.phases, name),
+                col(&r.phases_no_jail, name)
+            );
+        }
+        println!(
+            "  {:<20} {:<24} {:<24}",
+            "total (timing line)",
+            cell(summarize(&r.totals)),
+            cell(summarize(&r.totals_no_jail))
+        );
+        println!(
+            "  {:<20} {:>7.1}{:<17} {:>7.1}",
+            "after teardown",
+            wall - total,
+            "",
+            median(&r.kata_debug_no_jail) - median(&r.totals_no_jail)
+        );
+    }
 }
 
 /// The section of startup-bench: measures and prints.
-pub fn section(bin: &Path, work: &Path, runs: usize) -> Result<()> {
+pub fn section(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<()> {
     println!(
         "\n== kata-snap run vs runc run of one busybox bundle (`sh -c 'echo hello'`), {runs} alternating rounds; \
          kata-snap's guest is the test guest `agent` (host path only, no Linux guest)"
     );
     let dir = work.join("run-bench");
     std::fs::create_dir_all(&dir)?;
-    let r = measure(bin, &dir, runs)?;
+    let r = measure(bin, &dir, runs, jail_off)?;
     print(&r);
     Ok(())
 }

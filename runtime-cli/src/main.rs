@@ -271,6 +271,12 @@ fn main() -> ExitCode {
         eprintln!("kata-snap: no command given (see kata-snap --help)");
         return ExitCode::from(1);
     };
+    if let Command::Oci(c) = &command
+        && let Some(keep) = c.keeps_inherited_fds()
+    {
+        // Nothing of this process owns a descriptor yet.
+        oci::jail::close_inherited_fds(&keep);
+    }
     set_sigpipe(match &command {
         Command::Check => true,
         Command::Oci(c) => c.only_prints(),

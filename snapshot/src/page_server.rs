@@ -132,6 +132,9 @@ pub enum PageServerError {
         "cannot create a userfaultfd: {0} (kata-snap needs root, CAP_SYS_PTRACE, or access to /dev/userfaultfd)"
     )]
     Create(#[source] userfaultfd::Error),
+    /// userfaultfd could not be created through the pre-opened /dev/userfaultfd.
+    #[error("cannot create a userfaultfd through /dev/userfaultfd: {0}")]
+    CreateFromDevice(#[source] std::io::Error),
     /// A mapping could not be registered.
     #[error("cannot register guest memory with userfaultfd: {0}")]
     Register(#[source] userfaultfd::Error),
@@ -188,8 +191,77 @@ pub struct PageServer {
     recorded: Mutex<Vec<u64>>,
 }
 
+/// `/dev/userfaultfd`, opened before the process gave up the right to open it (a jailed VMM:
+/// the device is root's, and `userfaultfd(2)` for kernel-mode faults needs CAP_SYS_PTRACE while
+/// `vm.unprivileged_userfaultfd` is 0). [`create_uffd`] asks it for each new userfaultfd.
+static DEVICE: Mutex<Option<std::os::fd::OwnedFd>> = Mutex::new(None);
+
+/// Opens `/dev/userfaultfd` now, for every later [`create_uffd`] of this process. `Ok(false)`
+/// when this kernel has no such device (before 6.1): creation then stays with the syscall.
+pub fn preopen_uffd_device() -> std::io::Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/userfaultfd")
+    {
+        Ok(f) => {
+            *DEVICE.lock().unwrap_or_else(|e| e.into_inner()) = Some(f.into());
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `struct uffdio_api` of <linux/userfaultfd.h>.
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+/// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)`.
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+/// `UFFDIO_API`: `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+/// `UFFD_API`.
+const UFFD_API: u64 = 0xaa;
+
+/// A new userfaultfd from the pre-opened device (the `userfaultfd` crate opens the device by
+/// path on each creation, which a jail cannot).
+fn uffd_from_device(dev: &std::os::fd::OwnedFd) -> std::io::Result<Uffd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: USERFAULTFD_IOC_NEW on the /dev/userfaultfd fd takes the flags as its integer
+    // argument and returns a new descriptor or -1.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes one `struct uffdio_api` that lives across the call.
+    if unsafe { libc::ioctl(owned.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the Uffd takes over the descriptor (released from `owned`), as the crate's own
+    // builder wraps the one it creates.
+    Ok(unsafe { Uffd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(owned)) })
+}
+
 /// Creates a userfaultfd able to handle faults KVM takes from kernel mode on the guest's behalf.
 pub fn create_uffd() -> Result<Uffd, PageServerError> {
+    if let Some(dev) = DEVICE.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return uffd_from_device(dev).map_err(PageServerError::CreateFromDevice);
+    }
     userfaultfd::UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
@@ -550,4 +622,79 @@ fn pipe() -> std::io::Result<(File, File)> {
     // SAFETY: likewise the write end.
     let w = unsafe { File::from_raw_fd(fds[1]) };
     Ok((r, w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A userfaultfd made through the kept /dev/userfaultfd registers memory and answers a
+    /// fault KVM-style (from kernel mode: a `read(2)` into the registered page).
+    #[test]
+    fn test_uffd_from_the_preopened_device_handles_kernel_mode_faults() {
+        match preopen_uffd_device() {
+            Ok(true) => {}
+            Ok(false) => {
+                println!("SKIPPED: no /dev/userfaultfd on this kernel");
+                return;
+            }
+            Err(e) => {
+                println!("SKIPPED: cannot open /dev/userfaultfd: {e}");
+                return;
+            }
+        }
+        let uffd = create_uffd().unwrap();
+        // SAFETY: a fresh anonymous private mapping of one page, unmapped below.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(page, libc::MAP_FAILED);
+        uffd.register(page, PAGE_SIZE).unwrap();
+        let addr = page as usize;
+        let filler = std::thread::spawn(move || {
+            let mut fds = [libc::pollfd {
+                fd: uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: poll on one pollfd that lives across the call.
+            assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 10_000) }, 1);
+            let src = vec![7u8; PAGE_SIZE];
+            // SAFETY: copies one page from `src` into the registered, unpopulated page.
+            unsafe {
+                uffd.copy(
+                    src.as_ptr().cast(),
+                    addr as *mut libc::c_void,
+                    PAGE_SIZE,
+                    true,
+                )
+            }
+            .unwrap();
+        });
+        // A kernel-mode access: write(2) from the registered page into a pipe.
+        let mut p = [0i32; 2];
+        // SAFETY: pipe writes two descriptors into `p`.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        // SAFETY: the page is mapped for PAGE_SIZE bytes; the kernel faults it through the uffd.
+        let n = unsafe { libc::write(p[1], page, 16) };
+        assert_eq!(n, 16);
+        let mut b = [0u8; 16];
+        // SAFETY: reads at most 16 bytes into `b`.
+        assert_eq!(unsafe { libc::read(p[0], b.as_mut_ptr().cast(), 16) }, 16);
+        assert_eq!(b, [7u8; 16]);
+        for fd in p {
+            // SAFETY: closes the pipe's two descriptors made above.
+            unsafe { libc::close(fd) };
+        }
+        filler.join().unwrap();
+        // SAFETY: unmaps the mapping made above.
+        unsafe { libc::munmap(page, PAGE_SIZE) };
+    }
 }

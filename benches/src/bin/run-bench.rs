@@ -2,6 +2,7 @@
 //! time goes: see `benches::run_bench`. Also the last section of startup-bench.
 //!
 //!   cargo build --release --bin kata-snap && cargo run --release -p benches --bin run-bench
+//!   ... --bin run-bench -- --jail     (and each round with the jail off: its cost)
 
 use std::path::PathBuf;
 
@@ -15,6 +16,10 @@ struct Args {
     /// Alternating rounds (each: kata-snap, runc, kata-snap --debug).
     #[arg(long, default_value_t = 21)]
     runs: usize,
+    /// Also run kata-snap with its jail off (config `"jail": false`) in each round: the jail's
+    /// cost side by side (the other kata-snap runs are jailed as root).
+    #[arg(long)]
+    jail: bool,
     /// The kata-snap binary [default: next to this program].
     #[arg(long)]
     kata_snap: Option<PathBuf>,
@@ -26,7 +31,7 @@ fn main() -> Result<()> {
     let work = tempfile::tempdir()?;
     println!("kata-snap {}; {}", bin.display(), run_bench::load());
     println!("host: {}", vmm::host::check_host().summary);
-    run_bench::section(&bin, work.path(), args.runs)?;
+    run_bench::section(&bin, work.path(), args.runs, args.jail)?;
     println!("after: {}", run_bench::load());
     Ok(())
 }

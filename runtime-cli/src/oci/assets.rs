@@ -249,6 +249,15 @@ pub struct RuntimeConfig {
     /// A built-in test guest instead of the kernel and initramfs (tests and benchmarks of the
     /// host path only; see the module's doc).
     pub test_guest: Option<String>,
+    /// Jail each container's supervisor (its own mount namespace, an unprivileged uid of its
+    /// own, no capabilities; see docs/runtime.md, "Security model") [default: true as root;
+    /// without root there is no jail].
+    pub jail: Option<bool>,
+    /// The first uid (and gid) the jail gives containers [default: [`super::jail::DEFAULT_UID_BASE`]].
+    pub jail_uid_base: Option<u32>,
+    /// How many uids from `jailUidBase` the jail may give, at most one per live container
+    /// [default: [`super::jail::DEFAULT_UID_COUNT`]].
+    pub jail_uid_count: Option<u32>,
 }
 
 /// The image cache's budget when the config file sets none: 10 GiB.

@@ -77,18 +77,32 @@ pub fn write_reply(conn: &mut UnixStream, reply: &Reply) -> Result<()> {
     Ok(())
 }
 
-/// Connects to the socket `name` in `dir` through an `O_PATH` descriptor of `dir`, so a deep
-/// state root does not run into the 107-byte limit of socket paths.
+/// Connects to the socket `name` in `dir` through an `O_PATH` descriptor of the socket itself
+/// (opened without following a symbolic link, checked to be a socket), so a deep state root does
+/// not run into the 107-byte limit of socket paths, and a jailed supervisor, which owns the
+/// container's directory, cannot point root's connection elsewhere with a symbolic link.
 pub fn connect_in(dir: &Path, name: &str) -> Result<UnixStream> {
+    use nix::fcntl::OFlag;
     let dirfd = nix::fcntl::open(
         dir,
-        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )
     .with_context(|| format!("cannot open {}", dir.display()))?;
-    let path = format!("/proc/self/fd/{}/{name}", dirfd.as_raw_fd());
-    UnixStream::connect(&path)
-        .with_context(|| format!("cannot connect to {}", dir.join(name).display()))
+    let what = || dir.join(name).display().to_string();
+    let sock = nix::fcntl::openat(
+        &dirfd,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .with_context(|| format!("cannot connect to {}", what()))?;
+    let st = nix::sys::stat::fstat(&sock).with_context(|| format!("cannot stat {}", what()))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        bail!("cannot connect to {}: not a socket", what());
+    }
+    let path = format!("/proc/self/fd/{}", sock.as_raw_fd());
+    UnixStream::connect(&path).with_context(|| format!("cannot connect to {}", what()))
 }
 
 /// Sends `req` to the supervisor of the container in `dir` and waits up to `timeout` for its
@@ -107,4 +121,31 @@ pub fn call(dir: &Path, req: Request, timeout: Duration) -> Result<Reply> {
     conn.write_all(&line)?;
     let reply = read_line(&mut conn)?;
     serde_json::from_str(&reply).context("bad reply from the container's supervisor")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_connect_in_reaches_a_socket_and_refuses_a_link_or_a_file_in_its_place() {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other = UnixListener::bind(elsewhere.path().join("other.sock")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let own = UnixListener::bind(dir.path().join("c.sock")).unwrap();
+        connect_in(dir.path(), "c.sock").unwrap();
+        assert!(own.accept().is_ok());
+        // A symbolic link to another socket (planted by whoever owns the directory).
+        std::os::unix::fs::symlink(
+            elsewhere.path().join("other.sock"),
+            dir.path().join("l.sock"),
+        )
+        .unwrap();
+        assert!(connect_in(dir.path(), "l.sock").is_err());
+        other.set_nonblocking(true).unwrap();
+        assert!(other.accept().is_err(), "the link was followed");
+        std::fs::write(dir.path().join("f.sock"), "").unwrap();
+        let e = connect_in(dir.path(), "f.sock").unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+    }
 }

@@ -114,6 +114,14 @@ pub(super) fn create(
     if let Some(c) = &cgroup {
         c.check()?;
     }
+    let runtime_config = assets::RuntimeConfig::load()?;
+    let is_root = nix::unistd::geteuid().is_root();
+    let jail = super::jail::Settings::from_config(&runtime_config, is_root)?;
+    if runtime_config.jail == Some(true) && !is_root {
+        tracing::warn!(
+            "config jail: true: without root there is no jail, the supervisor runs as you"
+        );
+    }
     let dir = store.claim(&args.id)?;
     let mut guard = ClaimGuard {
         store: &store,
@@ -149,12 +157,37 @@ pub(super) fn create(
         foreground: matches!(mode, Mode::RunForeground { .. }),
         use_pool: !args.no_pool,
         cgroup,
+        jail: Some(jail),
         marks: if matches!(mode, Mode::RunForeground { .. }) {
             marks
         } else {
             vec![]
         },
     };
+    if let Mode::RunForeground { keep } = mode
+        && jail.enabled
+        && !keep
+    {
+        // The jailed supervisor cannot remove its state: this process stays outside the jail,
+        // as runc's `run` beside its container's init, and does.
+        guard.armed = false;
+        let cgroup = launch.cgroup.clone();
+        return super::jail::supervise_in_child(
+            || supervisor::supervise(launch, None, t0, seccomp),
+            |pid| match &args.pid_file {
+                Some(p) => write_pid_file(p, pid),
+                None => Ok(()),
+            },
+            || {
+                if let Some(c) = &cgroup
+                    && let Err(e) = host_cgroup::remove(&c.dir)
+                {
+                    tracing::warn!("{e:#}");
+                }
+                let _ = store.remove(&args.id);
+            },
+        );
+    }
     if let Mode::RunForeground { keep } = mode {
         if let Some(p) = &args.pid_file {
             write_pid_file(p, std::process::id() as i32)?;

@@ -17,11 +17,22 @@ pub enum LogFormat {
     Json,
 }
 
-static LOG: OnceLock<(Option<PathBuf>, LogFormat)> = OnceLock::new();
+/// The log file (opened once: a jailed supervisor cannot open it again), its path, the format.
+type LogTarget = (Option<(PathBuf, Option<std::fs::File>)>, LogFormat);
+
+static LOG: OnceLock<LogTarget> = OnceLock::new();
 
 /// Sets where errors go (once, from the global flags).
 pub fn init(path: Option<PathBuf>, format: LogFormat) {
-    let _ = LOG.set((path, format));
+    let target = path.map(|p| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .ok();
+        (p, f)
+    });
+    let _ = LOG.set((target, format));
 }
 
 fn logfmt(level: &str, msg: &str) -> String {
@@ -38,19 +49,30 @@ fn json(level: &str, msg: &str) -> String {
 
 /// Reports an error: to the log file and stderr as described above.
 pub fn error(msg: &str) {
-    let (path, format) = LOG.get().cloned().unwrap_or((None, LogFormat::Text));
-    match path {
-        Some(p) => {
+    let (target, format) = match LOG.get() {
+        Some((t, f)) => (t.as_ref(), *f),
+        None => (None, LogFormat::Text),
+    };
+    match target {
+        Some((p, f)) => {
             let line = match format {
                 LogFormat::Text => logfmt("error", msg),
                 LogFormat::Json => json("error", msg),
             };
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-            {
-                let _ = writeln!(f, "{line}");
+            match f {
+                Some(f) => {
+                    let mut f: &std::fs::File = f;
+                    let _ = writeln!(f, "{line}");
+                }
+                None => {
+                    if let Ok(mut f) = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                    {
+                        let _ = writeln!(f, "{line}");
+                    }
+                }
             }
             eprintln!("{msg}");
         }

@@ -10,6 +10,7 @@ pub mod control;
 mod create;
 pub mod exec;
 pub mod host_cgroup;
+pub mod jail;
 pub mod log;
 pub mod net;
 pub mod ps;
@@ -227,6 +228,17 @@ pub enum OciCommand {
 }
 
 impl OciCommand {
+    /// For a command whose process becomes a container's supervisor (`_supervise`, `run` in
+    /// the foreground), the inherited descriptors it keeps (the sync socket); the others are
+    /// closed at its start (a container takes none: `--preserve-fds` is refused).
+    pub fn keeps_inherited_fds(&self) -> Option<Vec<i32>> {
+        match self {
+            OciCommand::Supervise { sync_fd } => Some(vec![*sync_fd]),
+            OciCommand::Run(args) if !args.detach => Some(vec![]),
+            _ => None,
+        }
+    }
+
     /// The command only prints (no socket, child or VM of its own).
     pub fn only_prints(&self) -> bool {
         matches!(

@@ -355,6 +355,11 @@ impl Store {
         self.usable()?;
         validate_id(id)?;
         let dir = self.dir(id);
+        // The jail's uid goes back (and a working set its supervisor recorded goes into the
+        // template) before the directory that says which uid it was.
+        if let Err(e) = super::jail::release(&self.root, id, &dir) {
+            tracing::warn!("{e:#}");
+        }
         let res = match fs::symlink_metadata(&dir) {
             // remove_dir_all does not follow symbolic links, at the top or inside.
             Ok(m) if m.is_dir() => fs::remove_dir_all(&dir),

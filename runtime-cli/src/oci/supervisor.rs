@@ -76,6 +76,9 @@ pub struct Launch {
     /// The host cgroup the VM goes in (`linux.cgroupsPath`).
     #[serde(default)]
     pub cgroup: Option<super::host_cgroup::Placement>,
+    /// The jail's settings (none: no jail).
+    #[serde(default)]
+    pub jail: Option<super::jail::Settings>,
     /// When `run` in the foreground finished each step before the supervisor (bundle,
     /// template, rootfs image), from the process start: the first marks of the `--debug`
     /// timing line. Not sent to a daemon supervisor, whose clock starts with its own process.
@@ -93,7 +96,7 @@ pub enum Created {
 }
 
 /// Signals the supervisor (and `exec`) takes from its signalfd.
-fn forwarded_signals() -> SigSet {
+pub(super) fn forwarded_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in Signal::iterator() {
         // Faults stay synchronous (a crash stays a crash); SIGSYS is how seccomp reports;
@@ -152,6 +155,11 @@ pub fn supervise(
         }
         Err(e) => {
             let msg = crate::error_line(&e);
+            let dir = if super::jail::active() {
+                PathBuf::from(super::jail::DIR)
+            } else {
+                dir
+            };
             record.status = Status::Stopped;
             let _ = write_record(&dir, &record);
             match sync.as_mut() {
@@ -224,6 +232,8 @@ impl Phases {
 struct Supervisor {
     /// Seccomp filters (the supervisor's own thread once the VM runs).
     seccomp: SeccompMode,
+    /// In its jail: a working set recorded is installed by `delete`, not here.
+    jailed: bool,
     /// Recording the template's working set (until the process has started).
     recorder: Option<super::template::Recorder>,
     /// The rootfs image's lease: the image cache's pruning spares it while the container lives.
@@ -267,7 +277,7 @@ impl Drop for VmGuard {
 }
 
 impl Supervisor {
-    fn prepare(launch: Launch, process_start: Instant, seccomp: SeccompMode) -> Result<Self> {
+    fn prepare(mut launch: Launch, process_start: Instant, seccomp: SeccompMode) -> Result<Self> {
         let mut phases = Phases::new(process_start, &launch.marks);
         // Before any thread exists, so that every thread inherits the mask.
         let signals = forwarding_signalfd()?;
@@ -314,7 +324,7 @@ impl Supervisor {
                 ""
             }
         );
-        let args = RestoreArgs {
+        let mut args = RestoreArgs {
             snapshot: launch.snapshot.clone(),
             mode,
             api_sock: None,
@@ -340,7 +350,62 @@ impl Supervisor {
             net_slot: Vec::new(),
             net_taps: Default::default(),
         };
-        let vm = ContainerVm::restore(&launch.dir, &args, launch.use_pool, process_start, seccomp)?;
+        // The terminal (a new pty, sent to the console socket) before the jail, which has
+        // neither /dev/ptmx nor the socket.
+        let stdio = HostStdio::new(
+            launch.request.process.terminal,
+            launch.console_socket.as_deref(),
+            launch.console_size,
+        )?;
+        let own_start = process_start_time(std::process::id() as i32).unwrap_or(0);
+        // A pre-started VMM of the pool first (pooled restores are not jailed, see
+        // docs/runtime.md); else this process restores the VM, in its jail.
+        let mut pooled = None;
+        let mut state = None;
+        if launch.use_pool {
+            match ContainerVm::pooled(&launch.dir, &args, process_start)? {
+                Ok(vm) => pooled = Some(vm),
+                Err(read) => state = read.map(|s| *s),
+            }
+        }
+        let jailed = match launch.jail {
+            Some(settings) if settings.enabled && pooled.is_none() => {
+                let state_root = launch.dir.parent().unwrap_or(Path::new("/"));
+                let j = super::jail::enter(&super::jail::Plan {
+                    state_root,
+                    id: &launch.record.id,
+                    dir: &launch.dir,
+                    template: &launch.template,
+                    image: &launch.image,
+                    settings,
+                })?;
+                tracing::debug!("jailed as uid {}", j.uid);
+                let jail_template = Path::new(super::jail::TEMPLATE);
+                args.snapshot = match launch.snapshot.strip_prefix(&launch.template) {
+                    Ok(rel) => jail_template.join(rel),
+                    Err(_) => bail!("the template's snapshot is not in its directory"),
+                };
+                args.disk_slot[0].1 = PathBuf::from(super::jail::IMAGE);
+                if args.record_workingset.is_some() {
+                    args.record_workingset = Some(PathBuf::from(super::jail::RECORDING));
+                }
+                launch.dir = PathBuf::from(super::jail::DIR);
+                launch.template = jail_template.to_owned();
+                launch.snapshot = args.snapshot.clone();
+                launch.image = PathBuf::from(super::jail::IMAGE);
+                phases.mark("jail");
+                true
+            }
+            Some(settings) if settings.enabled => {
+                tracing::debug!("not jailed: the VM is in a pre-started VMM of the pool");
+                false
+            }
+            _ => false,
+        };
+        let vm = match pooled {
+            Some(vm) => vm,
+            None => ContainerVm::cold(&args, state, process_start, seccomp)?,
+        };
         // A failure from here on stops the VM before `prepare` returns (its KVM worker threads
         // hold the container's cgroup until it is gone).
         let vm = VmGuard(Some(vm));
@@ -375,11 +440,6 @@ impl Supervisor {
         }
         phases.mark("process prepared");
 
-        let stdio = HostStdio::new(
-            launch.request.process.terminal,
-            launch.console_socket.as_deref(),
-            launch.console_size,
-        )?;
         // From here on the loop owns the connection.
         let bridge = Bridge::new(agent.try_clone_stream()?, stdio)?;
         drop(agent);
@@ -387,12 +447,13 @@ impl Supervisor {
 
         let mut record = launch.record.clone();
         record.pid = std::process::id() as i32;
-        record.pid_start = process_start_time(record.pid).unwrap_or(0);
+        record.pid_start = own_start;
         record.status = Status::Created;
         write_record(&launch.dir, &record)?;
         phases.mark("created");
         Ok(Self {
             seccomp,
+            jailed,
             recorder,
             _image_lease: image_lease,
             phases,
@@ -473,6 +534,14 @@ impl Supervisor {
             return;
         };
         let Some(vm) = &self.vm else { return };
+        if self.jailed {
+            // The template is read-only in the jail: `delete` installs the recording.
+            if let Err(e) = vm.finish_recording() {
+                tracing::warn!("the template's working set was not recorded: {e:#}");
+            }
+            drop(rec);
+            return;
+        }
         match vm.finish_recording().and_then(|()| rec.install()) {
             Ok(()) => tracing::debug!("the template's working set is recorded"),
             Err(e) => tracing::warn!("the template's working set was not recorded: {e:#}"),

@@ -10,7 +10,7 @@
 //! `DATA/templates/KEY.lock`, the template looked for again once the lock is held.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -103,10 +103,12 @@ pub struct Recorder {
 /// Opens (creating) the lock file `path` and takes an exclusive `flock` on it, waiting for it,
 /// or not (`None` when another process holds it) when `wait` is false.
 fn lock(path: &Path, wait: bool) -> Result<Option<Flock<fs::File>>> {
+    // Read-only (O_CREAT through custom flags: std refuses create without write): a jailed
+    // supervisor keeps the working set's lock, and no writable descriptor outside its jail.
     let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
+        .read(true)
+        .custom_flags(libc::O_CREAT | libc::O_CLOEXEC)
+        .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     let arg = if wait {
@@ -169,6 +171,64 @@ impl Recorder {
         let _ = fs::remove_file(&self.file);
         result.with_context(|| format!("cannot install the working set {}", self.into.display()))
     }
+}
+
+/// Installs a working set that a jailed supervisor recorded in its container's directory
+/// (`recorded`, which the jail's uid could write: read as a hostile file, not followed, bounded;
+/// the restores that read it check it against the snapshot) into `template`, if the template has
+/// none yet. Returns whether it did.
+pub fn install_recording(template: &Path, recorded: &Path) -> Result<bool> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    /// A working set lists each page at most once: 8 bytes a page of up to 64 GiB of memory.
+    const MAX: u64 = 128 << 20;
+    let (Some(root), Some(key)) = (
+        template.parent(),
+        template.file_name().and_then(|k| k.to_str()),
+    ) else {
+        bail!("{} is not a template", template.display());
+    };
+    let into = workingset_path(template);
+    if into.exists() || !template.join("meta.json").is_file() {
+        return Ok(false);
+    }
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(recorded)
+        .with_context(|| format!("cannot open {}", recorded.display()))?;
+    if !f.metadata()?.is_file() {
+        bail!("{} is not a regular file", recorded.display());
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX {
+        bail!("{} is larger than {MAX} bytes", recorded.display());
+    }
+    let Some(lock) = lock(&root.join(format!("{key}.ws.lock")), true)? else {
+        return Ok(false);
+    };
+    if into.exists() {
+        return Ok(false);
+    }
+    let file = root.join(format!(".ws-{key}-{}", std::process::id()));
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&file)
+        .with_context(|| format!("cannot create {}", file.display()))?;
+    std::io::Write::write_all(&mut out, &bytes)?;
+    drop(out);
+    Recorder {
+        _lock: lock,
+        file,
+        lock: root.join(format!("{key}.lock")),
+        into,
+    }
+    .install()?;
+    Ok(true)
 }
 
 fn file_identity(h: &mut Sha256, path: &Path) -> Result<()> {

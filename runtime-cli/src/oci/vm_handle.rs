@@ -41,22 +41,14 @@ pub enum ContainerVm {
 }
 
 impl ContainerVm {
-    /// Restores `args` (paths relative to the container's directory `dir`, the cwd) through the
-    /// pool when one of the snapshot's shape is ready and `use_pool`, else cold here.
-    pub fn restore(
-        dir: &Path,
+    /// Restores `args` cold in this process (`state`: the snapshot's state file, when read
+    /// already).
+    pub fn cold(
         args: &RestoreArgs,
-        use_pool: bool,
+        state: Option<SnapshotState>,
         process_start: Instant,
         seccomp: SeccompMode,
     ) -> Result<Self> {
-        let mut state = None;
-        if use_pool {
-            match Self::pooled(dir, args, process_start)? {
-                Ok(vm) => return Ok(vm),
-                Err(read) => state = read.map(|s| *s),
-            }
-        }
         let vm = start_restore(args, None, state, process_start, seccomp, false)
             .context("cannot restore the container's VM from its template")?;
         let (stopped, stop_w) =
@@ -86,9 +78,10 @@ impl ContainerVm {
         Ok(Self::Local { vm, stopped })
     }
 
-    /// The VM in a pre-started VMM, else (`Err`) nothing, with the snapshot's state file when
+    /// The VM in a pre-started VMM of a pool of the snapshot's shape (paths relative to the
+    /// container's directory `dir`, the cwd), else (`Err`) nothing, with the snapshot's state file when
     /// the claim read it.
-    fn pooled(
+    pub fn pooled(
         dir: &Path,
         args: &RestoreArgs,
         process_start: Instant,
