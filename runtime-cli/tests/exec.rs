@@ -136,6 +136,7 @@ impl Container {
                 no_new_privileges: false,
                 umask: None,
                 capabilities: None,
+                clear_onlcr: false,
             },
             hostname: None,
             mounts: vec![Mount {
@@ -152,6 +153,7 @@ impl Container {
             },
             masked_paths: vec![],
             readonly_paths: vec![],
+            seccomp: None,
         };
         init.create(req).unwrap();
         init.start_created().unwrap();

@@ -232,6 +232,7 @@ impl Agent {
                 no_new_privileges: false,
                 umask: None,
                 capabilities: None,
+                clear_onlcr: false,
             },
             hostname: None,
             mounts: vec![Mount {
@@ -248,6 +249,7 @@ impl Agent {
             },
             masked_paths: vec![],
             readonly_paths: vec![],
+            seccomp: None,
         }
     }
 
@@ -256,6 +258,7 @@ impl Agent {
         ExecRequest {
             id: id.into(),
             process: self.request(args).process,
+            cgroup: None,
         }
     }
 

@@ -634,6 +634,7 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
             no_new_privileges: false,
             umask: None,
             capabilities: None,
+            clear_onlcr: false,
         },
         hostname: None,
         mounts,
@@ -646,6 +647,7 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
         },
         masked_paths: vec![],
         readonly_paths: vec![],
+        seccomp: None,
     }
 }
 
