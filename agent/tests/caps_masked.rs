@@ -108,7 +108,7 @@ fn test_caps_apply_to_an_exec_too() {
     let mut req = agent.exec_request("caps", &["grep", "Cap", "/proc/self/status"]);
     req.process.capabilities = Some(caps(false, false));
     let o = agent.exec_req(req, None).unwrap();
-    assert_eq!(o.code, 0, "{} {:?} log {}", err(&o), o, agent.log());
+    assert_eq!(o.code, 0, "{}", err(&o));
     assert_eq!(
         cap_lines(&out(&o)),
         expect(0, RUNC_DEFAULT, RUNC_DEFAULT, RUNC_DEFAULT, 0)
