@@ -12,6 +12,7 @@ use super::{Phase, Proc, Session, SessionContext, SessionEnd, error};
 use crate::exit_status::EXIT_CANNOT_INVOKE;
 use crate::mounts::{
     apply_masked_paths, apply_mount, apply_readonly_paths, populate_dev, prepare_dev,
+    seal_readonly_mounts,
 };
 use crate::process::{InitMounts, Prepared, Role, Setup, SpawnError, Spawned, prepare};
 use crate::restore::RestoreOps;
@@ -215,6 +216,15 @@ impl Session {
                     .try_for_each(|m| apply_mount(&rootfs.root, m))
             })
             .and_then(|()| populate_dev(&rootfs.root))
+            // runc makes a read-only tmpfs read-only once what goes in it is made.
+            .and_then(|()| {
+                let mine: Vec<Mount> = mounts
+                    .iter()
+                    .filter(|m| !split.in_child(m))
+                    .cloned()
+                    .collect();
+                seal_readonly_mounts(&rootfs.root, &mine)
+            })
             // runc's order: read-only paths, then masked ones.
             .and_then(|()| {
                 apply_readonly_paths(&rootfs.root, &split.paths(&req.readonly_paths, false))
