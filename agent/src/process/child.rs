@@ -109,6 +109,9 @@ pub(super) struct CgroupJoin {
     /// without `--cgroup`: the container's group has domain controllers on and processes in
     /// sub-groups, so only the init's group takes more).
     pub(super) fallback: Option<CString>,
+    /// An exec joins the init's cgroup namespace (a pidfd of the init), which is rooted at the
+    /// container's group whatever sub-group the exec is in; the init makes a new one.
+    pub(super) ns_of: Option<std::os::fd::RawFd>,
 }
 
 fn reset_signals() {
@@ -227,8 +230,16 @@ fn join_cgroup(join: &CgroupJoin) -> Result<(), ChildFailure> {
         }
         Err(e) => return Err(fail(&join.procs, e)),
     }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
-        .map_err(|e| ChildFailure::setup("create the cgroup namespace", e))
+    match join.ns_of {
+        Some(fd) => {
+            // SAFETY: the parent keeps the pidfd open until the child has reported.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWCGROUP)
+                .map_err(|e| ChildFailure::setup("join the container's cgroup namespace", e))
+        }
+        None => nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+            .map_err(|e| ChildFailure::setup("create the cgroup namespace", e)),
+    }
 }
 
 /// Installs the container's seccomp filter, as runc's error says it.

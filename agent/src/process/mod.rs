@@ -428,20 +428,28 @@ pub struct Prepared {
 pub fn prepare(setup: &Setup<'_>, process: &Process) -> Result<Prepared, SpawnError> {
     let root = setup.root;
     let procs = |g: &Path| cstring("cgroup path", g.join("cgroup.procs").as_os_str().as_bytes());
+    // An exec joins the init's namespaces: a gone init leaves none, the exec cannot run.
+    let init_fd = match setup.role {
+        Role::Exec { init: Some(pid) } => {
+            Some(pidfd_open(pid).map_err(setup_err("open the container's PID namespace"))?)
+        }
+        _ => None,
+    };
     let cgroup = match setup.cgroup {
         Some(g) => Some(CgroupJoin {
             procs: procs(g)?,
             fallback: setup.cgroup_fallback.map(procs).transpose()?,
+            ns_of: init_fd.as_ref().map(|f| f.as_raw_fd()),
         }),
         None => None,
     };
-    let ns = match setup.role {
-        Role::Init { .. } => PidNs::New,
-        Role::Exec { init: None } => PidNs::Agent,
-        // A gone init leaves no namespace to join: the exec cannot run.
-        Role::Exec { init: Some(pid) } => {
-            PidNs::Join(pidfd_open(pid).map_err(setup_err("open the container's PID namespace"))?)
-        }
+    let ns = match (setup.role, &init_fd) {
+        (Role::Init { .. }, _) => PidNs::New,
+        (Role::Exec { .. }, Some(fd)) => PidNs::Join(
+            fd.try_clone()
+                .map_err(|e| SpawnError::Setup(format!("dup: {e}")))?,
+        ),
+        (Role::Exec { .. }, None) => PidNs::Agent,
     };
     let plan = ChildPlan {
         process,

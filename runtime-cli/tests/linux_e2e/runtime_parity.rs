@@ -127,13 +127,16 @@ fn test_pid_namespace_and_exec_cgroup_as_runc() {
             // runc without a cgroup namespace in its spec shows the whole path.
             sub.stdout.trim().ends_with("/foobar"),
             missing.code() != 0 && missing.stderr.contains("no such file or directory"),
-            parent.code() != 0 && parent.stderr.contains("bad sub cgroup path"),
+            parent.code() != 0,
             bg,
         );
         println!(
-            "{name}: {fields:?} ns={:?} missing={:?}",
-            ns.stdout, missing.stderr
+            "{name}: {fields:?} ns={:?} sub={:?} missing={:?} parent={:?}",
+            ns.stdout, sub.stdout, missing.stderr, parent.stderr
         );
+        if *name == "kata-snap" {
+            assert!(parent.stderr.contains("bad sub cgroup path"), "{parent:?}");
+        }
         // sleep, sh, ls, grep: the namespace's processes only.
         let count: usize = ns
             .stdout
@@ -245,7 +248,7 @@ fn test_seccomp_profiles_as_runc() {
             seccomp_bundle(
                 d,
                 "sc-ok",
-                "echo ok; mkdir /tmp/d && echo made",
+                "echo ok; mkdir /dev/shm/d && echo made",
                 false,
                 mkdir_profile("SCMP_ACT_ALLOW", None),
             ),
@@ -277,7 +280,7 @@ fn test_seccomp_profiles_as_runc() {
             results.push((*case, o.code(), reason));
         }
         start_detached(cmd, d, &exec_b, "s-exec");
-        let ex = run_it(cmd(), &["exec", "s-exec", "mkdir", "/tmp/x"]);
+        let ex = run_it(cmd(), &["exec", "s-exec", "mkdir", "/dev/shm/x"]);
         let ok = run_it(cmd(), &["exec", "s-exec", "echo", "fine"]);
         results.push((
             "exec",
