@@ -261,12 +261,12 @@ fn sub_cgroup(given: &[String]) -> Result<Option<String>> {
         .filter(|c| !c.is_empty() && *c != ".")
         .collect();
     if parts.contains(&"..") {
-        bail!("bad sub cgroup path: {path}");
+        bail!("{path} is not a sub cgroup path");
     }
     let sub = parts.join("/");
     if !sub.is_empty() {
         agent_protocol::validate::validate_sub_cgroup(&sub)
-            .with_context(|| format!("bad sub cgroup path: {path}"))?;
+            .with_context(|| format!("{path} is not a sub cgroup path"))?;
     }
     Ok(Some(sub))
 }
@@ -483,7 +483,7 @@ mod tests {
         );
         for bad in ["..", "a/../..", "cpu:../x"] {
             let e = format!("{:#}", sub(&[bad]).unwrap_err());
-            assert!(e.contains("bad sub cgroup path"), "{bad}: {e}");
+            assert!(e.contains("is not a sub cgroup path"), "{bad}: {e}");
         }
     }
 
