@@ -357,12 +357,17 @@ fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<Resources, ConfigError>
                     path: path.to_string_lossy().into_owned(),
                 });
             }
-            names.push(ty);
+            // The guest gives every container a PID and a cgroup namespace of its own.
+            if !matches!(ty.as_str(), "pid" | "cgroup") {
+                names.push(ty);
+            }
         }
-        ignored.push(format!(
-            "linux.namespaces ({}): the VM is the isolation boundary",
-            names.join(", ")
-        ));
+        if !names.is_empty() {
+            ignored.push(format!(
+                "linux.namespaces ({}): the VM is the isolation boundary",
+                names.join(", ")
+            ));
+        }
     }
     for d in l.devices().as_deref().unwrap_or_default() {
         let path = d.path().to_string_lossy().into_owned();

@@ -49,7 +49,7 @@
 //! | `hooks` Docker `libnetwork-setkey`, nerdctl `internal oci-hook` | ignored: network set-up for a namespace the VM does not use; the container has no network, as with `--network none` |
 //! | `hooks` any other | refused: no hook runs (its view of the container's pid and namespaces would be wrong) |
 //! | `annotations` | honoured: kept for the runtime's state |
-//! | `linux.namespaces` without `path` | ignored: the VM is the boundary |
+//! | `linux.namespaces` without `path` | `pid` and `cgroup`: the container gets both in the guest (always, listed or not); the others ignored: the VM is the boundary |
 //! | `linux.namespaces` with `path` (join an existing one) | refused |
 //! | `linux.uidMappings`, `gidMappings` | ignored: ids are used as they are in the guest |
 //! | `linux.resources.memory.limit` | honoured: VM memory (see [`resources`]); above the largest VM refused |
