@@ -68,6 +68,29 @@ done
 exit 0
 EOF
 chmod +x /rig/rt/leftovers
+# The processes holding the pipe behind the fd 3 of a running bats (its output to its
+# formatter): bats waits for all of them to close it before it ends.
+cat > /rig/rt/fd3-holders <<'EOF'
+#!/bin/bash
+for b in $(pgrep -f 'bats-exec-file|bats-exec-suite' 2>/dev/null); do
+    pipe="$(readlink "/proc/$b/fd/3" 2>/dev/null)" || continue
+    case "$pipe" in pipe:*) ;; *) continue ;; esac
+    for d in /proc/[0-9]*; do
+        p="${d#/proc/}"
+        for fd in "$d"/fd/*; do
+            if [ "$(readlink "$fd" 2>/dev/null)" = "$pipe" ]; then
+                comm="$(cat "$d/comm" 2>/dev/null)"
+                case "$comm" in bash|bats*|tee|cat|sed) ;; *)
+                    echo "RB|$1|$2|# holds bats fd 3 ($pipe) as ${fd##*/}: pid $p ppid $(awk '{print $4}' "$d/stat" 2>/dev/null) $(tr '\0' ' ' < "$d/cmdline" 2>/dev/null | cut -c1-200)" ;;
+                esac
+                break
+            fi
+        done
+    done
+done | sort -u
+exit 0
+EOF
+chmod +x /rig/rt/fd3-holders
 export RUNC=/rig/rt/runc
 # kata-snap's guest, named in its config file as an installation would (the rung-4 artefacts).
 if [ -n "${KATA_SNAP_GUEST_KERNEL:-}" ]; then
@@ -90,8 +113,13 @@ for f in $RB_FILES; do
     # and killed after bats. bats itself waits for every holder of its fd 3: a detached runtime
     # process that inherited it (kata-snap at cf9576d) keeps the file from ending until
     # RB_FILE_TIMEOUT; the results printed before stay.
+    # Who keeps bats waiting: every RB_HOLDERS_EVERY s (default 120), the processes other than
+    # bats itself that hold the pipe bats reads its fd 3 through.
+    ( while sleep "${RB_HOLDERS_EVERY:-120}"; do /rig/rt/fd3-holders "$RB_RUNTIME" "$f"; done ) &
+    holders=$!
     timeout -k 10 "${RB_FILE_TIMEOUT:-900}" script -qefc "bats --tap $f; /rig/rt/leftovers" /dev/null 2>&1 < /dev/null |
         sed -u "s#\r\$##; s#^#RB|$RB_RUNTIME|$f|#"
+    kill "$holders" 2>/dev/null; wait "$holders" 2>/dev/null
     echo "RB|$RB_RUNTIME|$f|# end after $(awk -v s="$t0" '{printf "%.1f", $1 - s}' /proc/uptime) s"
     echo "RB|$RB_RUNTIME|$f|# processes left: $(ps -eo comm= | grep -c -e kata-snap -e runc) runtime, L1 memory free $(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo) MiB"
 done
