@@ -123,7 +123,7 @@ pub use validate::{
 /// `RunRequest::masked_paths` / `readonly_paths` (OCI `linux.maskedPaths`,
 /// `linux.readonlyPaths`), all at the end of their structs.
 /// 6: `RunRequest::seccomp` (OCI `linux.seccomp` compiled on the host),
-/// `Process::clear_onlcr`, `ExecRequest::cgroup` (runc's `exec --cgroup`);
+/// `Process::clear_onlcr` and `console_size`, `ExecRequest::cgroup` (runc's `exec --cgroup`);
 /// the container's init runs in a PID namespace of its own.
 pub const PROTOCOL_VERSION: u32 = 6;
 

@@ -196,6 +196,10 @@ pub struct Process {
     /// terminal it reads in the foreground (`run`/`exec -t` without
     /// `--console-socket`), so output lines end in `\n`, not `\r\n`.
     pub clear_onlcr: bool,
+    /// The terminal's size (rows, columns) from its first byte on (OCI
+    /// `process.consoleSize`): set before the process runs, where a `Resize`
+    /// after `Started` could come after it read the size.
+    pub console_size: Option<(u16, u16)>,
 }
 
 /// Capability sets, one bit per capability: bit N is capability number N

@@ -309,6 +309,11 @@ impl Validate for Process {
                 });
             }
         }
+        if let Some((rows, cols)) = self.console_size
+            && (rows == 0 || cols == 0)
+        {
+            return Err(ValidationError::BadWindowSize { rows, cols });
+        }
         match self.umask {
             Some(m) if m > 0o777 => Err(ValidationError::BadUmask(m)),
             _ => Ok(()),
@@ -533,6 +538,7 @@ mod tests {
             umask: None,
             capabilities: None,
             clear_onlcr: false,
+            console_size: None,
         }
     }
 

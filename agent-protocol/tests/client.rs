@@ -48,6 +48,7 @@ fn request() -> RunRequest {
             umask: None,
             capabilities: None,
             clear_onlcr: false,
+            console_size: None,
         },
         hostname: None,
         mounts: vec![],

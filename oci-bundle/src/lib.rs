@@ -183,6 +183,7 @@ impl ProcessConfig {
             umask: self.umask,
             capabilities: self.capabilities,
             clear_onlcr: false,
+            console_size: self.console_size.map(|c| (c.rows, c.cols)),
         }
     }
 }

@@ -137,6 +137,7 @@ impl Container {
                 umask: None,
                 capabilities: None,
                 clear_onlcr: false,
+                console_size: None,
             },
             hostname: None,
             mounts: vec![Mount {

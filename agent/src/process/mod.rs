@@ -127,7 +127,7 @@ fn setup_err(what: &str) -> impl Fn(nix::Error) -> SpawnError + '_ {
 /// slave has a name inside the container, as with runc; otherwise the
 /// agent's `/dev/ptmx`. The slave is opened through the master
 /// (`TIOCGPTPEER`), never by path.
-fn open_pty(root: &Path) -> Result<(OwnedFd, OwnedFd), SpawnError> {
+fn open_pty(root: &Path, size: Option<(u16, u16)>) -> Result<(OwnedFd, OwnedFd), SpawnError> {
     use std::os::unix::fs::FileTypeExt;
     let own = root.join("dev/pts/ptmx");
     let ptmx = match std::fs::symlink_metadata(&own) {
@@ -159,9 +159,10 @@ fn open_pty(root: &Path) -> Result<(OwnedFd, OwnedFd), SpawnError> {
     }
     // SAFETY: the ioctl returned a new descriptor that nothing else owns.
     let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
+    let (rows, cols) = size.unwrap_or((24, 80));
     let ws = libc::winsize {
-        ws_row: 24,
-        ws_col: 80,
+        ws_row: rows,
+        ws_col: cols,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
@@ -478,7 +479,7 @@ pub fn prepare(setup: &Setup<'_>, process: &Process) -> Result<Prepared, SpawnEr
     // (parent's fds, child's fds [stdin, stdout, stderr])
     let (stdin, stdout, stderr, child_fds): (OwnedFd, OwnedFd, Option<OwnedFd>, Vec<OwnedFd>) =
         if process.terminal {
-            let (master, slave) = open_pty(root)?;
+            let (master, slave) = open_pty(root, process.console_size)?;
             if process.clear_onlcr {
                 clear_onlcr(&slave)?;
             }

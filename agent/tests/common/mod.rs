@@ -233,6 +233,7 @@ impl Agent {
                 umask: None,
                 capabilities: None,
                 clear_onlcr: false,
+                console_size: None,
             },
             hostname: None,
             mounts: vec![Mount {

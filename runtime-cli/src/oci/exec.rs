@@ -147,6 +147,10 @@ pub(super) fn exec(g: &GlobalOpts, args: ExecArgs, seccomp: SeccompMode) -> Resu
     let mut process = process;
     // runc clears ONLCR on the terminal it reads in the foreground.
     process.clear_onlcr = process.terminal && !args.detach && args.console_socket.is_none();
+    // runc sizes the terminal before the process starts (process.json's consoleSize).
+    if process.terminal {
+        process.console_size = console_size;
+    }
     let request = ExecRequest {
         id: exec_id(),
         process,
@@ -466,6 +470,7 @@ mod tests {
             umask: None,
             capabilities: caps,
             clear_onlcr: false,
+            console_size: None,
         }
     }
 

@@ -635,6 +635,7 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
             umask: None,
             capabilities: None,
             clear_onlcr: false,
+            console_size: None,
         },
         hostname: None,
         mounts,
