@@ -93,6 +93,7 @@ mod client;
 mod frame;
 mod messages;
 pub mod resources;
+pub mod seccomp;
 pub mod validate;
 
 pub use client::{AgentClient, ClientError, RunOutcome};
@@ -105,6 +106,7 @@ pub use messages::{
     ProcessEntry, Rlimit, RlimitKind, RootfsSource, RootfsSpec, RunRequest, User,
 };
 pub use resources::{ContainerStats, CpuStats, MemoryEvents, MemoryStats, PidsStats, Resources};
+pub use seccomp::{BpfInstruction, SeccompProgram};
 pub use validate::{
     MAX_ARGS, MAX_ENV, MAX_GROUPS, MAX_MOUNTS, MAX_PATH_LIST, MAX_PROCESSES, MAX_TEXT,
     MIN_REALTIME_NS, SUPPORTED_MOUNT_TYPES, Validate, ValidationError,
@@ -120,7 +122,10 @@ pub use validate::{
 /// 5: `Process::capabilities` (OCI `process.capabilities`), and
 /// `RunRequest::masked_paths` / `readonly_paths` (OCI `linux.maskedPaths`,
 /// `linux.readonlyPaths`), all at the end of their structs.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `RunRequest::seccomp` (OCI `linux.seccomp` compiled on the host),
+/// `Process::clear_onlcr` and `console_size`, `ExecRequest::cgroup` (runc's `exec --cgroup`);
+/// the container's init runs in a PID namespace of its own.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest payload of one frame, in bytes (the 4-byte length prefix excluded).
 pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;

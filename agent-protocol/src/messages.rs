@@ -192,6 +192,14 @@ pub struct Process {
     /// The capability sets to exec with (OCI `process.capabilities`); `None`
     /// leaves the process with the capabilities its uid gets from the agent.
     pub capabilities: Option<Capabilities>,
+    /// Clear `ONLCR` on its terminal (ignored without one): runc does so on the
+    /// terminal it reads in the foreground (`run`/`exec -t` without
+    /// `--console-socket`), so output lines end in `\n`, not `\r\n`.
+    pub clear_onlcr: bool,
+    /// The terminal's size (rows, columns) from its first byte on (OCI
+    /// `process.consoleSize`): set before the process runs, where a `Resize`
+    /// after `Started` could come after it read the size.
+    pub console_size: Option<(u16, u16)>,
 }
 
 /// Capability sets, one bit per capability: bit N is capability number N
@@ -229,6 +237,9 @@ pub struct RunRequest {
     /// OCI `linux.readonlyPaths`: absolute container paths bind-mounted
     /// read-only onto themselves after the mounts; a missing one is skipped.
     pub readonly_paths: Vec<String>,
+    /// OCI `linux.seccomp`, compiled by the host: installed in the init and
+    /// in every exec of the container, right before exec (runc's order).
+    pub seccomp: Option<crate::SeccompProgram>,
 }
 
 /// Another process in the running container (runc's `exec`).
@@ -239,6 +250,12 @@ pub struct ExecRequest {
     pub id: String,
     /// The process.
     pub process: Process,
+    /// runc's `exec --cgroup`: a group below the container's (a relative
+    /// path without `..`) to run the process in, instead of the container's;
+    /// `""` is the container's own group. Without it (`None`) the process goes
+    /// to the container's group, or to the init's when that one refuses it
+    /// (`EBUSY`), as runc does.
+    pub cgroup: Option<String>,
 }
 
 /// Process credentials.

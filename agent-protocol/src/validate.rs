@@ -309,6 +309,11 @@ impl Validate for Process {
                 });
             }
         }
+        if let Some((rows, cols)) = self.console_size
+            && (rows == 0 || cols == 0)
+        {
+            return Err(ValidationError::BadWindowSize { rows, cols });
+        }
         match self.umask {
             Some(m) if m > 0o777 => Err(ValidationError::BadUmask(m)),
             _ => Ok(()),
@@ -334,6 +339,9 @@ impl Validate for RunRequest {
         for p in &self.readonly_paths {
             abs_path("readonly path", p)?;
         }
+        if let Some(s) = &self.seccomp {
+            s.validate()?;
+        }
         match &self.rootfs.source {
             RootfsSource::Block { device, .. } => abs_path("rootfs device", device),
             RootfsSource::Directory { path } => abs_path("rootfs directory", path),
@@ -349,7 +357,61 @@ impl Validate for ExecRequest {
                 self.id.chars().take(MAX_EXEC_ID * 2).collect(),
             ));
         }
+        if let Some(g) = self.cgroup.as_deref().filter(|g| !g.is_empty()) {
+            validate_sub_cgroup(g)?;
+        }
         self.process.validate()
+    }
+}
+
+/// An `exec --cgroup` path: relative, below the container's group (no `..`,
+/// no `.`, no empty component), at most [`MAX_TEXT`] bytes.
+pub fn validate_sub_cgroup(g: &str) -> Result<(), ValidationError> {
+    text("exec cgroup", g)?;
+    let bad = g.is_empty()
+        || g.starts_with('/')
+        || g.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        return Err(ValidationError::BadPath {
+            field: "exec cgroup (relative, without '.' or '..')",
+            path: g.chars().take(256).collect(),
+        });
+    }
+    Ok(())
+}
+
+impl Validate for crate::SeccompProgram {
+    fn validate(&self) -> Result<(), ValidationError> {
+        use crate::seccomp::{BPF_MAXINSNS, MAX_SECCOMP_FILTERS, MAX_SECCOMP_INSNS};
+        if self.filters.is_empty() {
+            return Err(ValidationError::TooShort {
+                field: "seccomp filters",
+                len: 0,
+                min: 1,
+            });
+        }
+        count("seccomp filters", self.filters.len(), MAX_SECCOMP_FILTERS)?;
+        let mut total = 0;
+        for f in &self.filters {
+            if f.is_empty() {
+                return Err(ValidationError::TooShort {
+                    field: "seccomp filter",
+                    len: 0,
+                    min: 1,
+                });
+            }
+            count("seccomp filter", f.len(), BPF_MAXINSNS)?;
+            total += f.len();
+        }
+        count("seccomp instructions", total, MAX_SECCOMP_INSNS)?;
+        if self.flags & !crate::seccomp::SECCOMP_FLAGS_KNOWN != 0 {
+            return Err(ValidationError::OutOfRange {
+                field: "seccomp flags",
+                value: format!("{:#x}", self.flags),
+                allowed: format!("bits of {:#x}", crate::seccomp::SECCOMP_FLAGS_KNOWN),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -475,6 +537,8 @@ mod tests {
             no_new_privileges: true,
             umask: None,
             capabilities: None,
+            clear_onlcr: false,
+            console_size: None,
         }
     }
 
@@ -492,6 +556,56 @@ mod tests {
             },
             masked_paths: vec!["/proc/kcore".into()],
             readonly_paths: vec!["/proc/sys".into()],
+            seccomp: None,
+        }
+    }
+
+    #[test]
+    fn test_validate_seccomp_bounds() {
+        use crate::seccomp::{BPF_MAXINSNS, BpfInstruction, MAX_SECCOMP_FILTERS, SeccompProgram};
+        let ret_allow = BpfInstruction {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        };
+        let with = |filters: Vec<Vec<BpfInstruction>>, flags: u32| RunRequest {
+            seccomp: Some(SeccompProgram { filters, flags }),
+            ..run()
+        };
+        with(vec![vec![ret_allow; 3]], 2).validate().unwrap();
+        with(vec![vec![ret_allow; BPF_MAXINSNS]], 0)
+            .validate()
+            .unwrap();
+        for bad in [
+            with(vec![], 0),
+            with(vec![vec![]], 0),
+            with(vec![vec![ret_allow; BPF_MAXINSNS + 1]], 0),
+            with(vec![vec![ret_allow]; MAX_SECCOMP_FILTERS + 1], 0),
+            with(vec![vec![ret_allow; BPF_MAXINSNS]; 5], 0),
+            with(vec![vec![ret_allow]], 1),
+        ] {
+            assert!(
+                bad.validate().is_err(),
+                "{:?}",
+                bad.seccomp.map(|s| s.flags)
+            );
+        }
+    }
+
+    #[test]
+    fn test_validate_exec_cgroup_relative_below() {
+        let exec = |g: &str| ExecRequest {
+            id: "e".into(),
+            process: process(),
+            cgroup: Some(g.into()),
+        };
+        exec("sub").validate().unwrap();
+        // The container's own group, explicitly.
+        exec("").validate().unwrap();
+        exec("a/b-c").validate().unwrap();
+        for bad in ["/abs", "..", "a/../..", "a//b", "./a", "a/"] {
+            assert!(exec(bad).validate().is_err(), "{bad:?}");
         }
     }
 
@@ -505,6 +619,7 @@ mod tests {
         let exec = |id: &str| ExecRequest {
             id: id.into(),
             process: process(),
+            cgroup: None,
         };
         exec("exec-1.a_b").validate().unwrap();
         for bad in ["", "a/b", "a b", &"x".repeat(MAX_EXEC_ID + 1)] {

@@ -47,6 +47,8 @@ fn request() -> RunRequest {
             no_new_privileges: false,
             umask: None,
             capabilities: None,
+            clear_onlcr: false,
+            console_size: None,
         },
         hostname: None,
         mounts: vec![],
@@ -56,6 +58,7 @@ fn request() -> RunRequest {
         },
         masked_paths: vec![],
         readonly_paths: vec![],
+        seccomp: None,
     }
 }
 

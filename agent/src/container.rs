@@ -12,15 +12,16 @@
 //!                            every process gone --> rootfs torn down
 //! ```
 //!
-//! The container's processes share the agent's pid namespace, so the kernel
-//! does not kill the execs when init exits as it would in runc's namespace:
-//! the registry does (SIGKILL to each exec's process group; the exec is its
-//! group's leader, `setsid` in the child).
+//! The container's init is pid 1 of a PID namespace of its own and every exec
+//! joins it, so the kernel kills the execs (and whatever they started) when
+//! the init exits, as in runc's namespace. The registry also SIGKILLs each
+//! exec's process group then: for an agent that could not make a namespace
+//! (see [`crate::process`]), and harmless otherwise.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use agent_protocol::ErrorKind;
+use agent_protocol::{ErrorKind, SeccompProgram};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
@@ -70,6 +71,8 @@ struct Container {
     execs: HashMap<String, Pid>,
     /// Its cgroup, `None` without cgroups (or once removed).
     cgroup: Option<Group>,
+    /// Its seccomp filter, installed in every exec too (as runc does).
+    seccomp: Option<SeccompProgram>,
 }
 
 impl Container {
@@ -112,8 +115,12 @@ pub struct ExecTarget {
     pub container: u64,
     /// Its root directory (chroot target).
     pub root: PathBuf,
-    /// Its cgroup's directory, if it has one.
+    /// Its cgroup's directory, if it has one (joined by the process itself).
     pub cgroup: Option<PathBuf>,
+    /// Its init: the exec joins the init's PID namespace.
+    pub init: Pid,
+    /// Its seccomp filter.
+    pub seccomp: Option<SeccompProgram>,
 }
 
 /// Every container of this agent, by number.
@@ -134,7 +141,14 @@ impl Containers {
     /// in `cgroup` (already holding `init`). Stopped containers that are
     /// fully torn down are forgotten (the newest one is kept until then, so
     /// `Exec` can say it stopped).
-    pub fn add(&mut self, id: u64, rootfs: PreparedRootfs, init: Pid, cgroup: Option<Group>) {
+    pub fn add(
+        &mut self,
+        id: u64,
+        rootfs: PreparedRootfs,
+        init: Pid,
+        cgroup: Option<Group>,
+        seccomp: Option<SeccompProgram>,
+    ) {
         self.map
             .retain(|_, c| !(c.init_exited && c.execs.is_empty() && c.rootfs.is_none()));
         self.map.insert(
@@ -146,6 +160,7 @@ impl Containers {
                 init_exited: false,
                 execs: HashMap::new(),
                 cgroup,
+                seccomp,
             },
         );
     }
@@ -197,6 +212,8 @@ impl Containers {
                 .as_ref()
                 .and_then(|g| g.joinable())
                 .map(Path::to_path_buf),
+            init: c.init,
+            seccomp: c.seccomp.clone(),
         })
     }
 

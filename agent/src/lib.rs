@@ -27,6 +27,7 @@ pub mod process;
 pub mod ready;
 pub mod restore;
 pub mod rootfs;
+pub mod seccomp;
 pub mod server;
 pub mod session;
 pub mod transport;

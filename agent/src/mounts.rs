@@ -10,8 +10,8 @@ use thiserror::Error;
 /// Errors of applying OCI mounts.
 #[derive(Debug, Error)]
 pub enum MountError {
-    /// The destination escapes the rootfs through a symlink.
-    #[error("mount destination {0:?} goes through a symlink inside the rootfs")]
+    /// The destination goes through too many symbolic links (a loop).
+    #[error("mount destination {0:?}: too many levels of symbolic links")]
     Symlink(String),
     /// Creating the mount point failed.
     #[error("cannot create mount point {path}: {source}")]
@@ -89,28 +89,99 @@ pub fn parse_options(options: &[String]) -> ParsedOptions {
     p
 }
 
-/// `rootfs` joined with the absolute container path `dest`, refusing any
-/// existing symlink on the way (a hostile image could point it outside).
+/// Most symbolic links [`resolve_in_rootfs`] follows for one path (the kernel's
+/// `MAXSYMLINKS`).
+const MAX_SYMLINKS: usize = 40;
+
+/// `rootfs` joined with the absolute container path `dest`, as runc's
+/// `securejoin` does: symbolic links on the way are followed as the container
+/// would see them, an absolute one from the container's root, and `..` stops
+/// at that root, so the result is always inside `rootfs` (a hostile image
+/// cannot point a mount outside it). At most [`MAX_SYMLINKS`] links.
 pub fn resolve_in_rootfs(rootfs: &Path, dest: &str) -> Result<PathBuf, MountError> {
-    let mut path = rootfs.to_path_buf();
-    for c in Path::new(dest).components() {
-        match c {
-            Component::Normal(name) => {
-                path.push(name);
-                if let Ok(meta) = fs::symlink_metadata(&path)
-                    && meta.file_type().is_symlink()
-                {
+    use std::ffi::OsString;
+    // What is left to walk, last component first.
+    let mut pending: Vec<OsString> = Vec::new();
+    let push_path = |pending: &mut Vec<OsString>, p: &Path| {
+        let parts: Vec<OsString> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_owned()),
+                Component::ParentDir => Some("..".into()),
+                _ => None,
+            })
+            .collect();
+        pending.extend(parts.into_iter().rev());
+    };
+    push_path(&mut pending, Path::new(dest));
+    let mut resolved: Vec<OsString> = Vec::new();
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let mut path = rootfs.to_path_buf();
+        path.extend(&resolved);
+        path.push(&name);
+        let link = match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => fs::read_link(&path).ok(),
+            _ => None,
+        };
+        match link {
+            Some(target) => {
+                links += 1;
+                if links > MAX_SYMLINKS {
                     return Err(MountError::Symlink(dest.to_owned()));
                 }
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                push_path(&mut pending, &target);
             }
-            Component::RootDir | Component::CurDir => {}
-            // Validation rejects `..`; refuse anyway.
-            Component::ParentDir | Component::Prefix(_) => {
-                return Err(MountError::Symlink(dest.to_owned()));
-            }
+            None => resolved.push(name),
         }
     }
+    let mut path = rootfs.to_path_buf();
+    path.extend(&resolved);
     Ok(path)
+}
+
+/// Whether `m` is a read-only mount that [`apply_mount`] makes writable and
+/// [`seal_readonly_mounts`] makes read-only after every mount: as runc does
+/// for a read-only tmpfs (`/dev` above all), so mount points and device nodes
+/// can still be made in it.
+fn deferred_readonly(m: &Mount, opts: &ParsedOptions) -> bool {
+    m.fs_type == "tmpfs" && opts.flags.contains(MsFlags::MS_RDONLY)
+}
+
+/// Remounts read-only the read-only tmpfs mounts of `mounts` that
+/// [`apply_mount`] left writable (call after the mounts and the devices).
+pub fn seal_readonly_mounts(rootfs: &Path, mounts: &[Mount]) -> Result<(), MountError> {
+    for m in mounts {
+        let opts = parse_options(&m.options);
+        if !deferred_readonly(m, &opts) {
+            continue;
+        }
+        let target = resolve_in_rootfs(rootfs, &m.destination)?;
+        let keep = opts.flags
+            & (MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC
+                | MsFlags::MS_NOATIME
+                | MsFlags::MS_NODIRATIME
+                | MsFlags::MS_RELATIME
+                | MsFlags::MS_STRICTATIME);
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | keep,
+            None::<&str>,
+        )
+        .map_err(mount_err(m))?;
+    }
+    Ok(())
 }
 
 fn mount_err(m: &Mount) -> impl Fn(nix::Error) -> MountError + '_ {
@@ -166,11 +237,15 @@ pub fn apply_mount(rootfs: &Path, m: &Mount) -> Result<(), MountError> {
             .map_err(mount_err(m))?;
         }
     } else {
+        let mut flags = opts.flags;
+        if deferred_readonly(m, &opts) {
+            flags.remove(MsFlags::MS_RDONLY);
+        }
         mount(
             Some(m.source.as_str()),
             &target,
             Some(m.fs_type.as_str()),
-            opts.flags,
+            flags,
             data,
         )
         .map_err(mount_err(m))?;
@@ -378,19 +453,57 @@ mod tests {
     }
 
     #[test]
-    fn test_resolve_in_rootfs_symlink_rejected() {
+    fn test_resolve_in_rootfs_follows_links_inside_the_root_only() {
+        use std::os::unix::fs::symlink;
         let dir = std::env::temp_dir().join(format!("agent-mounts-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("real")).unwrap();
-        std::os::unix::fs::symlink("/etc", dir.join("evil")).unwrap();
+        fs::create_dir_all(dir.join("real/conf")).unwrap();
+        // runc's mounts.bats: /conf -> /real/conf, a mount on /conf/stack.
+        symlink("/real/conf", dir.join("conf")).unwrap();
+        // Absolute and relative links out of the root stay inside it.
+        symlink("/etc", dir.join("evil")).unwrap();
+        symlink("../../../../etc", dir.join("real/up")).unwrap();
+        symlink("loop2", dir.join("loop1")).unwrap();
+        symlink("loop1", dir.join("loop2")).unwrap();
+        symlink("conf/../conf", dir.join("real/rel")).unwrap();
         assert_eq!(
             resolve_in_rootfs(&dir, "/real/x").unwrap(),
             dir.join("real/x")
         );
+        assert_eq!(
+            resolve_in_rootfs(&dir, "/conf/stack").unwrap(),
+            dir.join("real/conf/stack")
+        );
+        assert_eq!(
+            resolve_in_rootfs(&dir, "/evil/x").unwrap(),
+            dir.join("etc/x")
+        );
+        assert_eq!(
+            resolve_in_rootfs(&dir, "/real/up/passwd").unwrap(),
+            dir.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_rootfs(&dir, "/real/rel/a").unwrap(),
+            dir.join("real/conf/a")
+        );
         assert!(matches!(
-            resolve_in_rootfs(&dir, "/evil/x"),
+            resolve_in_rootfs(&dir, "/loop1/x"),
             Err(MountError::Symlink(_))
         ));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_only_read_only_tmpfs_is_deferred() {
+        let m = |fs_type: &str, o: &[&str]| Mount {
+            destination: "/dev".into(),
+            fs_type: fs_type.into(),
+            source: fs_type.into(),
+            options: o.iter().map(|s| s.to_string()).collect(),
+        };
+        let d = |m: &Mount| deferred_readonly(m, &parse_options(&m.options));
+        assert!(d(&m("tmpfs", &["nosuid", "ro", "mode=755"])));
+        assert!(!d(&m("tmpfs", &["nosuid", "mode=755"])));
+        assert!(!d(&m("sysfs", &["ro"])));
     }
 }

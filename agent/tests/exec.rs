@@ -216,8 +216,10 @@ fn test_exec_processes_killed_when_init_exits_then_rootfs_gone() {
         })
         .collect();
     assert!(!agent.state_mounts().is_empty());
-    init.send(&HostMessage::Signal(libc::SIGTERM)).unwrap();
-    assert_eq!(wait_exit(&mut init).2, 143);
+    // The init is pid 1 of its namespace: as in runc's, a signal it has no handler for is
+    // not delivered (SIGTERM to `sleep` does nothing); SIGKILL is.
+    init.send(&HostMessage::Signal(libc::SIGKILL)).unwrap();
+    assert_eq!(wait_exit(&mut init).2, 137);
     for c in &mut execs {
         assert_eq!(wait_exit(c).2, 137);
     }
@@ -231,6 +233,46 @@ fn test_exec_processes_killed_when_init_exits_then_rootfs_gone() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn test_init_is_pid_1_of_its_namespace_and_execs_join_it() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut init = agent.start_init(&["sleep", "300"]);
+    // The exec sees the init as pid 1 (the container's /proc is its namespace's), no other
+    // process of the agent, and has no parent in its namespace.
+    let o = agent
+        .exec_req(
+            agent.exec_request(
+                "ns",
+                &[
+                    "sh",
+                    "-c",
+                    "cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'; grep PPid /proc/self/status",
+                ],
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(o.code, 0, "{}", err(&o));
+    let text = out(&o);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0].trim(), "sleep 300", "{text}");
+    // sleep, sh, and the ls and grep of the pipeline (cat and tr are gone by then).
+    let count: usize = lines[1].parse().unwrap();
+    assert!((3..=5).contains(&count), "{text}");
+    // sh's parent is the agent, outside the namespace: 0 as runc's exec shows it.
+    assert_eq!(lines[2].split_whitespace().nth(1), Some("0"), "{text}");
+    // A signal without a handler does not reach pid 1 (runc's init behaves the same).
+    init.send(&HostMessage::Signal(libc::SIGTERM)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let o = agent
+        .exec_req(agent.exec_request("alive", &["true"]), None)
+        .unwrap();
+    assert_eq!(o.code, 0, "init stopped by SIGTERM: {}", err(&o));
+    init.send(&HostMessage::Signal(libc::SIGKILL)).unwrap();
+    assert_eq!(wait_exit(&mut init).2, 137);
 }
 
 #[test]

@@ -29,18 +29,41 @@ fn test_exec_exit_42_reported() {
     assert_eq!(agent.run(&["sh", "-c", "exit 42"]).code, 42);
 }
 
+/// The exit status of `args` run as an exec beside a `sleep` init: a process that is not its
+/// namespace's pid 1 (which, as in runc's containers, no signal from inside can kill).
+fn exec_code(args: &[&str]) -> i32 {
+    let agent = Agent::start();
+    let _init = agent.start_init(&["sleep", "300"]);
+    agent
+        .exec_req(agent.exec_request("x", args), None)
+        .unwrap()
+        .code
+}
+
 #[test]
 fn test_exec_self_sigkill_reports_137() {
     require_harness!();
-    let agent = Agent::start();
-    assert_eq!(agent.run(&["sh", "-c", "kill -KILL $$"]).code, 137);
+    assert_eq!(exec_code(&["sh", "-c", "kill -KILL $$"]), 137);
 }
 
 #[test]
 fn test_exec_self_sigterm_reports_143() {
     require_harness!();
+    assert_eq!(exec_code(&["sh", "-c", "kill -TERM $$"]), 143);
+}
+
+#[test]
+fn test_init_is_pid_1_and_its_own_sigkill_does_not_end_it() {
+    require_harness!();
     let agent = Agent::start();
-    assert_eq!(agent.run(&["sh", "-c", "kill -TERM $$"]).code, 143);
+    // As with runc: the init is pid 1 of its PID namespace, which the kernel shields from
+    // signals sent from inside, even SIGKILL.
+    assert_eq!(
+        agent
+            .run(&["sh", "-c", "test $$ = 1 || exit 3; kill -KILL $$; exit 7"])
+            .code,
+        7
+    );
 }
 
 #[test]

@@ -352,13 +352,41 @@ fn test_mounts_default_devices_present() {
 }
 
 #[test]
-fn test_mounts_destination_through_symlink_rejected() {
+fn test_mounts_destination_through_absolute_symlink_resolved_in_the_root() {
     require_harness!();
     let agent = Agent::start();
-    std::os::unix::fs::symlink("/etc", agent.rootfs.join("evil")).unwrap();
+    // runc's mounts.bats: /conf -> /real/conf (absolute, the container's), a tmpfs on
+    // /conf/stack lands on /real/conf/stack inside the root.
+    std::fs::create_dir_all(agent.rootfs.join("real/conf")).unwrap();
+    std::os::unix::fs::symlink("/real/conf", agent.rootfs.join("conf")).unwrap();
+    let mut req = agent.request(&[
+        "sh",
+        "-c",
+        "ls -ld /conf/stack/ | cut -c1-10; grep -c ' /real/conf/stack tmpfs ' /proc/mounts",
+    ]);
+    req.mounts.push(Mount {
+        destination: "/conf/stack".into(),
+        fs_type: "tmpfs".into(),
+        source: "tmpfs".into(),
+        options: ["ro", "relatime"].map(String::from).to_vec(),
+    });
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(o.code, 0, "{}", err(&o));
+    assert_eq!(
+        out(&o).split_whitespace().collect::<Vec<_>>(),
+        ["drwxrwxrwt", "1"]
+    );
+}
+
+#[test]
+fn test_mounts_destination_symlink_loop_refused() {
+    require_harness!();
+    let agent = Agent::start();
+    std::os::unix::fs::symlink("l2", agent.rootfs.join("l1")).unwrap();
+    std::os::unix::fs::symlink("l1", agent.rootfs.join("l2")).unwrap();
     let mut req = agent.request(&["true"]);
     req.mounts.push(Mount {
-        destination: "/evil/x".into(),
+        destination: "/l1/x".into(),
         fs_type: "tmpfs".into(),
         source: "tmpfs".into(),
         options: vec![],
@@ -367,8 +395,55 @@ fn test_mounts_destination_through_symlink_rejected() {
     assert_eq!(o.code, 126);
     let (kind, msg) = o.error.unwrap();
     assert_eq!(kind, ErrorKind::Rootfs);
-    assert!(msg.contains("symlink"), "{msg}");
+    assert!(msg.contains("symbolic links"), "{msg}");
     assert!(o.pid.is_none());
+}
+
+#[test]
+fn test_mounts_read_only_dev_before_its_mount_points() {
+    require_harness!();
+    let agent = Agent::start();
+    // runc's mounts.bats: the /dev tmpfs read-only, the /dev/pts and /dev/shm mount points
+    // made in it afterwards, the default devices too; /dev ends read-only.
+    let mut req = agent.request(&[
+        "sh",
+        "-c",
+        "grep '^tmpfs /dev ' /proc/mounts | cut -d' ' -f4 | cut -d, -f1; ls -d /dev/pts /dev/shm; echo x > /dev/null && echo null-ok; touch /dev/f 2>/dev/null || echo ro",
+    ]);
+    let tmpfs = |dest: &str, o: &[&str]| Mount {
+        destination: dest.into(),
+        fs_type: "tmpfs".into(),
+        source: "tmpfs".into(),
+        options: o.iter().map(|s| s.to_string()).collect(),
+    };
+    req.mounts.push(tmpfs(
+        "/dev",
+        &["nosuid", "strictatime", "mode=755", "size=65536k", "ro"],
+    ));
+    req.mounts.push(Mount {
+        destination: "/dev/pts".into(),
+        fs_type: "devpts".into(),
+        source: "devpts".into(),
+        options: [
+            "nosuid",
+            "noexec",
+            "newinstance",
+            "ptmxmode=0666",
+            "mode=0620",
+        ]
+        .map(String::from)
+        .to_vec(),
+    });
+    req.mounts.push(tmpfs(
+        "/dev/shm",
+        &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+    ));
+    let o = agent.run_req(req, None).unwrap();
+    assert_eq!(o.code, 0, "{}", err(&o));
+    assert_eq!(
+        out(&o).split_whitespace().collect::<Vec<_>>(),
+        ["ro", "/dev/pts", "/dev/shm", "null-ok", "ro"]
+    );
 }
 
 #[test]

@@ -115,6 +115,35 @@ fn test_stdio_output_of_background_child_does_not_hang_exit() {
 }
 
 #[test]
+fn test_stdio_terminal_sized_before_the_process_runs() {
+    require_harness!();
+    let agent = Agent::start();
+    let mut req = agent.request(&["stty", "size"]);
+    req.process.terminal = true;
+    req.process.console_size = Some((10, 110));
+    let o = agent.run_req(req, Some(Vec::new())).unwrap();
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(out(&o).trim(), "10 110");
+}
+
+#[test]
+fn test_stdio_terminal_onlcr_cleared_on_request() {
+    require_harness!();
+    let agent = Agent::start();
+    let run = |clear: bool| {
+        let mut req = agent.request(&["printf", "a\\nb\\n"]);
+        req.process.terminal = true;
+        req.process.clear_onlcr = clear;
+        let o = agent.run_req(req, Some(Vec::new())).unwrap();
+        assert_eq!(o.code, 0, "{o:?}");
+        o.stdout
+    };
+    // The terminal's default turns \n into \r\n; runc's foreground terminal does not.
+    assert_eq!(run(false), b"a\r\nb\r\n");
+    assert_eq!(run(true), b"a\nb\n");
+}
+
+#[test]
 fn test_stdio_terminal_allocated_when_requested() {
     require_harness!();
     let agent = Agent::start();

@@ -33,6 +33,7 @@ pub fn convert(
     spec: &Spec,
     notes: Vec<String>,
     capabilities: Option<&serde_json::Value>,
+    seccomp: Option<&serde_json::Value>,
 ) -> Result<BundleConfig, ConfigError> {
     let mut ignored = notes;
     let oci_version = spec.version().clone();
@@ -72,6 +73,10 @@ pub fn convert(
         Some(linux) => self::linux(linux, &mut ignored)?,
         None => Resources::default(),
     };
+    let seccomp = match seccomp.filter(|v| !v.is_null()) {
+        Some(raw) => crate::seccomp::compile(raw, &mut ignored)?,
+        None => None,
+    };
     let paths = |list: &Option<Vec<String>>| list.clone().unwrap_or_default();
     let (masked_paths, readonly_paths) = match spec.linux() {
         Some(l) => (paths(l.masked_paths()), paths(l.readonly_paths())),
@@ -102,6 +107,7 @@ pub fn convert(
         cgroups_path,
         masked_paths,
         readonly_paths,
+        seccomp,
         ignored,
     })
 }
@@ -351,12 +357,17 @@ fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<Resources, ConfigError>
                     path: path.to_string_lossy().into_owned(),
                 });
             }
-            names.push(ty);
+            // The guest gives every container a PID and a cgroup namespace of its own.
+            if !matches!(ty.as_str(), "pid" | "cgroup") {
+                names.push(ty);
+            }
         }
-        ignored.push(format!(
-            "linux.namespaces ({}): the VM is the isolation boundary",
-            names.join(", ")
-        ));
+        if !names.is_empty() {
+            ignored.push(format!(
+                "linux.namespaces ({}): the VM is the isolation boundary",
+                names.join(", ")
+            ));
+        }
     }
     for d in l.devices().as_deref().unwrap_or_default() {
         let path = d.path().to_string_lossy().into_owned();
@@ -381,11 +392,6 @@ fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<Resources, ConfigError>
         (
             "gidMappings",
             l.gid_mappings().is_some(),
-            "the VM is the isolation boundary",
-        ),
-        (
-            "seccomp",
-            l.seccomp().is_some(),
             "the VM is the isolation boundary",
         ),
         (

@@ -129,6 +129,9 @@ pub enum ConfigError {
     /// `process.user.umask` with bits outside 0o777.
     #[error("process.user.umask {0:#o} is not a umask (bits outside 0o777)")]
     Umask(u32),
+    /// `linux.seccomp` cannot be compiled or asks for what a VM cannot do.
+    #[error("linux.seccomp: {0}")]
+    Seccomp(String),
     /// `process.capabilities` is not an object of lists of names.
     #[error("process.capabilities.{0}: not a list of capability names")]
     CapabilityShape(String),

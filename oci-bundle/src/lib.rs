@@ -49,14 +49,14 @@
 //! | `hooks` Docker `libnetwork-setkey`, nerdctl `internal oci-hook` | ignored: network set-up for a namespace the VM does not use; the container has no network, as with `--network none` |
 //! | `hooks` any other | refused: no hook runs (its view of the container's pid and namespaces would be wrong) |
 //! | `annotations` | honoured: kept for the runtime's state |
-//! | `linux.namespaces` without `path` | ignored: the VM is the boundary |
+//! | `linux.namespaces` without `path` | `pid` and `cgroup`: the container gets both in the guest (always, listed or not); the others ignored: the VM is the boundary |
 //! | `linux.namespaces` with `path` (join an existing one) | refused |
 //! | `linux.uidMappings`, `gidMappings` | ignored: ids are used as they are in the guest |
 //! | `linux.resources.memory.limit` | honoured: VM memory (see [`resources`]); above the largest VM refused |
 //! | `linux.resources.cpu.quota`/`period`/`cpus` | honoured: vCPUs (see [`resources`]) |
 //! | `linux.resources` anything else | ignored: no host cgroup for the container |
 //! | `linux.cgroupsPath` | honoured: the VM's host process is placed there (cgroup v2); the container's limits apply in the guest |
-//! | `linux.seccomp` | ignored: the VM is the boundary |
+//! | `linux.seccomp` | honoured: compiled on the host into BPF ([`seccomp`]), installed by the agent in the init and every exec; unknown syscall names skipped with a note (as runc); `SCMP_ACT_NOTIFY` and `listenerPath` refused |
 //! | `linux.maskedPaths`, `readonlyPaths` | honoured in the guest, as runc: a masked directory gets an empty read-only tmpfs, anything else `/dev/null`; a read-only path is bound read-only onto itself; a missing path is skipped |
 //! | `linux.sysctl` | ignored, each key recorded (Docker always sends two network ones) |
 //! | `linux.devices` | the default devices (null, zero, full, random, urandom, tty, ptmx) ignored, the guest has them; any other refused |
@@ -78,6 +78,7 @@ mod error;
 mod mounts;
 mod read;
 pub mod resources;
+pub mod seccomp;
 mod spec;
 
 use std::collections::BTreeMap;
@@ -137,6 +138,8 @@ pub struct BundleConfig {
     pub masked_paths: Vec<String>,
     /// `linux.readonlyPaths`, made read-only in the guest.
     pub readonly_paths: Vec<String>,
+    /// `linux.seccomp`, compiled for the guest ([`seccomp`]).
+    pub seccomp: Option<agent_protocol::SeccompProgram>,
     /// What was accepted but has no effect in a VM, one line each.
     pub ignored: Vec<String>,
 }
@@ -179,6 +182,8 @@ impl ProcessConfig {
             no_new_privileges: self.no_new_privileges,
             umask: self.umask,
             capabilities: self.capabilities,
+            clear_onlcr: false,
+            console_size: self.console_size.map(|c| (c.rows, c.cols)),
         }
     }
 }
@@ -205,6 +210,7 @@ impl BundleConfig {
             },
             masked_paths: self.masked_paths.clone(),
             readonly_paths: self.readonly_paths.clone(),
+            seccomp: self.seccomp.clone(),
         }
     }
 }
@@ -268,6 +274,7 @@ pub fn load(bundle_dir: &Path) -> Result<Bundle, BundleError> {
         &parsed.spec,
         parsed.notes,
         parsed.capabilities.as_ref(),
+        parsed.seccomp.as_ref(),
     )
     .map_err(config_err)?;
     // The runtime picks the real source; any valid one checks the rest.

@@ -181,6 +181,9 @@ pub struct Parsed {
     /// `process.capabilities` as written: converted from the JSON, so that
     /// a name oci-spec does not know (a newer kernel's) is skipped alone.
     pub capabilities: Option<Value>,
+    /// `linux.seccomp` as written: compiled from the JSON, so that an action
+    /// or syscall oci-spec does not know is judged as runc judges it.
+    pub seccomp: Option<Value>,
 }
 
 /// Parses config.json into oci-spec's [`Spec`]. Also returns notes for the
@@ -200,12 +203,14 @@ pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<Parsed, BundleError> {
         });
     }
     let capabilities = value.pointer("/process/capabilities").cloned();
+    let seccomp = value.pointer("/linux/seccomp").cloned();
     let strict_err = match serde_json::from_slice::<Spec>(bytes) {
         Ok(spec) => {
             return Ok(Parsed {
                 spec,
                 notes: Vec::new(),
                 capabilities,
+                seccomp,
             });
         }
         Err(e) => e,
@@ -218,8 +223,11 @@ pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<Parsed, BundleError> {
             && map.remove(*key).is_some()
         {
             dropped = true;
-            // Capabilities are converted from the JSON itself (above).
-            if (*parent, *key) == ("/process", "capabilities") {
+            // Capabilities and seccomp are converted from the JSON itself (above).
+            if matches!(
+                (*parent, *key),
+                ("/process", "capabilities") | ("/linux", "seccomp")
+            ) {
                 continue;
             }
             notes.push(format!(
@@ -236,6 +244,7 @@ pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<Parsed, BundleError> {
                 spec,
                 notes,
                 capabilities,
+                seccomp,
             })
         }
         _ => Err(BundleError::ConfigSchema {

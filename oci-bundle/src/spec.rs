@@ -84,7 +84,8 @@ pub fn default_spec() -> Value {
 /// document (runtime-spec `features.md`, runc's `runc features`), with values
 /// true to kata-snap: capabilities are applied in the guest, namespaces are
 /// *recognized* (accepted, the VM standing in for them), but no hook runs and
-/// no cgroup, seccomp, AppArmor, SELinux or Intel RDT is applied.
+/// no cgroup, AppArmor, SELinux or Intel RDT is applied; seccomp is (in the
+/// guest, for the host's architecture).
 pub fn features() -> Value {
     json!({
         "ociVersionMin": OCI_VERSION_MIN,
@@ -104,7 +105,26 @@ pub fn features() -> Value {
             "cgroup": {
                 "v1": false, "v2": false, "systemd": false, "systemdUser": false, "rdma": false
             },
-            "seccomp": { "enabled": false },
+            "seccomp": {
+                "enabled": true,
+                "actions": [
+                    "SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS",
+                    "SCMP_ACT_KILL_THREAD", "SCMP_ACT_LOG", "SCMP_ACT_TRACE", "SCMP_ACT_TRAP"
+                ],
+                "operators": [
+                    "SCMP_CMP_EQ", "SCMP_CMP_GE", "SCMP_CMP_GT", "SCMP_CMP_LE", "SCMP_CMP_LT",
+                    "SCMP_CMP_MASKED_EQ", "SCMP_CMP_NE"
+                ],
+                "archs": [crate::seccomp::native_arch()],
+                "knownFlags": [
+                    "SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG",
+                    "SECCOMP_FILTER_FLAG_SPEC_ALLOW"
+                ],
+                "supportedFlags": [
+                    "SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG",
+                    "SECCOMP_FILTER_FLAG_SPEC_ALLOW"
+                ]
+            },
             "apparmor": { "enabled": false },
             "selinux": { "enabled": false },
             "intelRdt": { "enabled": false },

@@ -149,7 +149,14 @@ fn test_features_shape_and_values() {
             .unwrap()
             .contains(&Value::from("CAP_CHECKPOINT_RESTORE"))
     );
-    for section in ["seccomp", "apparmor", "selinux", "intelRdt"] {
+    assert_eq!(linux["seccomp"]["enabled"], true);
+    assert!(
+        linux["seccomp"]["supportedFlags"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("SECCOMP_FILTER_FLAG_LOG"))
+    );
+    for section in ["apparmor", "selinux", "intelRdt"] {
         assert_eq!(linux[section]["enabled"], false, "{section}");
     }
     assert_eq!(linux["cgroup"]["v2"], false);

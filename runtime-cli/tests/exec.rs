@@ -136,6 +136,8 @@ impl Container {
                 no_new_privileges: false,
                 umask: None,
                 capabilities: None,
+                clear_onlcr: false,
+                console_size: None,
             },
             hostname: None,
             mounts: vec![Mount {
@@ -152,6 +154,7 @@ impl Container {
             },
             masked_paths: vec![],
             readonly_paths: vec![],
+            seccomp: None,
         };
         init.create(req).unwrap();
         init.start_created().unwrap();
@@ -452,7 +455,8 @@ fn test_exec_with_a_terminal_and_after_the_container_stopped() {
         "test -t 0 && test -t 1 && echo a tty",
     ]);
     assert_eq!(o.code(), 0, "{o:?}");
-    assert_eq!(o.stdout, "a tty\r\n", "{o:?}");
+    // In the foreground ONLCR is off, as runc has it: \n, not \r\n.
+    assert_eq!(o.stdout, "a tty\n", "{o:?}");
 
     // The init exits: the container is stopped for the runtime once its supervisor is gone,
     // and for the agent once its init is.

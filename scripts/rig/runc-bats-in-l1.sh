@@ -68,6 +68,36 @@ done
 exit 0
 EOF
 chmod +x /rig/rt/leftovers
+# The processes holding a pipe that a running bats holds (its fd 3, its formatter's input):
+# bats waits for all of them to close it before it ends.
+cat > /rig/rt/fd3-holders <<'EOF'
+#!/bin/bash
+# The pipes the bats processes hold (bats waits for their other ends to close)...
+declare -A pipes
+for b in $(pgrep -f 'bats-exec-|/bin/bats|libexec/bats' 2>/dev/null); do
+    for fd in /proc/"$b"/fd/*; do
+        l="$(readlink "$fd" 2>/dev/null)"
+        case "$l" in pipe:*) pipes[$l]=1 ;; esac
+    done
+done
+# ... and who else holds one of them, bats and its shells aside.
+for d in /proc/[0-9]*; do
+    p="${d#/proc/}"
+    [ "$p" = "$$" ] && continue
+    comm="$(cat "$d/comm" 2>/dev/null)"
+    args="$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null | cut -c1-200)"
+    case "$comm $args" in bash*bats*|bats*|"sed "*|"script "*|"timeout "*|"sleep "*|fd3-holders*) continue ;; esac
+    for fd in "$d"/fd/*; do
+        l="$(readlink "$fd" 2>/dev/null)"
+        if [ -n "$l" ] && [ -n "${pipes[$l]:-}" ]; then
+            echo "RB|$1|$2|# holds a pipe of bats ($l as fd ${fd##*/}): pid $p ppid $(awk '{print $4}' "$d/stat" 2>/dev/null) comm $comm: $args"
+            break
+        fi
+    done
+done
+exit 0
+EOF
+chmod +x /rig/rt/fd3-holders
 export RUNC=/rig/rt/runc
 # kata-snap's guest, named in its config file as an installation would (the rung-4 artefacts).
 if [ -n "${KATA_SNAP_GUEST_KERNEL:-}" ]; then
@@ -90,8 +120,14 @@ for f in $RB_FILES; do
     # and killed after bats. bats itself waits for every holder of its fd 3: a detached runtime
     # process that inherited it (kata-snap at cf9576d) keeps the file from ending until
     # RB_FILE_TIMEOUT; the results printed before stay.
+    # Who keeps bats waiting: every RB_HOLDERS_EVERY s (default 120), the processes other than
+    # bats and its shells that hold a pipe bats holds (after update.bats: the recvtty its test
+    # 13 starts and kills only when kata-snap runs the container, which it refuses).
+    ( while sleep "${RB_HOLDERS_EVERY:-120}"; do /rig/rt/fd3-holders "$RB_RUNTIME" "$f"; done ) &
+    holders=$!
     timeout -k 10 "${RB_FILE_TIMEOUT:-900}" script -qefc "bats --tap $f; /rig/rt/leftovers" /dev/null 2>&1 < /dev/null |
         sed -u "s#\r\$##; s#^#RB|$RB_RUNTIME|$f|#"
+    kill "$holders" 2>/dev/null; wait "$holders" 2>/dev/null
     echo "RB|$RB_RUNTIME|$f|# end after $(awk -v s="$t0" '{printf "%.1f", $1 - s}' /proc/uptime) s"
     echo "RB|$RB_RUNTIME|$f|# processes left: $(ps -eo comm= | grep -c -e kata-snap -e runc) runtime, L1 memory free $(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo) MiB"
 done

@@ -219,6 +219,35 @@ pub fn mem_total() -> Result<u64, CgroupError> {
     parse::parse_mem_total(&read_bounded(p)?).map_err(|r| parse_err(p, r))
 }
 
+/// Most sub-groups of a container's group removed with it, and how deep.
+const MAX_SUBGROUPS: usize = 4096;
+const MAX_SUBGROUP_DEPTH: usize = 16;
+
+/// Removes the (emptied) groups below `dir`, deepest first, within `budget` directories and
+/// [`MAX_SUBGROUP_DEPTH`] levels; what is left stays (the caller's `rmdir` then says busy).
+fn remove_subgroups(dir: &Path, depth: usize, budget: &mut usize) {
+    if depth >= MAX_SUBGROUP_DEPTH {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        // cgroupfs directories are groups; files are the controllers' interfaces.
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            let sub = e.path();
+            remove_subgroups(&sub, depth + 1, budget);
+            if let Err(err) = std::fs::remove_dir(&sub) {
+                tracing::debug!(path = %sub.display(), error = %err, "sub-group busy");
+            }
+        }
+    }
+}
+
 /// One container's group.
 #[derive(Debug)]
 pub struct Group {
@@ -404,6 +433,9 @@ impl Group {
         if let Err(e) = write_file(true, &self.path, "cgroup.kill", "1") {
             tracing::debug!(error = %e, "cgroup.kill");
         }
+        // Groups the container made below its own (`exec --cgroup`, runc's tests) go first.
+        let mut budget = MAX_SUBGROUPS;
+        remove_subgroups(&self.path, 0, &mut budget);
         match std::fs::remove_dir(&self.path) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
@@ -412,5 +444,32 @@ impl Group {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_remove_subgroups_deepest_first_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["a/b/c", "d"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        // A file (an interface file, as cgroupfs has) is not a group and stays.
+        std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        let mut budget = MAX_SUBGROUPS;
+        remove_subgroups(dir.path(), 0, &mut budget);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["cgroup.procs"]);
+        // Out of budget: nothing more is touched.
+        std::fs::create_dir_all(dir.path().join("e/f")).unwrap();
+        let mut none = 0;
+        remove_subgroups(dir.path(), 0, &mut none);
+        assert!(dir.path().join("e/f").exists());
     }
 }

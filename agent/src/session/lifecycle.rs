@@ -12,8 +12,9 @@ use super::{Phase, Proc, Session, SessionContext, SessionEnd, error};
 use crate::exit_status::EXIT_CANNOT_INVOKE;
 use crate::mounts::{
     apply_masked_paths, apply_mount, apply_readonly_paths, populate_dev, prepare_dev,
+    seal_readonly_mounts,
 };
-use crate::process::{Prepared, Role, SpawnError, Spawned, prepare};
+use crate::process::{InitMounts, Prepared, Role, Setup, SpawnError, Spawned, prepare};
 use crate::restore::RestoreOps;
 use crate::rootfs::prepare as prepare_rootfs;
 
@@ -202,23 +203,34 @@ impl Session {
             .iter()
             .map(|m| cgroup_view(m, group.as_ref()))
             .collect();
+        // A proc mount shows the PID namespace of the process that mounts it: the init makes
+        // those itself, in its new namespace, with what goes on top of them (mounts below a
+        // proc mount, read-only and masked paths there) and the read-only remount. The rest
+        // is made here first (the terminal's devpts must exist before the fork).
+        let split = ProcSplit::new(&mounts);
         let mounted = prepare_dev(&rootfs.root, &mounts, req.rootfs.readonly)
-            .map_err(Failure::rootfs)
             .and_then(|()| {
                 mounts
                     .iter()
+                    .filter(|m| !split.in_child(m))
                     .try_for_each(|m| apply_mount(&rootfs.root, m))
-                    .map_err(Failure::rootfs)
             })
-            .and_then(|()| populate_dev(&rootfs.root).map_err(Failure::rootfs))
+            .and_then(|()| populate_dev(&rootfs.root))
+            // runc makes a read-only tmpfs read-only once what goes in it is made.
+            .and_then(|()| {
+                let mine: Vec<Mount> = mounts
+                    .iter()
+                    .filter(|m| !split.in_child(m))
+                    .cloned()
+                    .collect();
+                seal_readonly_mounts(&rootfs.root, &mine)
+            })
             // runc's order: read-only paths, then masked ones.
             .and_then(|()| {
-                apply_readonly_paths(&rootfs.root, &req.readonly_paths).map_err(Failure::rootfs)
+                apply_readonly_paths(&rootfs.root, &split.paths(&req.readonly_paths, false))
             })
-            .and_then(|()| {
-                apply_masked_paths(&rootfs.root, &req.masked_paths).map_err(Failure::rootfs)
-            })
-            .and_then(|()| rootfs.seal().map_err(Failure::rootfs));
+            .and_then(|()| apply_masked_paths(&rootfs.root, &split.paths(&req.masked_paths, false)))
+            .map_err(Failure::rootfs);
         if let Err(e) = mounted {
             rootfs.teardown();
             if let Some(g) = &group {
@@ -226,20 +238,35 @@ impl Session {
             }
             return Err(e);
         }
-        let t_mounts = t0.elapsed();
-        let prepared = prepare(
-            &rootfs.root,
-            &req.process,
-            Role::Init {
-                hostname: req.hostname.as_deref(),
-            },
-            group.as_ref().and_then(|g| g.joinable()),
-        );
+        let make_mounts = || -> Result<(), String> {
+            let e = |e: &dyn std::fmt::Display| e.to_string();
+            mounts
+                .iter()
+                .filter(|m| split.in_child(m))
+                .try_for_each(|m| apply_mount(&rootfs.root, m))
+                .map_err(|x| e(&x))?;
+            apply_readonly_paths(&rootfs.root, &split.paths(&req.readonly_paths, true))
+                .map_err(|x| e(&x))?;
+            apply_masked_paths(&rootfs.root, &split.paths(&req.masked_paths, true))
+                .map_err(|x| e(&x))?;
+            rootfs.seal().map_err(|x| e(&x))
+        };
+        let setup = Setup {
+            cgroup: group.as_ref().and_then(|g| g.joinable()),
+            seccomp: req.seccomp.as_ref(),
+            ..Setup::new(
+                &rootfs.root,
+                Role::Init {
+                    hostname: req.hostname.as_deref(),
+                    mounts: Some(InitMounts(&make_mounts)),
+                },
+            )
+        };
+        let prepared = prepare(&setup, &req.process);
         tracing::debug!(
             rootfs_us = t_rootfs.as_micros() as u64,
-            mounts_us = (t_mounts - t_rootfs).as_micros() as u64,
-            prepare_us = (t0.elapsed() - t_mounts).as_micros() as u64,
-            "create timing"
+            prepare_us = (t0.elapsed() - t_rootfs).as_micros() as u64,
+            "create timing (prepare includes the mounts)"
         );
         // The child joined its group itself; this makes sure before its go byte.
         let attached = prepared.map_err(Failure::from).and_then(|p| match &group {
@@ -262,7 +289,8 @@ impl Session {
         };
         let pid = process.pid;
         tracing::info!(pid = pid.as_raw(), container = id, args = ?req.process.args, "process created");
-        ctx.containers.add(id, rootfs, pid, group);
+        ctx.containers
+            .add(id, rootfs, pid, group, req.seccomp.clone());
         self.phase = Phase::Created(proc_of(process), gate);
         Ok(wire_pid(pid))
     }
@@ -283,22 +311,40 @@ impl Session {
                 return self.reply(error(refused.kind(), refused.to_string()));
             }
         };
-        let spawned = prepare(
-            &target.root,
-            &req.process,
-            Role::Exec,
-            target.cgroup.as_deref(),
-        )
-        .map_err(Failure::from)
-        .and_then(|p| {
-            let Prepared { process, gate } = p;
-            // Into the container's cgroup before the go byte; on failure
-            // the dropped gate makes the child exit without exec.
-            ctx.containers
-                .attach(target.container, process.pid)
-                .map_err(Failure::cgroup)?;
-            gate.open().map(|()| process).map_err(Failure::from)
-        });
+        // runc's `exec --cgroup`: a group below the container's ("" is the container's own,
+        // without the fallback); without it, the container's group, or the init's when that
+        // one refuses (EBUSY: domain controllers on, processes in sub-groups).
+        let (cgroup, fallback) = match (&target.cgroup, req.cgroup.as_deref()) {
+            (Some(g), None) => (Some(g.clone()), init_group(g, target.init)),
+            (Some(g), Some("")) => (Some(g.clone()), None),
+            (Some(g), Some(sub)) => (Some(g.join(sub)), None),
+            (None, _) => (None, None),
+        };
+        let setup = Setup {
+            cgroup: cgroup.as_deref(),
+            cgroup_fallback: fallback.as_deref(),
+            seccomp: target.seccomp.as_ref(),
+            ..Setup::new(
+                &target.root,
+                Role::Exec {
+                    init: Some(target.init),
+                },
+            )
+        };
+        let spawned = prepare(&setup, &req.process)
+            .map_err(Failure::from)
+            .and_then(|p| {
+                let Prepared { process, gate } = p;
+                // A group the child cannot join itself (a test tree of plain files) is
+                // joined here, before the go byte; on failure the dropped gate makes the
+                // child exit without exec.
+                if cgroup.is_none() {
+                    ctx.containers
+                        .attach(target.container, process.pid)
+                        .map_err(Failure::cgroup)?;
+                }
+                gate.open().map(|()| process).map_err(Failure::from)
+            });
         match spawned {
             Ok(process) => {
                 let pid = process.pid;
@@ -316,6 +362,60 @@ impl Session {
             Err(f) => self.fail_run(f),
         }
     }
+}
+
+/// Which mounts and paths the init makes itself: the proc mounts and everything below one.
+struct ProcSplit {
+    /// The destinations of the proc mounts, without a trailing `/`.
+    procs: Vec<String>,
+}
+
+impl ProcSplit {
+    fn new(mounts: &[Mount]) -> Self {
+        Self {
+            procs: mounts
+                .iter()
+                .filter(|m| m.fs_type == "proc")
+                .map(|m| m.destination.trim_end_matches('/').to_owned())
+                .collect(),
+        }
+    }
+
+    fn below_proc(&self, path: &str) -> bool {
+        self.procs.iter().any(|p| {
+            path.strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+
+    fn in_child(&self, m: &Mount) -> bool {
+        m.fs_type == "proc" || self.below_proc(m.destination.trim_end_matches('/'))
+    }
+
+    /// The paths of `list` the init handles (`child`), or the others.
+    fn paths(&self, list: &[String], child: bool) -> Vec<String> {
+        list.iter()
+            .filter(|p| self.below_proc(p) == child)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The group the container's init is in now, when it is below `group` (the container's own
+/// directory): where runc's exec goes when the container's group refuses it.
+fn init_group(group: &std::path::Path, init: Pid) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{init}/cgroup")).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    // The agent sees the whole hierarchy: the group's directory ends with the init's path
+    // up to the container's group; what the init's path has beyond it is the sub-group.
+    let name = group.file_name()?.to_str()?;
+    let parts: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    let at = parts.iter().position(|c| *c == name)?;
+    let below = &parts[at + 1..];
+    if below.is_empty() || below.contains(&"..") {
+        return None;
+    }
+    Some(group.join(below.join("/")))
 }
 
 /// A cgroup2 mount in a container that has a group is a bind mount of that group (with the

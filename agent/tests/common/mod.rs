@@ -232,6 +232,8 @@ impl Agent {
                 no_new_privileges: false,
                 umask: None,
                 capabilities: None,
+                clear_onlcr: false,
+                console_size: None,
             },
             hostname: None,
             mounts: vec![Mount {
@@ -248,6 +250,7 @@ impl Agent {
             },
             masked_paths: vec![],
             readonly_paths: vec![],
+            seccomp: None,
         }
     }
 
@@ -256,6 +259,7 @@ impl Agent {
         ExecRequest {
             id: id.into(),
             process: self.request(args).process,
+            cgroup: None,
         }
     }
 

@@ -71,6 +71,10 @@ pub(super) fn create(
     if !config.process.terminal && args.console_socket.is_some() {
         bail!("cannot use console socket if kata-snap will not detach or allocate tty");
     }
+    if let Some(sc) = &config.seccomp {
+        // runc's debug line (its seccomp.bats reads the number).
+        tracing::debug!("seccomp filter flags: {}", sc.flags);
+    }
     let spec = template::spec_for(config.resources.vcpus, config.resources.mem_mib)?;
     let data = assets::data_dir();
     let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {
@@ -148,10 +152,17 @@ pub(super) fn create(
         mode: args.restore_mode,
         template: tmpl.dir.clone(),
         image: image.path.clone(),
-        request: config.run_request(agent_protocol::RootfsSource::Block {
-            device: template::ROOTFS_DEVICE.into(),
-            fs: Some(agent_protocol::FsType::Erofs),
-        }),
+        request: {
+            let mut r = config.run_request(agent_protocol::RootfsSource::Block {
+                device: template::ROOTFS_DEVICE.into(),
+                fs: Some(agent_protocol::FsType::Erofs),
+            });
+            // runc clears ONLCR on the terminal it reads in the foreground.
+            r.process.clear_onlcr = r.process.terminal
+                && args.console_socket.is_none()
+                && matches!(mode, Mode::RunForeground { .. });
+            r
+        },
         console_socket: args.console_socket.clone(),
         console_size: config.process.console_size.map(|c| (c.rows, c.cols)),
         foreground: matches!(mode, Mode::RunForeground { .. }),

@@ -92,8 +92,9 @@ pub struct ExecArgs {
     /// Accepted for runc compatibility (no LSM in the guest).
     #[arg(long, hide = true)]
     pub process_label: Option<String>,
-    /// Accepted for runc compatibility (cgroups belong to the VM).
-    #[arg(long, hide = true)]
+    /// Run the process in a group below the container's, in its VM (`[CONTROLLERS:]PATH`,
+    /// runc's `--cgroup`; cgroup v2: the path alone counts, `/` is the container's own).
+    #[arg(long, value_name = "PATH")]
     pub cgroup: Vec<String>,
     /// The container id.
     pub id: String,
@@ -143,9 +144,17 @@ pub(super) fn exec(g: &GlobalOpts, args: ExecArgs, seccomp: SeccompMode) -> Resu
     if !process.terminal && args.console_socket.is_some() {
         bail!("cannot use console socket if kata-snap will not detach or allocate tty");
     }
+    let mut process = process;
+    // runc clears ONLCR on the terminal it reads in the foreground.
+    process.clear_onlcr = process.terminal && !args.detach && args.console_socket.is_none();
+    // runc sizes the terminal before the process starts (process.json's consoleSize).
+    if process.terminal {
+        process.console_size = console_size;
+    }
     let request = ExecRequest {
         id: exec_id(),
         process,
+        cgroup: sub_cgroup(&args.cgroup)?,
     };
     request.validate().context("invalid process")?;
     let plan = ExecPlan {
@@ -241,6 +250,29 @@ fn add_caps(p: &mut Process, names: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `exec --cgroup` as runc 1.1 reads it on cgroup v2: `[CONTROLLERS:]PATH`, the last one
+/// given; the path is below the container's group (`/` or empty: the container's own, which
+/// turns off the fall-back to the init's group). `None` without the flag.
+fn sub_cgroup(given: &[String]) -> Result<Option<String>> {
+    let Some(last) = given.last() else {
+        return Ok(None);
+    };
+    let path = last.split_once(':').map_or(last.as_str(), |(_, p)| p);
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if parts.contains(&"..") {
+        bail!("{path} is not a sub cgroup path");
+    }
+    let sub = parts.join("/");
+    if !sub.is_empty() {
+        agent_protocol::validate::validate_sub_cgroup(&sub)
+            .with_context(|| format!("{path} is not a sub cgroup path"))?;
+    }
+    Ok(Some(sub))
 }
 
 /// An id for the exec, unique among the container's running execs.
@@ -437,6 +469,26 @@ mod tests {
             no_new_privileges: false,
             umask: None,
             capabilities: caps,
+            clear_onlcr: false,
+            console_size: None,
+        }
+    }
+
+    #[test]
+    fn test_exec_cgroup_flag_read_as_runc_v2() {
+        let sub = |v: &[&str]| sub_cgroup(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(sub(&[]).unwrap(), None);
+        assert_eq!(sub(&["/"]).unwrap().as_deref(), Some(""));
+        assert_eq!(sub(&["foobar"]).unwrap().as_deref(), Some("foobar"));
+        assert_eq!(sub(&["/a/b/"]).unwrap().as_deref(), Some("a/b"));
+        // A controller prefix is v1's; on v2 the path alone counts. The last flag wins.
+        assert_eq!(
+            sub(&["x", "memory:second"]).unwrap().as_deref(),
+            Some("second")
+        );
+        for bad in ["..", "a/../..", "cpu:../x"] {
+            let e = format!("{:#}", sub(&[bad]).unwrap_err());
+            assert!(e.contains("is not a sub cgroup path"), "{bad}: {e}");
         }
     }
 

@@ -673,6 +673,8 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
             no_new_privileges: false,
             umask: None,
             capabilities: None,
+            clear_onlcr: false,
+            console_size: None,
         },
         hostname: None,
         mounts,
@@ -685,6 +687,7 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
         },
         masked_paths: vec![],
         readonly_paths: vec![],
+        seccomp: None,
     }
 }
 

@@ -3,20 +3,31 @@
 //! it exec.
 //!
 //! ```text
-//!  agent (parent)                       child
-//!   prepare: fork ------------------->  set-up: setsid, stdio, chroot,
-//!                                        hostname (init only), rlimits,
-//!                                        umask, HOME, bounding caps,
+//!  agent (parent)                       child ([`child`])
+//!   prepare: fork (init: into a new --> set-up: cgroup, mounts (init),
+//!   PID namespace; exec: into the        setsid, stdio, chroot, hostname
+//!   init's)                              (init), rlimits, umask, HOME,
+//!                                        seccomp (no NNP), bounding caps,
 //!                                        user, cwd, capset + ambient,
 //!                                        PATH lookup, no_new_privs
 //!   <-- report: READY ---------------    (or: kind byte + message, _exit)
 //!   ... Created ...                      blocked reading the go pipe
-//!   open: write go byte ------------->  execve
+//!   open: write go byte ------------->  seccomp (NNP), execve
 //!   <-- report: EOF (exec succeeded) -   (or: kind byte + message, _exit)
 //! ```
 //!
 //! One code path serves the container's init (`Create`/`Run`, with its
-//! hostname) and the processes `Exec` runs in it (no hostname, no mounts).
+//! hostname and mounts) and the processes `Exec` runs in it.
+//!
+//! **PID namespace.** As with runc, the container's init is pid 1 of a PID
+//! namespace of its own: the agent `unshare`s `CLONE_NEWPID` (which only
+//! changes where its next child goes), forks, and `setns`es back to its own
+//! namespace at once. An exec `setns`es into the init's namespace the same
+//! way around its fork. The agent stays the parent of every process it starts
+//! (it reaps them, with their pids in its own namespace); when the init
+//! exits, the kernel kills whatever else runs in the namespace. Where no
+//! namespace can be made (a kernel without `CONFIG_PID_NS`, no privilege) the
+//! process starts in the agent's, with a warning.
 //!
 //! The agent is single-threaded, so the child may allocate between `fork` and
 //! `exec`. Both pipes are close-on-exec. The parent waits for each report at
@@ -28,21 +39,21 @@
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agent_protocol::{ErrorKind, Process, RlimitKind};
+use agent_protocol::{ErrorKind, Process, SeccompProgram};
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sched::CloneFlags;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 use thiserror::Error;
 
-use crate::exit_status::{EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND};
-use crate::lookup::{errno_reason, look_path};
-use crate::passwd::home_dir;
+mod child;
+
+use child::{CgroupJoin, ChildPlan, GO, byte_to_kind, child_main};
 
 pub use crate::lookup::DEFAULT_PATH;
 
@@ -103,62 +114,6 @@ pub struct Spawned {
     pub terminal: bool,
 }
 
-/// A failure inside the child, sent to the parent.
-#[derive(Debug)]
-struct ChildFailure {
-    kind: ErrorKind,
-    message: String,
-}
-
-impl ChildFailure {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-        }
-    }
-    fn setup(what: &str, err: impl std::fmt::Display) -> Self {
-        Self::new(ErrorKind::ExecFailed, format!("{what}: {err}"))
-    }
-}
-
-fn kind_to_byte(k: ErrorKind) -> u8 {
-    match k {
-        ErrorKind::ExecNotFound => 1,
-        ErrorKind::ExecPermissionDenied => 2,
-        _ => 3,
-    }
-}
-
-fn byte_to_kind(b: u8) -> (ErrorKind, i32) {
-    match b {
-        1 => (ErrorKind::ExecNotFound, EXIT_NOT_FOUND),
-        2 => (ErrorKind::ExecPermissionDenied, EXIT_CANNOT_INVOKE),
-        _ => (ErrorKind::ExecFailed, EXIT_CANNOT_INVOKE),
-    }
-}
-
-fn rlimit_resource(k: RlimitKind) -> libc::__rlimit_resource_t {
-    match k {
-        RlimitKind::As => libc::RLIMIT_AS,
-        RlimitKind::Core => libc::RLIMIT_CORE,
-        RlimitKind::Cpu => libc::RLIMIT_CPU,
-        RlimitKind::Data => libc::RLIMIT_DATA,
-        RlimitKind::Fsize => libc::RLIMIT_FSIZE,
-        RlimitKind::Locks => libc::RLIMIT_LOCKS,
-        RlimitKind::Memlock => libc::RLIMIT_MEMLOCK,
-        RlimitKind::Msgqueue => libc::RLIMIT_MSGQUEUE,
-        RlimitKind::Nice => libc::RLIMIT_NICE,
-        RlimitKind::Nofile => libc::RLIMIT_NOFILE,
-        RlimitKind::Nproc => libc::RLIMIT_NPROC,
-        RlimitKind::Rss => libc::RLIMIT_RSS,
-        RlimitKind::Rtprio => libc::RLIMIT_RTPRIO,
-        RlimitKind::Rttime => libc::RLIMIT_RTTIME,
-        RlimitKind::Sigpending => libc::RLIMIT_SIGPENDING,
-        RlimitKind::Stack => libc::RLIMIT_STACK,
-    }
-}
-
 fn cstring(what: &str, s: &[u8]) -> Result<CString, SpawnError> {
     CString::new(s).map_err(|_| SpawnError::Setup(format!("{what} contains a NUL byte")))
 }
@@ -172,7 +127,7 @@ fn setup_err(what: &str) -> impl Fn(nix::Error) -> SpawnError + '_ {
 /// slave has a name inside the container, as with runc; otherwise the
 /// agent's `/dev/ptmx`. The slave is opened through the master
 /// (`TIOCGPTPEER`), never by path.
-fn open_pty(root: &Path) -> Result<(OwnedFd, OwnedFd), SpawnError> {
+fn open_pty(root: &Path, size: Option<(u16, u16)>) -> Result<(OwnedFd, OwnedFd), SpawnError> {
     use std::os::unix::fs::FileTypeExt;
     let own = root.join("dev/pts/ptmx");
     let ptmx = match std::fs::symlink_metadata(&own) {
@@ -204,9 +159,10 @@ fn open_pty(root: &Path) -> Result<(OwnedFd, OwnedFd), SpawnError> {
     }
     // SAFETY: the ioctl returned a new descriptor that nothing else owns.
     let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
+    let (rows, cols) = size.unwrap_or((24, 80));
     let ws = libc::winsize {
-        ws_row: 24,
-        ws_col: 80,
+        ws_row: rows,
+        ws_col: cols,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
@@ -215,328 +171,139 @@ fn open_pty(root: &Path) -> Result<(OwnedFd, OwnedFd), SpawnError> {
     Ok((master, slave))
 }
 
+/// The container's mounts, made by its init before it chroots (in the
+/// container's PID namespace, so that a proc mount shows that namespace).
+/// Returns the error's text.
+#[derive(Clone, Copy)]
+pub struct InitMounts<'a>(pub &'a dyn Fn() -> Result<(), String>);
+
+impl std::fmt::Debug for InitMounts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InitMounts(..)")
+    }
+}
+
 /// Which process of the container is started: its init, or one more (`Exec`).
 #[derive(Debug, Clone, Copy)]
 pub enum Role<'a> {
-    /// The container's init: sets the hostname (when given) and, as runc's
-    /// `prepareRootfs` does, creates a missing working directory.
+    /// The container's init, pid 1 of a new PID namespace: makes the mounts,
+    /// sets the hostname (when given) and, as runc's `prepareRootfs` does,
+    /// creates a missing working directory.
     Init {
         /// The container's hostname.
         hostname: Option<&'a str>,
+        /// The container's mounts.
+        mounts: Option<InitMounts<'a>>,
     },
     /// Another process in the running container.
-    Exec,
+    Exec {
+        /// The container's init, whose PID namespace the process joins
+        /// (`None`: the agent's).
+        init: Option<Pid>,
+    },
 }
 
-/// Everything the child needs, prepared before fork.
-struct ChildPlan<'a> {
-    process: &'a Process,
-    role: Role<'a>,
-    /// The container's group: the child moves itself in and enters a cgroup namespace of its
-    /// own there before anything else (while it still has the privileges for both).
-    cgroup_procs: Option<CString>,
-    root: CString,
-    env: Vec<CString>,
-    args: Vec<CString>,
-    path_env: String,
-    /// The kernel's highest capability number (read before the fork).
-    last_cap: u32,
+/// What [`prepare`] starts, besides the process itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup<'a> {
+    /// The container's root directory (chroot target).
+    pub root: &'a Path,
+    /// The container's init, or an exec.
+    pub role: Role<'a>,
+    /// The group (its directory) the child joins itself, on a real cgroup2
+    /// mount.
+    pub cgroup: Option<&'a Path>,
+    /// Where the child goes when `cgroup` refuses it with `EBUSY`.
+    pub cgroup_fallback: Option<&'a Path>,
+    /// The container's seccomp filter.
+    pub seccomp: Option<&'a SeccompProgram>,
 }
 
-fn reset_signals() {
-    let empty = nix::sys::signal::SigSet::empty();
-    let _ = nix::sys::signal::sigprocmask(
-        nix::sys::signal::SigmaskHow::SIG_SETMASK,
-        Some(&empty),
-        None,
-    );
-    for sig in 1..=64 {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-            continue;
-        }
-        // SAFETY: restoring the default disposition installs no handler code.
-        unsafe { libc::signal(sig, libc::SIG_DFL) };
-    }
-}
-
-/// What the child execs once set up.
-struct ExecTarget {
-    path: CString,
-    /// The request's environment, with `HOME` added when it had none.
-    env: Vec<CString>,
-}
-
-/// The environment with `HOME` set from the container's `/etc/passwd` when
-/// the request has none (or an empty one), as runc does. Runs in the child
-/// after chroot and before the credentials change.
-fn env_with_home(plan: &ChildPlan<'_>) -> Result<Vec<CString>, ChildFailure> {
-    let has_home = plan
-        .process
-        .env
-        .iter()
-        .any(|e| e.strip_prefix("HOME=").is_some_and(|v| !v.is_empty()));
-    let mut env: Vec<CString> = plan
-        .env
-        .iter()
-        .filter(|e| has_home || !e.as_bytes().starts_with(b"HOME="))
-        .cloned()
-        .collect();
-    if !has_home {
-        let home = home_dir(Path::new("/etc/passwd"), plan.process.user.uid);
-        env.push(
-            CString::new(format!("HOME={home}"))
-                .map_err(|_| ChildFailure::setup("HOME", "NUL byte in /etc/passwd"))?,
-        );
-    }
-    Ok(env)
-}
-
-/// Closes every descriptor from 3 up except `keep` (the report and go
-/// pipes). The agent's descriptors are close-on-exec, but a child that waits
-/// for `Start` would otherwise hold the other sessions' connections and
-/// pipes open meanwhile (a `cat` exec'd on another connection would never
-/// see its stdin's EOF).
-fn close_inherited(keep: [i32; 2]) {
-    let mut keep = keep.map(|k| k as libc::c_uint);
-    keep.sort_unstable();
-    let mut from: libc::c_uint = 3;
-    for k in keep {
-        if k >= from {
-            close_span(from, k);
-            from = k + 1;
-        }
-    }
-    close_span(from, libc::c_uint::MAX);
-}
-
-/// Closes descriptors `from..end` (`end` excluded).
-fn close_span(from: libc::c_uint, end: libc::c_uint) {
-    if end <= from {
-        return;
-    }
-    // SAFETY: close_range(2) takes plain integers and closes only
-    // descriptors of this (child) process.
-    if unsafe { libc::syscall(libc::SYS_close_range, from, end - 1, 0) } != 0 {
-        // Kernels before 5.9: close one by one up to a sane bound.
-        for fd in from..end.min(4096) {
-            // SAFETY: closing a descriptor number; EBADF is harmless.
-            unsafe { libc::close(fd as i32) };
+impl<'a> Setup<'a> {
+    /// A process in `root` as `role`, with no cgroup and no seccomp filter.
+    pub fn new(root: &'a Path, role: Role<'a>) -> Self {
+        Self {
+            root,
+            role,
+            cgroup: None,
+            cgroup_fallback: None,
+            seccomp: None,
         }
     }
 }
 
-/// Moves the calling child into the group whose `cgroup.procs` is `procs`, then into a cgroup
-/// namespace of its own rooted there: the container sees its group as `/` (`/proc/self/cgroup`
-/// reads `0::/`, as with runc's cgroup namespace on a cgroup v2 host).
-fn join_cgroup(procs: &std::ffi::CStr) -> Result<(), ChildFailure> {
-    let fd = nix::fcntl::open(
-        procs,
-        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+/// The PID namespace the next fork goes to.
+enum PidNs {
+    /// The agent's own.
+    Agent,
+    /// A new one: the child is its pid 1.
+    New,
+    /// An existing one (a pidfd of the init).
+    Join(OwnedFd),
+}
+
+fn open_ns(path: &str) -> nix::Result<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )
-    .map_err(|e| ChildFailure::setup("open the container's cgroup", e))?;
-    let pid = nix::unistd::getpid().to_string();
-    nix::unistd::write(&fd, pid.as_bytes())
-        .map_err(|e| ChildFailure::setup("join the container's cgroup", e))?;
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
-        .map_err(|e| ChildFailure::setup("create the cgroup namespace", e))
 }
 
-/// Every set-up step of the child, in order; returns what to exec.
-fn child_setup(
-    plan: &ChildPlan<'_>,
-    stdio: [i32; 3],
-    keep: [i32; 2],
-    terminal: bool,
-) -> Result<ExecTarget, ChildFailure> {
-    reset_signals();
-    if let Some(procs) = &plan.cgroup_procs {
-        join_cgroup(procs)?;
+/// A pidfd of `pid` (a pid of the agent's namespace, whatever `/proc` shows): `setns` takes
+/// it for the process's namespaces (Linux 5.8).
+fn pidfd_open(pid: Pid) -> nix::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(nix::Error::last());
     }
-    nix::unistd::setsid().map_err(|e| ChildFailure::setup("setsid", e))?;
-    if terminal {
-        // SAFETY: TIOCSCTTY takes an integer argument; stdio[0] is the pty slave.
-        if unsafe { libc::ioctl(stdio[0], libc::TIOCSCTTY, 0) } != 0 {
-            return Err(ChildFailure::setup(
-                "set controlling terminal",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // The terminal belongs to the process's user, as runc's does (its group stays the
-        // devpts mount's, `gid=5` in the default config).
-        let uid = nix::unistd::Uid::from_raw(plan.process.user.uid);
-        // SAFETY: stdio[0] is the pty slave this child holds open for the whole call.
-        let slave = unsafe { std::os::fd::BorrowedFd::borrow_raw(stdio[0]) };
-        nix::unistd::fchown(slave, Some(uid), None)
-            .map_err(|e| ChildFailure::setup("chown the terminal", e))?;
-    }
-    for (target, fd) in stdio.iter().enumerate() {
-        // SAFETY: dup2 on descriptors this process owns; target is 0, 1 or 2.
-        if unsafe { libc::dup2(*fd, target as i32) } < 0 {
-            return Err(ChildFailure::setup(
-                "dup2 stdio",
-                std::io::Error::last_os_error(),
-            ));
-        }
-    }
-    close_inherited(keep);
-    let process = plan.process;
-    nix::unistd::chdir(plan.root.as_c_str())
-        .map_err(|e| ChildFailure::setup("chdir to rootfs", e))?;
-    nix::unistd::chroot(".").map_err(|e| ChildFailure::setup("chroot", e))?;
-    nix::unistd::chdir("/").map_err(|e| ChildFailure::setup("chdir /", e))?;
-    if let Role::Init { hostname } = plan.role {
-        if let Some(h) = hostname {
-            nix::unistd::sethostname(h).map_err(|e| ChildFailure::setup("sethostname", e))?;
-        }
-        // runc creates the init's working directory when the image lacks it (as root, before
-        // the user is set); where it cannot (a read-only root), the chdir below says why.
-        let _ = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&process.cwd);
-    }
-    for r in &process.rlimits {
-        let lim = libc::rlimit {
-            rlim_cur: r.soft,
-            rlim_max: r.hard,
-        };
-        // SAFETY: `lim` is a valid rlimit that outlives the call.
-        if unsafe { libc::setrlimit(rlimit_resource(r.kind), &lim) } != 0 {
-            return Err(ChildFailure::setup(
-                &format!("setrlimit {:?}", r.kind),
-                std::io::Error::last_os_error(),
-            ));
-        }
-    }
-    let umask = process.umask.unwrap_or(DEFAULT_UMASK) & 0o777;
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
-        umask as libc::mode_t,
-    ));
-    let env = env_with_home(plan)?;
-    // runc's order: the bounding set while still root, the permitted set kept across the
-    // change of uid, the sets themselves once the user is set.
-    if let Some(c) = &process.capabilities {
-        crate::caps::drop_bounding(c.bounding, plan.last_cap)
-            .map_err(|e| ChildFailure::setup("drop bounding capabilities", e))?;
-        crate::caps::set_keep_caps(true).map_err(|e| ChildFailure::setup("keep caps", e))?;
-    }
-    let u = &process.user;
-    let groups: Vec<nix::unistd::Gid> = u
-        .additional_gids
-        .iter()
-        .map(|g| nix::unistd::Gid::from_raw(*g))
-        .collect();
-    nix::unistd::setgroups(&groups).map_err(|e| ChildFailure::setup("setgroups", e))?;
-    let gid = nix::unistd::Gid::from_raw(u.gid);
-    nix::unistd::setresgid(gid, gid, gid).map_err(|e| ChildFailure::setup("setgid", e))?;
-    // As runc: the working directory first as root, which may reach a directory the user
-    // cannot (a 0700 home of another user); on a permission error again as the user, who may
-    // reach what root cannot (a root-squashed mount).
-    let cwd_err = |e| {
-        ChildFailure::setup(
-            &format!("chdir to cwd ({:?}) set in config.json failed", process.cwd),
-            errno_reason(e),
-        )
+    // SAFETY: the call returned a new descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Forks into `ns`. The namespace only changes where the agent's next child
+/// goes (`pid_for_children`); it is set back to the agent's own right after
+/// the fork, in the parent.
+///
+/// # Safety
+/// As [`fork`]: the caller is single-threaded.
+unsafe fn fork_in(ns: PidNs) -> Result<ForkResult, SpawnError> {
+    let own = match ns {
+        PidNs::Agent => None,
+        _ => Some(
+            open_ns("/proc/self/ns/pid").map_err(setup_err("open the agent's PID namespace"))?,
+        ),
     };
-    let chdir_later = match nix::unistd::chdir(process.cwd.as_str()) {
-        Ok(()) => false,
-        Err(nix::Error::EACCES | nix::Error::EPERM) => true,
-        Err(e) => return Err(cwd_err(e)),
-    };
-    let uid = nix::unistd::Uid::from_raw(u.uid);
-    nix::unistd::setresuid(uid, uid, uid).map_err(|e| ChildFailure::setup("setuid", e))?;
-    if chdir_later {
-        nix::unistd::chdir(process.cwd.as_str()).map_err(cwd_err)?;
-    }
-    if let Some(c) = &process.capabilities {
-        crate::caps::set_keep_caps(false).map_err(|e| ChildFailure::setup("keep caps", e))?;
-        crate::caps::apply(c, plan.last_cap)
-            .map_err(|e| ChildFailure::setup("set capabilities", e))?;
-    }
-    let name = &process.args[0];
-    let path = look_path(name, &plan.path_env).map_err(|(kind, m)| ChildFailure::new(kind, m))?;
-    let path_c = CString::new(path).map_err(|_| ChildFailure::setup("path", "NUL byte"))?;
-    if process.no_new_privileges {
-        // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(ChildFailure::setup(
-                "no_new_privs",
-                std::io::Error::last_os_error(),
-            ));
-        }
-    }
-    Ok(ExecTarget { path: path_c, env })
-}
-
-/// Execs the target; returns only on failure, with the runc-style reason.
-fn child_exec(plan: &ChildPlan<'_>, target: &ExecTarget) -> ChildFailure {
-    let name = &plan.process.args[0];
-    let err = nix::unistd::execve(&target.path, &plan.args, &target.env).unwrap_err();
-    match err {
-        nix::Error::EACCES => ChildFailure::new(
-            ErrorKind::ExecPermissionDenied,
-            format!("exec: {name:?}: permission denied"),
-        ),
-        nix::Error::ENOENT => ChildFailure::new(
-            ErrorKind::ExecNotFound,
-            format!("exec: {name:?}: {}", errno_reason(err)),
-        ),
-        e => ChildFailure::new(
-            ErrorKind::ExecFailed,
-            format!("exec: {name:?}: {}", errno_reason(e)),
-        ),
-    }
-}
-
-/// The go byte: exec.
-const GO: u8 = 1;
-
-/// Blocks until the agent writes the go byte (Some) or drops its end (None).
-fn child_wait_for_go(go: &OwnedFd) -> Option<u8> {
-    let mut byte = [0u8; 1];
-    loop {
-        match nix::unistd::read(go, &mut byte) {
-            Ok(1) => return Some(byte[0]),
-            Err(nix::Error::EINTR) => continue,
-            Ok(_) | Err(_) => return None,
-        }
-    }
-}
-
-/// The child after fork: set up, report, wait, exec. Never returns.
-fn child_main(plan: &ChildPlan<'_>, stdio: [i32; 3], report: OwnedFd, go: OwnedFd) -> ! {
-    let keep = [report.as_raw_fd(), go.as_raw_fd()];
-    let failure = match child_setup(plan, stdio, keep, plan.process.terminal) {
-        Err(f) => f,
-        Ok(target) => {
-            let go = match nix::unistd::write(&report, &[REPORT_READY]) {
-                Ok(1) => child_wait_for_go(&go),
-                _ => None,
-            };
-            match go {
-                // The agent is gone or gave up on this process: never exec.
-                // SAFETY: _exit ends the child without running the parent's
-                // atexit handlers or flushing its duplicated buffers.
-                None => unsafe { libc::_exit(EXIT_CANNOT_INVOKE) },
-                Some(_) => child_exec(plan, &target),
+    match &ns {
+        PidNs::Agent => {}
+        PidNs::New => {
+            if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWPID) {
+                tracing::warn!(error = %e, "cannot make a PID namespace; the process shares the agent's");
             }
         }
-    };
-    let mut msg = vec![kind_to_byte(failure.kind)];
-    msg.extend_from_slice(failure.message.as_bytes());
-    msg.truncate(REPORT_LIMIT);
-    let mut sent = 0;
-    while sent < msg.len() {
-        match nix::unistd::write(&report, &msg[sent..]) {
-            Ok(n) => sent += n,
-            Err(nix::Error::EINTR) => {}
-            Err(_) => break,
-        }
+        PidNs::Join(fd) => nix::sched::setns(fd, CloneFlags::CLONE_NEWPID)
+            .map_err(setup_err("join the container's PID namespace"))?,
     }
-    let (_, code) = byte_to_kind(msg[0]);
-    // SAFETY: as above, _exit skips the parent's atexit handlers and buffers.
-    unsafe { libc::_exit(code) }
+    // SAFETY: the caller is single-threaded (this function's contract).
+    let forked = unsafe { fork() };
+    if !matches!(forked, Ok(ForkResult::Child))
+        && let Some(own) = own
+        && let Err(e) = nix::sched::setns(&own, CloneFlags::CLONE_NEWPID)
+    {
+        // Never expected (the namespace one is in may always be entered again); later
+        // children would start in the container's namespace.
+        tracing::error!(error = %e, "cannot return to the agent's PID namespace");
+    }
+    forked.map_err(setup_err("fork"))
+}
+
+/// Clears `ONLCR` on a terminal: output keeps `\n` as it is.
+fn clear_onlcr(tty: &OwnedFd) -> Result<(), SpawnError> {
+    use nix::sys::termios::{OutputFlags, SetArg, tcgetattr, tcsetattr};
+    let mut t = tcgetattr(tty).map_err(setup_err("tcgetattr"))?;
+    t.output_flags.remove(OutputFlags::ONLCR);
+    tcsetattr(tty, SetArg::TCSANOW, &t).map_err(setup_err("tcsetattr"))
 }
 
 /// How a read of the child's report ended.
@@ -659,18 +426,37 @@ pub struct Prepared {
 /// exec) and runs every set-up step in the child up to exec.
 /// Returns once the child waits for [`ExecGate::open`], or with the child's
 /// runc-style error (the failed child is reaped here).
-pub fn prepare(
-    root: &Path,
-    process: &Process,
-    role: Role<'_>,
-    cgroup: Option<&Path>,
-) -> Result<Prepared, SpawnError> {
+pub fn prepare(setup: &Setup<'_>, process: &Process) -> Result<Prepared, SpawnError> {
+    let root = setup.root;
+    let procs = |g: &Path| cstring("cgroup path", g.join("cgroup.procs").as_os_str().as_bytes());
+    // An exec joins the init's namespaces: a gone init leaves none, the exec cannot run.
+    let init_fd = match setup.role {
+        Role::Exec { init: Some(pid) } => {
+            Some(pidfd_open(pid).map_err(setup_err("open the container's PID namespace"))?)
+        }
+        _ => None,
+    };
+    let cgroup = match setup.cgroup {
+        Some(g) => Some(CgroupJoin {
+            procs: procs(g)?,
+            fallback: setup.cgroup_fallback.map(procs).transpose()?,
+            ns_of: init_fd.as_ref().map(|f| f.as_raw_fd()),
+        }),
+        None => None,
+    };
+    let ns = match (setup.role, &init_fd) {
+        (Role::Init { .. }, _) => PidNs::New,
+        (Role::Exec { .. }, Some(fd)) => PidNs::Join(
+            fd.try_clone()
+                .map_err(|e| SpawnError::Setup(format!("dup: {e}")))?,
+        ),
+        (Role::Exec { .. }, None) => PidNs::Agent,
+    };
     let plan = ChildPlan {
         process,
-        role,
-        cgroup_procs: cgroup
-            .map(|g| cstring("cgroup path", g.join("cgroup.procs").as_os_str().as_bytes()))
-            .transpose()?,
+        role: setup.role,
+        cgroup,
+        seccomp: setup.seccomp,
         root: cstring("rootfs path", root.as_os_str().as_bytes())?,
         env: process
             .env
@@ -693,7 +479,10 @@ pub fn prepare(
     // (parent's fds, child's fds [stdin, stdout, stderr])
     let (stdin, stdout, stderr, child_fds): (OwnedFd, OwnedFd, Option<OwnedFd>, Vec<OwnedFd>) =
         if process.terminal {
-            let (master, slave) = open_pty(root)?;
+            let (master, slave) = open_pty(root, process.console_size)?;
+            if process.clear_onlcr {
+                clear_onlcr(&slave)?;
+            }
             let master2 = master
                 .try_clone()
                 .map_err(|e| SpawnError::Setup(format!("dup: {e}")))?;
@@ -718,7 +507,7 @@ pub fn prepare(
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(setup_err("pipe"))?;
     // SAFETY: the agent is single-threaded, so the child can run ordinary
     // code (allocate, format) until it execs or exits.
-    match unsafe { fork() }.map_err(setup_err("fork"))? {
+    match unsafe { fork_in(ns) }? {
         ForkResult::Child => {
             // Without the parent's ends, EOF on `go_r` means the agent let go.
             drop(go_w);
@@ -767,8 +556,8 @@ pub fn prepare(
 /// Starts `process` chrooted into `root` at once: [`prepare`] then
 /// [`ExecGate::open`]. Returns once the exec succeeded or the child reported
 /// why it failed (the failed child is reaped here).
-pub fn spawn(root: &Path, process: &Process, role: Role<'_>) -> Result<Spawned, SpawnError> {
-    let Prepared { process, gate } = prepare(root, process, role, None)?;
+pub fn spawn(setup: &Setup<'_>, process: &Process) -> Result<Spawned, SpawnError> {
+    let Prepared { process, gate } = prepare(setup, process)?;
     gate.open()?;
     Ok(process)
 }
