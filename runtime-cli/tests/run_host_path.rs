@@ -321,3 +321,22 @@ fn test_test_guest_with_a_kernel_in_the_config_is_refused() {
     );
     env.assert_gone("x");
 }
+
+/// The C test guest speaks the agent protocol by hand: its version must follow the crate's, or
+/// every test above fails at Hello (as when protocol 6 came without it). Runs without KVM.
+#[test]
+fn test_agent_test_guest_speaks_this_protocol_version() {
+    let src = include_str!("../../guest/test-guests/guests/agent_protocol.c");
+    let version = src
+        .lines()
+        .find_map(|l| l.strip_prefix("#define PROTOCOL_VERSION "))
+        .expect("agent_protocol.c defines PROTOCOL_VERSION")
+        .trim()
+        .parse::<u32>()
+        .expect("a number");
+    assert_eq!(
+        version,
+        agent_protocol::PROTOCOL_VERSION,
+        "guest/test-guests/guests/agent_protocol.c speaks another protocol version than agent-protocol"
+    );
+}

@@ -2,7 +2,7 @@
  * (agent-protocol/src/lib.rs: a u32 little-endian length, then a postcard payload) on the one
  * connection, and the "process" it fakes from the request's argv.
  *
- * Per connection: Hello -> Hello{4}; SyncTime, Reseed -> Ack; Create -> Created{pid} or
+ * Per connection: Hello -> Hello{PROTOCOL_VERSION}; SyncTime, Reseed -> Ack; Create -> Created{pid} or
  * Error{ExecNotFound}; Signal(N) before Start -> Exited{128+N}; Start -> Started{pid}, Stdout,
  * Stderr, Exited{status}, then a vsock SHUTDOWN; Stdin, CloseStdin, Resize are ignored;
  * anything else -> Error{Protocol}. A frame larger than IN_MAX is skipped and answered Error.
@@ -21,7 +21,7 @@
  * bounds-checked. */
 #include "agent.h"
 
-#define PROTOCOL_VERSION 5
+#define PROTOCOL_VERSION 6
 /* Largest frame reassembled (a Create of a busybox bundle is about 1 KiB). */
 #define IN_MAX 16384
 /* Largest output of the "process" (stdout and stderr each). */
