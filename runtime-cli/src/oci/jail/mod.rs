@@ -9,7 +9,8 @@
 //! 2. a mount namespace of its own (mounts made private), whose root is a small read-only tmpfs
 //!    holding only bind mounts of what the VM needs: the container's directory (read-write), the
 //!    template's directory and the rootfs image (read-only), `/dev/null` and `/dev/urandom`;
-//!    `pivot_root` into it and the old root detached;
+//!    `pivot_root` into it and the old root detached (on an initramfs root, which cannot be
+//!    pivoted, the tmpfs is moved over `/` and chrooted into, as runc's `--no-pivot`);
 //! 3. `setgroups([])`, `setresgid`, `setresuid`; every capability gone (bounding set, ambient,
 //!    effective, permitted, inheritable), `PR_SET_NO_NEW_PRIVS`, not dumpable; `RLIMIT_NOFILE`
 //!    and `RLIMIT_NPROC` bounded (core dumps are off for every kata-snap process already).
@@ -293,8 +294,22 @@ fn enter_mount_namespace(plan: &Plan) -> Result<()> {
     bind(&null, "dev/null", true, true)?;
     bind(&urandom, "dev/urandom", false, true)?;
     // The old root goes on top of the new one, then is detached.
-    nix::unistd::pivot_root(".", ".").map_err(io_err("pivot_root"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(io_err("detaching the old root"))?;
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => {
+            umount2(".", MntFlags::MNT_DETACH).map_err(io_err("detaching the old root"))?;
+        }
+        // The root is the initial ramfs (a host booted from an initramfs with no real root,
+        // such as this project's L1 rig): it cannot be pivoted away. As runc's --no-pivot
+        // does, the jail's tmpfs is moved over `/` and the process chroots into it; the old
+        // root stays below, unreachable without CAP_SYS_CHROOT, which goes with the rest.
+        Err(nix::errno::Errno::EINVAL) => {
+            tracing::debug!("jail: the root cannot be pivoted (initramfs?): move and chroot");
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(io_err("moving the jail over /"))?;
+            nix::unistd::chroot(".").map_err(io_err("chroot"))?;
+        }
+        Err(e) => return Err(io_err("pivot_root")(e)),
+    }
     std::env::set_current_dir("/").context("jail: chdir /")?;
     mount(
         None::<&str>,
