@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches Debian's linux-image-cloud-amd64 kernel (a bzImage) for the Linux smoke test, unpacks it
 # and caches it outside the repo, with the ELF vmlinux extracted from it (as the kernel's
-# scripts/extract-vmlinux does) and the package's KVM modules (irqbypass.ko, kvm.ko, kvm-amd.ko:
+# scripts/extract-vmlinux does) and the package's KVM and tun modules (irqbypass.ko, kvm.ko, kvm-amd.ko, tun.ko:
 # the rung-4 rig loads them in its L1 VM). Prints the path of the vmlinux. Skips the work when
 # cached.
 #
@@ -14,9 +14,10 @@ set -euo pipefail
 
 cache="${KATA_SNAP_CACHE:-$HOME/.cache/kata-snap}/linux"
 mkdir -p "$cache"
-kvm_modules=(irqbypass.ko kvm.ko kvm-amd.ko)
+# tun.ko: /dev/net/tun for the virtio-net rung-4 tests (their taps in L1).
+rig_modules=(irqbypass.ko kvm.ko kvm-amd.ko tun.ko)
 cached=1
-for f in vmlinuz vmlinux version "${kvm_modules[@]/#/modules/}"; do
+for f in vmlinuz vmlinux version "${rig_modules[@]/#/modules/}"; do
     [ -s "$cache/$f" ] || cached=0
 done
 if [ "$cached" = 1 ]; then
@@ -78,10 +79,10 @@ if [ "$(od -An -c -N4 "$cache/vmlinux.tmp" | tr -d ' ')" != "177ELF" ]; then
 fi
 sync "$cache/vmlinux.tmp"
 mv "$cache/vmlinux.tmp" "$cache/vmlinux"
-# The KVM modules, in the order they must be loaded (insmod, no modprobe in the rig's L1).
+# The rig's modules, in the order they must be loaded (insmod, no modprobe in the rig's L1).
 rm -rf "$cache/modules.tmp"
 mkdir -p "$cache/modules.tmp"
-for m in "${kvm_modules[@]}"; do
+for m in "${rig_modules[@]}"; do
     src=$(find "$work/root/lib/modules" -name "$m" -o -name "$m.xz" -o -name "$m.zst" | head -n 1)
     case "$src" in
         *.ko) cp "$src" "$cache/modules.tmp/$m" ;;
@@ -90,7 +91,7 @@ for m in "${kvm_modules[@]}"; do
         *) log "the package has no $m"; exit 1 ;;
     esac
 done
-printf '%s\n' "${kvm_modules[@]}" > "$cache/modules.tmp/load-order"
+printf '%s\n' "${rig_modules[@]}" > "$cache/modules.tmp/load-order"
 sync "$cache/modules.tmp"/*
 rm -rf "$cache/modules"
 mv "$cache/modules.tmp" "$cache/modules"
