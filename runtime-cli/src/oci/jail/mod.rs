@@ -163,9 +163,19 @@ pub fn supervise_in_child(
     let mut set = super::supervisor::forwarded_signals();
     set.add(Signal::SIGCHLD);
     set.thread_block().context("cannot block signals")?;
+    let parent = nix::unistd::getpid();
     // SAFETY: the process is single-threaded here (the jail needs it too).
     let child = match unsafe { nix::unistd::fork() }.context("cannot fork the supervisor")? {
         nix::unistd::ForkResult::Child => {
+            // The supervisor dies with this process: a `run` killed outright (SIGKILL) takes
+            // its container down, as it did before the fork. Re-armed after the jail's change
+            // of uid, which clears it.
+            DIE_WITH_PARENT.store(parent.as_raw(), std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = die_with_parent() {
+                tracing::warn!("{e:#}");
+                // SAFETY: _exit in the child, as below.
+                unsafe { libc::_exit(255) }
+            }
             let code = supervise();
             // SAFETY: _exit in the child: what the parent's objects would clean up is the
             // parent's to do.
@@ -198,6 +208,25 @@ pub fn supervise_in_child(
     };
     cleanup();
     Ok(code)
+}
+
+/// The pid of the unjailed parent of a foreground `run`'s supervisor (0: none), whose death
+/// must kill the supervisor.
+static DIE_WITH_PARENT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Arms `PR_SET_PDEATHSIG` with SIGKILL (cleared by a change of uid: armed again after it)
+/// and fails if the parent is already gone.
+fn die_with_parent() -> Result<()> {
+    let parent = DIE_WITH_PARENT.load(std::sync::atomic::Ordering::SeqCst);
+    prctl(
+        "PR_SET_PDEATHSIG",
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGKILL as libc::c_ulong,
+    )?;
+    if nix::unistd::getppid().as_raw() != parent {
+        bail!("the foreground run that started this supervisor is gone");
+    }
+    Ok(())
 }
 
 fn io_err(what: &str) -> impl FnOnce(nix::errno::Errno) -> anyhow::Error + '_ {
@@ -390,6 +419,9 @@ fn drop_privileges(uid: u32) -> Result<()> {
     nix::unistd::setresgid(gid, gid, gid).map_err(io_err("setresgid"))?;
     let u = nix::unistd::Uid::from_raw(uid);
     nix::unistd::setresuid(u, u, u).map_err(io_err("setresuid"))?;
+    if DIE_WITH_PARENT.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+        die_with_parent()?;
+    }
     // setresuid cleared the effective, permitted and ambient sets; the inheritable set stays
     // unless cleared.
     let mut header = CapHeader {
