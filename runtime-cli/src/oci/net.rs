@@ -67,6 +67,19 @@ pub struct ContainerInterface {
     pub mtu: u32,
     /// Its addresses with their prefix lengths.
     pub addrs: Vec<(IpAddr, u8)>,
+    /// The routes of the main table through it that the guest must add itself: not those the
+    /// kernel makes for an address's own subnet (`proto kernel`), which the guest's kernel makes
+    /// too when it gets the address.
+    pub routes: Vec<ContainerRoute>,
+}
+
+/// A route through the container's interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRoute {
+    /// Its destination and prefix length; `None`: the default route.
+    pub destination: Option<(IpAddr, u8)>,
+    /// Its gateway; `None`: on link.
+    pub gateway: Option<IpAddr>,
 }
 
 /// A tap connected to a container's interface.
@@ -157,6 +170,7 @@ async fn connect(tap_name: &str) -> Result<ContainerInterface, ContainerNetError
         mac: Vec::new(),
         mtu: 1500,
         addrs: Vec::new(),
+        routes: Vec::new(),
     };
     for a in &link.attributes {
         match a {
@@ -181,6 +195,7 @@ async fn connect(tap_name: &str) -> Result<ContainerInterface, ContainerNetError
             iface.addrs.push((ip, a.header.prefix_len));
         }
     }
+    iface.routes = routes(&handle, index).await?;
 
     // The tap takes the interface's MTU, so frames the guest may send fit.
     handle
@@ -210,6 +225,65 @@ async fn connect(tap_name: &str) -> Result<ContainerInterface, ContainerNetError
             .map_err(nl("add a redirect filter"))?;
     }
     Ok(iface)
+}
+
+/// The IPv4 routes of the main table out of interface `index`, without the kernel's own.
+async fn routes(
+    handle: &rtnetlink::Handle,
+    index: u32,
+) -> Result<Vec<ContainerRoute>, ContainerNetError> {
+    use rtnetlink::packet_route::route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteType,
+    };
+    let msgs: Vec<_> = handle
+        .route()
+        .get(rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list routes"))?;
+    let ip = |a: &RouteAddress| match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for m in msgs {
+        let table = m
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(m.header.table));
+        let oif = m.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        if table != u32::from(RouteHeader::RT_TABLE_MAIN)
+            || oif != Some(index)
+            || m.header.kind != RouteType::Unicast
+            || m.header.protocol == RouteProtocol::Kernel
+        {
+            continue;
+        }
+        let destination = m.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(d) => ip(d).map(|d| (d, m.header.destination_prefix_length)),
+            _ => None,
+        });
+        let gateway = m.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(g) => ip(g),
+            _ => None,
+        });
+        out.push(ContainerRoute {
+            destination,
+            gateway,
+        });
+    }
+    // Routes on link first: a gateway must be reachable when its route is added.
+    out.sort_by_key(|r| r.gateway.is_some());
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -252,7 +326,9 @@ mod tests {
             && ip(&["addr", "add", "10.79.0.1/24", "dev", &host])
             && ip(&["link", "set", &host, "up"])
             && ip(&["-n", &ns.0, "addr", "add", "10.79.0.2/24", "dev", "eth0"])
-            && ip(&["-n", &ns.0, "link", "set", "eth0", "up"]);
+            && ip(&["-n", &ns.0, "link", "set", "eth0", "up"])
+            && ip(&["-n", &ns.0, "route", "add", "default", "via", "10.79.0.1"])
+            && ip(&["-n", &ns.0, "route", "add", "10.80.0.0/16", "dev", "eth0"]);
         if !ok {
             println!("SKIPPED: ip(8) could not make a netns with a veth pair");
             return;
@@ -264,6 +340,20 @@ mod tests {
             c.iface.addrs.contains(&("10.79.0.2".parse().unwrap(), 24)),
             "{:?}",
             c.iface.addrs
+        );
+        // The default route and the on-link one, not the address's own subnet (the kernel's).
+        assert_eq!(
+            c.iface.routes,
+            vec![
+                ContainerRoute {
+                    destination: Some(("10.80.0.0".parse().unwrap(), 16)),
+                    gateway: None,
+                },
+                ContainerRoute {
+                    destination: None,
+                    gateway: Some("10.79.0.1".parse().unwrap()),
+                },
+            ]
         );
         // The tap's default virtio-net header is 10 bytes.
         let mut frame = vec![0u8; 10];

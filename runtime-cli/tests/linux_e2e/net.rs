@@ -138,7 +138,6 @@ fn server(addr: String, port: u16, send: usize) -> std::thread::JoinHandle<usize
 }
 
 #[test]
-#[ignore = "fails in the L1 rig with the Linux driver (2026-12-07: ping gets no answer; busybox ip: 'Address family not supported'): issue 20, under investigation; run with --ignored"]
 fn test_linux_net_ping_and_tcp_both_ways_through_a_tap() {
     let Some(art) = setup() else {
         return;
@@ -191,7 +190,6 @@ fn test_linux_net_ping_and_tcp_both_ways_through_a_tap() {
 }
 
 #[test]
-#[ignore = "fails in the L1 rig with the Linux driver (2026-12-07: ping gets no answer; busybox ip: 'Address family not supported'): issue 20, under investigation; run with --ignored"]
 fn test_linux_net_slot_template_restored_with_a_tap_and_its_own_mac() {
     let Some(art) = setup() else {
         return;
