@@ -269,7 +269,9 @@ async fn routes(
             continue;
         }
         let destination = m.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(d) => ip(d).map(|d| (d, m.header.destination_prefix_length)),
+            RouteAttribute::Destination(d) => {
+                ip(d).map(|d| (d, m.header.destination_prefix_length))
+            }
             _ => None,
         });
         let gateway = m.attributes.iter().find_map(|a| match a {
