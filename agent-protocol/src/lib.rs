@@ -92,6 +92,7 @@
 mod client;
 mod frame;
 mod messages;
+pub mod network;
 pub mod resources;
 pub mod seccomp;
 pub mod validate;
@@ -105,6 +106,7 @@ pub use messages::{
     AgentMessage, Capabilities, ErrorKind, ExecRequest, FsType, HostMessage, Mount, Process,
     ProcessEntry, Rlimit, RlimitKind, RootfsSource, RootfsSpec, RunRequest, User,
 };
+pub use network::{InterfaceConfig, IpNet, NetworkConfig, RouteConfig};
 pub use resources::{ContainerStats, CpuStats, MemoryEvents, MemoryStats, PidsStats, Resources};
 pub use seccomp::{BpfInstruction, SeccompProgram};
 pub use validate::{
@@ -125,7 +127,9 @@ pub use validate::{
 /// 6: `RunRequest::seccomp` (OCI `linux.seccomp` compiled on the host),
 /// `Process::clear_onlcr` and `console_size`, `ExecRequest::cgroup` (runc's `exec --cgroup`);
 /// the container's init runs in a PID namespace of its own.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: `RunRequest::network` (the container's interfaces and routes, applied by
+/// the agent to the guest's), `ErrorKind::Network`; the agent brings `lo` up.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest payload of one frame, in bytes (the 4-byte length prefix excluded).
 pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;

@@ -165,6 +165,8 @@ pub enum ErrorKind {
     /// Reading or writing the container's cgroup failed, or the guest has
     /// no cgroups (`Update`, `Stats`).
     Cgroup,
+    /// Configuring the guest's network (`RunRequest::network`) failed.
+    Network,
 }
 
 /// A process to run: what OCI `process` says about it (the container's
@@ -240,6 +242,12 @@ pub struct RunRequest {
     /// OCI `linux.seccomp`, compiled by the host: installed in the init and
     /// in every exec of the container, right before exec (runc's order).
     pub seccomp: Option<crate::SeccompProgram>,
+    /// The container's network (protocol 7): the guest interfaces' MAC, MTU,
+    /// addresses and the routes, applied in the agent's (the VM's) network
+    /// namespace, which the container shares, before its process is made.
+    /// `None` leaves the guest's interfaces as they are (loopback only).
+    #[serde(default)]
+    pub network: Option<crate::NetworkConfig>,
 }
 
 /// Another process in the running container (runc's `exec`).

@@ -342,6 +342,9 @@ impl Validate for RunRequest {
         if let Some(s) = &self.seccomp {
             s.validate()?;
         }
+        if let Some(n) = &self.network {
+            n.validate()?;
+        }
         match &self.rootfs.source {
             RootfsSource::Block { device, .. } => abs_path("rootfs device", device),
             RootfsSource::Directory { path } => abs_path("rootfs directory", path),
@@ -518,7 +521,7 @@ impl Validate for AgentMessage {
 pub const MAX_PROCESSES: usize = 1024;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::messages::{RootfsSpec, User};
 
@@ -542,7 +545,7 @@ mod tests {
         }
     }
 
-    fn run() -> RunRequest {
+    pub(crate) fn run() -> RunRequest {
         RunRequest {
             process: process(),
             hostname: Some("h".into()),
@@ -557,7 +560,31 @@ mod tests {
             masked_paths: vec!["/proc/kcore".into()],
             readonly_paths: vec!["/proc/sys".into()],
             seccomp: None,
+            network: None,
         }
+    }
+
+    #[test]
+    fn test_validate_run_checks_its_network() {
+        use crate::network::{InterfaceConfig, NetworkConfig};
+        let with_mtu = |mtu| RunRequest {
+            network: Some(NetworkConfig {
+                interfaces: vec![InterfaceConfig {
+                    name: "eth0".into(),
+                    mac: None,
+                    mtu: Some(mtu),
+                    addresses: vec![],
+                }],
+                routes: vec![],
+            }),
+            ..run()
+        };
+        with_mtu(1400).validate().unwrap();
+        let bad = HostMessage::Create(Box::new(with_mtu(1)));
+        assert!(matches!(
+            bad.validate(),
+            Err(ValidationError::OutOfRange { field: "MTU", .. })
+        ));
     }
 
     #[test]

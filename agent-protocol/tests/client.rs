@@ -59,6 +59,7 @@ fn request() -> RunRequest {
         masked_paths: vec![],
         readonly_paths: vec![],
         seccomp: None,
+        network: None,
     }
 }
 
@@ -66,13 +67,17 @@ fn request() -> RunRequest {
 fn test_client_agent_wrong_version_is_version_mismatch() {
     let r = with_fake_agent(
         |mut s| {
-            s.write_all(&raw(&AgentMessage::Hello { version: 7 }))
-                .unwrap()
+            s.write_all(&raw(&AgentMessage::Hello {
+                version: PROTOCOL_VERSION + 1,
+            }))
+            .unwrap()
         },
         T,
     );
     match r {
-        Err(ClientError::VersionMismatch { agent: 7, ours }) => assert_eq!(ours, PROTOCOL_VERSION),
+        Err(ClientError::VersionMismatch { agent, ours }) => {
+            assert_eq!((agent, ours), (PROTOCOL_VERSION + 1, PROTOCOL_VERSION))
+        }
         other => panic!("{other:?}"),
     }
 }

@@ -1,6 +1,7 @@
 //! Harness mode (design section 9): the agent as a host process, PID 1 of new
-//! mount, pid, uts and ipc namespaces, so the code paths are the VM's while
-//! the host stays untouched.
+//! mount, pid, uts, ipc and network namespaces, so the code paths are the
+//! VM's while the host stays untouched (a `RunRequest::network` configures
+//! the harness's own interfaces, never the host's).
 
 use std::path::Path;
 
@@ -17,7 +18,7 @@ use crate::exit_status::exit_code;
 #[derive(Debug, Error)]
 pub enum HarnessError {
     /// `unshare` failed (needs CAP_SYS_ADMIN).
-    #[error("unshare(mount, pid, uts, ipc) failed: {0} (harness mode needs root)")]
+    #[error("unshare(mount, pid, uts, ipc, net) failed: {0} (harness mode needs root)")]
     Unshare(nix::Error),
     /// `fork` failed.
     #[error("fork failed: {0}")]
@@ -42,14 +43,15 @@ pub enum Side {
     Outside(i32),
 }
 
-/// Unshares mount/pid/uts/ipc namespaces and forks. The child is PID 1 of
+/// Unshares mount/pid/uts/ipc/net namespaces and forks. The child is PID 1 of
 /// the new pid namespace and dies with its parent; the parent waits for it.
 pub fn enter_namespaces(state_dir: &Path) -> Result<Side, HarnessError> {
     unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC,
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWNET,
     )
     .map_err(HarnessError::Unshare)?;
     // SAFETY: the agent is single-threaded at this point, so the child may

@@ -22,6 +22,7 @@ pub mod harness;
 pub mod init;
 pub mod lookup;
 pub mod mounts;
+pub mod network;
 pub mod passwd;
 pub mod process;
 pub mod ready;

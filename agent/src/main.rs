@@ -77,6 +77,11 @@ fn run(config: &AgentConfig) -> anyhow::Result<ExitCode> {
             agent::init::mount_pseudo_filesystems()?
         }
     }
+    // Before listening, so before the template's snapshot: free at restore.
+    // In harness mode this is the harness's own network namespace.
+    if let Err(e) = agent::network::bring_up_loopback() {
+        tracing::warn!("cannot bring the loopback interface up: {e}");
+    }
     agent::server::run(config)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -211,6 +211,7 @@ impl BundleConfig {
             masked_paths: self.masked_paths.clone(),
             readonly_paths: self.readonly_paths.clone(),
             seccomp: self.seccomp.clone(),
+            network: None,
         }
     }
 }

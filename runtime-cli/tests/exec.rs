@@ -155,6 +155,7 @@ impl Container {
             masked_paths: vec![],
             readonly_paths: vec![],
             seccomp: None,
+            network: None,
         };
         init.create(req).unwrap();
         init.start_created().unwrap();

@@ -251,6 +251,7 @@ impl Agent {
             masked_paths: vec![],
             readonly_paths: vec![],
             seccomp: None,
+            network: None,
         }
     }
 

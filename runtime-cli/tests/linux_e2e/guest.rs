@@ -688,6 +688,7 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
         masked_paths: vec![],
         readonly_paths: vec![],
         seccomp: None,
+        network: None,
     }
 }
 
