@@ -8,7 +8,7 @@ use agent_protocol::{Capabilities, Rlimit, RlimitKind, User, validate::validate_
 use oci_spec::runtime::{Hook, Hooks, Linux, Process, Spec};
 
 use crate::error::ConfigError;
-use crate::{BundleConfig, ConsoleSize, ProcessConfig, Resources, mounts, resources};
+use crate::{BundleConfig, ConsoleSize, Network, ProcessConfig, Resources, mounts, resources};
 
 /// The umask a guest process gets when `process.user.umask` is not set: the
 /// kernel's initial one, as with runc.
@@ -69,9 +69,9 @@ pub fn convert(
         hooks(h, &mut ignored)?;
     }
     let mounts = mounts::translate(spec.mounts().as_deref().unwrap_or_default(), &mut ignored)?;
-    let resources = match spec.linux() {
+    let (resources, network) = match spec.linux() {
         Some(linux) => self::linux(linux, &mut ignored)?,
-        None => Resources::default(),
+        None => (Resources::default(), Network::Host),
     };
     let seccomp = match seccomp.filter(|v| !v.is_null()) {
         Some(raw) => crate::seccomp::compile(raw, &mut ignored)?,
@@ -108,6 +108,7 @@ pub fn convert(
         masked_paths,
         readonly_paths,
         seccomp,
+        network,
         ignored,
     })
 }
@@ -337,7 +338,7 @@ fn hooks(h: &Hooks, ignored: &mut Vec<String>) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<Resources, ConfigError> {
+fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<(Resources, Network), ConfigError> {
     for (name, present) in [
         ("personality", l.personality().is_some()),
         ("timeOffsets", l.time_offsets().is_some()),
@@ -347,10 +348,23 @@ fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<Resources, ConfigError>
             return Err(ConfigError::UnsupportedLinux(name));
         }
     }
+    let mut network = Network::Host;
     if let Some(ns) = l.namespaces() {
         let mut names = Vec::new();
         for n in ns {
             let ty = oci_name(&n.typ());
+            if ty == "network" {
+                network = match n.path() {
+                    Some(p) if p.is_absolute() => Network::Join(p.clone()),
+                    Some(p) => {
+                        return Err(ConfigError::RelativeNamespacePath(
+                            p.to_string_lossy().into_owned(),
+                        ));
+                    }
+                    None => Network::New,
+                };
+                continue;
+            }
             if let Some(path) = n.path() {
                 return Err(ConfigError::JoinNamespace {
                     ns: ty,
@@ -419,8 +433,9 @@ fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<Resources, ConfigError>
             ignored.push(format!("linux.{name}: {why}"));
         }
     }
-    match l.resources() {
-        Some(r) => resources::from_oci(r, ignored),
-        None => Ok(Resources::default()),
-    }
+    let resources = match l.resources() {
+        Some(r) => resources::from_oci(r, ignored)?,
+        None => Resources::default(),
+    };
+    Ok((resources, network))
 }

@@ -174,6 +174,9 @@ pub enum ConfigError {
         /// The hook's executable.
         path: String,
     },
+    /// A namespace path that is not absolute.
+    #[error("linux.namespaces: the network namespace path {0:?} is not absolute")]
+    RelativeNamespacePath(String),
     /// A namespace with a `path`: joining a host namespace.
     #[error(
         "linux.namespaces: cannot join the {ns} namespace at {path}: \

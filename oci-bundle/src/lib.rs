@@ -50,7 +50,8 @@
 //! | `hooks` any other | refused: no hook runs (its view of the container's pid and namespaces would be wrong) |
 //! | `annotations` | honoured: kept for the runtime's state |
 //! | `linux.namespaces` without `path` | `pid` and `cgroup`: the container gets both in the guest (always, listed or not); the others ignored: the VM is the boundary |
-//! | `linux.namespaces` with `path` (join an existing one) | refused |
+//! | `linux.namespaces` `network` with `path` (Docker, CNI, Kubernetes) | the namespace's interface is given to the guest: a tap in that namespace, its MAC, MTU, IPv4 addresses and routes ([`Network::Join`]) |
+//! | `linux.namespaces` other types with `path` (join an existing one) | refused |
 //! | `linux.uidMappings`, `gidMappings` | ignored: ids are used as they are in the guest |
 //! | `linux.resources.memory.limit` | honoured: VM memory (see [`resources`]); above the largest VM refused |
 //! | `linux.resources.cpu.quota`/`period`/`cpus` | honoured: vCPUs (see [`resources`]) |
@@ -140,8 +141,24 @@ pub struct BundleConfig {
     pub readonly_paths: Vec<String>,
     /// `linux.seccomp`, compiled for the guest ([`seccomp`]).
     pub seccomp: Option<agent_protocol::SeccompProgram>,
+    /// The container's network, from `linux.namespaces`.
+    pub network: Network,
     /// What was accepted but has no effect in a VM, one line each.
     pub ignored: Vec<String>,
+}
+
+/// The container's network, as `linux.namespaces` asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Network {
+    /// No `network` entry (runc: the host's network). A VM cannot share the host's network
+    /// namespace: the guest has loopback only.
+    #[default]
+    Host,
+    /// A new, empty network namespace: loopback only, as runc gives it.
+    New,
+    /// The network namespace at this path (Docker, CNI, Kubernetes): its interface is given to
+    /// the guest (`kata-snap create` connects a tap to it).
+    Join(PathBuf),
 }
 
 /// The container process.

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{TestBundle, minimal};
-use oci_bundle::ConfigError;
+use oci_bundle::{ConfigError, Network};
 use serde_json::json;
 
 fn load_with(edit: impl FnOnce(&mut serde_json::Value)) -> (TestBundle, serde_json::Value) {
@@ -278,15 +278,37 @@ fn test_hooks_refused_unless_network_hook() {
 }
 
 #[test]
-fn test_namespace_with_path_refused() {
+fn test_namespace_with_path_refused_but_network() {
     let (b, _) = load_with(|c| {
-        c["linux"]["namespaces"][1] = json!({"type": "network", "path": "/var/run/netns/cni-1"});
+        c["linux"]["namespaces"][1] = json!({"type": "ipc", "path": "/proc/1/ns/ipc"});
     });
     let msg = b.refused().to_string();
-    assert!(
-        msg.contains("network namespace at /var/run/netns/cni-1"),
-        "{msg}"
+    assert!(msg.contains("ipc namespace at /proc/1/ns/ipc"), "{msg}");
+
+    // The network namespace of Docker, CNI and Kubernetes is joined: its interface goes to the
+    // guest.
+    let (b, _) = load_with(|c| {
+        c["linux"]["namespaces"] =
+            json!([{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}]);
+    });
+    assert_eq!(
+        b.load().unwrap().config.network,
+        Network::Join("/var/run/netns/cni-1".into())
     );
+    let (b, _) = load_with(|c| {
+        c["linux"]["namespaces"] = json!([{"type": "network", "path": "netns/cni-1"}]);
+    });
+    let msg = b.refused().to_string();
+    assert!(msg.contains("\"netns/cni-1\" is not absolute"), "{msg}");
+    // A new one (runc: loopback only), and none at all (runc: the host's; the guest: loopback).
+    let (b, _) = load_with(|c| {
+        c["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "network"}]);
+    });
+    assert_eq!(b.load().unwrap().config.network, Network::New);
+    let (b, _) = load_with(|c| {
+        c["linux"]["namespaces"] = json!([{"type": "pid"}]);
+    });
+    assert_eq!(b.load().unwrap().config.network, Network::Host);
 }
 
 #[test]

@@ -340,3 +340,170 @@ fn test_agent_test_guest_speaks_this_protocol_version() {
         "guest/test-guests/guests/agent_protocol.c speaks another protocol version than agent-protocol"
     );
 }
+
+/// `ip ARGS`, true when it succeeded.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A named network namespace holding `eth0`, one end of a veth pair whose other end stays in
+/// the test's namespace (as Docker's and CNI's bridge plugins make them); removed on drop.
+struct NetNs {
+    name: String,
+    host_end: String,
+}
+
+impl NetNs {
+    fn new(tag: &str) -> Option<Self> {
+        let id = std::process::id() % 100_000;
+        let ns = Self {
+            name: format!("ksn-{tag}{id}"),
+            host_end: format!("ksn-{tag}h{id}"),
+        };
+        let ok = ip(&["netns", "add", &ns.name])
+            && ip(&[
+                "link",
+                "add",
+                &ns.host_end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns.name,
+            ])
+            && ip(&["-n", &ns.name, "addr", "add", "10.91.0.2/24", "dev", "eth0"])
+            && ip(&["-n", &ns.name, "link", "set", "eth0", "up"])
+            && ip(&[
+                "-n",
+                &ns.name,
+                "route",
+                "add",
+                "default",
+                "via",
+                "10.91.0.1",
+            ]);
+        ok.then_some(ns)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip -n NS ARGS`'s stdout, if it succeeded.
+    fn ip_out(&self, args: &[&str]) -> Option<String> {
+        let o = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .ok()?;
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        ip(&["link", "del", &self.host_end]);
+        ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A container whose bundle names a network namespace (Docker, CNI, Kubernetes): `create`
+/// makes a tap in it, connected to its `eth0` by tc redirects both ways (the guest's frames
+/// leave through the veth, and the veth's arrive at the guest), and the tap is gone with the
+/// container. A namespace path that does not exist fails `create` with one line naming it.
+#[test]
+fn test_create_in_a_network_namespace_connects_a_tap_to_its_interface() {
+    if !usable() {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() || !Path::new("/dev/net/tun").exists() {
+        println!("SKIPPED: needs root and /dev/net/tun (a network namespace and a tap)");
+        return;
+    }
+    let Some(ns) = NetNs::new("rp") else {
+        println!("SKIPPED: ip(8) could not make a network namespace with a veth pair");
+        return;
+    };
+    let env = Env::new();
+    let b = env.bundle("b", &["sh", "-c", "echo networked"]);
+    let with_netns = |path: &str| {
+        let cfg = b.join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&cfg).unwrap()).unwrap();
+        spec["linux"]["namespaces"] = serde_json::json!([
+            {"type": "pid"}, {"type": "mount"}, {"type": "network", "path": path}
+        ]);
+        fs::write(&cfg, spec.to_string()).unwrap();
+    };
+    with_netns(&ns.path());
+    let (pid, out) = create(&env, &b, "n1");
+    assert!(process_alive(pid), "the supervisor runs");
+    let tap = ns
+        .ip_out(&["-o", "link", "show", "tap0_kata"])
+        .expect("create made tap0_kata in the container's namespace");
+    let eth0_mtu = ns
+        .ip_out(&["-o", "link", "show", "eth0"])
+        .and_then(|l| {
+            l.split_whitespace()
+                .skip_while(|w| *w != "mtu")
+                .nth(1)
+                .map(str::to_string)
+        })
+        .unwrap();
+    assert!(tap.contains("UP"), "the tap is up: {tap}");
+    assert!(
+        tap.contains(&format!("mtu {eth0_mtu} ")),
+        "the tap takes eth0's MTU {eth0_mtu}: {tap}"
+    );
+    for dev in ["eth0", "tap0_kata"] {
+        let filters = Command::new("tc")
+            .args(["-n", &ns.name, "filter", "show", "dev", dev, "ingress"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let to = if dev == "eth0" { "tap0_kata" } else { "eth0" };
+        assert!(
+            filters.contains("mirred") && filters.contains(&format!("to device {to}")),
+            "{dev}'s ingress redirects to {to}: {filters}"
+        );
+    }
+    let o = env.run(&["start", "n1"]);
+    assert_eq!(o.code(), 0, "{o:?}");
+    let end = Instant::now() + T;
+    while process_alive(pid) {
+        assert!(Instant::now() < end, "the supervisor {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read_to_string(&out).unwrap(), "networked\n");
+    let o = env.run(&["delete", "n1"]);
+    assert_eq!(o.code(), 0, "{o:?}");
+    assert!(
+        ns.ip_out(&["link", "show", "tap0_kata"]).is_none(),
+        "the tap is gone with the container's VM"
+    );
+    // The namespace is still the engine's: eth0 and its address are untouched.
+    let addr = ns.ip_out(&["-o", "addr", "show", "eth0"]).unwrap();
+    assert!(addr.contains("10.91.0.2/24"), "{addr}");
+
+    with_netns("/run/netns/ksn-no-such-namespace");
+    let mut c = env.ks();
+    c.args(["create", "--bundle", b.to_str().unwrap(), "n2"])
+        .stdin(Stdio::null());
+    let o = run_command(c, T);
+    assert_ne!(o.code(), 0, "{o:?}");
+    assert!(
+        o.stderr
+            .contains("network namespace /run/netns/ksn-no-such-namespace"),
+        "{o:?}"
+    );
+    env.assert_gone("n2");
+}

@@ -169,6 +169,10 @@ pub(super) fn create(
         use_pool: !args.no_pool,
         cgroup,
         jail: Some(jail),
+        netns: match &config.network {
+            oci_bundle::Network::Join(path) => Some(path.clone()),
+            oci_bundle::Network::New | oci_bundle::Network::Host => None,
+        },
         marks: if matches!(mode, Mode::RunForeground { .. }) {
             marks
         } else {

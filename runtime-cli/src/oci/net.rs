@@ -5,22 +5,23 @@
 //! The interface itself keeps its addresses; what the guest needs to take its place (MAC, MTU,
 //! addresses) is read at the same time, for the agent to configure the guest's interface.
 //!
-//! Not wired into `create` yet: the agent has no request to configure the guest's interface, so
-//! joined network namespaces are still refused there.
-
-// Nothing in the binary calls it until `create` does (see above); its test does.
-#![cfg_attr(not(test), allow(dead_code))]
+//! The supervisor calls it before the restore (and before its jail) when the bundle names a
+//! network namespace; the tap goes to the template's net slot and [`ContainerInterface::guest_config`]
+//! to the agent (`RunRequest::network`).
 
 use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use agent_protocol::{InterfaceConfig, IpNet, NetworkConfig, RouteConfig};
 use futures_util::TryStreamExt;
 use rtnetlink::LinkUnspec;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 
+/// The tap's name in the container's network namespace.
+pub const TAP_NAME: &str = "tap0_kata";
 /// `ETH_P_ALL`: the filters take every frame.
 const ETH_P_ALL: u16 = 0x0003;
 /// The ingress qdisc's handle, `ffff:`.
@@ -71,6 +72,55 @@ pub struct ContainerInterface {
     /// kernel makes for an address's own subnet (`proto kernel`), which the guest's kernel makes
     /// too when it gets the address.
     pub routes: Vec<ContainerRoute>,
+}
+
+impl ContainerInterface {
+    /// What the agent gives the guest's interface `guest_name` so that it takes this one's place:
+    /// its MAC, MTU, IPv4 addresses and routes. The guest kernel has no IPv6: IPv6 addresses
+    /// and routes are left out and returned, one line each (link-local ones, which every
+    /// interface with IPv6 has, silently).
+    pub fn guest_config(&self, guest_name: &str) -> (NetworkConfig, Vec<String>) {
+        let mut dropped = Vec::new();
+        let net = |(addr, prefix_len): (IpAddr, u8)| IpNet { addr, prefix_len };
+        let mut addresses = Vec::new();
+        for &(ip, len) in &self.addrs {
+            match ip {
+                IpAddr::V4(_) => addresses.push(net((ip, len))),
+                IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => {}
+                IpAddr::V6(_) => dropped.push(format!(
+                    "address {ip}/{len} of {} not given to the guest (its kernel has no IPv6)",
+                    self.name
+                )),
+            }
+        }
+        let mut routes = Vec::new();
+        for r in &self.routes {
+            let v6 = r.destination.is_some_and(|(d, _)| d.is_ipv6())
+                || r.gateway.is_some_and(|g| g.is_ipv6());
+            if v6 {
+                dropped.push(format!(
+                    "an IPv6 route of {} not given to the guest (its kernel has no IPv6)",
+                    self.name
+                ));
+                continue;
+            }
+            routes.push(RouteConfig {
+                destination: r.destination.map(net),
+                gateway: r.gateway,
+                device: Some(guest_name.to_string()),
+            });
+        }
+        let config = NetworkConfig {
+            interfaces: vec![InterfaceConfig {
+                name: guest_name.to_string(),
+                mac: <[u8; 6]>::try_from(self.mac.as_slice()).ok(),
+                mtu: Some(self.mtu),
+                addresses,
+            }],
+            routes,
+        };
+        (config, dropped)
+    }
 }
 
 /// A route through the container's interface.
@@ -308,6 +358,55 @@ mod tests {
         fn drop(&mut self) {
             let _ = ip(&["netns", "del", &self.0]);
         }
+    }
+
+    /// The guest gets the interface's MAC, MTU, IPv4 addresses and routes; IPv6 is left out
+    /// (link-local silently, others named), as the guest kernel has none.
+    #[test]
+    fn test_guest_config_takes_ipv4_and_names_what_it_leaves_out() {
+        let iface = ContainerInterface {
+            name: "eth0".into(),
+            mac: vec![2, 0x42, 0xac, 0x11, 0, 2],
+            mtu: 1450,
+            addrs: vec![
+                ("172.17.0.2".parse().unwrap(), 16),
+                ("fe80::42:acff:fe11:2".parse().unwrap(), 64),
+                ("2001:db8::2".parse().unwrap(), 64),
+            ],
+            routes: vec![
+                ContainerRoute {
+                    destination: None,
+                    gateway: Some("172.17.0.1".parse().unwrap()),
+                },
+                ContainerRoute {
+                    destination: None,
+                    gateway: Some("2001:db8::1".parse().unwrap()),
+                },
+            ],
+        };
+        let (c, dropped) = iface.guest_config("eth0");
+        assert_eq!(
+            c,
+            NetworkConfig {
+                interfaces: vec![InterfaceConfig {
+                    name: "eth0".into(),
+                    mac: Some([2, 0x42, 0xac, 0x11, 0, 2]),
+                    mtu: Some(1450),
+                    addresses: vec![IpNet {
+                        addr: "172.17.0.2".parse().unwrap(),
+                        prefix_len: 16
+                    }],
+                }],
+                routes: vec![RouteConfig {
+                    destination: None,
+                    gateway: Some("172.17.0.1".parse().unwrap()),
+                    device: Some("eth0".into()),
+                }],
+            }
+        );
+        assert_eq!(dropped.len(), 2, "{dropped:?}");
+        assert!(dropped[0].contains("2001:db8::2/64"), "{dropped:?}");
+        agent_protocol::Validate::validate(&c).unwrap();
     }
 
     /// An ARP request from the container's address (as its guest would send it) goes out

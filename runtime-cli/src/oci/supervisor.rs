@@ -79,6 +79,10 @@ pub struct Launch {
     /// The jail's settings (none: no jail).
     #[serde(default)]
     pub jail: Option<super::jail::Settings>,
+    /// The network namespace whose interface the guest takes (`linux.namespaces`, Docker, CNI,
+    /// Kubernetes); none: loopback only.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
     /// When `run` in the foreground finished each step before the supervisor (bundle,
     /// template, rootfs image), from the process start: the first marks of the `--debug`
     /// timing line. Not sent to a daemon supervisor, whose clock starts with its own process.
@@ -346,7 +350,7 @@ impl Supervisor {
             // The container's stdin goes to its process through the agent, never to the
             // guest's console.
             no_serial_stdin: true,
-            // The container's network is not attached yet (issue 20's runtime side).
+            // Given below when the container joins a network namespace.
             net_slot: Vec::new(),
             net_taps: Default::default(),
         };
@@ -357,6 +361,28 @@ impl Supervisor {
             launch.console_socket.as_deref(),
             launch.console_size,
         )?;
+        // The container's network: a tap made in its namespace and connected to the
+        // namespace's interface, whose MAC, MTU, addresses and routes the agent gives the
+        // guest's. Before the jail, which has no CAP_NET_ADMIN and cannot enter namespaces.
+        if let Some(netns) = &launch.netns {
+            let net = super::net::connect_tap(netns, super::net::TAP_NAME).with_context(|| {
+                format!(
+                    "cannot connect the container to its network namespace {}",
+                    netns.display()
+                )
+            })?;
+            let (config, dropped) = net.iface.guest_config(super::template::NET_SLOT);
+            for d in dropped {
+                tracing::warn!("network: {d}");
+            }
+            args.net_slot = vec![(
+                super::template::NET_SLOT.to_string(),
+                super::net::TAP_NAME.to_string(),
+            )];
+            args.net_taps = crate::restore_cmd::OpenedTaps(vec![std::sync::Arc::new(net.tap)]);
+            launch.request.network = Some(config);
+            phases.mark("network");
+        }
         let own_start = process_start_time(std::process::id() as i32).unwrap_or(0);
         // A pre-started VMM of the pool first (pooled restores are not jailed, see
         // docs/runtime.md); else this process restores the VM, in its jail.

@@ -31,6 +31,9 @@ use super::assets::{self, GuestAssets};
 pub const ROOTFS_SLOT: &str = "rootfs";
 /// The device the rootfs slot is in the guest (the template's only disk).
 pub const ROOTFS_DEVICE: &str = "/dev/vda";
+/// The template's net device: a slot (link down) that a container joining a network namespace
+/// gets a tap in at restore; without one the guest has loopback only.
+pub const NET_SLOT: &str = "eth0";
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
 /// The guest command line: serial console, reset through the i8042, no PCI, quiet.
@@ -38,8 +41,8 @@ pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodules quie
                            i8042.noaux i8042.nomux i8042.dumbkbd";
 /// Bound on a cold boot reaching READY while warming.
 const WARM_TIMEOUT: Duration = Duration::from_secs(300);
-/// Bumped when what a template holds changes.
-const TEMPLATE_FORMAT: u32 = 1;
+/// Bumped when what a template holds changes (2: the net slot).
+const TEMPLATE_FORMAT: u32 = 2;
 
 /// The shape of a template.
 #[derive(Debug, Clone)]
@@ -389,8 +392,13 @@ fn warm_into(
                 host: VsockHost::new(tmp.join("v.sock")),
             }),
             rng: false,
-            // The container's network is attached by the runtime later (not yet: issue 20).
-            nets: vec![],
+            // A slot: the container's tap is given at restore (`supervisor`, `net.rs`). Every
+            // clone reads this MAC at boot; the agent gives each the one of its namespace.
+            nets: vec![vmm::vm::virtio::NetSpec {
+                id: NET_SLOT.into(),
+                tap: None,
+                mac: None,
+            }],
         },
         snapshot_on_ready: Some(SnapshotOnReady {
             dir: tmp.join("snapshot"),
