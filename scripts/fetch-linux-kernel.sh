@@ -14,12 +14,21 @@ set -euo pipefail
 
 cache="${KATA_SNAP_CACHE:-$HOME/.cache/kata-snap}/linux"
 mkdir -p "$cache"
-# tun.ko: /dev/net/tun for the virtio-net rung-4 tests (their taps in L1).
-rig_modules=(irqbypass.ko kvm.ko kvm-amd.ko tun.ko)
+# tun.ko: /dev/net/tun for the virtio-net rung-4 tests (their taps in L1); veth.ko and the tc
+# ingress qdisc, u32 filter and mirred action: a container's network namespace as Docker and CNI
+# make it (a veth pair) and the redirects kata-snap puts between its interface and the tap.
+rig_modules=(irqbypass.ko kvm.ko kvm-amd.ko tun.ko veth.ko sch_ingress.ko cls_u32.ko act_mirred.ko)
 cached=1
-for f in vmlinuz vmlinux version "${rig_modules[@]/#/modules/}"; do
+for f in vmlinuz vmlinux version modules/load-order; do
     [ -s "$cache/$f" ] || cached=0
 done
+# Every module is in the cache, or the cached kernel has it built in (load-order lists those
+# cached).
+if [ "$cached" = 1 ]; then
+    for m in "${rig_modules[@]}"; do
+        [ -s "$cache/modules/$m" ] || grep -qx "$m" "$cache/modules/builtin" 2>/dev/null || cached=0
+    done
+fi
 if [ "$cached" = 1 ]; then
     echo "$cache/vmlinux"
     exit 0
@@ -82,16 +91,24 @@ mv "$cache/vmlinux.tmp" "$cache/vmlinux"
 # The rig's modules, in the order they must be loaded (insmod, no modprobe in the rig's L1).
 rm -rf "$cache/modules.tmp"
 mkdir -p "$cache/modules.tmp"
+: > "$cache/modules.tmp/load-order"
+: > "$cache/modules.tmp/builtin"
 for m in "${rig_modules[@]}"; do
     src=$(find "$work/root/lib/modules" -name "$m" -o -name "$m.xz" -o -name "$m.zst" | head -n 1)
     case "$src" in
         *.ko) cp "$src" "$cache/modules.tmp/$m" ;;
         *.xz) xz -dc "$src" > "$cache/modules.tmp/$m" ;;
         *.zst) zstd -dcq "$src" > "$cache/modules.tmp/$m" ;;
-        *) log "the package has no $m"; exit 1 ;;
+        *)
+            # Built into the kernel (its modules.builtin lists it): nothing to load.
+            if grep -q "/${m}\$" "$work"/root/lib/modules/*/modules.builtin 2>/dev/null; then
+                echo "$m" >> "$cache/modules.tmp/builtin"
+                continue
+            fi
+            log "the package has no $m"; exit 1 ;;
     esac
+    echo "$m" >> "$cache/modules.tmp/load-order"
 done
-printf '%s\n' "${rig_modules[@]}" > "$cache/modules.tmp/load-order"
 sync "$cache/modules.tmp"/*
 rm -rf "$cache/modules"
 mv "$cache/modules.tmp" "$cache/modules"

@@ -490,7 +490,16 @@ fn test_create_in_a_network_namespace_connects_a_tap_to_its_interface() {
         ns.ip_out(&["link", "show", "tap0_kata"]).is_none(),
         "the tap is gone with the container's VM"
     );
-    // The namespace is still the engine's: eth0 and its address are untouched.
+    // The namespace is as the engine made it: no redirect left on eth0, its address untouched.
+    let filters = Command::new("tc")
+        .args(["-n", &ns.name, "qdisc", "show", "dev", "eth0", "ingress"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        !filters.contains("ingress"),
+        "delete removes eth0's ingress qdisc: {filters}"
+    );
     let addr = ns.ip_out(&["-o", "addr", "show", "eth0"]).unwrap();
     assert!(addr.contains("10.91.0.2/24"), "{addr}");
 

@@ -132,6 +132,10 @@ pub(super) fn create(
         id: args.id.clone(),
         armed: true,
     };
+    let netns = match &config.network {
+        oci_bundle::Network::Join(path) => Some(path.clone()),
+        oci_bundle::Network::New | oci_bundle::Network::Host => None,
+    };
     let record = Record {
         id: args.id.clone(),
         bundle: bundle.dir.clone(),
@@ -143,6 +147,7 @@ pub(super) fn create(
         status: Status::Creating,
         exit_code: None,
         cgroup: cgroup.as_ref().map(|c| c.dir.clone()),
+        netns: netns.clone(),
     };
     state::write_record(&dir, &record)?;
     let launch = Launch {
@@ -169,10 +174,7 @@ pub(super) fn create(
         use_pool: !args.no_pool,
         cgroup,
         jail: Some(jail),
-        netns: match &config.network {
-            oci_bundle::Network::Join(path) => Some(path.clone()),
-            oci_bundle::Network::New | oci_bundle::Network::Host => None,
-        },
+        netns,
         marks: if matches!(mode, Mode::RunForeground { .. }) {
             marks
         } else {

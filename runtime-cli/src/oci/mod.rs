@@ -539,6 +539,11 @@ fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
         ),
     }
     remove_cgroup(&r);
+    if let Some(netns) = &r.netns
+        && let Err(e) = net::disconnect(netns)
+    {
+        tracing::warn!("{e:#}");
+    }
     store.remove(id)
 }
 

@@ -9,9 +9,9 @@
 //! network namespace; the tap goes to the template's net slot and [`ContainerInterface::guest_config`]
 //! to the agent (`RunRequest::network`).
 
-use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use agent_protocol::{InterfaceConfig, IpNet, NetworkConfig, RouteConfig};
@@ -148,12 +148,13 @@ fn nl(what: &'static str) -> impl Fn(rtnetlink::Error) -> ContainerNetError {
     }
 }
 
-/// Makes tap `tap_name` inside the network namespace at `netns` and connects it with the
-/// namespace's interface (`eth0`, else the first one that is not loopback). Runs on a thread of
-/// its own, which alone enters the namespace.
-pub fn connect_tap(netns: &Path, tap_name: &str) -> Result<ContainerNet, ContainerNetError> {
+/// Runs `f` on a thread of its own that has entered the network namespace at `netns`, with a
+/// netlink connection there.
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl AsyncFnOnce(rtnetlink::Handle) -> Result<T, ContainerNetError> + Send + 'static,
+) -> Result<T, ContainerNetError> {
     let netns = netns.to_owned();
-    let tap_name = tap_name.to_owned();
     std::thread::Builder::new()
         .name("container-net".into())
         .spawn(move || {
@@ -161,21 +162,106 @@ pub fn connect_tap(netns: &Path, tap_name: &str) -> Result<ContainerNet, Contain
                 path: netns.clone(),
                 reason,
             };
-            let f = File::open(&netns).map_err(|e| err(e.to_string()))?;
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            // Not blocking on a FIFO planted there; setns refuses what is not a namespace.
+            let f_ns = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&netns)
                 .map_err(|e| err(e.to_string()))?;
-            // Opened after setns: a tap belongs to the namespace its opener was in.
-            let tap = vmm::vm::virtio::open_tap_fd(&tap_name)?;
+            nix::sched::setns(f_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| err(e.to_string()))?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()
                 .map_err(|e| ContainerNetError::Thread(e.to_string()))?;
-            let iface = rt.block_on(connect(&tap_name))?;
-            Ok(ContainerNet { tap, iface })
+            rt.block_on(async move {
+                let (conn, handle, _) =
+                    rtnetlink::new_connection().map_err(|e| ContainerNetError::Netlink {
+                        what: "socket",
+                        reason: e.to_string(),
+                    })?;
+                tokio::spawn(conn);
+                f(handle).await
+            })
         })
         .map_err(|e| ContainerNetError::Thread(e.to_string()))?
         .join()
         .map_err(|_| ContainerNetError::Thread("panicked".into()))?
+}
+
+/// Removes what [`connect_tap`] put on the namespace's interface (its ingress qdisc and the
+/// redirect under it), once the container's VM and tap are gone, so that the namespace is as
+/// the engine made it. A namespace that is gone already is not an error.
+pub fn disconnect(netns: &Path) -> Result<(), ContainerNetError> {
+    if !netns.exists() {
+        return Ok(());
+    }
+    in_netns(netns, async move |handle| {
+        let links = list_links(&handle).await?;
+        // A tap lives while a VM holds it: then another container uses this namespace (this
+        // one failed before it had one) and its redirects stay.
+        if links.iter().any(|l| link_name(l) == Some(TAP_NAME)) {
+            return Ok(());
+        }
+        if let Some(link) = container_link(&links, None) {
+            // None there (never connected, or removed already) is fine.
+            let _ = del_ingress(&handle, link.header.index).await;
+        }
+        Ok(())
+    })
+}
+
+async fn list_links(handle: &rtnetlink::Handle) -> Result<Vec<LinkMessage>, ContainerNetError> {
+    handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list links"))
+}
+
+/// The namespace's interface the tap is connected to: `eth0`, else the first that is neither
+/// loopback nor the tap.
+fn container_link(links: &[LinkMessage], tap: Option<u32>) -> Option<&LinkMessage> {
+    let candidates: Vec<&LinkMessage> = links
+        .iter()
+        .filter(|l| {
+            Some(l.header.index) != tap
+                && link_name(l) != Some(TAP_NAME)
+                && !l.header.flags.contains(LinkFlags::Loopback)
+        })
+        .collect();
+    candidates
+        .iter()
+        .find(|l| link_name(l) == Some("eth0"))
+        .or(candidates.first())
+        .copied()
+}
+
+/// Deletes interface `index`'s ingress qdisc (and every filter under it).
+async fn del_ingress(handle: &rtnetlink::Handle, index: u32) -> Result<(), rtnetlink::Error> {
+    use rtnetlink::packet_route::tc::{TcAttribute, TcHandle};
+    let mut req = handle.qdisc().del(index as i32);
+    let m = req.message_mut();
+    m.header.parent = TcHandle::INGRESS;
+    m.header.handle = TcHandle::from(INGRESS_PARENT);
+    m.attributes.push(TcAttribute::Kind("ingress".into()));
+    req.execute().await
+}
+
+/// Makes tap `tap_name` inside the network namespace at `netns` and connects it with the
+/// namespace's interface (`eth0`, else the first one that is not loopback). Runs on a thread of
+/// its own, which alone enters the namespace.
+pub fn connect_tap(netns: &Path, tap_name: &str) -> Result<ContainerNet, ContainerNetError> {
+    let tap_name = tap_name.to_owned();
+    in_netns(netns, async move |handle| {
+        // Opened here: a tap belongs to the namespace its opener is in. A tap of this name in
+        // use by another container's VM is refused (EBUSY) here.
+        let tap = vmm::vm::virtio::open_tap_fd(&tap_name)?;
+        let iface = connect(&handle, &tap_name).await?;
+        Ok(ContainerNet { tap, iface })
+    })
 }
 
 fn link_name(l: &LinkMessage) -> Option<&str> {
@@ -185,35 +271,18 @@ fn link_name(l: &LinkMessage) -> Option<&str> {
     })
 }
 
-async fn connect(tap_name: &str) -> Result<ContainerInterface, ContainerNetError> {
-    let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|e| ContainerNetError::Netlink {
-            what: "socket",
-            reason: e.to_string(),
-        })?;
-    tokio::spawn(conn);
-    let links: Vec<LinkMessage> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list links"))?;
+async fn connect(
+    handle: &rtnetlink::Handle,
+    tap_name: &str,
+) -> Result<ContainerInterface, ContainerNetError> {
+    let links = list_links(handle).await?;
     let tap = links
         .iter()
         .find(|l| link_name(l) == Some(tap_name))
         .ok_or(ContainerNetError::NoInterface)?
         .header
         .index;
-    let candidates: Vec<&LinkMessage> = links
-        .iter()
-        .filter(|l| l.header.index != tap && !l.header.flags.contains(LinkFlags::Loopback))
-        .collect();
-    let link = candidates
-        .iter()
-        .find(|l| link_name(l) == Some("eth0"))
-        .or(candidates.first())
-        .ok_or(ContainerNetError::NoInterface)?;
+    let link = container_link(&links, Some(tap)).ok_or(ContainerNetError::NoInterface)?;
     let index = link.header.index;
     let mut iface = ContainerInterface {
         name: link_name(link).unwrap_or_default().to_string(),
@@ -245,7 +314,10 @@ async fn connect(tap_name: &str) -> Result<ContainerInterface, ContainerNetError
             iface.addrs.push((ip, a.header.prefix_len));
         }
     }
-    iface.routes = routes(&handle, index).await?;
+    iface.routes = routes(handle, index).await?;
+    // Redirects left by an earlier container of this namespace whose `delete` never ran (its
+    // tap is gone: this one could take the name) would send the interface's frames nowhere.
+    let _ = del_ingress(handle, index).await;
 
     // The tap takes the interface's MTU, so frames the guest may send fit.
     handle

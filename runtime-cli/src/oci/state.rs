@@ -81,6 +81,10 @@ pub struct Record {
     /// The host cgroup the VM was placed in (removed by `delete`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// The network namespace the container's tap was made in (its redirects are removed by
+    /// `delete`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
 }
 
 /// The OCI state JSON of `runc state`, in runc's field order.
@@ -487,6 +491,7 @@ mod tests {
             status,
             exit_code: None,
             cgroup: None,
+            netns: None,
         }
     }
 
