@@ -22,6 +22,16 @@ pub(super) enum Mode {
     RunForeground { keep: bool },
 }
 
+/// Takes the container's redirects off its network namespace's interface once its VM is gone
+/// (`delete` does it for a container that outlives this command).
+fn release_network(netns: Option<&std::path::Path>) {
+    if let Some(ns) = netns
+        && let Err(e) = super::net::disconnect(ns)
+    {
+        tracing::warn!("{e:#}");
+    }
+}
+
 /// Removes the claimed container directory unless disarmed.
 struct ClaimGuard<'a> {
     store: &'a Store,
@@ -189,6 +199,7 @@ pub(super) fn create(
         // as runc's `run` beside its container's init, and does.
         guard.armed = false;
         let cgroup = launch.cgroup.clone();
+        let netns = launch.netns.clone();
         return super::jail::supervise_in_child(
             || supervisor::supervise(launch, None, t0, seccomp),
             |pid| match &args.pid_file {
@@ -201,6 +212,7 @@ pub(super) fn create(
                 {
                     tracing::warn!("{e:#}");
                 }
+                release_network(netns.as_deref());
                 let _ = store.remove(&args.id);
             },
         );
@@ -213,6 +225,7 @@ pub(super) fn create(
         // This process becomes the VM's: it leaves the container's cgroup before removing it.
         let origin = host_cgroup::own_cgroup();
         let cgroup = launch.cgroup.clone();
+        let netns = launch.netns.clone();
         let code = supervisor::supervise(launch, None, t0, seccomp);
         if !keep {
             if let Some(c) = cgroup
@@ -221,6 +234,7 @@ pub(super) fn create(
             {
                 tracing::warn!("{e:#}");
             }
+            release_network(netns.as_deref());
             let _ = store.remove(&args.id);
         }
         return Ok(code);
