@@ -48,18 +48,42 @@ use vmm::seccomp::SeccompMode;
 use vmm::vm::SnapshotState;
 
 use crate::boot_cmd::finish;
-use crate::restore_cmd::{
-    MAX_NET_SLOTS, ModeArg, OpenedTaps, RestoreArgs, attach_restore, start_restore,
-};
+use crate::restore_cmd::{ModeArg, RestoreArgs, attach_restore, start_restore};
 
 mod claim;
+mod handoff;
 mod manager;
 mod preload;
 mod shell;
 use claim::{claim, claim_preloaded};
+pub use handoff::Handed;
 use manager::manage;
 use preload::Wanted;
 use shell::{ShellVm, shell};
+
+/// What a jailed pool is: its shells' uids are allocated in `root` (a state root) from
+/// `settings`' range.
+#[derive(Debug, Clone)]
+struct PoolJail {
+    root: PathBuf,
+    settings: crate::oci::jail::Settings,
+}
+
+/// The jail of a pool started by this process: as root unless the config says `"jail": false`,
+/// its uids in `root` (the `--root` state root, else the default).
+fn pool_jail(root: Option<&Path>) -> Result<Option<PoolJail>> {
+    let is_root = nix::unistd::geteuid().is_root();
+    let cfg = crate::oci::assets::RuntimeConfig::load()?;
+    let settings = crate::oci::jail::Settings::from_config(&cfg, is_root)?;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let root = match root {
+        Some(r) => std::path::absolute(r)?,
+        None => crate::oci::assets::default_root()?,
+    };
+    Ok(Some(PoolJail { root, settings }))
+}
 
 /// Longest request line a shell accepts.
 const MAX_REQUEST: usize = 64 << 10;
@@ -163,6 +187,9 @@ struct Request {
     /// The key of the template the client expects pre-loaded (when it claimed such a shell).
     #[serde(default)]
     template_key: Option<String>,
+    /// What each descriptor after stdio is (see [`handoff`]).
+    #[serde(default)]
+    fds: Vec<handoff::Role>,
 }
 
 /// What a shell answers.
@@ -188,10 +215,10 @@ const WHAT: &str = "pool directory";
 /// to set without any of them.
 pub fn pool_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(d) = explicit {
-        return Ok(d.to_path_buf());
+        return Ok(std::path::absolute(d)?);
     }
     if let Some(d) = std::env::var_os("KATA_SNAP_POOL_DIR").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(d));
+        return Ok(std::path::absolute(PathBuf::from(d))?);
     }
     if nix::unistd::geteuid().is_root() {
         return Ok(PathBuf::from("/run/kata-snap/pool"));
@@ -282,19 +309,25 @@ fn ready_sockets(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-pub fn run(args: PoolArgs, seccomp: SeccompMode) -> Result<i32> {
+/// `root`: the global `--root` (the state root where a jailed pool's uids are allocated).
+pub fn run(args: PoolArgs, seccomp: SeccompMode, root: Option<PathBuf>) -> Result<i32> {
     match args.action {
-        PoolAction::Start(c) => start(c),
+        PoolAction::Start(c) => start(c, root.as_deref()),
         PoolAction::Status(d) => status(&pool_dir(d.dir.as_deref())?),
         PoolAction::Stop(d) => stop(&pool_dir(d.dir.as_deref())?),
-        PoolAction::Run(c) => manage(c, seccomp),
-        PoolAction::Shell(c) => shell(c, seccomp),
+        PoolAction::Run(c) => manage(c, seccomp, pool_jail(root.as_deref())?),
+        PoolAction::Shell(c) => shell(c, seccomp, pool_jail(root.as_deref())?),
     }
 }
 
-fn start(c: PoolConfig) -> Result<i32> {
+fn start(c: PoolConfig, root: Option<&Path>) -> Result<i32> {
     let dir = pool_dir(c.dir.dir.as_deref())?;
     crate::oci::assets::private_dir(&dir, true, WHAT)?;
+    // A jailed pool's shells take their uids from the state root's allocator.
+    let jail = pool_jail(root)?;
+    if let Some(j) = &jail {
+        crate::oci::assets::private_dir(&j.root, true, "state root")?;
+    }
     if let Some(pid) = manager_pid(&dir) {
         bail!(
             "a pool is already running in {} (manager pid {pid}): `kata-snap pool stop` first",
@@ -344,6 +377,9 @@ fn start(c: PoolConfig) -> Result<i32> {
     let log = create_private(&dir.join("manager.log"))?;
     let exe = std::env::current_exe().context("cannot find the kata-snap binary")?;
     let mut cmd = Command::new(exe);
+    if let Some(j) = &jail {
+        cmd.arg("--root").arg(&j.root);
+    }
     cmd.args(["pool", "run", "--dir"])
         .arg(&dir)
         .args(["--size", &c.size.to_string()])
@@ -446,11 +482,11 @@ fn send_reply(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     stream.write_all(&line)
 }
 
-/// Receives the request and the client's stdio, restores, runs, reports.
+/// Receives the request with the client's stdio and descriptors, restores, runs, reports.
 fn serve(vm: ShellVm, mut stream: UnixStream) -> Result<i32> {
     let mut buf = vec![0u8; MAX_REQUEST];
-    let mut cmsg = nix::cmsg_space!([RawFd; 3 + MAX_NET_SLOTS]);
-    let (n, fds) = {
+    let mut cmsg = nix::cmsg_space!([RawFd; handoff::MAX_FDS]);
+    let (n, fds, truncated) = {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(
             stream.as_raw_fd(),
@@ -468,41 +504,40 @@ fn serve(vm: ShellVm, mut stream: UnixStream) -> Result<i32> {
                 );
             }
         }
-        (msg.bytes, fds)
+        (msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC))
     };
     fault("die-after-request");
+    let refuse = |stream: &mut UnixStream, message: String| -> Result<i32> {
+        send_reply(stream, &Reply::Error { message })?;
+        Ok(1)
+    };
+    if truncated {
+        // The kernel closed what did not fit; what did is closed here (dropped).
+        return refuse(
+            &mut stream,
+            format!(
+                "the pool request carries more than {} descriptors",
+                handoff::MAX_FDS
+            ),
+        );
+    }
     let line = buf[..n].split(|&b| b == b'\n').next().unwrap_or_default();
     let mut req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
-        Err(e) => {
-            send_reply(
-                &mut stream,
-                &Reply::Error {
-                    message: format!("bad pool request: {e}"),
-                },
-            )?;
-            return Ok(1);
-        }
+        Err(e) => return refuse(&mut stream, format!("bad pool request: {e}")),
     };
-    if fds.len() != 3 + req.args.net_slot.len() {
-        send_reply(
+    if fds.len() < 3 {
+        return refuse(
             &mut stream,
-            &Reply::Error {
-                message: "the pool request must carry stdin, stdout, stderr and a tap per \
-                          --net-slot"
-                    .into(),
-            },
-        )?;
-        return Ok(1);
+            "the pool request must carry stdin, stdout and stderr".into(),
+        );
     }
     let mut fds = fds;
-    // The client's taps, opened in its network namespace, for its --net-slot devices.
-    req.args.net_taps = OpenedTaps(
-        fds.split_off(3)
-            .into_iter()
-            .map(std::sync::Arc::new)
-            .collect(),
-    );
+    let rest = fds.split_off(3);
+    let plain = matches!(vm, ShellVm::Plain(_));
+    if let Err(e) = handoff::receive(&mut req.args, rest, &req.fds, plain) {
+        return refuse(&mut stream, crate::error_line(&e));
+    }
     // From here on the VM's console, stdin and logs are the client's.
     for (target, fd) in fds.iter().enumerate() {
         // SAFETY: dup2 onto fds 0-2 of this process, which only the VM uses from now on.
@@ -589,6 +624,11 @@ pub struct PooledVm {
     pub preloaded: bool,
     /// Process start to the request sent.
     pub handed_off_after: Duration,
+    /// The jail uid of the shell, which the container adopted (none: the shell is not jailed,
+    /// or the restore is no container's).
+    pub adopted: Option<u32>,
+    /// The sockets this process bound for the shell: removed with this handle.
+    _bound: Vec<handoff::BoundSocket>,
 }
 
 impl PooledVm {
@@ -633,18 +673,65 @@ pub enum Claim {
     Cold(Option<Box<SnapshotState>>),
 }
 
+/// What `manager.json` says of a pool's jail: the state root its shells' uids are allocated
+/// in (none: its shells are not jailed).
+fn pool_jail_root(dir: &Path) -> Option<PathBuf> {
+    let text = crate::oci::read_small_file(&dir.join("manager.json"), 64 << 10).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("jail_root")?.as_str().map(PathBuf::from)
+}
+
+/// Whether the shell `cred` describes may run the caller's VM: it runs as the caller or root,
+/// or, in a jailed pool (uids allocated in `jail_root`), as a uid of the configured jail range
+/// that the allocator says the pool's shell of that very pid holds. Another user cannot pass:
+/// the pool directory is the caller's and private, the uid files are root's in a root-only
+/// directory, and a uid of the range held by a container or another pool's shell is refused.
+fn shell_peer_ok(
+    dir: &Path,
+    jail_root: Option<&Path>,
+    range: &dyn Fn() -> Option<(u32, u32)>,
+    cred: &nix::sys::socket::UnixCredentials,
+) -> bool {
+    if trusted_peer(cred.uid()) {
+        return true;
+    }
+    let Some(root) = jail_root else {
+        return false;
+    };
+    let in_range = range().is_some_and(|(base, count)| {
+        cred.uid() >= base && (cred.uid() as u64) < base as u64 + count as u64
+    });
+    in_range
+        && nix::unistd::geteuid().is_root()
+        && crate::oci::jail::held_by_pool_shell(root, cred.uid(), dir, cred.pid())
+}
+
+/// A container whose supervisor claims a shell: it adopts a jailed shell's uid.
+#[derive(Debug)]
+pub struct Adopter<'a> {
+    /// The container's jail plan (state root, id, directory, template).
+    pub plan: crate::oci::jail::Plan<'a>,
+}
+
 /// Claims a pre-started VMM for `args` when a pool runs: one that pre-loaded the template, else
 /// one of the snapshot's shape. Hands it `args` with `stdio` (stdin, stdout, stderr of its VM)
-/// and waits until its VM runs.
+/// and, for every path of `args`, a descriptor (the sockets bound and the files opened here),
+/// and waits until its VM runs. `adopter`: a container's supervisor, which adopts the uid of a
+/// jailed shell (and skips a jailed pool whose uids are not in its state root).
 pub fn claim_and_start(
     args: &RestoreArgs,
     process_start: Instant,
     stdio: [RawFd; 3],
+    adopter: Option<&Adopter>,
 ) -> Result<Claim> {
     // No pool directory can be named: no pool can have been started by this user.
     let Ok(dir) = pool_dir(args.pool_dir.as_deref()) else {
         return Ok(Claim::Cold(None));
     };
+    // A recording writes its file by path: the first restore of a template starts cold.
+    if args.record_workingset.is_some() {
+        return Ok(Claim::Cold(None));
+    }
     // A missing directory holds no pool; one that is not private is refused. Its
     // subdirectories are checked below it (the path above was checked once).
     use crate::oci::assets::{private_dir, private_subdir};
@@ -654,6 +741,28 @@ pub fn claim_and_start(
     {
         return Ok(Claim::Cold(None));
     }
+    let jail_root = pool_jail_root(&dir);
+    if let (Some(a), Some(root)) = (adopter, &jail_root)
+        && a.plan.settings.enabled
+        && root.as_path() != a.plan.state_root
+    {
+        tracing::debug!(
+            "the pool's shells take their uids in {}, not in this state root: not used",
+            root.display()
+        );
+        return Ok(Claim::Cold(None));
+    }
+    let range = || -> Option<(u32, u32)> {
+        if let Some(a) = adopter {
+            return Some((a.plan.settings.uid_base, a.plan.settings.uid_count));
+        }
+        let cfg = crate::oci::assets::RuntimeConfig::load().ok()?;
+        let s = crate::oci::jail::Settings::from_config(&cfg, true).ok()?;
+        Some((s.uid_base, s.uid_count))
+    };
+    let peer_ok = |cred: &nix::sys::socket::UnixCredentials| {
+        shell_peer_ok(&dir, jail_root.as_deref(), &range, cred)
+    };
     // The taps are opened here, in the client's network namespace, before a shell is claimed,
     // and handed over with stdio. One that does not open: the cold path reports it.
     let Ok(taps) = crate::restore_cmd::net_taps(args) else {
@@ -663,9 +772,9 @@ pub fn claim_and_start(
     let mut after_hand_off = None;
     let preloaded = template
         .as_ref()
-        .and_then(|(_, key)| claim_preloaded(&dir, key));
-    let (claimed, stream, state) = match preloaded {
-        Some((claimed, stream)) => (claimed, stream, None),
+        .and_then(|(_, key)| claim_preloaded(&dir, key, &peer_ok));
+    let (claimed, stream, cred, state) = match preloaded {
+        Some((claimed, stream, cred)) => (claimed, stream, cred, None),
         None => {
             // Next time this template is pre-loaded: the manager learns it from here (after
             // the hand-off, off this restore's path).
@@ -683,16 +792,47 @@ pub fn claim_and_start(
             let (Ok(vcpus), mem_mib) = (state.vcpus(), state.mem_mib()) else {
                 return Ok(Claim::Cold(None));
             };
-            let Some((claimed, stream)) = claim(&dir, vcpus, mem_mib) else {
+            let Some((claimed, stream, cred)) = claim(&dir, vcpus, mem_mib, &peer_ok) else {
                 learn();
                 return Ok(Claim::Cold(Some(Box::new(state))));
             };
             after_hand_off = Some(learn);
-            (claimed, stream, Some(Box::new(state)))
+            (claimed, stream, cred, Some(Box::new(state)))
         }
     };
+    let plain = state.is_some();
+    // A jailed shell: the container adopts its uid (its directory and the sockets bound here
+    // become the uid's, so that the supervisor, jailed as it, still reaches them).
+    let jailed_shell = !trusted_peer(cred.uid());
+    let adopted = match adopter {
+        Some(a) if jailed_shell => {
+            let shell = crate::oci::jail::PoolShell {
+                dir: dir.clone(),
+                pid: cred.pid(),
+            };
+            crate::oci::jail::adopt(&a.plan, cred.uid(), &shell)?;
+            Some(cred.uid())
+        }
+        _ => None,
+    };
+    // The spare slots' modes: a read-only slot's file is opened read-only.
+    let slots = if args.disk_slot.is_empty() {
+        Vec::new()
+    } else {
+        match &state {
+            Some(s) => s.spare_slots(),
+            None => SnapshotState::read(&args.snapshot)?.spare_slots(),
+        }
+    };
+    let out = handoff::open_for_shell(args, &slots, plain, adopted)?;
     let mut handed: Vec<RawFd> = stdio.to_vec();
-    handed.extend(taps.iter().map(|t| t.tap.as_raw_fd()));
+    let mut roles = Vec::new();
+    for (i, t) in taps.iter().enumerate() {
+        handed.push(t.tap.as_raw_fd());
+        roles.push(handoff::Role::Tap(i));
+    }
+    handed.extend(out.fds.iter().map(|f| f.as_raw_fd()));
+    roles.extend(out.roles.iter().cloned());
     let started_ago = process_start.elapsed();
     let req = Request {
         args: args.clone(),
@@ -701,6 +841,7 @@ pub fn claim_and_start(
             .is_none()
             .then(|| template.as_ref().map(|(_, k)| k.clone()))
             .flatten(),
+        fds: roles,
     };
     let preloaded = req.template_key.is_some();
     let mut line = serde_json::to_vec(&req)?;
@@ -713,6 +854,9 @@ pub fn claim_and_start(
         MsgFlags::empty(),
         None,
     );
+    // The shell has its own copies now.
+    let bound = out.bound;
+    drop(out.fds);
     if let Err(e) = sent {
         tracing::warn!(
             "pool hand-off to {} failed ({e}); starting cold",
@@ -725,6 +869,7 @@ pub fn claim_and_start(
     let mut text = String::new();
     if reader.read_line(&mut text)? == 0 {
         tracing::warn!("the pre-started VMM ended during the hand-off: starting cold");
+        drop(bound);
         return Ok(Claim::Cold(state));
     }
     if let Some(learn) = after_hand_off {
@@ -737,6 +882,8 @@ pub fn claim_and_start(
             pid,
             preloaded,
             handed_off_after,
+            adopted,
+            _bound: bound,
         })),
         Ok(Reply::Error { message }) => bail!("{message}"),
         Ok(Reply::Exit { .. }) => bail!("the pre-started VMM exited before it started"),
@@ -752,7 +899,7 @@ pub fn restore_through_pool(
 ) -> Result<Result<i32, Option<Box<SnapshotState>>>> {
     // Signals are taken before the hand-off, so none is lost while the VM starts.
     let signals = vmm::vm::termination_signalfd()?;
-    let mut vm = match claim_and_start(args, process_start, [0, 1, 2])? {
+    let mut vm = match claim_and_start(args, process_start, [0, 1, 2], None)? {
         Claim::Started(vm) => vm,
         Claim::Cold(state) => return Ok(Err(state)),
     };

@@ -25,6 +25,19 @@ const UID_FILE_MAX: u64 = 64 << 10;
 struct UidFile {
     id: String,
     template: PathBuf,
+    /// Held by a pool shell rather than a container (`id` is empty then): a container that
+    /// claims the shell adopts its uid ([`adopt`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pool: Option<PoolShell>,
+}
+
+/// Which pool shell holds a uid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolShell {
+    /// The pool's directory.
+    pub dir: PathBuf,
+    /// The shell's pid.
+    pub pid: i32,
 }
 
 /// Takes an exclusive `flock` on the state root (allocation and release of uids).
@@ -164,12 +177,35 @@ pub(super) fn allocate(
     dir: &Path,
     s: Settings,
 ) -> Result<u32> {
-    let _lock = lock_root(root)?;
-    let uids = uids_dir(root)?;
-    let body = serde_json::to_vec(&UidFile {
+    let holder = UidFile {
         id: id.to_string(),
         template: template.to_owned(),
-    })?;
+        pool: None,
+    };
+    allocate_for(root, &holder, s, |uid| give_dir(dir, uid))
+}
+
+/// Allocates a uid of the range for pool shell `shell` (named as such in its file: a container
+/// that claims the shell adopts it; the pool's manager gives it back when the shell ends
+/// unclaimed, [`release_pool_shell`]).
+pub(super) fn allocate_pool_shell(root: &Path, shell: &PoolShell, s: Settings) -> Result<u32> {
+    let holder = UidFile {
+        id: String::new(),
+        template: PathBuf::new(),
+        pool: Some(shell.clone()),
+    };
+    allocate_for(root, &holder, s, |_| Ok(()))
+}
+
+fn allocate_for(
+    root: &Path,
+    holder: &UidFile,
+    s: Settings,
+    give: impl Fn(u32) -> Result<()>,
+) -> Result<u32> {
+    let _lock = lock_root(root)?;
+    let uids = uids_dir(root)?;
+    let body = serde_json::to_vec(holder)?;
     for uid in s.uid_base..s.uid_base + s.uid_count {
         let path = uids.join(uid.to_string());
         for attempt in 0..2 {
@@ -185,7 +221,7 @@ pub(super) fn allocate(
                         .write_all(&body)
                         .and_then(|()| f.sync_all())
                         .with_context(|| format!("cannot write {}", path.display()))
-                        .and_then(|()| give_dir(dir, uid));
+                        .and_then(|()| give(uid));
                     if let Err(e) = given {
                         let _ = fs::remove_file(&path);
                         return Err(e);
@@ -194,6 +230,8 @@ pub(super) fn allocate(
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt == 0 => {
                     let stale = match read_uid_file(&path) {
+                        // A pool shell's: stale once no process runs as it.
+                        Some(held) if held.pool.is_some() => !uid_in_use(uid),
                         Some(held) => {
                             let owner = fs::symlink_metadata(root.join(&held.id))
                                 .ok()
@@ -266,6 +304,98 @@ pub fn release(root: &Path, id: &str, dir: &Path) -> Result<()> {
     }
     fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
     // Gone when no container holds a uid (fails harmlessly otherwise).
+    let _ = fs::remove_dir(&uids);
+    Ok(())
+}
+
+/// Whether `uid` is held by the pool shell of the pool in `pool_dir` that runs as `pid` (what
+/// a client checks of a shell that is not root nor the caller before it hands it anything).
+pub fn held_by_pool_shell(root: &Path, uid: u32, pool_dir: &Path, pid: i32) -> bool {
+    let path = root.join(UIDS_DIR).join(uid.to_string());
+    // The directory is root's and private: nothing the jail (or another user) can write.
+    let private = fs::symlink_metadata(root.join(UIDS_DIR))
+        .is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o077 == 0);
+    private
+        && read_uid_file(&path)
+            .and_then(|f| f.pool)
+            .is_some_and(|p| p.dir == pool_dir && p.pid == pid)
+}
+
+/// Container `id` (directory `dir`, template `template`) adopts the uid of the pool shell
+/// `shell` it claimed: the uid's file names the container from now on (written to a temporary
+/// and renamed), and the directory is given to the uid, so `delete` gives it back as any
+/// container's. Fails unless the file names that shell.
+pub(super) fn adopt(
+    root: &Path,
+    uid: u32,
+    shell: &PoolShell,
+    id: &str,
+    template: &Path,
+    dir: &Path,
+) -> Result<()> {
+    let _lock = lock_root(root)?;
+    let uids = uids_dir(root)?;
+    let path = uids.join(uid.to_string());
+    if read_uid_file(&path).and_then(|f| f.pool).as_ref() != Some(shell) {
+        bail!("jail uid {uid} is not held by pool shell {}", shell.pid);
+    }
+    let body = serde_json::to_vec(&UidFile {
+        id: id.to_string(),
+        template: template.to_owned(),
+        pool: None,
+    })?;
+    let tmp = uids.join(format!(".{uid}.{}", std::process::id()));
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&body)?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    give_dir(dir, uid)
+}
+
+/// Gives back the uid of pool shell `pid` of the pool in `pool_dir` once no process runs as it
+/// (the shell ended unclaimed, or served a restore that was no container's). Nothing when no
+/// uid file names it (a container adopted it: `delete` gives it back).
+pub fn release_pool_shell(root: &Path, pool_dir: &Path, pid: i32) -> Result<()> {
+    let uids = root.join(UIDS_DIR);
+    if !uids.is_dir() {
+        return Ok(());
+    }
+    let _lock = lock_root(root)?;
+    let shell = PoolShell {
+        dir: pool_dir.to_owned(),
+        pid,
+    };
+    for e in fs::read_dir(&uids)?.flatten() {
+        let Some(uid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if read_uid_file(&e.path()).and_then(|f| f.pool).as_ref() != Some(&shell) {
+            continue;
+        }
+        let end = std::time::Instant::now() + RELEASE_WAIT;
+        let mut in_use = uid_in_use(uid);
+        while in_use && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            in_use = uid_in_use(uid);
+        }
+        if in_use {
+            tracing::warn!("jail uid {uid} of pool shell {pid} still runs a process: it stays");
+            return Ok(());
+        }
+        fs::remove_file(e.path())
+            .with_context(|| format!("cannot remove {}", e.path().display()))?;
+    }
     let _ = fs::remove_dir(&uids);
     Ok(())
 }
