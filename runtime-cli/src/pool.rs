@@ -815,6 +815,12 @@ pub fn claim_and_start(
         }
         _ => None,
     };
+    tracing::debug!(
+        "claimed pool shell pid {} (uid {}{})",
+        cred.pid(),
+        cred.uid(),
+        if adopted.is_some() { ", adopted" } else { "" }
+    );
     // The spare slots' modes: a read-only slot's file is opened read-only.
     let slots = if args.disk_slot.is_empty() {
         Vec::new()

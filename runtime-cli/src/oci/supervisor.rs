@@ -387,6 +387,7 @@ impl Supervisor {
         let jailed = match launch.jail {
             Some(settings) if settings.enabled && adopted.is_some() => {
                 let uid = adopted.unwrap_or_default();
+                phases.mark("restore (pool)");
                 super::jail::enter_adopted(
                     &super::jail::Plan {
                         state_root: &state_root,
@@ -450,11 +451,11 @@ impl Supervisor {
         if let (Some(c), Some(pid)) = (&launch.cgroup, vm.pooled_pid()) {
             c.enter(pid)?;
         }
-        phases.mark(if vm.is_pooled() {
-            "restore (pool)"
-        } else {
-            "restore (cold)"
-        });
+        if !vm.is_pooled() {
+            phases.mark("restore (cold)");
+        } else if !jailed {
+            phases.mark("restore (pool)");
+        }
         let conn = connect_agent(&vm)?;
         phases.mark("vsock connect");
         let mut agent = AgentClient::handshake(conn, AGENT_READ_TIMEOUT)

@@ -198,7 +198,7 @@ pub fn open_for_shell(
     }
     for (name, path) in &args.disk_slot {
         let Some((_, read_only)) = slots.iter().find(|(n, _)| n == name) else {
-            bail!("the snapshot has no spare disk slot {name}");
+            bail!("the snapshot has no spare disk slot named {name:?}");
         };
         let f = std::fs::OpenOptions::new()
             .read(true)

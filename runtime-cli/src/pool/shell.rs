@@ -115,6 +115,7 @@ pub(super) fn shell(a: ShellArgs, seccomp: SeccompMode, jail: Option<PoolJail>) 
             )
         }
     };
+    let listener = listen(listener)?;
     // The manager publishes the socket under this name.
     {
         use std::io::Write;
@@ -133,15 +134,30 @@ pub(super) fn starting_name(pid: u32) -> String {
     format!(".starting-{pid}.sock")
 }
 
-/// Binds the shell's socket in the pool directory (before any jail), mode 0600.
-fn bind_starting(dir: &Path) -> Result<UnixListener> {
+/// Binds the shell's socket in the pool directory (before any jail), mode 0600; it listens
+/// once the shell is ready ([`listen`]), so that `SO_PEERCRED` tells its clients the uid it
+/// runs as then (the jail's), not root's.
+fn bind_starting(dir: &Path) -> Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
     let starting = dir.join(starting_name(std::process::id()));
     let _ = std::fs::remove_file(&starting);
-    let listener = UnixListener::bind(&starting)?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(&starting)?)?;
     // Only the owner may connect; set before the socket appears in ready/.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&starting, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    Ok(fd)
+}
+
+/// Listens on the socket [`bind_starting`] bound.
+fn listen(fd: std::os::fd::OwnedFd) -> Result<UnixListener> {
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(16)?)?;
+    Ok(UnixListener::from(fd))
 }
 
 /// Waits for a client on `listener`; `None` when the shell is to end (a termination signal: the

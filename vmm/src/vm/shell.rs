@@ -455,8 +455,15 @@ fn vmm_thread(
                         path,
                     )))
                 } else if let Some(l) = given {
-                    shell.listener = Some(l);
-                    Ok(())
+                    // The caller's socket: the loop never blocks on it.
+                    l.set_nonblocking(true)
+                        .map(|()| shell.listener = Some(l))
+                        .map_err(|source| {
+                            BuildVmError::Control(control::ControlSocketError::Bind {
+                                path: path.clone(),
+                                source,
+                            })
+                        })
                 } else {
                     control::bind(&path)
                         .map(|l| {
