@@ -379,3 +379,77 @@ pub fn receive(
     args.handed = h;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> RestoreArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            a: RestoreArgs,
+        }
+        P::parse_from(["x", "--snapshot", "/"]).a
+    }
+
+    #[test]
+    fn test_receive_takes_checked_descriptors_by_role() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.vsock = Some(d.path().join("v.sock"));
+        a.serial_log = Some(d.path().join("log"));
+        let l = UnixListener::bind(d.path().join("v.sock")).unwrap();
+        let log = std::fs::File::create(d.path().join("log")).unwrap();
+        receive(
+            &mut a,
+            vec![l.into(), log.into()],
+            &[Role::VsockListener, Role::SerialLog],
+            false,
+        )
+        .unwrap();
+        assert!(a.handed.vsock_listener().unwrap().is_some());
+        assert!(a.handed.serial_log().unwrap().is_some());
+    }
+
+    #[test]
+    fn test_receive_refuses_wrong_types_missing_and_extra_descriptors() {
+        let d = tempfile::tempdir().unwrap();
+        let file = || -> OwnedFd { std::fs::File::create(d.path().join("f")).unwrap().into() };
+        let err = |a: &mut RestoreArgs, fds: Vec<OwnedFd>, roles: &[Role], plain| {
+            receive(a, fds, roles, plain).unwrap_err().to_string()
+        };
+        let mut a = args();
+        a.vsock = Some(d.path().join("v.sock"));
+        // A file where a listening socket belongs.
+        let e = err(&mut a, vec![file()], &[Role::VsockListener], false);
+        assert!(e.contains("not a listening Unix socket"), "{e}");
+        // A socket that does not listen.
+        let (s, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let e = err(&mut a, vec![s.into()], &[Role::VsockListener], false);
+        assert!(e.contains("not a listening Unix socket"), "{e}");
+        // A path without its descriptor: never opened by the shell.
+        let e = err(&mut a, vec![], &[], false);
+        assert!(e.contains("--vsock without its descriptor"), "{e}");
+        // More descriptors than roles.
+        let e = err(&mut args(), vec![file()], &[], false);
+        assert!(e.contains("names 0 descriptors but carries 1"), "{e}");
+        // A plain shell needs the snapshot's files; a pre-loaded one takes none.
+        let e = err(&mut args(), vec![], &[], true);
+        assert!(e.contains("the snapshot without its descriptor"), "{e}");
+        let e = err(&mut args(), vec![file()], &[Role::SnapshotState], false);
+        assert!(e.contains("pre-loaded"), "{e}");
+        // A recording writes by path.
+        let mut r = args();
+        r.record_workingset = Some(d.path().join("ws"));
+        let e = err(&mut r, vec![], &[], false);
+        assert!(e.contains("records its working set"), "{e}");
+        // A serial log open read-only.
+        let mut l = args();
+        l.serial_log = Some(d.path().join("f"));
+        let ro: OwnedFd = std::fs::File::open(d.path().join("f")).unwrap().into();
+        let e = err(&mut l, vec![ro], &[Role::SerialLog], false);
+        assert!(e.contains("open for writing"), "{e}");
+    }
+}

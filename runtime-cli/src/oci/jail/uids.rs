@@ -81,6 +81,15 @@ fn read_uid_file(path: &Path) -> Option<UidFile> {
     serde_json::from_str(&s).ok()
 }
 
+/// Whether a process (not a zombie) has pid `pid`.
+fn pid_alive(pid: i32) -> bool {
+    pid > 0
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+            .unwrap_or(false)
+}
+
 /// Whether any process runs with `uid`: first asked of the kernel, which is quick (a child as
 /// `uid` sends signal 0 to every process it may signal: those whose real or saved uid is
 /// `uid`); only when it finds one (a zombie counts there) are the processes' status files read.
@@ -230,8 +239,11 @@ fn allocate_for(
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt == 0 => {
                     let stale = match read_uid_file(&path) {
-                        // A pool shell's: stale once no process runs as it.
-                        Some(held) if held.pool.is_some() => !uid_in_use(uid),
+                        // A pool shell's: stale once the shell is gone (it takes the uid
+                        // only after this allocation) and no process runs as it.
+                        Some(UidFile {
+                            pool: Some(shell), ..
+                        }) => !pid_alive(shell.pid) && !uid_in_use(uid),
                         Some(held) => {
                             let owner = fs::symlink_metadata(root.join(&held.id))
                                 .ok()
@@ -450,6 +462,62 @@ mod tests {
         release(root.path(), "b", &root.path().join("b")).unwrap();
         fs::remove_dir(root.path().join("b")).unwrap();
         assert_eq!(alloc("e").unwrap(), b);
+    }
+
+    #[test]
+    fn test_pool_shell_uid_is_held_adopted_by_its_container_and_given_back() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: needs root (uid files are checked to be root's)");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let s = Settings {
+            enabled: true,
+            uid_base: 3_900_000_200,
+            uid_count: 4,
+        };
+        let pool = root.path().join("pool");
+        let shell = |pid| PoolShell {
+            dir: pool.clone(),
+            pid,
+        };
+        // Live pids (this process and init): a shell holds its uid before it runs as it.
+        let (mine, init) = (std::process::id() as i32, 1);
+        let a = allocate_pool_shell(root.path(), &shell(mine), s).unwrap();
+        let b = allocate_pool_shell(root.path(), &shell(init), s).unwrap();
+        assert_ne!(a, b);
+        assert!(held_by_pool_shell(root.path(), a, &pool, mine));
+        assert!(
+            !held_by_pool_shell(root.path(), a, &pool, init),
+            "another shell's pid"
+        );
+        assert!(!held_by_pool_shell(
+            root.path(),
+            a,
+            Path::new("/other"),
+            mine
+        ));
+        // A container adopts a's uid: only as the shell that holds it.
+        let dir = root.path().join("c1");
+        fs::create_dir(&dir).unwrap();
+        let t = Path::new("/t");
+        assert!(adopt(root.path(), a, &shell(init), "c1", t, &dir).is_err());
+        adopt(root.path(), a, &shell(mine), "c1", t, &dir).unwrap();
+        assert!(
+            !held_by_pool_shell(root.path(), a, &pool, mine),
+            "still the shell's"
+        );
+        let held = read_uid_file(&root.path().join(UIDS_DIR).join(a.to_string())).unwrap();
+        assert_eq!((held.id.as_str(), held.pool), ("c1", None));
+        assert_eq!(fs::metadata(&dir).unwrap().uid(), a);
+        // The manager's release after the shell ends leaves an adopted uid alone.
+        release_pool_shell(root.path(), &pool, mine).unwrap();
+        assert!(root.path().join(UIDS_DIR).join(a.to_string()).exists());
+        // b ends unclaimed: given back; a at the container's delete.
+        release_pool_shell(root.path(), &pool, init).unwrap();
+        assert!(!root.path().join(UIDS_DIR).join(b.to_string()).exists());
+        release(root.path(), "c1", &dir).unwrap();
+        assert!(!root.path().join(UIDS_DIR).exists(), "every uid is back");
     }
 
     #[test]
