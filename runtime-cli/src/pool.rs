@@ -6,9 +6,11 @@
 //! size class (`--mem-mib`), then listens on a Unix socket `ready/v<V>-m<M>-<pid>.sock`.
 //!
 //! A restore claims a shell by renaming its socket into `claimed/` (rename is atomic: two clients
-//! never get one shell), connects, checks that the shell runs as the caller or root
-//! (`SO_PEERCRED`), and hands over its request with its stdin, stdout and stderr
-//! (`SCM_RIGHTS`). The shell restores the snapshot into itself (a snapshot of another memory size
+//! never get one shell), connects, checks that the shell runs as the caller or root, or as the
+//! jail uid the allocator gives that shell (`SO_PEERCRED`), and hands over its request with its
+//! stdin, stdout and stderr and a descriptor for every path of the request ([`handoff`]:
+//! `SCM_RIGHTS`). As root the shells run jailed ([`shell`]), and a container's supervisor
+//! adopts the uid of the shell it claimed. The shell restores the snapshot into itself (a snapshot of another memory size
 //! re-slots: its memslots are deleted and made again), answers `started`, runs the VM with the
 //! client's stdio, and sends the exit status, which the client exits with; termination signals
 //! the client gets are forwarded. If the shell dies before `started` the client falls back to a
