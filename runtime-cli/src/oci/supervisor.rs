@@ -383,6 +383,14 @@ impl Supervisor {
                 Err(read) => state = read.map(|s| *s),
             }
         }
+        // A pooled VMM joins the container's cgroup once claimed, before this process's jail
+        // hides the cgroup tree (a failure drops the claim: its VMM stops with the connection).
+        if let (Some(c), Some(pid)) = (
+            &launch.cgroup,
+            pooled.as_ref().and_then(ContainerVm::pooled_pid),
+        ) {
+            c.enter(pid)?;
+        }
         let adopted = pooled.as_ref().and_then(ContainerVm::adopted_uid);
         let jailed = match launch.jail {
             Some(settings) if settings.enabled && adopted.is_some() => {
@@ -448,9 +456,6 @@ impl Supervisor {
         // A failure from here on stops the VM before `prepare` returns (its KVM worker threads
         // hold the container's cgroup until it is gone).
         let vm = VmGuard(Some(vm));
-        if let (Some(c), Some(pid)) = (&launch.cgroup, vm.pooled_pid()) {
-            c.enter(pid)?;
-        }
         if !vm.is_pooled() {
             phases.mark("restore (cold)");
         } else if !jailed {
