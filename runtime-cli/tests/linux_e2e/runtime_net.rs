@@ -51,7 +51,8 @@ async fn link_index(h: &rtnetlink::Handle, name: &str) -> Result<u32, String> {
 }
 
 /// A network namespace at `/run/netns/NAME` holding `eth0` (10.`subnet`.0.2/24, default route
-/// via .1), the peer of `host` (10.`subnet`.0.1/24) in the test's namespace. Removed on drop.
+/// via .1), the peer of `host` (10.`subnet`.0.1/24) in the test's namespace, and `lo` up.
+/// Removed on drop.
 struct EngineNetns {
     path: PathBuf,
     host: String,
@@ -143,6 +144,13 @@ impl EngineNetns {
                     .execute()
                     .await
                     .map_err(|e| format!("eth0 up: {e}"))?;
+                // Loopback up, as CNI's loopback plugin and Docker bring it up.
+                let lo = link_index(&h, "lo").await?;
+                h.link()
+                    .set(LinkUnspec::new_with_index(lo).up().build())
+                    .execute()
+                    .await
+                    .map_err(|e| format!("lo up: {e}"))?;
                 h.route()
                     .add(RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).build())
                     .execute()
