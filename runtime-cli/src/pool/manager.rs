@@ -80,8 +80,9 @@ fn publish(dir: &std::path::Path, m: &mut Member) -> Option<PathBuf> {
 }
 
 /// After shell `pid` ended: its leftover socket names, and its jail uid given back (when no
-/// container adopted it).
-fn after_shell(dir: &std::path::Path, jail: Option<&PoolJail>, pid: u32) {
+/// container adopted it). A uid still in use after a short wait (the process's last threads on
+/// a loaded host) is added to `retry`, asked again on every turn of the manager's loop.
+fn after_shell(dir: &std::path::Path, jail: Option<&PoolJail>, pid: u32, retry: &mut Vec<u32>) {
     let _ = std::fs::remove_file(dir.join(starting_name(pid)));
     for sub in ["ready", "claimed"] {
         if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
@@ -95,11 +96,33 @@ fn after_shell(dir: &std::path::Path, jail: Option<&PoolJail>, pid: u32) {
             }
         }
     }
-    if let Some(j) = jail
-        && let Err(e) = crate::oci::jail::release_pool_shell(&j.root, dir, pid as i32)
-    {
-        tracing::warn!("pool manager: the uid of shell {pid}: {e:#}");
+    if let Some(j) = jail {
+        match crate::oci::jail::release_pool_shell(&j.root, dir, pid as i32, RELEASE_WAIT) {
+            Ok(true) => {}
+            Ok(false) => retry.push(pid),
+            Err(e) => tracing::warn!("pool manager: the uid of shell {pid}: {e:#}"),
+        }
     }
+}
+
+/// How long the manager waits for an ended shell's uid to be free before it asks again later.
+const RELEASE_WAIT: Duration = Duration::from_millis(200);
+
+/// Asks again for the uids of `retry`'s ended shells; keeps those still in use.
+fn retry_releases(dir: &std::path::Path, jail: Option<&PoolJail>, retry: &mut Vec<u32>) {
+    let Some(j) = jail else {
+        retry.clear();
+        return;
+    };
+    retry.retain(|&pid| {
+        match crate::oci::jail::release_pool_shell(&j.root, dir, pid as i32, Duration::ZERO) {
+            Ok(released) => !released,
+            Err(e) => {
+                tracing::warn!("pool manager: the uid of shell {pid}: {e:#}");
+                false
+            }
+        }
+    });
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -147,7 +170,10 @@ pub(super) fn manage(c: PoolConfig, seccomp: SeccompMode, jail: Option<PoolJail>
     // Templates whose pre-load failed (a shell exited with an error before it was ready): not
     // tried again until their key changes.
     let mut refused: Vec<String> = Vec::new();
+    // Ended shells whose uid was still in use: asked again each turn.
+    let mut retry: Vec<u32> = Vec::new();
     loop {
+        retry_releases(&dir, jail.as_ref(), &mut retry);
         if let Ok(Some(sig)) = signals.read_signal() {
             tracing::info!("pool manager: signal {}, stopping", sig.ssi_signo);
             break;
@@ -165,7 +191,7 @@ pub(super) fn manage(c: PoolConfig, seccomp: SeccompMode, jail: Option<PoolJail>
         // client and no longer counts.
         busy.retain_mut(|g| {
             if !matches!(g.child.try_wait(), Ok(None)) {
-                after_shell(&dir, jail.as_ref(), g.child.id());
+                after_shell(&dir, jail.as_ref(), g.child.id(), &mut retry);
                 return false;
             }
             // Claimed by a client that never connected (the client removes the claimed name
@@ -193,7 +219,7 @@ pub(super) fn manage(c: PoolConfig, seccomp: SeccompMode, jail: Option<PoolJail>
                     tracing::warn!("pool manager: pre-loading template {k} failed ({status})");
                     refused.push(k.clone());
                 }
-                after_shell(&dir, jail.as_ref(), m.child.id());
+                after_shell(&dir, jail.as_ref(), m.child.id(), &mut retry);
                 continue;
             }
             let stale = m.key.is_some() && m.key.as_deref() != current;
@@ -291,7 +317,25 @@ pub(super) fn manage(c: PoolConfig, seccomp: SeccompMode, jail: Option<PoolJail>
         }
         let _ = m.child.kill();
         let _ = m.child.wait();
-        after_shell(&dir, jail.as_ref(), m.child.id());
+        after_shell(&dir, jail.as_ref(), m.child.id(), &mut retry);
+    }
+    // The last uids still in use get a longer wait (a stopped pool asks no more).
+    if let Some(j) = jail.as_ref() {
+        for pid in retry {
+            match crate::oci::jail::release_pool_shell(
+                &j.root,
+                &dir,
+                pid as i32,
+                Duration::from_secs(2),
+            ) {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    "pool manager: the jail uid of shell {pid} still runs a process: it stays \
+                     (a later allocation takes it over once free)"
+                ),
+                Err(e) => tracing::warn!("pool manager: the uid of shell {pid}: {e:#}"),
+            }
+        }
     }
     let _ = std::fs::remove_file(dir.join("manager.pid"));
     tracing::info!("pool manager stopped after starting {spawned} shells");

@@ -376,12 +376,18 @@ pub(super) fn adopt(
 }
 
 /// Gives back the uid of pool shell `pid` of the pool in `pool_dir` once no process runs as it
-/// (the shell ended unclaimed, or served a restore that was no container's). Nothing when no
-/// uid file names it (a container adopted it: `delete` gives it back).
-pub fn release_pool_shell(root: &Path, pool_dir: &Path, pid: i32) -> Result<()> {
+/// (the shell ended unclaimed, or served a restore that was no container's), waiting up to
+/// `wait` for that. Nothing when no uid file names it (a container adopted it: `delete` gives
+/// it back). `Ok(false)`: a process still runs as the uid, which stays allocated (ask again).
+pub fn release_pool_shell(
+    root: &Path,
+    pool_dir: &Path,
+    pid: i32,
+    wait: std::time::Duration,
+) -> Result<bool> {
     let uids = root.join(UIDS_DIR);
     if !uids.is_dir() {
-        return Ok(());
+        return Ok(true);
     }
     let _lock = lock_root(root)?;
     let shell = PoolShell {
@@ -395,21 +401,21 @@ pub fn release_pool_shell(root: &Path, pool_dir: &Path, pid: i32) -> Result<()> 
         if read_uid_file(&e.path()).and_then(|f| f.pool).as_ref() != Some(&shell) {
             continue;
         }
-        let end = std::time::Instant::now() + RELEASE_WAIT;
+        let end = std::time::Instant::now() + wait;
         let mut in_use = uid_in_use(uid);
         while in_use && std::time::Instant::now() < end {
             std::thread::sleep(std::time::Duration::from_millis(5));
             in_use = uid_in_use(uid);
         }
         if in_use {
-            tracing::warn!("jail uid {uid} of pool shell {pid} still runs a process: it stays");
-            return Ok(());
+            tracing::debug!("jail uid {uid} of pool shell {pid} still runs a process");
+            return Ok(false);
         }
         fs::remove_file(e.path())
             .with_context(|| format!("cannot remove {}", e.path().display()))?;
     }
     let _ = fs::remove_dir(&uids);
-    Ok(())
+    Ok(true)
 }
 
 /// Gives the container's directory to `uid` (and its gid), mode 0700.
@@ -511,10 +517,10 @@ mod tests {
         assert_eq!((held.id.as_str(), held.pool), ("c1", None));
         assert_eq!(fs::metadata(&dir).unwrap().uid(), a);
         // The manager's release after the shell ends leaves an adopted uid alone.
-        release_pool_shell(root.path(), &pool, mine).unwrap();
+        assert!(release_pool_shell(root.path(), &pool, mine, RELEASE_WAIT).unwrap());
         assert!(root.path().join(UIDS_DIR).join(a.to_string()).exists());
         // b ends unclaimed: given back; a at the container's delete.
-        release_pool_shell(root.path(), &pool, init).unwrap();
+        release_pool_shell(root.path(), &pool, init, RELEASE_WAIT).unwrap();
         assert!(!root.path().join(UIDS_DIR).join(b.to_string()).exists());
         release(root.path(), "c1", &dir).unwrap();
         assert!(!root.path().join(UIDS_DIR).exists(), "every uid is back");
