@@ -98,7 +98,14 @@ pub fn make_bundle(bin: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(b)
 }
 
-/// `kata-snap` with the test guest, its own data directory, state root `root` and no pool.
+/// The pool directory of the kata-snap runs with config `config` (a pool runs there only with
+/// `--pool`; else the directory does not exist and no pool is used).
+fn pool_dir(work: &Path, config: &str) -> PathBuf {
+    work.join(format!("pool-{}", config.trim_end_matches(".json")))
+}
+
+/// `kata-snap` with the test guest, its own data directory, state root `root` and its pool
+/// directory (no pool unless [`measure`] started one).
 fn kata(bin: &Path, work: &Path, root: &Path) -> Command {
     kata_with(bin, work, root, "config.json")
 }
@@ -108,10 +115,21 @@ fn kata_with(bin: &Path, work: &Path, root: &Path, config: &str) -> Command {
     let mut c = Command::new(bin);
     c.env("KATA_SNAP_CONFIG", work.join(config))
         .env("KATA_SNAP_DATA_DIR", work.join("data"))
-        .env("KATA_SNAP_POOL_DIR", work.join("no-pool"))
+        .env("KATA_SNAP_POOL_DIR", pool_dir(work, config))
         .arg("--root")
         .arg(root.join("kata-snap"));
     c
+}
+
+/// Pools started by [`measure`], stopped on drop.
+struct Pools(Vec<Command>);
+
+impl Drop for Pools {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.args(["pool", "stop"]).output();
+        }
+    }
 }
 
 /// A directory for the runtimes' state on a tmpfs (`/dev/shm`), else in `work`.
@@ -163,7 +181,13 @@ pub fn parse_timing(stderr: &str) -> Option<(Vec<(String, f64)>, f64)> {
 /// Runs the comparison: `runs` alternating rounds after two warm-up runs, in `work`; with
 /// `jail_off`, each round also runs kata-snap with its jail off (config `"jail": false`; the
 /// others run with the default, jailed as root).
-pub fn measure(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<RunBench> {
+pub fn measure(
+    bin: &Path,
+    work: &Path,
+    runs: usize,
+    jail_off: bool,
+    pool: bool,
+) -> Result<RunBench> {
     if !Path::new(RUNC).exists() {
         bail!("{RUNC} missing: scripts/install-deps.sh installs it");
     }
@@ -176,13 +200,39 @@ pub fn measure(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<R
     let state = state_dir(work)?;
     let root = state.path();
     let bundle = b.to_str().context("bundle path")?;
+    let mut pools = Pools(Vec::new());
+    let configs: &[&str] = if jail_off {
+        &["config.json", "config-no-jail.json"]
+    } else {
+        &["config.json"]
+    };
+    if pool {
+        // A pool per config (its shells jailed as its config says), each VM of the template's
+        // size class; the first restores through each teach it the template it pre-loads.
+        for config in configs {
+            std::fs::create_dir_all(pool_dir(work, config))?;
+            let mut c = kata_with(bin, work, root, config);
+            c.args(["pool", "start", "--size", "2", "--mem-mib", "256"]);
+            let out = c.output()?;
+            if !out.status.success() {
+                bail!("pool start: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            pools.0.push(kata_with(bin, work, root, config));
+        }
+    }
     // The first run warms the template and records its working set; the second restores it as
-    // every later one does.
-    for i in 0..2 {
-        timed(
-            kata(bin, work, root),
-            &["run", "--bundle", bundle, &format!("w{i}")],
-        )?;
+    // every later one does (through a pool: the pool learns the template; the next runs find
+    // it pre-loaded once the pool refilled).
+    for i in 0..(if pool { 4 } else { 2 }) {
+        for config in configs {
+            timed(
+                kata_with(bin, work, root, config),
+                &["run", "--bundle", bundle, &format!("w{i}{}", config.len())],
+            )?;
+        }
+        if pool {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
     }
     let mut r = RunBench::default();
     let mut phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
@@ -222,7 +272,12 @@ pub fn measure(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<R
             parse_timing(&stderr).with_context(|| format!("no timing line in {stderr}"))?;
         add_steps(&mut phases, steps);
         r.totals.push(total);
+        if pool {
+            // The pools refill between rounds (each run took a shell).
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
     }
+    drop(pools);
     r.phases = ordered(phases);
     r.phases_no_jail = ordered(phases_no_jail);
     Ok(r)
@@ -377,14 +432,17 @@ pub fn print(r: &RunBench) {
 }
 
 /// The section of startup-bench: measures and prints.
-pub fn section(bin: &Path, work: &Path, runs: usize, jail_off: bool) -> Result<()> {
+pub fn section(bin: &Path, work: &Path, runs: usize, jail_off: bool, pool: bool) -> Result<()> {
     println!(
         "\n== kata-snap run vs runc run of one busybox bundle (`sh -c 'echo hello'`), {runs} alternating rounds; \
          kata-snap's guest is the test guest `agent` (host path only, no Linux guest)"
     );
     let dir = work.join("run-bench");
     std::fs::create_dir_all(&dir)?;
-    let r = measure(bin, &dir, runs, jail_off)?;
+    if pool {
+        println!("kata-snap restores through a running pool (2 shells per config, pre-loaded)");
+    }
+    let r = measure(bin, &dir, runs, jail_off, pool)?;
     print(&r);
     Ok(())
 }

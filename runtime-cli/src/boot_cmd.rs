@@ -285,17 +285,22 @@ pub fn serial_output_capped(path: Option<&PathBuf>, max: Option<u64>) -> Result<
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open serial log {}", path.display()))?;
-            match max {
-                Some(max) => SerialOutput::Writer(Box::new(CappedLog {
-                    file,
-                    left: max,
-                    dropped: 0,
-                })),
-                None => SerialOutput::File(file),
-            }
+            serial_file_capped(file, max)
         }
         None => SerialOutput::Stdout,
     })
+}
+
+/// The serial log `file` (opened for appending), capped at `max` bytes when set.
+pub fn serial_file_capped(file: std::fs::File, max: Option<u64>) -> SerialOutput {
+    match max {
+        Some(max) => SerialOutput::Writer(Box::new(CappedLog {
+            file,
+            left: max,
+            dropped: 0,
+        })),
+        None => SerialOutput::File(file),
+    }
 }
 
 /// A log file that takes at most `left` more bytes and counts the rest.

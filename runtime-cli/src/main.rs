@@ -311,7 +311,7 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot_cmd::run(args, process_start, seccomp),
         Command::Restore(args) => restore_cmd::run(args, process_start, seccomp),
         Command::Vm(args) => vm_cmd::run(args),
-        Command::Pool(args) => pool::run(args, seccomp),
+        Command::Pool(args) => pool::run(args, seccomp, cli.oci.root.clone()),
         #[cfg(feature = "builtin-guests")]
         Command::Demo(args) => demo::run(args, seccomp),
         Command::Check => {

@@ -6,9 +6,11 @@
 //! size class (`--mem-mib`), then listens on a Unix socket `ready/v<V>-m<M>-<pid>.sock`.
 //!
 //! A restore claims a shell by renaming its socket into `claimed/` (rename is atomic: two clients
-//! never get one shell), connects, checks that the shell runs as the caller or root
-//! (`SO_PEERCRED`), and hands over its request with its stdin, stdout and stderr
-//! (`SCM_RIGHTS`). The shell restores the snapshot into itself (a snapshot of another memory size
+//! never get one shell), connects, checks that the shell runs as the caller or root, or as the
+//! jail uid the allocator gives that shell (`SO_PEERCRED`), and hands over its request with its
+//! stdin, stdout and stderr and a descriptor for every path of the request ([`handoff`]:
+//! `SCM_RIGHTS`). As root the shells run jailed ([`shell`]), and a container's supervisor
+//! adopts the uid of the shell it claimed. The shell restores the snapshot into itself (a snapshot of another memory size
 //! re-slots: its memslots are deleted and made again), answers `started`, runs the VM with the
 //! client's stdio, and sends the exit status, which the client exits with; termination signals
 //! the client gets are forwarded. If the shell dies before `started` the client falls back to a
@@ -40,26 +42,48 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use serde::{Deserialize, Serialize};
-use std::os::fd::AsFd;
 use vmm::seccomp::SeccompMode;
-use vmm::vm::SnapshotState;
 
 use crate::boot_cmd::finish;
-use crate::restore_cmd::{
-    MAX_NET_SLOTS, ModeArg, OpenedTaps, RestoreArgs, attach_restore, start_restore,
-};
+use crate::restore_cmd::{ModeArg, RestoreArgs, attach_restore, start_restore};
 
 mod claim;
+mod client;
+mod handoff;
 mod manager;
 mod preload;
 mod shell;
-use claim::{claim, claim_preloaded};
+pub use client::{Adopter, Claim, PooledVm, claim_and_start, restore_through_pool};
+pub use handoff::Handed;
 use manager::manage;
 use preload::Wanted;
 use shell::{ShellVm, shell};
+
+/// What a jailed pool is: its shells' uids are allocated in `root` (a state root) from
+/// `settings`' range.
+#[derive(Debug, Clone)]
+struct PoolJail {
+    root: PathBuf,
+    settings: crate::oci::jail::Settings,
+}
+
+/// The jail of a pool started by this process: as root unless the config says `"jail": false`,
+/// its uids in `root` (the `--root` state root, else the default).
+fn pool_jail(root: Option<&Path>) -> Result<Option<PoolJail>> {
+    let is_root = nix::unistd::geteuid().is_root();
+    let cfg = crate::oci::assets::RuntimeConfig::load()?;
+    let settings = crate::oci::jail::Settings::from_config(&cfg, is_root)?;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let root = match root {
+        Some(r) => std::path::absolute(r)?,
+        None => crate::oci::assets::default_root()?,
+    };
+    Ok(Some(PoolJail { root, settings }))
+}
 
 /// Longest request line a shell accepts.
 const MAX_REQUEST: usize = 64 << 10;
@@ -163,6 +187,9 @@ struct Request {
     /// The key of the template the client expects pre-loaded (when it claimed such a shell).
     #[serde(default)]
     template_key: Option<String>,
+    /// What each descriptor after stdio is (see [`handoff`]).
+    #[serde(default)]
+    fds: Vec<handoff::Role>,
 }
 
 /// What a shell answers.
@@ -188,10 +215,10 @@ const WHAT: &str = "pool directory";
 /// to set without any of them.
 pub fn pool_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(d) = explicit {
-        return Ok(d.to_path_buf());
+        return Ok(std::path::absolute(d)?);
     }
     if let Some(d) = std::env::var_os("KATA_SNAP_POOL_DIR").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(d));
+        return Ok(std::path::absolute(PathBuf::from(d))?);
     }
     if nix::unistd::geteuid().is_root() {
         return Ok(PathBuf::from("/run/kata-snap/pool"));
@@ -282,19 +309,25 @@ fn ready_sockets(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-pub fn run(args: PoolArgs, seccomp: SeccompMode) -> Result<i32> {
+/// `root`: the global `--root` (the state root where a jailed pool's uids are allocated).
+pub fn run(args: PoolArgs, seccomp: SeccompMode, root: Option<PathBuf>) -> Result<i32> {
     match args.action {
-        PoolAction::Start(c) => start(c),
+        PoolAction::Start(c) => start(c, root.as_deref()),
         PoolAction::Status(d) => status(&pool_dir(d.dir.as_deref())?),
         PoolAction::Stop(d) => stop(&pool_dir(d.dir.as_deref())?),
-        PoolAction::Run(c) => manage(c, seccomp),
-        PoolAction::Shell(c) => shell(c, seccomp),
+        PoolAction::Run(c) => manage(c, seccomp, pool_jail(root.as_deref())?),
+        PoolAction::Shell(c) => shell(c, seccomp, pool_jail(root.as_deref())?),
     }
 }
 
-fn start(c: PoolConfig) -> Result<i32> {
+fn start(c: PoolConfig, root: Option<&Path>) -> Result<i32> {
     let dir = pool_dir(c.dir.dir.as_deref())?;
     crate::oci::assets::private_dir(&dir, true, WHAT)?;
+    // A jailed pool's shells take their uids from the state root's allocator.
+    let jail = pool_jail(root)?;
+    if let Some(j) = &jail {
+        crate::oci::assets::private_dir(&j.root, true, "state root")?;
+    }
     if let Some(pid) = manager_pid(&dir) {
         bail!(
             "a pool is already running in {} (manager pid {pid}): `kata-snap pool stop` first",
@@ -344,6 +377,9 @@ fn start(c: PoolConfig) -> Result<i32> {
     let log = create_private(&dir.join("manager.log"))?;
     let exe = std::env::current_exe().context("cannot find the kata-snap binary")?;
     let mut cmd = Command::new(exe);
+    if let Some(j) = &jail {
+        cmd.arg("--root").arg(&j.root);
+    }
     cmd.args(["pool", "run", "--dir"])
         .arg(&dir)
         .args(["--size", &c.size.to_string()])
@@ -446,11 +482,11 @@ fn send_reply(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     stream.write_all(&line)
 }
 
-/// Receives the request and the client's stdio, restores, runs, reports.
+/// Receives the request with the client's stdio and descriptors, restores, runs, reports.
 fn serve(vm: ShellVm, mut stream: UnixStream) -> Result<i32> {
     let mut buf = vec![0u8; MAX_REQUEST];
-    let mut cmsg = nix::cmsg_space!([RawFd; 3 + MAX_NET_SLOTS]);
-    let (n, fds) = {
+    let mut cmsg = nix::cmsg_space!([RawFd; handoff::MAX_FDS]);
+    let (n, fds, truncated) = {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(
             stream.as_raw_fd(),
@@ -468,41 +504,40 @@ fn serve(vm: ShellVm, mut stream: UnixStream) -> Result<i32> {
                 );
             }
         }
-        (msg.bytes, fds)
+        (msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC))
     };
     fault("die-after-request");
+    let refuse = |stream: &mut UnixStream, message: String| -> Result<i32> {
+        send_reply(stream, &Reply::Error { message })?;
+        Ok(1)
+    };
+    if truncated {
+        // The kernel closed what did not fit; what did is closed here (dropped).
+        return refuse(
+            &mut stream,
+            format!(
+                "the pool request carries more than {} descriptors",
+                handoff::MAX_FDS
+            ),
+        );
+    }
     let line = buf[..n].split(|&b| b == b'\n').next().unwrap_or_default();
     let mut req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
-        Err(e) => {
-            send_reply(
-                &mut stream,
-                &Reply::Error {
-                    message: format!("bad pool request: {e}"),
-                },
-            )?;
-            return Ok(1);
-        }
+        Err(e) => return refuse(&mut stream, format!("bad pool request: {e}")),
     };
-    if fds.len() != 3 + req.args.net_slot.len() {
-        send_reply(
+    if fds.len() < 3 {
+        return refuse(
             &mut stream,
-            &Reply::Error {
-                message: "the pool request must carry stdin, stdout, stderr and a tap per \
-                          --net-slot"
-                    .into(),
-            },
-        )?;
-        return Ok(1);
+            "the pool request must carry stdin, stdout and stderr".into(),
+        );
     }
     let mut fds = fds;
-    // The client's taps, opened in its network namespace, for its --net-slot devices.
-    req.args.net_taps = OpenedTaps(
-        fds.split_off(3)
-            .into_iter()
-            .map(std::sync::Arc::new)
-            .collect(),
-    );
+    let rest = fds.split_off(3);
+    let plain = matches!(vm, ShellVm::Plain(_));
+    if let Err(e) = handoff::receive(&mut req.args, rest, &req.fds, plain) {
+        return refuse(&mut stream, crate::error_line(&e));
+    }
     // From here on the VM's console, stdin and logs are the client's.
     for (target, fd) in fds.iter().enumerate() {
         // SAFETY: dup2 onto fds 0-2 of this process, which only the VM uses from now on.
@@ -576,219 +611,4 @@ fn serve(vm: ShellVm, mut stream: UnixStream) -> Result<i32> {
     let code = finish(&report, timing);
     let _ = send_reply(&mut stream, &Reply::Exit { code });
     Ok(code)
-}
-
-/// A VM running in a pre-started VMM of the pool, for a client that holds it.
-#[derive(Debug)]
-pub struct PooledVm {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-    /// The pre-started VMM's pid.
-    pub pid: u32,
-    /// Whether it had pre-loaded the template.
-    pub preloaded: bool,
-    /// Process start to the request sent.
-    pub handed_off_after: Duration,
-}
-
-impl PooledVm {
-    /// Readable when the VMM reports the exit status or goes away.
-    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.stream)
-    }
-
-    /// Stops the VM as termination signal `signal` would.
-    pub fn stop_by_signal(&mut self, signal: i32) {
-        if let Ok(mut f) = serde_json::to_vec(&Forward { signal }) {
-            f.push(b'\n');
-            let _ = self.stream.write_all(&f);
-        }
-    }
-
-    /// Reads the VMM's next line: its exit status, once it has stopped.
-    pub fn read_exit(&mut self) -> Result<i32> {
-        let mut text = String::new();
-        if self.reader.read_line(&mut text)? == 0 {
-            bail!(
-                "the pre-started VMM (pid {}) ended without reporting an exit status",
-                self.pid
-            );
-        }
-        match serde_json::from_str::<Reply>(text.trim_end()) {
-            Ok(Reply::Exit { code }) => Ok(code),
-            Ok(Reply::Error { message }) => bail!("{message}"),
-            Ok(Reply::Started { .. }) => bail!("the pre-started VMM said `started` twice"),
-            Err(e) => bail!("bad answer from the pre-started VMM: {e}"),
-        }
-    }
-}
-
-/// What a claim of a pre-started VMM came to.
-#[derive(Debug)]
-pub enum Claim {
-    /// A pre-started VMM runs the VM.
-    Started(PooledVm),
-    /// None to use, or it died during the hand-off: the caller starts cold, with the snapshot's
-    /// state file when the claim read it already (nothing is read twice).
-    Cold(Option<Box<SnapshotState>>),
-}
-
-/// Claims a pre-started VMM for `args` when a pool runs: one that pre-loaded the template, else
-/// one of the snapshot's shape. Hands it `args` with `stdio` (stdin, stdout, stderr of its VM)
-/// and waits until its VM runs.
-pub fn claim_and_start(
-    args: &RestoreArgs,
-    process_start: Instant,
-    stdio: [RawFd; 3],
-) -> Result<Claim> {
-    // No pool directory can be named: no pool can have been started by this user.
-    let Ok(dir) = pool_dir(args.pool_dir.as_deref()) else {
-        return Ok(Claim::Cold(None));
-    };
-    // A missing directory holds no pool; one that is not private is refused. Its
-    // subdirectories are checked below it (the path above was checked once).
-    use crate::oci::assets::{private_dir, private_subdir};
-    if !private_dir(&dir, false, WHAT)?
-        || !private_subdir(&dir, "ready", WHAT)?
-        || !private_subdir(&dir, "claimed", WHAT)?
-    {
-        return Ok(Claim::Cold(None));
-    }
-    // The taps are opened here, in the client's network namespace, before a shell is claimed,
-    // and handed over with stdio. One that does not open: the cold path reports it.
-    let Ok(taps) = crate::restore_cmd::net_taps(args) else {
-        return Ok(Claim::Cold(None));
-    };
-    let template = Wanted::of(args).and_then(|w| w.key().map(|k| (w, k)));
-    let mut after_hand_off = None;
-    let preloaded = template
-        .as_ref()
-        .and_then(|(_, key)| claim_preloaded(&dir, key));
-    let (claimed, stream, state) = match preloaded {
-        Some((claimed, stream)) => (claimed, stream, None),
-        None => {
-            // Next time this template is pre-loaded: the manager learns it from here (after
-            // the hand-off, off this restore's path).
-            let learn = || {
-                if let Some((w, _)) = &template
-                    && manager_preloads(&dir)
-                    && let Err(e) = preload::want(&dir, w)
-                {
-                    tracing::warn!("cannot name the pool's template: {e:#}");
-                }
-            };
-            let Ok(state) = SnapshotState::read(&args.snapshot) else {
-                return Ok(Claim::Cold(None)); // the cold path reports what is wrong
-            };
-            let (Ok(vcpus), mem_mib) = (state.vcpus(), state.mem_mib()) else {
-                return Ok(Claim::Cold(None));
-            };
-            let Some((claimed, stream)) = claim(&dir, vcpus, mem_mib) else {
-                learn();
-                return Ok(Claim::Cold(Some(Box::new(state))));
-            };
-            after_hand_off = Some(learn);
-            (claimed, stream, Some(Box::new(state)))
-        }
-    };
-    let mut handed: Vec<RawFd> = stdio.to_vec();
-    handed.extend(taps.iter().map(|t| t.tap.as_raw_fd()));
-    let started_ago = process_start.elapsed();
-    let req = Request {
-        args: args.clone(),
-        client_start_ns: monotonic_ns().saturating_sub(started_ago.as_nanos() as u64),
-        template_key: state
-            .is_none()
-            .then(|| template.as_ref().map(|(_, k)| k.clone()))
-            .flatten(),
-    };
-    let preloaded = req.template_key.is_some();
-    let mut line = serde_json::to_vec(&req)?;
-    line.push(b'\n');
-    let iov = [std::io::IoSlice::new(&line)];
-    let sent = sendmsg::<()>(
-        stream.as_raw_fd(),
-        &iov,
-        &[ControlMessage::ScmRights(&handed)],
-        MsgFlags::empty(),
-        None,
-    );
-    if let Err(e) = sent {
-        tracing::warn!(
-            "pool hand-off to {} failed ({e}); starting cold",
-            claimed.display()
-        );
-        return Ok(Claim::Cold(state));
-    }
-    let handed_off_after = process_start.elapsed();
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut text = String::new();
-    if reader.read_line(&mut text)? == 0 {
-        tracing::warn!("the pre-started VMM ended during the hand-off: starting cold");
-        return Ok(Claim::Cold(state));
-    }
-    if let Some(learn) = after_hand_off {
-        learn();
-    }
-    match serde_json::from_str::<Reply>(text.trim_end()) {
-        Ok(Reply::Started { pid }) => Ok(Claim::Started(PooledVm {
-            stream,
-            reader,
-            pid,
-            preloaded,
-            handed_off_after,
-        })),
-        Ok(Reply::Error { message }) => bail!("{message}"),
-        Ok(Reply::Exit { .. }) => bail!("the pre-started VMM exited before it started"),
-        Err(e) => bail!("bad answer from the pre-started VMM: {e}"),
-    }
-}
-
-/// Restores through a pre-started VMM when a pool runs; `Cold` when there is none to use (or
-/// it died during the hand-off), so the caller starts cold.
-pub fn restore_through_pool(
-    args: &RestoreArgs,
-    process_start: Instant,
-) -> Result<Result<i32, Option<Box<SnapshotState>>>> {
-    // Signals are taken before the hand-off, so none is lost while the VM starts.
-    let signals = vmm::vm::termination_signalfd()?;
-    let mut vm = match claim_and_start(args, process_start, [0, 1, 2])? {
-        Claim::Started(vm) => vm,
-        Claim::Cold(state) => return Ok(Err(state)),
-    };
-    if args.timing {
-        eprintln!(
-            "kata-snap: restore path: pool{} (pre-started VMM pid {})",
-            if vm.preloaded {
-                ", template pre-loaded"
-            } else {
-                ""
-            },
-            vm.pid
-        );
-        eprintln!(
-            "kata-snap: process start -> pool hand-off: {:.2} ms",
-            vm.handed_off_after.as_secs_f64() * 1e3
-        );
-    }
-    loop {
-        // Wait for the exit status or a signal to forward.
-        let mut fds = [
-            PollFd::new(vm.as_fd(), PollFlags::POLLIN),
-            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
-        ];
-        if poll(&mut fds, PollTimeout::NONE).is_err() {
-            continue; // EINTR
-        }
-        let (exit_ready, signal_ready) = (
-            fds[0].revents().is_some_and(|r| !r.is_empty()),
-            fds[1].revents().is_some_and(|r| !r.is_empty()),
-        );
-        if signal_ready && let Ok(Some(sig)) = signals.read_signal() {
-            vm.stop_by_signal(sig.ssi_signo as i32);
-        }
-        if exit_ready {
-            return vm.read_exit().map(Ok);
-        }
-    }
 }

@@ -73,6 +73,10 @@ pub struct RestoreArgs {
     #[arg(skip)]
     #[serde(skip)]
     pub net_taps: OpenedTaps,
+    /// Descriptors a pool shell received for the paths above (it opens none of them itself).
+    #[arg(skip)]
+    #[serde(skip)]
+    pub handed: crate::pool::Handed,
     /// Print timing and page-server figures when the VM stops (and which path the restore
     /// took: a pre-started VMM from the pool, or a cold start).
     #[arg(long)]
@@ -205,19 +209,38 @@ pub fn snapshot_spec(args: &RestoreArgs, snapshot: CheckedSnapshot) -> Result<Sn
 }
 
 /// The VM's host resources `args` give: console, stdin, spare disk slots, vsock socket.
+/// What a pool shell was handed replaces the paths (it opens none of them).
 fn host_resources(args: &RestoreArgs) -> Result<HostResources> {
+    let h = &args.handed;
+    let serial = match h.serial_log()? {
+        Some(file) => crate::boot_cmd::serial_file_capped(file, args.serial_log_max),
+        None => serial_output_capped(args.serial_log.as_ref(), args.serial_log_max)?,
+    };
+    let disk_files = h.disk_files()?;
     Ok(HostResources {
         forward_stdin: !args.no_serial_stdin,
-        disk_slots: args.disk_slot.iter().cloned().collect(),
+        disk_slots: args
+            .disk_slot
+            .iter()
+            .filter(|(n, _)| !disk_files.contains_key(n))
+            .cloned()
+            .collect(),
+        disk_files,
         net: net_taps(args)?,
         vsock: args.vsock.clone().map(|path| VsockHost {
             path,
             max_connections: args.vsock_max_conns as usize,
         }),
-        ..HostResources::new(serial_output_capped(
-            args.serial_log.as_ref(),
-            args.serial_log_max,
-        )?)
+        vsock_listener: h.vsock_listener()?,
+        ..HostResources::new(serial)
+    })
+}
+
+/// The snapshot's state: from the files handed over, else read from its directory.
+fn read_state(args: &RestoreArgs) -> Result<SnapshotState> {
+    Ok(match args.handed.snapshot_files()? {
+        Some(files) => SnapshotState::from_files(&args.snapshot, files)?,
+        None => SnapshotState::read(&args.snapshot)?,
     })
 }
 
@@ -240,7 +263,7 @@ pub fn start_restore(
     // it. /dev/kvm is opened once, by that thread, which hands it over for the check.
     let state = match state {
         Some(s) => s,
-        None => SnapshotState::read(&args.snapshot)?,
+        None => read_state(args)?,
     };
     let (kvm_tx, kvm_rx) = std::sync::mpsc::channel::<Option<Arc<KvmSystem>>>();
     let shell = match shell {
@@ -287,7 +310,10 @@ pub fn start_restore(
         Ok(shell) => {
             shell.set_process_start(process_start);
             if let Some(path) = &args.api_sock {
-                shell.listen(path)?;
+                match args.handed.api_listener()? {
+                    Some(l) => shell.listen_on(path, l)?,
+                    None => shell.listen(path)?,
+                }
             }
             shell
         }
@@ -317,7 +343,10 @@ pub fn attach_restore(
     vm.set_process_start(process_start);
     let host = host_resources(args)?;
     if let Some(path) = &args.api_sock {
-        vm.listen(path)?;
+        match args.handed.api_listener()? {
+            Some(l) => vm.listen_on(path, l)?,
+            None => vm.listen(path)?,
+        }
     }
     Ok(vm.attach(host)?.start()?)
 }

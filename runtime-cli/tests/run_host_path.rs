@@ -582,6 +582,23 @@ fn test_create_in_a_network_namespace_connects_a_tap_to_its_interface() {
     let addr = ns.ip_out(&["-o", "addr", "show", "eth0"]).unwrap();
     assert!(addr.contains("10.91.0.2/24"), "{addr}");
 
+    // `run` in the foreground (jailed: a parent outside cleans up) leaves no redirect either,
+    // and the namespace takes a next container.
+    for _ in 0..2 {
+        let o = env.run(&["run", "--bundle", b.to_str().unwrap(), "n3"]);
+        assert_eq!(o.code(), 0, "{o:?}");
+        assert_eq!(o.stdout, "networked\n", "{o:?}");
+        let qdiscs = Command::new("tc")
+            .args(["-n", &ns.name, "qdisc", "show", "dev", "eth0", "ingress"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        assert!(
+            !qdiscs.contains("ingress"),
+            "run removes eth0's ingress qdisc: {qdiscs}"
+        );
+    }
+
     with_netns("/run/netns/ksn-no-such-namespace");
     let mut c = env.ks();
     c.args(["create", "--bundle", b.to_str().unwrap(), "n2"])

@@ -241,6 +241,69 @@ impl SnapshotDir {
     }
 }
 
+/// A snapshot's files opened by someone who may open them, for a process that may not (a jailed
+/// pool shell gets them over a Unix socket): the state and memory files and, when there is one,
+/// the working set. Each is a regular file, opened read-only.
+#[derive(Debug)]
+pub struct SnapshotFiles {
+    /// The state file.
+    pub state: File,
+    /// The memory file.
+    pub memory: File,
+    /// The working set, if the snapshot has one.
+    pub workingset: Option<File>,
+}
+
+impl SnapshotFiles {
+    /// Opens the files of the snapshot in `dir` (not following a symbolic link to a FIFO or a
+    /// device: each must be a regular file).
+    pub fn open(dir: &Path) -> Result<Self, DirError> {
+        let snap = SnapshotDir::open(dir)?;
+        let open = |path: PathBuf| {
+            crate::file::open_regular(&path).map_err(|source| match source.kind() {
+                std::io::ErrorKind::InvalidInput => DirError::NotRegular { path },
+                _ => DirError::Io {
+                    what: "cannot open",
+                    path,
+                    source,
+                },
+            })
+        };
+        let workingset = match open(snap.workingset()) {
+            Ok(f) => Some(f),
+            Err(DirError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            state: open(snap.state())?,
+            memory: open(snap.memory())?,
+            workingset,
+        })
+    }
+
+    /// Checks that each file is a regular file (files received from another process), naming
+    /// the snapshot `dir` in the error.
+    pub fn check(&self, dir: &Path) -> Result<(), DirError> {
+        let files = [
+            (Some(&self.state), STATE_FILE),
+            (Some(&self.memory), MEMORY_FILE),
+            (self.workingset.as_ref(), WORKINGSET_FILE),
+        ];
+        for (f, name) in files {
+            let Some(f) = f else { continue };
+            let m = f.metadata().map_err(io("cannot stat", &dir.join(name)))?;
+            if !m.is_file() {
+                return Err(DirError::NotRegular {
+                    path: dir.join(name),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

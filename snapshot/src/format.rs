@@ -173,7 +173,22 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<(SnapshotId, T), Fo
         let what = format!("{what} {}", path.display());
         move |source| FormatError::Io { what, source }
     };
-    let mut f = crate::file::open_regular(path).map_err(io("cannot open"))?;
+    let f = crate::file::open_regular(path).map_err(io("cannot open"))?;
+    read_from(f, path)
+}
+
+/// As [`read_file`], from the file `f` already opened (read from its start; `path` names it in
+/// errors).
+pub fn read_from<T: DeserializeOwned>(
+    mut f: File,
+    path: &Path,
+) -> Result<(SnapshotId, T), FormatError> {
+    use std::io::Seek;
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |source| FormatError::Io { what, source }
+    };
+    f.rewind().map_err(io("cannot read"))?;
     let len = f.metadata().map_err(io("cannot stat"))?.len();
     if len > MAX_BODY_LEN + HEADER_LEN as u64 {
         return Err(FormatError::TooLarge(len));

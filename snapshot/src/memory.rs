@@ -336,6 +336,27 @@ pub fn open_memory_file(
     validate_layout(regions)?;
     let file = crate::file::open_regular(path)
         .map_err(io_err(format!("cannot open {}", path.display())))?;
+    check_memory_file(file, regions, id)
+}
+
+/// As [`open_memory_file`], for the memory file `file` already opened (a pool shell receives it
+/// from its client).
+pub fn check_memory_file(
+    file: File,
+    regions: &[MemoryRegion],
+    id: &SnapshotId,
+) -> Result<(File, HoleMap), MemoryFileError> {
+    validate_layout(regions)?;
+    if !file
+        .metadata()
+        .map_err(io_err("cannot stat the memory file"))?
+        .is_file()
+    {
+        return Err(io_err("the memory file")(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
     let actual = file
         .metadata()
         .map_err(io_err("cannot stat the memory file"))?

@@ -166,7 +166,7 @@ pub fn read(
     id: &SnapshotId,
     total_pages: u64,
 ) -> Result<Option<Vec<u64>>, WorkingSetError> {
-    let mut f = match crate::file::open_regular(path) {
+    let f = match crate::file::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
@@ -176,6 +176,30 @@ pub fn read(
             });
         }
     };
+    read_from(f, id, total_pages).map(Some)
+}
+
+/// As [`read`], from the working-set file `f` already opened (read from its start).
+pub fn read_from(
+    mut f: File,
+    id: &SnapshotId,
+    total_pages: u64,
+) -> Result<Vec<u64>, WorkingSetError> {
+    use std::io::Seek;
+    let is_file = f
+        .metadata()
+        .map_err(|source| WorkingSetError::Io {
+            what: "stat",
+            source,
+        })?
+        .is_file();
+    if !is_file {
+        return Err(WorkingSetError::Corrupt("not a regular file".into()));
+    }
+    f.rewind().map_err(|source| WorkingSetError::Io {
+        what: "read",
+        source,
+    })?;
     let max = (HEADER as u64 + 8).saturating_add(total_pages.saturating_mul(8));
     let len = f
         .metadata()
@@ -193,7 +217,7 @@ pub fn read(
         what: "read",
         source,
     })?;
-    decode(&bytes, id, total_pages).map(Some)
+    decode(&bytes, id, total_pages)
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //!
 //!   cargo build --release --bin kata-snap && cargo run --release -p benches --bin run-bench
 //!   ... --bin run-bench -- --jail     (and each round with the jail off: its cost)
+//!   ... --bin run-bench -- --pool     (through a running pool; with --jail: a jailed pool and
+//!                                      an unjailed one)
 
 use std::path::PathBuf;
 
@@ -20,6 +22,10 @@ struct Args {
     /// cost side by side (the other kata-snap runs are jailed as root).
     #[arg(long)]
     jail: bool,
+    /// Restore through a running pool (`kata-snap pool start`: pre-started, pre-loaded VMMs);
+    /// with `--jail`, one pool jailed and one with the jail off, side by side.
+    #[arg(long)]
+    pool: bool,
     /// The kata-snap binary [default: next to this program].
     #[arg(long)]
     kata_snap: Option<PathBuf>,
@@ -31,7 +37,7 @@ fn main() -> Result<()> {
     let work = tempfile::tempdir()?;
     println!("kata-snap {}; {}", bin.display(), run_bench::load());
     println!("host: {}", vmm::host::check_host().summary);
-    run_bench::section(&bin, work.path(), args.runs, args.jail)?;
+    run_bench::section(&bin, work.path(), args.runs, args.jail, args.pool)?;
     println!("after: {}", run_bench::load());
     Ok(())
 }

@@ -508,5 +508,5 @@ fn main() -> Result<()> {
     readback_section(&args, &bin, work.path())?;
     density_section(&args, &bin, work.path())?;
     pool_section(&bin, work.path())?;
-    benches::run_bench::section(&bin, work.path(), args.runs, false)
+    benches::run_bench::section(&bin, work.path(), args.runs, false, false)
 }

@@ -100,6 +100,7 @@ fn test_conformance_vsock_save_restore_continues() {
             mem,
             uds_path: restored_path.clone(),
             max_connections: super::vsock::DEFAULT_MAX_CONNECTIONS,
+            listener: None,
             parts: None,
         },
         super::vsock::tests::vsock_io,

@@ -23,6 +23,16 @@ pub(super) enum Mode {
     RunForeground { keep: bool },
 }
 
+/// Takes the container's redirects off its network namespace's interface once its VM is gone
+/// (`delete` does it for a container that outlives this command).
+fn release_network(netns: Option<&std::path::Path>) {
+    if let Some(ns) = netns
+        && let Err(e) = super::net::disconnect(ns)
+    {
+        tracing::warn!("{e:#}");
+    }
+}
+
 /// Removes the claimed container directory unless disarmed.
 struct ClaimGuard<'a> {
     store: &'a Store,
@@ -193,6 +203,7 @@ pub(super) fn create(
         // as runc's `run` beside its container's init, and does.
         guard.armed = false;
         let cgroup = launch.cgroup.clone();
+        let netns = launch.netns.clone();
         return super::jail::supervise_in_child(
             || supervisor::supervise(launch, None, t0, seccomp),
             |pid| match &args.pid_file {
@@ -205,6 +216,7 @@ pub(super) fn create(
                 {
                     tracing::warn!("{e:#}");
                 }
+                release_network(netns.as_deref());
                 let _ = store.remove(&args.id);
             },
         );
@@ -217,6 +229,7 @@ pub(super) fn create(
         // This process becomes the VM's: it leaves the container's cgroup before removing it.
         let origin = host_cgroup::own_cgroup();
         let cgroup = launch.cgroup.clone();
+        let netns = launch.netns.clone();
         let code = supervisor::supervise(launch, None, t0, seccomp);
         if !keep {
             if let Some(c) = cgroup
@@ -225,6 +238,7 @@ pub(super) fn create(
             {
                 tracing::warn!("{e:#}");
             }
+            release_network(netns.as_deref());
             let _ = store.remove(&args.id);
         }
         return Ok(code);

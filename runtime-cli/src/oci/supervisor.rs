@@ -353,6 +353,7 @@ impl Supervisor {
             // Given below when the container joins a network namespace.
             net_slot: Vec::new(),
             net_taps: Default::default(),
+            handed: Default::default(),
         };
         // The terminal (a new pty, sent to the console socket) before the jail, which has
         // neither /dev/ptmx nor the socket.
@@ -384,21 +385,65 @@ impl Supervisor {
             phases.mark("network");
         }
         let own_start = process_start_time(std::process::id() as i32).unwrap_or(0);
-        // A pre-started VMM of the pool first (pooled restores are not jailed, see
-        // docs/runtime.md); else this process restores the VM, in its jail.
+        // A pre-started VMM of the pool first (a jailed one's uid is adopted: this process is
+        // jailed as it, see docs/runtime.md); else this process restores the VM, in its jail.
         let mut pooled = None;
         let mut state = None;
+        let state_root = launch.dir.parent().unwrap_or(Path::new("/")).to_path_buf();
         if launch.use_pool {
-            match ContainerVm::pooled(&launch.dir, &args, process_start)? {
+            let adopter = launch
+                .jail
+                .filter(|s| s.enabled)
+                .map(|settings| crate::pool::Adopter {
+                    plan: super::jail::Plan {
+                        state_root: &state_root,
+                        id: &launch.record.id,
+                        dir: &launch.dir,
+                        template: &launch.template,
+                        image: &launch.image,
+                        settings,
+                    },
+                });
+            match ContainerVm::pooled(&launch.dir, &args, process_start, adopter.as_ref())? {
                 Ok(vm) => pooled = Some(vm),
                 Err(read) => state = read.map(|s| *s),
             }
         }
+        // A pooled VMM joins the container's cgroup once claimed, before this process's jail
+        // hides the cgroup tree (a failure drops the claim: its VMM stops with the connection).
+        if let (Some(c), Some(pid)) = (
+            &launch.cgroup,
+            pooled.as_ref().and_then(ContainerVm::pooled_pid),
+        ) {
+            c.enter(pid)?;
+        }
+        let adopted = pooled.as_ref().and_then(ContainerVm::adopted_uid);
         let jailed = match launch.jail {
+            Some(settings) if settings.enabled && adopted.is_some() => {
+                let uid = adopted.unwrap_or_default();
+                phases.mark("restore (pool)");
+                super::jail::enter_adopted(
+                    &super::jail::Plan {
+                        state_root: &state_root,
+                        id: &launch.record.id,
+                        dir: &launch.dir,
+                        template: &launch.template,
+                        image: &launch.image,
+                        settings,
+                    },
+                    uid,
+                )?;
+                tracing::debug!("jailed as uid {uid} (its pre-started VMM's)");
+                if let Some(vm) = pooled.as_mut() {
+                    vm.rebase(Path::new(super::jail::DIR));
+                }
+                launch.dir = PathBuf::from(super::jail::DIR);
+                phases.mark("jail");
+                true
+            }
             Some(settings) if settings.enabled && pooled.is_none() => {
-                let state_root = launch.dir.parent().unwrap_or(Path::new("/"));
                 let j = super::jail::enter(&super::jail::Plan {
-                    state_root,
+                    state_root: &state_root,
                     id: &launch.record.id,
                     dir: &launch.dir,
                     template: &launch.template,
@@ -423,7 +468,9 @@ impl Supervisor {
                 true
             }
             Some(settings) if settings.enabled => {
-                tracing::debug!("not jailed: the VM is in a pre-started VMM of the pool");
+                tracing::debug!(
+                    "not jailed: the VM is in a pre-started VMM of a pool that is not jailed"
+                );
                 false
             }
             _ => false,
@@ -435,14 +482,11 @@ impl Supervisor {
         // A failure from here on stops the VM before `prepare` returns (its KVM worker threads
         // hold the container's cgroup until it is gone).
         let vm = VmGuard(Some(vm));
-        if let (Some(c), Some(pid)) = (&launch.cgroup, vm.pooled_pid()) {
-            c.enter(pid)?;
+        if !vm.is_pooled() {
+            phases.mark("restore (cold)");
+        } else if !jailed {
+            phases.mark("restore (pool)");
         }
-        phases.mark(if vm.is_pooled() {
-            "restore (pool)"
-        } else {
-            "restore (cold)"
-        });
         let conn = connect_agent(&vm)?;
         phases.mark("vsock connect");
         let mut agent = AgentClient::handshake(conn, AGENT_READ_TIMEOUT)

@@ -85,6 +85,7 @@ impl ContainerVm {
         dir: &Path,
         args: &RestoreArgs,
         process_start: Instant,
+        adopter: Option<&crate::pool::Adopter>,
     ) -> Result<Result<Self, Option<Box<SnapshotState>>>> {
         // The pool's VMM has another cwd: every path it gets is absolute.
         let abs = |p: &Option<PathBuf>| p.as_ref().map(|p| dir.join(p));
@@ -111,7 +112,8 @@ impl ContainerVm {
             .open("/dev/null")
             .context("cannot open /dev/null")?;
         let fd = null.as_raw_fd();
-        let vm = match crate::pool::claim_and_start(&pooled, process_start, [fd, fd, fd])? {
+        let vm = match crate::pool::claim_and_start(&pooled, process_start, [fd, fd, fd], adopter)?
+        {
             Claim::Started(vm) => vm,
             Claim::Cold(state) => return Ok(Err(state)),
         };
@@ -130,6 +132,25 @@ impl ContainerVm {
     /// Whether the restore took a pre-started VMM.
     pub fn is_pooled(&self) -> bool {
         matches!(self, Self::Pooled { .. })
+    }
+
+    /// The jail uid of the pre-started VMM that the container adopted, when it took a jailed
+    /// one.
+    pub fn adopted_uid(&self) -> Option<u32> {
+        match self {
+            Self::Local { .. } => None,
+            Self::Pooled { vm, .. } => vm.adopted,
+        }
+    }
+
+    /// The container's directory is `dir` from now on (its jail's): the control socket of a
+    /// pooled VM is reached there.
+    pub fn rebase(&mut self, dir: &Path) {
+        if let Self::Pooled { api, .. } = self
+            && let Some(name) = api.file_name()
+        {
+            *api = dir.join(name);
+        }
     }
 
     /// The pre-started VMM's pid, when the restore took one.

@@ -54,18 +54,24 @@ impl Wanted {
     /// The template's key as its files are now; `None` when one is missing (nothing to
     /// pre-load: the restore reports what is wrong).
     pub fn key(&self) -> Option<String> {
+        self.key_in(&self.snapshot)
+    }
+
+    /// The key, with the template's files looked at in `files` (where a jailed shell sees the
+    /// snapshot directory): the same files give the same key.
+    pub fn key_in(&self, files: &Path) -> Option<String> {
         let mut h = Sha256::new();
         h.update(self.snapshot.as_os_str().as_encoded_bytes());
         h.update([0]);
         h.update(format!("{:?}/{}", self.mode, self.fault_around));
         let prefetch = matches!(self.mode, ModeArg::UffdPrefetch | ModeArg::MmapPrefetch);
-        let files: &[&str] = if prefetch {
+        let names: &[&str] = if prefetch {
             &["state", "memory", "workingset"]
         } else {
             &["state", "memory"]
         };
-        for f in files {
-            let m = std::fs::symlink_metadata(self.snapshot.join(f)).ok()?;
+        for f in names {
+            let m = std::fs::symlink_metadata(files.join(f)).ok()?;
             for v in [
                 m.dev(),
                 m.ino(),

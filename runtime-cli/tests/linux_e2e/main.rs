@@ -28,6 +28,7 @@ mod runtime;
 mod runtime_containerd;
 mod runtime_contract;
 mod runtime_docker;
+mod runtime_net;
 mod runtime_parity;
 mod runtime_start;
 mod runtime_update;

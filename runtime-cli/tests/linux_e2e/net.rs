@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::guest::*;
 
-const BYTES: usize = 8 << 20;
+pub(crate) const BYTES: usize = 8 << 20;
 
 /// A persistent tap in this (the test host's) network namespace with the host's address
 /// 10.`subnet`.0.1/24, removed on drop. Made with the tap ioctls and `ip addr`/`ip link`, which
@@ -92,10 +92,15 @@ impl Drop for TestTap {
     }
 }
 
-/// A TCP server on `addr`:`port` serving one connection: `send` bytes to the client then close,
-/// or (send 0) read until `BYTES` arrived or the client closed; returns the bytes read. Returns
+/// A TCP server on `addr`:`port` serving one connection: `send` bytes to the client then close
+/// and wait for the client to close, or (send 0) read until `BYTES` arrived or the client closed;
+/// returns the bytes read and the time from the first byte (sent or read) to the end. Returns
 /// once it listens.
-fn server(addr: String, port: u16, send: usize) -> std::thread::JoinHandle<usize> {
+pub(crate) fn server(
+    addr: String,
+    port: u16,
+    send: usize,
+) -> std::thread::JoinHandle<(usize, Duration)> {
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {
         let l = TcpListener::bind((addr.as_str(), port)).unwrap();
@@ -112,7 +117,9 @@ fn server(addr: String, port: u16, send: usize) -> std::thread::JoinHandle<usize
         s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = vec![0u8; 64 << 10];
         if send > 0 {
+            let t = Instant::now();
             let chunk = vec![0x5au8; 64 << 10];
             let mut left = send;
             while left > 0 {
@@ -120,17 +127,23 @@ fn server(addr: String, port: u16, send: usize) -> std::thread::JoinHandle<usize
                 s.write_all(&chunk[..n]).unwrap();
                 left -= n;
             }
-            return 0;
+            // Everything is in the client's hands once it closes, having read to the end.
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            return (0, t.elapsed());
         }
-        let mut buf = vec![0u8; 64 << 10];
         let mut got = 0;
+        let mut first: Option<Instant> = None;
         while got < BYTES {
             match s.read(&mut buf) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => got += n,
+                Ok(n) => {
+                    first.get_or_insert_with(Instant::now);
+                    got += n;
+                }
             }
         }
-        got
+        (got, first.map(|t| t.elapsed()).unwrap_or_default())
     });
     rx.recv_timeout(Duration::from_secs(10))
         .expect("the server did not start listening");
@@ -185,7 +198,7 @@ fn test_linux_net_ping_and_tcp_both_ways_through_a_tap() {
         g.logs()
     );
     to_guest.join().unwrap();
-    assert_eq!(from_guest.join().unwrap(), BYTES, "guest -> host TCP");
+    assert_eq!(from_guest.join().unwrap().0, BYTES, "guest -> host TCP");
     g.stop();
 }
 

@@ -14,6 +14,7 @@
 //! the snapshotting host's. Nothing is ever written into the snapshot: a working set is recorded
 //! only to a path the caller gives.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use devices::legacy::Serial;
 use snapshot::PAGE_SIZE;
 use snapshot::SnapshotId;
-use snapshot::dir::{DirError, SnapshotDir};
+use snapshot::dir::{DirError, SnapshotDir, SnapshotFiles};
 use snapshot::format::FormatError;
 use snapshot::memory::{self, MemoryFileError};
 use snapshot::memory_source::{self, EagerMemory, MemorySource, MmapMemory, UffdMemory};
@@ -146,6 +147,9 @@ pub fn snapshot_shape(dir: &Path) -> Result<(u8, u64), BuildVmError> {
 #[derive(Debug)]
 pub struct SnapshotState {
     snap: SnapshotDir,
+    /// The memory and working-set files when opened by another process (see
+    /// [`SnapshotState::from_files`]); else they are opened by path.
+    opened: Option<(File, Option<File>)>,
     id: SnapshotId,
     state: VmState,
 }
@@ -155,7 +159,30 @@ impl SnapshotState {
     pub fn read(dir: &Path) -> Result<Self, BuildVmError> {
         let snap = SnapshotDir::open(dir).map_err(RestoreError::from)?;
         let (id, state) = snapshot::format::read_file(&snap.state()).map_err(RestoreError::from)?;
-        Ok(Self { snap, id, state })
+        Ok(Self {
+            snap,
+            opened: None,
+            id,
+            state,
+        })
+    }
+
+    /// Reads the state file of the snapshot whose files another process opened (a jailed pool
+    /// shell cannot open its client's paths); `dir` only names the snapshot in errors. Each
+    /// file must be a regular file.
+    pub fn from_files(dir: &Path, files: SnapshotFiles) -> Result<Self, BuildVmError> {
+        files.check(dir).map_err(RestoreError::from)?;
+        let snap = SnapshotDir {
+            path: dir.to_path_buf(),
+        };
+        let (id, state) =
+            snapshot::format::read_from(files.state, &snap.state()).map_err(RestoreError::from)?;
+        Ok(Self {
+            snap,
+            opened: Some((files.memory, files.workingset)),
+            id,
+            state,
+        })
     }
 
     /// The snapshot's vCPU count.
@@ -166,6 +193,23 @@ impl SnapshotState {
     /// Its guest memory in MiB.
     pub fn mem_mib(&self) -> u64 {
         self.state.mem_mib
+    }
+
+    /// Its spare disk slots: each one's name and whether it is read-only (how a restorer that
+    /// opens their files for the VMM must open them).
+    pub fn spare_slots(&self) -> Vec<(String, bool)> {
+        self.state
+            .virtio
+            .iter()
+            .filter_map(|d| match &d.state {
+                super::virtio::VirtioState::Block(b) => b
+                    .disk
+                    .spare_slot
+                    .clone()
+                    .map(|name| (name, b.disk.read_only)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Checks every other part of the snapshot for a restore in `mode` on the host whose KVM
@@ -226,16 +270,32 @@ impl CheckedSnapshot {
         mode: RestoreMode,
         kvm: &KvmSystem,
     ) -> Result<Self, BuildVmError> {
-        let SnapshotState { snap, id, state } = read;
+        let SnapshotState {
+            snap,
+            opened,
+            id,
+            state,
+        } = read;
         let layout = validate_state(&state)?;
-        let (file, holes) = memory::open_memory_file(&snap.memory(), &state.memory, &id)
-            .map_err(RestoreError::from)?;
+        let (memory_file, ws_file) = match opened {
+            Some((m, w)) => (Some(m), Some(w)),
+            None => (None, None),
+        };
+        let (file, holes) = match memory_file {
+            Some(f) => memory::check_memory_file(f, &state.memory, &id),
+            None => memory::open_memory_file(&snap.memory(), &state.memory, &id),
+        }
+        .map_err(RestoreError::from)?;
         let total_pages = holes.len() / PAGE_SIZE as u64;
         let workingset = match mode {
             RestoreMode::UffdPrefetch | RestoreMode::MmapPrefetch => Some(
-                workingset::read(&snap.workingset(), &id, total_pages)
-                    .map_err(RestoreError::from)?
-                    .ok_or_else(|| RestoreError::NoWorkingSet(snap.path.clone()))?,
+                match ws_file {
+                    Some(Some(f)) => workingset::read_from(f, &id, total_pages).map(Some),
+                    Some(None) => Ok(None),
+                    None => workingset::read(&snap.workingset(), &id, total_pages),
+                }
+                .map_err(RestoreError::from)?
+                .ok_or_else(|| RestoreError::NoWorkingSet(snap.path.clone()))?,
             ),
             _ => None,
         };
@@ -706,8 +766,11 @@ pub(super) fn attach(
         &mem,
         &mut mmio,
         slots,
-        &host.disk_slots,
-        host.vsock.as_ref(),
+        super::virtio::HostDisks {
+            paths: &host.disk_slots,
+            files: host.disk_files,
+        },
+        host.vsock.as_ref().map(|v| (v, host.vsock_listener)),
         host.net,
     )?;
     let mmio = Arc::new(mmio);

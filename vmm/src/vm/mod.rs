@@ -110,9 +110,17 @@ pub struct HostResources {
     pub forward_stdin: bool,
     /// Restore: the backing file of each spare disk slot, by slot name.
     pub disk_slots: std::collections::HashMap<String, PathBuf>,
+    /// Restore: spare disk slots whose backing file was opened by the restorer (a jailed VMM
+    /// cannot open its client's paths), by slot name; taken before `disk_slots`. Opened
+    /// read-only for a read-only slot, read-write otherwise; the VMM takes the file's lock.
+    pub disk_files: std::collections::HashMap<String, std::fs::File>,
     /// Restore: the host side of the vsock device (required when the snapshot has one; the guest
     /// CID stays as snapshotted).
     pub vsock: Option<virtio::VsockHost>,
+    /// Restore: the vsock device's listening socket, bound at `vsock`'s path by the restorer
+    /// (a jailed VMM cannot bind its client's path); `None` binds it here. Not removed with the
+    /// VM: it is the restorer's.
+    pub vsock_listener: Option<std::os::unix::net::UnixListener>,
     /// Restore: the taps of the snapshot's net devices, by device id, already opened (a net
     /// device left out has no link).
     pub net: Vec<virtio::NetTap>,
@@ -125,7 +133,9 @@ impl HostResources {
             serial,
             forward_stdin: false,
             disk_slots: Default::default(),
+            disk_files: Default::default(),
             vsock: None,
+            vsock_listener: None,
             net: Vec::new(),
         }
     }

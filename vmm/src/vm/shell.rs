@@ -89,7 +89,13 @@ pub(super) struct ShellParts {
 
 /// A job the VMM thread carries out.
 enum Job {
-    Listen(PathBuf, Sender<Result<(), BuildVmError>>),
+    /// Bind the control socket at this path, or listen on a socket the caller bound (kept
+    /// there when the VM ends: it is the caller's).
+    Listen(
+        PathBuf,
+        Option<UnixListener>,
+        Sender<Result<(), BuildVmError>>,
+    ),
     Load(Box<Guest>, HostResources, Sender<Result<(), BuildVmError>>),
     Preload(Box<SnapshotSpec>, Sender<Result<SnapshotId, BuildVmError>>),
     Attach(HostResources, Sender<Result<(), BuildVmError>>),
@@ -310,9 +316,19 @@ impl VmShell {
     /// Starts listening for control requests on `path` (a shell made before its control socket
     /// was known, as in a pool).
     pub fn listen(&self, path: &Path) -> Result<(), BuildVmError> {
+        self.listen_with(path, None)
+    }
+
+    /// Takes control requests on `listener`, bound at `path` by the caller (a jailed VMM cannot
+    /// bind its client's path); the socket stays the caller's.
+    pub fn listen_on(&self, path: &Path, listener: UnixListener) -> Result<(), BuildVmError> {
+        self.listen_with(path, Some(listener))
+    }
+
+    fn listen_with(&self, path: &Path, given: Option<UnixListener>) -> Result<(), BuildVmError> {
         let (tx, rx) = mpsc::channel();
         self.jobs
-            .send(Job::Listen(path.to_path_buf(), tx))
+            .send(Job::Listen(path.to_path_buf(), given, tx))
             .map_err(|_| BuildVmError::VmmThreadGone)?;
         rx.recv().map_err(|_| BuildVmError::VmmThreadGone)?
     }
@@ -380,6 +396,11 @@ impl PreloadedVm {
         self.shell.listen(path)
     }
 
+    /// See [`VmShell::listen_on`].
+    pub fn listen_on(&self, path: &Path, listener: UnixListener) -> Result<(), BuildVmError> {
+        self.shell.listen_on(path, listener)
+    }
+
     /// Finishes the load with the VM's host resources (on the VMM thread): console, spare disk
     /// slots, vsock socket; then sets the guest's clocks to the snapshot's. On an error the VM
     /// ends, and nothing the attach opened or bound is left.
@@ -428,11 +449,21 @@ fn vmm_thread(
     let mut preloaded = None;
     while let Ok(job) = jobs.recv() {
         match job {
-            Job::Listen(path, reply) => {
+            Job::Listen(path, given, reply) => {
                 let bound = if shell.listener.is_some() {
                     Err(BuildVmError::Control(control::ControlSocketError::InUse(
                         path,
                     )))
+                } else if let Some(l) = given {
+                    // The caller's socket: the loop never blocks on it.
+                    l.set_nonblocking(true)
+                        .map(|()| shell.listener = Some(l))
+                        .map_err(|source| {
+                            BuildVmError::Control(control::ControlSocketError::Bind {
+                                path: path.clone(),
+                                source,
+                            })
+                        })
                 } else {
                     control::bind(&path)
                         .map(|l| {

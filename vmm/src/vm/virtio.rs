@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use devices::persist::Persist;
 use devices::virtio::block::{BlockArgs, BlockState};
@@ -528,6 +528,15 @@ pub fn prepare_slots(
         .collect()
 }
 
+/// The backing files of a restore's spare disk slots: by path, or opened by the restorer.
+#[derive(Debug)]
+pub struct HostDisks<'a> {
+    /// Opened here by path.
+    pub paths: &'a HashMap<String, PathBuf>,
+    /// Opened by the restorer.
+    pub files: HashMap<String, std::fs::File>,
+}
+
 /// Removes the vsock sockets a failed attach bound, so that it leaves nothing behind.
 struct BoundSockets(Vec<PathBuf>);
 
@@ -550,10 +559,14 @@ pub fn restore_devices(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     prepared: Vec<PreparedSlot>,
-    slots: &HashMap<String, PathBuf>,
-    vsock: Option<&VsockHost>,
+    slots: HostDisks,
+    mut vsock: Option<(&VsockHost, Option<std::os::unix::net::UnixListener>)>,
     nets: Vec<NetTap>,
 ) -> Result<Vec<Attached>, BuildVmError> {
+    let HostDisks {
+        paths: slots,
+        files: mut slot_files,
+    } = slots;
     let mut taps: HashMap<String, OwnedFd> = HashMap::new();
     for t in nets {
         if taps.contains_key(&t.id) {
@@ -581,17 +594,36 @@ pub fn restore_devices(
         let parts = Some(parts);
         let (device, path) = match &s.state {
             VirtioState::Block(state) => {
+                let given = state
+                    .disk
+                    .spare_slot
+                    .as_ref()
+                    .and_then(|name| slot_files.remove(name));
                 let path = match &state.disk.spare_slot {
                     Some(name) => {
                         used.push(name.clone());
-                        slots.get(name).cloned()
+                        slots.get(name).cloned().or_else(|| {
+                            given
+                                .is_some()
+                                .then(|| PathBuf::from(format!("(slot {name}, passed)")))
+                        })
                     }
                     None => s.path.clone(),
                 };
-                let file = path
-                    .as_deref()
-                    .map(|p| open_disk(p, state.disk.read_only))
-                    .transpose()?;
+                let file = match given {
+                    Some(f) => Some(
+                        devices::virtio::block::lock_image(
+                            f,
+                            path.as_deref().unwrap_or(Path::new("")),
+                            state.disk.read_only,
+                        )
+                        .map_err(DeviceSetupError::from)?,
+                    ),
+                    None => path
+                        .as_deref()
+                        .map(|p| open_disk(p, state.disk.read_only))
+                        .transpose()?,
+                };
                 let args = BlockArgs {
                     mem: mem.clone(),
                     file,
@@ -606,19 +638,24 @@ pub fn restore_devices(
                 )
             }
             VirtioState::Vsock(state) => {
-                let host = vsock.ok_or(DeviceSetupError::VsockPathMissing {
+                let (host, listener) = vsock.take().ok_or(DeviceSetupError::VsockPathMissing {
                     cid: state.guest_cid,
                 })?;
                 let path = host.path.clone();
+                // A socket the restorer bound stays its own: not removed with the VM.
+                let ours = listener.is_none();
                 let args = VsockArgs {
                     mem: mem.clone(),
                     uds_path: path.clone(),
                     max_connections: host.max_connections,
+                    listener,
                     parts,
                 };
                 let device = Vsock::restore(args, state).map_err(DeviceSetupError::from)?;
-                bound.0.push(path.clone());
-                (VirtioDevice::Vsock(device), Some(path))
+                if ours {
+                    bound.0.push(path.clone());
+                }
+                (VirtioDevice::Vsock(device), ours.then_some(path))
             }
             VirtioState::Net(state) => {
                 let backend = taps
@@ -659,7 +696,11 @@ pub fn restore_devices(
         };
         attached.push(insert(mmio, device, s.base, s.gsi, path)?);
     }
-    if let Some(unknown) = slots.keys().find(|k| !used.contains(k)) {
+    if let Some(unknown) = slots
+        .keys()
+        .chain(slot_files.keys())
+        .find(|k| !used.contains(k))
+    {
         return Err(DeviceSetupError::UnknownSlot(unknown.clone()).into());
     }
     // Attached: the sockets are the VM's now (removed when it ends).

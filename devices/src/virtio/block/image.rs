@@ -54,6 +54,41 @@ pub fn open_image(path: &Path, read_only: bool) -> Result<File, OpenImageError> 
             path: path.to_owned(),
             source,
         })?;
+    lock_image(file, path, read_only)
+}
+
+/// Locks the disk image `file` that another process opened (`path` names it in errors) as
+/// [`open_image`] does, after checking it is a regular file or a block device opened read-write
+/// for a read-write disk, read-only for a read-only one (no more access than the disk needs).
+pub fn lock_image(file: File, path: &Path, read_only: bool) -> Result<File, OpenImageError> {
+    let refused = |why: &str| OpenImageError::Open {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
+    };
+    let ft = file
+        .metadata()
+        .map_err(|source| OpenImageError::Open {
+            path: path.to_owned(),
+            source,
+        })?
+        .file_type();
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(refused("not a regular file or a block device"));
+        }
+    }
+    // SAFETY: F_GETFL on an fd this function owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+    let writable = flags >= 0 && flags & libc::O_ACCMODE == libc::O_RDWR;
+    let readable = flags >= 0 && flags & libc::O_ACCMODE != libc::O_WRONLY;
+    if !readable || writable == read_only {
+        return Err(refused(if read_only {
+            "opened writable for a read-only disk"
+        } else {
+            "not opened read-write for a read-write disk"
+        }));
+    }
     let locked = if read_only {
         file.try_lock_shared()
     } else {

@@ -18,7 +18,7 @@ pub mod request;
 
 pub use backend::{BackendKind, Disk};
 pub use device::{Block, BlockConfig, BlockError, QUEUE_SIZE};
-pub use image::{OpenImageError, open_image};
+pub use image::{OpenImageError, lock_image, open_image};
 pub use persist::{BlockArgs, BlockRestoreError, BlockState, DiskState};
 pub use queue_handler::{BlockHandler, RequestSlot};
 

@@ -31,6 +31,9 @@ pub struct VsockArgs {
     pub uds_path: PathBuf,
     /// Most connections at once (see [`super::VsockConfig::max_connections`]).
     pub max_connections: usize,
+    /// The listening socket at `uds_path`, when the restorer bound it (a jailed VMM cannot
+    /// bind its client's path); `None` binds `uds_path` here.
+    pub listener: Option<std::os::unix::net::UnixListener>,
     /// The device's channels and `EventFd`s, when made ahead (see
     /// [`crate::virtio::front::restore_device`]); `None` makes fresh ones.
     pub parts: Option<Parts>,
@@ -65,7 +68,10 @@ impl Persist for Vsock {
         if state.guest_cid < 3 || state.guest_cid > u64::from(u32::MAX) {
             return Err(VsockError::InvalidCid(state.guest_cid).into());
         }
-        let listener = bind(&args.uds_path)?;
+        let listener = match args.listener {
+            Some(l) => l,
+            None => bind(&args.uds_path)?,
+        };
         let handler = VsockHandler::new(
             state.guest_cid,
             args.uds_path,

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::assets::RuntimeConfig;
 
 mod uids;
-pub use uids::release;
+pub use uids::{PoolShell, held_by_pool_shell, release, release_pool_shell};
 
 /// The first uid (and gid) of the jail's range when the config sets none: far above the
 /// ranges of ordinary users and of `/etc/subuid`'s usual allocations (100000 + 65536 n).
@@ -277,8 +277,36 @@ fn mount_point_file(name: &str) -> Result<()> {
         .with_context(|| format!("jail: cannot create {name}"))
 }
 
-/// The mount namespace: `pivot_root` into a tmpfs that holds only the plan's paths.
-fn enter_mount_namespace(plan: &Plan) -> Result<()> {
+/// One bind mount in a jail.
+#[derive(Debug)]
+pub struct Bind<'a> {
+    /// The host's path.
+    pub from: &'a Path,
+    /// Where it is in the jail (absolute).
+    pub to: &'static str,
+    /// A directory (else a file).
+    pub dir: bool,
+    /// Writable (else read-only).
+    pub rw: bool,
+}
+
+/// A jail: what it holds and where its process starts. Every jail also holds `/dev/null` and
+/// `/dev/urandom`.
+#[derive(Debug)]
+pub struct Confinement<'a> {
+    /// A directory of the host the jail's tmpfs root is mounted over (in the jail's mount
+    /// namespace only: any directory would do).
+    pub root_on: &'a Path,
+    /// What is bound in.
+    pub binds: Vec<Bind<'a>>,
+    /// The cwd in the jail.
+    pub cwd: &'static str,
+    /// Open `/dev/kvm` and `/dev/userfaultfd` before the jail, for a VM made in it.
+    pub devices: bool,
+}
+
+/// The mount namespace: `pivot_root` into a tmpfs that holds only the confinement's binds.
+fn enter_mount_namespace(c: &Confinement) -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(io_err("unshare (the process must be single-threaded)"))?;
     // Nothing mounted here propagates to the host, nor the host's mounts here.
@@ -291,35 +319,44 @@ fn enter_mount_namespace(plan: &Plan) -> Result<()> {
     )
     .map_err(io_err("private mounts"))?;
     // Descriptors of what goes in (in this namespace: a bind mount's source must be one of
-    // its mounts) before the tmpfs hides the container's directory at its path.
-    let dir = path_fd(plan.dir)?;
-    let template = path_fd(plan.template)?;
-    let image = path_fd(plan.image)?;
+    // its mounts) before the tmpfs hides what is below `root_on`.
+    let sources = c
+        .binds
+        .iter()
+        .map(|b| path_fd(b.from))
+        .collect::<Result<Vec<_>>>()?;
     let null = path_fd(Path::new("/dev/null"))?;
     let urandom = path_fd(Path::new("/dev/urandom"))?;
-    // The jail's root, on the container's directory (any directory would do: the mount is
-    // this namespace's only).
     mount(
         Some("tmpfs"),
-        plan.dir,
+        c.root_on,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         Some("mode=0755,size=64k,nr_inodes=32"),
     )
     .map_err(io_err("tmpfs"))?;
-    std::env::set_current_dir(plan.dir).context("jail: cannot enter its root")?;
-    for d in [&DIR[1..], &TEMPLATE[1..], "dev"] {
-        fs::DirBuilder::new()
-            .mode(0o755)
-            .create(d)
-            .with_context(|| format!("jail: cannot create {d}"))?;
+    std::env::set_current_dir(c.root_on).context("jail: cannot enter its root")?;
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create("dev")
+        .context("jail: cannot create dev")?;
+    for b in &c.binds {
+        let to = &b.to[1..];
+        if b.dir {
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .create(to)
+                .with_context(|| format!("jail: cannot create {to}"))?;
+        } else {
+            mount_point_file(to)?;
+        }
     }
-    for f in [&IMAGE[1..], "dev/null", "dev/urandom"] {
+    for f in ["dev/null", "dev/urandom"] {
         mount_point_file(f)?;
     }
-    bind(&dir, &DIR[1..], true, false)?;
-    bind(&template, &TEMPLATE[1..], false, false)?;
-    bind(&image, &IMAGE[1..], false, false)?;
+    for (b, fd) in c.binds.iter().zip(&sources) {
+        bind(fd, &b.to[1..], b.rw, false)?;
+    }
     bind(&null, "dev/null", true, true)?;
     bind(&urandom, "dev/urandom", false, true)?;
     // The old root goes on top of the new one, then is detached.
@@ -353,7 +390,23 @@ fn enter_mount_namespace(plan: &Plan) -> Result<()> {
         None::<&str>,
     )
     .map_err(io_err("read-only root"))?;
-    std::env::set_current_dir(DIR).context("jail: cannot enter the container's directory")?;
+    std::env::set_current_dir(c.cwd).with_context(|| format!("jail: cannot enter {}", c.cwd))?;
+    Ok(())
+}
+
+/// Confines this process as `uid` in the jail `c`: what needs privilege opened first (with
+/// `c.devices`), then the mount namespace, then the privileges dropped. The one way into a jail
+/// for a container's supervisor and a pool's shells. Call it while the process is
+/// single-threaded; the uid is the caller's to allocate and give back.
+pub fn confine(c: &Confinement, uid: u32) -> Result<()> {
+    if c.devices {
+        vmm::vm::KvmSystem::preopen().context("jail: cannot open /dev/kvm")?;
+        snapshot::page_server::preopen_uffd_device()
+            .context("jail: cannot open /dev/userfaultfd")?;
+    }
+    enter_mount_namespace(c)?;
+    drop_privileges(uid)?;
+    ACTIVE.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
@@ -466,6 +519,37 @@ fn drop_privileges(uid: u32) -> Result<()> {
     Ok(())
 }
 
+/// The jail of a container's supervisor: its directory (read-write), and for a VM restored
+/// in the supervisor itself the template's directory and the rootfs image (read-only).
+fn container_confinement<'a>(plan: &Plan<'a>, vm_here: bool) -> Confinement<'a> {
+    let mut binds = vec![Bind {
+        from: plan.dir,
+        to: DIR,
+        dir: true,
+        rw: true,
+    }];
+    if vm_here {
+        binds.push(Bind {
+            from: plan.template,
+            to: TEMPLATE,
+            dir: true,
+            rw: false,
+        });
+        binds.push(Bind {
+            from: plan.image,
+            to: IMAGE,
+            dir: false,
+            rw: false,
+        });
+    }
+    Confinement {
+        root_on: plan.dir,
+        binds,
+        cwd: DIR,
+        devices: vm_here,
+    }
+}
+
 /// Jails this process as `plan` says. Call it while the process is single-threaded (no VMM
 /// thread yet). On return the process is in the jail, its cwd the container's directory
 /// ([`DIR`]).
@@ -484,12 +568,7 @@ pub fn enter(plan: &Plan) -> Result<Jailed> {
         if m.mode() & 0o004 == 0 {
             fs::set_permissions(plan.image, fs::Permissions::from_mode(0o444))?;
         }
-        // What needs privilege, opened before it is gone.
-        vmm::vm::KvmSystem::preopen().context("jail: cannot open /dev/kvm")?;
-        snapshot::page_server::preopen_uffd_device()
-            .context("jail: cannot open /dev/userfaultfd")?;
-        enter_mount_namespace(plan)?;
-        drop_privileges(uid)
+        confine(&container_confinement(plan, true), uid)
     })();
     if let Err(e) = res {
         // Not jailed: the uid goes back at once (a half-made jail is this process's only, and
@@ -497,8 +576,64 @@ pub fn enter(plan: &Plan) -> Result<Jailed> {
         let _ = fs::remove_file(plan.state_root.join(UIDS_DIR).join(uid.to_string()));
         return Err(e);
     }
-    ACTIVE.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Jailed { uid })
+}
+
+/// Container `plan.id` adopts the uid of the pool shell `shell` that runs its VM (the uid's
+/// file names the container from now on, its directory is the uid's): call it once the shell
+/// is claimed and checked, before anything is handed to it.
+pub fn adopt(plan: &Plan, uid: u32, shell: &PoolShell) -> Result<()> {
+    uids::adopt(
+        plan.state_root,
+        uid,
+        shell,
+        plan.id,
+        plan.template,
+        plan.dir,
+    )
+}
+
+/// Jails the supervisor of a container whose VM runs in a pool shell, as the uid it adopted
+/// ([`adopt`]): only its directory is in the jail (no VM is made here, no device opened).
+pub fn enter_adopted(plan: &Plan, uid: u32) -> Result<Jailed> {
+    confine(&container_confinement(plan, false), uid)?;
+    Ok(Jailed { uid })
+}
+
+/// Where a pre-loaded pool shell finds its template in its jail.
+pub const POOL_TEMPLATE: &str = "/template";
+
+/// Jails a pool shell (this process, single-threaded, before its VM exists) with a uid of its
+/// own from `settings`' range, allocated in `state_root` and named as pool shell `shell`: only
+/// the template's snapshot directory (read-only, for a pre-loaded shell) at [`POOL_TEMPLATE`]
+/// is there; the cwd is `/`. Everything of its client comes as descriptors.
+pub fn enter_pool_shell(
+    state_root: &Path,
+    settings: Settings,
+    shell: &PoolShell,
+    template: Option<&Path>,
+) -> Result<u32> {
+    let uid = uids::allocate_pool_shell(state_root, shell, settings)?;
+    let binds = template
+        .map(|t| Bind {
+            from: t,
+            to: POOL_TEMPLATE,
+            dir: true,
+            rw: false,
+        })
+        .into_iter()
+        .collect();
+    let c = Confinement {
+        root_on: &shell.dir,
+        binds,
+        cwd: "/",
+        devices: true,
+    };
+    if let Err(e) = confine(&c, uid) {
+        let _ = fs::remove_file(state_root.join(UIDS_DIR).join(uid.to_string()));
+        return Err(e);
+    }
+    Ok(uid)
 }
 
 #[cfg(test)]

@@ -25,6 +25,19 @@ const UID_FILE_MAX: u64 = 64 << 10;
 struct UidFile {
     id: String,
     template: PathBuf,
+    /// Held by a pool shell rather than a container (`id` is empty then): a container that
+    /// claims the shell adopts its uid ([`adopt`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pool: Option<PoolShell>,
+}
+
+/// Which pool shell holds a uid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolShell {
+    /// The pool's directory.
+    pub dir: PathBuf,
+    /// The shell's pid.
+    pub pid: i32,
 }
 
 /// Takes an exclusive `flock` on the state root (allocation and release of uids).
@@ -66,6 +79,15 @@ fn read_uid_file(path: &Path) -> Option<UidFile> {
     let mut s = String::new();
     f.take(UID_FILE_MAX).read_to_string(&mut s).ok()?;
     serde_json::from_str(&s).ok()
+}
+
+/// Whether a process (not a zombie) has pid `pid`.
+fn pid_alive(pid: i32) -> bool {
+    pid > 0
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+            .unwrap_or(false)
 }
 
 /// Whether any process runs with `uid`: first asked of the kernel, which is quick (a child as
@@ -164,12 +186,35 @@ pub(super) fn allocate(
     dir: &Path,
     s: Settings,
 ) -> Result<u32> {
-    let _lock = lock_root(root)?;
-    let uids = uids_dir(root)?;
-    let body = serde_json::to_vec(&UidFile {
+    let holder = UidFile {
         id: id.to_string(),
         template: template.to_owned(),
-    })?;
+        pool: None,
+    };
+    allocate_for(root, &holder, s, |uid| give_dir(dir, uid))
+}
+
+/// Allocates a uid of the range for pool shell `shell` (named as such in its file: a container
+/// that claims the shell adopts it; the pool's manager gives it back when the shell ends
+/// unclaimed, [`release_pool_shell`]).
+pub(super) fn allocate_pool_shell(root: &Path, shell: &PoolShell, s: Settings) -> Result<u32> {
+    let holder = UidFile {
+        id: String::new(),
+        template: PathBuf::new(),
+        pool: Some(shell.clone()),
+    };
+    allocate_for(root, &holder, s, |_| Ok(()))
+}
+
+fn allocate_for(
+    root: &Path,
+    holder: &UidFile,
+    s: Settings,
+    give: impl Fn(u32) -> Result<()>,
+) -> Result<u32> {
+    let _lock = lock_root(root)?;
+    let uids = uids_dir(root)?;
+    let body = serde_json::to_vec(holder)?;
     for uid in s.uid_base..s.uid_base + s.uid_count {
         let path = uids.join(uid.to_string());
         for attempt in 0..2 {
@@ -185,7 +230,7 @@ pub(super) fn allocate(
                         .write_all(&body)
                         .and_then(|()| f.sync_all())
                         .with_context(|| format!("cannot write {}", path.display()))
-                        .and_then(|()| give_dir(dir, uid));
+                        .and_then(|()| give(uid));
                     if let Err(e) = given {
                         let _ = fs::remove_file(&path);
                         return Err(e);
@@ -194,6 +239,11 @@ pub(super) fn allocate(
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt == 0 => {
                     let stale = match read_uid_file(&path) {
+                        // A pool shell's: stale once the shell is gone (it takes the uid
+                        // only after this allocation) and no process runs as it.
+                        Some(UidFile {
+                            pool: Some(shell), ..
+                        }) => !pid_alive(shell.pid) && !uid_in_use(uid),
                         Some(held) => {
                             let owner = fs::symlink_metadata(root.join(&held.id))
                                 .ok()
@@ -270,6 +320,98 @@ pub fn release(root: &Path, id: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `uid` is held by the pool shell of the pool in `pool_dir` that runs as `pid` (what
+/// a client checks of a shell that is not root nor the caller before it hands it anything).
+pub fn held_by_pool_shell(root: &Path, uid: u32, pool_dir: &Path, pid: i32) -> bool {
+    let path = root.join(UIDS_DIR).join(uid.to_string());
+    // The directory is root's and private: nothing the jail (or another user) can write.
+    let private = fs::symlink_metadata(root.join(UIDS_DIR))
+        .is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o077 == 0);
+    private
+        && read_uid_file(&path)
+            .and_then(|f| f.pool)
+            .is_some_and(|p| p.dir == pool_dir && p.pid == pid)
+}
+
+/// Container `id` (directory `dir`, template `template`) adopts the uid of the pool shell
+/// `shell` it claimed: the uid's file names the container from now on (written to a temporary
+/// and renamed), and the directory is given to the uid, so `delete` gives it back as any
+/// container's. Fails unless the file names that shell.
+pub(super) fn adopt(
+    root: &Path,
+    uid: u32,
+    shell: &PoolShell,
+    id: &str,
+    template: &Path,
+    dir: &Path,
+) -> Result<()> {
+    let _lock = lock_root(root)?;
+    let uids = uids_dir(root)?;
+    let path = uids.join(uid.to_string());
+    if read_uid_file(&path).and_then(|f| f.pool).as_ref() != Some(shell) {
+        bail!("jail uid {uid} is not held by pool shell {}", shell.pid);
+    }
+    let body = serde_json::to_vec(&UidFile {
+        id: id.to_string(),
+        template: template.to_owned(),
+        pool: None,
+    })?;
+    let tmp = uids.join(format!(".{uid}.{}", std::process::id()));
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&body)?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    give_dir(dir, uid)
+}
+
+/// Gives back the uid of pool shell `pid` of the pool in `pool_dir` once no process runs as it
+/// (the shell ended unclaimed, or served a restore that was no container's). Nothing when no
+/// uid file names it (a container adopted it: `delete` gives it back).
+pub fn release_pool_shell(root: &Path, pool_dir: &Path, pid: i32) -> Result<()> {
+    let uids = root.join(UIDS_DIR);
+    if !uids.is_dir() {
+        return Ok(());
+    }
+    let _lock = lock_root(root)?;
+    let shell = PoolShell {
+        dir: pool_dir.to_owned(),
+        pid,
+    };
+    for e in fs::read_dir(&uids)?.flatten() {
+        let Some(uid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if read_uid_file(&e.path()).and_then(|f| f.pool).as_ref() != Some(&shell) {
+            continue;
+        }
+        let end = std::time::Instant::now() + RELEASE_WAIT;
+        let mut in_use = uid_in_use(uid);
+        while in_use && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            in_use = uid_in_use(uid);
+        }
+        if in_use {
+            tracing::warn!("jail uid {uid} of pool shell {pid} still runs a process: it stays");
+            return Ok(());
+        }
+        fs::remove_file(e.path())
+            .with_context(|| format!("cannot remove {}", e.path().display()))?;
+    }
+    let _ = fs::remove_dir(&uids);
+    Ok(())
+}
+
 /// Gives the container's directory to `uid` (and its gid), mode 0700.
 fn give_dir(dir: &Path, uid: u32) -> Result<()> {
     std::os::unix::fs::lchown(dir, Some(uid), Some(uid))
@@ -320,6 +462,62 @@ mod tests {
         release(root.path(), "b", &root.path().join("b")).unwrap();
         fs::remove_dir(root.path().join("b")).unwrap();
         assert_eq!(alloc("e").unwrap(), b);
+    }
+
+    #[test]
+    fn test_pool_shell_uid_is_held_adopted_by_its_container_and_given_back() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: needs root (uid files are checked to be root's)");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let s = Settings {
+            enabled: true,
+            uid_base: 3_900_000_200,
+            uid_count: 4,
+        };
+        let pool = root.path().join("pool");
+        let shell = |pid| PoolShell {
+            dir: pool.clone(),
+            pid,
+        };
+        // Live pids (this process and init): a shell holds its uid before it runs as it.
+        let (mine, init) = (std::process::id() as i32, 1);
+        let a = allocate_pool_shell(root.path(), &shell(mine), s).unwrap();
+        let b = allocate_pool_shell(root.path(), &shell(init), s).unwrap();
+        assert_ne!(a, b);
+        assert!(held_by_pool_shell(root.path(), a, &pool, mine));
+        assert!(
+            !held_by_pool_shell(root.path(), a, &pool, init),
+            "another shell's pid"
+        );
+        assert!(!held_by_pool_shell(
+            root.path(),
+            a,
+            Path::new("/other"),
+            mine
+        ));
+        // A container adopts a's uid: only as the shell that holds it.
+        let dir = root.path().join("c1");
+        fs::create_dir(&dir).unwrap();
+        let t = Path::new("/t");
+        assert!(adopt(root.path(), a, &shell(init), "c1", t, &dir).is_err());
+        adopt(root.path(), a, &shell(mine), "c1", t, &dir).unwrap();
+        assert!(
+            !held_by_pool_shell(root.path(), a, &pool, mine),
+            "still the shell's"
+        );
+        let held = read_uid_file(&root.path().join(UIDS_DIR).join(a.to_string())).unwrap();
+        assert_eq!((held.id.as_str(), held.pool), ("c1", None));
+        assert_eq!(fs::metadata(&dir).unwrap().uid(), a);
+        // The manager's release after the shell ends leaves an adopted uid alone.
+        release_pool_shell(root.path(), &pool, mine).unwrap();
+        assert!(root.path().join(UIDS_DIR).join(a.to_string()).exists());
+        // b ends unclaimed: given back; a at the container's delete.
+        release_pool_shell(root.path(), &pool, init).unwrap();
+        assert!(!root.path().join(UIDS_DIR).join(b.to_string()).exists());
+        release(root.path(), "c1", &dir).unwrap();
+        assert!(!root.path().join(UIDS_DIR).exists(), "every uid is back");
     }
 
     #[test]
