@@ -90,6 +90,7 @@
 #![deny(missing_docs)]
 
 mod client;
+pub mod files;
 mod frame;
 mod messages;
 pub mod network;
@@ -98,6 +99,7 @@ pub mod seccomp;
 pub mod validate;
 
 pub use client::{AgentClient, ClientError, RunOutcome};
+pub use files::{FileContent, MAX_FILE_BYTES, MAX_FILES, MAX_FILES_TOTAL_BYTES};
 pub use frame::{
     FrameDecoder, FrameError, ProtocolError, decode_message, encode_message, read_frame,
     read_message, write_frame, write_message,
@@ -128,7 +130,8 @@ pub use validate::{
 /// `Process::clear_onlcr` and `console_size`, `ExecRequest::cgroup` (runc's `exec --cgroup`);
 /// the container's init runs in a PID namespace of its own.
 /// 7: `RunRequest::network` (the container's interfaces and routes, applied by
-/// the agent to the guest's), `ErrorKind::Network`; the agent brings `lo` up.
+/// the agent to the guest's), `ErrorKind::Network`; the agent brings `lo` up;
+/// `RunRequest::files` (host files copied into the container's root).
 pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest payload of one frame, in bytes (the 4-byte length prefix excluded).

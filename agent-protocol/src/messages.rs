@@ -248,6 +248,13 @@ pub struct RunRequest {
     /// `None` leaves the guest's interfaces as they are (loopback only).
     #[serde(default)]
     pub network: Option<crate::NetworkConfig>,
+    /// Files written in the container's root before its process is made
+    /// (protocol 7): the copies of the host files Docker binds on
+    /// `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` (see
+    /// [`crate::files`]). Written after the mounts, before a read-only root
+    /// is sealed, each owned by root with its mode.
+    #[serde(default)]
+    pub files: Vec<crate::FileContent>,
 }
 
 /// Another process in the running container (runc's `exec`).

@@ -345,6 +345,7 @@ impl Validate for RunRequest {
         if let Some(n) = &self.network {
             n.validate()?;
         }
+        crate::files::validate_files(&self.files)?;
         match &self.rootfs.source {
             RootfsSource::Block { device, .. } => abs_path("rootfs device", device),
             RootfsSource::Directory { path } => abs_path("rootfs directory", path),
@@ -561,6 +562,7 @@ pub(crate) mod tests {
             readonly_paths: vec!["/proc/sys".into()],
             seccomp: None,
             network: None,
+            files: vec![],
         }
     }
 

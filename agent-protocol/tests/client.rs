@@ -60,6 +60,7 @@ fn request() -> RunRequest {
         readonly_paths: vec![],
         seccomp: None,
         network: None,
+        files: vec![],
     }
 }
 

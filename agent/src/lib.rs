@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod exit_status;
+pub mod files;
 pub mod harness;
 pub mod init;
 pub mod lookup;

@@ -68,7 +68,11 @@ pub fn convert(
     if let Some(h) = spec.hooks() {
         hooks(h, &mut ignored)?;
     }
-    let mounts = mounts::translate(spec.mounts().as_deref().unwrap_or_default(), &mut ignored)?;
+    let mounts::Translated { mounts, files } = mounts::translate(
+        dir,
+        spec.mounts().as_deref().unwrap_or_default(),
+        &mut ignored,
+    )?;
     let (resources, network) = match spec.linux() {
         Some(linux) => self::linux(linux, &mut ignored)?,
         None => (Resources::default(), Network::Host),
@@ -102,6 +106,7 @@ pub fn convert(
         process,
         hostname,
         mounts,
+        files,
         annotations,
         resources,
         cgroups_path,

@@ -42,8 +42,8 @@
 //! | `mounts` proc, sysfs, tmpfs, devpts, mqueue | honoured: made by the guest |
 //! | `mounts` cgroup, cgroup2 | honoured as cgroup2 (what runc does on a cgroup v2 host; the guest kernel has cgroup2 and no v1 controllers); options other than mount flags dropped |
 //! | `mounts` bind of host `/sys` on `/sys` (`runc spec --rootless`) | replaced by the guest's sysfs |
-//! | `mounts` bind on `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname` (Docker) | ignored: the VM has no network yet, the hostname comes from `hostname`, the rootfs's own files are used |
-//! | `mounts` any other bind (`type: bind`, or `bind`/`rbind` option) | refused: the VM cannot see host files until a shared filesystem exists |
+//! | `mounts` bind of a host file on `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname` (Docker, nerdctl, CRI) | honoured by copying ([`BundleConfig::files`], [`FileCopy`]): the runtime reads the host file at create (a regular file of at most 64 KiB) and the agent writes it there before the process starts, read-only with `ro`; a copy, not a live bind: a change to the host file after create is not seen. A later bind on the same file replaces an earlier one |
+//! | `mounts` any other bind (`type: bind`, or `bind`/`rbind` option) | refused: the VM cannot see host files or directories until a shared filesystem exists |
 //! | `mounts` other types (overlay, nfs, `none` without bind...) | refused |
 //! | `mounts[].uidMappings`/`gidMappings` (idmapped) | refused |
 //! | `hooks` Docker `libnetwork-setkey`, nerdctl `internal oci-hook` | ignored: network set-up for a namespace the VM does not use; the container has no network, as with `--network none` |
@@ -91,6 +91,7 @@ use agent_protocol::{
 
 pub use convert::{GUEST_UMASK, capability_number};
 pub use error::{BundleError, ConfigError};
+pub use mounts::NETWORK_IDENTITY_FILES;
 pub use read::MAX_CONFIG_BYTES;
 pub use resources::Resources;
 pub use spec::{OCI_VERSION_MIN, SPEC_VERSION, default_spec, features};
@@ -129,6 +130,10 @@ pub struct BundleConfig {
     pub hostname: Option<String>,
     /// The mounts the guest will make, in order.
     pub mounts: Vec<Mount>,
+    /// Host files bound on `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`
+    /// (Docker, nerdctl, CRI), copied into the container's root at create
+    /// ([`FileCopy`]), one per destination.
+    pub files: Vec<FileCopy>,
     /// `annotations`.
     pub annotations: BTreeMap<String, String>,
     /// The VM's size from `linux.resources`.
@@ -145,6 +150,21 @@ pub struct BundleConfig {
     pub network: Network,
     /// What was accepted but has no effect in a VM, one line each.
     pub ignored: Vec<String>,
+}
+
+/// A bind mount of a host file that kata-snap honours by copying: the
+/// runtime reads `source` when the container is created and the agent
+/// writes its content at `destination` in the container's root (a copy, not
+/// a live bind: a later change to the host file is not seen).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileCopy {
+    /// The host file, absolute (a relative source is joined to the bundle
+    /// directory). Not opened here: the runtime reads it as a hostile file.
+    pub source: PathBuf,
+    /// The absolute container path, one of [`NETWORK_IDENTITY_FILES`].
+    pub destination: String,
+    /// The bind asked for `ro`: the agent binds the copy read-only.
+    pub read_only: bool,
 }
 
 /// The container's network, as `linux.namespaces` asks for it.
@@ -229,6 +249,8 @@ impl BundleConfig {
             readonly_paths: self.readonly_paths.clone(),
             seccomp: self.seccomp.clone(),
             network: None,
+            // Their contents are read by the runtime at create (`files`).
+            files: Vec::new(),
         }
     }
 }

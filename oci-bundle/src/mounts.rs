@@ -1,8 +1,11 @@
 //! OCI mounts to the mounts the guest agent makes.
 
+use std::path::Path;
+
 use agent_protocol::Mount;
 use oci_spec::runtime::Mount as OciMount;
 
+use crate::FileCopy;
 use crate::error::ConfigError;
 
 /// Types the guest makes itself, passed through unchanged.
@@ -28,11 +31,11 @@ const FLAG_OPTIONS: &[&str] = &[
     "strictatime",
 ];
 
-/// Files Docker bind-mounts from its per-container directory. They carry the
-/// container's network identity; the VM has no network yet and the hostname
-/// comes from `hostname`, so they are dropped, not refused (refusing them
-/// would make every `docker run` fail).
-const NETWORK_IDENTITY_FILES: &[&str] = &["/etc/resolv.conf", "/etc/hosts", "/etc/hostname"];
+/// Files Docker (and nerdctl, CRI) bind-mount from its per-container
+/// directory: the container's network identity. A VM cannot bind a host file
+/// (no shared filesystem yet), so each becomes a [`FileCopy`]: the runtime
+/// reads the host file at create and the agent writes its content there.
+pub const NETWORK_IDENTITY_FILES: &[&str] = &["/etc/resolv.conf", "/etc/hosts", "/etc/hostname"];
 
 fn utf8(field: &'static str, p: &std::path::Path) -> Result<String, ConfigError> {
     p.to_str().map(str::to_owned).ok_or(ConfigError::NotUtf8 {
@@ -49,22 +52,60 @@ fn flags_only(options: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Translates the OCI mounts, in order. Dropped mounts are explained in
-/// `ignored`; anything the guest cannot provide is refused.
+/// What the OCI mounts become.
+#[derive(Debug, Default)]
+pub struct Translated {
+    /// The mounts the guest makes, in order.
+    pub mounts: Vec<Mount>,
+    /// The host files copied in, one per destination.
+    pub files: Vec<FileCopy>,
+}
+
+/// Translates the OCI mounts, in order. `dir` is the absolute bundle
+/// directory (a relative bind source is relative to it, as in runc). Dropped
+/// mounts are explained in `ignored`; anything the guest cannot provide is
+/// refused.
 pub fn translate(
+    dir: &Path,
     mounts: &[OciMount],
     ignored: &mut Vec<String>,
-) -> Result<Vec<Mount>, ConfigError> {
-    let mut out = Vec::with_capacity(mounts.len());
+) -> Result<Translated, ConfigError> {
+    let mut out = Translated::default();
     for m in mounts {
-        if let Some(t) = translate_one(m, ignored)? {
-            out.push(t);
+        match translate_one(dir, m, ignored)? {
+            Some(Translation::Mount(t)) => out.mounts.push(t),
+            Some(Translation::File(f)) => {
+                // A later mount on the same file hides an earlier one.
+                if let Some(i) = out
+                    .files
+                    .iter()
+                    .position(|g| g.destination == f.destination)
+                {
+                    ignored.push(format!(
+                        "mount {} (bind of host {}): hidden by a later bind on the same file",
+                        f.destination,
+                        out.files[i].source.display()
+                    ));
+                    out.files.remove(i);
+                }
+                out.files.push(f);
+            }
+            None => {}
         }
     }
     Ok(out)
 }
 
-fn translate_one(m: &OciMount, ignored: &mut Vec<String>) -> Result<Option<Mount>, ConfigError> {
+enum Translation {
+    Mount(Mount),
+    File(FileCopy),
+}
+
+fn translate_one(
+    dir: &Path,
+    m: &OciMount,
+    ignored: &mut Vec<String>,
+) -> Result<Option<Translation>, ConfigError> {
     let destination = utf8("mount destination", m.destination())?;
     let fs_type = m.typ().clone().unwrap_or_default();
     let source = match m.source() {
@@ -78,12 +119,18 @@ fn translate_one(m: &OciMount, ignored: &mut Vec<String>) -> Result<Option<Mount
     let is_bind = fs_type == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
     if is_bind {
         let dest = destination.trim_end_matches('/');
-        if NETWORK_IDENTITY_FILES.contains(&dest) {
-            ignored.push(format!(
-                "mount {destination} (bind of host {source}): the VM has no network yet; \
-                 the rootfs's own file is used"
-            ));
-            return Ok(None);
+        if NETWORK_IDENTITY_FILES.contains(&dest) && !source.is_empty() {
+            // The last of `ro`/`rw` wins, as the agent's option parser reads them.
+            let read_only = options
+                .iter()
+                .rev()
+                .find(|o| *o == "ro" || *o == "rw")
+                .is_some_and(|o| o == "ro");
+            return Ok(Some(Translation::File(FileCopy {
+                source: dir.join(&source),
+                destination: dest.to_owned(),
+                read_only,
+            })));
         }
         if dest == "/sys" && source.trim_end_matches('/') == "/sys" {
             // `runc spec --rootless` binds the host's /sys because an
@@ -92,12 +139,12 @@ fn translate_one(m: &OciMount, ignored: &mut Vec<String>) -> Result<Option<Mount
                 "mount {destination}: bind of host /sys replaced by the guest's own sysfs"
             ));
             let options = flags_only(&options);
-            return Ok(Some(Mount {
+            return Ok(Some(Translation::Mount(Mount {
                 destination,
                 fs_type: "sysfs".into(),
                 source: "sysfs".into(),
                 options,
-            }));
+            })));
         }
         return Err(ConfigError::HostBind {
             destination,
@@ -105,12 +152,12 @@ fn translate_one(m: &OciMount, ignored: &mut Vec<String>) -> Result<Option<Mount
         });
     }
     match fs_type.as_str() {
-        t if GUEST_TYPES.contains(&t) => Ok(Some(Mount {
+        t if GUEST_TYPES.contains(&t) => Ok(Some(Translation::Mount(Mount {
             destination,
             source: if source.is_empty() { t.into() } else { source },
             fs_type,
             options,
-        })),
+        }))),
         "cgroup" | "cgroup2" => {
             // runc on a cgroup v2 host turns an OCI "cgroup" mount into a
             // cgroup2 mount; the guest kernel has cgroup2 and no v1
@@ -123,12 +170,12 @@ fn translate_one(m: &OciMount, ignored: &mut Vec<String>) -> Result<Option<Mount
                      (cgroup2 in the guest)"
                 ));
             }
-            Ok(Some(Mount {
+            Ok(Some(Translation::Mount(Mount {
                 destination,
                 fs_type: "cgroup2".into(),
                 source: "cgroup2".into(),
                 options: kept,
-            }))
+            })))
         }
         _ => Err(ConfigError::UnsupportedMountType {
             destination,

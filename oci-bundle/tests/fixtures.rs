@@ -4,7 +4,7 @@ mod common;
 
 use agent_protocol::{Mount, RlimitKind, RootfsSource, Validate};
 use common::{TestBundle, fixture};
-use oci_bundle::{ConfigError, Resources};
+use oci_bundle::{ConfigError, FileCopy, Resources};
 
 fn mount_types(mounts: &[Mount]) -> Vec<(&str, &str)> {
     mounts
@@ -161,10 +161,10 @@ fn test_containerd_spec_resources_and_mounts() {
     );
 }
 
-/// Docker: the network identity binds and the libnetwork hook are dropped
-/// (the VM has no network yet), everything else of Docker's runs.
+/// Docker: the network identity binds become file copies, the libnetwork
+/// hook is dropped, everything else of Docker's runs.
 #[test]
-fn test_docker_spec_loaded_with_network_parts_ignored() {
+fn test_docker_spec_loaded_with_network_files_copied() {
     let b = TestBundle::new();
     let mut config = fixture("docker.json");
     // Docker gives an absolute root.path.
@@ -186,6 +186,34 @@ fn test_docker_spec_loaded_with_network_parts_ignored() {
         c.mounts
     );
     assert_eq!(c.mounts.len(), 7);
+    let dir = "/var/lib/docker/containers/4e1f0a2b3c4d5e6f";
+    let copy = |name: &str, destination: &str| FileCopy {
+        source: format!("{dir}/{name}").into(),
+        destination: destination.into(),
+        read_only: false,
+    };
+    assert_eq!(
+        c.files,
+        [
+            copy("resolv.conf", "/etc/resolv.conf"),
+            copy("hostname", "/etc/hostname"),
+            copy("hosts", "/etc/hosts"),
+        ]
+    );
+    // Copied, not ignored.
+    for field in [
+        "mount /etc/resolv.conf",
+        "mount /etc/hosts",
+        "mount /etc/hostname",
+    ] {
+        assert!(!has(&c.ignored, field), "{field} in {:#?}", c.ignored);
+    }
+    // The request the bundle makes carries no contents: the runtime reads them at create.
+    let req = c.run_request(RootfsSource::Block {
+        device: "/dev/vdb".into(),
+        fs: None,
+    });
+    assert!(req.files.is_empty());
     // 512 MiB + 64; quota 2.5 CPUs -> 3, cpuset 0-1 -> 2: the smaller.
     assert_eq!(
         c.resources,
@@ -196,9 +224,6 @@ fn test_docker_spec_loaded_with_network_parts_ignored() {
     );
     for field in [
         "hooks.prestart: network hook /proc/4242/exe",
-        "mount /etc/resolv.conf",
-        "mount /etc/hosts",
-        "mount /etc/hostname",
         "linux.sysctl net.ipv4.ip_unprivileged_port_start",
         "linux.sysctl net.ipv4.ping_group_range",
         "process.apparmorProfile",
@@ -227,6 +252,79 @@ fn test_docker_spec_volume_bind_refused() {
     let msg = e.to_string();
     assert!(matches!(e, ConfigError::HostBind { .. }));
     assert!(msg.contains("/data") && msg.contains("/srv/data"), "{msg}");
+}
+
+/// nerdctl and CRI write the same binds with other options: `ro` makes a
+/// read-only copy, a relative source is the bundle's, a later bind on the same
+/// file wins; a bind of a host file elsewhere, or of the same file with no
+/// source, is still refused.
+#[test]
+fn test_network_file_binds_read_only_relative_and_repeated() {
+    let b = TestBundle::new();
+    let mut config = fixture("docker.json");
+    config["root"]["path"] = "rootfs".into();
+    let mounts = config["mounts"].as_array_mut().unwrap();
+    mounts.retain(|m| !m["destination"].as_str().unwrap().starts_with("/etc/"));
+    mounts.extend([
+        serde_json::json!({
+            "destination": "/etc/hosts", "type": "bind", "source": "/run/old/hosts",
+            "options": ["rbind", "rprivate"]
+        }),
+        serde_json::json!({
+            "destination": "/etc/resolv.conf", "type": "bind", "source": "net/resolv.conf",
+            "options": ["rbind", "ro", "nosuid"]
+        }),
+        serde_json::json!({
+            "destination": "/etc/hosts/", "source": "/run/new/hosts",
+            "options": ["bind", "ro", "rw"]
+        }),
+    ]);
+    b.write(&config);
+    let c = b.load().unwrap().config;
+    let dir = b.path().canonicalize().unwrap();
+    assert_eq!(
+        c.files,
+        [
+            FileCopy {
+                source: dir.join("net/resolv.conf"),
+                destination: "/etc/resolv.conf".into(),
+                read_only: true,
+            },
+            FileCopy {
+                source: "/run/new/hosts".into(),
+                destination: "/etc/hosts".into(),
+                read_only: false,
+            },
+        ]
+    );
+    assert!(
+        has(
+            &c.ignored,
+            "mount /etc/hosts (bind of host /run/old/hosts): hidden"
+        ),
+        "{:#?}",
+        c.ignored
+    );
+    assert!(!c.mounts.iter().any(|m| m.destination.starts_with("/etc")));
+
+    // A host file bound anywhere else is still refused.
+    for (destination, source) in [("/etc/passwd", "/etc/passwd"), ("/etc/hosts", "")] {
+        let mut config = fixture("docker.json");
+        config["root"]["path"] = "rootfs".into();
+        config["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "destination": destination, "type": "bind", "source": source,
+                "options": ["rbind"]
+            }));
+        b.write(&config);
+        let e = b.refused();
+        assert!(
+            matches!(&e, ConfigError::HostBind { destination: d, .. } if d == destination),
+            "{e}"
+        );
+    }
 }
 
 #[test]

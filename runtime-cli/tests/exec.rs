@@ -156,6 +156,7 @@ impl Container {
             readonly_paths: vec![],
             seccomp: None,
             network: None,
+            files: vec![],
         };
         init.create(req).unwrap();
         init.start_created().unwrap();

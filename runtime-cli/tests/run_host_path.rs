@@ -322,6 +322,85 @@ fn test_test_guest_with_a_kernel_in_the_config_is_refused() {
     env.assert_gone("x");
 }
 
+/// Docker's resolv.conf, hosts and hostname binds: the host files are read at create and their
+/// copies go to the agent in the request (the test guest does not write them: what the agent
+/// does with them is agent/tests/files.rs). A source that is not a small regular file fails
+/// create, naming it, without blocking on a FIFO and leaving nothing behind.
+#[test]
+fn test_run_with_docker_network_file_binds_copies_or_refuses_their_sources() {
+    if !usable() {
+        return;
+    }
+    let env = Env::new();
+    let files = env.dir.path().join("docker-files");
+    fs::create_dir_all(&files).unwrap();
+    fs::write(files.join("resolv.conf"), "nameserver 10.88.0.1\n").unwrap();
+    fs::write(files.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+    fs::write(files.join("hostname"), "4e1f0a2b3c4d\n").unwrap();
+    let with_binds = |name: &str| {
+        let b = env.bundle(name, &["echo", "copied"]);
+        let path = b.join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let mounts = spec["mounts"].as_array_mut().unwrap();
+        for (f, ro) in [("resolv.conf", false), ("hostname", false), ("hosts", true)] {
+            let mut options = vec!["rbind", "rprivate"];
+            if ro {
+                options.push("ro");
+            }
+            mounts.push(serde_json::json!({
+                "destination": format!("/etc/{f}"), "type": "bind",
+                "source": files.join(f), "options": options
+            }));
+        }
+        fs::write(&path, spec.to_string()).unwrap();
+        b
+    };
+    let b = with_binds("binds");
+    let o = env.run(&["run", "--bundle", b.to_str().unwrap(), "binds"]);
+    assert_eq!((o.stdout.as_str(), o.code()), ("copied\n", 0), "{o:?}");
+    env.assert_gone("binds");
+
+    // A FIFO (no writer: a blocking open would hang create), a directory, a file too big.
+    fs::remove_file(files.join("hosts")).unwrap();
+    nix::unistd::mkfifo(
+        &files.join("hosts"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    fs::remove_file(files.join("hostname")).unwrap();
+    fs::create_dir(files.join("hostname")).unwrap();
+    fs::write(files.join("resolv.conf"), vec![b'#'; 64 * 1024 + 1]).unwrap();
+    for (bad, want) in [
+        ("resolv.conf", "larger than 64 KiB"),
+        ("hostname", "is not a regular file"),
+        ("hosts", "is not a regular file"),
+    ] {
+        let b = with_binds(&format!("bad-{bad}"));
+        let t0 = Instant::now();
+        let o = env.run(&["run", "--bundle", b.to_str().unwrap(), "bad"]);
+        assert!(t0.elapsed() < Duration::from_secs(60), "{bad}: {o:?}");
+        assert_eq!(o.code(), 1, "{bad}: {o:?}");
+        let msg = error_msg(&o);
+        assert!(
+            msg.contains(&format!("mount /etc/{bad}"))
+                && msg.contains(&files.join(bad).display().to_string())
+                && msg.contains(want),
+            "{bad}: {o:?}"
+        );
+        env.assert_gone("bad");
+        // Fixed for the next case (each case finds the one before it fixed).
+        match bad {
+            "resolv.conf" => fs::write(files.join(bad), "nameserver 10.88.0.1\n").unwrap(),
+            "hostname" => {
+                fs::remove_dir(files.join(bad)).unwrap();
+                fs::write(files.join(bad), "h\n").unwrap();
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The C test guest speaks the agent protocol by hand: its version must follow the crate's, or
 /// every test above fails at Hello (as when protocol 6 came without it). Runs without KVM.
 #[test]

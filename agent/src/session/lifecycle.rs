@@ -5,11 +5,12 @@
 
 use std::time::Instant;
 
-use agent_protocol::{AgentMessage, ErrorKind, ExecRequest, Mount, RunRequest};
+use agent_protocol::{AgentMessage, ErrorKind, ExecRequest, FileContent, Mount, RunRequest};
 use nix::unistd::Pid;
 
 use super::{Phase, Proc, Session, SessionContext, SessionEnd, error};
 use crate::exit_status::EXIT_CANNOT_INVOKE;
+use crate::files::write_files;
 use crate::mounts::{
     apply_masked_paths, apply_mount, apply_readonly_paths, populate_dev, prepare_dev,
     seal_readonly_mounts,
@@ -227,6 +228,11 @@ impl Session {
         // proc mount, read-only and masked paths there) and the read-only remount. The rest
         // is made here first (the terminal's devpts must exist before the fork).
         let split = ProcSplit::new(&mounts);
+        let (child_files, parent_files): (Vec<FileContent>, Vec<FileContent>) = req
+            .files
+            .iter()
+            .cloned()
+            .partition(|f| split.below_proc(&f.path));
         let mounted = prepare_dev(&rootfs.root, &mounts, req.rootfs.readonly)
             .and_then(|()| {
                 mounts
@@ -235,6 +241,10 @@ impl Session {
                     .try_for_each(|m| apply_mount(&rootfs.root, m))
             })
             .and_then(|()| populate_dev(&rootfs.root))
+            .map_err(Failure::rootfs)
+            // The copied host files where their binds would be (runc binds them with the
+            // other mounts), before anything is made read-only.
+            .and_then(|()| write_files(&rootfs.root, &parent_files).map_err(Failure::rootfs))
             // runc makes a read-only tmpfs read-only once what goes in it is made.
             .and_then(|()| {
                 let mine: Vec<Mount> = mounts
@@ -242,14 +252,17 @@ impl Session {
                     .filter(|m| !split.in_child(m))
                     .cloned()
                     .collect();
-                seal_readonly_mounts(&rootfs.root, &mine)
+                seal_readonly_mounts(&rootfs.root, &mine).map_err(Failure::rootfs)
             })
             // runc's order: read-only paths, then masked ones.
             .and_then(|()| {
                 apply_readonly_paths(&rootfs.root, &split.paths(&req.readonly_paths, false))
+                    .map_err(Failure::rootfs)
             })
-            .and_then(|()| apply_masked_paths(&rootfs.root, &split.paths(&req.masked_paths, false)))
-            .map_err(Failure::rootfs);
+            .and_then(|()| {
+                apply_masked_paths(&rootfs.root, &split.paths(&req.masked_paths, false))
+                    .map_err(Failure::rootfs)
+            });
         if let Err(e) = mounted {
             rootfs.teardown();
             if let Some(g) = &group {
@@ -264,6 +277,7 @@ impl Session {
                 .filter(|m| split.in_child(m))
                 .try_for_each(|m| apply_mount(&rootfs.root, m))
                 .map_err(|x| e(&x))?;
+            write_files(&rootfs.root, &child_files).map_err(|x| e(&x))?;
             apply_readonly_paths(&rootfs.root, &split.paths(&req.readonly_paths, true))
                 .map_err(|x| e(&x))?;
             apply_masked_paths(&rootfs.root, &split.paths(&req.masked_paths, true))

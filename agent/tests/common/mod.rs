@@ -252,6 +252,7 @@ impl Agent {
             readonly_paths: vec![],
             seccomp: None,
             network: None,
+            files: vec![],
         }
     }
 

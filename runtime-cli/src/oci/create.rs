@@ -4,6 +4,7 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,8 @@ pub(super) fn create(
         // runc's debug line (its seccomp.bats reads the number).
         tracing::debug!("seccomp filter flags: {}", sc.flags);
     }
+    // Docker's resolv.conf, hosts and hostname, read now (a copy, not a live bind).
+    let files = copied_files(&config.files)?;
     let spec = template::spec_for(config.resources.vcpus, config.resources.mem_mib)?;
     let data = assets::data_dir();
     let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {
@@ -176,6 +179,7 @@ pub(super) fn create(
             r.process.clear_onlcr = r.process.terminal
                 && args.console_socket.is_none()
                 && matches!(mode, Mode::RunForeground { .. });
+            r.files = files;
             r
         },
         console_socket: args.console_socket.clone(),
@@ -362,4 +366,163 @@ impl SyncPair {
 pub(super) fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
     // runc writes it through a temporary name too, so a reader never sees it half-written.
     write_file_synced(path, pid.to_string().as_bytes())
+}
+
+/// The contents of the bundle's copied host files (Docker's resolv.conf, hosts, hostname), for
+/// the agent to write in the container's root.
+fn copied_files(files: &[oci_bundle::FileCopy]) -> Result<Vec<agent_protocol::FileContent>> {
+    files
+        .iter()
+        .map(|f| {
+            let (content, mode) = read_copied_file(&f.source).with_context(|| {
+                format!("mount {} (bind of a host file, copied)", f.destination)
+            })?;
+            tracing::debug!(
+                source = %f.source.display(),
+                destination = %f.destination,
+                bytes = content.len(),
+                "host file copied into the container"
+            );
+            Ok(agent_protocol::FileContent {
+                path: f.destination.clone(),
+                content,
+                mode,
+                read_only: f.read_only,
+            })
+        })
+        .collect()
+}
+
+/// Reads a host file a bundle binds into the container, as a hostile file: a link is followed
+/// (a host's resolv.conf often is one), but what is opened must be a regular file (a FIFO is
+/// opened without blocking and refused, as are a directory and a device), of at most
+/// [`agent_protocol::MAX_FILE_BYTES`]. Returns the content and the file's permission bits.
+fn read_copied_file(path: &Path) -> Result<(Vec<u8>, u32)> {
+    let max = agent_protocol::MAX_FILE_BYTES;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = f
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    let mut content = Vec::new();
+    f.take(max as u64 + 1)
+        .read_to_end(&mut content)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if content.len() > max {
+        bail!(
+            "{} is larger than {} KiB, the most copied into a container",
+            path.display(),
+            max / 1024
+        );
+    }
+    Ok((content, meta.permissions().mode() & 0o7777))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(e: anyhow::Error) -> String {
+        format!("{e:#}")
+    }
+
+    #[test]
+    fn test_copied_file_regular_read_with_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("resolv.conf");
+        std::fs::write(&p, "nameserver 10.0.0.1\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(
+            read_copied_file(&p).unwrap(),
+            (b"nameserver 10.0.0.1\n".to_vec(), 0o640)
+        );
+        // A link is followed (the host's /etc/resolv.conf often is one).
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert_eq!(read_copied_file(&link).unwrap().1, 0o640);
+        // Exactly the limit is fine; empty too.
+        std::fs::write(&p, vec![b'#'; agent_protocol::MAX_FILE_BYTES]).unwrap();
+        assert_eq!(
+            read_copied_file(&p).unwrap().0.len(),
+            agent_protocol::MAX_FILE_BYTES
+        );
+        std::fs::write(&p, "").unwrap();
+        assert!(read_copied_file(&p).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn test_copied_file_too_big_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("hosts");
+        std::fs::write(&p, vec![b'#'; agent_protocol::MAX_FILE_BYTES + 1]).unwrap();
+        let e = msg(read_copied_file(&p).unwrap_err());
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("64 KiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn test_copied_file_fifo_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("hosts");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        // No writer: a blocking open would never return.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let q = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_copied_file(&q).map_err(msg));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("reading a FIFO blocked");
+        let e = r.unwrap_err();
+        assert!(e.contains("is not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn test_copied_file_directory_and_missing_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = msg(read_copied_file(dir.path()).unwrap_err());
+        assert!(e.contains("is not a regular file"), "{e}");
+        let missing = dir.path().join("missing");
+        let e = msg(read_copied_file(&missing).unwrap_err());
+        assert!(e.contains("cannot open") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn test_copied_files_named_by_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let copy = |source: &Path, destination: &str, read_only| oci_bundle::FileCopy {
+            source: source.into(),
+            destination: destination.into(),
+            read_only,
+        };
+        let got = copied_files(&[copy(&hosts, "/etc/hosts", true)]).unwrap();
+        assert_eq!(
+            got,
+            [agent_protocol::FileContent {
+                path: "/etc/hosts".into(),
+                content: b"127.0.0.1 localhost\n".to_vec(),
+                mode: 0o644,
+                read_only: true,
+            }]
+        );
+        let e = msg(
+            copied_files(&[copy(&dir.path().join("gone"), "/etc/resolv.conf", false)]).unwrap_err(),
+        );
+        assert!(
+            e.contains("mount /etc/resolv.conf") && e.contains("gone"),
+            "{e}"
+        );
+    }
 }

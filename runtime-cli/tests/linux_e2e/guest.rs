@@ -689,6 +689,7 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
         readonly_paths: vec![],
         seccomp: None,
         network: None,
+        files: vec![],
     }
 }
 

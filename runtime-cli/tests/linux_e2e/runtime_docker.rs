@@ -1,7 +1,8 @@
 //! A real engine: Docker (dockerd, started by the test with its own containerd) runs an
 //! imported busybox image with kata-snap as a registered runtime (`--add-runtime`), beside
 //! runc, Docker's default: `docker run` (output, status, stdin) and `docker exec` (output,
-//! status, stdin, into a running container), then `docker rm -f`.
+//! status, stdin, into a running container), then `docker rm -f`; the /etc/hostname,
+//! /etc/hosts and /etc/resolv.conf Docker binds (copied by kata-snap), one of them read-only.
 
 use std::fs;
 use std::io::Write;
@@ -25,6 +26,8 @@ struct Seen {
     exec: (String, i32),
     exec_stdin: (String, i32),
     rm: i32,
+    /// Docker's /etc/hostname, a `-v` read-only /etc/hosts, its /etc/resolv.conf.
+    files: (String, i32),
 }
 
 #[test]
@@ -158,6 +161,27 @@ fn test_docker_runs_and_execs_through_kata_snap_as_with_runc() {
         measure(&format!("docker_exec_{runtime}"), ms_since(t0));
         let exec_stdin = with_stdin(&["exec", "-i", "d2", "sh", "-c", "cat; echo done"], b"in\n");
         let rm = run_it(docker(), &["rm", "-f", "d2"]);
+        // Docker binds its own hostname and resolv.conf, and the user's hosts (`-v ...:ro`
+        // replaces Docker's): kata-snap copies them in, the hosts read-only.
+        let hosts = d.join("hosts");
+        fs::write(&hosts, "127.0.0.1 mine\n").unwrap();
+        let volume = format!("{}:/etc/hosts:ro", hosts.display());
+        let mut args = vec!["run", "--rm", "--hostname", "ks-host", "-v", &volume];
+        args.extend(base);
+        args.extend([
+            IMAGE,
+            "sh",
+            "-c",
+            "cat /etc/hostname /etc/hosts; test -e /etc/resolv.conf && echo resolv; \
+             echo x >> /etc/hosts 2>/dev/null || echo hosts-ro; \
+             echo y >> /etc/hostname && echo hostname-rw",
+        ]);
+        let files = run_it(docker(), &args);
+        assert_eq!(
+            fs::read_to_string(&hosts).unwrap(),
+            "127.0.0.1 mine\n",
+            "{runtime}"
+        );
         seen.push((
             runtime,
             Seen {
@@ -166,6 +190,7 @@ fn test_docker_runs_and_execs_through_kata_snap_as_with_runc() {
                 exec: (exec.stdout.clone(), exec.code()),
                 exec_stdin: (exec_stdin.stdout.clone(), exec_stdin.code()),
                 rm: rm.code(),
+                files: (files.stdout.clone(), files.code()),
             },
         ));
         if runtime == "kata-snap" {
@@ -175,6 +200,10 @@ fn test_docker_runs_and_execs_through_kata_snap_as_with_runc() {
                 exec: ("from exec\n".into(), 4),
                 exec_stdin: ("in\ndone\n".into(), 0),
                 rm: 0,
+                files: (
+                    "ks-host\n127.0.0.1 mine\nresolv\nhosts-ro\nhostname-rw\n".into(),
+                    0,
+                ),
             };
             assert_eq!(seen[0].1, want, "{}", logs());
             // Nothing is left in Docker's runtime state for kata-snap.
