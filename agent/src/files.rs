@@ -83,6 +83,12 @@ fn write_one(rootfs: &Path, f: &FileContent) -> Result<(), FileError> {
             source,
         }
     };
+    // A missing directory on the way is made, as runc makes a bind mount's
+    // destination (an image whose /etc/resolv.conf links into a /run/... it
+    // does not ship): `target` is resolved inside the root already.
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(io("create its directory"))?;
+    }
     // O_NOFOLLOW: the last component was resolved, a link made since is not
     // followed. O_NONBLOCK: a FIFO there does not hang the agent (opening one
     // for writing without a reader fails with ENXIO instead). O_NOCTTY: a
