@@ -12,6 +12,7 @@
 # Env:   RIG_TIMEOUT   bound on each L1 run, QEMU start to exit (default 1200 s; a run takes ~400 s;
 #                      a run with no verdict, exit 125, is tried up to five times in all; a
 #                      frozen L1 is stopped after RIG_STALL s of console silence, see l1.sh)
+#        RIG_BUDGET    bound on all attempts together (default 2400 s; then exit 125)
 #        RIG_LOG       where to keep the L1 console log (default: a temp file)
 #        RIG_MODE      auto (default) | direct | l1
 #        RIG_CPU       QEMU CPU model of L1 (default EPYC-v3,+svm,+npt)
@@ -57,8 +58,21 @@ else
     # An L1 that never reaches its verdict (exit 125: the emulator froze; seen several times a
     # day under load with one L1 vCPU, before and after the guest kernel gained cgroups) is the
     # rig failing, not a test: it is run again, up to five times. A test failure is not.
+    # All attempts together stay within RIG_BUDGET seconds (default 2400), so that a day of
+    # frequent freezes cannot hold a CI run past its own limit: an attempt gets what is left of
+    # the budget (at most RIG_TIMEOUT), and none starts with less than 900 s left (a full run
+    # takes 400-600 s of L1 time).
+    budget_end=$(( $(date +%s) + ${RIG_BUDGET:-2400} ))
     for attempt in 1 2 3 4 5; do
-    "$root/scripts/rig/l1.sh" --timeout "${RIG_TIMEOUT:-1200}" --log "$log" \
+    left=$(( budget_end - $(date +%s) ))
+    if [ "$left" -lt 900 ]; then
+        step "the rig's time budget (RIG_BUDGET=${RIG_BUDGET:-2400} s) is spent after $((attempt - 1)) attempts"
+        status=125
+        break
+    fi
+    attempt_timeout=${RIG_TIMEOUT:-1200}
+    [ "$left" -lt "$attempt_timeout" ] && attempt_timeout=$left
+    "$root/scripts/rig/l1.sh" --timeout "$attempt_timeout" --log "$log" \
         ${RIG_CPU:+--cpu "$RIG_CPU"} ${RIG_KVM_AMD:+--kvm-amd "$RIG_KVM_AMD"} ${RIG_SMP:+--smp "$RIG_SMP"} \
         ${RIG_ACCEL:+--accel "$RIG_ACCEL"} \
         ${RIG_REPEAT:+--env "RIG_REPEAT=$RIG_REPEAT"} \
