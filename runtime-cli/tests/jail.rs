@@ -9,7 +9,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
-use common::jail::{Env, fds_of, field, mounts_of, process_alive, status_of, usable};
+use common::runtime_env::{Env, fds_of, field, mounts_of, process_alive, status_of, usable};
 /// The tests' uid range (the config's `jailUidBase`): none of the host's.
 const UID_BASE: u32 = 3_700_000_000;
 

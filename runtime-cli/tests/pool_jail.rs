@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::jail::{Env, T, fds_of, field, mounts_of, process_alive, status_of, usable};
+use common::runtime_env::{Env, T, fds_of, field, mounts_of, process_alive, status_of, usable};
 use common::{BIN, run, run_command};
 
 /// The tests' uid range: none of the host's, none of `tests/jail.rs`'s.

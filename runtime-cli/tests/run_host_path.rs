@@ -8,93 +8,15 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Output, kvm_usable, run_command};
+use common::runtime_env::{Env, process_alive};
+use common::{Output, kvm_usable, run_command};
 
 const T: Duration = Duration::from_secs(120);
 const RUNC: &str = "/usr/sbin/runc";
-
-/// A data directory, config and state root of their own.
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-/// On drop (a test that failed half-way too), `delete --force` of every container in the state
-/// root: no supervisor (and its VM) outlives the test.
-impl Drop for Env {
-    fn drop(&mut self) {
-        let Ok(entries) = fs::read_dir(self.root()) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let id = e.file_name().to_string_lossy().into_owned();
-            let mut c = self.ks();
-            c.args(["delete", "--force", &id]);
-            let _ = run_command(c, T);
-        }
-    }
-}
-
-impl Env {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("config.json"), r#"{"testGuest": "agent"}"#).unwrap();
-        Self { dir }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-
-    fn ks(&self) -> Command {
-        let mut c = Command::new(BIN);
-        c.env("KATA_SNAP_CONFIG", self.dir.path().join("config.json"))
-            .env("KATA_SNAP_DATA_DIR", self.dir.path().join("data"))
-            .env("KATA_SNAP_POOL_DIR", self.dir.path().join("no-pool"))
-            .arg("--root")
-            .arg(self.root());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut c = self.ks();
-        c.args(args);
-        run_command(c, T)
-    }
-
-    /// A bundle (busybox rootfs, as rung 4's) whose process is `args`.
-    fn bundle(&self, name: &str, args: &[&str]) -> PathBuf {
-        let b = self.dir.path().join(name);
-        let bin = b.join("rootfs/bin");
-        fs::create_dir_all(&bin).unwrap();
-        fs::create_dir_all(b.join("rootfs/etc")).unwrap();
-        fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-        for a in ["sh", "echo", "true", "false"] {
-            std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
-        }
-        let o = common::run(&["spec", "--bundle", b.to_str().unwrap()], T);
-        assert_eq!(o.code(), 0, "{o:?}");
-        let mut spec: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(b.join("config.json")).unwrap()).unwrap();
-        spec["process"]["args"] = serde_json::json!(args);
-        spec["process"]["terminal"] = false.into();
-        spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
-        fs::write(b.join("config.json"), spec.to_string()).unwrap();
-        b
-    }
-
-    /// Nothing of container `id` is left: no state directory.
-    fn assert_gone(&self, id: &str) {
-        assert!(
-            !self.root().join(id).exists(),
-            "the state of {id} is left in {}",
-            self.root().display()
-        );
-    }
-}
 
 fn usable() -> bool {
     kvm_usable() && Path::new("/bin/busybox").exists() && {
@@ -133,40 +55,12 @@ fn error_msg(o: &Output) -> String {
         .unwrap_or_default()
 }
 
-/// `create` with the container's stdio in files (the supervisor keeps them: no pipe to wait on);
-/// returns the supervisor's pid and the container's stdout file.
-fn create(env: &Env, bundle: &Path, id: &str) -> (i32, PathBuf) {
-    let out = env.dir.path().join(format!("{id}.stdout"));
-    let err = env.dir.path().join(format!("{id}.stderr"));
-    let pid_file = env.dir.path().join(format!("{id}.pid"));
-    let mut c = env.ks();
-    c.args(["create", "--bundle", bundle.to_str().unwrap(), "--pid-file"])
-        .arg(&pid_file)
-        .arg(id)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out).unwrap())
-        .stderr(fs::File::create(&err).unwrap());
-    let status = common::wait_deadline(&mut c.spawn().unwrap(), T).expect("create finishes");
-    let stderr = fs::read_to_string(&err).unwrap();
-    assert_eq!(status.code(), Some(0), "create {id}: {stderr}");
-    let pid = fs::read_to_string(&pid_file).unwrap().parse().unwrap();
-    (pid, out)
-}
-
-fn process_alive(pid: i32) -> bool {
-    // A zombie is dead for this purpose: its state letter is Z.
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
-        .unwrap_or(false)
-}
-
 #[test]
 fn test_run_agent_test_guest_gives_stdout_and_status_as_runc() {
     if !usable() {
         return;
     }
-    let env = Env::new();
+    let env = Env::new(serde_json::json!({"testGuest": "agent"}));
     let runc = runc_usable();
     let cases: &[(&str, &[&str], &str, i32)] = &[
         (
@@ -238,9 +132,9 @@ fn test_create_start_state_delete_agent_test_guest_leaves_nothing() {
     if !usable() {
         return;
     }
-    let env = Env::new();
+    let env = Env::new(serde_json::json!({"testGuest": "agent"}));
     let b = env.bundle("b", &["sh", "-c", "echo from the test agent; exit 5"]);
-    let (pid, out) = create(&env, &b, "c1");
+    let (pid, out) = env.create(&b, "c1");
     assert!(process_alive(pid), "the supervisor runs");
     let state = |id: &str| -> serde_json::Value {
         let o = env.run(&["state", id]);
@@ -268,7 +162,7 @@ fn test_create_start_state_delete_agent_test_guest_leaves_nothing() {
     env.assert_gone("c1");
 
     // A created container that is killed: the signal reaches the "process" waiting for start.
-    let (pid, _) = create(&env, &b, "c2");
+    let (pid, _) = env.create(&b, "c2");
     let o = env.run(&["kill", "c2", "TERM"]);
     assert_eq!(o.code(), 0, "{o:?}");
     let end = Instant::now() + T;
@@ -295,7 +189,7 @@ fn test_create_start_state_delete_agent_test_guest_leaves_nothing() {
 
 #[test]
 fn test_test_guest_with_a_kernel_in_the_config_is_refused() {
-    let env = Env::new();
+    let env = Env::new(serde_json::json!({"testGuest": "agent"}));
     fs::write(
         env.dir.path().join("config.json"),
         r#"{"testGuest": "agent", "kernel": "/boot/vmlinuz"}"#,
@@ -331,7 +225,7 @@ fn test_run_with_docker_network_file_binds_copies_or_refuses_their_sources() {
     if !usable() {
         return;
     }
-    let env = Env::new();
+    let env = Env::new(serde_json::json!({"testGuest": "agent"}));
     let files = env.dir.path().join("docker-files");
     fs::create_dir_all(&files).unwrap();
     fs::write(files.join("resolv.conf"), "nameserver 10.88.0.1\n").unwrap();
@@ -512,7 +406,7 @@ fn test_create_in_a_network_namespace_connects_a_tap_to_its_interface() {
         println!("SKIPPED: ip(8) could not make a network namespace with a veth pair");
         return;
     };
-    let env = Env::new();
+    let env = Env::new(serde_json::json!({"testGuest": "agent"}));
     let b = env.bundle("b", &["sh", "-c", "echo networked"]);
     let with_netns = |path: &str| {
         let cfg = b.join("config.json");
@@ -524,7 +418,7 @@ fn test_create_in_a_network_namespace_connects_a_tap_to_its_interface() {
         fs::write(&cfg, spec.to_string()).unwrap();
     };
     with_netns(&ns.path());
-    let (pid, out) = create(&env, &b, "n1");
+    let (pid, out) = env.create(&b, "n1");
     assert!(process_alive(pid), "the supervisor runs");
     let tap = ns
         .ip_out(&["-o", "link", "show", "tap0_kata"])

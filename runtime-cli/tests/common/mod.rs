@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-pub mod jail;
+pub mod runtime_env;
 
 use std::fs;
 use std::io::Read;

@@ -1,4 +1,4 @@
-//! The jail tests' set-up (`tests/jail.rs`, `tests/pool_jail.rs`): a data directory, config and
+//! The runtime tests' set-up (`tests/run_host_path.rs`, `tests/jail.rs`, `tests/pool_jail.rs`): a data directory, config and
 //! state root of their own, busybox bundles, and what `/proc` shows of a process.
 
 use std::fs;
@@ -98,6 +98,15 @@ impl Env {
         assert_eq!(status.code(), Some(0), "create {id}: {stderr}");
         let pid = fs::read_to_string(&pid_file).unwrap().parse().unwrap();
         (pid, out)
+    }
+
+    /// Nothing of container `id` is left: no state directory.
+    pub fn assert_gone(&self, id: &str) {
+        assert!(
+            !self.root().join(id).exists(),
+            "the state of {id} is left in {}",
+            self.root().display()
+        );
     }
 
     pub fn status(&self, id: &str) -> String {
