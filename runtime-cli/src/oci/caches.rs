@@ -28,6 +28,9 @@ pub enum TemplateCommand {
         /// Memory in MiB [default: `defaultMemMib` of the config file, else 256].
         #[arg(long)]
         mem_mib: Option<u64>,
+        /// The template of containers that join a network namespace (with a net slot).
+        #[arg(long)]
+        net: bool,
     },
     /// Remove a template by key.
     Rm {
@@ -113,16 +116,17 @@ pub(super) fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result
     match cmd {
         TemplateCommand::List => {
             println!(
-                "{:<34}{:>6}{:>9}{:>10}{:>10}  {:<11}CREATED",
-                "KEY", "VCPUS", "MEM MIB", "DISK MIB", "WARM MS", "WORKINGSET"
+                "{:<34}{:>6}{:>9}{:>5}{:>10}{:>10}  {:<11}CREATED",
+                "KEY", "VCPUS", "MEM MIB", "NET", "DISK MIB", "WARM MS", "WORKINGSET"
             );
             for (m, bytes) in template::list(&data)? {
                 let ws = template::workingset_path(&data.join("templates").join(&m.key)).is_file();
                 println!(
-                    "{:<34}{:>6}{:>9}{:>10.1}{:>10.0}  {:<11}{}",
+                    "{:<34}{:>6}{:>9}{:>5}{:>10.1}{:>10.0}  {:<11}{}",
                     m.key,
                     m.vcpus,
                     m.mem_mib,
+                    if m.net { "yes" } else { "-" },
                     bytes as f64 / 1048576.0,
                     m.warm_ms,
                     if ws { "recorded" } else { "-" },
@@ -131,8 +135,12 @@ pub(super) fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result
             }
             Ok(0)
         }
-        TemplateCommand::Warm { vcpus, mem_mib } => {
-            let spec = template::spec_for(vcpus, mem_mib)?;
+        TemplateCommand::Warm {
+            vcpus,
+            mem_mib,
+            net,
+        } => {
+            let spec = template::spec_for(vcpus, mem_mib, net)?;
             let t = template::ensure(&data, &spec, seccomp, &|m| eprintln!("kata-snap: {m}"))?;
             println!(
                 "{} {} ({:.0} ms)",

@@ -88,7 +88,11 @@ pub(super) fn create(
     }
     // Docker's resolv.conf, hosts and hostname, read now (a copy, not a live bind).
     let files = copied_files(&config.files)?;
-    let spec = template::spec_for(config.resources.vcpus, config.resources.mem_mib)?;
+    let spec = template::spec_for(
+        config.resources.vcpus,
+        config.resources.mem_mib,
+        matches!(config.network, oci_bundle::Network::Join(_)),
+    )?;
     let data = assets::data_dir();
     let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {
         tracing::info!("{msg}");

@@ -31,8 +31,10 @@ use super::assets::{self, GuestAssets};
 pub const ROOTFS_SLOT: &str = "rootfs";
 /// The device the rootfs slot is in the guest (the template's only disk).
 pub const ROOTFS_DEVICE: &str = "/dev/vda";
-/// The template's net device: a slot (link down) that a container joining a network namespace
-/// gets a tap in at restore; without one the guest has loopback only.
+/// The net device of a networked template: a slot (link down) that a container joining a
+/// network namespace gets a tap in at restore. Containers without one restore a template that
+/// has no net device (loopback only): a device a container never uses is left out, and the rig
+/// froze repeatedly with an idle guest holding one (see `TemplateSpec::net`).
 pub const NET_SLOT: &str = "eth0";
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
@@ -41,7 +43,7 @@ pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodules quie
                            i8042.noaux i8042.nomux i8042.dumbkbd";
 /// Bound on a cold boot reaching READY while warming.
 const WARM_TIMEOUT: Duration = Duration::from_secs(300);
-/// Bumped when what a template holds changes (2: the net slot).
+/// Bumped when what a template holds changes (2: networked templates have a net slot).
 const TEMPLATE_FORMAT: u32 = 2;
 
 /// The shape of a template.
@@ -53,6 +55,8 @@ pub struct TemplateSpec {
     pub vcpus: u8,
     /// Guest memory in MiB.
     pub mem_mib: u64,
+    /// A virtio-net slot ([`NET_SLOT`]): for containers that join a network namespace.
+    pub net: bool,
 }
 
 /// What `DATA/templates/KEY/meta.json` records.
@@ -68,6 +72,9 @@ pub struct TemplateMeta {
     pub vcpus: u8,
     /// Memory in MiB.
     pub mem_mib: u64,
+    /// It has the net slot.
+    #[serde(default)]
+    pub net: bool,
     /// When it was warmed (RFC 3339).
     pub created: String,
     /// How long the warm took, in ms (cold boot to READY and snapshot).
@@ -273,6 +280,7 @@ pub fn key(spec: &TemplateSpec) -> Result<String> {
     }
     h.update([spec.vcpus]);
     h.update(spec.mem_mib.to_le_bytes());
+    h.update([u8::from(spec.net)]);
     h.update(CMDLINE.as_bytes());
     let digest = h.finalize();
     Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
@@ -394,11 +402,15 @@ fn warm_into(
             rng: false,
             // A slot: the container's tap is given at restore (`supervisor`, `net.rs`). Every
             // clone reads this MAC at boot; the agent gives each the one of its namespace.
-            nets: vec![vmm::vm::virtio::NetSpec {
-                id: NET_SLOT.into(),
-                tap: None,
-                mac: None,
-            }],
+            nets: spec
+                .net
+                .then(|| vmm::vm::virtio::NetSpec {
+                    id: NET_SLOT.into(),
+                    tap: None,
+                    mac: None,
+                })
+                .into_iter()
+                .collect(),
         },
         snapshot_on_ready: Some(SnapshotOnReady {
             dir: tmp.join("snapshot"),
@@ -446,6 +458,7 @@ fn warm_into(
         initramfs,
         vcpus: spec.vcpus,
         mem_mib: spec.mem_mib,
+        net: spec.net,
         created: super::state::rfc3339_now(),
         warm_ms: t0.elapsed().as_secs_f64() * 1e3,
         version: env!("CARGO_PKG_VERSION").into(),
@@ -573,7 +586,7 @@ pub fn memory_class(mib: u64) -> u64 {
 /// The template a container of this shape restores: the host must run Linux guests at speed,
 /// and the guest kernel and agent must exist; the config file's defaults fill what is not given.
 /// A built-in test guest (config `testGuest`) is no Linux guest: the host check is not made.
-pub fn spec_for(vcpus: Option<u8>, mem_mib: Option<u64>) -> Result<TemplateSpec> {
+pub fn spec_for(vcpus: Option<u8>, mem_mib: Option<u64>, net: bool) -> Result<TemplateSpec> {
     let rc = assets::RuntimeConfig::load()?;
     if rc.test_guest.is_none() {
         let host = vmm::host::check_host();
@@ -592,6 +605,7 @@ pub fn spec_for(vcpus: Option<u8>, mem_mib: Option<u64>) -> Result<TemplateSpec>
                 .or(rc.default_mem_mib)
                 .unwrap_or(assets::DEFAULT_MEM_MIB),
         ),
+        net,
     })
 }
 
