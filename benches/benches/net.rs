@@ -9,7 +9,7 @@
 //! (plus the 12-byte virtio-net header), and of 65000-byte frames guest → host on the datagram
 //! backend (a tap refuses a frame above its MTU unless its header asks for segmentation).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use benches::summarize;
 use devices::virtio::net::{Backend, Net, NetConfig, NetHandler, VNET_HDR_LEN};
-use devices::virtio::test_utils::{Buf, Harness, test_memory};
+use devices::virtio::test_utils::{Buf, Harness, interface_index, packet_socket, test_memory};
 use vm_memory::{Bytes, GuestAddress};
 
 const RX: usize = 0;
@@ -184,40 +184,6 @@ fn bench_datagram(runs: usize, frames: usize, secs: f64) {
     report("host -> guest, 1514-byte frames", &r, ETH_FRAME);
 }
 
-fn packet_socket(index: u32) -> OwnedFd {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket creation.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(proto),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: all zeroes is a valid sockaddr_ll.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = index as i32;
-    // SAFETY: bind reads `sll`, which we own, for the size given.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-    fd
-}
-
 fn bench_tap(runs: usize, frames: usize, secs: f64) {
     let name = format!("ksn-bench{}", std::process::id() % 10_000);
     let (mut t, mut r) = (Vec::new(), Vec::new());
@@ -236,13 +202,11 @@ fn bench_tap(runs: usize, frames: usize, secs: f64) {
             println!("\nvirtio-net, tap backend: SKIPPED (ip link set up failed)");
             return;
         }
-        let c = std::ffi::CString::new(name.clone()).unwrap();
-        // SAFETY: a NUL-terminated name.
-        let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        let index = interface_index(&name);
         let mut h = harness(backend);
         t.push(tx(&mut h, frames, ETH_FRAME));
         dropped(&h, "guest -> tap");
-        let sock = Arc::new(packet_socket(index));
+        let sock = Arc::new(packet_socket(index, false));
         let stop = Arc::new(AtomicBool::new(false));
         let f = feeder(
             stop.clone(),

@@ -489,3 +489,46 @@ pub fn copy_memory(mem: &GuestMemoryMmap) -> GuestMemoryMmap {
     copy.write_slice(&buf, GuestAddress(0)).unwrap();
     copy
 }
+
+/// The index of network interface `name` (0: none by that name).
+pub fn interface_index(name: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: a NUL-terminated name; the call reads nothing else.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+/// A raw packet socket (`AF_PACKET`, every ethertype) bound to interface `index`, non-blocking
+/// when asked: what a test or bench reads and writes a tap's other side with. Panics on failure
+/// (test and bench set-up).
+pub fn packet_socket(index: u32, nonblocking: bool) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    let flags =
+        libc::SOCK_RAW | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
+    // SAFETY: plain socket creation.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, flags, i32::from(proto)) };
+    assert!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all zeroes is a valid sockaddr_ll.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = index as i32;
+    // SAFETY: bind reads `sll`, which we own, for the size we give.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    fd
+}

@@ -16,7 +16,7 @@ use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{Backend, Net, NetConfig, NetHandler, NetStats, VNET_HDR_LEN};
-use crate::virtio::test_utils::{Buf, Harness, test_memory};
+use crate::virtio::test_utils::{Buf, Harness, interface_index, packet_socket, test_memory};
 
 pub(crate) const MAC: [u8; 6] = [0x02, 0x6b, 0x73, 0x6e, 0x00, 0x01];
 pub(crate) const RX: usize = 0;

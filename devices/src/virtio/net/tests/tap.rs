@@ -1,7 +1,7 @@
 //! The device on a real tap (root only): a frame the guest sends appears on the tap's
 //! interface, and a frame sent out of that interface reaches the guest.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,47 +13,6 @@ const ETHERTYPE: u16 = 0x88b5;
 fn skip(reason: &str) -> bool {
     println!("SKIPPED: {reason}");
     true
-}
-
-fn interface_index(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: a NUL-terminated name; the call reads nothing else.
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
-}
-
-/// A raw packet socket bound to interface `index` (every ethertype).
-fn packet_socket(index: u32) -> OwnedFd {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket creation.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            i32::from(proto),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: all zeroes is a valid sockaddr_ll.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = index as i32;
-    // SAFETY: bind reads `sll`, which we own, for the size we give.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-    fd
 }
 
 fn eth_frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
@@ -111,7 +70,7 @@ fn test_net_tap_frame_out_and_back() {
     }
     let index = interface_index(&name);
     assert_ne!(index, 0);
-    let sock = packet_socket(index);
+    let sock = packet_socket(index, true);
 
     let mut g = NetGuest::with_backend(Some(backend), 0);
     g.run();
