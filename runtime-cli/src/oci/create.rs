@@ -23,16 +23,6 @@ pub(super) enum Mode {
     RunForeground { keep: bool },
 }
 
-/// Takes the container's redirects off its network namespace's interface once its VM is gone
-/// (`delete` does it for a container that outlives this command).
-fn release_network(netns: Option<&std::path::Path>) {
-    if let Some(ns) = netns
-        && let Err(e) = super::net::disconnect(ns)
-    {
-        tracing::warn!("{e:#}");
-    }
-}
-
 /// Removes the claimed container directory unless disarmed.
 struct ClaimGuard<'a> {
     store: &'a Store,
@@ -220,7 +210,7 @@ pub(super) fn create(
                 {
                     tracing::warn!("{e:#}");
                 }
-                release_network(netns.as_deref());
+                super::net::release(netns.as_deref());
                 let _ = store.remove(&args.id);
             },
         );
@@ -242,7 +232,7 @@ pub(super) fn create(
             {
                 tracing::warn!("{e:#}");
             }
-            release_network(netns.as_deref());
+            super::net::release(netns.as_deref());
             let _ = store.remove(&args.id);
         }
         return Ok(code);

@@ -539,11 +539,7 @@ fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
         ),
     }
     remove_cgroup(&r);
-    if let Some(netns) = &r.netns
-        && let Err(e) = net::disconnect(netns)
-    {
-        tracing::warn!("{e:#}");
-    }
+    net::release(r.netns.as_deref());
     store.remove(id)
 }
 

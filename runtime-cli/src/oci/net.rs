@@ -211,6 +211,16 @@ pub fn disconnect(netns: &Path) -> Result<(), ContainerNetError> {
     })
 }
 
+/// [`disconnect`] of the namespace a container joined, if any, once its VM is gone; a failure
+/// is logged (the container's teardown goes on).
+pub fn release(netns: Option<&Path>) {
+    if let Some(ns) = netns
+        && let Err(e) = disconnect(ns)
+    {
+        tracing::warn!("{e}");
+    }
+}
+
 async fn list_links(handle: &rtnetlink::Handle) -> Result<Vec<LinkMessage>, ContainerNetError> {
     handle
         .link()

@@ -390,19 +390,21 @@ impl Supervisor {
         let mut pooled = None;
         let mut state = None;
         let state_root = launch.dir.parent().unwrap_or(Path::new("/")).to_path_buf();
+        // The container's jail plan (the pool's adopter and both kinds of jail below).
+        let plan = |settings| super::jail::Plan {
+            state_root: &state_root,
+            id: &launch.record.id,
+            dir: &launch.dir,
+            template: &launch.template,
+            image: &launch.image,
+            settings,
+        };
         if launch.use_pool {
             let adopter = launch
                 .jail
                 .filter(|s| s.enabled)
                 .map(|settings| crate::pool::Adopter {
-                    plan: super::jail::Plan {
-                        state_root: &state_root,
-                        id: &launch.record.id,
-                        dir: &launch.dir,
-                        template: &launch.template,
-                        image: &launch.image,
-                        settings,
-                    },
+                    plan: plan(settings),
                 });
             match ContainerVm::pooled(&launch.dir, &args, process_start, adopter.as_ref())? {
                 Ok(vm) => pooled = Some(vm),
@@ -418,21 +420,10 @@ impl Supervisor {
             c.enter(pid)?;
         }
         let adopted = pooled.as_ref().and_then(ContainerVm::adopted_uid);
-        let jailed = match launch.jail {
-            Some(settings) if settings.enabled && adopted.is_some() => {
-                let uid = adopted.unwrap_or_default();
+        let jailed = match (launch.jail, adopted) {
+            (Some(settings), Some(uid)) if settings.enabled => {
                 phases.mark("restore (pool)");
-                super::jail::enter_adopted(
-                    &super::jail::Plan {
-                        state_root: &state_root,
-                        id: &launch.record.id,
-                        dir: &launch.dir,
-                        template: &launch.template,
-                        image: &launch.image,
-                        settings,
-                    },
-                    uid,
-                )?;
+                super::jail::enter_adopted(&plan(settings), uid)?;
                 tracing::debug!("jailed as uid {uid} (its pre-started VMM's)");
                 if let Some(vm) = pooled.as_mut() {
                     vm.rebase(Path::new(super::jail::DIR));
@@ -441,15 +432,8 @@ impl Supervisor {
                 phases.mark("jail");
                 true
             }
-            Some(settings) if settings.enabled && pooled.is_none() => {
-                let j = super::jail::enter(&super::jail::Plan {
-                    state_root: &state_root,
-                    id: &launch.record.id,
-                    dir: &launch.dir,
-                    template: &launch.template,
-                    image: &launch.image,
-                    settings,
-                })?;
+            (Some(settings), _) if settings.enabled && pooled.is_none() => {
+                let j = super::jail::enter(&plan(settings))?;
                 tracing::debug!("jailed as uid {}", j.uid);
                 let jail_template = Path::new(super::jail::TEMPLATE);
                 args.snapshot = match launch.snapshot.strip_prefix(&launch.template) {
@@ -467,7 +451,7 @@ impl Supervisor {
                 phases.mark("jail");
                 true
             }
-            Some(settings) if settings.enabled => {
+            (Some(settings), _) if settings.enabled => {
                 tracing::debug!(
                     "not jailed: the VM is in a pre-started VMM of a pool that is not jailed"
                 );
