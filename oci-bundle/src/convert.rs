@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use agent_protocol::{Capabilities, Rlimit, RlimitKind, User, validate::validate_hostname};
-use oci_spec::runtime::{Hook, Hooks, Linux, Process, Spec};
+use oci_spec::runtime::{Hooks, Linux, Process, Spec};
 
 use crate::error::ConfigError;
 use crate::{BundleConfig, ConsoleSize, Network, ProcessConfig, Resources, mounts, resources};
@@ -65,9 +65,10 @@ pub fn convert(
     if spec.domainname().as_ref().is_some_and(|d| !d.is_empty()) {
         ignored.push("domainname: not set in the guest".into());
     }
-    if let Some(h) = spec.hooks() {
-        hooks(h, &mut ignored)?;
-    }
+    let hooks = match spec.hooks() {
+        Some(h) => hooks(h)?,
+        None => crate::Hooks::default(),
+    };
     let mounts::Translated { mounts, files } = mounts::translate(
         dir,
         spec.mounts().as_deref().unwrap_or_default(),
@@ -114,6 +115,7 @@ pub fn convert(
         readonly_paths,
         seccomp,
         network,
+        hooks,
         ignored,
     })
 }
@@ -304,43 +306,53 @@ pub(crate) fn process(
     })
 }
 
-/// The network set-up hooks of Docker (`dockerd libnetwork-setkey`, which
-/// moves the container's interfaces into its network namespace) and nerdctl
-/// (`nerdctl internal oci-hook`). The VM has no network yet and its
-/// namespace is not the VMM's, so running them would configure the wrong
-/// namespace; skipping them leaves the container without network, as if
-/// `--network none`. Any other hook is refused.
-fn is_network_hook(h: &Hook) -> bool {
-    let args = h.args().as_deref().unwrap_or_default();
-    args.iter().any(|a| a == "libnetwork-setkey")
-        || args
-            .windows(2)
-            .any(|w| w[0] == "internal" && w[1] == "oci-hook")
-}
-
-fn hooks(h: &Hooks, ignored: &mut Vec<String>) -> Result<(), ConfigError> {
+/// `hooks`, each list in order. A hook's `path` must be absolute and its
+/// `timeout`, when set, greater than zero (runtime-spec `config.md`).
+fn hooks(h: &Hooks) -> Result<crate::Hooks, ConfigError> {
+    let list = |kind: &'static str,
+                list: &Option<Vec<oci_spec::runtime::Hook>>|
+     -> Result<Vec<crate::Hook>, ConfigError> {
+        list.as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|hook| {
+                let path = hook.path().clone();
+                if !path.is_absolute() {
+                    return Err(ConfigError::HookPath {
+                        kind,
+                        path: path.to_string_lossy().into_owned(),
+                    });
+                }
+                let timeout = match hook.timeout() {
+                    Some(t) if t <= 0 => {
+                        return Err(ConfigError::HookTimeout {
+                            kind,
+                            path: path.to_string_lossy().into_owned(),
+                            timeout: t,
+                        });
+                    }
+                    Some(t) => Some(u32::try_from(t).unwrap_or(u32::MAX)),
+                    None => None,
+                };
+                Ok(crate::Hook {
+                    path,
+                    args: hook.args().clone().unwrap_or_default(),
+                    env: hook.env().clone().unwrap_or_default(),
+                    timeout,
+                })
+            })
+            .collect()
+    };
     #[allow(deprecated)]
-    let lists = [
-        ("prestart", h.prestart()),
-        ("createRuntime", h.create_runtime()),
-        ("createContainer", h.create_container()),
-        ("startContainer", h.start_container()),
-        ("poststart", h.poststart()),
-        ("poststop", h.poststop()),
-    ];
-    for (kind, list) in lists {
-        for hook in list.as_deref().unwrap_or_default() {
-            let path = hook.path().to_string_lossy().into_owned();
-            if is_network_hook(hook) {
-                ignored.push(format!(
-                    "hooks.{kind}: network hook {path} not run (the VM has no network yet)"
-                ));
-            } else {
-                return Err(ConfigError::Hook { kind, path });
-            }
-        }
-    }
-    Ok(())
+    let prestart = list("prestart", h.prestart())?;
+    Ok(crate::Hooks {
+        prestart,
+        create_runtime: list("createRuntime", h.create_runtime())?,
+        create_container: list("createContainer", h.create_container())?,
+        start_container: list("startContainer", h.start_container())?,
+        poststart: list("poststart", h.poststart())?,
+        poststop: list("poststop", h.poststop())?,
+    })
 }
 
 fn linux(l: &Linux, ignored: &mut Vec<String>) -> Result<(Resources, Network), ConfigError> {

@@ -163,16 +163,23 @@ pub enum ConfigError {
     /// An idmapped mount.
     #[error("mount {0}: idmapped mounts (uidMappings/gidMappings) are not supported")]
     IdmappedMount(String),
-    /// A hook that is not one we know to be safe to skip.
-    #[error(
-        "hooks.{kind}: hook {path} is not supported: kata-snap runs no OCI hooks \
-         (the container runs in a VM)"
-    )]
-    Hook {
+    /// A hook whose `path` is not absolute.
+    #[error("hooks.{kind}: the hook's path {path:?} is not absolute")]
+    HookPath {
+        /// `prestart`, `createRuntime`, ...
+        kind: &'static str,
+        /// The hook's executable, as written.
+        path: String,
+    },
+    /// A hook whose `timeout` is zero or negative.
+    #[error("hooks.{kind}: hook {path}: timeout {timeout} is not greater than zero")]
+    HookTimeout {
         /// `prestart`, `createRuntime`, ...
         kind: &'static str,
         /// The hook's executable.
         path: String,
+        /// The timeout, as written.
+        timeout: i64,
     },
     /// A namespace path that is not absolute.
     #[error("linux.namespaces: the network namespace path {0:?} is not absolute")]

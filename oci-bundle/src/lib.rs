@@ -46,8 +46,7 @@
 //! | `mounts` any other bind (`type: bind`, or `bind`/`rbind` option) | refused: the VM cannot see host files or directories until a shared filesystem exists |
 //! | `mounts` other types (overlay, nfs, `none` without bind...) | refused |
 //! | `mounts[].uidMappings`/`gidMappings` (idmapped) | refused |
-//! | `hooks` Docker `libnetwork-setkey`, nerdctl `internal oci-hook` | ignored: network set-up for a namespace the VM does not use; the container has no network, as with `--network none` |
-//! | `hooks` any other | refused: no hook runs (its view of the container's pid and namespaces would be wrong) |
+//! | `hooks` | honoured ([`Hooks`]): run by the runtime on the host, in the host's namespaces; `path` must be absolute, `timeout` greater than zero. The state a hook reads names the container's supervisor (the VM's process) as its `pid`; the create-time hooks (`prestart`, `createRuntime`, `createContainer`) of a container with a new network namespace find it there, so that Docker's `libnetwork-setkey` and nerdctl's `oci-hook` configure the namespace whose interface the guest takes |
 //! | `annotations` | honoured: kept for the runtime's state |
 //! | `linux.namespaces` without `path` | `pid` and `cgroup`: the container gets both in the guest (always, listed or not); the others ignored: the VM is the boundary |
 //! | `linux.namespaces` `network` with `path` (Docker, CNI, Kubernetes) | the namespace's interface is given to the guest: a tap in that namespace, its MAC, MTU, IPv4 addresses and routes ([`Network::Join`]) |
@@ -82,6 +81,7 @@ pub mod resources;
 pub mod seccomp;
 mod spec;
 
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -148,6 +148,8 @@ pub struct BundleConfig {
     pub seccomp: Option<agent_protocol::SeccompProgram>,
     /// The container's network, from `linux.namespaces`.
     pub network: Network,
+    /// `hooks`.
+    pub hooks: Hooks,
     /// What was accepted but has no effect in a VM, one line each.
     pub ignored: Vec<String>,
 }
@@ -165,6 +167,56 @@ pub struct FileCopy {
     pub destination: String,
     /// The bind asked for `ro`: the agent binds the copy read-only.
     pub read_only: bool,
+}
+
+/// An OCI hook: a host program the runtime runs at one point of the
+/// container's lifecycle, the container's state on its stdin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    /// The executable, absolute.
+    pub path: PathBuf,
+    /// Its argv (`args[0]` included, as `execv` takes it); empty: the path alone.
+    pub args: Vec<String>,
+    /// Its whole environment (`KEY=VALUE`): nothing else is inherited.
+    pub env: Vec<String>,
+    /// Seconds after which it is killed and counted as failed.
+    pub timeout: Option<u32>,
+}
+
+/// `hooks`, each list in the order given.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Hooks {
+    /// Deprecated by the spec, still Docker's: at create, as `createRuntime`.
+    pub prestart: Vec<Hook>,
+    /// At create, once the container's namespaces exist.
+    pub create_runtime: Vec<Hook>,
+    /// At create, after `createRuntime` (runc runs them in the container's
+    /// namespaces; kata-snap on the host: the container's are in its VM).
+    pub create_container: Vec<Hook>,
+    /// At start, before the process runs (runc: in the container; kata-snap:
+    /// on the host).
+    pub start_container: Vec<Hook>,
+    /// Once the process runs; a failure is a warning.
+    pub poststart: Vec<Hook>,
+    /// At delete, once the VM is gone; a failure is a warning.
+    pub poststop: Vec<Hook>,
+}
+
+impl Hooks {
+    /// The hooks `create` runs, in order, with the kind each is.
+    pub fn at_create(&self) -> impl Iterator<Item = (&'static str, &Hook)> {
+        let kind = |k: &'static str| move |h| (k, h);
+        self.prestart
+            .iter()
+            .map(kind("prestart"))
+            .chain(self.create_runtime.iter().map(kind("createRuntime")))
+            .chain(self.create_container.iter().map(kind("createContainer")))
+    }
+
+    /// Whether `create` runs any hook.
+    pub fn any_at_create(&self) -> bool {
+        self.at_create().next().is_some()
+    }
 }
 
 /// The container's network, as `linux.namespaces` asks for it.

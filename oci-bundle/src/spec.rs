@@ -83,14 +83,17 @@ pub fn default_spec() -> Value {
 /// What `kata-snap features` prints, in the shape of the OCI features
 /// document (runtime-spec `features.md`, runc's `runc features`), with values
 /// true to kata-snap: capabilities are applied in the guest, namespaces are
-/// *recognized* (accepted, the VM standing in for them), but no hook runs and
-/// no cgroup, AppArmor, SELinux or Intel RDT is applied; seccomp is (in the
+/// *recognized* (accepted, the VM standing in for them), every hook runs (on
+/// the host), and no cgroup, AppArmor, SELinux or Intel RDT is applied; seccomp is (in the
 /// guest, for the host's architecture).
 pub fn features() -> Value {
     json!({
         "ociVersionMin": OCI_VERSION_MIN,
         "ociVersionMax": oci_spec::runtime::VERSION,
-        "hooks": [],
+        "hooks": [
+            "prestart", "createRuntime", "createContainer", "startContainer", "poststart",
+            "poststop"
+        ],
         // Exactly the options the agent turns into mount flags; others go to
         // the filesystem as data.
         "mountOptions": [

@@ -254,27 +254,73 @@ fn test_idmapped_mount_refused() {
 }
 
 #[test]
-fn test_hooks_refused_unless_network_hook() {
+fn test_hooks_kept_in_order_with_their_fields() {
     let (b, _) = load_with(|c| {
-        c["hooks"] = json!({"poststop": [{"path": "/usr/local/bin/cleanup"}]});
+        c["hooks"] = json!({
+            "prestart": [{"path": "/bin/pre"}],
+            "createRuntime": [
+                {"path": "/usr/local/bin/nerdctl",
+                 "args": ["nerdctl", "internal", "oci-hook", "createRuntime"],
+                 "env": ["A=1"], "timeout": 5},
+                {"path": "/bin/second"}
+            ],
+            "createContainer": [{"path": "/bin/cc"}],
+            "startContainer": [{"path": "/bin/sc"}],
+            "poststart": [{"path": "/bin/ps"}],
+            "poststop": [{"path": "/usr/local/bin/cleanup", "args": ["cleanup", "-v"]}]
+        });
+    });
+    let h = b.load().unwrap().config.hooks;
+    let order: Vec<_> = h
+        .at_create()
+        .map(|(k, h)| (k, h.path.to_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("prestart", "/bin/pre".to_string()),
+            ("createRuntime", "/usr/local/bin/nerdctl".into()),
+            ("createRuntime", "/bin/second".into()),
+            ("createContainer", "/bin/cc".into()),
+        ]
+    );
+    let nerdctl = &h.create_runtime[0];
+    assert_eq!(nerdctl.args[..2], ["nerdctl", "internal"]);
+    assert_eq!(
+        (nerdctl.env.as_slice(), nerdctl.timeout),
+        (&["A=1".to_string()][..], Some(5))
+    );
+    assert_eq!(h.poststop[0].args, ["cleanup", "-v"]);
+    assert_eq!(h.start_container[0].path.to_str(), Some("/bin/sc"));
+    assert_eq!(h.poststart[0].path.to_str(), Some("/bin/ps"));
+    assert!(h.any_at_create());
+    let (b, _) = load_with(|c| {
+        c["hooks"] = json!({"poststop": [{"path": "/bin/x"}]});
+    });
+    assert!(!b.load().unwrap().config.hooks.any_at_create());
+}
+
+#[test]
+fn test_hook_relative_path_or_bad_timeout_refused() {
+    let (b, _) = load_with(|c| {
+        c["hooks"] = json!({"poststop": [{"path": "bin/cleanup"}]});
     });
     let msg = b.refused().to_string();
     assert!(
-        msg.contains("hooks.poststop: hook /usr/local/bin/cleanup"),
+        msg.contains("hooks.poststop") && msg.contains("not absolute"),
         "{msg}"
     );
-    let (b, _) = load_with(|c| {
-        c["hooks"] = json!({"createRuntime": [{
-            "path": "/usr/local/bin/nerdctl",
-            "args": ["/usr/local/bin/nerdctl", "internal", "oci-hook", "createRuntime"]
-        }]});
-    });
-    let ignored = b.load().unwrap().config.ignored;
-    assert!(
-        ignored
-            .iter()
-            .any(|i| i.starts_with("hooks.createRuntime: network hook"))
-    );
+    for t in [0, -3] {
+        let (b, _) = load_with(|c| {
+            c["hooks"] = json!({"createRuntime": [{"path": "/bin/h", "timeout": t}]});
+        });
+        let msg = b.refused().to_string();
+        assert!(
+            msg.contains("hooks.createRuntime: hook /bin/h: timeout")
+                && msg.contains("greater than zero"),
+            "{msg}"
+        );
+    }
 }
 
 #[test]

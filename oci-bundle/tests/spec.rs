@@ -118,7 +118,17 @@ fn test_features_shape_and_values() {
     let f = oci_bundle::features();
     assert_eq!(f["ociVersionMin"], "1.0.0");
     assert_eq!(f["ociVersionMax"], oci_spec::runtime::VERSION);
-    assert_eq!(f["hooks"], serde_json::json!([]));
+    assert_eq!(
+        f["hooks"],
+        serde_json::json!([
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop"
+        ])
+    );
     let opts: Vec<&str> = f["mountOptions"]
         .as_array()
         .unwrap()

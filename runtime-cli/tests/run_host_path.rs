@@ -506,3 +506,156 @@ fn test_create_in_a_network_namespace_connects_a_tap_to_its_interface() {
     );
     env.assert_gone("n2");
 }
+
+/// OCI hooks, as Docker's default bridge uses them: a bundle with a new network namespace (no
+/// path) and a `prestart` hook that does what `libnetwork-setkey` makes dockerd do (moves one
+/// end of a veth pair into `/proc/PID/ns/net` of the state's pid, names it eth0, gives it an
+/// address). The supervisor is in a namespace of its own, not the host's; the hook runs in the
+/// host's; `create` connects a tap to the eth0 the hook put there. `startContainer`,
+/// `poststart` and `poststop` run at start and delete with the state they should see; a
+/// failing `createRuntime` hook fails `create` with its stderr, leaving nothing behind.
+#[test]
+fn test_hooks_run_and_configure_the_containers_own_network_namespace() {
+    if !usable() {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() || !Path::new("/dev/net/tun").exists() {
+        println!("SKIPPED: needs root and /dev/net/tun (a network namespace and a tap)");
+        return;
+    }
+    let env = Env::new(serde_json::json!({"testGuest": "agent"}));
+    let d = env.dir.path();
+    let id = std::process::id() % 100_000;
+    let (host_end, peer) = (format!("ksn-hk{id}"), format!("ksn-hp{id}"));
+    // Deleting the host's end deletes the pair (whichever test step failed).
+    struct Veth(String);
+    impl Drop for Veth {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    let _veth = Veth(host_end.clone());
+    let hook = |name: &str, body: &str| {
+        let p = d.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let dir = d.display();
+    let setkey = hook(
+        "setkey",
+        &format!(
+            "state=$(cat); echo \"$state\" > {dir}/prestart.json\n\
+             readlink /proc/self/ns/net > {dir}/hook-netns\n\
+             pid=$(echo \"$state\" | sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p')\n\
+             ip link add {host_end} type veth peer name {peer} || exit 1\n\
+             ip link set {peer} netns \"$pid\" || exit 1\n\
+             nsenter --net=/proc/$pid/ns/net sh -c 'ip link set {peer} name eth0 && \
+             ip addr add 10.93.0.2/24 dev eth0 && ip link set eth0 up' || exit 1"
+        ),
+    );
+    let record = |name: &str| hook(name, &format!("cat > {dir}/{name}.json"));
+    let (start_c, post_start, post_stop) = (
+        record("startContainer"),
+        record("poststart"),
+        record("poststop"),
+    );
+    let b = env.bundle("b", &["sh", "-c", "echo hooked"]);
+    let cfg = b.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&cfg).unwrap()).unwrap();
+    spec["linux"]["namespaces"] =
+        serde_json::json!([{"type": "pid"}, {"type": "mount"}, {"type": "network"}]);
+    spec["hooks"] = serde_json::json!({
+        "prestart": [{"path": setkey, "args": ["setkey", "libnetwork-setkey"]}],
+        "startContainer": [{"path": start_c}],
+        "poststart": [{"path": post_start}],
+        "poststop": [{"path": post_stop}],
+    });
+    fs::write(&cfg, spec.to_string()).unwrap();
+
+    let (pid, out) = env.create(&b, "h1");
+    let prestart = fs::read_to_string(d.join("prestart.json")).unwrap();
+    assert!(
+        prestart.contains(&format!(
+            "\"id\":\"h1\",\"status\":\"creating\",\"pid\":{pid},"
+        )),
+        "{prestart}"
+    );
+    let host_ns = fs::read_link("/proc/self/ns/net").unwrap();
+    let hook_ns = fs::read_to_string(d.join("hook-netns")).unwrap();
+    assert_eq!(
+        hook_ns.trim(),
+        host_ns.to_str().unwrap(),
+        "hooks run in the host's namespace"
+    );
+    let ns = format!("/proc/{pid}/ns/net");
+    assert_ne!(
+        fs::read_link(&ns).unwrap(),
+        host_ns,
+        "the supervisor has a network namespace of its own"
+    );
+    let in_ns = |args: &[&str]| {
+        let o = Command::new("nsenter")
+            .arg(format!("--net={ns}"))
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let tap = in_ns(&["ip", "-o", "link", "show", "tap0_kata"]);
+    assert!(
+        tap.contains("UP"),
+        "create made and raised tap0_kata there: {tap}"
+    );
+    let filters = in_ns(&["tc", "filter", "show", "dev", "eth0", "ingress"]);
+    assert!(
+        filters.contains("mirred") && filters.contains("to device tap0_kata"),
+        "eth0's ingress goes to the tap: {filters}"
+    );
+
+    let o = env.run(&["start", "h1"]);
+    assert_eq!(o.code(), 0, "{o:?}");
+    let end = Instant::now() + T;
+    while process_alive(pid) {
+        assert!(Instant::now() < end, "the supervisor {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read_to_string(&out).unwrap(), "hooked\n");
+    for (name, want) in [
+        (
+            "startContainer",
+            format!("\"status\":\"created\",\"pid\":{pid},"),
+        ),
+        (
+            "poststart",
+            format!("\"status\":\"running\",\"pid\":{pid},"),
+        ),
+    ] {
+        let got = fs::read_to_string(d.join(format!("{name}.json"))).unwrap();
+        assert!(got.contains(&want), "{name}: {got}");
+    }
+    assert!(!d.join("poststop.json").exists(), "poststop runs at delete");
+    let o = env.run(&["delete", "h1"]);
+    assert_eq!(o.code(), 0, "{o:?}");
+    let got = fs::read_to_string(d.join("poststop.json")).unwrap();
+    assert!(got.contains("\"status\":\"stopped\",\"pid\":0,"), "{got}");
+    env.assert_gone("h1");
+
+    // A failing create-time hook fails create, with what it said.
+    let fail = hook("fail", "echo no network for you >&2; exit 7");
+    spec["hooks"] = serde_json::json!({"createRuntime": [{"path": fail}]});
+    fs::write(&cfg, spec.to_string()).unwrap();
+    let mut c = env.ks();
+    c.args(["create", "--bundle", b.to_str().unwrap(), "h2"])
+        .stdin(Stdio::null());
+    let o = run_command(c, T);
+    assert_ne!(o.code(), 0, "{o:?}");
+    assert!(
+        o.stderr.contains("error running createRuntime hook #0")
+            && o.stderr.contains("exit status 7")
+            && o.stderr.contains("no network for you"),
+        "{o:?}"
+    );
+    env.assert_gone("h2");
+}

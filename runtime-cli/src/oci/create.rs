@@ -78,10 +78,14 @@ pub(super) fn create(
     }
     // Docker's resolv.conf, hosts and hostname, read now (a copy, not a live bind).
     let files = copied_files(&config.files)?;
+    // A new network namespace that create-time hooks configure (Docker's default bridge,
+    // nerdctl): the supervisor makes it and runs them with its pid; the guest takes what they
+    // put there. Without such hooks nothing could, and the guest has loopback only.
+    let own_netns = config.network == oci_bundle::Network::New && config.hooks.any_at_create();
     let spec = template::spec_for(
         config.resources.vcpus,
         config.resources.mem_mib,
-        matches!(config.network, oci_bundle::Network::Join(_)),
+        own_netns || matches!(config.network, oci_bundle::Network::Join(_)),
     )?;
     let data = assets::data_dir();
     let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {
@@ -155,6 +159,7 @@ pub(super) fn create(
         exit_code: None,
         cgroup: cgroup.as_ref().map(|c| c.dir.clone()),
         netns: netns.clone(),
+        hooks: config.hooks.clone(),
     };
     state::write_record(&dir, &record)?;
     let launch = Launch {
@@ -183,6 +188,7 @@ pub(super) fn create(
         cgroup,
         jail: Some(jail),
         netns,
+        own_netns,
         marks: if matches!(mode, Mode::RunForeground { .. }) {
             marks
         } else {
@@ -198,6 +204,7 @@ pub(super) fn create(
         guard.armed = false;
         let cgroup = launch.cgroup.clone();
         let netns = launch.netns.clone();
+        let record = launch.record.clone();
         return super::jail::supervise_in_child(
             || supervisor::supervise(launch, None, t0, seccomp),
             |pid| match &args.pid_file {
@@ -211,6 +218,7 @@ pub(super) fn create(
                     tracing::warn!("{e:#}");
                 }
                 super::net::release(netns.as_deref());
+                super::poststop(&record);
                 let _ = store.remove(&args.id);
             },
         );
@@ -224,6 +232,7 @@ pub(super) fn create(
         let origin = host_cgroup::own_cgroup();
         let cgroup = launch.cgroup.clone();
         let netns = launch.netns.clone();
+        let record = launch.record.clone();
         let code = supervisor::supervise(launch, None, t0, seccomp);
         if !keep {
             if let Some(c) = cgroup
@@ -233,6 +242,7 @@ pub(super) fn create(
                 tracing::warn!("{e:#}");
             }
             super::net::release(netns.as_deref());
+            super::poststop(&record);
             let _ = store.remove(&args.id);
         }
         return Ok(code);

@@ -9,6 +9,7 @@ pub mod console;
 pub mod control;
 mod create;
 pub mod exec;
+pub mod hooks;
 pub mod host_cgroup;
 pub mod jail;
 pub mod log;
@@ -449,7 +450,32 @@ fn start(store: &Store, id: &str) -> Result<()> {
         Status::Running => bail!("cannot start an already running container"),
         s => bail!("cannot start a container in the {} state", s.as_str()),
     }
-    call(store, &r, control::Request::Start)
+    // On the host, before the process runs (runc runs them in the container: here that is
+    // the guest, where their programs are not).
+    hooks::run_all(
+        r.hooks
+            .start_container
+            .iter()
+            .map(|h| ("startContainer", h)),
+        &hooks::HookState::new(&r, "created", r.pid),
+        None,
+    )?;
+    call(store, &r, control::Request::Start)?;
+    hooks::run_all_warn(
+        "poststart",
+        &r.hooks.poststart,
+        &hooks::HookState::new(&r, "running", r.pid),
+    );
+    Ok(())
+}
+
+/// The `poststop` hooks of container `r`, once its VM is gone; failures are warnings.
+fn poststop(r: &Record) {
+    hooks::run_all_warn(
+        "poststop",
+        &r.hooks.poststop,
+        &hooks::HookState::new(r, "stopped", 0),
+    );
 }
 
 /// Sends `req` to the supervisor of the container `r`.
@@ -540,6 +566,7 @@ fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
     }
     remove_cgroup(&r);
     net::release(r.netns.as_deref());
+    poststop(&r);
     store.remove(id)
 }
 

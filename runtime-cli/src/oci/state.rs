@@ -85,6 +85,14 @@ pub struct Record {
     /// `delete`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
+    /// The bundle's hooks: `start` runs `startContainer` and `poststart`, `delete` runs
+    /// `poststop` (the bundle may be gone by then).
+    #[serde(default, skip_serializing_if = "no_hooks")]
+    pub hooks: oci_bundle::Hooks,
+}
+
+fn no_hooks(h: &oci_bundle::Hooks) -> bool {
+    *h == oci_bundle::Hooks::default()
 }
 
 /// The OCI state JSON of `runc state`, in runc's field order.
@@ -492,6 +500,7 @@ mod tests {
             exit_code: None,
             cgroup: None,
             netns: None,
+            hooks: Default::default(),
         }
     }
 

@@ -83,6 +83,11 @@ pub struct Launch {
     /// Kubernetes); none: loopback only.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// The container's network namespace is its own, new one, configured by its create-time
+    /// hooks (Docker's default bridge): the supervisor makes it and joins it before the hooks
+    /// run, then takes what they put there as with [`Launch::netns`].
+    #[serde(default)]
+    pub own_netns: bool,
     /// When `run` in the foreground finished each step before the supervisor (bundle,
     /// template, rootfs image), from the process start: the first marks of the `--debug`
     /// timing line. Not sent to a daemon supervisor, whose clock starts with its own process.
@@ -362,14 +367,52 @@ impl Supervisor {
             launch.console_socket.as_deref(),
             launch.console_size,
         )?;
+        // The create-time hooks, on the host and before the jail, which has neither their
+        // programs nor the privileges they may need. A container with a network namespace of
+        // its own is given it first (this process, whose pid the hooks read, enters it; they
+        // run in the host's).
+        let host_netns = if launch.own_netns {
+            Some(super::hooks::enter_new_netns()?)
+        } else {
+            None
+        };
+        if launch.record.hooks.any_at_create() {
+            let pid = std::process::id() as i32;
+            super::hooks::run_all(
+                launch.record.hooks.at_create(),
+                &super::hooks::HookState::new(&launch.record, "creating", pid),
+                host_netns.as_ref().map(|f| f.as_fd()),
+            )?;
+            phases.mark("hooks");
+        }
+        drop(host_netns);
+        let netns = match (&launch.netns, launch.own_netns) {
+            (Some(p), _) => Some(p.clone()),
+            (None, true) => Some(PathBuf::from(format!(
+                "/proc/{}/ns/net",
+                std::process::id()
+            ))),
+            (None, false) => None,
+        };
         // The container's network: a tap made in its namespace and connected to the
         // namespace's interface, whose MAC, MTU, addresses and routes the agent gives the
         // guest's. Before the jail, which has no CAP_NET_ADMIN and cannot enter namespaces.
-        if let Some(netns) = &launch.netns {
-            let net = super::net::connect_tap(netns, super::net::TAP_NAME).with_context(|| {
+        let net = match netns.as_deref() {
+            None => None,
+            Some(ns) => match super::net::connect_tap(ns, super::net::TAP_NAME) {
+                // Its own namespace has an interface only if a hook put one there.
+                Err(super::net::ContainerNetError::NoInterface) if launch.own_netns => {
+                    tracing::debug!("no interface in the container's network namespace");
+                    None
+                }
+                r => Some((ns, r)),
+            },
+        };
+        if let Some((ns, net)) = net {
+            let net = net.with_context(|| {
                 format!(
                     "cannot connect the container to its network namespace {}",
-                    netns.display()
+                    ns.display()
                 )
             })?;
             let (config, dropped) = net.iface.guest_config(super::template::NET_SLOT);
