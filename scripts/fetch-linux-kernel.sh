@@ -16,8 +16,11 @@ cache="${KATA_SNAP_CACHE:-$HOME/.cache/kata-snap}/linux"
 mkdir -p "$cache"
 # tun.ko: /dev/net/tun for the virtio-net rung-4 tests (their taps in L1); veth.ko and the tc
 # ingress qdisc, u32 filter and mirred action: a container's network namespace as Docker and CNI
-# make it (a veth pair) and the redirects kata-snap puts between its interface and the tap.
-rig_modules=(irqbypass.ko kvm.ko kvm-amd.ko tun.ko veth.ko sch_ingress.ko cls_u32.ko act_mirred.ko)
+# make it (a veth pair) and the redirects kata-snap puts between its interface and the tap;
+# bridge.ko (with llc.ko and stp.ko, which it needs, loaded first): Docker's default bridge and
+# CNI's bridge plugin.
+rig_modules=(irqbypass.ko kvm.ko kvm-amd.ko tun.ko veth.ko sch_ingress.ko cls_u32.ko act_mirred.ko
+    llc.ko stp.ko bridge.ko)
 cached=1
 for f in vmlinuz vmlinux version modules/load-order; do
     [ -s "$cache/$f" ] || cached=0

@@ -642,6 +642,28 @@ fn test_hooks_run_and_configure_the_containers_own_network_namespace() {
     assert!(got.contains("\"status\":\"stopped\",\"pid\":0,"), "{got}");
     env.assert_gone("h1");
 
+    // Without hooks a new network namespace is the supervisor's own all the same (whoever
+    // configures the container's pid's namespace after create never touches the host's); no
+    // `network` entry: the host's, as with runc.
+    for (namespaces, own) in [
+        (
+            serde_json::json!([{"type": "pid"}, {"type": "network"}]),
+            true,
+        ),
+        (serde_json::json!([{"type": "pid"}]), false),
+    ] {
+        spec["hooks"] = serde_json::json!({});
+        spec["linux"]["namespaces"] = namespaces;
+        fs::write(&cfg, spec.to_string()).unwrap();
+        let (pid, _) = env.create(&b, "h3");
+        let ns = fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        assert_eq!(ns != host_ns, own, "{ns:?} vs the host's {host_ns:?}");
+        let o = env.run(&["delete", "--force", "h3"]);
+        assert_eq!(o.code(), 0, "{o:?}");
+    }
+    spec["linux"]["namespaces"] =
+        serde_json::json!([{"type": "pid"}, {"type": "mount"}, {"type": "network"}]);
+
     // A failing create-time hook fails create, with what it said.
     let fail = hook("fail", "echo no network for you >&2; exit 7");
     spec["hooks"] = serde_json::json!({"createRuntime": [{"path": fail}]});

@@ -83,7 +83,7 @@ else
         --bin /usr/bin/containerd \
         --bin /usr/bin/containerd-shim-runc-v2 \
         --bin /usr/bin/ctr \
-        $(for b in /usr/sbin/dockerd /usr/bin/docker; do [ -x "$b" ] && printf -- '--bin %s ' "$b"; done) \
+        $(for b in /usr/sbin/dockerd /usr/bin/docker /usr/sbin/docker-proxy; do [ -x "$b" ] && printf -- '--bin %s ' "$b"; done) \
         --bin "$testbin=/rig/linux_e2e" \
         --file "$kernel_dir/bzImage=/rig/guest/bzImage" \
         --file "$initramfs=/rig/guest/initramfs.cpio" \

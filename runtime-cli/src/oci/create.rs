@@ -78,14 +78,17 @@ pub(super) fn create(
     }
     // Docker's resolv.conf, hosts and hostname, read now (a copy, not a live bind).
     let files = copied_files(&config.files)?;
-    // A new network namespace that create-time hooks configure (Docker's default bridge,
-    // nerdctl): the supervisor makes it and runs them with its pid; the guest takes what they
-    // put there. Without such hooks nothing could, and the guest has loopback only.
-    let own_netns = config.network == oci_bundle::Network::New && config.hooks.any_at_create();
+    // A new network namespace (`linux.namespaces` `network` without a path) is the
+    // supervisor's own, as runc's container init has one: whoever configures
+    // `/proc/PID/ns/net` of the container's pid configures that namespace, never the host's.
+    // When create-time hooks configure it (Docker's default bridge, nerdctl), the guest takes
+    // what they put there, and so restores a networked template.
+    let own_netns = config.network == oci_bundle::Network::New;
     let spec = template::spec_for(
         config.resources.vcpus,
         config.resources.mem_mib,
-        own_netns || matches!(config.network, oci_bundle::Network::Join(_)),
+        (own_netns && config.hooks.any_at_create())
+            || matches!(config.network, oci_bundle::Network::Join(_)),
     )?;
     let data = assets::data_dir();
     let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {

@@ -83,9 +83,10 @@ pub struct Launch {
     /// Kubernetes); none: loopback only.
     #[serde(default)]
     pub netns: Option<PathBuf>,
-    /// The container's network namespace is its own, new one, configured by its create-time
-    /// hooks (Docker's default bridge): the supervisor makes it and joins it before the hooks
-    /// run, then takes what they put there as with [`Launch::netns`].
+    /// The container's network namespace is a new one (as runc's init, the supervisor is in
+    /// it: as root, before its create-time hooks run). When such hooks exist (Docker's
+    /// default bridge), the guest then takes the interface they put there, as with
+    /// [`Launch::netns`].
     #[serde(default)]
     pub own_netns: bool,
     /// When `run` in the foreground finished each step before the supervisor (bundle,
@@ -371,12 +372,25 @@ impl Supervisor {
         // programs nor the privileges they may need. A container with a network namespace of
         // its own is given it first (this process, whose pid the hooks read, enters it; they
         // run in the host's).
+        let hooked = launch.record.hooks.any_at_create();
         let host_netns = if launch.own_netns {
-            Some(super::hooks::enter_new_netns()?)
+            match super::hooks::enter_new_netns() {
+                Ok(host) => {
+                    phases.mark("network namespace");
+                    Some(host)
+                }
+                // Without root there is none (runc needs a user namespace for one): the guest
+                // has loopback only all the same, unless hooks were to configure it.
+                Err(e) if !hooked && !nix::unistd::geteuid().is_root() => {
+                    tracing::debug!("{e:#}");
+                    None
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             None
         };
-        if launch.record.hooks.any_at_create() {
+        if hooked {
             let pid = std::process::id() as i32;
             super::hooks::run_all(
                 launch.record.hooks.at_create(),
@@ -385,14 +399,14 @@ impl Supervisor {
             )?;
             phases.mark("hooks");
         }
-        drop(host_netns);
-        let netns = match (&launch.netns, launch.own_netns) {
+        // Its own namespace has an interface only if a hook put one there.
+        let netns = match (&launch.netns, host_netns) {
             (Some(p), _) => Some(p.clone()),
-            (None, true) => Some(PathBuf::from(format!(
+            (None, Some(_)) if hooked => Some(PathBuf::from(format!(
                 "/proc/{}/ns/net",
                 std::process::id()
             ))),
-            (None, false) => None,
+            _ => None,
         };
         // The container's network: a tap made in its namespace and connected to the
         // namespace's interface, whose MAC, MTU, addresses and routes the agent gives the

@@ -73,6 +73,9 @@ const APPLETS: &[&str] = &[
     "ip",
     "ping",
     "nc",
+    "wget",
+    "httpd",
+    "nslookup",
 ];
 
 /// The guest kernel and initramfs.

@@ -30,62 +30,102 @@ struct Seen {
     files: (String, i32),
 }
 
-#[test]
-fn test_docker_runs_and_execs_through_kata_snap_as_with_runc() {
-    let Some(art) = setup() else { return };
-    for b in [DOCKERD, DOCKER, "/usr/bin/containerd"] {
-        if !Path::new(b).exists() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must provide Docker in the rig (scripts/install-deps.sh, scripts/rig/rung4.sh)"
-            );
-            println!("SKIPPED: {b} missing (apt-get install docker.io)");
-            return;
+/// A dockerd of the test's own (with its own containerd), kata-snap registered beside runc,
+/// the busybox image imported; stopped on drop.
+struct Dockerd {
+    child: std::process::Child,
+    host: String,
+    dir: std::path::PathBuf,
+}
+
+impl Dockerd {
+    /// None: Docker is not here (SKIPPED, never in CI). `network`: dockerd's network options.
+    fn start(d: &Path, e: &Env, network: &[&str]) -> Option<Self> {
+        for b in [DOCKERD, DOCKER, "/usr/bin/containerd"] {
+            if !Path::new(b).exists() {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "CI must provide Docker in the rig (scripts/install-deps.sh, scripts/rig/rung4.sh)"
+                );
+                println!("SKIPPED: {b} missing (apt-get install docker.io)");
+                return None;
+            }
         }
+        let sock = d.join("docker.sock");
+        let host = format!("unix://{}", sock.display());
+        step("start dockerd");
+        // No iptables (the rig has none): the vfs storage driver (works on any filesystem),
+        // cgroupfs.
+        let child = Command::new(DOCKERD)
+            .arg("--data-root")
+            .arg(d.join("root"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .arg("-H")
+            .arg(&host)
+            .args(["--iptables=false", "--ip6tables=false", "--ip-masq=false"])
+            .args(network)
+            .args([
+                "--storage-driver=vfs",
+                "--exec-opt",
+                "native.cgroupdriver=cgroupfs",
+            ])
+            .arg("--add-runtime")
+            .arg(format!("kata-snap={BIN}"))
+            .env("KATA_SNAP_CONFIG", &e.config)
+            .env("KATA_SNAP_DATA_DIR", &e.data)
+            // The rig's root is an initramfs, where runc's pivot_root fails: Docker's switch
+            // for that makes its runtimes run with --no-pivot (kata-snap accepts and ignores
+            // it).
+            .env("DOCKER_RAMDISK", "1")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(d.join("dockerd.log")).unwrap())
+            .stderr(fs::File::create(d.join("dockerd.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let daemon = Self {
+            child,
+            host,
+            dir: d.to_owned(),
+        };
+        let end = Instant::now() + T;
+        while run_it(daemon.docker(), &["version"]).code() != 0 {
+            assert!(
+                Instant::now() < end,
+                "dockerd did not come up{}",
+                daemon.logs()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let rootfs = busybox_tree(&d.join("image-rootfs"));
+        let tar = d.join("rootfs.tar");
+        let o = run_command(
+            {
+                let mut c = Command::new("tar");
+                c.arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg(".");
+                c
+            },
+            T,
+        );
+        assert_eq!(o.code(), 0, "tar: {o:?}");
+        let o = run_it(daemon.docker(), &["import", tar.to_str().unwrap(), IMAGE]);
+        assert_eq!(o.code(), 0, "docker import: {o:?}{}", daemon.logs());
+        Some(daemon)
     }
-    let e = env(&art);
-    let dir = tempfile::tempdir_in(&e.dir).unwrap();
-    let d = dir.path();
-    let sock = d.join("docker.sock");
-    let host = format!("unix://{}", sock.display());
-    step("start dockerd");
-    // No network set-up (no iptables, no bridge: the containers use --network none), the vfs
-    // storage driver (works on any filesystem), cgroupfs.
-    let mut daemon = Command::new(DOCKERD)
-        .arg("--data-root")
-        .arg(d.join("root"))
-        .arg("--exec-root")
-        .arg(d.join("exec"))
-        .arg("--pidfile")
-        .arg(d.join("docker.pid"))
-        .arg("-H")
-        .arg(&host)
-        .args([
-            "--iptables=false",
-            "--ip6tables=false",
-            "--ip-forward=false",
-            "--ip-masq=false",
-            "--bridge=none",
-            "--storage-driver=vfs",
-            "--exec-opt",
-            "native.cgroupdriver=cgroupfs",
-        ])
-        .arg("--add-runtime")
-        .arg(format!("kata-snap={BIN}"))
-        .env("KATA_SNAP_CONFIG", &e.config)
-        .env("KATA_SNAP_DATA_DIR", &e.data)
-        // The rig's root is an initramfs, where runc's pivot_root fails: Docker's switch for
-        // that makes its runtimes run with --no-pivot (kata-snap accepts and ignores it).
-        .env("DOCKER_RAMDISK", "1")
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(d.join("dockerd.log")).unwrap())
-        .stderr(fs::File::create(d.join("dockerd.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let logs = || {
+
+    fn docker(&self) -> Command {
+        let mut c = Command::new(DOCKER);
+        c.arg("-H").arg(&self.host);
+        c
+    }
+
+    /// The end of dockerd's log, for a failure's message.
+    fn logs(&self) -> String {
         format!(
             "\ndockerd: {}",
-            fs::read_to_string(d.join("dockerd.err"))
+            fs::read_to_string(self.dir.join("dockerd.err"))
                 .unwrap_or_default()
                 .lines()
                 .rev()
@@ -96,31 +136,35 @@ fn test_docker_runs_and_execs_through_kata_snap_as_with_runc() {
                 .collect::<Vec<_>>()
                 .join("\n")
         )
-    };
-    let docker = || {
-        let mut c = Command::new(DOCKER);
-        c.arg("-H").arg(&host);
-        c
-    };
-    let end = Instant::now() + T;
-    while run_it(docker(), &["version"]).code() != 0 {
-        assert!(Instant::now() < end, "dockerd did not come up{}", logs());
-        std::thread::sleep(Duration::from_millis(300));
     }
-    let rootfs = busybox_tree(&d.join("image-rootfs"));
-    let tar = d.join("rootfs.tar");
-    let o = run_command(
-        {
-            let mut c = Command::new("tar");
-            c.arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg(".");
-            c
-        },
-        T,
-    );
-    assert_eq!(o.code(), 0, "tar: {o:?}");
-    let o = run_it(docker(), &["import", tar.to_str().unwrap(), IMAGE]);
-    assert_eq!(o.code(), 0, "docker import: {o:?}{}", logs());
+}
 
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // SIGTERM: dockerd stops the containerd it started (SIGKILL would leave it running).
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if crate::common::wait_deadline(&mut self.child, Duration::from_secs(60)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn test_docker_runs_and_execs_through_kata_snap_as_with_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let d = dir.path();
+    // No network (the containers use --network none).
+    let Some(daemon) = Dockerd::start(d, e, &["--ip-forward=false", "--bridge=none"]) else {
+        return;
+    };
+    let docker = || daemon.docker();
+    let logs = || daemon.logs();
     let with_stdin = |args: &[&str], input: &[u8]| -> Output {
         let mut c = docker();
         c.args(args)
@@ -214,13 +258,222 @@ fn test_docker_runs_and_execs_through_kata_snap_as_with_runc() {
     if let [(_, ks), (_, runc)] = &seen[..] {
         assert_eq!(ks, runc, "kata-snap vs runc");
     }
-    // SIGTERM: dockerd stops the containerd it started (SIGKILL would leave it running).
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    if crate::common::wait_deadline(&mut daemon, Duration::from_secs(60)).is_none() {
-        let _ = daemon.kill();
-        let _ = daemon.wait();
+}
+
+/// The bridge dockerd makes (`--bip`), its gateway address on the host.
+const BRIDGE_GATEWAY: &str = "172.29.0.1";
+/// The address the test's DNS server gives every name.
+const DNS_ANSWER: [u8; 4] = [10, 29, 29, 29];
+
+/// A DNS server for one test on `addr:53` (UDP): every A query gets [`DNS_ANSWER`], any other
+/// type an empty answer. Stops when the returned flag is set.
+fn dns_server(addr: &str) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let sock = std::net::UdpSocket::bind((addr, 53)).expect("bind the test's DNS server");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while !flag.load(Ordering::Relaxed) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let q = &buf[..n];
+            // The header, then one question: labels up to the root, type, class.
+            let Some(end) = q
+                .get(12..)
+                .and_then(|b| b.iter().position(|&l| l == 0))
+                .map(|p| 12 + p + 1 + 4)
+                .filter(|&e| e <= n)
+            else {
+                continue;
+            };
+            let is_a = q[end - 4..end - 2] == [0, 1];
+            let mut r = Vec::with_capacity(end + 16);
+            r.extend_from_slice(&q[..2]);
+            r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(is_a), 0, 0, 0, 0]);
+            r.extend_from_slice(&q[12..end]);
+            if is_a {
+                // The name by pointer to the question, A, IN, TTL 60, 4 bytes.
+                r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                r.extend_from_slice(&DNS_ANSWER);
+            }
+            let _ = sock.send_to(&r, from);
+        }
+    });
+    stop
+}
+
+/// GET `path` from `addr` until it answers 200 (up to 90 s); the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
+            let mut got = String::new();
+            let _ = s.take(1 << 20).read_to_string(&mut got);
+            if got.starts_with("HTTP/1.") && got.contains(" 200 ") {
+                return got
+                    .split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_string())
+                    .unwrap_or_default();
+            }
+        }
+        if Instant::now() > end {
+            return String::new();
+        }
+        std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// Docker's default bridge network, through kata-snap as through runc: dockerd's
+/// `libnetwork-setkey` prestart hook configures the container's network namespace (the
+/// supervisor's own), whose interface the guest takes. A server container is published
+/// (`-p`: docker-proxy on the host reaches it at its bridge address); a second container
+/// reaches it by address (its ARP entry for it is the server's MAC, the one Docker gave it:
+/// clones of one template each have their own), reaches a server on the host, and resolves a
+/// name through the DNS server Docker wrote in its resolv.conf (`--dns`).
+#[test]
+fn test_docker_default_bridge_publish_dns_and_neighbours_as_with_runc() {
+    let Some(art) = setup() else { return };
+    if !Path::new("/usr/sbin/docker-proxy").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide docker-proxy in the rig (scripts/rig/rung4.sh)"
+        );
+        println!("SKIPPED: /usr/sbin/docker-proxy missing (apt-get install docker.io)");
+        return;
+    }
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let d = dir.path();
+    let bip = format!("--bip={BRIDGE_GATEWAY}/24");
+    let Some(daemon) = Dockerd::start(
+        d,
+        e,
+        &[
+            &bip,
+            "--ip-forward=false",
+            "--userland-proxy=true",
+            "--userland-proxy-path=/usr/sbin/docker-proxy",
+        ],
+    ) else {
+        return;
+    };
+    let docker = || daemon.docker();
+    let stop_dns = dns_server(BRIDGE_GATEWAY);
+    let mut seen = Vec::new();
+    for (i, runtime) in ["kata-snap", "runc"].into_iter().enumerate() {
+        step(format!("docker bridge with runtime {runtime}"));
+        let port = 18080 + i as u16;
+        let publish = format!("{port}:80");
+        let o = run_it(
+            docker(),
+            &[
+                "run",
+                "-d",
+                "--name",
+                "web",
+                "--runtime",
+                runtime,
+                "-p",
+                &publish,
+                IMAGE,
+                "sh",
+                "-c",
+                "mkdir -p /www && echo served-by-web > /www/index.html && \
+                 cat /sys/class/net/eth0/address > /www/mac && exec httpd -f -p 80 -h /www",
+            ],
+        );
+        assert_eq!(o.code(), 0, "{runtime}: {o:?}{}", daemon.logs());
+        let t0 = Instant::now();
+        let published = http_get(([127, 0, 0, 1], port).into(), "/index.html");
+        measure(
+            &format!("docker_bridge_publish_first_reply_{runtime}"),
+            ms_since(t0),
+        );
+        let inspect = run_it(
+            docker(),
+            &[
+                "inspect",
+                "-f",
+                "{{.NetworkSettings.IPAddress}} {{.NetworkSettings.MacAddress}}",
+                "web",
+            ],
+        );
+        let (web_ip, web_mac) = inspect
+            .stdout
+            .trim()
+            .split_once(' ')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap_or_default();
+        assert!(web_ip.starts_with("172.29.0."), "{runtime}: {inspect:?}");
+        // A server on the host's end of the bridge for the client to reach.
+        let listener = std::net::TcpListener::bind((BRIDGE_GATEWAY, 0)).unwrap();
+        let host_port = listener.local_addr().unwrap().port();
+        let from_client = std::thread::spawn(move || {
+            use std::io::Read;
+            listener.set_nonblocking(false).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut got = String::new();
+            let _ = s.take(4096).read_to_string(&mut got);
+            got
+        });
+        let script = format!(
+            "wget -q -O - http://{web_ip}/index.html; \
+             test \"$(wget -q -O - http://{web_ip}/mac)\" = {web_mac} && echo mac-is-docker-s; \
+             awk '$1 == \"{web_ip}\" {{print $4}}' /proc/net/arp | grep -qx {web_mac} && echo arp-ok; \
+             grep -q '^nameserver {BRIDGE_GATEWAY}' /etc/resolv.conf && echo resolv-ok; \
+             nslookup ks-name.test | grep -q '{a}' && echo dns-ok; \
+             echo from-the-client | nc {BRIDGE_GATEWAY} {host_port} && echo host-ok",
+            a = std::net::Ipv4Addr::from(DNS_ANSWER),
+        );
+        let dns = format!("--dns={BRIDGE_GATEWAY}");
+        let client = run_it(
+            docker(),
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                runtime,
+                &dns,
+                IMAGE,
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        let rm = run_it(docker(), &["rm", "-f", "web"]);
+        let got_from_client = from_client.join().unwrap();
+        seen.push((
+            runtime,
+            (
+                published.clone(),
+                client.stdout.clone(),
+                client.code(),
+                got_from_client,
+                rm.code(),
+            ),
+        ));
+        assert_eq!(
+            seen[i].1,
+            (
+                "served-by-web\n".to_string(),
+                "served-by-web\nmac-is-docker-s\narp-ok\nresolv-ok\ndns-ok\nhost-ok\n".to_string(),
+                0,
+                "from-the-client\n".to_string(),
+                0,
+            ),
+            "{runtime}: {client:?}{}",
+            daemon.logs()
+        );
+    }
+    stop_dns.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ps = run_it(docker(), &["ps", "-aq"]);
+    assert_eq!(ps.stdout.trim(), "", "{ps:?}");
 }
