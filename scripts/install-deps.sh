@@ -4,12 +4,12 @@
 # erofs/ext4 images), cpio, the tools that unpack the Debian kernel (lz4, zstd, xz, python3), and
 # qemu-system-x86 (the rung-4 rig: scripts/rig/), and linux-source with the kernel's build
 # dependencies (guest/kernel/build.sh), runc (the runtime tests compare kata-snap with it) and
-# containerd and docker.io (the rung-4 containerd and Docker tests), iproute2 (the virtio-net tests'
-# network namespaces and taps).
+# containerd, docker.io and containernetworking-plugins (the rung-4 containerd, Docker and CNI
+# tests), iproute2 (the virtio-net tests' network namespaces and taps).
 # Idempotent; skips apt when everything is there.
 set -euo pipefail
 
-pkgs=(gcc libc6-dev binutils make libclang-dev busybox-static cpio erofs-utils e2fsprogs lz4 zstd xz-utils python3 util-linux qemu-system-x86 runc containerd docker.io iproute2
+pkgs=(gcc libc6-dev binutils make libclang-dev busybox-static cpio erofs-utils e2fsprogs lz4 zstd xz-utils python3 util-linux qemu-system-x86 runc containerd docker.io containernetworking-plugins iproute2
     linux-source bc bison flex libelf-dev libssl-dev)
 missing=()
 for p in "${pkgs[@]}"; do

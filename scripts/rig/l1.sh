@@ -150,6 +150,8 @@ for m in \$(cat /rig/modules/load-order); do
     insmod /rig/modules/\$m \$params || { echo "RIG-ERROR: insmod \$m failed"; verdict 125; }
 done
 [ -c /dev/kvm ] || { echo "RIG-ERROR: no /dev/kvm after loading kvm-amd"; dmesg | tail -n 20; verdict 125; }
+# Loopback up, as on any host (Docker's published ports are reached at 127.0.0.1).
+ip link set lo up
 echo "RIG: /dev/kvm ready after \$(cut -d' ' -f1 /proc/uptime) s"
 cd /rig
 # A heartbeat on the console: a test that waits silently keeps L1 talking, so the host's

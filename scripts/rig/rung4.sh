@@ -83,6 +83,7 @@ else
         --bin /usr/bin/containerd \
         --bin /usr/bin/containerd-shim-runc-v2 \
         --bin /usr/bin/ctr \
+        $(for p in bridge host-local loopback; do [ -x "/usr/lib/cni/$p" ] && printf -- '--bin /usr/lib/cni/%s=/opt/cni/bin/%s ' "$p" "$p"; done) \
         $(for b in /usr/sbin/dockerd /usr/bin/docker /usr/sbin/docker-proxy; do [ -x "$b" ] && printf -- '--bin %s ' "$b"; done) \
         --bin "$testbin=/rig/linux_e2e" \
         --file "$kernel_dir/bzImage=/rig/guest/bzImage" \

@@ -78,74 +78,122 @@ fn oci_image_tar(dir: &Path, rootfs: &Path, name: &str) -> PathBuf {
     tar
 }
 
+/// A containerd of the test's own (no CRI plugin), the busybox image imported with the native
+/// snapshotter; stopped on drop.
+struct Containerd {
+    child: std::process::Child,
+    sock: PathBuf,
+    dir: PathBuf,
+}
+
+impl Containerd {
+    /// None: containerd is not here (SKIPPED, never in CI).
+    fn start(dir: &Path, e: &Env) -> Option<Self> {
+        if let Some(missing) = CONTAINERD_BINS.iter().find(|b| !Path::new(b).exists()) {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must provide containerd in the rig (scripts/rig/rung4.sh packs it)"
+            );
+            println!("SKIPPED: {missing} missing (apt-get install containerd)");
+            return None;
+        }
+        let state = dir.join("state");
+        let sock = state.join("containerd.sock");
+        let config = dir.join("containerd.toml");
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n",
+                dir.join("root").display(),
+                state.display(),
+                sock.display()
+            ),
+        )
+        .unwrap();
+        step("start containerd");
+        let child = Command::new(CONTAINERD_BINS[0])
+            .arg("--config")
+            .arg(&config)
+            .env("KATA_SNAP_CONFIG", &e.config)
+            .env("KATA_SNAP_DATA_DIR", &e.data)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.join("containerd.log")).unwrap())
+            .stderr(fs::File::create(dir.join("containerd.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let daemon = Self {
+            child,
+            sock,
+            dir: dir.to_owned(),
+        };
+        let end = Instant::now() + T;
+        while daemon.ctr(&["version"]).code() != 0 {
+            assert!(
+                Instant::now() < end,
+                "containerd did not come up: {}",
+                daemon.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let rootfs = busybox_tree(&dir.join("image-rootfs"));
+        let tar = oci_image_tar(dir, &rootfs, IMAGE);
+        let o = daemon.ctr(&[
+            "image",
+            "import",
+            "--snapshotter",
+            "native",
+            tar.to_str().unwrap(),
+        ]);
+        assert_eq!(o.code(), 0, "import: {o:?}");
+        Some(daemon)
+    }
+
+    fn ctr_cmd(&self) -> Command {
+        let mut c = Command::new(CONTAINERD_BINS[1]);
+        c.arg("--address").arg(&self.sock);
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        let mut c = self.ctr_cmd();
+        c.args(args);
+        run_it(c, &[])
+    }
+
+    /// containerd's log, for a failure's message.
+    fn logs(&self) -> String {
+        format!(
+            "\ncontainerd: {}",
+            fs::read_to_string(self.dir.join("containerd.err")).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CONTAINERD_BINS: [&str; 3] = [
+    "/usr/bin/containerd",
+    "/usr/bin/ctr",
+    "/usr/bin/containerd-shim-runc-v2",
+];
+
 /// containerd (started here) runs an image with kata-snap as its runc binary (`ctr run
 /// --runc-binary`): the output and the exit status come back through the runc shim.
 #[test]
 fn test_containerd_runs_an_image_through_kata_snap() {
     let Some(art) = setup() else { return };
-    let bins = [
-        "/usr/bin/containerd",
-        "/usr/bin/ctr",
-        "/usr/bin/containerd-shim-runc-v2",
-    ];
-    if let Some(missing) = bins.iter().find(|b| !Path::new(b).exists()) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide containerd in the rig (scripts/rig/rung4.sh packs it)"
-        );
-        println!("SKIPPED: {missing} missing (apt-get install containerd)");
-        return;
-    }
     let e = env(&art);
     let dir = tempfile::tempdir_in(&e.dir).unwrap();
-    let state = dir.path().join("state");
-    let sock = state.join("containerd.sock");
-    let config = dir.path().join("containerd.toml");
-    fs::write(
-        &config,
-        format!(
-            "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n",
-            dir.path().join("root").display(),
-            state.display(),
-            sock.display()
-        ),
-    )
-    .unwrap();
-    step("start containerd");
-    let mut daemon = Command::new(bins[0])
-        .arg("--config")
-        .arg(&config)
-        .env("KATA_SNAP_CONFIG", &e.config)
-        .env("KATA_SNAP_DATA_DIR", &e.data)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(dir.path().join("containerd.log")).unwrap())
-        .stderr(fs::File::create(dir.path().join("containerd.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let ctr = |args: &[&str]| -> Output {
-        let mut c = Command::new(bins[1]);
-        c.arg("--address").arg(&sock).args(args);
-        run_it(c, &[])
+    let Some(daemon) = Containerd::start(dir.path(), e) else {
+        return;
     };
-    let end = Instant::now() + T;
-    while ctr(&["version"]).code() != 0 {
-        assert!(
-            Instant::now() < end,
-            "containerd did not come up: {}",
-            fs::read_to_string(dir.path().join("containerd.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let rootfs = busybox_tree(&dir.path().join("image-rootfs"));
-    let tar = oci_image_tar(dir.path(), &rootfs, IMAGE);
-    let o = ctr(&[
-        "image",
-        "import",
-        "--snapshotter",
-        "native",
-        tar.to_str().unwrap(),
-    ]);
-    assert_eq!(o.code(), 0, "import: {o:?}");
+    let ctr = |args: &[&str]| daemon.ctr(args);
+    let logs = || daemon.logs();
     let t0 = Instant::now();
     let o = ctr(&[
         "run",
@@ -161,12 +209,6 @@ fn test_containerd_runs_an_image_through_kata_snap() {
         "echo from containerd; echo err >&2; exit 3",
     ]);
     measure("ctr_run_through_kata-snap", ms_since(t0));
-    let logs = || {
-        format!(
-            "\ncontainerd: {}",
-            fs::read_to_string(dir.path().join("containerd.err")).unwrap_or_default()
-        )
-    };
     assert_eq!(o.stdout, "from containerd\n", "{o:?}{}", logs());
     assert_eq!(o.code(), 3, "{o:?}{}", logs());
     assert!(o.stderr.contains("err"), "{o:?}");
@@ -178,8 +220,8 @@ fn test_containerd_runs_an_image_through_kata_snap() {
     // end ends the process. (Written once the task runs: ctr 1.6 asks the shim to close the
     // process's stdin only if its stdin ends after the task was created; an earlier end is
     // lost in ctr whatever the runtime, and the task waits for input forever.)
-    let mut c = Command::new(bins[1]);
-    c.arg("--address").arg(&sock).args([
+    let mut c = daemon.ctr_cmd();
+    c.args([
         "run",
         "--rm",
         "--snapshotter",
@@ -247,6 +289,209 @@ fn test_containerd_runs_an_image_through_kata_snap() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(ctr(&["containers", "rm", "ctr2"]).code(), 0);
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+}
+
+/// Where the CNI plugins are in the rig (scripts/rig/rung4.sh puts Debian's
+/// containernetworking-plugins there, containerd's default plugin directory).
+const CNI_BIN: &str = "/opt/cni/bin";
+/// The CNI bridge's subnet and its gateway (the host's end, on the bridge `ks-cni0`).
+const CNI_GATEWAY: &str = "10.77.0.1";
+
+/// One CNI network attachment, made as libcni makes it for containerd's CRI (Kubernetes): a
+/// network namespace first, then the plugin called with `CNI_COMMAND=ADD` and the network's
+/// config on stdin; deleted (`DEL`, then the namespace) on drop.
+struct CniAttachment {
+    netns: PathBuf,
+    id: String,
+    conf: String,
+    /// The container's address and eth0's MAC, from the plugin's result.
+    ip: String,
+    mac: String,
+}
+
+impl CniAttachment {
+    fn add(id: &str, data_dir: &Path) -> Self {
+        let netns = PathBuf::from(format!("/run/netns/ks-cni-{id}-{}", std::process::id()));
+        crate::runtime_net::new_netns(&netns).unwrap();
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "ks-cni",
+            "type": "bridge",
+            "bridge": "ks-cni0",
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.77.0.0/24", "gateway": CNI_GATEWAY}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": data_dir,
+            }
+        })
+        .to_string();
+        let mut a = Self {
+            netns,
+            id: id.to_string(),
+            conf,
+            ip: String::new(),
+            mac: String::new(),
+        };
+        let o = a.call("ADD");
+        assert_eq!(o.code(), 0, "CNI ADD {id}: {o:?}");
+        let r: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        a.ip = r["ips"][0]["address"]
+            .as_str()
+            .and_then(|c| c.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        a.mac = r["interfaces"]
+            .as_array()
+            .and_then(|l| l.iter().find(|i| i["sandbox"].as_str() == a.netns.to_str()))
+            .and_then(|i| i["mac"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        assert!(!a.ip.is_empty() && !a.mac.is_empty(), "CNI result: {r}");
+        a
+    }
+
+    fn call(&self, command: &str) -> Output {
+        use std::io::Write;
+        let mut c = Command::new(format!("{CNI_BIN}/bridge"));
+        c.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &self.id)
+            .env("CNI_NETNS", &self.netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", CNI_BIN)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(self.conf.as_bytes())
+            .unwrap();
+        crate::common::collect(child, T, &format!("CNI {command}"))
+    }
+}
+
+impl Drop for CniAttachment {
+    fn drop(&mut self) {
+        let _ = self.call("DEL");
+        crate::runtime_net::remove_netns(&self.netns);
+    }
+}
+
+/// containerd with CNI, as Kubernetes' CRI drives them: each container's network namespace is
+/// made and given to the CNI bridge plugin (Debian's containernetworking-plugins) before the
+/// container is created in it (`ctr run --with-ns network:PATH`). Through kata-snap as through
+/// runc: the host reaches a server container at its address, a second container reaches it
+/// (its ARP entry for it is the MAC the plugin gave the server's eth0) and reaches the host at
+/// the bridge's gateway.
+#[test]
+fn test_containerd_with_the_cni_bridge_plugin_as_with_runc() {
+    let Some(art) = setup() else { return };
+    if !Path::new(CNI_BIN).join("bridge").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide the CNI plugins in the rig (scripts/install-deps.sh, rung4.sh)"
+        );
+        println!("SKIPPED: {CNI_BIN}/bridge missing (apt-get install containernetworking-plugins)");
+        return;
+    }
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let Some(daemon) = Containerd::start(dir.path(), e) else {
+        return;
+    };
+    let ipam = dir.path().join("ipam");
+    let mut seen = Vec::new();
+    for runtime in ["kata-snap", "runc"] {
+        step(format!("containerd + CNI with {runtime}"));
+        let server = CniAttachment::add(&format!("web-{runtime}"), &ipam);
+        let client = CniAttachment::add(&format!("cli-{runtime}"), &ipam);
+        let with_ns = |a: &CniAttachment| format!("network:{}", a.netns.display());
+        let mut run = vec!["run", "--snapshotter", "native"];
+        if runtime == "kata-snap" {
+            run.extend(["--runc-binary", BIN]);
+        }
+        let server_ns = with_ns(&server);
+        let mut args = run.clone();
+        args.extend([
+            "-d",
+            "--with-ns",
+            &server_ns,
+            IMAGE,
+            "web",
+            "sh",
+            "-c",
+            "mkdir -p /www && echo served-by-web > /www/index.html && \
+             cat /sys/class/net/eth0/address > /www/mac && exec httpd -f -p 80 -h /www",
+        ]);
+        let o = daemon.ctr(&args);
+        assert_eq!(o.code(), 0, "{runtime}: {o:?}{}", daemon.logs());
+        let t0 = Instant::now();
+        let from_host = crate::runtime_net::http_get(
+            (server.ip.parse::<std::net::Ipv4Addr>().unwrap(), 80).into(),
+            "/index.html",
+        );
+        measure(&format!("cni_first_reply_{runtime}"), ms_since(t0));
+        let listener = std::net::TcpListener::bind((CNI_GATEWAY, 0)).unwrap();
+        let host_port = listener.local_addr().unwrap().port();
+        let to_host = std::thread::spawn(move || {
+            use std::io::Read;
+            let (s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut got = String::new();
+            let _ = s.take(4096).read_to_string(&mut got);
+            got
+        });
+        let script = format!(
+            "wget -q -O - http://{ip}/index.html; \
+             test \"$(wget -q -O - http://{ip}/mac)\" = {mac} && echo mac-is-cni-s; \
+             awk '$1 == \"{ip}\" {{print $4}}' /proc/net/arp | grep -qx {mac} && echo arp-ok; \
+             echo from-the-client | nc {CNI_GATEWAY} {host_port} && echo host-ok",
+            ip = server.ip,
+            mac = server.mac,
+        );
+        let client_ns = with_ns(&client);
+        let mut args = run.clone();
+        args.extend([
+            "--rm",
+            "--with-ns",
+            &client_ns,
+            IMAGE,
+            "cli",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        let o = daemon.ctr(&args);
+        let got = to_host.join().unwrap();
+        let kill = daemon.ctr(&["task", "kill", "-s", "KILL", "web"]);
+        let end = Instant::now() + T;
+        while daemon.ctr(&["task", "delete", "web"]).code() != 0 {
+            assert!(
+                Instant::now() < end,
+                "task web did not stop{}",
+                daemon.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let rm = daemon.ctr(&["containers", "rm", "web"]);
+        seen.push((runtime, (from_host, o.stdout.clone(), o.code(), got)));
+        assert_eq!(
+            seen.last().unwrap().1,
+            (
+                "served-by-web\n".to_string(),
+                "served-by-web\nmac-is-cni-s\narp-ok\nhost-ok\n".to_string(),
+                0,
+                "from-the-client\n".to_string()
+            ),
+            "{runtime}: {o:?}{}",
+            daemon.logs()
+        );
+        assert_eq!((kill.code(), rm.code()), (0, 0), "{kill:?} {rm:?}");
+    }
 }

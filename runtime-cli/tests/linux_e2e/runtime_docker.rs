@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::common::{BIN, Output, collect, run_command};
 use crate::guest::*;
 use crate::runtime::*;
+use crate::runtime_net::http_get;
 
 const DOCKERD: &str = "/usr/sbin/dockerd";
 const DOCKER: &str = "/usr/bin/docker";
@@ -304,30 +305,6 @@ fn dns_server(addr: &str) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
         }
     });
     stop
-}
-
-/// GET `path` from `addr` until it answers 200 (up to 90 s); the body.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let end = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
-            let mut got = String::new();
-            let _ = s.take(1 << 20).read_to_string(&mut got);
-            if got.starts_with("HTTP/1.") && got.contains(" 200 ") {
-                return got
-                    .split_once("\r\n\r\n")
-                    .map(|(_, b)| b.to_string())
-                    .unwrap_or_default();
-            }
-        }
-        if Instant::now() > end {
-            return String::new();
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
 }
 
 /// Docker's default bridge network, through kata-snap as through runc: dockerd's

@@ -67,30 +67,13 @@ impl EngineNetns {
         let path = PathBuf::from(format!("/run/netns/ksn-{tag}{id}"));
         let host = format!("ksn-{tag}h{id}");
         let peer = format!("ksn-{tag}p{id}");
-        fs::create_dir_all("/run/netns").map_err(|e| e.to_string())?;
-        fs::write(&path, b"").map_err(|e| e.to_string())?;
         let mut ns = Self {
             path: path.clone(),
             host: host.clone(),
             subnet,
             mac: String::new(),
         };
-        // A new namespace, kept by a bind mount of a thread's namespace file (as `ip netns add`).
-        let p = path.clone();
-        std::thread::spawn(move || -> Result<(), String> {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("unshare: {e}"))?;
-            nix::mount::mount(
-                Some("/proc/thread-self/ns/net"),
-                &p,
-                None::<&str>,
-                nix::mount::MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| format!("bind mount of the namespace: {e}"))
-        })
-        .join()
-        .map_err(|_| "the namespace thread panicked".to_string())??;
+        new_netns(&path)?;
         let ns_file = fs::File::open(&path).map_err(|e| e.to_string())?;
         let host_ip = ns.host_ip();
         netlink(async move |h| {
@@ -202,8 +185,59 @@ impl Drop for EngineNetns {
             let i = link_index(&h, &host).await?;
             h.link().del(i).execute().await.map_err(|e| e.to_string())
         });
-        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
-        let _ = fs::remove_file(&self.path);
+        remove_netns(&self.path);
+    }
+}
+
+/// A new, empty network namespace at `path` (under /run/netns), kept by a bind mount of a
+/// thread's namespace file, as `ip netns add` keeps one.
+pub(crate) fn new_netns(path: &Path) -> Result<(), String> {
+    fs::create_dir_all(path.parent().unwrap()).map_err(|e| e.to_string())?;
+    fs::write(path, b"").map_err(|e| e.to_string())?;
+    let p = path.to_owned();
+    std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare: {e}"))?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &p,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("bind mount of the namespace: {e}"))
+    })
+    .join()
+    .map_err(|_| "the namespace thread panicked".to_string())?
+}
+
+/// Removes a namespace [`new_netns`] made.
+pub(crate) fn remove_netns(path: &Path) {
+    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_file(path);
+}
+
+/// GET `path` from `addr` until it answers 200 (up to 90 s); the body (empty if it never did).
+pub(crate) fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
+            let mut got = String::new();
+            let _ = s.take(1 << 20).read_to_string(&mut got);
+            if got.starts_with("HTTP/1.") && got.contains(" 200 ") {
+                return got
+                    .split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_string())
+                    .unwrap_or_default();
+            }
+        }
+        if Instant::now() > end {
+            return String::new();
+        }
+        std::thread::sleep(Duration::from_millis(300));
     }
 }
 
