@@ -10,7 +10,7 @@ use serde::Serialize;
 use snapshot::dir::{DirError, MEMORY_FILE, STATE_FILE, SnapshotWriter};
 use snapshot::format::{self, FormatError};
 use snapshot::memory::{self, HostRegion, MemoryFileError, WriteStats};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemory};
 
 use super::{MemoryBacking, VmRuntime};
 use crate::persist::{self, DeviceStates, PersistError, VmState};

@@ -40,7 +40,7 @@ use devices::legacy::{EventFdTrigger, I8042, Serial, SerialOutput, SignalPort};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use serde::Serialize;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::stop::StopNotifier;
