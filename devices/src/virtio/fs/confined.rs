@@ -394,9 +394,7 @@ impl FileSystem for ConfinedFs {
             Ok(e) => Ok((e, h, o, p)),
             Err(x) => {
                 if let Some(h) = h {
-                    let _ = self
-                        .inner
-                        .release(ctx, e.inode, 0, h, false, false, None);
+                    let _ = self.inner.release(ctx, e.inode, 0, h, false, false, None);
                     self.held().handles.remove(&h);
                 }
                 Err(x)
@@ -530,9 +528,7 @@ impl FileSystem for ConfinedFs {
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         self.reserve_handle()?;
-        let r = self
-            .inner
-            .opendir(ctx, inode, sanitize_open_flags(flags))?;
+        let r = self.inner.opendir(ctx, inode, sanitize_open_flags(flags))?;
         self.record_handle(r.0);
         Ok(r)
     }
@@ -617,7 +613,10 @@ mod tests {
     fn test_check_name_dots_slashes_empty_refused() {
         for bad in [&b"\0"[..], b".\0", b"..\0", b"a/b\0", b"/\0", b"../etc\0"] {
             let c = CStr::from_bytes_with_nul(bad).unwrap();
-            assert_eq!(check_name(c).unwrap_err().raw_os_error(), Some(libc::EINVAL));
+            assert_eq!(
+                check_name(c).unwrap_err().raw_os_error(),
+                Some(libc::EINVAL)
+            );
         }
         check_name(c"file.txt").unwrap();
         check_name(c"...").unwrap();
@@ -625,8 +624,8 @@ mod tests {
 
     #[test]
     fn test_sanitize_open_flags_drops_path_and_tmpfile() {
-        let f = (libc::O_RDWR | libc::O_PATH | libc::O_TMPFILE | libc::O_CREAT | libc::O_APPEND)
-            as u32;
+        let f =
+            (libc::O_RDWR | libc::O_PATH | libc::O_TMPFILE | libc::O_CREAT | libc::O_APPEND) as u32;
         let s = sanitize_open_flags(f) as i32;
         assert_eq!(s & libc::O_PATH, 0);
         assert_eq!(s & libc::O_CREAT, 0);

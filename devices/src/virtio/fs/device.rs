@@ -46,7 +46,9 @@ pub enum FsError {
 
 /// Checks a tag: 1 to [`TAG_LEN`] bytes, no NUL (and no `,` or `=`, which the command line uses).
 pub fn check_tag(tag: &str) -> Result<(), FsError> {
-    if tag.is_empty() || tag.len() > TAG_LEN || tag.bytes().any(|b| b == 0 || b == b',' || b == b'=')
+    if tag.is_empty()
+        || tag.len() > TAG_LEN
+        || tag.bytes().any(|b| b == 0 || b == b',' || b == b'=')
     {
         return Err(FsError::Tag(tag.to_string()));
     }

@@ -28,4 +28,4 @@ pub use queue_handler::{FsHandler, FsToken, MAX_MESSAGE_BYTES};
 pub use server::{FsShare, ServerError, ServerThread, ThreadSetup};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -67,10 +67,16 @@ impl FsHandler {
 
     /// Whether the guest has a FUSE session on this device (its state cannot be snapshotted).
     pub fn session_active(&self) -> bool {
-        self.server.as_ref().is_some_and(ServerThread::session_active)
+        self.server
+            .as_ref()
+            .is_some_and(ServerThread::session_active)
     }
 
-    fn drain_done(&mut self, mut active: Option<&mut Active>, irq: &Interrupt) -> Result<(), DeviceFailure> {
+    fn drain_done(
+        &mut self,
+        mut active: Option<&mut Active>,
+        irq: &Interrupt,
+    ) -> Result<(), DeviceFailure> {
         let Some(server) = &self.server else {
             return Ok(());
         };

@@ -302,7 +302,9 @@ impl Worker {
         // PassthroughFs sets the process umask to 0 when it (re)opens the share at FUSE_INIT
         // and DESTROY; put the VMM's back so files it creates keep their modes.
         let umask = (opcode == OP_INIT || opcode == OP_DESTROY).then(current_umask);
-        let r = self.server.handle_message(reader, writer.into(), None, None);
+        let r = self
+            .server
+            .handle_message(reader, writer.into(), None, None);
         if let Some(m) = umask {
             // SAFETY: umask only sets the process's file mode mask.
             unsafe { libc::umask(m) };
