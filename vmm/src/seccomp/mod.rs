@@ -342,6 +342,21 @@ mod nr_check {
     ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioZeropage);
 }
 
+/// The set-up each virtio-fs server thread runs first: installs the [`ThreadKind::Fs`] filter
+/// on it (nothing when seccomp is off).
+pub fn fs_thread_setup(
+    filters: &Filters,
+) -> impl Fn() -> Option<devices::virtio::fs::ThreadSetup> + use<> {
+    let filters = filters.clone();
+    move || {
+        let f = filters.clone();
+        Some(
+            Box::new(move || f.apply(ThreadKind::Fs).map_err(std::io::Error::other))
+                as devices::virtio::fs::ThreadSetup,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -124,6 +124,9 @@ pub struct HostResources {
     /// Restore: the taps of the snapshot's net devices, by device id, already opened (a net
     /// device left out has no link).
     pub net: Vec<virtio::NetTap>,
+    /// Restore: the directories of the snapshot's virtio-fs slots, by tag (a slot left out
+    /// stays empty).
+    pub fs: Vec<virtio::FsSlot>,
 }
 
 impl HostResources {
@@ -137,6 +140,7 @@ impl HostResources {
             vsock: None,
             vsock_listener: None,
             net: Vec::new(),
+            fs: Vec::new(),
         }
     }
 }
