@@ -149,7 +149,13 @@ fn test_conformance_fs_slot_save_restore_continues() {
         |h, _round| {
             // A slot answers every request with 0 bytes (used length 0), in order.
             for _ in 0..3 {
-                let (e, _) = super::fs::tests::call(h, super::fs::tests::INIT, 0, &[0u8; 16], 64);
+                let (e, _) = super::fs::test_client::call(
+                    h,
+                    super::fs::test_client::INIT,
+                    0,
+                    &[0u8; 16],
+                    64,
+                );
                 assert_eq!(e, i32::MIN);
             }
             assert!(!h.device.fs_session_active());

@@ -27,5 +27,7 @@ pub use persist::{FsArgs, FsState, RestoreFsError};
 pub use queue_handler::{FsHandler, FsToken, MAX_MESSAGE_BYTES};
 pub use server::{FsShare, ServerError, ServerThread, ThreadSetup};
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_client;
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;
