@@ -547,3 +547,28 @@ mod net_arg_tests {
         assert!(parse_mac("002:00:00:00:00:01").is_err());
     }
 }
+
+#[cfg(test)]
+mod fs_arg_tests {
+    use super::parse_fs_share;
+
+    #[test]
+    fn test_parse_fs_share_forms_and_refusals() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().display().to_string();
+        let s = parse_fs_share(&format!("data={p},ro"), true).unwrap();
+        assert_eq!(s.tag, "data");
+        let share = s.share.unwrap();
+        assert!(share.read_only);
+        assert_eq!(share.dir, d.path());
+        let rw = parse_fs_share(&format!("data={p}"), true).unwrap();
+        assert!(!rw.share.unwrap().read_only);
+        // A slot: boot only.
+        assert!(parse_fs_share("slot0", false).unwrap().share.is_none());
+        assert!(parse_fs_share("slot0", true).is_err());
+        assert!(parse_fs_share("data=relative/dir", false).is_err());
+        assert!(parse_fs_share(&format!("={p}"), false).is_err());
+        assert!(parse_fs_share(&format!("{}={p}", "t".repeat(37)), false).is_err());
+        assert!(parse_fs_share("data=/nonexistent/kata-snap-fs", false).is_err());
+    }
+}
