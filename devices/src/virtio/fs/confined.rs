@@ -48,12 +48,12 @@ pub struct FsLimits {
 }
 
 impl Default for FsLimits {
-    /// 4096 inodes and 1024 handles: about 5000 fds at most, so the VMM's `RLIMIT_NOFILE` must
-    /// leave room for them beside its own.
+    /// 1024 inodes and 256 handles: about 1300 fds per share at most, so that a couple of
+    /// shares fit under the jail's `RLIMIT_NOFILE` (4096) beside the VMM's own fds.
     fn default() -> Self {
         Self {
-            max_inodes: 4096,
-            max_handles: 1024,
+            max_inodes: 1024,
+            max_handles: 256,
         }
     }
 }
