@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use vmm::seccomp::SeccompMode;
-use vmm::vm::virtio::{DiskSpec, NetSpec, SpareSlot, VirtioSpecs, VsockHost, VsockSpec};
+use vmm::vm::virtio::{DiskSpec, FsSpec, NetSpec, SpareSlot, VirtioSpecs, VsockHost, VsockSpec};
 
 /// Default of `--vsock-max-conns`.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = vmm::vm::virtio::DEFAULT_VSOCK_MAX_CONNECTIONS as u32;
@@ -81,6 +81,13 @@ pub struct BootArgs {
     /// locally administered).
     #[arg(long, value_name = "ID[,tap=NAME][,mac=MAC]", value_parser = parse_net)]
     pub net: Vec<NetSpec>,
+    /// Share the host directory DIR with the guest as virtio-fs tag TAG (repeatable; after every
+    /// other device); the guest mounts it with `mount -t virtiofs TAG /dir`. `ro` refuses every
+    /// change (EROFS). `--fs TAG` alone makes a slot: a device with no directory until a restore
+    /// attaches one (`restore --fs-slot TAG=DIR[,ro]`). A snapshot is refused while the guest has
+    /// a share mounted.
+    #[arg(long, value_name = "TAG[=DIR[,ro]]", value_parser = parse_fs)]
+    pub fs: Vec<FsSpec>,
     /// Take a snapshot into this directory (which must not exist) at the exact exit where the
     /// guest writes READY (1) to port 0xf4: how templates are made.
     #[arg(long, value_name = "DIR")]
@@ -186,6 +193,45 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         return Err(format!("{s} is a multicast address"));
     }
     Ok(mac)
+}
+
+/// Parses a virtio-fs share `TAG=DIR[,ro]` (`dir_required`) or, for boot, also a slot `TAG`.
+pub fn parse_fs_share(s: &str, dir_required: bool) -> Result<FsSpec, String> {
+    let (tag, rest) = match s.split_once('=') {
+        Some((t, r)) => (t, Some(r)),
+        None if dir_required => return Err("expected TAG=DIR[,ro]".into()),
+        None => (s, None),
+    };
+    vmm::vm::virtio::check_fs_tag(tag).map_err(|e| e.to_string())?;
+    let share = match rest {
+        None => None,
+        Some(r) => {
+            let (dir, read_only) = match r.rsplit_once(',') {
+                Some((d, "ro")) => (d, true),
+                Some((d, "rw")) => (d, false),
+                _ => (r, false),
+            };
+            let dir = PathBuf::from(dir);
+            if !dir.is_absolute() {
+                return Err(format!(
+                    "{}: the shared directory must be an absolute path",
+                    dir.display()
+                ));
+            }
+            if !dir.is_dir() {
+                return Err(format!("{} is not a directory", dir.display()));
+            }
+            Some(vmm::vm::virtio::FsShare { dir, read_only })
+        }
+    };
+    Ok(FsSpec {
+        tag: tag.to_string(),
+        share,
+    })
+}
+
+fn parse_fs(s: &str) -> Result<FsSpec, String> {
+    parse_fs_share(s, false)
 }
 
 /// Parses `--net ID[,tap=NAME][,mac=MAC]`.
@@ -423,6 +469,7 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: SeccompMode) -> Resu
             }),
             rng: args.rng,
             nets: args.net,
+            fs: args.fs,
         },
         snapshot_on_ready: args.snapshot_on_ready.map(|dir| SnapshotOnReady {
             dir,
@@ -498,5 +545,30 @@ mod net_arg_tests {
         assert!(parse_mac("02:00:00:00:00").is_err());
         assert!(parse_mac("02:00:00:00:00:zz").is_err());
         assert!(parse_mac("002:00:00:00:00:01").is_err());
+    }
+}
+
+#[cfg(test)]
+mod fs_arg_tests {
+    use super::parse_fs_share;
+
+    #[test]
+    fn test_parse_fs_share_forms_and_refusals() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().display().to_string();
+        let s = parse_fs_share(&format!("data={p},ro"), true).unwrap();
+        assert_eq!(s.tag, "data");
+        let share = s.share.unwrap();
+        assert!(share.read_only);
+        assert_eq!(share.dir, d.path());
+        let rw = parse_fs_share(&format!("data={p}"), true).unwrap();
+        assert!(!rw.share.unwrap().read_only);
+        // A slot: boot only.
+        assert!(parse_fs_share("slot0", false).unwrap().share.is_none());
+        assert!(parse_fs_share("slot0", true).is_err());
+        assert!(parse_fs_share("data=relative/dir", false).is_err());
+        assert!(parse_fs_share(&format!("={p}"), false).is_err());
+        assert!(parse_fs_share(&format!("{}={p}", "t".repeat(37)), false).is_err());
+        assert!(parse_fs_share("data=/nonexistent/kata-snap-fs", false).is_err());
     }
 }

@@ -68,6 +68,12 @@ pub struct RestoreArgs {
     /// read at boot: a clone gets its own through the agent.
     #[arg(long = "net-slot", value_name = "ID=TAP", value_parser = parse_net_slot)]
     pub net_slot: Vec<(String, String)>,
+    /// Attach the host directory DIR to the snapshot's virtio-fs slot TAG (repeatable); `ro`
+    /// refuses every change (EROFS). A slot left out stays empty. The VMM opens DIR by path (a
+    /// restore with a share does not go through a pre-started VMM of the pool).
+    #[arg(long = "fs-slot", value_name = "TAG=DIR[,ro]", value_parser = parse_fs_slot)]
+    #[serde(default)]
+    pub fs_slot: Vec<(String, PathBuf, bool)>,
     /// The taps of `net_slot`, in its order, when opened already (a pool shell receives them
     /// from its client); else each is opened by name.
     #[arg(skip)]
@@ -117,6 +123,12 @@ pub struct OpenedTaps(pub Vec<Arc<std::os::fd::OwnedFd>>);
 /// At most this many `--net-slot`s (the pool hand-off carries their fds in one message).
 pub const MAX_NET_SLOTS: usize = 8;
 
+fn parse_fs_slot(s: &str) -> Result<(String, PathBuf, bool), String> {
+    let spec = crate::boot_cmd::parse_fs_share(s, true)?;
+    let share = spec.share.ok_or("expected TAG=DIR[,ro]")?;
+    Ok((spec.tag, share.dir, share.read_only))
+}
+
 fn parse_net_slot(s: &str) -> Result<(String, String), String> {
     let (id, tap) = s.split_once('=').ok_or("expected ID=TAP")?;
     if id.is_empty() {
@@ -164,7 +176,7 @@ fn parse_slot(s: &str) -> Result<(String, PathBuf), String> {
 
 pub fn run(args: RestoreArgs, process_start: Instant, seccomp: SeccompMode) -> Result<i32> {
     let mut state = None;
-    if !args.no_pool {
+    if !args.no_pool && args.fs_slot.is_empty() {
         match crate::pool::restore_through_pool(&args, process_start)? {
             Ok(code) => return Ok(code),
             Err(read) => state = read.map(|s| *s),
@@ -227,6 +239,17 @@ fn host_resources(args: &RestoreArgs) -> Result<HostResources> {
             .collect(),
         disk_files,
         net: net_taps(args)?,
+        fs: args
+            .fs_slot
+            .iter()
+            .map(|(tag, dir, read_only)| vmm::vm::virtio::FsSlot {
+                tag: tag.clone(),
+                share: vmm::vm::virtio::FsShare {
+                    dir: dir.clone(),
+                    read_only: *read_only,
+                },
+            })
+            .collect(),
         vsock: args.vsock.clone().map(|path| VsockHost {
             path,
             max_connections: args.vsock_max_conns as usize,

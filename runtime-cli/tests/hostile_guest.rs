@@ -366,6 +366,17 @@ fn run_seed(seed: u64, iters: Option<u64>, snapshot_every: u64) -> SeedRun {
     let listener = Listener::start(&uds, VSOCK_PORT);
     let boot = VmFiles::new(dir.path(), "boot");
     let ro_arg = format!("{},ro", ro.display());
+    // virtio-fs: a share in the seed's directory, except on seeds that snapshot, which get a slot
+    // (a snapshot is refused once the guest has a FUSE session, which random INITs open).
+    let share = dir.path().join("share");
+    fs::create_dir(&share).unwrap();
+    fs::write(share.join("f"), b"share").unwrap();
+    let snapshots_here = snapshot_every > 0 && seed.is_multiple_of(snapshot_every);
+    let fs_arg = if snapshots_here {
+        "hfs".to_string()
+    } else {
+        format!("hfs={}", share.display())
+    };
     let vsock_arg = format!("3,{}", uds.display());
     let mut child = boot.spawn(&[
         "boot".as_ref(),
@@ -384,6 +395,8 @@ fn run_seed(seed: u64, iters: Option<u64>, snapshot_every: u64) -> SeedRun {
         // dropped; receive buffers are posted, broken ones too.
         "--net".as_ref(),
         "n0".as_ref(),
+        "--fs".as_ref(),
+        fs_arg.as_ref(),
     ]);
     let mut run = SeedRun::default();
     let snapshot = (snapshot_every > 0 && seed.is_multiple_of(snapshot_every)).then(|| {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use userfaultfd::RegisterMode;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestRegionMmap,
     mmap::MmapRegionBuilder,
 };
 

@@ -265,7 +265,7 @@ pub fn build_boot_params(
         *slot = boot_e820_entry {
             addr: e.addr,
             size: e.size,
-            r#type: e.kind,
+            type_: e.kind,
         };
     }
     params.e820_entries = e820.len() as u8;
@@ -364,7 +364,7 @@ mod tests {
         for (i, e) in e820.iter().enumerate() {
             let b = p.e820_table[i];
             assert_eq!(
-                ({ b.addr }, { b.size }, { b.r#type }),
+                ({ b.addr }, { b.size }, { b.type_ }),
                 (e.addr, e.size, e.kind)
             );
         }

@@ -6,10 +6,11 @@
 //! no more descriptors than the queue size); every buffer lies inside one guest memory region.
 //! Devices then only ever access memory through the returned [`Desc`]s.
 
+use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::worker::DeviceFailure;
 
@@ -95,8 +96,24 @@ pub fn pop_chain(
     index: usize,
     mem: &GuestMemoryMmap,
 ) -> Result<Option<Chain>, DeviceFailure> {
+    Ok(pop_chain_raw(queue, index, mem)?.map(|(chain, _)| chain))
+}
+
+/// As [`pop_chain`], and also returns the `virtio-queue` chain itself (over any handle `M` on
+/// guest memory, e.g. an `Arc` another thread can hold), for a library that walks chains itself
+/// (virtio-fs's FUSE server). The returned chain re-reads the descriptor table when walked: a
+/// driver may have changed it since it was validated, so its user must bound-check every buffer
+/// again (the FUSE server's reader and writer do).
+pub fn pop_chain_raw<M>(
+    queue: &mut Queue,
+    index: usize,
+    mem: M,
+) -> Result<Option<(Chain, DescriptorChain<M>)>, DeviceFailure>
+where
+    M: Deref<Target = GuestMemoryMmap> + Clone,
+{
     let avail = queue
-        .avail_idx(mem, Ordering::Acquire)
+        .avail_idx(&*mem, Ordering::Acquire)
         .map_err(|_| DeviceFailure::AvailIndex(index))?;
     let pending = avail.0.wrapping_sub(queue.next_avail());
     if pending > queue.size() {
@@ -106,7 +123,7 @@ pub fn pop_chain(
         return Ok(None);
     }
     let mut iter = queue
-        .iter(mem)
+        .iter(mem.clone())
         .map_err(|_| DeviceFailure::AvailIndex(index))?;
     let Some(raw) = iter.next() else {
         // The ring entry itself is unreadable: validated at activation, so this is a broken ring.
@@ -120,8 +137,8 @@ pub fn pop_chain(
     };
     let mut descs = Vec::new();
     let mut last_has_next = false;
-    for d in raw {
-        if !in_one_region(mem, d.addr(), d.len()) {
+    for d in raw.clone() {
+        if !in_one_region(&mem, d.addr(), d.len()) {
             return Err(fail(ChainError::OutsideMemory {
                 addr: d.addr().0,
                 len: d.len(),
@@ -143,7 +160,7 @@ pub fn pop_chain(
     if last_has_next {
         return Err(fail(ChainError::Unterminated));
     }
-    Ok(Some(Chain { head, descs }))
+    Ok(Some((Chain { head, descs }, raw)))
 }
 
 /// Puts `head` in the used ring with `len` bytes written.

@@ -126,3 +126,39 @@ fn test_conformance_net_save_restore_continues() {
         net_io,
     );
 }
+
+#[test]
+fn test_conformance_fs_slot_save_restore_continues() {
+    use super::fs::{Fs, FsArgs, FsConfig, FsLimits};
+    check_device(
+        |mem| {
+            let config = FsConfig {
+                tag: "slot".into(),
+                share: None,
+                limits: FsLimits::default(),
+            };
+            Fs::new_fs(&config, mem, None).unwrap()
+        },
+        |mem| FsArgs {
+            mem,
+            parts: Some(super::front::Parts::new(super::fs::NUM_QUEUES).unwrap()),
+            share: None,
+            limits: FsLimits::default(),
+            setup: None,
+        },
+        |h, _round| {
+            // A slot answers every request with 0 bytes (used length 0), in order.
+            for _ in 0..3 {
+                let (e, _) = super::fs::test_client::call(
+                    h,
+                    super::fs::test_client::INIT,
+                    0,
+                    &[0u8; 16],
+                    64,
+                );
+                assert_eq!(e, i32::MIN);
+            }
+            assert!(!h.device.fs_session_active());
+        },
+    );
+}

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub mod block;
 pub mod chain;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;

@@ -226,4 +226,22 @@ proptest! {
             &r,
         );
     }
+
+    #[test]
+    fn test_prop_fs_random_ring_stays_in_writable_buffers(r in ring(), q in 0usize..2) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"data").unwrap();
+        check(
+            |mem| {
+                let config = super::fs::FsConfig {
+                    tag: "p".into(),
+                    share: Some(super::fs::FsShare { dir: dir.path().to_path_buf(), read_only: false }),
+                    limits: super::fs::FsLimits::default(),
+                };
+                super::fs::Fs::new_fs(&config, mem, None).unwrap()
+            },
+            q,
+            &r,
+        );
+    }
 }

@@ -48,7 +48,7 @@ u64 n_stalls_by_type[4];
 u64 n_late, n_reset_under, n_quiet;
 u64 n_blk, n_blk_ok, n_blk_ioerr, n_blk_unsupp, n_vsock_tx, n_vsock_rx, n_rng,
 	n_rng_bytes, n_chain_attacks, n_transport, n_pio, n_mmio, n_regs, n_needs_reset, n_stalls,
-	n_inits, n_init_fail, n_anomalies, n_net_tx, n_net_rx;
+	n_inits, n_init_fail, n_anomalies, n_net_tx, n_net_rx, n_fs;
 
 /* ---- PRNG (splitmix64) ---- */
 u64 prng;
@@ -216,9 +216,11 @@ static void find_devices(const u8 *bp)
 		struct dev *d = &devs[ndevs];
 		d->base = v;
 		d->type = virtio_mmio_probe(v);
-		d->nq = d->type == VIRTIO_ID_VSOCK ? 3 : d->type == VIRTIO_ID_NET ? 2 : 1;
+		d->nq = d->type == VIRTIO_ID_VSOCK			       ? 3
+			: d->type == VIRTIO_ID_NET || d->type == VIRTIO_ID_FS ? 2
+									      : 1;
 		if (d->type != VIRTIO_ID_BLOCK && d->type != VIRTIO_ID_VSOCK &&
-		    d->type != VIRTIO_ID_RNG && d->type != VIRTIO_ID_NET)
+		    d->type != VIRTIO_ID_RNG && d->type != VIRTIO_ID_NET && d->type != VIRTIO_ID_FS)
 			continue;
 		ndevs++;
 	}
@@ -370,6 +372,7 @@ void guest_main(const u8 *bp)
 	put_kv("net_tx", n_net_tx);
 	put_kv("net_rx", n_net_rx);
 	put_kv("rng", n_rng);
+	put_kv("fs", n_fs);
 	put_kv("rng_bytes", n_rng_bytes);
 	put_kv("chain_attacks", n_chain_attacks);
 	put_kv("transport", n_transport);

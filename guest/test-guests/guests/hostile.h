@@ -125,7 +125,7 @@ extern u64 n_stalls_by_type[4]; /* block, vsock, rng, net */
 extern u64 n_late, n_reset_under, n_quiet;
 extern u64 n_blk, n_blk_ok, n_blk_ioerr, n_blk_unsupp, n_vsock_tx, n_vsock_rx, n_rng,
 	n_rng_bytes, n_chain_attacks, n_transport, n_pio, n_mmio, n_regs, n_needs_reset, n_stalls,
-	n_inits, n_init_fail, n_anomalies, n_net_tx, n_net_rx;
+	n_inits, n_init_fail, n_anomalies, n_net_tx, n_net_rx, n_fs;
 
 /* hostile.c: PRNG, raw accesses, addresses and lengths, reports. */
 u64 rnd(void);

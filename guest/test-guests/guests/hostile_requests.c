@@ -281,6 +281,53 @@ static void net_build(unsigned di, unsigned slot, u16 head, struct req *r)
 	n_net_tx++;
 }
 
+/* virtio-fs: a FUSE request (40-byte header with a random opcode, node and length, then random
+ * bytes, a NUL-terminated name now and then) and reply buffers, on the request queue. */
+static void fs_build(unsigned di, unsigned slot, u16 head, struct req *r)
+{
+	struct buf b[4];
+	unsigned n = 0;
+	u64 in = data_addr(0);
+	u32 in_len = chance(8) ? rnd_len() : 40 + (u32)below(300);
+	if (!len_fits_slot(in_len))
+		in_len = chance(2) ? 4096 : 0xffffffff;
+	volatile u8 *p = (volatile u8 *)in;
+	if (in_len <= DATA_SLOT) {
+		for (u32 i = 0; i < in_len && i < 512; i++)
+			p[i] = chance(3) ? 0 : (u8)rnd();
+		/* len, opcode (1..50), unique, nodeid (mostly the root or small), uid, gid, pid */
+		*(volatile u32 *)(p + 0) = chance(4) ? (u32)rnd() : in_len;
+		*(volatile u32 *)(p + 4) = 1 + (u32)below(50);
+		*(volatile u64 *)(p + 8) = rnd();
+		*(volatile u64 *)(p + 16) = chance(2) ? 1 : below(8);
+		if (in_len > 44 && chance(2)) {
+			p[40] = chance(2) ? '.' : 'a';
+			p[41] = chance(2) ? '.' : 0;
+			p[42] = 0;
+		}
+	}
+	(void)slot;
+	r->checked = 1;
+	b[n].addr = chance(12) ? bad_addr(di) : in;
+	b[n].len = in_len;
+	b[n].flags = 0;
+	n++;
+	unsigned outs = (unsigned)below(3);
+	for (unsigned i = 0; i < outs; i++) {
+		u32 len = chance(4) ? rnd_len() : 16 + (u32)below(4096);
+		if (!len_fits_slot(len))
+			len = 4096;
+		b[n].addr = chance(12) ? bad_addr(di) : data_addr(1 + i);
+		b[n].len = len;
+		b[n].flags = VIRTQ_DESC_F_WRITE;
+		r->writable += len;
+		n++;
+	}
+	r->attack = (u8)chance(6);
+	place(di, 1, head, b, n, r);
+	n_fs++;
+}
+
 /* Builds `count` requests for device di in the batch slots, at random but disjoint places of
  * the descriptor table; returns the queue they go on. */
 unsigned build_batch(unsigned di, struct req *r, unsigned count)
@@ -295,10 +342,15 @@ unsigned build_batch(unsigned di, struct req *r, unsigned count)
 			vsock_build(di, i, head, &r[i]);
 		else if (devs[di].type == VIRTIO_ID_NET)
 			net_build(di, i, head, &r[i]);
+		else if (devs[di].type == VIRTIO_ID_FS)
+			fs_build(di, i, head, &r[i]);
 		else
 			rng_build(di, i, head, &r[i]);
 	}
-	return devs[di].type == VIRTIO_ID_VSOCK || devs[di].type == VIRTIO_ID_NET ? 1 : 0;
+	return devs[di].type == VIRTIO_ID_VSOCK || devs[di].type == VIRTIO_ID_NET ||
+			       devs[di].type == VIRTIO_ID_FS
+		       ? 1
+		       : 0;
 }
 
 /* One step: a batch of 1..MAX_BATCH requests on a device, answers checked. */

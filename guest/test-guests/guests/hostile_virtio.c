@@ -391,6 +391,10 @@ static void check_answer(unsigned di, struct req *r, u32 used_len)
 		n_rng_bytes += used_len;
 		if (used_len > r->writable)
 			anomaly("rng_used_len", di);
+	} else if (d->type == VIRTIO_ID_FS) {
+		/* A FUSE reply fits the reply buffers; no reply is used length 0. */
+		if (used_len > r->writable)
+			anomaly("fs_used_len", di);
 	} else if (d->type == VIRTIO_ID_NET) {
 		/* The device writes nothing into a transmit chain. */
 		if (used_len != 0)

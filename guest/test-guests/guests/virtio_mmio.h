@@ -57,6 +57,7 @@
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
 #define VIRTIO_ID_VSOCK 19
+#define VIRTIO_ID_FS 26
 
 /* Descriptor flags. */
 #define VIRTQ_DESC_F_NEXT 1

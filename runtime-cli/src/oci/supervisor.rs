@@ -358,6 +358,8 @@ impl Supervisor {
             no_serial_stdin: true,
             // Given below when the container joins a network namespace.
             net_slot: Vec::new(),
+            // The lead's OCI mounts -> shares wiring goes here.
+            fs_slot: Vec::new(),
             net_taps: Default::default(),
             handed: Default::default(),
         };

@@ -411,6 +411,8 @@ fn warm_into(
                 })
                 .into_iter()
                 .collect(),
+            // virtio-fs slots for OCI bind mounts: the lead's wiring.
+            fs: Vec::new(),
         },
         snapshot_on_ready: Some(SnapshotOnReady {
             dir: tmp.join("snapshot"),

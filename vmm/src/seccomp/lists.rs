@@ -35,11 +35,13 @@ pub enum ThreadKind {
     VmWatch,
     /// A pool shell's `pool-client` thread: reads signals its client forwards, stops the VM.
     PoolClient,
+    /// A virtio-fs share's FUSE server thread: file operations beneath its shared directory.
+    Fs,
 }
 
 impl ThreadKind {
     /// Every kind, in `ThreadKind as u8` order.
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::PageServer,
@@ -49,6 +51,7 @@ impl ThreadKind {
         ThreadKind::VmmSealed,
         ThreadKind::VmWatch,
         ThreadKind::PoolClient,
+        ThreadKind::Fs,
     ];
 
     /// The name the SIGSYS report gives a thread of this kind.
@@ -63,6 +66,7 @@ impl ThreadKind {
             ThreadKind::VmmSealed => "vmm-sealed",
             ThreadKind::VmWatch => "vm-watch",
             ThreadKind::PoolClient => "pool-client",
+            ThreadKind::Fs => "fs",
         }
     }
 }
@@ -221,6 +225,50 @@ const POOL_CLIENT: &[(i64, &str)] = &[
         "the client's connection (std reads a socket with recv)",
     ),
     (libc::SYS_writev, "logs through std"),
+];
+
+/// A virtio-fs server thread: `fuse-backend-rs`'s `PassthroughFs`. Every name is opened with
+/// `openat` relative to a directory fd of the share (`O_NOFOLLOW`), regular files and directories
+/// are reopened through `/proc/self/fd`, and the share's root is reopened by its path at each
+/// FUSE_INIT. No `setresuid`/`capset` (the server never takes the guest's identity), no sockets,
+/// no `ioctl`, no exec.
+const FS: &[(i64, &str)] = &[
+    (
+        libc::SYS_openat,
+        "lookups (O_PATH | O_NOFOLLOW beneath a share fd), reopens through /proc/self/fd, the root",
+    ),
+    (libc::SYS_statx, "attributes"),
+    (libc::SYS_newfstatat, "attributes"),
+    (libc::SYS_fstat, "attributes"),
+    (libc::SYS_fstatfs, "STATFS"),
+    (libc::SYS_readlinkat, "READLINK"),
+    (libc::SYS_getdents64, "READDIR"),
+    (libc::SYS_lseek, "READDIR offsets, LSEEK"),
+    (libc::SYS_preadv, "READ into guest buffers"),
+    (libc::SYS_pwritev, "WRITE from guest buffers"),
+    (libc::SYS_pread64, "READ"),
+    (libc::SYS_pwrite64, "WRITE"),
+    (libc::SYS_mkdirat, "MKDIR"),
+    (libc::SYS_mknodat, "MKNOD (regular, fifo, socket only)"),
+    (libc::SYS_symlinkat, "SYMLINK"),
+    (libc::SYS_linkat, "LINK"),
+    (libc::SYS_unlinkat, "UNLINK, RMDIR"),
+    (libc::SYS_renameat2, "RENAME"),
+    (libc::SYS_fchmod, "SETATTR mode"),
+    (libc::SYS_fchmodat, "SETATTR mode"),
+    (libc::SYS_fchownat, "SETATTR owner"),
+    (libc::SYS_utimensat, "SETATTR times"),
+    (libc::SYS_ftruncate, "SETATTR size, O_TRUNC"),
+    (libc::SYS_fallocate, "FALLOCATE"),
+    (libc::SYS_fsync, "FSYNC"),
+    (libc::SYS_fdatasync, "FSYNC (datasync)"),
+    (libc::SYS_dup, "handles of opened inodes"),
+    (
+        libc::SYS_umask,
+        "PassthroughFs clears it at FUSE_INIT; the server puts it back",
+    ),
+    (libc::SYS_getuid, "PassthroughFs's own checks"),
+    (libc::SYS_getgid, "PassthroughFs's own checks"),
 ];
 
 /// The page server thread.
@@ -399,7 +447,7 @@ pub(crate) fn ioctls(kind: ThreadKind) -> Vec<(u64, &'static str)> {
             (libc::TIOCGWINSZ, "the terminal's size"),
             (libc::TIOCSWINSZ, "resizing the container's terminal"),
         ],
-        ThreadKind::VmWatch | ThreadKind::PoolClient => vec![],
+        ThreadKind::VmWatch | ThreadKind::PoolClient | ThreadKind::Fs => vec![],
     }
 }
 
@@ -414,6 +462,7 @@ fn list(kind: ThreadKind) -> Vec<(i64, &'static str)> {
         ThreadKind::Supervisor => &[SUPERVISOR],
         ThreadKind::VmWatch => &[VM_WATCH],
         ThreadKind::PoolClient => &[POOL_CLIENT],
+        ThreadKind::Fs => &[FS],
     };
     BASE.iter()
         .chain(extra.iter().flat_map(|l| l.iter()))

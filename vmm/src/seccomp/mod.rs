@@ -342,6 +342,21 @@ mod nr_check {
     ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioZeropage);
 }
 
+/// The set-up each virtio-fs server thread runs first: installs the [`ThreadKind::Fs`] filter
+/// on it (nothing when seccomp is off).
+pub fn fs_thread_setup(
+    filters: &Filters,
+) -> impl Fn() -> Option<devices::virtio::fs::ThreadSetup> + use<> {
+    let filters = filters.clone();
+    move || {
+        let f = filters.clone();
+        Some(
+            Box::new(move || f.apply(ThreadKind::Fs).map_err(std::io::Error::other))
+                as devices::virtio::fs::ThreadSetup,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,6 +590,75 @@ mod tests {
         // The SIGSYS handler names the syscall on stderr and exits with 128 + SIGSYS.
         assert!(libc::WIFEXITED(status), "status {status:#x}");
         assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS);
+    }
+
+    /// A virtio-fs server thread under its Kill filter serves a whole FUSE session (init, create,
+    /// write, read, mkdir, lookup, readdir, unlink, symlink, readlink) without a refused syscall:
+    /// in a child process, which a refusal would end with 128 + SIGSYS.
+    #[test]
+    fn test_fs_thread_serves_fuse_under_its_kill_filter() {
+        use devices::virtio::fs::test_client::*;
+        use devices::virtio::fs::{Fs, FsConfig, FsLimits, FsShare};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("host.txt"), b"host").unwrap();
+        let filters = Filters::new(SeccompMode::Kill).unwrap();
+        // SAFETY: fork in a test; the child runs the device and exits without returning.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = std::panic::catch_unwind(|| {
+                let mem = devices::virtio::test_utils::test_memory();
+                let config = FsConfig {
+                    tag: "share0".into(),
+                    share: Some(FsShare {
+                        dir: dir.path().to_path_buf(),
+                        read_only: false,
+                    }),
+                    limits: FsLimits::default(),
+                };
+                let setup = fs_thread_setup(&filters)();
+                let dev = Fs::new_fs(&config, mem.clone(), setup).unwrap();
+                let mut h = devices::virtio::test_utils::Harness::new(dev, mem);
+                h.driver.init(16);
+                init(&mut h);
+                let (e, fh) = create(&mut h, ROOT, "g.txt").unwrap();
+                assert_eq!(write(&mut h, e.nodeid, fh, b"guest").unwrap(), 5);
+                let f = lookup(&mut h, ROOT, "host.txt").unwrap();
+                let fh = open(&mut h, OPEN, f.nodeid, libc::O_RDONLY).unwrap();
+                assert_eq!(read(&mut h, f.nodeid, fh, 64).unwrap(), b"host");
+                mkdir(&mut h, ROOT, "d").unwrap();
+                let dh = open(&mut h, OPENDIR, ROOT, libc::O_RDONLY).unwrap();
+                let r = fuse_backend_rs_read_in(dh);
+                assert_eq!(call(&mut h, READDIRPLUS, ROOT, &r, 4096).0, 0);
+                let mut body = cstr("l");
+                body.extend_from_slice(&cstr("/etc/passwd"));
+                assert_eq!(call(&mut h, SYMLINK, ROOT, &body, 256).0, 0);
+                let l = lookup(&mut h, ROOT, "l").unwrap();
+                assert_eq!(call(&mut h, READLINK, l.nodeid, &[], 256).1, b"/etc/passwd");
+                assert_eq!(call(&mut h, UNLINK, ROOT, &cstr("g.txt"), 64).0, 0);
+            });
+            // SAFETY: leaving the child without running the parent's destructors.
+            unsafe { libc::_exit(if code.is_ok() { 0 } else { 3 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "128 + SIGSYS = 159 is a refused syscall"
+        );
+        assert!(dir.path().join("d").is_dir());
+        assert!(!dir.path().join("g.txt").exists());
+    }
+
+    /// A READDIR(PLUS) body (fuse_read_in) for handle `fh`, 4000 bytes from offset 0.
+    fn fuse_backend_rs_read_in(fh: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 40];
+        b[..8].copy_from_slice(&fh.to_le_bytes());
+        b[16..20].copy_from_slice(&4000u32.to_le_bytes());
+        b
     }
 
     #[test]

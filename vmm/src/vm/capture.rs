@@ -10,7 +10,7 @@ use serde::Serialize;
 use snapshot::dir::{DirError, MEMORY_FILE, STATE_FILE, SnapshotWriter};
 use snapshot::format::{self, FormatError};
 use snapshot::memory::{self, HostRegion, MemoryFileError, WriteStats};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemory};
 
 use super::{MemoryBacking, VmRuntime};
 use crate::persist::{self, DeviceStates, PersistError, VmState};
@@ -42,6 +42,14 @@ pub enum SnapshotError {
     /// The memory file could not be written.
     #[error(transparent)]
     Memory(#[from] MemoryFileError),
+    /// The guest has a FUSE session on a virtio-fs device (or its server is answering a
+    /// request): its inodes and open files live in this process and no snapshot can carry them.
+    /// Templates are taken before the guest mounts a share.
+    #[error(
+        "virtio-fs {0:?} is mounted by the guest (a FUSE session is open): a snapshot cannot carry it; \
+         snapshot before the guest mounts the share"
+    )]
+    FsSession(String),
 }
 
 /// What a snapshot cost and holds.
@@ -60,8 +68,19 @@ pub struct SnapshotInfo {
 /// Snapshots the VM into `dest`, which must not exist. The VM is left paused; the caller resumes.
 pub fn take_snapshot(rt: &mut VmRuntime, dest: &Path) -> Result<SnapshotInfo, SnapshotError> {
     let start = Instant::now();
-    if !rt.is_paused() {
+    if let Some(tag) = rt.virtio.iter().find_map(|d| d.fs_busy()) {
+        return Err(SnapshotError::FsSession(tag));
+    }
+    let paused_here = !rt.is_paused();
+    if paused_here {
         rt.pause().map_err(SnapshotError::Pause)?;
+    }
+    // Checked again with the vCPUs stopped: a FUSE_INIT may have arrived in between.
+    if let Some(tag) = rt.virtio.iter().find_map(|d| d.fs_busy()) {
+        if paused_here {
+            rt.resume();
+        }
+        return Err(SnapshotError::FsSession(tag));
     }
     let vcpus = rt
         .vcpus

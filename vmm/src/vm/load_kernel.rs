@@ -126,7 +126,9 @@ pub(super) fn load(
     let (mem, reservation) = place_memory(shell, &regions, |at| Ok(anonymous(&regions, at)?))?;
     // virtio devices first: the command line announces them.
     let mut mmio = devices::Bus::new();
-    let (virtio, fragments) = virtio::attach_devices(&shell.vm, &mem, &mut mmio, &spec.virtio)?;
+    let fs_setup = crate::seccomp::fs_thread_setup(&shell.seccomp);
+    let (virtio, fragments) =
+        virtio::attach_devices(&shell.vm, &mem, &mut mmio, &spec.virtio, &fs_setup)?;
     let cmdline = std::iter::once(spec.cmdline.as_str())
         .chain(fragments.iter().map(String::as_str))
         .filter(|s| !s.is_empty())

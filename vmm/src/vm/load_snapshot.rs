@@ -772,6 +772,10 @@ pub(super) fn attach(
         },
         host.vsock.as_ref().map(|v| (v, host.vsock_listener)),
         host.net,
+        super::virtio::FsHosts {
+            slots: host.fs,
+            setup: &crate::seccomp::fs_thread_setup(&shell.seccomp),
+        },
     )?;
     let mmio = Arc::new(mmio);
     let clocks: Vec<_> = fds.iter().map(|(fd, _, tsc)| (fd, *tsc)).collect();

@@ -40,7 +40,7 @@ use devices::legacy::{EventFdTrigger, I8042, Serial, SerialOutput, SignalPort};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use serde::Serialize;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::stop::StopNotifier;
@@ -124,6 +124,9 @@ pub struct HostResources {
     /// Restore: the taps of the snapshot's net devices, by device id, already opened (a net
     /// device left out has no link).
     pub net: Vec<virtio::NetTap>,
+    /// Restore: the directories of the snapshot's virtio-fs slots, by tag (a slot left out
+    /// stays empty).
+    pub fs: Vec<virtio::FsSlot>,
 }
 
 impl HostResources {
@@ -137,6 +140,7 @@ impl HostResources {
             vsock: None,
             vsock_listener: None,
             net: Vec::new(),
+            fs: Vec::new(),
         }
     }
 }

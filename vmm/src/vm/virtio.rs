@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use devices::persist::Persist;
 use devices::virtio::block::{BlockArgs, BlockState};
+use devices::virtio::fs::{Fs, FsArgs, FsConfig, FsLimits, FsState, ThreadSetup};
 use devices::virtio::net::{Backend, Net, NetArgs, NetConfig, NetState};
 use devices::virtio::rng::{RngArgs, RngState};
 use devices::virtio::vsock::{VsockArgs, VsockState};
@@ -70,6 +71,8 @@ pub use devices::virtio::vsock::DEFAULT_MAX_CONNECTIONS as DEFAULT_VSOCK_MAX_CON
 
 pub use devices::virtio::net::{TapError, open_tap_fd};
 
+pub use devices::virtio::fs::{FsShare, check_tag as check_fs_tag};
+
 /// The host side of a vsock device: given at boot, and again by each restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockHost {
@@ -102,6 +105,25 @@ pub struct NetSpec {
     pub mac: Option<[u8; 6]>,
 }
 
+/// A virtio-fs device of `--fs TAG=DIR[,ro]` (a share) or `--fs TAG` (a slot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsSpec {
+    /// The tag the guest mounts it by.
+    pub tag: String,
+    /// The shared directory; `None` makes a slot a restore attaches a directory to
+    /// (`restore --fs-slot TAG=DIR[,ro]`).
+    pub share: Option<FsShare>,
+}
+
+/// A directory handed to a restore for the snapshot's virtio-fs slot `tag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsSlot {
+    /// The slot's tag in the snapshot.
+    pub tag: String,
+    /// The directory and whether it is read-only.
+    pub share: FsShare,
+}
+
 /// A tap handed to a restore for the snapshot's net device `id`, already opened (the runtime
 /// opens it inside the container's network namespace) with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
 #[derive(Debug)]
@@ -124,8 +146,10 @@ pub struct VirtioSpecs {
     pub vsock: Option<VsockSpec>,
     /// A virtio-rng device.
     pub rng: bool,
-    /// virtio-net devices, after every other device.
+    /// virtio-net devices, after the disks, vsock and rng.
     pub nets: Vec<NetSpec>,
+    /// virtio-fs devices, after every other device.
+    pub fs: Vec<FsSpec>,
 }
 
 /// A device in its slot.
@@ -138,6 +162,8 @@ pub enum VirtioDevice {
     Rng(Rng),
     /// virtio-net.
     Net(Net),
+    /// virtio-fs.
+    Fs(Fs),
 }
 
 impl std::fmt::Debug for VirtioDevice {
@@ -147,6 +173,7 @@ impl std::fmt::Debug for VirtioDevice {
             VirtioDevice::Vsock(_) => "virtio-vsock",
             VirtioDevice::Rng(_) => "virtio-rng",
             VirtioDevice::Net(_) => "virtio-net",
+            VirtioDevice::Fs(_) => "virtio-fs",
         })
     }
 }
@@ -188,6 +215,8 @@ pub enum VirtioState {
     Rng(RngState),
     /// virtio-net.
     Net(NetState),
+    /// virtio-fs (a slot: a snapshot is refused while the guest has a FUSE session on it).
+    Fs(FsState),
 }
 
 impl Attached {
@@ -199,6 +228,7 @@ impl Attached {
             VirtioDevice::Vsock(d) => VirtioState::Vsock(d.save()),
             VirtioDevice::Rng(d) => VirtioState::Rng(d.save()),
             VirtioDevice::Net(d) => VirtioState::Net(d.save()),
+            VirtioDevice::Fs(d) => VirtioState::Fs(d.save()),
         };
         VirtioSnapshot {
             base: self.base,
@@ -217,6 +247,19 @@ impl Attached {
             VirtioDevice::Vsock(d) => d.event_source(),
             VirtioDevice::Rng(d) => d.event_source(),
             VirtioDevice::Net(d) => d.event_source(),
+            VirtioDevice::Fs(d) => d.event_source(),
+        }
+    }
+
+    /// The tag of a virtio-fs device the guest has a FUSE session on, or whose server is still
+    /// answering requests: its inodes and open files live in this process, so a snapshot of it
+    /// would be a broken clone and is refused.
+    pub fn fs_busy(&self) -> Option<String> {
+        match &self.device {
+            VirtioDevice::Fs(d) if d.fs_session_active() || !d.is_quiescent() => {
+                Some(d.worker().borrow().handler.tag().to_string())
+            }
+            _ => None,
         }
     }
 }
@@ -260,6 +303,18 @@ pub enum DeviceSetupError {
     /// A restore gave a tap for a net device the snapshot does not have.
     #[error("the snapshot has no net device named {0:?}")]
     UnknownNetSlot(String),
+    /// A virtio-fs device could not be built.
+    #[error(transparent)]
+    Fs(#[from] devices::virtio::fs::FsError),
+    /// A virtio-fs device could not be restored.
+    #[error("virtio-fs: {0}")]
+    FsRestore(#[from] devices::virtio::fs::RestoreFsError),
+    /// Two virtio-fs devices (or two directories of a restore) with one tag.
+    #[error("two virtio-fs devices tagged {0:?}")]
+    DuplicateFs(String),
+    /// A restore gave a directory for a virtio-fs tag the snapshot does not have.
+    #[error("the snapshot has no virtio-fs slot tagged {0:?}")]
+    UnknownFsSlot(String),
     /// Placing a device on a bus failed.
     #[error(transparent)]
     Bus(#[from] devices::BusError),
@@ -311,6 +366,7 @@ pub fn attach_devices(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     specs: &VirtioSpecs,
+    fs_setup: &dyn Fn() -> Option<ThreadSetup>,
 ) -> Result<(Vec<Attached>, Vec<String>), BuildVmError> {
     let mut devices = Vec::new();
     for d in &specs.disks {
@@ -387,6 +443,23 @@ pub fn attach_devices(
             None,
         ));
     }
+    for (i, f) in specs.fs.iter().enumerate() {
+        if specs.fs[..i].iter().any(|o| o.tag == f.tag) {
+            return Err(DeviceSetupError::DuplicateFs(f.tag.clone()).into());
+        }
+        let config = FsConfig {
+            tag: f.tag.clone(),
+            share: f.share.clone(),
+            limits: FsLimits::default(),
+        };
+        let device = Fs::new_fs(
+            &config,
+            mem.clone(),
+            f.share.as_ref().and_then(|_| fs_setup()),
+        )
+        .map_err(DeviceSetupError::from)?;
+        devices.push((VirtioDevice::Fs(device), None));
+    }
 
     let mut attached = Vec::with_capacity(devices.len());
     let mut cmdline = Vec::with_capacity(devices.len());
@@ -424,6 +497,7 @@ fn place(
         VirtioDevice::Vsock(d) => (d.queue_evts(), d.irqfd()),
         VirtioDevice::Rng(d) => (d.queue_evts(), d.irqfd()),
         VirtioDevice::Net(d) => (d.queue_evts(), d.irqfd()),
+        VirtioDevice::Fs(d) => (d.queue_evts(), d.irqfd()),
     };
     register_slot(
         vm,
@@ -478,6 +552,7 @@ fn insert(
         VirtioDevice::Vsock(d) => d.transport(),
         VirtioDevice::Rng(d) => d.transport(),
         VirtioDevice::Net(d) => d.transport(),
+        VirtioDevice::Fs(d) => d.transport(),
     };
     mmio.insert(transport, base, MMIO_WINDOW_SIZE)
         .map_err(DeviceSetupError::from)?;
@@ -511,6 +586,7 @@ pub fn prepare_slots(
                 VirtioState::Vsock(d) => d.transport.queue_max_sizes.len(),
                 VirtioState::Rng(d) => d.transport.queue_max_sizes.len(),
                 VirtioState::Net(d) => d.transport.queue_max_sizes.len(),
+                VirtioState::Fs(d) => d.transport.queue_max_sizes.len(),
             };
             let parts = Parts::new(queues).map_err(DeviceSetupError::EventFd)?;
             register_slot(
@@ -535,6 +611,23 @@ pub struct HostDisks<'a> {
     pub paths: &'a HashMap<String, PathBuf>,
     /// Opened by the restorer.
     pub files: HashMap<String, std::fs::File>,
+}
+
+/// The directories of a restore's virtio-fs slots, and the set-up each share's server thread
+/// runs first (the VMM's seccomp filter for it).
+pub struct FsHosts<'a> {
+    /// A directory per slot tag (a slot left out stays empty).
+    pub slots: Vec<FsSlot>,
+    /// Makes a server thread's set-up.
+    pub setup: &'a dyn Fn() -> Option<ThreadSetup>,
+}
+
+impl std::fmt::Debug for FsHosts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsHosts")
+            .field("slots", &self.slots)
+            .finish()
+    }
 }
 
 /// Removes the vsock sockets a failed attach bound, so that it leaves nothing behind.
@@ -562,7 +655,21 @@ pub fn restore_devices(
     slots: HostDisks,
     mut vsock: Option<(&VsockHost, Option<std::os::unix::net::UnixListener>)>,
     nets: Vec<NetTap>,
+    fs: FsHosts,
 ) -> Result<Vec<Attached>, BuildVmError> {
+    let mut shares: HashMap<String, FsShare> = HashMap::new();
+    for f in fs.slots {
+        if shares.contains_key(&f.tag) {
+            return Err(DeviceSetupError::DuplicateFs(f.tag).into());
+        }
+        if !prepared
+            .iter()
+            .any(|s| matches!(&s.saved.state, VirtioState::Fs(d) if d.tag == f.tag))
+        {
+            return Err(DeviceSetupError::UnknownFsSlot(f.tag).into());
+        }
+        shares.insert(f.tag, f.share);
+    }
     let HostDisks {
         paths: slots,
         files: mut slot_files,
@@ -677,6 +784,28 @@ pub fn restore_devices(
                 };
                 (
                     VirtioDevice::Net(Net::restore(args, state).map_err(DeviceSetupError::from)?),
+                    None,
+                )
+            }
+            VirtioState::Fs(state) => {
+                let share = shares.remove(&state.tag);
+                if share.is_none() {
+                    tracing::info!(
+                        "virtio-fs {}: no directory given (--fs-slot {}=DIR): the slot stays empty",
+                        state.tag,
+                        state.tag
+                    );
+                }
+                let setup = share.as_ref().and_then(|_| (fs.setup)());
+                let args = FsArgs {
+                    mem: mem.clone(),
+                    parts,
+                    share,
+                    limits: FsLimits::default(),
+                    setup,
+                };
+                (
+                    VirtioDevice::Fs(Fs::restore(args, state).map_err(DeviceSetupError::from)?),
                     None,
                 )
             }

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use io_uring::{opcode, squeue, types};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use super::request::{Request, RequestKind, SECTOR_SIZE};
 use crate::virtio::chain::Desc;
