@@ -69,7 +69,11 @@ pub fn convert(
         Some(h) => hooks(h)?,
         None => crate::Hooks::default(),
     };
-    let mounts::Translated { mounts, files } = mounts::translate(
+    let mounts::Translated {
+        mounts,
+        files,
+        shares,
+    } = mounts::translate(
         dir,
         spec.mounts().as_deref().unwrap_or_default(),
         &mut ignored,
@@ -116,6 +120,7 @@ pub fn convert(
         seccomp,
         network,
         hooks,
+        shares,
         ignored,
     })
 }

@@ -139,16 +139,16 @@ pub enum ConfigError {
     #[error("process.rlimits: {0} is not a supported rlimit")]
     UnknownRlimit(String),
     /// A bind mount of a host path.
-    #[error(
-        "mount {destination}: bind mount of host path {host_path} is not supported: \
-         the VM cannot see host files (no shared filesystem yet)"
-    )]
+    #[error("mount {destination}: a bind mount needs a source (host path {host_path:?})")]
     HostBind {
         /// Destination in the container.
         destination: String,
         /// Host path.
         host_path: String,
     },
+    /// More host paths bound than a container may share.
+    #[error("mounts: more than {0} bind mounts of host paths")]
+    TooManyShares(usize),
     /// A mount type the guest cannot make.
     #[error(
         "mount {destination}: type {fs_type:?} is not supported \

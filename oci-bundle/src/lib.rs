@@ -43,7 +43,7 @@
 //! | `mounts` cgroup, cgroup2 | honoured as cgroup2 (what runc does on a cgroup v2 host; the guest kernel has cgroup2 and no v1 controllers); options other than mount flags dropped |
 //! | `mounts` bind of host `/sys` on `/sys` (`runc spec --rootless`) | replaced by the guest's sysfs |
 //! | `mounts` bind of a host file on `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname` (Docker, nerdctl, CRI) | honoured by copying ([`BundleConfig::files`], [`FileCopy`]): the runtime reads the host file at create (a regular file of at most 64 KiB) and the agent writes it there before the process starts, read-only with `ro`; a copy, not a live bind: a change to the host file after create is not seen. A later bind on the same file replaces an earlier one |
-//! | `mounts` any other bind (`type: bind`, or `bind`/`rbind` option) | refused: the VM cannot see host files or directories until a shared filesystem exists |
+//! | `mounts` any other bind (`type: bind`, or `bind`/`rbind` option) of a host path | honoured through the shared filesystem ([`HostShare`]): the runtime shares the directory or file with the guest (virtio-fs), read-only with `ro`, and the agent binds it on the destination; at most [`MAX_SHARES`] per container; the runtime refuses a source that is neither a directory nor a regular file |
 //! | `mounts` other types (overlay, nfs, `none` without bind...) | refused |
 //! | `mounts[].uidMappings`/`gidMappings` (idmapped) | refused |
 //! | `hooks` | honoured ([`Hooks`]): run by the runtime on the host, in the host's namespaces; `path` must be absolute, `timeout` greater than zero. The state a hook reads names the container's supervisor (the VM's process) as its `pid`; the create-time hooks (`prestart`, `createRuntime`, `createContainer`) of a container with a new network namespace find it there, so that Docker's `libnetwork-setkey` and nerdctl's `oci-hook` configure the namespace whose interface the guest takes |
@@ -91,7 +91,7 @@ use agent_protocol::{
 
 pub use convert::{GUEST_UMASK, capability_number};
 pub use error::{BundleError, ConfigError};
-pub use mounts::NETWORK_IDENTITY_FILES;
+pub use mounts::{MAX_SHARES, NETWORK_IDENTITY_FILES, SHARED_DIR, SHARED_TAG};
 pub use read::MAX_CONFIG_BYTES;
 pub use resources::Resources;
 pub use spec::{OCI_VERSION_MIN, SPEC_VERSION, default_spec, features};
@@ -150,6 +150,9 @@ pub struct BundleConfig {
     pub network: Network,
     /// `hooks`.
     pub hooks: Hooks,
+    /// The host paths bound into the container, shared through virtio-fs ([`HostShare`]);
+    /// `mounts` binds each from the guest's [`SHARED_DIR`].
+    pub shares: Vec<HostShare>,
     /// What was accepted but has no effect in a VM, one line each.
     pub ignored: Vec<String>,
 }
@@ -217,6 +220,22 @@ impl Hooks {
     pub fn any_at_create(&self) -> bool {
         self.at_create().next().is_some()
     }
+}
+
+/// A bind mount of a host directory or file (Docker `-v`, `ctr run --mount`, Kubernetes
+/// volumes) the guest sees through the shared filesystem (virtio-fs): the runtime stages
+/// `source` as share `i` and the agent binds `SHARED_DIR/i` on `destination`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostShare {
+    /// The host path, absolute (a relative source is joined to the bundle directory). Not
+    /// opened here: the runtime checks it is a directory or a regular file.
+    pub source: PathBuf,
+    /// The absolute container path.
+    pub destination: String,
+    /// `ro`: the guest cannot change it (the share itself is read-only too).
+    pub read_only: bool,
+    /// `rbind`: mounts below `source` are shared with it.
+    pub recursive: bool,
 }
 
 /// The container's network, as `linux.namespaces` asks for it.

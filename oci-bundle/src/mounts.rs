@@ -5,8 +5,8 @@ use std::path::Path;
 use agent_protocol::Mount;
 use oci_spec::runtime::Mount as OciMount;
 
-use crate::FileCopy;
 use crate::error::ConfigError;
+use crate::{FileCopy, HostShare};
 
 /// Types the guest makes itself, passed through unchanged.
 const GUEST_TYPES: &[&str] = &["proc", "sysfs", "tmpfs", "devpts", "mqueue"];
@@ -59,7 +59,18 @@ pub struct Translated {
     pub mounts: Vec<Mount>,
     /// The host files copied in, one per destination.
     pub files: Vec<FileCopy>,
+    /// The host directories and files shared with the guest, in the order of their binds
+    /// (share `i` is at `SHARED_DIR/i` in the guest, which `mounts` binds).
+    pub shares: Vec<HostShare>,
 }
+
+/// Where the guest mounts the shared filesystem of a container's host directories and files
+/// (virtio-fs, tag [`SHARED_TAG`]): share `i` is `SHARED_DIR/i`.
+pub const SHARED_DIR: &str = "/run/kata-snap/shared";
+/// The tag of the virtio-fs device that shares them.
+pub const SHARED_TAG: &str = "kata-shared";
+/// The most host paths one container binds (each is a mount in its VMM's jail).
+pub const MAX_SHARES: usize = 24;
 
 /// Translates the OCI mounts, in order. `dir` is the absolute bundle
 /// directory (a relative bind source is relative to it, as in runc). Dropped
@@ -74,6 +85,14 @@ pub fn translate(
     for m in mounts {
         match translate_one(dir, m, ignored)? {
             Some(Translation::Mount(t)) => out.mounts.push(t),
+            Some(Translation::Share(share, mut mount)) => {
+                if out.shares.len() == MAX_SHARES {
+                    return Err(ConfigError::TooManyShares(MAX_SHARES));
+                }
+                mount.source = format!("{SHARED_DIR}/{}", out.shares.len());
+                out.shares.push(share);
+                out.mounts.push(mount);
+            }
             Some(Translation::File(f)) => {
                 // A later mount on the same file hides an earlier one.
                 if let Some(i) = out
@@ -99,6 +118,9 @@ pub fn translate(
 enum Translation {
     Mount(Mount),
     File(FileCopy),
+    /// A host path shared with the guest, and the guest's bind of it (its source set by
+    /// [`translate`]).
+    Share(HostShare, Mount),
 }
 
 fn translate_one(
@@ -146,10 +168,34 @@ fn translate_one(
                 options,
             })));
         }
-        return Err(ConfigError::HostBind {
-            destination,
-            host_path: source,
-        });
+        if source.is_empty() {
+            return Err(ConfigError::HostBind {
+                destination,
+                host_path: source,
+            });
+        }
+        // The last of `ro`/`rw` wins, as the agent's option parser reads them.
+        let read_only = options
+            .iter()
+            .rev()
+            .find(|o| *o == "ro" || *o == "rw")
+            .is_some_and(|o| o == "ro");
+        let mut guest_options = vec!["bind".to_string()];
+        guest_options.extend(flags_only(&options).into_iter().filter(|o| o != "bind"));
+        return Ok(Some(Translation::Share(
+            HostShare {
+                source: dir.join(&source),
+                destination: destination.clone(),
+                read_only,
+                recursive: options.iter().any(|o| o == "rbind"),
+            },
+            Mount {
+                destination,
+                fs_type: "bind".into(),
+                source: String::new(),
+                options: guest_options,
+            },
+        )));
     }
     match fs_type.as_str() {
         t if GUEST_TYPES.contains(&t) => Ok(Some(Translation::Mount(Mount {

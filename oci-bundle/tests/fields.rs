@@ -204,19 +204,92 @@ fn test_mount_missing_type_refused() {
 }
 
 #[test]
-fn test_bind_by_option_refused_naming_destination_and_source() {
+fn test_host_binds_shared_in_order_each_bound_from_its_share() {
+    let (b, _) = load_with(|c| {
+        let m = c["mounts"].as_array_mut().unwrap();
+        m.push(json!({
+            "destination": "/data", "type": "none", "source": "/home/me/data",
+            "options": ["rbind", "ro", "nosuid", "rprivate"]
+        }));
+        m.push(json!({"destination": "/data/tmp", "type": "tmpfs", "source": "tmpfs"}));
+        m.push(json!({
+            "destination": "/etc/app.conf", "type": "bind", "source": "conf/app.conf",
+            "options": ["ro", "rw"]
+        }));
+    });
+    let c = b.load().unwrap().config;
+    let dir = b.path().canonicalize().unwrap();
+    assert_eq!(
+        c.shares,
+        [
+            oci_bundle::HostShare {
+                source: "/home/me/data".into(),
+                destination: "/data".into(),
+                read_only: true,
+                recursive: true,
+            },
+            oci_bundle::HostShare {
+                source: dir.join("conf/app.conf"),
+                destination: "/etc/app.conf".into(),
+                read_only: false,
+                recursive: false,
+            },
+        ]
+    );
+    // Each share is bound where its OCI mount was, among the others.
+    let tail: Vec<_> = c.mounts[c.mounts.len() - 3..]
+        .iter()
+        .map(|m| {
+            (
+                m.destination.as_str(),
+                m.fs_type.as_str(),
+                m.source.as_str(),
+                m.options.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (
+                "/data",
+                "bind",
+                "/run/kata-snap/shared/0",
+                vec!["bind".to_string(), "ro".into(), "nosuid".into()]
+            ),
+            ("/data/tmp", "tmpfs", "tmpfs", vec![]),
+            (
+                "/etc/app.conf",
+                "bind",
+                "/run/kata-snap/shared/1",
+                vec!["bind".to_string(), "ro".into(), "rw".into()]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn test_host_bind_without_source_or_too_many_refused() {
     let (b, _) = load_with(|c| {
         c["mounts"].as_array_mut().unwrap().push(json!({
-            "destination": "/data", "type": "none", "source": "/home/me/data", "options": ["rbind", "ro"]
+            "destination": "/data", "type": "bind", "options": ["rbind"]
         }));
     });
     let e = b.refused();
-    let msg = e.to_string();
-    assert!(matches!(e, ConfigError::HostBind { .. }));
     assert!(
-        msg.contains("mount /data: bind mount of host path /home/me/data"),
-        "{msg}"
+        matches!(&e, ConfigError::HostBind { destination, .. } if destination == "/data"),
+        "{e}"
     );
+    let (b, _) = load_with(|c| {
+        let m = c["mounts"].as_array_mut().unwrap();
+        for i in 0..=oci_bundle::MAX_SHARES {
+            m.push(json!({
+                "destination": format!("/v{i}"), "type": "bind", "source": format!("/srv/{i}")
+            }));
+        }
+    });
+    let e = b.refused();
+    assert!(matches!(e, ConfigError::TooManyShares(_)), "{e}");
 }
 
 #[test]

@@ -245,7 +245,7 @@ fn test_docker_spec_loaded_with_network_files_copied() {
 }
 
 #[test]
-fn test_docker_spec_volume_bind_refused() {
+fn test_docker_spec_volume_bind_shared() {
     let b = TestBundle::new();
     let mut config = fixture("docker.json");
     config["root"]["path"] = "rootfs".into();
@@ -257,16 +257,21 @@ fn test_docker_spec_volume_bind_refused() {
             "options": ["rbind", "rprivate"]
         }));
     b.write(&config);
-    let e = b.refused();
-    let msg = e.to_string();
-    assert!(matches!(e, ConfigError::HostBind { .. }));
-    assert!(msg.contains("/data") && msg.contains("/srv/data"), "{msg}");
+    let c = b.load().unwrap().config;
+    assert_eq!(c.shares.len(), 1);
+    assert_eq!(c.shares[0].source.to_str(), Some("/srv/data"));
+    assert!(!c.shares[0].read_only);
+    let m = c.mounts.last().unwrap();
+    assert_eq!(
+        (m.destination.as_str(), m.source.as_str()),
+        ("/data", "/run/kata-snap/shared/0")
+    );
 }
 
 /// nerdctl and CRI write the same binds with other options: `ro` makes a
 /// read-only copy, a relative source is the bundle's, a later bind on the same
-/// file wins; a bind of a host file elsewhere, or of the same file with no
-/// source, is still refused.
+/// file wins; a bind of the same file with no source is refused (a host file
+/// elsewhere is shared).
 #[test]
 fn test_network_file_binds_read_only_relative_and_repeated() {
     let b = TestBundle::new();
@@ -316,8 +321,8 @@ fn test_network_file_binds_read_only_relative_and_repeated() {
     );
     assert!(!c.mounts.iter().any(|m| m.destination.starts_with("/etc")));
 
-    // A host file bound anywhere else is still refused.
-    for (destination, source) in [("/etc/passwd", "/etc/passwd"), ("/etc/hosts", "")] {
+    // A bind with no source is refused.
+    for (destination, source) in [("/etc/hosts", "")] {
         let mut config = fixture("docker.json");
         config["root"]["path"] = "rootfs".into();
         config["mounts"]
