@@ -31,6 +31,10 @@ pub enum TemplateCommand {
         /// The template of containers that join a network namespace (with a net slot).
         #[arg(long)]
         net: bool,
+        /// The template of containers that bind host directories or files (with a virtio-fs
+        /// slot for them).
+        #[arg(long)]
+        fs: bool,
     },
     /// Remove a template by key.
     Rm {
@@ -116,17 +120,18 @@ pub(super) fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result
     match cmd {
         TemplateCommand::List => {
             println!(
-                "{:<34}{:>6}{:>9}{:>5}{:>10}{:>10}  {:<11}CREATED",
-                "KEY", "VCPUS", "MEM MIB", "NET", "DISK MIB", "WARM MS", "WORKINGSET"
+                "{:<34}{:>6}{:>9}{:>5}{:>4}{:>10}{:>10}  {:<11}CREATED",
+                "KEY", "VCPUS", "MEM MIB", "NET", "FS", "DISK MIB", "WARM MS", "WORKINGSET"
             );
             for (m, bytes) in template::list(&data)? {
                 let ws = template::workingset_path(&data.join("templates").join(&m.key)).is_file();
                 println!(
-                    "{:<34}{:>6}{:>9}{:>5}{:>10.1}{:>10.0}  {:<11}{}",
+                    "{:<34}{:>6}{:>9}{:>5}{:>4}{:>10.1}{:>10.0}  {:<11}{}",
                     m.key,
                     m.vcpus,
                     m.mem_mib,
                     if m.net { "yes" } else { "-" },
+                    if m.fs { "yes" } else { "-" },
                     bytes as f64 / 1048576.0,
                     m.warm_ms,
                     if ws { "recorded" } else { "-" },
@@ -139,8 +144,9 @@ pub(super) fn template_cmd(cmd: TemplateCommand, seccomp: SeccompMode) -> Result
             vcpus,
             mem_mib,
             net,
+            fs,
         } => {
-            let spec = template::spec_for(vcpus, mem_mib, net)?;
+            let spec = template::spec_for(vcpus, mem_mib, net, fs)?;
             let t = template::ensure(&data, &spec, seccomp, &|m| eprintln!("kata-snap: {m}"))?;
             println!(
                 "{} {} ({:.0} ms)",

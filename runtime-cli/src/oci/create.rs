@@ -78,6 +78,7 @@ pub(super) fn create(
     }
     // Docker's resolv.conf, hosts and hostname, read now (a copy, not a live bind).
     let files = copied_files(&config.files)?;
+    check_shares(&config.shares)?;
     // A new network namespace (`linux.namespaces` `network` without a path) is the
     // supervisor's own, as runc's container init has one: whoever configures
     // `/proc/PID/ns/net` of the container's pid configures that namespace, never the host's.
@@ -89,6 +90,7 @@ pub(super) fn create(
         config.resources.mem_mib,
         (own_netns && config.hooks.any_at_create())
             || matches!(config.network, oci_bundle::Network::Join(_)),
+        !config.shares.is_empty(),
     )?;
     let data = assets::data_dir();
     let tmpl = template::ensure(&data, &spec, seccomp, &|msg| {
@@ -187,7 +189,9 @@ pub(super) fn create(
         console_socket: args.console_socket.clone(),
         console_size: config.process.console_size.map(|c| (c.rows, c.cols)),
         foreground: matches!(mode, Mode::RunForeground { .. }),
-        use_pool: !args.no_pool,
+        // The pool's VMMs cannot take shares yet (their jails hold only the template).
+        use_pool: !args.no_pool && config.shares.is_empty(),
+        shares: config.shares.clone(),
         cgroup,
         jail: Some(jail),
         netns,
@@ -373,6 +377,41 @@ impl SyncPair {
 pub(super) fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
     // runc writes it through a temporary name too, so a reader never sees it half-written.
     write_file_synced(path, pid.to_string().as_bytes())
+}
+
+/// The host paths the bundle binds, checked before anything is made: each must be a directory
+/// or a regular file (a socket, FIFO or device cannot be shared with a VM), and binding them
+/// needs root (the supervisor stages them with mounts).
+fn check_shares(shares: &[oci_bundle::HostShare]) -> Result<()> {
+    if shares.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "mount {}: bind mounts of host paths need root (kata-snap shares them with the VM \
+             through mounts of its own)",
+            shares[0].destination
+        );
+    }
+    for s in shares {
+        // stat follows a link, as a bind does; it never opens (a FIFO cannot block it).
+        let m = std::fs::metadata(&s.source).with_context(|| {
+            format!(
+                "mount {}: cannot stat the host path {}",
+                s.destination,
+                s.source.display()
+            )
+        })?;
+        if !m.is_dir() && !m.is_file() {
+            bail!(
+                "mount {}: host path {} is neither a directory nor a regular file \
+                 (a socket, FIFO or device cannot be shared with a VM)",
+                s.destination,
+                s.source.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The contents of the bundle's copied host files (Docker's resolv.conf, hosts, hostname), for

@@ -89,6 +89,10 @@ pub struct Launch {
     /// [`Launch::netns`].
     #[serde(default)]
     pub own_netns: bool,
+    /// The host paths the container binds, shared with the guest through the template's
+    /// virtio-fs slot (staged in the jail, or in a mount namespace of the supervisor's own).
+    #[serde(default)]
+    pub shares: Vec<oci_bundle::HostShare>,
     /// When `run` in the foreground finished each step before the supervisor (bundle,
     /// template, rootfs image), from the process start: the first marks of the `--debug`
     /// timing line. Not sent to a daemon supervisor, whose clock starts with its own process.
@@ -457,6 +461,7 @@ impl Supervisor {
             template: &launch.template,
             image: &launch.image,
             settings,
+            shares: &launch.shares,
         };
         if launch.use_pool {
             let adopter = launch
@@ -518,6 +523,17 @@ impl Supervisor {
             }
             _ => false,
         };
+        // The host paths the container binds: the root of the template's virtio-fs slot holds
+        // one mount of each (in the jail, or in this process's own mount namespace).
+        if !launch.shares.is_empty() {
+            let root = if jailed {
+                PathBuf::from(super::jail::SHARED)
+            } else {
+                super::jail::stage_shares(&launch.dir, &launch.shares)?
+            };
+            args.fs_slot = vec![(super::template::FS_SLOT.to_string(), root, false)];
+            phases.mark("shares");
+        }
         let vm = match pooled {
             Some(vm) => vm,
             None => ContainerVm::cold(&args, state, process_start, seccomp)?,

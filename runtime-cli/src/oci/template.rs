@@ -36,6 +36,10 @@ pub const ROOTFS_DEVICE: &str = "/dev/vda";
 /// has no net device (loopback only): a device a container never uses is left out, and the rig
 /// froze repeatedly with an idle guest holding one (see `TemplateSpec::net`).
 pub const NET_SLOT: &str = "eth0";
+/// The virtio-fs slot of a template for containers that bind host paths: a restore attaches
+/// the container's staged shares to it (tag [`oci_bundle::SHARED_TAG`], which the agent mounts).
+/// Only such containers restore a template with one, as with [`NET_SLOT`].
+pub const FS_SLOT: &str = oci_bundle::SHARED_TAG;
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
 /// The guest command line: serial console, reset through the i8042, no PCI, quiet.
@@ -43,8 +47,9 @@ pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodules quie
                            i8042.noaux i8042.nomux i8042.dumbkbd";
 /// Bound on a cold boot reaching READY while warming.
 const WARM_TIMEOUT: Duration = Duration::from_secs(300);
-/// Bumped when what a template holds changes (2: networked templates have a net slot).
-const TEMPLATE_FORMAT: u32 = 2;
+/// Bumped when what a template holds changes (2: networked templates have a net slot; 3: a
+/// virtio-fs slot for containers that bind host paths).
+const TEMPLATE_FORMAT: u32 = 3;
 
 /// The shape of a template.
 #[derive(Debug, Clone)]
@@ -57,6 +62,8 @@ pub struct TemplateSpec {
     pub mem_mib: u64,
     /// A virtio-net slot ([`NET_SLOT`]): for containers that join a network namespace.
     pub net: bool,
+    /// A virtio-fs slot ([`FS_SLOT`]): for containers that bind host paths.
+    pub fs: bool,
 }
 
 /// What `DATA/templates/KEY/meta.json` records.
@@ -75,6 +82,9 @@ pub struct TemplateMeta {
     /// It has the net slot.
     #[serde(default)]
     pub net: bool,
+    /// It has the virtio-fs slot.
+    #[serde(default)]
+    pub fs: bool,
     /// When it was warmed (RFC 3339).
     pub created: String,
     /// How long the warm took, in ms (cold boot to READY and snapshot).
@@ -280,7 +290,7 @@ pub fn key(spec: &TemplateSpec) -> Result<String> {
     }
     h.update([spec.vcpus]);
     h.update(spec.mem_mib.to_le_bytes());
-    h.update([u8::from(spec.net)]);
+    h.update([u8::from(spec.net), u8::from(spec.fs)]);
     h.update(CMDLINE.as_bytes());
     let digest = h.finalize();
     Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
@@ -411,8 +421,15 @@ fn warm_into(
                 })
                 .into_iter()
                 .collect(),
-            // virtio-fs slots for OCI bind mounts: the lead's wiring.
-            fs: Vec::new(),
+            // A slot: the container's staged shares are attached at restore (`supervisor`).
+            fs: spec
+                .fs
+                .then(|| vmm::vm::virtio::FsSpec {
+                    tag: FS_SLOT.into(),
+                    share: None,
+                })
+                .into_iter()
+                .collect(),
         },
         snapshot_on_ready: Some(SnapshotOnReady {
             dir: tmp.join("snapshot"),
@@ -461,6 +478,7 @@ fn warm_into(
         vcpus: spec.vcpus,
         mem_mib: spec.mem_mib,
         net: spec.net,
+        fs: spec.fs,
         created: super::state::rfc3339_now(),
         warm_ms: t0.elapsed().as_secs_f64() * 1e3,
         version: env!("CARGO_PKG_VERSION").into(),
@@ -588,7 +606,12 @@ pub fn memory_class(mib: u64) -> u64 {
 /// The template a container of this shape restores: the host must run Linux guests at speed,
 /// and the guest kernel and agent must exist; the config file's defaults fill what is not given.
 /// A built-in test guest (config `testGuest`) is no Linux guest: the host check is not made.
-pub fn spec_for(vcpus: Option<u8>, mem_mib: Option<u64>, net: bool) -> Result<TemplateSpec> {
+pub fn spec_for(
+    vcpus: Option<u8>,
+    mem_mib: Option<u64>,
+    net: bool,
+    fs: bool,
+) -> Result<TemplateSpec> {
     let rc = assets::RuntimeConfig::load()?;
     if rc.test_guest.is_none() {
         let host = vmm::host::check_host();
@@ -608,6 +631,7 @@ pub fn spec_for(vcpus: Option<u8>, mem_mib: Option<u64>, net: bool) -> Result<Te
                 .unwrap_or(assets::DEFAULT_MEM_MIB),
         ),
         net,
+        fs,
     })
 }
 

@@ -22,7 +22,7 @@
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -121,7 +121,20 @@ pub struct Plan<'a> {
     pub image: &'a Path,
     /// The settings.
     pub settings: Settings,
+    /// The host paths the container binds, shared with its guest: share `i` is bound at
+    /// `SHARED/i` in the jail, which then also has `/proc` (the fs server reopens files
+    /// through `/proc/self/fd`) and keeps the file capabilities ([`FILE_CAPS`]).
+    pub shares: &'a [oci_bundle::HostShare],
 }
+
+/// Where a container's shares are in its jail: the root of its virtio-fs slot.
+pub const SHARED: &str = "/shared";
+
+/// The capabilities a jail with shares keeps (effective), for its fs server to act on the
+/// shared files as the guest asks, whoever owns them: CAP_CHOWN, CAP_DAC_OVERRIDE,
+/// CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID. They reach only what is in the jail's mount
+/// namespace: its own files, the template and image (read-only mounts), and the shares.
+pub const FILE_CAPS: u32 = 0b1_1111;
 
 /// Closes every descriptor from 3 up except `keep`: what the process inherited and does not use
 /// (called first thing, before anything of this process owns a descriptor).
@@ -245,13 +258,18 @@ fn path_fd(path: &Path) -> Result<OwnedFd> {
 
 /// Bind-mounts `from` (an `O_PATH` descriptor) on `to` (in the current directory), then
 /// remounts it nosuid, noexec and, with `dev` false, nodev, and read-only unless `rw`.
-fn bind(from: &OwnedFd, to: &str, rw: bool, dev: bool) -> Result<()> {
+fn bind(from: &OwnedFd, to: &str, rw: bool, dev: bool, recursive: bool) -> Result<()> {
     let src = format!("/proc/self/fd/{}", from.as_raw_fd());
+    let rec = if recursive {
+        MsFlags::MS_REC
+    } else {
+        MsFlags::empty()
+    };
     mount(
         Some(src.as_str()),
         to,
         None::<&str>,
-        MsFlags::MS_BIND,
+        MsFlags::MS_BIND | rec,
         None::<&str>,
     )
     .map_err(io_err(to))?;
@@ -282,12 +300,14 @@ fn mount_point_file(name: &str) -> Result<()> {
 pub struct Bind<'a> {
     /// The host's path.
     pub from: &'a Path,
-    /// Where it is in the jail (absolute).
-    pub to: &'static str,
+    /// Where it is in the jail (absolute; below [`SHARED`] for a share).
+    pub to: String,
     /// A directory (else a file).
     pub dir: bool,
     /// Writable (else read-only).
     pub rw: bool,
+    /// With the mounts below it (`rbind`).
+    pub recursive: bool,
 }
 
 /// A jail: what it holds and where its process starts. Every jail also holds `/dev/null` and
@@ -303,6 +323,8 @@ pub struct Confinement<'a> {
     pub cwd: &'static str,
     /// Open `/dev/kvm` and `/dev/userfaultfd` before the jail, for a VM made in it.
     pub devices: bool,
+    /// It holds shares ([`SHARED`]): `/proc` is mounted (hidepid) and [`FILE_CAPS`] kept.
+    pub shares: bool,
 }
 
 /// The mount namespace: `pivot_root` into a tmpfs that holds only the confinement's binds.
@@ -332,7 +354,7 @@ fn enter_mount_namespace(c: &Confinement) -> Result<()> {
         c.root_on,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some("mode=0755,size=64k,nr_inodes=32"),
+        Some("mode=0755,size=64k,nr_inodes=64"),
     )
     .map_err(io_err("tmpfs"))?;
     std::env::set_current_dir(c.root_on).context("jail: cannot enter its root")?;
@@ -340,6 +362,14 @@ fn enter_mount_namespace(c: &Confinement) -> Result<()> {
         .mode(0o755)
         .create("dev")
         .context("jail: cannot create dev")?;
+    if c.shares {
+        for d in [&SHARED[1..], "proc"] {
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .create(d)
+                .with_context(|| format!("jail: cannot create {d}"))?;
+        }
+    }
     for b in &c.binds {
         let to = &b.to[1..];
         if b.dir {
@@ -355,10 +385,21 @@ fn enter_mount_namespace(c: &Confinement) -> Result<()> {
         mount_point_file(f)?;
     }
     for (b, fd) in c.binds.iter().zip(&sources) {
-        bind(fd, &b.to[1..], b.rw, false)?;
+        bind(fd, &b.to[1..], b.rw, false, b.recursive)?;
     }
-    bind(&null, "dev/null", true, true)?;
-    bind(&urandom, "dev/urandom", false, true)?;
+    if c.shares {
+        // Its own processes only (hidepid): the fs server reopens through /proc/self/fd.
+        mount(
+            Some("proc"),
+            "proc",
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("hidepid=2"),
+        )
+        .map_err(io_err("proc"))?;
+    }
+    bind(&null, "dev/null", true, true, false)?;
+    bind(&urandom, "dev/urandom", false, true, false)?;
     // The old root goes on top of the new one, then is detached.
     match nix::unistd::pivot_root(".", ".") {
         Ok(()) => {
@@ -405,7 +446,7 @@ pub fn confine(c: &Confinement, uid: u32) -> Result<()> {
             .context("jail: cannot open /dev/userfaultfd")?;
     }
     enter_mount_namespace(c)?;
-    drop_privileges(uid)?;
+    drop_privileges(uid, if c.shares { FILE_CAPS } else { 0 })?;
     ACTIVE.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
@@ -446,11 +487,15 @@ fn prctl(what: &str, op: libc::c_int, arg: libc::c_ulong) -> Result<()> {
     Ok(())
 }
 
-/// The uid, no capabilities, no new privileges, not dumpable, bounded rlimits.
-fn drop_privileges(uid: u32) -> Result<()> {
+/// The uid, no capabilities but `keep` (a mask of the first 32), no new privileges, not
+/// dumpable, bounded rlimits.
+fn drop_privileges(uid: u32, keep: u32) -> Result<()> {
     // The bounding set while CAP_SETPCAP is still there; up to the last capability this kernel
     // knows (EINVAL past it).
     for cap in 0..64 {
+        if cap < 32 && keep & (1 << cap) != 0 {
+            continue;
+        }
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
             if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
@@ -470,18 +515,27 @@ fn drop_privileges(uid: u32) -> Result<()> {
     nix::unistd::setgroups(&[]).map_err(io_err("setgroups"))?;
     let gid = nix::unistd::Gid::from_raw(uid);
     nix::unistd::setresgid(gid, gid, gid).map_err(io_err("setresgid"))?;
+    if keep != 0 {
+        // The permitted set survives the uid change; the effective set is set below.
+        prctl("keeping capabilities", libc::PR_SET_KEEPCAPS, 1)?;
+    }
     let u = nix::unistd::Uid::from_raw(uid);
     nix::unistd::setresuid(u, u, u).map_err(io_err("setresuid"))?;
+    if keep != 0 {
+        prctl("keeping capabilities", libc::PR_SET_KEEPCAPS, 0)?;
+    }
     if DIE_WITH_PARENT.load(std::sync::atomic::Ordering::SeqCst) != 0 {
         die_with_parent()?;
     }
-    // setresuid cleared the effective, permitted and ambient sets; the inheritable set stays
-    // unless cleared.
+    // setresuid cleared the effective and ambient sets, and the permitted set unless kept; the
+    // inheritable set stays unless cleared.
     let mut header = CapHeader {
         version: CAP_V3,
         pid: 0,
     };
-    let data = [CapData::default(); 2];
+    let mut data = [CapData::default(); 2];
+    data[0].effective = keep;
+    data[0].permitted = keep;
     // SAFETY: capset reads one header and two data structs (version 3) that live across the
     // call.
     if unsafe {
@@ -524,30 +578,82 @@ fn drop_privileges(uid: u32) -> Result<()> {
 fn container_confinement<'a>(plan: &Plan<'a>, vm_here: bool) -> Confinement<'a> {
     let mut binds = vec![Bind {
         from: plan.dir,
-        to: DIR,
+        to: DIR.into(),
         dir: true,
         rw: true,
+        recursive: false,
     }];
     if vm_here {
         binds.push(Bind {
             from: plan.template,
-            to: TEMPLATE,
+            to: TEMPLATE.into(),
             dir: true,
             rw: false,
+            recursive: false,
         });
         binds.push(Bind {
             from: plan.image,
-            to: IMAGE,
+            to: IMAGE.into(),
             dir: false,
             rw: false,
+            recursive: false,
         });
+        for (i, s) in plan.shares.iter().enumerate() {
+            binds.push(Bind {
+                from: &s.source,
+                to: format!("{SHARED}/{i}"),
+                dir: s.source.is_dir(),
+                rw: !s.read_only,
+                recursive: s.recursive,
+            });
+        }
     }
     Confinement {
         root_on: plan.dir,
         binds,
         cwd: DIR,
         devices: vm_here,
+        shares: vm_here && !plan.shares.is_empty(),
     }
+}
+
+/// Stages a container's shares for a supervisor that is not jailed (the jail is off): in a
+/// mount namespace of this process's own, `DIR/shared/i` is a bind of share `i` (read-only
+/// unless the share is writable). Returns `DIR/shared`, the root of the virtio-fs slot. Call it
+/// while the process is single-threaded.
+pub fn stage_shares(dir: &Path, shares: &[oci_bundle::HostShare]) -> Result<PathBuf> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(io_err("unshare (the process must be single-threaded)"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(io_err("private mounts"))?;
+    let root = dir.join("shared");
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&root)
+        .with_context(|| format!("cannot create {}", root.display()))?;
+    for (i, s) in shares.iter().enumerate() {
+        let fd = path_fd(&s.source)?;
+        let to = root.join(i.to_string());
+        if s.source.is_dir() {
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&to)
+                .with_context(|| format!("cannot create {}", to.display()))?;
+        } else {
+            mount_point_file(to.to_str().unwrap_or_default())?;
+        }
+        let to = to
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", to.display()))?;
+        bind(&fd, to, !s.read_only, false, s.recursive)?;
+    }
+    Ok(root)
 }
 
 /// Jails this process as `plan` says. Call it while the process is single-threaded (no VMM
@@ -617,9 +723,10 @@ pub fn enter_pool_shell(
     let binds = template
         .map(|t| Bind {
             from: t,
-            to: POOL_TEMPLATE,
+            to: POOL_TEMPLATE.into(),
             dir: true,
             rw: false,
+            recursive: false,
         })
         .into_iter()
         .collect();
@@ -628,6 +735,7 @@ pub fn enter_pool_shell(
         binds,
         cwd: "/",
         devices: true,
+        shares: false,
     };
     if let Err(e) = confine(&c, uid) {
         let _ = fs::remove_file(state_root.join(UIDS_DIR).join(uid.to_string()));
