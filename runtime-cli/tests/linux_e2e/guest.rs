@@ -76,6 +76,7 @@ const APPLETS: &[&str] = &[
     "wget",
     "httpd",
     "nslookup",
+    "ln",
 ];
 
 /// The guest kernel and initramfs.

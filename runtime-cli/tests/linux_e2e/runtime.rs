@@ -450,3 +450,68 @@ fn test_run_killed_with_sigkill_gives_137_as_runc() {
         assert!(!dir.path().join("ks").join("k1").exists() || *name == "runc");
     }
 }
+
+/// A host directory and file for a container to bind (Docker `-v`, `ctr run --mount`): the
+/// directory holds a file and a symbolic link to a host file outside it, which the container
+/// must not be able to read through the link.
+pub(crate) struct Volume {
+    pub dir: PathBuf,
+    pub file: PathBuf,
+    secret: PathBuf,
+}
+
+/// What [`Volume::SCRIPT`] prints when everything holds.
+pub(crate) const VOLUME_SEEN: &str = "host data\nk=v\nconf-ro\nno-escape\nwritten\n";
+
+impl Volume {
+    /// The container's side, with the directory at `/data` and the file at `/etc/app.conf`
+    /// (read-only): reads what the host put there, cannot write the file, cannot follow the
+    /// link out, writes a file, a directory and a link of its own.
+    pub const SCRIPT: &'static str = "cat /data/from-host; cat /etc/app.conf; \
+         (echo y >> /etc/app.conf) 2>/dev/null || echo conf-ro; \
+         grep -q SECRET /data/escape 2>/dev/null || echo no-escape; \
+         echo from-container > /data/new && mkdir /data/sub && echo x > /data/sub/f && \
+         ln -s /etc/shadow /data/link && echo written";
+
+    pub(crate) fn new(dir: &Path, name: &str) -> Self {
+        let v = Self {
+            dir: dir.join(format!("{name}-dir")),
+            file: dir.join(format!("{name}.conf")),
+            secret: dir.join(format!("{name}-secret")),
+        };
+        fs::create_dir(&v.dir).unwrap();
+        fs::write(v.dir.join("from-host"), "host data\n").unwrap();
+        fs::write(&v.file, "k=v\n").unwrap();
+        fs::write(&v.secret, "SECRET\n").unwrap();
+        std::os::unix::fs::symlink(&v.secret, v.dir.join("escape")).unwrap();
+        v
+    }
+
+    /// What the container left, as the host sees it: its files with their owner, the link's
+    /// text, the read-only file unchanged.
+    pub(crate) fn host_view(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let owner = |p: &Path| {
+            fs::symlink_metadata(p)
+                .map(|m| format!("{}:{}", m.uid(), m.gid()))
+                .unwrap_or_else(|e| e.to_string())
+        };
+        let new = self.dir.join("new");
+        format!(
+            "{} {}|{} {}|{}|{}",
+            fs::read_to_string(&new).unwrap_or_default().trim(),
+            owner(&new),
+            fs::read_to_string(self.dir.join("sub/f"))
+                .unwrap_or_default()
+                .trim(),
+            owner(&self.dir.join("sub")),
+            fs::read_link(self.dir.join("link"))
+                .map(|l| l.display().to_string())
+                .unwrap_or_default(),
+            fs::read_to_string(&self.file).unwrap_or_default().trim(),
+        )
+    }
+}
+
+/// What [`Volume::host_view`] gives after [`Volume::SCRIPT`] ran as root in the container.
+pub(crate) const VOLUME_HOST_VIEW: &str = "from-container 0:0|x 0:0|/etc/shadow|k=v";

@@ -497,3 +497,51 @@ fn test_containerd_with_the_cni_bridge_plugin_as_with_runc() {
         assert_eq!((kill.code(), rm.code()), (0, 0), "{kill:?} {rm:?}");
     }
 }
+
+/// `ctr run --mount` through kata-snap as through runc: the same host directory and read-only
+/// file as Docker's `-v` test ([`Volume`]).
+#[test]
+fn test_containerd_mounts_as_with_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let Some(daemon) = Containerd::start(dir.path(), e) else {
+        return;
+    };
+    for runtime in ["kata-snap", "runc"] {
+        step(format!("ctr run --mount with {runtime}"));
+        let v = Volume::new(dir.path(), runtime);
+        let dir_mount = format!(
+            "type=bind,src={},dst=/data,options=rbind:rw",
+            v.dir.display()
+        );
+        let file_mount = format!(
+            "type=bind,src={},dst=/etc/app.conf,options=rbind:ro",
+            v.file.display()
+        );
+        let mut args = vec!["run", "--rm", "--snapshotter", "native", "--no-pivot"];
+        if runtime == "kata-snap" {
+            args.extend(["--runc-binary", BIN]);
+        }
+        let id = format!("vol-{runtime}");
+        args.extend([
+            "--mount",
+            &dir_mount,
+            "--mount",
+            &file_mount,
+            IMAGE,
+            &id,
+            "sh",
+            "-c",
+            Volume::SCRIPT,
+        ]);
+        let o = daemon.ctr(&args);
+        assert_eq!(
+            (o.stdout.as_str(), o.code()),
+            (VOLUME_SEEN, 0),
+            "{runtime}: {o:?}{}",
+            daemon.logs()
+        );
+        assert_eq!(v.host_view(), VOLUME_HOST_VIEW, "{runtime}");
+    }
+}

@@ -454,3 +454,52 @@ fn test_docker_default_bridge_publish_dns_and_neighbours_as_with_runc() {
     let ps = run_it(docker(), &["ps", "-aq"]);
     assert_eq!(ps.stdout.trim(), "", "{ps:?}");
 }
+
+/// Docker `-v` through kata-snap as through runc: a host directory (read-write) and a host file
+/// (`:ro`) in the container ([`Volume`]): what the host put there is read, the read-only file
+/// cannot be written, a link to a host file outside the directory does not lead out, and what
+/// the container writes is on the host, owned by the container's user.
+#[test]
+fn test_docker_volumes_as_with_runc() {
+    let Some(art) = setup() else { return };
+    let e = env(&art);
+    let dir = tempfile::tempdir_in(&e.dir).unwrap();
+    let d = dir.path();
+    let Some(daemon) = Dockerd::start(d, e, &["--ip-forward=false", "--bridge=none"]) else {
+        return;
+    };
+    for runtime in ["kata-snap", "runc"] {
+        step(format!("docker -v with runtime {runtime}"));
+        let v = Volume::new(d, runtime);
+        let dir_volume = format!("{}:/data", v.dir.display());
+        let file_volume = format!("{}:/etc/app.conf:ro", v.file.display());
+        let t0 = Instant::now();
+        let o = run_it(
+            daemon.docker(),
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                runtime,
+                "--network",
+                "none",
+                "-v",
+                &dir_volume,
+                "-v",
+                &file_volume,
+                IMAGE,
+                "sh",
+                "-c",
+                Volume::SCRIPT,
+            ],
+        );
+        measure(&format!("docker_run_volumes_{runtime}"), ms_since(t0));
+        assert_eq!(
+            (o.stdout.as_str(), o.code()),
+            (VOLUME_SEEN, 0),
+            "{runtime}: {o:?}{}",
+            daemon.logs()
+        );
+        assert_eq!(v.host_view(), VOLUME_HOST_VIEW, "{runtime}");
+    }
+}
