@@ -642,6 +642,28 @@ fn test_hooks_run_and_configure_the_containers_own_network_namespace() {
     assert!(got.contains("\"status\":\"stopped\",\"pid\":0,"), "{got}");
     env.assert_gone("h1");
 
+    // `run` in the foreground runs the start hooks too (before its process starts).
+    for f in ["startContainer.json", "poststart.json", "poststop.json"] {
+        let _ = fs::remove_file(d.join(f));
+    }
+    spec["hooks"] = serde_json::json!({
+        "startContainer": [{"path": start_c}],
+        "poststart": [{"path": post_start}],
+        "poststop": [{"path": post_stop}],
+    });
+    fs::write(&cfg, spec.to_string()).unwrap();
+    let o = env.run(&["run", "--bundle", b.to_str().unwrap(), "h4"]);
+    assert_eq!((o.code(), o.stdout.as_str()), (0, "hooked\n"), "{o:?}");
+    for (name, want) in [
+        ("startContainer", "\"status\":\"created\""),
+        ("poststart", "\"status\":\"running\""),
+        ("poststop", "\"status\":\"stopped\",\"pid\":0,"),
+    ] {
+        let got = fs::read_to_string(d.join(format!("{name}.json"))).unwrap_or_default();
+        assert!(got.contains(want), "{name}: {got:?}");
+    }
+    env.assert_gone("h4");
+
     // Without hooks a new network namespace is the supervisor's own all the same (whoever
     // configures the container's pid's namespace after create never touches the host's); no
     // `network` entry: the host's, as with runc.

@@ -122,11 +122,16 @@ pub fn run_all<'h>(
 }
 
 /// Runs `hooks` in order, each whatever became of the one before; a failure is logged as a
-/// warning (`poststart`, `poststop`).
-pub fn run_all_warn(kind: &'static str, hooks: &[Hook], state: &HookState<'_>) {
+/// warning (`poststart`, `poststop`). `netns` as for [`run_all`].
+pub fn run_all_warn(
+    kind: &'static str,
+    hooks: &[Hook],
+    state: &HookState<'_>,
+    netns: Option<BorrowedFd<'_>>,
+) {
     let json = serde_json::to_vec(state).expect("the hook state serializes");
     for (i, hook) in hooks.iter().enumerate() {
-        if let Err(e) = run_one(kind, i, hook, &json, None) {
+        if let Err(e) = run_one(kind, i, hook, &json, netns) {
             tracing::warn!("{e}");
         }
     }
@@ -417,6 +422,7 @@ mod tests {
             "poststop",
             &[hook(&bad, &[], &[], None), hook(&good, &[], &[], None)],
             &s,
+            None,
         );
         let got = std::fs::read_to_string(&out).unwrap();
         assert!(got.contains(r#""status":"stopped","pid":0"#), "{got}");

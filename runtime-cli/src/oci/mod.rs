@@ -465,6 +465,7 @@ fn start(store: &Store, id: &str) -> Result<()> {
         "poststart",
         &r.hooks.poststart,
         &hooks::HookState::new(&r, "running", r.pid),
+        None,
     );
     Ok(())
 }
@@ -475,6 +476,7 @@ fn poststop(r: &Record) {
         "poststop",
         &r.hooks.poststop,
         &hooks::HookState::new(r, "stopped", 0),
+        None,
     );
 }
 

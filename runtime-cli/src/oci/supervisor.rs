@@ -405,6 +405,23 @@ impl Supervisor {
             )?;
             phases.mark("hooks");
         }
+        // `run` in the foreground starts the process itself, once jailed, where no host
+        // program can run: its start hooks run here, before the process starts.
+        if launch.foreground {
+            let pid = std::process::id() as i32;
+            let hooks = &launch.record.hooks;
+            super::hooks::run_all(
+                hooks.start_container.iter().map(|h| ("startContainer", h)),
+                &super::hooks::HookState::new(&launch.record, "created", pid),
+                host_netns.as_ref().map(|f| f.as_fd()),
+            )?;
+            super::hooks::run_all_warn(
+                "poststart",
+                &hooks.poststart,
+                &super::hooks::HookState::new(&launch.record, "running", pid),
+                host_netns.as_ref().map(|f| f.as_fd()),
+            );
+        }
         // Its own namespace has an interface only if a hook put one there.
         let netns = match (&launch.netns, host_netns) {
             (Some(p), _) => Some(p.clone()),
