@@ -96,6 +96,7 @@ mod messages;
 pub mod network;
 pub mod resources;
 pub mod seccomp;
+pub mod shared_fs;
 pub mod validate;
 
 pub use client::{AgentClient, ClientError, RunOutcome};
@@ -111,6 +112,7 @@ pub use messages::{
 pub use network::{InterfaceConfig, IpNet, NetworkConfig, RouteConfig};
 pub use resources::{ContainerStats, CpuStats, MemoryEvents, MemoryStats, PidsStats, Resources};
 pub use seccomp::{BpfInstruction, SeccompProgram};
+pub use shared_fs::SharedFs;
 pub use validate::{
     MAX_ARGS, MAX_ENV, MAX_GROUPS, MAX_MOUNTS, MAX_PATH_LIST, MAX_PROCESSES, MAX_TEXT,
     MIN_REALTIME_NS, SUPPORTED_MOUNT_TYPES, Validate, ValidationError,
@@ -132,7 +134,9 @@ pub use validate::{
 /// 7: `RunRequest::network` (the container's interfaces and routes, applied by
 /// the agent to the guest's), `ErrorKind::Network`; the agent brings `lo` up;
 /// `RunRequest::files` (host files copied into the container's root).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: `RunRequest::shared_fs` (a virtio-fs device the agent mounts before the
+/// container's mounts, the source of the host binds), at the end of its struct.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Largest payload of one frame, in bytes (the 4-byte length prefix excluded).
 pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;

@@ -255,6 +255,13 @@ pub struct RunRequest {
     /// is sealed, each owned by root with its mode.
     #[serde(default)]
     pub files: Vec<crate::FileContent>,
+    /// The shared filesystem (protocol 8): a virtio-fs device the agent mounts
+    /// by its tag at a guest path of its own before the container's mounts,
+    /// so that `bind` mounts can take their sources below it (the host
+    /// directories and files of OCI bind mounts; see [`crate::shared_fs`]).
+    /// `None` mounts nothing.
+    #[serde(default)]
+    pub shared_fs: Option<crate::SharedFs>,
 }
 
 /// Another process in the running container (runc's `exec`).

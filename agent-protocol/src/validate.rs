@@ -346,6 +346,9 @@ impl Validate for RunRequest {
             n.validate()?;
         }
         crate::files::validate_files(&self.files)?;
+        if let Some(s) = &self.shared_fs {
+            s.validate_with(&self.rootfs.source)?;
+        }
         match &self.rootfs.source {
             RootfsSource::Block { device, .. } => abs_path("rootfs device", device),
             RootfsSource::Directory { path } => abs_path("rootfs directory", path),
@@ -563,6 +566,7 @@ pub(crate) mod tests {
             seccomp: None,
             network: None,
             files: vec![],
+            shared_fs: None,
         }
     }
 

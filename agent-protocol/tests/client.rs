@@ -61,6 +61,7 @@ fn request() -> RunRequest {
         seccomp: None,
         network: None,
         files: vec![],
+        shared_fs: None,
     }
 }
 

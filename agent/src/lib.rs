@@ -32,4 +32,5 @@ pub mod rootfs;
 pub mod seccomp;
 pub mod server;
 pub mod session;
+pub mod shared_fs;
 pub mod transport;

@@ -1,6 +1,7 @@
 //! OCI mounts inside the container rootfs, and the default device nodes.
 
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use agent_protocol::Mount;
@@ -43,6 +44,9 @@ pub struct ParsedOptions {
     pub data: String,
     /// `rbind` was asked for (recursive bind).
     pub recursive: bool,
+    /// Flags an option clears explicitly and no later option sets again
+    /// (`rw`, `suid`, `dev`, `exec`...).
+    pub cleared: MsFlags,
 }
 
 /// Splits OCI mount options into flags and data.
@@ -51,6 +55,7 @@ pub fn parse_options(options: &[String]) -> ParsedOptions {
         flags: MsFlags::empty(),
         data: String::new(),
         recursive: false,
+        cleared: MsFlags::empty(),
     };
     let mut data = Vec::new();
     for o in options {
@@ -84,6 +89,8 @@ pub fn parse_options(options: &[String]) -> ParsedOptions {
         };
         p.flags.insert(set);
         p.flags.remove(clear);
+        p.cleared.remove(set);
+        p.cleared.insert(clear);
     }
     p.data = data.join(",");
     p
@@ -197,14 +204,18 @@ pub fn apply_mount(rootfs: &Path, m: &Mount) -> Result<(), MountError> {
     let target = resolve_in_rootfs(rootfs, &m.destination)?;
     let opts = parse_options(&m.options);
     let is_bind = m.fs_type == "bind" || opts.flags.contains(MsFlags::MS_BIND);
-    let source_is_file = is_bind && Path::new(&m.source).is_file();
+    // Anything but a directory (a regular file, a device node...) is bound on a file, made
+    // empty when missing with its parents, as runc does.
+    let source_is_file = is_bind && fs::metadata(&m.source).is_ok_and(|s| !s.is_dir());
     let made = if source_is_file {
         if let Some(parent) = target.parent() {
             let _ = fs::create_dir_all(parent);
         }
+        // Non-blocking: the image may hold a FIFO there.
         fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&target)
             .map(|_| ())
     } else {
@@ -227,11 +238,15 @@ pub fn apply_mount(rootfs: &Path, m: &Mount) -> Result<(), MountError> {
         .map_err(mount_err(m))?;
         let remount = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
         if !remount.is_empty() {
+            // A bind remount sets every per-mount flag: keep the nosuid, nodev and noexec the
+            // bind took from its source's mount (the shared filesystem's nosuid,nodev above
+            // all) unless an option clears them, as runc keeps the locked ones.
+            let kept = mount_flags(&target).map_err(mount_err(m))? & !opts.cleared;
             mount(
                 None::<&str>,
                 &target,
                 None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | remount,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | remount | kept,
                 None::<&str>,
             )
             .map_err(mount_err(m))?;
@@ -276,6 +291,17 @@ fn path_err<'a>(fs_type: &'a str, path: &'a str) -> impl Fn(nix::Error) -> Mount
     }
 }
 
+/// The nosuid, nodev and noexec flags of the mount `path` is on.
+fn mount_flags(path: &Path) -> nix::Result<MsFlags> {
+    use nix::sys::statvfs::FsFlags;
+    let f = nix::sys::statvfs::statvfs(path)?.flags();
+    let mut k = MsFlags::empty();
+    k.set(MsFlags::MS_NOSUID, f.contains(FsFlags::ST_NOSUID));
+    k.set(MsFlags::MS_NODEV, f.contains(FsFlags::ST_NODEV));
+    k.set(MsFlags::MS_NOEXEC, f.contains(FsFlags::ST_NOEXEC));
+    Ok(k)
+}
+
 /// OCI `linux.readonlyPaths`, as runc applies them after the mounts: each
 /// existing path is bind-mounted (recursively) onto itself, then remounted
 /// read-only, keeping its nosuid/nodev/noexec. A missing path is skipped.
@@ -288,17 +314,7 @@ pub fn apply_readonly_paths(rootfs: &Path, paths: &[String]) -> Result<(), Mount
         mount(Some(&target), &target, None::<&str>, bind, None::<&str>)
             .map_err(path_err("bind", p))?;
         // A bind remount must repeat the locked flags of the mount it remounts.
-        let kept = nix::sys::statvfs::statvfs(&target)
-            .map(|st| {
-                use nix::sys::statvfs::FsFlags;
-                let f = st.flags();
-                let mut k = MsFlags::empty();
-                k.set(MsFlags::MS_NOSUID, f.contains(FsFlags::ST_NOSUID));
-                k.set(MsFlags::MS_NODEV, f.contains(FsFlags::ST_NODEV));
-                k.set(MsFlags::MS_NOEXEC, f.contains(FsFlags::ST_NOEXEC));
-                k
-            })
-            .map_err(path_err("bind", p))?;
+        let kept = mount_flags(&target).map_err(path_err("bind", p))?;
         mount(
             None::<&str>,
             &target,
@@ -442,6 +458,19 @@ mod tests {
     fn test_parse_options_later_option_overrides_earlier() {
         let p = opts(&["ro", "rw", "nosuid", "suid"]);
         assert_eq!(p.flags, MsFlags::empty());
+    }
+
+    #[test]
+    fn test_parse_options_records_what_is_cleared_last() {
+        let p = opts(&["suid", "nodev", "dev", "ro", "rw", "noexec"]);
+        assert_eq!(p.flags, MsFlags::MS_NOEXEC);
+        assert_eq!(
+            p.cleared,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY
+        );
+        let p = opts(&["rw", "ro", "exec", "noexec"]);
+        assert_eq!(p.flags, MsFlags::MS_RDONLY | MsFlags::MS_NOEXEC);
+        assert_eq!(p.cleared, MsFlags::empty());
     }
 
     #[test]

@@ -322,6 +322,7 @@ impl BundleConfig {
             network: None,
             // Their contents are read by the runtime at create (`files`).
             files: Vec::new(),
+            shared_fs: None,
         }
     }
 }

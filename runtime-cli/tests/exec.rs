@@ -157,6 +157,7 @@ impl Container {
             seccomp: None,
             network: None,
             files: vec![],
+            shared_fs: None,
         };
         init.create(req).unwrap();
         init.start_created().unwrap();

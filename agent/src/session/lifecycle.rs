@@ -203,6 +203,17 @@ impl Session {
                 "network configured"
             );
         }
+        // The shared filesystem before the rootfs and the mounts: the binds of host paths take
+        // their sources in it. It stays mounted for the VM's life (a later Create finds it).
+        if let Some(fs) = &req.shared_fs {
+            ctx.shared
+                .ensure(fs, ctx.state_dir, crate::shared_fs::mount_virtiofs)
+                .map_err(Failure::rootfs)?;
+        }
+        req.mounts
+            .iter()
+            .try_for_each(|m| ctx.shared.check_bind_source(m))
+            .map_err(Failure::rootfs)?;
         let id = ctx.next_id;
         ctx.next_id += 1;
         let rootfs = prepare_rootfs(ctx.state_dir, id, &req.rootfs).map_err(Failure::rootfs)?;

@@ -48,6 +48,7 @@ use crate::cgroup::Cgroups;
 use crate::container::Containers;
 use crate::process::ExecGate;
 use crate::restore::RestoreOps;
+use crate::shared_fs::SharedMount;
 use crate::transport::Conn;
 
 mod io;
@@ -88,6 +89,8 @@ pub struct SessionContext<'a, R: RestoreOps> {
     pub containers: Containers,
     /// The cgroup tree containers are put in, or why there is none.
     pub cgroups: Result<Cgroups, String>,
+    /// The shared filesystem (`RunRequest::shared_fs`), once mounted.
+    pub shared: SharedMount,
 }
 
 impl<'a, R: RestoreOps> SessionContext<'a, R> {
@@ -99,6 +102,7 @@ impl<'a, R: RestoreOps> SessionContext<'a, R> {
             next_id: 0,
             containers: Containers::new(),
             cgroups,
+            shared: SharedMount::new(),
         }
     }
 }

@@ -253,6 +253,7 @@ impl Agent {
             seccomp: None,
             network: None,
             files: vec![],
+            shared_fs: None,
         }
     }
 

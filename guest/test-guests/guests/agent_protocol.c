@@ -21,7 +21,7 @@
  * bounds-checked. */
 #include "agent.h"
 
-#define PROTOCOL_VERSION 7
+#define PROTOCOL_VERSION 8
 /* Largest frame reassembled (a Create of a busybox bundle is about 1 KiB). */
 #define IN_MAX 16384
 /* Largest output of the "process" (stdout and stderr each). */

@@ -694,6 +694,7 @@ pub fn request(device: &str, args: &[&str], extra_mounts: Vec<Mount>) -> RunRequ
         seccomp: None,
         network: None,
         files: vec![],
+        shared_fs: None,
     }
 }
 

@@ -14,8 +14,15 @@
 //!   [`FsLimits::max_handles`] open files and directories; beyond them requests fail with `ENFILE`
 //!   / `EMFILE` and the server holds nothing more;
 //! - sizes: xattr buffers are capped at 64 KiB (xattrs are off in any case);
-//! - credentials: the server never switches its thread's uid/gid to the guest's: files are
-//!   created by the VMM's own user (`PassthroughFs` would call `setresuid` per request);
+//! - credentials: the server never switches its thread's uid/gid to the guest's (`PassthroughFs`
+//!   would call `setresuid` per request): entries are created by the VMM's own user, then
+//!   given the requesting guest uid and gid (create, mkdir, mknod, symlink; a link shares its
+//!   inode) with `fchownat(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)` on the new inode, as runc's
+//!   container user would own them. In a set-group-ID directory the entry keeps the
+//!   directory's group (the kernel's rule). A VMM that may not chown (no `CAP_CHOWN`: not root,
+//!   or jailed without it) leaves the entry as created and says so once at debug level; the
+//!   request does not fail. The chown clears set-user-ID and set-group-ID bits of a new file
+//!   (the kernel's rule for chown); a guest `chmod` sets them again;
 //! - open flags: only plain access-mode and I/O flags reach the host (`O_PATH`, `O_TMPFILE`,
 //!   `O_CREAT`, `O_NOCTTY` and the like are dropped);
 //! - device nodes: `mknod` of character or block devices is refused (`EPERM`).
@@ -24,6 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::io;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -105,6 +113,8 @@ pub struct ConfinedFs {
     read_only: bool,
     limits: FsLimits,
     held: Mutex<Held>,
+    /// A chown of a new entry failed once (logged then, not again).
+    chown_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for ConfinedFs {
@@ -124,6 +134,47 @@ impl ConfinedFs {
             read_only,
             limits,
             held: Mutex::new(Held::default()),
+            chown_failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Gives the new `entry` (made in `parent` by the VMM's own user) the owner of the request:
+    /// `ctx`'s uid, and its gid unless `parent` is set-group-ID. A failure leaves the entry as
+    /// it is (logged once).
+    fn give_owner(&self, ctx: &Context, parent: u64, entry: &mut Entry) {
+        let own = Self::own(ctx);
+        let mut valid = SetattrValid::empty();
+        if entry.attr.st_uid != ctx.uid {
+            valid |= SetattrValid::UID;
+        }
+        if entry.attr.st_gid != ctx.gid {
+            let parent_setgid = self
+                .inner
+                .getattr(&own, parent, None)
+                .is_ok_and(|(st, _)| st.st_mode & libc::S_ISGID != 0);
+            if !parent_setgid {
+                valid |= SetattrValid::GID;
+            }
+        }
+        if valid.is_empty() {
+            return;
+        }
+        let mut attr = entry.attr;
+        attr.st_uid = ctx.uid;
+        attr.st_gid = ctx.gid;
+        match self.inner.setattr(&own, entry.inode, attr, None, valid) {
+            Ok((st, _)) => entry.attr = st,
+            Err(e) => {
+                if !self.chown_failed.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(
+                        uid = ctx.uid,
+                        gid = ctx.gid,
+                        error = %e,
+                        "cannot give new entries the guest's owner (no CAP_CHOWN?); \
+                         they keep the VMM's (logged once)"
+                    );
+                }
+            }
         }
     }
 
@@ -280,9 +331,10 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<Entry> {
         self.writable()?;
         check_name(name)?;
-        let e = self
+        let mut e = self
             .inner
             .symlink(&Self::own(ctx), linkname, parent, name)?;
+        self.give_owner(ctx, parent, &mut e);
         self.account(ctx, e)
     }
 
@@ -301,9 +353,10 @@ impl FileSystem for ConfinedFs {
             libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
             _ => return Err(err(libc::EPERM)),
         }
-        let e = self
+        let mut e = self
             .inner
             .mknod(&Self::own(ctx), parent, name, mode, rdev, umask)?;
+        self.give_owner(ctx, parent, &mut e);
         self.account(ctx, e)
     }
 
@@ -317,9 +370,10 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<Entry> {
         self.writable()?;
         check_name(name)?;
-        let e = self
+        let mut e = self
             .inner
             .mkdir(&Self::own(ctx), parent, name, mode, umask)?;
+        self.give_owner(ctx, parent, &mut e);
         self.account(ctx, e)
     }
 
@@ -388,8 +442,9 @@ impl FileSystem for ConfinedFs {
         check_name(name)?;
         self.reserve_handle()?;
         args.flags = sanitize_open_flags(args.flags);
-        let (e, h, o, p) = self.inner.create(&Self::own(ctx), parent, name, args)?;
+        let (mut e, h, o, p) = self.inner.create(&Self::own(ctx), parent, name, args)?;
         self.record_handle(h);
+        self.give_owner(ctx, parent, &mut e);
         match self.account(ctx, e) {
             Ok(e) => Ok((e, h, o, p)),
             Err(x) => {

@@ -85,13 +85,25 @@ pub fn call(
     body: &[u8],
     out_len: u32,
 ) -> (i32, Vec<u8>) {
+    call_as(h, (0, 0), opcode, nodeid, body, out_len)
+}
+
+/// [`call`] from the guest user `(uid, gid)` (the request header's credentials).
+pub fn call_as(
+    h: &mut Harness<FsHandler>,
+    (uid, gid): (u32, u32),
+    opcode: u32,
+    nodeid: u64,
+    body: &[u8],
+    out_len: u32,
+) -> (i32, Vec<u8>) {
     let hdr = InHeader {
         len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
         opcode,
         unique: 7,
         nodeid,
-        uid: 0,
-        gid: 0,
+        uid,
+        gid,
         pid: 1,
         padding: 0,
     };

@@ -1,13 +1,13 @@
 //! virtio-fs driven from the host-side driver harness against a temporary share.
 
 use fuse_backend_rs::abi::fuse_abi::{
-    Attr, AttrOut, EntryOut, GetattrIn, InHeader, InitIn, ReadIn,
+    Attr, AttrOut, CreateIn, EntryOut, GetattrIn, InHeader, InitIn, MkdirIn, ReadIn, SetattrIn,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::test_client::*;
 use super::{Fs, FsLimits, FsShare};
-use crate::virtio::test_utils::{Buf, test_memory};
+use crate::virtio::test_utils::{Buf, Harness, test_memory};
 
 #[test]
 fn test_fs_config_space_has_tag_and_one_request_queue() {
@@ -412,4 +412,237 @@ fn test_fs_attr_layout_matches_kernel_abi() {
     assert_eq!(std::mem::size_of::<Attr>(), 88);
     assert_eq!(std::mem::size_of::<EntryOut>(), 128);
     assert_eq!(std::mem::size_of::<InHeader>(), 40);
+}
+
+/// Whether the tests run as root (the ownership tests need `CAP_CHOWN`); prints a SKIPPED line
+/// when not.
+fn root_or_skip(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        println!("SKIPPED: {test}: needs root (CAP_CHOWN)");
+    }
+    root
+}
+
+/// CREATE (0644) of `name` under `parent` by the guest user `who`.
+fn create_as(
+    h: &mut Harness<super::FsHandler>,
+    who: (u32, u32),
+    parent: u64,
+    name: &str,
+) -> Result<EntryOut, i32> {
+    let c = CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0o022,
+        fuse_flags: 0,
+    };
+    let mut body = c.as_slice().to_vec();
+    body.extend_from_slice(&cstr(name));
+    let (e, out) = call_as(h, who, CREATE, parent, &body, 512);
+    if e != 0 {
+        return Err(e);
+    }
+    Ok(obj(&out))
+}
+
+/// MKDIR (0755), SYMLINK (to `/nowhere`) and MKNOD (a FIFO) of `name` by `who`.
+fn make_as(
+    h: &mut Harness<super::FsHandler>,
+    who: (u32, u32),
+    op: u32,
+    parent: u64,
+    name: &str,
+) -> Result<EntryOut, i32> {
+    let body = match op {
+        MKDIR => {
+            let mut b = MkdirIn {
+                mode: 0o755,
+                umask: 0,
+            }
+            .as_slice()
+            .to_vec();
+            b.extend_from_slice(&cstr(name));
+            b
+        }
+        SYMLINK => {
+            let mut b = cstr(name);
+            b.extend_from_slice(&cstr("/nowhere"));
+            b
+        }
+        MKNOD => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&(libc::S_IFIFO | 0o644).to_le_bytes());
+            let mut b = b.to_vec();
+            b.extend_from_slice(&cstr(name));
+            b
+        }
+        _ => unreachable!("not a making request"),
+    };
+    let (e, out) = call_as(h, who, op, parent, &body, 256);
+    if e != 0 {
+        return Err(e);
+    }
+    Ok(obj(&out))
+}
+
+/// uid and gid of `path` on the host, links not followed.
+fn owner(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).unwrap();
+    (m.uid(), m.gid())
+}
+
+const GUEST_USER: (u32, u32) = (1234, 5678);
+
+#[test]
+fn test_fs_new_entries_owned_by_the_requesting_guest_user() {
+    if !root_or_skip("test_fs_new_entries_owned_by_the_requesting_guest_user") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = fs_harness(Some(dir.path()), false, FsLimits::default());
+    init(&mut h);
+    let f = create_as(&mut h, GUEST_USER, ROOT, "f").unwrap();
+    assert_eq!(owner(&dir.path().join("f")), GUEST_USER);
+    // The guest is told the owner it now has.
+    assert_eq!((f.attr.uid, f.attr.gid), GUEST_USER);
+    for (op, name) in [(MKDIR, "d"), (SYMLINK, "l"), (MKNOD, "p")] {
+        let e = make_as(&mut h, GUEST_USER, op, ROOT, name).unwrap();
+        assert_eq!(owner(&dir.path().join(name)), GUEST_USER, "{name}");
+        assert_eq!((e.attr.uid, e.attr.gid), GUEST_USER, "{name}");
+    }
+    assert!(
+        std::fs::symlink_metadata(dir.path().join("l"))
+            .unwrap()
+            .is_symlink()
+    );
+    // Below a directory the guest user made, too.
+    let d = lookup(&mut h, ROOT, "d").unwrap();
+    create_as(&mut h, GUEST_USER, d.nodeid, "inner").unwrap();
+    assert_eq!(owner(&dir.path().join("d/inner")), GUEST_USER);
+
+    // Root's entries stay root's.
+    create_as(&mut h, (0, 0), ROOT, "f0").unwrap();
+    for (op, name) in [(MKDIR, "d0"), (SYMLINK, "l0"), (MKNOD, "p0")] {
+        make_as(&mut h, (0, 0), op, ROOT, name).unwrap();
+    }
+    for name in ["f0", "d0", "l0", "p0"] {
+        assert_eq!(owner(&dir.path().join(name)), (0, 0), "{name}");
+    }
+
+    // A hard link is the same inode: its owner does not change.
+    let f0 = lookup(&mut h, ROOT, "f0").unwrap();
+    let mut link = f0.nodeid.to_le_bytes().to_vec();
+    link.extend_from_slice(&cstr("hard"));
+    assert_eq!(call_as(&mut h, GUEST_USER, LINK, ROOT, &link, 256).0, 0);
+    assert_eq!(owner(&dir.path().join("hard")), (0, 0));
+    assert_eq!(owner(&dir.path().join("f0")), (0, 0));
+}
+
+#[test]
+fn test_fs_new_entry_in_a_setgid_directory_keeps_its_group() {
+    if !root_or_skip("test_fs_new_entry_in_a_setgid_directory_keeps_its_group") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sg = dir.path().join("sg");
+    std::fs::create_dir(&sg).unwrap();
+    std::os::unix::fs::chown(&sg, None, Some(4242)).unwrap();
+    std::fs::set_permissions(&sg, std::fs::Permissions::from_mode(0o2777)).unwrap();
+    let mut h = fs_harness(Some(dir.path()), false, FsLimits::default());
+    init(&mut h);
+    let d = lookup(&mut h, ROOT, "sg").unwrap();
+    create_as(&mut h, GUEST_USER, d.nodeid, "f").unwrap();
+    make_as(&mut h, GUEST_USER, MKDIR, d.nodeid, "sub").unwrap();
+    assert_eq!(owner(&sg.join("f")), (GUEST_USER.0, 4242));
+    assert_eq!(owner(&sg.join("sub")), (GUEST_USER.0, 4242));
+}
+
+#[test]
+fn test_fs_guest_chown_goes_through_and_is_refused_on_a_read_only_share() {
+    if !root_or_skip("test_fs_guest_chown_goes_through_and_is_refused_on_a_read_only_share") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"x").unwrap();
+    let chown = SetattrIn {
+        valid: (1 << 1) | (1 << 2),
+        uid: 777,
+        gid: 888,
+        ..Default::default()
+    };
+    {
+        let mut h = fs_harness(Some(dir.path()), true, FsLimits::default());
+        init(&mut h);
+        let f = lookup(&mut h, ROOT, "f").unwrap();
+        let (e, _) = call(&mut h, SETATTR, f.nodeid, chown.as_slice(), 256);
+        assert_eq!(e, neg(libc::EROFS));
+        assert_eq!(owner(&dir.path().join("f")), (0, 0));
+    }
+    let mut h = fs_harness(Some(dir.path()), false, FsLimits::default());
+    init(&mut h);
+    let f = lookup(&mut h, ROOT, "f").unwrap();
+    let (e, out) = call(&mut h, SETATTR, f.nodeid, chown.as_slice(), 256);
+    assert_eq!(e, 0);
+    let a: AttrOut = obj(&out);
+    assert_eq!((a.attr.uid, a.attr.gid), (777, 888));
+    assert_eq!(owner(&dir.path().join("f")), (777, 888));
+}
+
+/// Drops `CAP_CHOWN` from this thread's effective set (threads it starts inherit that).
+fn drop_cap_chown_in_this_thread() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut hdr = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget(2) writes two `Data` (version 3) into the array it is given; both structs
+    // have the kernel's layout.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) };
+    assert_eq!(r, 0, "capget: {}", std::io::Error::last_os_error());
+    // CAP_CHOWN is capability 0.
+    data[0].effective &= !1;
+    // SAFETY: capset(2) reads the header and two `Data`; pid 0 is this thread only (the raw
+    // system call, not a library wrapper that would apply it to every thread).
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) };
+    assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn test_fs_create_without_cap_chown_keeps_the_vmm_owner_and_succeeds() {
+    if !root_or_skip("test_fs_create_without_cap_chown_keeps_the_vmm_owner_and_succeeds") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    // On a thread of its own: the server thread the harness starts inherits its credentials.
+    std::thread::spawn(move || {
+        drop_cap_chown_in_this_thread();
+        let mut h = fs_harness(Some(&path), false, FsLimits::default());
+        init(&mut h);
+        let f = create_as(&mut h, GUEST_USER, ROOT, "f").unwrap();
+        assert_eq!((f.attr.uid, f.attr.gid), (0, 0));
+        make_as(&mut h, GUEST_USER, MKDIR, ROOT, "d").unwrap();
+        make_as(&mut h, GUEST_USER, SYMLINK, ROOT, "l").unwrap();
+        for name in ["f", "d", "l"] {
+            assert_eq!(owner(&path.join(name)), (0, 0), "{name}");
+        }
+    })
+    .join()
+    .expect("the test thread");
 }
