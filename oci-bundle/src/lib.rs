@@ -322,7 +322,12 @@ impl BundleConfig {
             network: None,
             // Their contents are read by the runtime at create (`files`).
             files: Vec::new(),
-            shared_fs: None,
+            // The host paths bound in: the guest mounts their shared filesystem, from which
+            // `mounts` binds each.
+            shared_fs: (!self.shares.is_empty()).then(|| agent_protocol::SharedFs {
+                tag: SHARED_TAG.into(),
+                mount_point: SHARED_DIR.into(),
+            }),
         }
     }
 }

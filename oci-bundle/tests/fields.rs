@@ -2,6 +2,7 @@
 
 mod common;
 
+use agent_protocol::Validate;
 use common::{TestBundle, minimal};
 use oci_bundle::{ConfigError, Network};
 use serde_json::json;
@@ -266,6 +267,17 @@ fn test_host_binds_shared_in_order_each_bound_from_its_share() {
             ),
         ]
     );
+    // The agent is asked to mount the shared filesystem there, and the request is valid.
+    let req = c.run_request(agent_protocol::RootfsSource::Block {
+        device: "/dev/vda".into(),
+        fs: None,
+    });
+    let shared = req.shared_fs.clone().unwrap();
+    assert_eq!(
+        (shared.tag.as_str(), shared.mount_point.as_str()),
+        ("kata-shared", "/run/kata-snap/shared")
+    );
+    req.validate().unwrap();
 }
 
 #[test]
