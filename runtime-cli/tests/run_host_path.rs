@@ -683,8 +683,20 @@ fn test_hooks_run_and_configure_the_containers_own_network_namespace() {
         let o = env.run(&["delete", "--force", "h3"]);
         assert_eq!(o.code(), 0, "{o:?}");
     }
+    // Config `newNetworkNamespace: withHooks`: only a container with create-time hooks gets
+    // one (this one has none: the host's).
     spec["linux"]["namespaces"] =
         serde_json::json!([{"type": "pid"}, {"type": "mount"}, {"type": "network"}]);
+    fs::write(&cfg, spec.to_string()).unwrap();
+    let env2 =
+        Env::new(serde_json::json!({"testGuest": "agent", "newNetworkNamespace": "withHooks"}));
+    let (pid, _) = env2.create(&b, "h5");
+    assert_eq!(
+        fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        host_ns
+    );
+    let o = env2.run(&["delete", "--force", "h5"]);
+    assert_eq!(o.code(), 0, "{o:?}");
 
     // A failing create-time hook fails create, with what it said.
     let fail = hook("fail", "echo no network for you >&2; exit 7");

@@ -258,6 +258,24 @@ pub struct RuntimeConfig {
     /// How many uids from `jailUidBase` the jail may give, at most one per live container
     /// [default: [`super::jail::DEFAULT_UID_COUNT`]].
     pub jail_uid_count: Option<u32>,
+    /// When a container that asks for a new network namespace gets one of its own (its
+    /// supervisor's) [default: `always`].
+    pub new_network_namespace: Option<NewNetns>,
+}
+
+/// `newNetworkNamespace`: when a container asking for a new network namespace
+/// (`linux.namespaces` `network` without a path) gets one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NewNetns {
+    /// Always, as runc: whoever configures the container pid's namespace after `create`
+    /// configures the container's, never the host's.
+    Always,
+    /// Only when the bundle has create-time hooks, which configure it (Docker's default
+    /// bridge); other containers' supervisors stay in the host's namespace (their guest has
+    /// loopback only either way). Saves the namespace's creation and teardown per container;
+    /// the L1 rig uses it, whose emulator froze in most runs that made one per container.
+    WithHooks,
 }
 
 /// The image cache's budget when the config file sets none: 10 GiB.

@@ -84,7 +84,10 @@ pub(super) fn create(
     // `/proc/PID/ns/net` of the container's pid configures that namespace, never the host's.
     // When create-time hooks configure it (Docker's default bridge, nerdctl), the guest takes
     // what they put there, and so restores a networked template.
-    let own_netns = config.network == oci_bundle::Network::New;
+    let runtime_config = assets::RuntimeConfig::load()?;
+    let own_netns = config.network == oci_bundle::Network::New
+        && (config.hooks.any_at_create()
+            || runtime_config.new_network_namespace != Some(assets::NewNetns::WithHooks));
     let spec = template::spec_for(
         config.resources.vcpus,
         config.resources.mem_mib,
@@ -134,7 +137,6 @@ pub(super) fn create(
     if let Some(c) = &cgroup {
         c.check()?;
     }
-    let runtime_config = assets::RuntimeConfig::load()?;
     let is_root = nix::unistd::geteuid().is_root();
     let jail = super::jail::Settings::from_config(&runtime_config, is_root)?;
     if runtime_config.jail == Some(true) && !is_root {
