@@ -301,9 +301,10 @@ fn explain(step: &str) -> &'static str {
         "template" => "config file, template key, template found",
         "rootfs image" => "rootfs keyed (tree signature), erofs image found in the cache",
         "supervisor" => "state directory claimed, record written",
-        "jail" => {
-            "stdio, image lease, uid, chown, devices opened, mount namespace, pivot_root, privileges dropped"
+        "network namespace" => {
+            "stdio, image lease, the container's own network namespace made (unshare)"
         }
+        "jail" => "uid, chown, devices opened, mount namespace, pivot_root, privileges dropped",
         s if s.starts_with("restore") => "VM created, snapshot loaded, memory mapped, vCPUs run",
         "vsock connect" => "CONNECT 1024 through the VM's vsock socket, guest accepts",
         "agent hello" => "Hello both ways",
