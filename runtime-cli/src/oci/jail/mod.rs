@@ -327,11 +327,11 @@ pub struct Confinement<'a> {
     pub shares: bool,
 }
 
-/// The mount namespace: `pivot_root` into a tmpfs that holds only the confinement's binds.
-fn enter_mount_namespace(c: &Confinement) -> Result<()> {
+/// A mount namespace of this process's own, in which nothing mounted propagates to the host,
+/// nor the host's mounts here. Call it while the process is single-threaded.
+fn private_mount_namespace() -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(io_err("unshare (the process must be single-threaded)"))?;
-    // Nothing mounted here propagates to the host, nor the host's mounts here.
     mount(
         None::<&str>,
         "/",
@@ -339,7 +339,24 @@ fn enter_mount_namespace(c: &Confinement) -> Result<()> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(io_err("private mounts"))?;
+    .map_err(io_err("private mounts"))
+}
+
+/// An empty directory (`dir`) or file to bind on, at `to`.
+fn mount_point(to: &str, dir: bool) -> Result<()> {
+    if dir {
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(to)
+            .with_context(|| format!("jail: cannot create {to}"))
+    } else {
+        mount_point_file(to)
+    }
+}
+
+/// The mount namespace: `pivot_root` into a tmpfs that holds only the confinement's binds.
+fn enter_mount_namespace(c: &Confinement) -> Result<()> {
+    private_mount_namespace()?;
     // Descriptors of what goes in (in this namespace: a bind mount's source must be one of
     // its mounts) before the tmpfs hides what is below `root_on`.
     let sources = c
@@ -358,28 +375,14 @@ fn enter_mount_namespace(c: &Confinement) -> Result<()> {
     )
     .map_err(io_err("tmpfs"))?;
     std::env::set_current_dir(c.root_on).context("jail: cannot enter its root")?;
-    fs::DirBuilder::new()
-        .mode(0o755)
-        .create("dev")
-        .context("jail: cannot create dev")?;
+    mount_point("dev", true)?;
     if c.shares {
         for d in [&SHARED[1..], "proc"] {
-            fs::DirBuilder::new()
-                .mode(0o755)
-                .create(d)
-                .with_context(|| format!("jail: cannot create {d}"))?;
+            mount_point(d, true)?;
         }
     }
     for b in &c.binds {
-        let to = &b.to[1..];
-        if b.dir {
-            fs::DirBuilder::new()
-                .mode(0o755)
-                .create(to)
-                .with_context(|| format!("jail: cannot create {to}"))?;
-        } else {
-            mount_point_file(to)?;
-        }
+        mount_point(&b.to[1..], b.dir)?;
     }
     for f in ["dev/null", "dev/urandom"] {
         mount_point_file(f)?;
@@ -622,16 +625,7 @@ fn container_confinement<'a>(plan: &Plan<'a>, vm_here: bool) -> Confinement<'a> 
 /// unless the share is writable). Returns `DIR/shared`, the root of the virtio-fs slot. Call it
 /// while the process is single-threaded.
 pub fn stage_shares(dir: &Path, shares: &[oci_bundle::HostShare]) -> Result<PathBuf> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .map_err(io_err("unshare (the process must be single-threaded)"))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(io_err("private mounts"))?;
+    private_mount_namespace()?;
     let root = dir.join("shared");
     fs::DirBuilder::new()
         .mode(0o755)
@@ -640,17 +634,10 @@ pub fn stage_shares(dir: &Path, shares: &[oci_bundle::HostShare]) -> Result<Path
     for (i, s) in shares.iter().enumerate() {
         let fd = path_fd(&s.source)?;
         let to = root.join(i.to_string());
-        if s.source.is_dir() {
-            fs::DirBuilder::new()
-                .mode(0o755)
-                .create(&to)
-                .with_context(|| format!("cannot create {}", to.display()))?;
-        } else {
-            mount_point_file(to.to_str().unwrap_or_default())?;
-        }
         let to = to
             .to_str()
             .ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", to.display()))?;
+        mount_point(to, s.source.is_dir())?;
         bind(&fd, to, !s.read_only, false, s.recursive)?;
     }
     Ok(root)
