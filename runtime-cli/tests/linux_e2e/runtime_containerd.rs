@@ -439,16 +439,7 @@ fn test_containerd_with_the_cni_bridge_plugin_as_with_runc() {
             "/index.html",
         );
         measure(&format!("cni_first_reply_{runtime}"), ms_since(t0));
-        let listener = std::net::TcpListener::bind((CNI_GATEWAY, 0)).unwrap();
-        let host_port = listener.local_addr().unwrap().port();
-        let to_host = std::thread::spawn(move || {
-            use std::io::Read;
-            let (s, _) = listener.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            let mut got = String::new();
-            let _ = s.take(4096).read_to_string(&mut got);
-            got
-        });
+        let (host_port, to_host) = crate::runtime_net::one_message_server(CNI_GATEWAY);
         let script = format!(
             "wget -q -O - http://{ip}/index.html; \
              test \"$(wget -q -O - http://{ip}/mac)\" = {mac} && echo mac-is-cni-s; \

@@ -390,17 +390,7 @@ fn test_docker_default_bridge_publish_dns_and_neighbours_as_with_runc() {
             .unwrap_or_default();
         assert!(web_ip.starts_with("172.29.0."), "{runtime}: {inspect:?}");
         // A server on the host's end of the bridge for the client to reach.
-        let listener = std::net::TcpListener::bind((BRIDGE_GATEWAY, 0)).unwrap();
-        let host_port = listener.local_addr().unwrap().port();
-        let from_client = std::thread::spawn(move || {
-            use std::io::Read;
-            listener.set_nonblocking(false).unwrap();
-            let (s, _) = listener.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            let mut got = String::new();
-            let _ = s.take(4096).read_to_string(&mut got);
-            got
-        });
+        let (host_port, from_client) = crate::runtime_net::one_message_server(BRIDGE_GATEWAY);
         let script = format!(
             "wget -q -O - http://{web_ip}/index.html; \
              test \"$(wget -q -O - http://{web_ip}/mac)\" = {web_mac} && echo mac-is-docker-s; \

@@ -217,6 +217,22 @@ pub(crate) fn remove_netns(path: &Path) {
     let _ = fs::remove_file(path);
 }
 
+/// A TCP server on `addr` (a port the kernel picks, returned) that takes one connection and
+/// returns what it sent until its end (at most 4 KiB, 60 s without data).
+pub(crate) fn one_message_server(addr: &str) -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind((addr, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = String::new();
+        let _ = s.take(4096).read_to_string(&mut got);
+        got
+    });
+    (port, got)
+}
+
 /// GET `path` from `addr` until it answers 200 (up to 90 s); the body (empty if it never did).
 pub(crate) fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
